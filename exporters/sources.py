@@ -375,7 +375,14 @@ def load_source(source: str | SourceInfo) -> LoadedSource:
             f"cannot load the model weights at {location} ({str(exc).splitlines()[0][:160]})",
             fix="the weights may be truncated or corrupt: download the model again",
         ) from exc
-    model = model.eval().float()
+    model = model.eval()
+    if any(p.dtype != torch.float32 for p in model.parameters()):
+        if getattr(model, "is_quantized", False):
+            raise ExportError(
+                f"{info.ref} loads as a quantized PyTorch model, which lmforge cannot export",
+                fix="pass the unquantized model; lmforge quantizes in `optimize`",
+            )
+        model = model.float()
     if weights:
         sha = _hash_files(weights)
     else:
