@@ -342,17 +342,10 @@ def load_source(source: str | SourceInfo) -> LoadedSource:
     location = str(info.path) if info.path is not None else info.ref
     gguf_kwargs: dict[str, Any] = {"gguf_file": info.gguf_file} if info.gguf_file else {}
     offline = info.kind != "hub"
-    if info.gguf_file:
-        assert info.path is not None
+    weights: list[Path] = []
+    if info.gguf_file and info.path is not None:
         weights = [info.path / info.gguf_file]
-        _check_gguf(weights[0])
-    elif info.path is not None:
-        weights = _weight_files(info.path)
-        for path in weights:
-            if path.suffix == ".safetensors":
-                _check_safetensors(path)
-    else:
-        weights = []
+        _check_gguf(weights[0])  # the config of a GGUF lives in the file itself
 
     try:
         config = AutoConfig.from_pretrained(location, local_files_only=offline, **gguf_kwargs)
@@ -363,7 +356,12 @@ def load_source(source: str | SourceInfo) -> LoadedSource:
             f"cannot read the model config at {location} ({str(exc).splitlines()[0][:160]})",
             fix="check that the folder or .gguf file is a complete Hugging Face model",
         ) from exc
-    spec = spec_for_model_type(config.model_type)
+    spec = spec_for_model_type(config.model_type)  # unsupported: refused before any weight is read
+    if not info.gguf_file and info.path is not None:
+        weights = _weight_files(info.path)
+        for path in weights:
+            if path.suffix == ".safetensors":
+                _check_safetensors(path)
     log.info("loading %s (%s) from %s", info.ref, config.model_type, location)
     try:
         model = _model_class(spec.kind).from_pretrained(

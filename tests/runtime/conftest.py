@@ -1,0 +1,28 @@
+"""Tiny artifacts for the engine tests, converted once per session (~20 s each on 2 cores)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+
+def _convert(tmp_path_factory: pytest.TempPathFactory, source: str) -> Path:
+    exporters = pytest.importorskip("exporters")
+    out = tmp_path_factory.mktemp("artifacts") / source.replace(":", "-")
+    return Path(exporters.convert(source, out, progress=False))
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _convert(tmp_path_factory, "tiny:llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _convert(tmp_path_factory, "tiny:gpt2")
+
+
+@pytest.fixture(scope="session", params=["llama", "gpt2"])
+def tiny_artifact(request: pytest.FixtureRequest) -> Path:
+    return request.getfixturevalue(f"tiny_{request.param}")

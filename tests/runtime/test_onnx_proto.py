@@ -1,0 +1,73 @@
+"""The runtime's own ModelProto encoder against the reference ``onnx`` package."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx.helper
+import onnx.numpy_helper
+import onnxruntime as ort
+import pytest
+
+from runtime._onnx_proto import GraphBuilder
+from runtime.compact_graph import build_compact_model
+from runtime.sampler_graph import build_sampler_model
+
+
+@pytest.mark.parametrize("logits_dtype", ["float32", "float16"])
+def test_sampler_graph_passes_onnx_checker(logits_dtype: str) -> None:
+    model = onnx.load_from_string(build_sampler_model(logits_dtype))
+    onnx.checker.check_model(model, full_check=True)
+    assert model.ir_version == 8
+    assert [(o.domain, o.version) for o in model.opset_import] == [("", 18)]
+    assert [i.name for i in model.graph.input][:2] == ["logits", "attention_mask"]
+    assert model.graph.input[0].type.tensor_type.elem_type == onnx.helper.np_dtype_to_tensor_dtype(np.dtype(logits_dtype))
+    step = next(i for i in model.graph.input if i.name == "step")
+    assert len(step.type.tensor_type.shape.dim) == 0  # a scalar, not [1]
+
+
+def test_compact_graph_passes_onnx_checker() -> None:
+    data = build_compact_model([("past", "float16", 4, 0), ("uniforms", "float32", 2, 1), ("seen", "bool", 2, 0)])
+    model = onnx.load_from_string(data)
+    onnx.checker.check_model(model, full_check=True)
+    assert [n.op_type for n in model.graph.node] == ["Gather"] * 3
+    assert [onnx.helper.get_attribute_value(n.attribute[0]) for n in model.graph.node] == [0, 1, 0]
+    sess = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+    past = np.arange(3 * 2 * 5 * 4, dtype=np.float16).reshape(3, 2, 5, 4)
+    uniforms = np.random.default_rng(0).random((7, 3), dtype=np.float32)
+    seen = np.eye(3, 6, dtype=bool)
+    keep = np.array([2, 0], dtype=np.int64)
+    out = sess.run(None, {"keep_rows": keep, "past": past, "uniforms": uniforms, "seen": seen})
+    np.testing.assert_array_equal(out[0], past[keep])
+    np.testing.assert_array_equal(out[1], uniforms[:, keep])
+    np.testing.assert_array_equal(out[2], seen[keep])
+
+
+def test_every_attribute_kind_and_negative_ints_round_trip() -> None:
+    g = GraphBuilder("attrs")
+    x = g.input("x", "float32", ["n", 3])
+    table = np.array([[1.5, -2.0], [3.25, 0.0]], dtype=np.float32)
+    c = g.op("Constant", [], {"value": table})
+    g.op("LeakyRelu", [x], {"alpha": 0.25}, outputs=["y"])
+    g.op("Transpose", [c], {"perm": [1, 0]}, outputs=["t"])
+    g.op("ArgMax", [x], {"axis": -1, "keepdims": 1}, outputs=["a"])
+    g.op("Gather", [x, g.const(-1, "int64")], {"axis": 1}, outputs=["last"])
+    g.output("y", "float32", ["n", 3])
+    g.output("t", "float32", [2, 2])
+    g.output("a", "int64", ["n", 1])
+    g.output("last", "float32", ["n"])
+    data = g.to_bytes()
+    model = onnx.load_from_string(data)
+    onnx.checker.check_model(model, full_check=True)
+    attrs = {n.op_type: {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute} for n in model.graph.node}
+    np.testing.assert_array_equal(onnx.numpy_helper.to_array(attrs["Constant"]["value"]), table)
+    assert attrs["LeakyRelu"]["alpha"] == pytest.approx(0.25)
+    assert list(attrs["Transpose"]["perm"]) == [1, 0]
+    assert attrs["ArgMax"]["axis"] == -1
+    assert onnx.numpy_helper.to_array(model.graph.initializer[0]).tolist() == -1
+    xv = np.array([[1.0, -4.0, 2.0], [-1.0, 5.0, 0.5]], dtype=np.float32)
+    y, t, a, last = ort.InferenceSession(data, providers=["CPUExecutionProvider"]).run(None, {"x": xv})
+    np.testing.assert_allclose(y, np.where(xv > 0, xv, 0.25 * xv))
+    np.testing.assert_array_equal(t, table.T)
+    assert a.ravel().tolist() == [2, 1]
+    np.testing.assert_array_equal(last, xv[:, -1])

@@ -1,0 +1,143 @@
+"""The on-device sampler graph on synthetic logits (CPU)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from runtime import SamplingParams
+from runtime.sampling import Sampler
+
+V = 64
+
+
+@pytest.fixture(scope="module")
+def sampler() -> Sampler:
+    return Sampler("float32")
+
+
+def _seeded(n: int, **kwargs: float) -> list[SamplingParams]:
+    return [SamplingParams(seed=s, **kwargs) for s in range(n)]  # type: ignore[arg-type]
+
+
+def test_greedy_is_argmax_exactly_first_index_on_ties(sampler: Sampler) -> None:
+    rng = np.random.default_rng(0)
+    logits = rng.standard_normal((32, V)).astype(np.float32) * 8
+    logits[0, [5, 9, 40]] = 100.0  # tie: the first index wins, as np.argmax
+    logits[1, :] = -3.0  # all equal: index 0
+    logits[2, [63, 1]] = 50.0
+    logits[3] = np.nextafter(np.float32(7.0), np.float32(0.0))
+    logits[3, 17] = 7.0  # a one-ulp margin
+    ids = sampler.sample(logits, [SamplingParams()] * 32)
+    np.testing.assert_array_equal(ids, np.argmax(logits, axis=-1))
+    assert ids[:4].tolist() == [5, 0, 1, 17]
+
+
+def test_greedy_from_float16_logits() -> None:
+    logits = np.random.default_rng(1).standard_normal((8, 3, V)).astype(np.float16)
+    ids = Sampler("float16").sample(logits, [SamplingParams()] * 8)
+    np.testing.assert_array_equal(ids, np.argmax(logits[:, -1], axis=-1))
+
+
+def test_top_k_1_equals_greedy_and_greedy_rows_mix_with_sampled_rows(sampler: Sampler) -> None:
+    logits = np.random.default_rng(2).standard_normal((16, V)).astype(np.float32)
+    greedy = np.argmax(logits, axis=-1)
+    ids = sampler.sample(logits, _seeded(16, temperature=1.5, top_k=1))
+    np.testing.assert_array_equal(ids, greedy)
+    mixed = [SamplingParams() if r % 2 else SamplingParams(temperature=2.0, seed=r) for r in range(16)]
+    ids = sampler.sample(logits, mixed)
+    np.testing.assert_array_equal(ids[1::2], greedy[1::2])
+    assert (ids[0::2] != greedy[0::2]).any()  # at temperature 2 over 64 tokens, 8 rows do not all pick the max
+
+
+def test_top_p_only_picks_the_nucleus(sampler: Sampler) -> None:
+    probs = np.full(V, 0.05 / (V - 3))
+    probs[[7, 3, 30]] = [0.5, 0.3, 0.15]  # sorted mass before: 0, 0.5, 0.8, …
+    logits = np.tile(np.log(probs).astype(np.float32), (400, 1))
+    ids = sampler.sample(logits, _seeded(400, temperature=1.0, top_p=0.7))
+    assert set(ids.tolist()) == {7, 3}
+    share = np.mean(ids == 7)
+    assert 0.5 < share < 0.75  # renormalised: 0.5 / 0.8 = 0.625
+    ids = sampler.sample(logits, _seeded(400, temperature=1.0, top_p=0.81))
+    assert set(ids.tolist()) == {7, 3, 30}
+
+
+def test_top_k_only_picks_the_k_best(sampler: Sampler) -> None:
+    logits = np.tile(np.linspace(0.0, 1.0, V, dtype=np.float32), (500, 1))  # nearly flat
+    ids = sampler.sample(logits, _seeded(500, temperature=1.0, top_k=4))
+    assert set(ids.tolist()) == {60, 61, 62, 63}
+
+
+def test_follows_the_softmax_distribution(sampler: Sampler) -> None:
+    target = np.array([0.4, 0.3, 0.2, 0.1])
+    logits = np.tile(np.log(target).astype(np.float32) * 2.0, (8000, 1))  # temperature 2 undoes the ×2
+    ids = sampler.sample(logits, _seeded(8000, temperature=2.0))
+    freq = np.bincount(ids, minlength=4) / len(ids)
+    np.testing.assert_allclose(freq, target, atol=0.02)
+
+
+def test_seeded_sampling_is_reproducible(sampler: Sampler) -> None:
+    logits = np.zeros((4, V), dtype=np.float32)
+    params = _seeded(4, temperature=1.0)
+    runs = [[sampler.sample(logits, params, step=s, steps=20).tolist() for s in range(20)] for _ in range(2)]
+    assert runs[0] == runs[1]
+    assert len({tuple(r[0] for r in runs[0])}) == 1
+    assert runs[0][0] != runs[0][1] or runs[0][1] != runs[0][2]  # the steps draw different uniforms
+    other = [sampler.sample(logits, _seeded(4, temperature=1.0)[::-1], step=s, steps=20).tolist() for s in range(20)]
+    assert [r[::-1] for r in other] == runs[0]  # a row's stream does not depend on its batch position
+
+
+def test_temperature_to_zero_approaches_greedy(sampler: Sampler) -> None:
+    logits = np.random.default_rng(3).standard_normal((300, V)).astype(np.float32)
+    greedy = np.argmax(logits, axis=-1)
+    agree = [np.mean(sampler.sample(logits, _seeded(300, temperature=t)) == greedy) for t in (2.0, 0.5, 0.05, 1e-4)]
+    assert agree[0] < agree[1] < agree[2] <= agree[3] == 1.0
+    tiny = sampler.sample(logits, _seeded(300, temperature=1e-30))  # exp(-huge) = 0, never NaN
+    np.testing.assert_array_equal(tiny, greedy)
+
+
+def _hf_penalty(logits: np.ndarray, seen: np.ndarray, penalty: float) -> np.ndarray:
+    out = logits.copy()
+    out[seen] = np.where(out[seen] > 0, out[seen] / penalty, out[seen] * penalty)
+    return out
+
+
+def test_repetition_penalty_follows_transformers(sampler: Sampler) -> None:
+    rng = np.random.default_rng(4)
+    logits = rng.standard_normal((64, V)).astype(np.float32) * 3
+    seen = rng.random((64, V)) < 0.3
+    for penalty in (1.3, 0.7):
+        ids = sampler.sample(logits, [SamplingParams(repetition_penalty=penalty)] * 64, seen=seen)
+        expected = np.argmax(_hf_penalty(logits, seen, penalty), axis=-1)
+        np.testing.assert_array_equal(ids, expected)
+    # positive logit divided, negative multiplied: both flip the choice here
+    flip = np.array([[2.0, 1.5, -9.0], [-0.5, -0.6, -9.0]], dtype=np.float32)
+    seen2 = np.array([[True, False, False], [True, False, False]])
+    ids = sampler.sample(flip, [SamplingParams(repetition_penalty=2.0)] * 2, seen=seen2)
+    assert ids.tolist() == [1, 1]
+
+
+def test_seen_mask_is_updated_on_the_device(sampler: Sampler) -> None:
+    logits = np.random.default_rng(5).standard_normal((3, 1, V)).astype(np.float32)
+    feeds = {
+        "logits": logits, "attention_mask": np.array([[0, 1], [1, 1], [1, 1]], np.int64),
+        "temperature": np.zeros(3, np.float32), "top_k": np.zeros(3, np.int64), "top_p": np.ones(3, np.float32),
+        "repetition_penalty": np.ones(3, np.float32), "min_new_tokens": np.zeros(3, np.int64),
+        "stop_mask": np.zeros((3, V), bool), "seen": np.zeros((3, V), bool),
+        "uniforms": np.zeros((1, 3), np.float32), "step": np.array(0, np.int64), "k_cap": np.array([1], np.int64),
+    }
+    ids, mask, pos, seen, step = sampler.session.run(None, feeds)
+    assert ids.shape == (3, 1)
+    assert seen.sum() == 3 and seen[np.arange(3), ids.ravel()].all()
+    assert mask.tolist() == [[0, 1, 1], [1, 1, 1], [1, 1, 1]]
+    assert pos.ravel().tolist() == [1, 2, 2]
+    assert int(step) == 1
+
+
+def test_min_new_tokens_masks_stop_ids_until_reached(sampler: Sampler) -> None:
+    logits = np.zeros((2, V), dtype=np.float32)
+    logits[:, 9] = 10.0  # the stop id is the argmax
+    logits[:, 4] = 5.0
+    params = [SamplingParams(min_new_tokens=2), SamplingParams(min_new_tokens=0)]
+    picks = [sampler.sample(logits, params, step=s, stop_ids=[[9], [9]], steps=3).tolist() for s in range(3)]
+    assert picks == [[4, 9], [4, 9], [9, 9]]
