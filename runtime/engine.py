@@ -115,6 +115,9 @@ class GenerationResult:
     ttft_s: float
     decode_tokens_per_s: float
     total_s: float
+    step_logits: np.ndarray | None = None
+    """Only with ``return_logits=True``: the last-position logits of every step, ``[new_tokens, vocab]``
+    float32 on the host (row ``t`` is what the token of step ``t`` was chosen from; for parity checks)."""
 
 
 @dataclasses.dataclass
@@ -127,6 +130,7 @@ class _Row:
     stops: StopStrings
     max_new: int
     new_ids: list[int] = dataclasses.field(default_factory=list)
+    step_logits: list[np.ndarray] = dataclasses.field(default_factory=list)
     done: bool = False
     t_first: float = 0.0
 
@@ -150,6 +154,8 @@ class DecodeState:
     sampler_binding: Any
     started: float
     steps: int = 0
+    keep_logits: bool = False  # copy each step's last-position logits to the host (parity checks only)
+    last_logits: np.ndarray | None = None  # [batch, vocab] float32, this step's, when keep_logits
 
 
 def _installed_onnxruntime() -> str:
@@ -197,6 +203,10 @@ class Engine:
                 fix="run the artifact written by `lmforge convert`, or optimize without the shared-buffer pass",
             )
         providers, self.device_type = _providers(device)
+        if self.device_type == "cuda" and artifact.precision == "fp32":
+            # An fp32 artifact promises fp32 numerics (the parity policy holds logits to 1e-3);
+            # the CUDA provider's TF32 matmuls would round inputs to 10 mantissa bits.
+            providers[0][1]["use_tf32"] = "0"
         self.device = device
         self.artifact = artifact
         manifest = artifact.manifest
@@ -331,10 +341,15 @@ class Engine:
 
     def generate_results(
         self, prompts: Prompt | Sequence[Prompt], max_new_tokens: int = 128,
-        sampling: SamplingParams | Sequence[SamplingParams] | None = None,
+        sampling: SamplingParams | Sequence[SamplingParams] | None = None, *, return_logits: bool = False,
     ) -> list[GenerationResult]:
-        """Generate for every prompt (one left-padded batch); results in the prompts' order."""
-        state = self.start(prompts, max_new_tokens, sampling)
+        """Generate for every prompt (one left-padded batch); results in the prompts' order.
+
+        ``return_logits=True`` also copies every step's last-position logits to the host
+        (``GenerationResult.step_logits``): one device-to-host copy of ``[batch, vocab]`` a step
+        (of ``[batch, seq, vocab]`` at prefill), for parity checks, never for serving.
+        """
+        state = self.start(prompts, max_new_tokens, sampling, return_logits=return_logits)
         results: list[GenerationResult | None] = [None] * len(state.rows)
         for event in self._events(state):
             if event.result is not None:
@@ -452,11 +467,13 @@ class Engine:
 
     def start(
         self, prompts: Prompt | Sequence[Prompt], max_new_tokens: int = 128,
-        sampling: SamplingParams | Sequence[SamplingParams] | None = None,
+        sampling: SamplingParams | Sequence[SamplingParams] | None = None, *, return_logits: bool = False,
     ) -> DecodeState:
         """Validate the requests, then allocate their batch: left-padded inputs, an empty past and
         the sampler's state (one upload). Drive it with :meth:`prefill` and :meth:`decode_step`."""
-        return self._allocate(self._validate(prompts, max_new_tokens, sampling), max_new_tokens)
+        state = self._allocate(self._validate(prompts, max_new_tokens, sampling), max_new_tokens)
+        state.keep_logits = bool(return_logits)
+        return state
 
     def _allocate(self, rows: list[_Row], max_new_tokens: int) -> DecodeState:
         batch, longest = len(rows), max(len(r.prompt) for r in rows)
@@ -501,6 +518,8 @@ class Engine:
     def _forward(self, state: DecodeState) -> np.ndarray:
         """Decoder then sampler, all on the device; return the new ids ``[batch]`` on the host."""
         out = self._run(self._session, state.decoder_binding, state.feeds, self._output_names)
+        if state.keep_logits:  # left-padded, so the last position is every row's newest token
+            state.last_logits = np.array(out["logits"].numpy()[:, -1, :], dtype=np.float32)
         sampler_in = dict(state.sampler)
         sampler_in["logits"] = out["logits"]
         sampler_in["attention_mask"] = state.feeds["attention_mask"]
@@ -554,17 +573,20 @@ class Engine:
             finish_reason=reason, ttft_s=row.t_first - state.started,
             decode_tokens_per_s=(n - 1) / decode_s if n > 1 and decode_s > 0 else 0.0,
             total_s=now - state.started,
+            step_logits=np.stack(row.step_logits) if row.step_logits else None,
         )
 
     def _accept(self, state: DecodeState, ids: np.ndarray) -> Iterator[_Event]:
         """Host-side bookkeeping for one step's ids: text, stop checks, finished rows."""
         now = time.perf_counter()
-        for row, token in zip(state.rows, ids.tolist()):
+        for b, (row, token) in enumerate(zip(state.rows, ids.tolist())):
             if row.done:
                 continue
             if not row.new_ids:
                 row.t_first = now
             row.new_ids.append(token)
+            if state.last_logits is not None:
+                row.step_logits.append(state.last_logits[b])
             piece, reason = "", None
             if token in row.stop_ids:
                 reason = FinishReason.EOS if token in self.eos_token_ids else FinishReason.STOP_TOKEN

@@ -1,0 +1,30 @@
+"""Full-size model shapes for ``random:<shape>`` sources: real configs, random weights.
+
+Random weights of a real shape run at real speed, so benchmarks on machines without the
+checkpoint (the lent GPU has no hub) still measure what users will see. Data only.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["SHAPES"]
+
+# name -> (spec name, config overrides). Values copied from the public config.json of each model.
+SHAPES: dict[str, tuple[str, dict[str, Any]]] = {
+    # HuggingFaceTB/SmolLM2-135M-Instruct
+    "smollm2-135m": ("llama", dict(
+        vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+        num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
+        rms_norm_eps=1e-5, rope_theta=100000.0, tie_word_embeddings=True, hidden_act="silu",
+        bos_token_id=1, eos_token_id=2, pad_token_id=2,
+    )),
+    # meta-llama/Llama-3.2-1B (its llama3 rope scaling changes only the rotary frequencies, not
+    # the cost, and is left out)
+    "llama-3.2-1b": ("llama", dict(
+        vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+        num_attention_heads=32, num_key_value_heads=8, head_dim=64, max_position_embeddings=131072,
+        rms_norm_eps=1e-5, rope_theta=500000.0, tie_word_embeddings=True, hidden_act="silu",
+        bos_token_id=128000, eos_token_id=128001, pad_token_id=128001,
+    )),
+}
