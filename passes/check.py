@@ -1,0 +1,181 @@
+"""``--check``: run an input and an output artifact on fixed inputs and compare their outputs.
+
+The inputs are deterministic (fixed seed, fixed shapes) and exercise what the runtime does:
+
+* ``prefill``: a batch of two prompts of 12 tokens, the second left-padded by 5 (past length 0);
+* ``decode``: one more token for both rows, fed the ``present`` KV of the prefill as ``past``.
+
+Only positions that hold a real token are compared (a padded query row's output is undefined
+and the runtime never reads it). For decoders the compared tensor is ``logits``; for encoders
+``last_hidden_state``. A :class:`Tolerance` per precision bounds the maximum absolute difference
+and asks a minimum agreement of the arg-max over the vocabulary.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from runtime.artifact import Artifact
+from runtime.errors import PassError
+
+__all__ = ["Tolerance", "TOLERANCES", "CheckResult", "compare_artifacts"]
+
+log = logging.getLogger(__name__)
+
+_ORT_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32}
+
+
+@dataclasses.dataclass(frozen=True)
+class Tolerance:
+    """How far an optimized artifact's outputs may move from its input's."""
+
+    max_abs: float  # on logits (or hidden states), at real-token positions
+    min_argmax_agreement: float  # fraction of compared positions whose arg-max is unchanged
+
+
+# fp32: fusions reorder float arithmetic only (1e-5 on logits of ~10); 1e-3 is the export check's
+# bound too. fp16/int8/int4: measured on tiny:* and SmolLM2-135M (see the notes of issue 4); the
+# arg-max floor is what catches a broken graph, the absolute bound a catastrophic one.
+TOLERANCES: dict[str, Tolerance] = {
+    "fp32": Tolerance(max_abs=1e-3, min_argmax_agreement=1.0),
+    "fp16": Tolerance(max_abs=0.5, min_argmax_agreement=0.9),
+    "int8": Tolerance(max_abs=3.0, min_argmax_agreement=0.75),
+    "int4": Tolerance(max_abs=6.0, min_argmax_agreement=0.6),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckResult:
+    """Per case (``prefill``, ``decode``), max |Δ| and arg-max agreement; and the verdict."""
+
+    max_abs: dict[str, float]
+    argmax_agreement: dict[str, float]
+    tolerance: Tolerance
+
+    @property
+    def ok(self) -> bool:
+        return all(np.isfinite(v) and v <= self.tolerance.max_abs for v in self.max_abs.values()) and all(
+            v >= self.tolerance.min_argmax_agreement for v in self.argmax_agreement.values()
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "max_abs_diff": {k: float(f"{v:.4g}") for k, v in self.max_abs.items()},
+            "argmax_agreement": {k: round(v, 4) for k, v in self.argmax_agreement.items()},
+            "tolerance": dataclasses.asdict(self.tolerance),
+            "ok": self.ok,
+        }
+
+    def describe(self) -> str:
+        parts = [f"{k}: max|Δ| {self.max_abs[k]:.3g}, arg-max agree {self.argmax_agreement[k]:.0%}" for k in self.max_abs]
+        return "; ".join(parts)
+
+
+def _session(model: Path) -> Any:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
+
+
+def _decoder_cases(art: Artifact) -> list[tuple[str, dict[str, np.ndarray], np.ndarray]]:
+    """(name, feeds without KV, mask of real query positions [batch, seq]) for prefill; decode follows."""
+    vocab = int(art.architecture["vocab"])
+    rng = np.random.default_rng(1234)
+    batch, seq, pad = 2, 12, 5
+    ids = rng.integers(3, vocab, size=(batch, seq), dtype=np.int64)
+    mask = np.ones((batch, seq), dtype=np.int64)
+    mask[1, :pad] = 0
+    pad_id = int((art.manifest.get("generation") or {}).get("pad_token_id") or 0)
+    ids[1, :pad] = pad_id
+    return [("prefill", {"input_ids": ids, "attention_mask": mask}, mask.astype(bool))]
+
+
+def _position_ids(mask: np.ndarray, seq: int) -> np.ndarray:
+    pos = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
+    return pos[:, -seq:].astype(np.int64)
+
+
+def _run_decoder(art: Artifact, model: Path) -> dict[str, np.ndarray]:
+    session = _session(model)
+    names = {i.name: i for i in session.get_inputs()}
+    kv = art.manifest["kv"]
+    layers = int(art.architecture["layers"])
+    kv_heads, head_dim = int(art.architecture["kv_heads"]), int(art.architecture["head_dim"])
+    kv_dtype = _ORT_DTYPES[kv.get("dtype", "float32")]
+    (_, feeds, _), = _decoder_cases(art)
+    ids, mask = feeds["input_ids"], feeds["attention_mask"]
+    batch = ids.shape[0]
+    past = {}
+    for i in range(layers):
+        for tmpl in (kv["past_key"], kv["past_value"]):
+            past[tmpl.format(i=i)] = np.zeros((batch, kv_heads, 0, head_dim), dtype=kv_dtype)
+    outputs: dict[str, np.ndarray] = {}
+    next_ids = np.array([[7], [11]], dtype=np.int64)
+    for case, step_ids, step_mask in (("prefill", ids, mask), ("decode", next_ids, None)):
+        if step_mask is None:
+            step_mask = np.concatenate([mask, np.ones((batch, 1), dtype=np.int64)], axis=1)
+        feed: dict[str, np.ndarray] = {"input_ids": step_ids, "attention_mask": step_mask, **past}
+        feed["position_ids"] = _position_ids(step_mask, step_ids.shape[1])
+        feed = {k: v for k, v in feed.items() if k in names}
+        result = dict(zip([o.name for o in session.get_outputs()], session.run(None, feed)))
+        outputs[case] = result["logits"].astype(np.float32)
+        past = {
+            kv[p].format(i=i): result[kv[q].format(i=i)]
+            for i in range(layers)
+            for p, q in (("past_key", "present_key"), ("past_value", "present_value"))
+        }
+    return outputs
+
+
+def _run_encoder(art: Artifact, model: Path) -> dict[str, np.ndarray]:
+    session = _session(model)
+    names = {i.name for i in session.get_inputs()}
+    vocab = int(art.architecture["vocab"])
+    rng = np.random.default_rng(1234)
+    ids = rng.integers(3, vocab, size=(2, 12), dtype=np.int64)
+    mask = np.ones_like(ids)
+    mask[1, 7:] = 0  # encoders are right-padded
+    feed = {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
+    result = session.run(["last_hidden_state"], {k: v for k, v in feed.items() if k in names})
+    return {"encode": result[0].astype(np.float32)}
+
+
+def _valid_positions(case: str, art: Artifact, shape: tuple[int, ...]) -> np.ndarray:
+    if not art.is_decoder:
+        mask = np.ones(shape[:2], dtype=bool)
+        mask[1, 7:] = False
+        return mask
+    if case == "prefill":
+        return _decoder_cases(art)[0][2]
+    return np.ones(shape[:2], dtype=bool)
+
+
+def compare_artifacts(reference: Artifact, candidate: Artifact, candidate_model: Path, precision: str) -> CheckResult:
+    """Run ``reference`` (an artifact) and ``candidate_model`` (its optimized graph) and compare."""
+    tolerance = TOLERANCES[precision]
+    runner = _run_decoder if reference.is_decoder else _run_encoder
+    try:
+        ref = runner(reference, reference.model_path)
+        got = runner(candidate, candidate_model)
+    except Exception as exc:  # noqa: BLE001 - any ORT failure means the optimized graph is unusable
+        raise PassError(
+            f"--check: the optimized graph does not run in onnxruntime ({type(exc).__name__}: {exc})",
+            fix="re-run with --no-fuse to isolate a fusion, and report it; nothing was written",
+        ) from exc
+    max_abs: dict[str, float] = {}
+    agree: dict[str, float] = {}
+    for case, expected in ref.items():
+        valid = _valid_positions(case, reference, expected.shape)
+        a, b = expected[valid], got[case][valid]
+        max_abs[case] = float(np.max(np.abs(a - b))) if np.all(np.isfinite(b)) else float("inf")
+        agree[case] = float(np.mean(a.argmax(-1) == b.argmax(-1)))
+    result = CheckResult(max_abs=max_abs, argmax_agreement=agree, tolerance=tolerance)
+    log.info("check (%s): %s", precision, result.describe())
+    return result

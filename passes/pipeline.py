@@ -1,0 +1,356 @@
+"""``optimize``: an fp32 ``concat`` artifact → a fused, lower-precision artifact for a device.
+
+:func:`optimize_artifact` runs an explicit, ordered list of passes (:mod:`passes.graph_passes`:
+cleanup, then fusions, then a final cleanup) on the graph as an ``onnx_ir`` model, each returning
+its rewrite count; checks that the graph's IO is what the manifest says (a pass that changed it
+is a bug, and the pipeline refuses it); applies the precision pass (:mod:`passes.precision`);
+optionally compares the result with the input on fixed inputs (:mod:`passes.check`); and writes
+a new artifact atomically with ``precision``, ``device``, ``passes`` (``[{"name", "count"}]``),
+``quantization`` and ``constraints`` in its manifest. Nothing is written on any failure.
+"""
+
+from __future__ import annotations
+
+import collections
+import copy
+import dataclasses
+import json
+import logging
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import onnx_ir as ir
+
+from passes.check import CheckResult, compare_artifacts
+from passes.expected import expected_fusions
+from passes.graph_passes import GraphPass, PassContext, cleanup_passes, final_passes, fusion_passes, node_count
+from passes.precision import PRECISIONS, Quantized, quantize_file
+from passes.rule_gqa import GQA_CONSTRAINT
+from runtime.artifact import MANIFEST_NAME, MODEL_NAME, Artifact, KvMode, load_artifact, write_artifact
+from runtime.errors import ArtifactError, PassError
+
+__all__ = ["DEVICES", "PRECISIONS", "OptimizeReport", "optimize_artifact", "graph_io", "op_counts"]
+
+log = logging.getLogger(__name__)
+
+DEVICES = ("cpu", "cuda")
+_DATA_NAME = MODEL_NAME + ".data"
+
+
+@dataclasses.dataclass
+class OptimizeReport:
+    """What ``optimize`` did: per-pass counts, fused op counts, misses with reasons, the check."""
+
+    architecture: str
+    precision: str
+    device: str
+    passes: list[dict[str, Any]]
+    ops: dict[str, int]  # contrib / fused op counts in the final graph
+    expected: dict[str, int]  # expected fusion → count in the final graph
+    missing: dict[str, list[str]]  # expected fusion that fired zero times → why
+    quantization: dict[str, Any] | None
+    constraints: list[str]
+    check: dict[str, Any] | None
+    nodes_before: int
+    nodes_after: int
+    seconds: float
+    output: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def render(self) -> str:
+        lines = [f"optimize {self.architecture} → {self.precision} for {self.device}: "
+                 f"{self.nodes_before} → {self.nodes_after} nodes in {self.seconds:.1f} s"]
+        lines.append("  passes:")
+        for p in self.passes:
+            lines.append(f"    {p['name']:<26} {p['count']:>5}")
+        lines.append("  expected fusions:")
+        for op, n in self.expected.items():
+            absorbed = [f"{self.ops[o]}× as {o}" for o in _SUBSUMED_BY.get(op, ()) if self.ops.get(o)]
+            note = "" if n else (f"   (all absorbed: {', '.join(absorbed)})" if absorbed else "   ✗ not fused")
+            lines.append(f"    {op:<34} {n:>5}{note}")
+        for op, reasons in self.missing.items():
+            lines.append(f"  why no {op}:")
+            lines.extend(f"    - {r}" for r in (reasons or ["no rule got a partial match"]))
+        other = {k: v for k, v in self.ops.items() if k not in self.expected}
+        if other:
+            lines.append("  other fused ops: " + ", ".join(f"{k}×{v}" for k, v in sorted(other.items())))
+        if self.quantization:
+            q = self.quantization
+            lines.append(f"  precision: {q['method']} {q['settings']} on {q['converted_nodes']} nodes; "
+                         f"kept higher precision: {q['kept'] or 'nothing'}")
+        for c in self.constraints:
+            lines.append(f"  constraint: {c}")
+        if self.check:
+            lines.append(f"  check: max|Δ| {self.check['max_abs_diff']}, arg-max agreement "
+                         f"{self.check['argmax_agreement']} → {'ok' if self.check['ok'] else 'FAILED'}")
+        return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def graph_io(model: ir.Model) -> dict[str, list[tuple[str, str, int]]]:
+    """Names, element types and ranks of the graph's inputs and outputs."""
+
+    def describe(values: Any) -> list[tuple[str, str, int]]:
+        out = []
+        for v in values:
+            dtype = v.dtype.name.lower() if v.dtype is not None else "?"
+            rank = v.shape.rank() if v.shape is not None else -1
+            out.append((str(v.name), dtype, rank))
+        return out
+
+    return {"inputs": describe(model.graph.inputs), "outputs": describe(model.graph.outputs)}
+
+
+def op_counts(model: ir.Model) -> dict[str, int]:
+    """Counts of contrib ops and of ONNX ops a fusion may target, in the whole graph."""
+    interesting = {"LayerNormalization", "SimplifiedLayerNormalization", "MatMulNBits", "MatMulInteger",
+                   "DynamicQuantizeLinear", "DynamicQuantizeMatMul"}
+    counts: collections.Counter[str] = collections.Counter()
+    for node in model.graph.all_nodes():
+        if node.domain == "com.microsoft" or node.op_type in interesting:
+            counts[node.op_type] += 1
+    return dict(sorted(counts.items()))
+
+
+_DTYPE_NAMES = {"float": "float32", "float16": "float16", "int64": "int64", "int32": "int32"}
+
+
+def _check_io(stage: str, reference: dict[str, list[tuple[str, str, int]]], model: ir.Model) -> None:
+    """Refuse a graph whose IO differs from ``reference`` (names, order, dtypes, ranks)."""
+    got = graph_io(model)
+    if got != reference:
+        diff = []
+        for side in ("inputs", "outputs"):
+            ref, now = reference[side], got[side]
+            for a in ref:
+                if a not in now:
+                    diff.append(f"{side[:-1]} {a[0]} ({a[1]}, rank {a[2]}) changed or removed")
+            for b in now:
+                if b not in ref:
+                    diff.append(f"{side[:-1]} {b[0]} ({b[1]}, rank {b[2]}) appeared")
+            if not diff and ref != now:
+                diff.append(f"{side} reordered")
+        raise PassError(
+            f"{stage} changed the graph's IO, which the manifest does not declare: " + "; ".join(diff[:4]),
+            expected="the IO contract of the input artifact",
+            fix="this is a bug in an lmforge pass; re-run with --no-fuse and report it",
+        )
+
+
+def _check_manifest_io(art: Artifact, reference: dict[str, list[tuple[str, str, int]]]) -> None:
+    """The input graph must match its manifest's ``io`` before we start (else it was edited)."""
+    for side, specs in (("inputs", art.inputs), ("outputs", art.outputs)):
+        names = [s.name for s in specs]
+        graph_names = [n for n, _, _ in reference[side]]
+        if names != graph_names:
+            raise PassError(
+                f"artifact {art.path}: the graph's {side} differ from the manifest's io",
+                expected=", ".join(names[:4]) + ("…" if len(names) > 4 else ""),
+                got=", ".join(graph_names[:4]) + ("…" if len(graph_names) > 4 else ""),
+                fix="re-export the artifact with `lmforge convert`",
+            )
+
+
+def _validate_request(art: Artifact, device: str, precision: str, force: bool) -> None:
+    if device not in DEVICES:
+        raise PassError(f"unknown device {device!r}", expected=" or ".join(DEVICES), fix="pass --device cpu or --device cuda")
+    if precision not in PRECISIONS:
+        raise PassError(f"unknown precision {precision!r}", expected=", ".join(PRECISIONS),
+                        fix="pass --precision fp32, fp16, int8 or int4")
+    if art.manifest.get("passes") or art.precision != "fp32" or art.manifest.get("optimize"):
+        raise PassError(
+            f"artifact {art.path} is already optimized (precision {art.precision}, "
+            f"{len(art.manifest.get('passes') or [])} passes applied)",
+            expected="an fp32 artifact written by `lmforge convert`",
+            fix=f"optimize the original conversion of {art.manifest['source'].get('ref')} instead "
+                "(run `lmforge convert` again if you no longer have it)",
+        )
+    if art.kv_mode not in (KvMode.CONCAT, KvMode.NONE):
+        raise PassError(f"artifact {art.path} has kv_mode {art.kv_mode.value}", expected="concat or none",
+                        fix="optimize the artifact `lmforge convert` wrote")
+    if device == "cpu" and precision == "fp16" and not force:
+        raise PassError(
+            "fp16 on CPU: onnxruntime's CPU provider has few fp16 kernels, so an fp16 graph runs "
+            "slower than fp32 there (casts around most ops)",
+            fix="use --precision int8 or int4 for CPU, --device cuda for fp16, or pass --force to build it anyway",
+        )
+    if device == "cuda" and precision == "int8":
+        log.info("int8 for CUDA: weight-only 8-bit MatMulNBits (no dynamic activation quantization)")
+
+
+def _run_passes(model: ir.Model, passes: list[GraphPass], ctx: PassContext, progress: bool) -> list[dict[str, Any]]:
+    from tqdm import tqdm
+
+    records = []
+    bar = tqdm(passes, unit="pass", disable=not progress, file=sys.stderr,
+               bar_format="{desc:<34} {bar:20} {n_fmt}/{total_fmt} [{elapsed}]")
+    for graph_pass in bar:
+        bar.set_description_str(graph_pass.name)
+        started = time.perf_counter()
+        count = graph_pass.run(model, ctx)
+        log.debug("%s: %d in %.2f s", graph_pass.name, count, time.perf_counter() - started)
+        records.append({"name": graph_pass.name, "count": int(count), "kind": graph_pass.kind})
+    bar.close()
+    return records
+
+
+# An expected op that a later fusion absorbed is not a miss: a LayerNormalization every one of which
+# became a SkipLayerNormalization, a Gelu that became a BiasGelu.
+_SUBSUMED_BY = {
+    "LayerNormalization": ("SkipLayerNormalization",),
+    "SimplifiedLayerNormalization": ("SkipSimplifiedLayerNormalization",),
+    "Gelu": ("BiasGelu",),
+    "FastGelu": ("BiasGelu",),
+}
+
+
+def _missing_reasons(expected: dict[str, int], ops: dict[str, int], passes: list[GraphPass],
+                     records: list[dict[str, Any]]) -> dict[str, list[str]]:
+    counts = {r["name"]: r["count"] for r in records}
+    missing: dict[str, list[str]] = {}
+    for op, n in expected.items():
+        if n or any(ops.get(o, 0) for o in _SUBSUMED_BY.get(op, ())):
+            continue
+        reasons: list[str] = []
+        producers = [p for p in passes if op in p.produces]
+        for p in producers:
+            if counts.get(p.name, 0) == 0:
+                reasons.extend(f"[{p.name}] {line}" for line in p.why_not)
+            else:
+                reasons.append(f"[{p.name}] fired {counts[p.name]}× but a later pass consumed or replaced its output")
+        if not producers:
+            reasons.append("no pass in the pipeline produces this op")
+        missing[op] = reasons
+    return missing
+
+
+def optimize_artifact(
+    src: str | Path,
+    out: str | Path,
+    device: str,
+    precision: str,
+    fuse: bool = True,
+    check: bool = False,
+    force: bool = False,
+    progress: bool | None = None,
+) -> OptimizeReport:
+    """Optimize the artifact at ``src`` into a new artifact at ``out``; return the report.
+
+    Raises :class:`PassError` / :class:`ArtifactError` (exit 2 on the command line); on any
+    failure ``out`` is left as it was.
+    """
+    started = time.perf_counter()
+    out = Path(out)
+    art = load_artifact(src)
+    _validate_request(art, device, precision, force)
+    if out.exists() and not force:
+        raise ArtifactError(f"output {out} already exists", fix="choose another path or pass --force to replace it")
+    if out.resolve() == art.path.resolve():
+        raise PassError("output and input are the same folder", fix="write the optimized artifact to a new folder with -o")
+    show = sys.stderr.isatty() if progress is None else progress
+    arch = str(art.architecture.get("name"))
+
+    model = ir.load(str(art.model_path))
+    reference_io = graph_io(model)
+    _check_manifest_io(art, reference_io)
+    nodes_before = node_count(model)
+    ctx = PassContext(max_positions=int(art.architecture.get("max_context") or 2048))
+    passes = cleanup_passes() + (fusion_passes() if fuse else []) + final_passes()
+    records = _run_passes(model, passes, ctx, show)
+    _check_io("the graph passes", reference_io, model)
+    leftovers = sorted({n.domain for n in model.graph.all_nodes() if n.domain.startswith("ai.onnxruntime._fusion")})
+    if leftovers:
+        raise PassError(f"temporary fusion ops left in the graph ({leftovers})", fix="report this with --debug output")
+
+    ops = op_counts(model)
+    expected = {op: ops.get(op, 0) for op in expected_fusions(arch)} if fuse else {}
+    missing = _missing_reasons(expected, ops, passes, records)
+    constraints = [GQA_CONSTRAINT] if ops.get("GroupQueryAttention") else []
+
+    quantized: Quantized | None = None
+    check_result: CheckResult | None = None
+    with tempfile.TemporaryDirectory(prefix="lmforge-optimize-", dir=out.resolve().parent) as work_dir:
+        work = Path(work_dir)
+        fused = work / MODEL_NAME
+        ir.save(model, str(fused), external_data=fused.name + ".data")
+        del model
+        with write_artifact(out, force=force) as tmp:
+            if precision == "fp32":
+                shutil.move(str(fused), tmp / MODEL_NAME)
+                shutil.move(str(work / (fused.name + ".data")), tmp / _DATA_NAME)
+            else:
+                quantized = quantize_file(fused, tmp / MODEL_NAME, precision, device)
+            final = ir.load(str(tmp / MODEL_NAME))
+            _check_io(f"the {precision} conversion", reference_io, final)
+            ops = op_counts(final)
+            nodes_after = node_count(final)
+            del final
+
+            for name in ("generation_config.json",):
+                if (art.path / name).is_file():
+                    shutil.copy2(art.path / name, tmp / name)
+            if art.tokenizer_dir.is_dir():
+                shutil.copytree(art.tokenizer_dir, tmp / "tokenizer")
+            manifest = _manifest(art, device, precision, records, ops, quantized, constraints, fuse)
+            with open(tmp / MANIFEST_NAME, "w", encoding="utf-8") as fh:
+                json.dump(manifest, fh, indent=2)
+
+            if check:
+                candidate = Artifact(path=tmp, manifest=manifest)
+                check_result = compare_artifacts(art, candidate, tmp / MODEL_NAME, precision)
+                if not check_result.ok:
+                    raise PassError(
+                        f"--check: the {precision} graph drifts from the input artifact past tolerance "
+                        f"({check_result.describe()})",
+                        expected=f"max|Δ| ≤ {check_result.tolerance.max_abs:g} and arg-max agreement ≥ "
+                                 f"{check_result.tolerance.min_argmax_agreement:.0%}",
+                        fix="try --no-fuse to isolate a fusion, or a higher precision; nothing was written",
+                    )
+                manifest["optimize"]["check"] = check_result.to_json()
+                with open(tmp / MANIFEST_NAME, "w", encoding="utf-8") as fh:
+                    json.dump(manifest, fh, indent=2)
+
+    report = OptimizeReport(
+        architecture=arch, precision=precision, device=device,
+        passes=[{"name": r["name"], "count": r["count"]} for r in records],
+        ops=ops, expected=expected, missing=missing,
+        quantization=quantized.to_json() if quantized else None, constraints=constraints,
+        check=check_result.to_json() if check_result else None,
+        nodes_before=nodes_before, nodes_after=nodes_after,
+        seconds=round(time.perf_counter() - started, 2), output=str(out),
+    )
+    log.info("optimized %s → %s in %.1f s", art.path, out, report.seconds)
+    return report
+
+
+def _manifest(art: Artifact, device: str, precision: str, records: list[dict[str, Any]], ops: dict[str, int],
+              quantized: Quantized | None, constraints: list[str], fuse: bool) -> dict[str, Any]:
+    import onnxruntime
+    import onnxscript
+
+    manifest = copy.deepcopy(art.manifest)
+    manifest.pop("files", None)
+    manifest.pop("created", None)
+    manifest["precision"] = precision
+    manifest["device"] = device
+    manifest["passes"] = [{"name": r["name"], "count": r["count"]} for r in records]
+    manifest["quantization"] = quantized.to_json() if quantized else None
+    manifest["constraints"] = constraints
+    manifest["optimize"] = {
+        "from": {"path": str(art.path), "model_sha256": art.manifest["files"][MODEL_NAME]["sha256"]},
+        "fused": fuse,
+        "ops": ops,
+    }
+    tools = dict(manifest.get("tools") or {})
+    tools.update({"onnxscript": onnxscript.__version__, "onnx_ir": ir.__version__,
+                  "onnxruntime_optimize": onnxruntime.__version__})
+    manifest["tools"] = tools
+    return manifest

@@ -1,0 +1,140 @@
+"""Precision passes on a saved ONNX file: ``int8`` / ``int4`` weight quantization and ``fp16``.
+
+These wrap ``onnxruntime.quantization`` and ``onnxruntime.transformers.float16``; nothing here is
+lmforge's own arithmetic. Each returns a :class:`Quantized` record for the manifest: what was
+converted, with what settings, and what was left in higher precision.
+
+* ``int8`` on CPU: ``quantize_dynamic`` (weights int8 per output channel, activations quantized per
+  call → ``DynamicQuantizeMatMul`` once ORT fuses at load). On CUDA, weight-only 8-bit
+  ``MatMulNBits`` (CUDA has no fast ``MatMulInteger``).
+* ``int4``: ``MatMulNBitsQuantizer``, blocks of 32; on CPU ``accuracy_level=4`` (int8 activations
+  inside the kernel — the fast path of ORT's MLAS NBits GEMM).
+* ``fp16``: ``convert_float_to_float16`` with graph IO kept as it was (int64 ids, fp32 KV and
+  logits; the casts sit inside the graph) and normalizations / softmax kept in fp32.
+
+The lm head (the ``MatMul``/``Gemm`` producing ``logits``) stays fp32 for int8/int4 when
+``keep_lm_head`` is set: on SmolLM2 it is a third of the weights but most of the logit error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Any
+
+import onnx
+
+__all__ = ["Quantized", "PRECISIONS", "quantize_file", "lm_head_nodes"]
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = ("fp32", "fp16", "int8", "int4")
+
+# Ops kept in fp32 by the fp16 conversion: statistics of norms, softmax, and rotary/attention
+# kernels whose fp16 CPU variants do not exist.
+_FP16_KEEP_FP32 = [
+    "SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization", "LayerNormalization",
+    "SkipLayerNormalization", "Softmax", "ReduceMean", "Pow", "Sqrt", "Reciprocal", "Range",
+    "CumSum", "Cos", "Sin",
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class Quantized:
+    """What a precision pass did, for the manifest's ``quantization`` entry."""
+
+    method: str
+    settings: dict[str, Any]
+    converted_nodes: int
+    kept: list[str]
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def lm_head_nodes(model: onnx.ModelProto) -> list[str]:
+    """Names of the MatMul/Gemm/FusedMatMul nodes whose output (through reshapes) becomes ``logits``.
+
+    With tied embeddings the head is a ``FusedMatMul`` (``transB``) of the embedding table, which
+    neither quantizer touches; it is listed so the manifest says it stayed fp32.
+    """
+    producer = {out: node for node in model.graph.node for out in node.output}
+    found: list[str] = []
+    frontier = [o.name for o in model.graph.output if o.name == "logits"]
+    seen: set[str] = set()
+    while frontier:
+        name = frontier.pop()
+        node = producer.get(name)
+        if node is None or node.name in seen:
+            continue
+        seen.add(node.name)
+        if node.op_type in ("MatMul", "Gemm", "FusedMatMul"):
+            found.append(node.name)
+        elif node.op_type in ("Reshape", "Cast", "Identity", "Squeeze", "Unsqueeze", "Transpose", "Add"):
+            frontier.extend(i for i in node.input[:1] if i)
+    return found
+
+
+def _count(model: onnx.ModelProto, op_types: tuple[str, ...]) -> int:
+    return sum(1 for n in model.graph.node if n.op_type in op_types)
+
+
+def _ensure_names(model: onnx.ModelProto) -> None:
+    for i, node in enumerate(model.graph.node):
+        if not node.name:
+            node.name = f"{node.op_type}_{i}"
+
+
+def quantize_file(src: Path, dst: Path, precision: str, device: str, keep_lm_head: bool = True,
+                  block_size: int = 32, symmetric: bool = True) -> Quantized | None:
+    """Write ``dst`` (+ ``dst.name + '.data'``) from ``src`` at ``precision``; ``None`` for fp32."""
+    if precision == "fp32":
+        return None
+    model = onnx.load(str(src), load_external_data=True)
+    _ensure_names(model)
+    head = lm_head_nodes(model) if keep_lm_head else []
+    if precision == "int8" and device == "cpu":
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        before = _count(model, ("MatMul", "Gemm"))
+        tmp = dst.with_name(dst.stem + ".named.onnx")
+        onnx.save(model, str(tmp), save_as_external_data=True, location=tmp.name + ".data")
+        quantize_dynamic(
+            tmp, dst, op_types_to_quantize=["MatMul", "Gemm"], per_channel=True, reduce_range=False,
+            weight_type=QuantType.QInt8, nodes_to_exclude=head, use_external_data_format=True,
+            extra_options={"MatMulConstBOnly": True},
+        )
+        tmp.unlink()
+        (tmp.parent / (tmp.name + ".data")).unlink()
+        out = onnx.load(str(dst), load_external_data=False)
+        converted = before - _count(out, ("MatMul", "Gemm"))
+        return Quantized("onnxruntime.quantization.quantize_dynamic",
+                         {"weight_type": "QInt8", "per_channel": True, "op_types": ["MatMul", "Gemm"],
+                          "activations": "dynamic uint8"}, converted, head)
+    if precision in ("int4", "int8"):
+        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+        bits = 4 if precision == "int4" else 8
+        accuracy_level = 4 if device == "cpu" else None
+        quant = MatMulNBitsQuantizer(model, bits=bits, block_size=block_size, is_symmetric=symmetric,
+                                     accuracy_level=accuracy_level, nodes_to_exclude=head,
+                                     op_types_to_quantize=("MatMul",))
+        quant.process()
+        out = quant.model.model
+        onnx.save(out, str(dst), save_as_external_data=True, location=dst.name + ".data")
+        converted = _count(out, ("MatMulNBits",))
+        return Quantized("onnxruntime.quantization.matmul_nbits_quantizer.MatMulNBitsQuantizer",
+                         {"bits": bits, "block_size": block_size, "symmetric": symmetric,
+                          "accuracy_level": accuracy_level}, converted, head)
+    if precision == "fp16":
+        from onnxruntime.transformers.float16 import convert_float_to_float16
+
+        out = convert_float_to_float16(model, keep_io_types=True, op_block_list=_FP16_KEEP_FP32,
+                                       disable_shape_infer=True)
+        onnx.save(out, str(dst), save_as_external_data=True, location=dst.name + ".data")
+        kept = sorted({n.op_type for n in out.graph.node if n.op_type in _FP16_KEEP_FP32})
+        return Quantized("onnxruntime.transformers.float16.convert_float_to_float16",
+                         {"keep_io_types": True, "op_block_list": _FP16_KEEP_FP32},
+                         sum(1 for t in out.graph.initializer if t.data_type == onnx.TensorProto.FLOAT16), kept)
+    raise ValueError(precision)

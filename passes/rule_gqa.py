@@ -1,0 +1,101 @@
+"""Llama-family attention with a left-padding mask → ``com.microsoft.GroupQueryAttention``.
+
+Reuses the subgraph pattern of onnxscript's ``GroupQueryAttention`` rule (``ort_fusions.gqa``)
+and replaces its check and rewrite. That rule fires only when the mask is onnxruntime-genai's
+causal-mask construction and then *drops* the mask, deriving ``seqlens_k`` from
+``max(position_ids)``: right padding only. Our graphs build the mask from ``attention_mask`` with
+transformers' vmap'd mask functions (``GatherND`` over ``attention_mask``) and serve left-padded
+batches, so that rule never fires on them and, if it did, padded rows would be wrong.
+
+Matched (after onnxscript's RotaryEmbedding, cos/sin-cache and SDPA fusions)::
+
+    q[B,S,H·Dh] ── Reshape ── Transpose ── RotaryEmbedding(pos, cos, sin) ──────────────┐
+    k[B,S,Hkv·Dh] ── Reshape ── Transpose ── RotaryEmbedding ── Concat(past_k, ·) ─┬── Unsqueeze ── Expand ── Reshape ─┤
+    v[B,S,Hkv·Dh] ── Reshape ── Transpose ─────────────────── Concat(past_v, ·) ─┤── Unsqueeze ── Expand ── Reshape ─┤
+                                                                   present.{i}.*  ◀┘                       mask[B,1,S,T] ─┤
+                                                      SDPA (_fusion) ── Transpose ── Reshape ── y[B,S,H·Dh]
+
+Rewritten to ``RotaryEmbedding`` on the 3-D ``q``/``k`` (positions still from ``position_ids``),
+then ``GroupQueryAttention(q, k, v, past_k, past_v, seqlens_k, total_len, attention_bias=mask)``
+with ``seqlens_k = T - 1`` for every row (the additive mask carries the padding) and its
+``present_key/value`` outputs standing in for the ``Concat`` outputs: the ``concat`` KV contract's
+names, shapes and dtypes are unchanged.
+
+One restriction comes with the op (onnxruntime's CPU kernel): a call with batch > 1 *and*
+seq > 1 must have past length 0 (batched prefill and batched one-token decode are fine;
+batched chunked prefill is not). The pipeline records it in the manifest (``constraints``).
+"""
+
+from __future__ import annotations
+
+import onnx_ir as ir
+from onnxscript.rewriter import _fusion_utils, _ir_utils, pattern
+from onnxscript.rewriter.ort_fusions.gqa import GroupQueryAttention
+
+__all__ = ["gqa_rules", "GQA_CONSTRAINT"]
+
+GQA_CONSTRAINT = "GroupQueryAttention: a batch > 1 with seq > 1 requires past length 0"
+
+
+class _LeftPaddedGQA(GroupQueryAttention):
+    def __init__(self) -> None:
+        super().__init__()
+        self.name = "LeftPaddedGQA"
+
+    def check(self, context, query_BSD, key_BSDkv, value_BSDkv, past_key, past_value,  # type: ignore[no-untyped-def,override]
+              query_BHSDh_rope, key_BHkvSDh_rope, query_BSHDh, key_BSHkvDh, mask,
+              query_BSHDh_normalized=None, query_BHSDh_normalized=None,
+              key_BSHkvDh_normalized=None, key_BHkvSDh_normalized=None, **_):
+        result = pattern.MatchResult()
+        if any(v is not None for v in (query_BSHDh_normalized, query_BHSDh_normalized,
+                                       key_BSHkvDh_normalized, key_BHkvSDh_normalized)):
+            return result.fail("query/key normalisation (Qwen3/Gemma) is not handled by this rule")
+        bindings: dict[str, object] = {}
+        for value, dims in ((query_BSD, ["B", "S", "D"]), (key_BSDkv, ["B", "S", "Dkv"]),
+                            (value_BSDkv, ["B", "S", "Dkv"])):
+            if not _fusion_utils.check_shape_bool(bindings, value, dims):  # type: ignore[arg-type]
+                return result.fail(f"{value.name} is not [B, S, hidden]", value)
+        for value in (past_key, past_value):
+            if value is None or not _fusion_utils.check_shape_bool(bindings, value, ["B", "Hkv", "P", "Dh"]):  # type: ignore[arg-type]
+                return result.fail("no [B, Hkv, past, Dh] past KV (the concat contract)", value)
+        if mask is None or mask.shape is None or mask.shape.rank() != 4 or mask.shape[1] != 1:
+            return result.fail("attention mask is not an additive [B, 1, S, T] tensor", mask)
+        if mask.dtype != query_BSD.dtype:
+            return result.fail("attention mask dtype differs from the query's", mask)
+        num_heads = _ir_utils.get_dim(query_BSHDh, 2)
+        kv_heads = _ir_utils.get_dim(key_BSHkvDh, 2)
+        if not isinstance(num_heads, int) or not isinstance(kv_heads, int):
+            return result.fail("head counts are not static", query_BSHDh)
+        self.num_heads, self.kv_num_heads = num_heads, kv_heads
+        q_rope, k_rope = query_BHSDh_rope.producer(), key_BHkvSDh_rope.producer()
+        for attr in ("interleaved",):
+            if q_rope.attributes.get_int(attr, 0) != k_rope.attributes.get_int(attr, 0):
+                return result.fail("query/key rotary attributes differ", [q_rope, k_rope])
+        if q_rope.inputs[2] is not k_rope.inputs[2] or q_rope.inputs[3] is not k_rope.inputs[3]:
+            return result.fail("query and key use different cos/sin caches", [q_rope, k_rope])
+        self._interleaved = q_rope.attributes.get_int("interleaved", 0)
+        sdpa = [n for n in context.nodes if n.op_type == "SDPA"]
+        self._scale = sdpa[0].attributes.get_float("scale", None) if sdpa else None
+        return result
+
+    def rewrite(self, op, query_BSD, key_BSDkv, value_BSDkv, past_key, past_value,  # type: ignore[no-untyped-def,override]
+                position_ids, cos, sin, mask, **_):
+        rotary = dict(interleaved=self._interleaved, _domain="com.microsoft")
+        query = op.RotaryEmbedding(query_BSD, position_ids, cos, sin, num_heads=self.num_heads, **rotary)
+        key = op.RotaryEmbedding(key_BSDkv, position_ids, cos, sin, num_heads=self.kv_num_heads, **rotary)
+        total = op.Shape(mask, start=3, end=4)  # [1] int64: past + seq
+        total_i32 = op.Cast(total, to=ir.DataType.INT32)
+        one = op.Constant(value=ir.tensor([1], dtype=ir.DataType.INT32))
+        seqlens_k = op.Expand(op.Sub(total_i32, one), op.Shape(query_BSD, start=0, end=1))
+        total_len = op.Squeeze(total_i32, op.Constant(value_ints=[0]))
+        attrs: dict[str, object] = dict(num_heads=self.num_heads, kv_num_heads=self.kv_num_heads, do_rotary=0)
+        if self._scale is not None:
+            attrs["scale"] = float(self._scale)
+        return op.GroupQueryAttention(
+            query, key, value_BSDkv, past_key, past_value, seqlens_k, total_len,
+            None, None, None, mask, **attrs, _domain="com.microsoft", _outputs=3,
+        )
+
+
+def gqa_rules() -> pattern.RewriteRuleSet:
+    return pattern.RewriteRuleSet([_LeftPaddedGQA.rule()])

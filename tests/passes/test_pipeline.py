@@ -1,0 +1,158 @@
+"""Per architecture (tiny:*): expected fusion counts, logits within tolerance of the unfused
+artifact, precisions, and the refusals of ``optimize`` (exit 2, nothing written)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pytest
+
+from passes.check import compare_artifacts
+from passes.expected import EXPECTED_FUSIONS
+from passes.pipeline import optimize_artifact
+from runtime.artifact import load_artifact
+from runtime.errors import PassError
+
+# Fused op counts on the 2-layer tiny models (measured; a change here is a behaviour change).
+EXPECTED_OPS: dict[str, dict[str, int]] = {
+    "llama": {"SimplifiedLayerNormalization": 1, "SkipSimplifiedLayerNormalization": 4,
+              "GroupQueryAttention": 2, "RotaryEmbedding": 4},
+    "mistral": {"SimplifiedLayerNormalization": 1, "SkipSimplifiedLayerNormalization": 4,
+                "GroupQueryAttention": 2, "RotaryEmbedding": 4},
+    "qwen2": {"SimplifiedLayerNormalization": 1, "SkipSimplifiedLayerNormalization": 4,
+              "GroupQueryAttention": 2, "RotaryEmbedding": 4},
+    "gpt2": {"SkipLayerNormalization": 5, "FastGelu": 2, "MultiHeadAttention": 2},
+    "bloom": {"LayerNormalization": 2, "SkipLayerNormalization": 4, "FastGelu": 2},
+    "bert": {"LayerNormalization": 1, "SkipLayerNormalization": 4, "BiasGelu": 2, "Attention": 2},
+}
+# Expected by the spec and not fused, with the pass whose tracer explains it.
+KNOWN_MISSES: dict[str, set[str]] = {"bloom": {"MultiHeadAttention"}}
+
+
+@pytest.fixture(scope="module")
+def optimized(artifact_cache: Callable[[str], Path], tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    root = tmp_path_factory.mktemp("optimized")
+    made: dict[tuple[str, str], tuple[Path, object]] = {}
+
+    def get(arch: str, precision: str = "fp32"):  # type: ignore[no-untyped-def]
+        if (arch, precision) not in made:
+            out = root / f"{arch}-{precision}"
+            report = optimize_artifact(artifact_cache(f"tiny:{arch}"), out, "cpu", precision, check=True, progress=False)
+            made[(arch, precision)] = (out, report)
+        return made[(arch, precision)]
+
+    return get
+
+
+def test_expected_table_matches_specs() -> None:
+    from exporters.specs import all_specs
+
+    assert {s.name: s.expected_fusions for s in all_specs()} == EXPECTED_FUSIONS
+
+
+@pytest.mark.parametrize("arch", sorted(EXPECTED_OPS))
+def test_architecture_fusions(arch: str, optimized, artifact_cache) -> None:  # type: ignore[no-untyped-def]
+    out, report = optimized(arch)
+    for op, n in EXPECTED_OPS[arch].items():
+        assert report.ops.get(op, 0) == n, (op, report.ops)
+    assert set(report.missing) == KNOWN_MISSES.get(arch, set())
+    for op, reasons in report.missing.items():
+        assert reasons and all(r.startswith("[") for r in reasons)  # each names the pass and the tracer's reason
+    # the pipeline's own --check passed, and an independent comparison agrees
+    assert report.check is not None and report.check["ok"]
+    src, dst = load_artifact(artifact_cache(f"tiny:{arch}")), load_artifact(out)
+    result = compare_artifacts(src, dst, dst.model_path, "fp32")
+    assert max(result.max_abs.values()) < 1e-4
+    manifest = dst.manifest
+    assert manifest["precision"] == "fp32" and manifest["device"] == "cpu"
+    assert manifest["io"] == src.manifest["io"] and manifest["kv_mode"] == src.manifest["kv_mode"]
+    assert {p["name"] for p in manifest["passes"]} >= {"constant-folding", "common-subexpressions", "dead-nodes"}
+    assert all(set(p) == {"name", "count"} for p in manifest["passes"])
+    assert ("GroupQueryAttention" in report.ops) == bool(manifest["constraints"])
+
+
+@pytest.mark.parametrize("precision,converted_op", [("int8", "MatMulInteger"), ("int4", "MatMulNBits")])
+def test_llama_quantized(precision: str, converted_op: str, optimized) -> None:  # type: ignore[no-untyped-def]
+    out, report = optimized("llama", precision)
+    assert report.ops.get(converted_op, 0) == 14  # 7 projections × 2 layers; the tied lm head stays fp32
+    q = load_artifact(out).manifest["quantization"]
+    assert q["converted_nodes"] == 14 and q["kept"]  # the lm head is named as kept
+    assert report.check["ok"] and 0 < max(report.check["max_abs_diff"].values())
+
+
+def test_left_padding_is_exact_under_gqa(optimized, artifact_cache) -> None:  # type: ignore[no-untyped-def]
+    """Row 1 of the check batch is left-padded; its real positions must match the unfused graph."""
+    out, report = optimized("llama")
+    assert report.check["argmax_agreement"]["prefill"] == 1.0
+    assert report.check["max_abs_diff"]["prefill"] < 1e-4
+
+
+# ------------------------------------------------------------------------------------------------
+# Refusals
+
+
+def _cli(*args: str) -> int:
+    from lmforge.cli import main
+
+    return main(list(args))
+
+
+def test_not_an_artifact(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "src").mkdir()
+    assert _cli("optimize", str(tmp_path / "src"), "-o", str(tmp_path / "out")) == 2
+    assert "not an lmforge artifact" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--precision", "int3"], "unknown precision"),
+    (["--device", "tpu"], "unknown device"),
+    (["--precision", "fp16"], "--force"),
+])
+def test_bad_requests(flags: list[str], message: str, tmp_path: Path, artifact_cache, capsys) -> None:  # type: ignore[no-untyped-def]
+    src = artifact_cache("tiny:llama")
+    assert _cli("optimize", str(src), "-o", str(tmp_path / "out"), *flags) == 2
+    assert message in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_already_optimized(optimized, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    out, _ = optimized("llama")
+    assert _cli("optimize", str(out), "-o", str(tmp_path / "again")) == 2
+    err = capsys.readouterr().err
+    assert "already optimized" in err and "tiny:llama" in err
+    assert not (tmp_path / "again").exists()
+
+
+def test_check_failure_writes_nothing(artifact_cache, tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import passes.check as check
+
+    monkeypatch.setitem(check.TOLERANCES, "int4", check.Tolerance(max_abs=1e-9, min_argmax_agreement=1.0))
+    with pytest.raises(PassError, match="drifts"):
+        optimize_artifact(artifact_cache("tiny:llama"), tmp_path / "out", "cpu", "int4", check=True, progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_io_change_is_refused(artifact_cache, tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """A pass that renames a graph output is a bug the pipeline refuses (nothing written)."""
+    import passes.pipeline as pipeline
+    from passes.graph_passes import GraphPass
+
+    def rename(model, ctx) -> int:  # type: ignore[no-untyped-def]
+        model.graph.outputs[0].name = "logits_renamed"
+        return 1
+
+    monkeypatch.setattr(pipeline, "final_passes", lambda: [GraphPass("evil", "cleanup", rename)])
+    with pytest.raises(PassError, match="changed the graph's IO"):
+        optimize_artifact(artifact_cache("tiny:llama"), tmp_path / "out", "cpu", "fp32", fuse=False, progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_prints_report(artifact_cache, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    assert _cli("optimize", str(artifact_cache("tiny:gpt2")), "-o", str(tmp_path / "o"), "--json") == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["expected"]["FastGelu"] == 2 and report["missing"] == {}
