@@ -37,3 +37,11 @@ def tiny_llama(artifact_cache: Callable[[str], Path]) -> Path:
 @pytest.fixture(scope="session")
 def smollm2(artifact_cache: Callable[[str], Path]) -> Path:
     return artifact_cache("builtin:smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def smollm2_torch():  # type: ignore[no-untyped-def]
+    """SmolLM2-135M as a PyTorch model + HF tokenizer, loaded once per session (~20 s)."""
+    from exporters.sources import load_source
+
+    return load_source("builtin:smollm2-135m")

@@ -46,13 +46,13 @@ def ort_greedy(session: ort.InferenceSession, prompt_ids: list[int], new_tokens:
     return generated
 
 
-def test_smollm2_greedy_matches_transformers(smollm2: Path) -> None:
+def test_smollm2_greedy_matches_transformers(smollm2: Path, smollm2_torch: Any) -> None:
     import json
 
     manifest = json.loads((smollm2 / "manifest.json").read_text())
     arch = manifest["architecture"]
     eos = set(manifest["generation"]["eos_token_ids"])
-    loaded = load_source("builtin:smollm2-135m")
+    loaded = smollm2_torch
     assert loaded.sha256 == manifest["source"]["sha256"]
     session = ort.InferenceSession(str(smollm2 / "model.onnx"), providers=["CPUExecutionProvider"])
     for prompt in PROMPTS:

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
-from exporters.sources import load_source
 from runtime import Engine
 
 pytestmark = pytest.mark.slow
@@ -21,8 +21,8 @@ PROMPTS = [
 ]
 
 
-def test_engine_greedy_equals_transformers(smollm2: Path) -> None:
-    loaded = load_source("builtin:smollm2-135m")
+def test_engine_greedy_equals_transformers(smollm2: Path, smollm2_torch: Any) -> None:
+    loaded = smollm2_torch
     engine = Engine.load(smollm2, device="cpu")
     prompt_ids = [engine.encode(p) for p in PROMPTS]
     for ids, prompt in zip(prompt_ids, PROMPTS):
