@@ -20,6 +20,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     # No argparse `choices`: a bad value must be a PassError (one line, exit 2) like every other refusal.
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     parser.add_argument("--precision", default="fp32", help="fp32, fp16, int8 or int4 (default fp32)")
+    parser.add_argument("--kv-mode", default=None,
+                        help="concat or shared-buffer (default: shared-buffer for --device cuda when every "
+                             "attention fuses to GroupQueryAttention, else concat)")
     parser.add_argument("--no-fuse", dest="fuse", action="store_false", help="skip the fusion passes")
     parser.add_argument("--check", action="store_true",
                         help="compare logits with the input artifact on fixed inputs; refuse to write past tolerance")
@@ -32,7 +35,8 @@ def run(args: argparse.Namespace) -> int:
     from passes.pipeline import optimize_artifact
 
     report = optimize_artifact(args.artifact, args.output, device=args.device, precision=args.precision,
-                               fuse=args.fuse, check=args.check, force=args.force)
+                               fuse=args.fuse, check=args.check, force=args.force,
+                               kv_mode=args.kv_mode)
     if args.json:
         print(json.dumps(report.to_json(), indent=2))
     elif not args.quiet:

@@ -30,6 +30,7 @@ from passes.expected import expected_fusions
 from passes.graph_passes import GraphPass, PassContext, cleanup_passes, final_passes, fusion_passes, node_count
 from passes.precision import PRECISIONS, Quantized, quantize_file
 from passes.rule_gqa import GQA_CONSTRAINT
+from passes.shared_buffer import SharedBuffer, compare_shared, share_kv_buffers, shared_buffer_blockers
 from runtime.artifact import MANIFEST_NAME, MODEL_NAME, Artifact, KvMode, load_artifact, write_artifact
 from runtime.errors import ArtifactError, PassError
 
@@ -241,8 +242,14 @@ def optimize_artifact(
     check: bool = False,
     force: bool = False,
     progress: bool | None = None,
+    kv_mode: str | None = None,
 ) -> OptimizeReport:
     """Optimize the artifact at ``src`` into a new artifact at ``out``; return the report.
+
+    ``kv_mode``: ``None`` picks ``shared-buffer`` (:mod:`passes.shared_buffer`) for
+    ``device="cuda"`` when every attention fused to GroupQueryAttention, else keeps ``concat``;
+    ``"shared-buffer"`` asks for it on any device (refused with :class:`PassError` when the
+    graph cannot take it); ``"concat"`` keeps the input's contract.
 
     Raises :class:`PassError` / :class:`ArtifactError` (exit 2 on the command line); on any
     failure ``out`` is left as it was.
@@ -274,6 +281,7 @@ def optimize_artifact(
     expected = {op: ops.get(op, 0) for op in expected_fusions(arch)} if fuse else {}
     missing = _missing_reasons(expected, ops, passes, records)
     constraints = [GQA_CONSTRAINT] if ops.get("GroupQueryAttention") else []
+    shared = _want_shared_buffer(art, model, device, kv_mode, fuse)
 
     quantized: Quantized | None = None
     check_result: CheckResult | None = None
@@ -288,8 +296,12 @@ def optimize_artifact(
                 shutil.move(str(work / (fused.name + ".data")), tmp / _DATA_NAME)
             else:
                 quantized = quantize_file(fused, tmp / MODEL_NAME, precision, device)
+            sb: SharedBuffer | None = None
+            if shared:
+                sb = share_kv_buffers(tmp / MODEL_NAME, art.architecture, art.manifest["kv"])
+                records.append({"name": "shared-buffer-kv", "count": sb.layers, "kind": "kv"})
             final = ir.load(str(tmp / MODEL_NAME))
-            _check_io(f"the {precision} conversion", reference_io, final)
+            _check_io(f"the {precision} conversion", sb.reference_io() if sb else reference_io, final)
             ops = op_counts(final)
             nodes_after = node_count(final)
             del final
@@ -300,12 +312,18 @@ def optimize_artifact(
             if art.tokenizer_dir.is_dir():
                 shutil.copytree(art.tokenizer_dir, tmp / "tokenizer")
             manifest = _manifest(art, device, precision, records, ops, quantized, constraints, fuse)
+            if sb is not None:
+                manifest["kv_mode"] = KvMode.SHARED_BUFFER.value
+                manifest["io"] = sb.io_json()
+                manifest["kv"] = {**manifest["kv"], "dtype": sb.kv_dtype,
+                                  "max_context": int(art.architecture.get("max_context") or 2048)}
             with open(tmp / MANIFEST_NAME, "w", encoding="utf-8") as fh:
                 json.dump(manifest, fh, indent=2)
 
             if check:
                 candidate = Artifact(path=tmp, manifest=manifest)
-                check_result = compare_artifacts(art, candidate, tmp / MODEL_NAME, precision)
+                compare = compare_shared if sb is not None else compare_artifacts
+                check_result = compare(art, candidate, tmp / MODEL_NAME, precision)
                 if not check_result.ok:
                     raise PassError(
                         f"--check: the {precision} graph drifts from the input artifact past tolerance "
@@ -329,6 +347,35 @@ def optimize_artifact(
     )
     log.info("optimized %s → %s in %.1f s", art.path, out, report.seconds)
     return report
+
+
+_KV_MODES = (None, KvMode.CONCAT.value, KvMode.SHARED_BUFFER.value)
+
+
+def _want_shared_buffer(art: Artifact, model: ir.Model, device: str, kv_mode: str | None, fuse: bool) -> bool:
+    """Whether to rewrite to ``shared-buffer`` (see :func:`optimize_artifact`); refuse a request it cannot meet."""
+    if kv_mode not in _KV_MODES:
+        raise PassError(f"unknown kv_mode {kv_mode!r}", expected="concat or shared-buffer",
+                        fix="pass --kv-mode concat or --kv-mode shared-buffer (or leave it out)")
+    if kv_mode == KvMode.CONCAT.value or art.kv_mode is not KvMode.CONCAT:
+        if kv_mode == KvMode.SHARED_BUFFER.value:
+            raise PassError(f"kv_mode shared-buffer for an artifact with kv_mode {art.kv_mode.value}",
+                            expected="a decoder artifact (kv_mode concat)", fix="leave out --kv-mode")
+        return False
+    if kv_mode is None and device != "cuda":
+        return False
+    blockers = shared_buffer_blockers(model, int(art.architecture["layers"])) if fuse else ["--no-fuse"]
+    if not blockers:
+        return True
+    if kv_mode is None:
+        log.info("kv_mode stays concat for %s: %s", art.architecture.get("name"), "; ".join(blockers))
+        return False
+    raise PassError(
+        f"kv_mode 'shared-buffer' needs every attention fused to com.microsoft.GroupQueryAttention "
+        f"({'; '.join(blockers)})",
+        expected="the Llama family (llama, mistral, qwen2, smollm2), fused",
+        fix="leave out --kv-mode (concat is kept for this architecture), or drop --no-fuse",
+    )
 
 
 def _manifest(art: Artifact, device: str, precision: str, records: list[dict[str, Any]], ops: dict[str, int],

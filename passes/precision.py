@@ -25,7 +25,7 @@ from typing import Any
 
 import onnx
 
-__all__ = ["Quantized", "PRECISIONS", "quantize_file", "lm_head_nodes"]
+__all__ = ["Quantized", "PRECISIONS", "quantize_file", "lm_head_nodes", "drop_duplicate_nodes"]
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +38,10 @@ _FP16_KEEP_FP32 = [
     "SkipLayerNormalization", "Softmax", "ReduceMean", "Pow", "Sqrt", "Reciprocal", "Range",
     "CumSum", "Cos", "Sin",
 ]
+# On CUDA the fused norms run in fp16 with their statistics accumulated in fp32 inside ORT's
+# kernels (LayerNorm's U type is float), so blocking them would only add two Casts per norm on the
+# hot path; the unfused pieces and the rotary/position arithmetic still stay fp32.
+_FP16_KEEP_FP32_CUDA = [op for op in _FP16_KEEP_FP32 if "LayerNormalization" not in op]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,6 +78,41 @@ def lm_head_nodes(model: onnx.ModelProto) -> list[str]:
         elif node.op_type in ("Reshape", "Cast", "Identity", "Squeeze", "Unsqueeze", "Transpose", "Add"):
             frontier.extend(i for i in node.input[:1] if i)
     return found
+
+
+def drop_duplicate_nodes(model: onnx.ModelProto) -> int:
+    """Remove nodes that repeat an earlier node exactly (op, domain, inputs, outputs, attributes).
+
+    ``convert_float_to_float16`` inserts one ``Cast`` per blocked consumer under the same output
+    name when a value feeds two blocked ops (Llama: the embedding feeds the first RMSNorm and the
+    first SkipRMSNorm); onnx-ir and the checker rightly refuse a value produced twice. Two
+    *different* producers of one value are a real bug and raise.
+    """
+
+    def key(node: onnx.NodeProto) -> bytes:
+        copy = onnx.NodeProto()
+        copy.CopyFrom(node)
+        copy.name = ""
+        return copy.SerializeToString()
+
+    seen: dict[str, bytes] = {}
+    keep: list[onnx.NodeProto] = []
+    for node in model.graph.node:
+        k = key(node)
+        outputs = [o for o in node.output if o]
+        if outputs and all(o in seen for o in outputs):
+            if all(seen[o] == k for o in outputs):
+                continue
+            raise ValueError(f"value {outputs[0]!r} is produced by two different nodes")
+        for o in outputs:
+            seen[o] = k
+        keep.append(node)
+    dropped = len(model.graph.node) - len(keep)
+    if dropped:
+        del model.graph.node[:]
+        model.graph.node.extend(keep)
+        log.info("dropped %d duplicate node(s) written by the fp16 conversion", dropped)
+    return dropped
 
 
 def _count(model: onnx.ModelProto, op_types: tuple[str, ...]) -> int:
@@ -117,6 +156,17 @@ def quantize_file(src: Path, dst: Path, precision: str, device: str, keep_lm_hea
 
         bits = 4 if precision == "int4" else 8
         accuracy_level = 4 if device == "cpu" else None
+        base = "fp32"
+        if device == "cuda":
+            # CUDA: weight-only quantization on an fp16 graph, as onnxruntime-genai builds it —
+            # GroupQueryAttention has fp16/bf16 CUDA kernels only, and the unquantized lm head and
+            # embeddings should be read as fp16, not fp32.
+            from onnxruntime.transformers.float16 import convert_float_to_float16
+
+            model = convert_float_to_float16(model, keep_io_types=True, op_block_list=_FP16_KEEP_FP32_CUDA,
+                                             disable_shape_infer=True)
+            drop_duplicate_nodes(model)
+            base = "fp16"
         quant = MatMulNBitsQuantizer(model, bits=bits, block_size=block_size, is_symmetric=symmetric,
                                      accuracy_level=accuracy_level, nodes_to_exclude=head,
                                      op_types_to_quantize=("MatMul",))
@@ -126,15 +176,17 @@ def quantize_file(src: Path, dst: Path, precision: str, device: str, keep_lm_hea
         converted = _count(out, ("MatMulNBits",))
         return Quantized("onnxruntime.quantization.matmul_nbits_quantizer.MatMulNBitsQuantizer",
                          {"bits": bits, "block_size": block_size, "symmetric": symmetric,
-                          "accuracy_level": accuracy_level}, converted, head)
+                          "accuracy_level": accuracy_level, "base": base}, converted, head)
     if precision == "fp16":
         from onnxruntime.transformers.float16 import convert_float_to_float16
 
-        out = convert_float_to_float16(model, keep_io_types=True, op_block_list=_FP16_KEEP_FP32,
+        block = _FP16_KEEP_FP32_CUDA if device == "cuda" else _FP16_KEEP_FP32
+        out = convert_float_to_float16(model, keep_io_types=True, op_block_list=block,
                                        disable_shape_infer=True)
+        drop_duplicate_nodes(out)
         onnx.save(out, str(dst), save_as_external_data=True, location=dst.name + ".data")
-        kept = sorted({n.op_type for n in out.graph.node if n.op_type in _FP16_KEEP_FP32})
+        kept = sorted({n.op_type for n in out.graph.node if n.op_type in block})
         return Quantized("onnxruntime.transformers.float16.convert_float_to_float16",
-                         {"keep_io_types": True, "op_block_list": _FP16_KEEP_FP32},
+                         {"keep_io_types": True, "op_block_list": block},
                          sum(1 for t in out.graph.initializer if t.data_type == onnx.TensorProto.FLOAT16), kept)
     raise ValueError(precision)

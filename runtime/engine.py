@@ -198,9 +198,9 @@ class Engine:
             )
         if artifact.kv_mode is KvMode.SHARED_BUFFER:
             raise GenerationError(
-                f"artifact {artifact.path} uses kv_mode 'shared-buffer', which the runtime does not support yet",
+                f"artifact {artifact.path} uses kv_mode 'shared-buffer', which Engine(...) does not run",
                 expected="kv_mode 'concat'",
-                fix="run the artifact written by `lmforge convert`, or optimize without the shared-buffer pass",
+                fix="open it with Engine.load (a runtime.shared_kv.SharedBufferEngine)",
             )
         providers, self.device_type = _providers(device)
         if self.device_type == "cuda" and artifact.precision == "fp32":
@@ -272,10 +272,26 @@ class Engine:
     # Loading
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str], device: str = "cpu", verify_hashes: bool = True) -> Engine:
-        """Validate the artifact folder (:func:`runtime.artifact.load_artifact`) and open it."""
+    def load(cls, path: str | os.PathLike[str], device: str = "cpu", verify_hashes: bool = True,
+             cuda_graph: bool = False) -> Engine:
+        """Validate the artifact folder (:func:`runtime.artifact.load_artifact`) and open it.
+
+        A ``kv_mode: "shared-buffer"`` artifact opens as :class:`runtime.shared_kv.SharedBufferEngine`;
+        ``cuda_graph=True`` (``device="cuda"``, shared-buffer only) captures its decode step.
+        """
         _providers(device)  # a wrong device fails before hashing gigabytes
-        return cls(load_artifact(path, verify_hashes=verify_hashes), device=device)
+        artifact = load_artifact(path, verify_hashes=verify_hashes)
+        if artifact.kv_mode is KvMode.SHARED_BUFFER:
+            from runtime.shared_kv import SharedBufferEngine
+
+            return SharedBufferEngine(artifact, device=device, cuda_graph=cuda_graph)
+        if cuda_graph:
+            raise GenerationError(
+                "cuda_graph=True needs a kv_mode 'shared-buffer' artifact (fixed-size KV buffers)",
+                got=f"kv_mode {artifact.kv_mode.value!r}",
+                fix="`lmforge optimize ARTIFACT -o OUT --device cuda` (Llama family), or leave cuda_graph off",
+            )
+        return cls(artifact, device=device)
 
     @staticmethod
     def _sampler_dtype(name: str) -> str:

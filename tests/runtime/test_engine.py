@@ -248,7 +248,7 @@ def test_rejected_artifacts(tiny_llama: Path, tmp_path: Path) -> None:
     manifest = json.loads((shared / "manifest.json").read_text())
     manifest["kv_mode"] = "shared-buffer"
     (shared / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(GenerationError, match="kv_mode 'shared-buffer', which the runtime does not support yet"):
+    with pytest.raises(GenerationError, match="io.inputs does not follow the shared-buffer contract"):
         Engine.load(shared)
 
 

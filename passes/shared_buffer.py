@@ -1,0 +1,344 @@
+"""The ``shared-buffer`` KV contract: rewrite a GQA-fused decoder so past and present share one buffer.
+
+Runs after the fusions *and* after the precision pass (:func:`share_kv_buffers` works on the final
+model file), because ``convert_float_to_float16(keep_io_types=True)`` wraps every graph input and
+output in a ``Cast``: a ``Cast`` between ``past_key_values.{i}.*`` and ``GroupQueryAttention``
+would hand the op a copy, and in-place updates need the op to see the caller's buffer. Running
+last lets this pass drop those KV casts (the KV IO becomes fp16 for an fp16 graph; ``logits``
+keeps the precision pass's dtype).
+
+The rewrite (every attention of the graph must already be ``com.microsoft.GroupQueryAttention``,
+one per layer, each reading ``past_key_values.{i}.key|value`` and producing
+``present.{i}.key|value``; else :class:`PassError`)::
+
+    inputs   input_ids [batch, seq] int64, position_ids [batch, seq] int64,
+             seqlens_k [batch] int32              (per row: valid KV length after this call − 1)
+             total_sequence_length [] int32       (see below; a CPU input of the CUDA kernel)
+             past_key_values.{i}.key|value [batch, kv_heads, max_context, head_dim]
+    outputs  logits [batch, seq, vocab],
+             present.{i}.key|value [batch, kv_heads, max_context, head_dim]   (same buffers)
+
+* GQA's ``seqlens_k`` / ``total_sequence_length`` inputs (which :mod:`passes.rule_gqa` derived
+  from the mask's shape, with the padding in ``attention_bias``) become graph inputs and the
+  ``attention_bias`` input is dropped. Every GQA sees the same two tensors.
+* ``attention_mask`` leaves the graph once nothing reads it (the mask construction goes dead
+  with ``attention_bias``); if anything still reads it, or reads the past KV tensors other than
+  the GQA (e.g. a ``Shape`` feeding positions), the pass refuses: those would see the buffer
+  length instead of the past length.
+* ``max_context`` is a symbolic axis: the runtime chooses the buffer length (≤ the manifest's
+  ``kv.max_context``). With ``past`` and ``present`` bound to the same memory, GQA writes the new
+  K/V at row offset ``seqlens_k − seq + 1`` and reads ``[0, seqlens_k]``; nothing is copied.
+
+GQA length semantics (onnxruntime ``group_query_attention_helper.h``): ``seqlens_k[b]`` is the
+row's total valid length − 1; a call with ``seq == total_sequence_length`` is a first prompt
+(past ignored); a call with ``seq == 1`` and ``total_sequence_length != 1`` is a decode step whose
+past length per row is ``seqlens_k[b]``; ``seq > 1`` with past needs batch 1. So rows are
+right-aligned at position 0 of their buffer row, prompts are prefilled with
+``total_sequence_length == seq`` (rows of equal length together), and decode steps pass a
+constant ``total_sequence_length`` (the buffer length, as onnxruntime-genai does under CUDA
+graphs, where it is ``Shape(attention_mask)[1]`` of a max-length mask): the CUDA kernel reads it
+on the host, so it must not change between CUDA-graph replays; the per-row lengths live in
+``seqlens_k`` on the device.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+import onnx_ir.passes.common as common_passes
+
+from runtime.artifact import Artifact, TensorSpec
+from runtime.errors import PassError
+
+__all__ = ["SharedBuffer", "SEQLENS_K", "TOTAL_SEQUENCE_LENGTH", "shared_buffer_blockers", "share_kv_buffers",
+           "rewrite_shared_buffer", "compare_shared"]
+
+log = logging.getLogger(__name__)
+
+SEQLENS_K = "seqlens_k"
+TOTAL_SEQUENCE_LENGTH = "total_sequence_length"
+_ATTENTION_OPS = ("GroupQueryAttention", "MultiHeadAttention", "Attention", "PackedAttention",
+                  "PackedMultiHeadAttention", "DecoderMaskedMultiHeadAttention")
+_GQA_SEQLENS, _GQA_TOTAL, _GQA_BIAS = 5, 6, 10
+_DTYPE_NAMES = {ir.DataType.FLOAT: "float32", ir.DataType.FLOAT16: "float16", ir.DataType.INT64: "int64",
+                ir.DataType.INT32: "int32", ir.DataType.BFLOAT16: "bfloat16"}
+
+
+@dataclasses.dataclass(frozen=True)
+class SharedBuffer:
+    """What :func:`rewrite_shared_buffer` did, for the manifest."""
+
+    layers: int
+    kv_dtype: str
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    casts_removed: int
+
+    def io_json(self) -> dict[str, Any]:
+        return {"inputs": [t.to_json() for t in self.inputs], "outputs": [t.to_json() for t in self.outputs]}
+
+    def reference_io(self) -> dict[str, list[tuple[str, str, int]]]:
+        """In the shape of :func:`passes.pipeline.graph_io` (name, onnx-ir dtype name, rank)."""
+        names = {v: k.name.lower() for k, v in _DTYPE_NAMES.items()}
+        return {side: [(t.name, names[t.dtype], len(t.shape)) for t in specs]
+                for side, specs in (("inputs", self.inputs), ("outputs", self.outputs))}
+
+
+def _attention_nodes(model: ir.Model) -> list[ir.Node]:
+    return [n for n in model.graph.all_nodes() if n.domain == "com.microsoft" and n.op_type in _ATTENTION_OPS]
+
+
+def shared_buffer_blockers(model: ir.Model, layers: int) -> list[str]:
+    """Why this graph cannot take the shared-buffer contract (empty: it can)."""
+    nodes = _attention_nodes(model)
+    gqa = [n for n in nodes if n.op_type == "GroupQueryAttention"]
+    reasons = []
+    other = sorted({n.op_type for n in nodes if n.op_type != "GroupQueryAttention"})
+    if other:
+        reasons.append(f"attention fused to {', '.join(other)}, not GroupQueryAttention")
+    if len(gqa) != layers:
+        reasons.append(f"{len(gqa)} GroupQueryAttention node(s) for {layers} layers")
+    names = {v.name for v in model.graph.inputs}
+    if "position_ids" not in names:
+        reasons.append("no position_ids input (rotary positions must come from the caller)")
+    return reasons
+
+
+def _cast_between(value: ir.Value) -> ir.Node | None:
+    """The Cast node that is ``value``'s only consumer (fp16 keep_io_types wrapping), if any."""
+    uses = list(value.uses())
+    if len(uses) == 1 and uses[0].node.op_type == "Cast" and uses[0].node.domain == "":
+        return uses[0].node
+    return None
+
+
+def rewrite_shared_buffer(model: ir.Model, arch: dict[str, Any], kv: dict[str, str]) -> SharedBuffer:
+    """Rewrite ``model`` (in place) to the shared-buffer contract; see the module docstring."""
+    layers = int(arch["layers"])
+    blockers = shared_buffer_blockers(model, layers)
+    if blockers:
+        raise PassError(
+            f"kv_mode 'shared-buffer' needs every attention fused to com.microsoft.GroupQueryAttention "
+            f"({'; '.join(blockers)})",
+            expected=f"{layers} GroupQueryAttention nodes (Llama family: llama, mistral, qwen2, smollm2)",
+            fix="optimize with --kv-mode concat (or for --device cpu) for this architecture",
+        )
+    graph = model.graph
+    inputs = {v.name: v for v in graph.inputs}
+    outputs = {v.name: v for v in graph.outputs}
+    kv_heads, head_dim = int(arch["kv_heads"]), int(arch["head_dim"])
+
+    seqlens = ir.Value(name=SEQLENS_K, type=ir.TensorType(ir.DataType.INT32), shape=ir.Shape(["batch"]))
+    total = ir.Value(name=TOTAL_SEQUENCE_LENGTH, type=ir.TensorType(ir.DataType.INT32), shape=ir.Shape([]))
+    gqa_nodes = [n for n in graph.all_nodes() if n.op_type == "GroupQueryAttention"]
+    for node in gqa_nodes:
+        node.replace_input_with(_GQA_SEQLENS, seqlens)
+        node.replace_input_with(_GQA_TOTAL, total)
+        if len(node.inputs) > _GQA_BIAS and node.inputs[_GQA_BIAS] is not None:
+            node.replace_input_with(_GQA_BIAS, None)
+
+    casts_removed = 0
+    kv_dtype: ir.DataType | None = None
+    past_names, present_names = [], []
+    for i in range(layers):
+        for slot, (past_t, present_t) in enumerate(((kv["past_key"], kv["present_key"]),
+                                                     (kv["past_value"], kv["present_value"]))):
+            past_name, present_name = past_t.format(i=i), present_t.format(i=i)
+            past, present = inputs.get(past_name), outputs.get(present_name)
+            if past is None or present is None:
+                raise PassError(f"shared-buffer: graph lacks {past_name} or {present_name}",
+                                fix="optimize the artifact `lmforge convert` wrote")
+            # present: GQA output (1 or 2), possibly through one Cast
+            producer = present.producer()
+            gqa_out = present
+            if producer is not None and producer.op_type == "Cast":
+                gqa_out = producer.inputs[0]
+                producer = gqa_out.producer() if gqa_out is not None else None
+            if producer is None or producer.op_type != "GroupQueryAttention" or gqa_out is not producer.outputs[1 + slot]:
+                raise PassError(f"shared-buffer: {present_name} is not produced by a GroupQueryAttention",
+                                fix="this graph's attention is not fused; optimize with --kv-mode concat")
+            node = producer
+            # past: GQA input (3 or 4), possibly through one Cast; nothing else may read it
+            common_passes.RemoveUnusedNodesPass()(model)
+            cast = _cast_between(past)
+            fed = cast.outputs[0] if cast is not None else past
+            uses = list(fed.uses())
+            if len(uses) != 1 or uses[0].node is not node or uses[0].idx != 3 + slot or len(list(past.uses())) != 1:
+                readers = sorted({f"{u.node.op_type}" for u in past.uses()})
+                raise PassError(
+                    f"shared-buffer: {past_name} is read by more than its GroupQueryAttention ({readers})",
+                    expected="the past KV read by GroupQueryAttention only (its length is the buffer's, not the past's)",
+                    fix="optimize with --kv-mode concat; report the graph",
+                )
+            dtype = gqa_out.dtype
+            if cast is not None:
+                node.replace_input_with(3 + slot, past)
+                casts_removed += 1
+            if gqa_out is not present:
+                present.name = f"{present_name}__cast_unused"
+                idx = [o.name for o in graph.outputs].index(present.name)
+                graph.outputs[idx] = gqa_out
+                gqa_out.name = present_name
+                casts_removed += 1
+            past.dtype = dtype
+            shape = ir.Shape(["batch", kv_heads, "max_context", head_dim])
+            past.shape = shape
+            gqa_out.shape = ir.Shape(["batch", kv_heads, "max_context", head_dim])
+            if kv_dtype is not None and dtype != kv_dtype:
+                raise PassError("shared-buffer: KV dtypes differ across layers", got=f"{kv_dtype} and {dtype}",
+                                fix="report the graph")
+            kv_dtype = dtype
+            past_names.append(past_name)
+            present_names.append(present_name)
+
+    common_passes.RemoveUnusedNodesPass()(model)
+    mask = inputs.get("attention_mask")
+    if mask is not None and list(mask.uses()):
+        readers = sorted({u.node.op_type for u in mask.uses()})
+        raise PassError(
+            "shared-buffer: attention_mask is still read after GroupQueryAttention took over the lengths",
+            expected="attention_mask read only by the mask construction for attention_bias",
+            got=f"read by {readers}",
+            fix="optimize with --kv-mode concat for this graph",
+        )
+    new_inputs = [inputs["input_ids"], inputs["position_ids"], seqlens, total] + [inputs[n] for n in past_names]
+    extra = [v for v in graph.inputs if v.name not in {"attention_mask", *(v.name for v in new_inputs)}]
+    if extra:
+        raise PassError("shared-buffer: unexpected graph inputs", got=str([v.name for v in extra]),
+                        fix="optimize the artifact `lmforge convert` wrote")
+    graph.inputs.clear()
+    graph.inputs.extend(new_inputs)
+    common_passes.RemoveUnusedNodesPass()(model)
+
+    def spec(v: ir.Value) -> TensorSpec:
+        dims = tuple(d if isinstance(d, int) else str(d) for d in (v.shape or ir.Shape([])))
+        return TensorSpec(v.name, _DTYPE_NAMES[v.dtype], dims)  # type: ignore[index]
+
+    result = SharedBuffer(layers=layers, kv_dtype=_DTYPE_NAMES[kv_dtype],  # type: ignore[index]
+                          inputs=[spec(v) for v in graph.inputs], outputs=[spec(v) for v in graph.outputs],
+                          casts_removed=casts_removed)
+    log.info("shared-buffer KV: %d layers, KV %s, %d casts removed", layers, result.kv_dtype, casts_removed)
+    return result
+
+
+def _load_deduplicated(model_path: Path) -> ir.Model:
+    """``ir.load``, first dropping exact duplicate nodes.
+
+    ``onnxruntime.transformers.float16.convert_float_to_float16`` inserts one ``Cast`` per
+    blocked consumer under the same output name when a value feeds two blocked ops (Llama: the
+    embedding feeds the first RMSNorm and the first SkipRMSNorm), which onnx-ir rightly refuses
+    as a redeclared value. The duplicates are identical (same op, inputs, output, attributes).
+    """
+    import onnx
+
+    proto = onnx.load(str(model_path), load_external_data=False)
+    seen: dict[str, bytes] = {}
+    keep = []
+    for node in proto.graph.node:
+        key = node.SerializeToString()
+        if node.output and all(o in seen for o in node.output if o):
+            if all(seen[o] == key for o in node.output if o):
+                continue  # an exact duplicate
+            raise PassError(f"{model_path.name}: value {node.output[0]!r} is produced by two different nodes",
+                            fix="report the graph")
+        for o in node.output:
+            if o:
+                seen[o] = key
+        keep.append(node)
+    if len(keep) != len(proto.graph.node):
+        log.info("dropped %d duplicate node(s) from %s", len(proto.graph.node) - len(keep), model_path.name)
+        del proto.graph.node[:]
+        proto.graph.node.extend(keep)
+    model = ir.serde.deserialize_model(proto)
+    from onnx_ir import external_data as _external_data
+
+    _external_data.set_base_dir(model.graph, str(model_path.parent))  # as ir.load does
+    return model
+
+
+def share_kv_buffers(model_path: Path, arch: dict[str, Any], kv: dict[str, str]) -> SharedBuffer:
+    """Rewrite the model file at ``model_path`` (+ ``.data``) to the shared-buffer contract."""
+    model = _load_deduplicated(model_path)
+    result = rewrite_shared_buffer(model, arch, kv)
+    data_name = model_path.name + ".data"
+    with tempfile.TemporaryDirectory(prefix=".shared-", dir=model_path.parent) as tmp_dir:
+        tmp = Path(tmp_dir) / model_path.name
+        ir.save(model, str(tmp), external_data=data_name)
+        del model
+        os.replace(tmp, model_path)
+        os.replace(tmp.with_name(data_name), model_path.with_name(data_name))
+    return result
+
+
+# --------------------------------------------------------------------------------------------
+# --check for a shared-buffer candidate
+
+
+def _run_shared(art: Artifact, model: Path) -> dict[str, np.ndarray]:
+    """The check cases of :mod:`passes.check`, run through the shared-buffer contract on CPU.
+
+    Row 1 of the check batch is left-padded there; here it is its unpadded tokens, prefilled on
+    its own; logits land at the positions the reference uses.
+    """
+    import onnxruntime as ort
+
+    from passes.check import _decoder_cases, _session
+
+    session: ort.InferenceSession = _session(model)
+    kv = art.manifest["kv"]
+    layers = int(art.architecture["layers"])
+    kv_heads, head_dim = int(art.architecture["kv_heads"]), int(art.architecture["head_dim"])
+    kv_dtype = {"float32": np.float32, "float16": np.float16}[kv.get("dtype", "float32")]
+    (_, feeds, valid), = _decoder_cases(art)
+    ids, mask = feeds["input_ids"], feeds["attention_mask"]
+    batch, seq = ids.shape
+    capacity = seq + 4
+    names = [kv[t].format(i=i) for i in range(layers) for t in ("past_key", "past_value")]
+    presents = [kv[t].format(i=i) for i in range(layers) for t in ("present_key", "present_value")]
+    prefill = np.zeros((batch, seq, int(art.architecture["vocab"])), dtype=np.float32)
+    buffers = {n: np.zeros((batch, kv_heads, capacity, head_dim), dtype=kv_dtype) for n in names}
+    lengths = mask.sum(axis=1)
+    for b in range(batch):
+        n = int(lengths[b])
+        row = {k: v[b:b + 1] for k, v in buffers.items()}
+        feed = {"input_ids": ids[b:b + 1, seq - n:], "position_ids": np.arange(n, dtype=np.int64)[None],
+                SEQLENS_K: np.array([n - 1], np.int32), TOTAL_SEQUENCE_LENGTH: np.array(n, np.int32), **row}
+        out = dict(zip([o.name for o in session.get_outputs()], session.run(None, feed)))
+        prefill[b, seq - n:] = out["logits"][0].astype(np.float32)
+        for p, q in zip(names, presents):
+            buffers[p][b] = out[q][0]
+    next_ids = np.array([[7], [11]], dtype=np.int64)
+    feed = {"input_ids": next_ids, "position_ids": lengths[:, None].astype(np.int64),
+            SEQLENS_K: lengths.astype(np.int32), TOTAL_SEQUENCE_LENGTH: np.array(capacity, np.int32), **buffers}
+    out = dict(zip([o.name for o in session.get_outputs()], session.run(None, feed)))
+    return {"prefill": prefill, "decode": out["logits"].astype(np.float32)}
+
+
+def compare_shared(reference: Artifact, candidate: Artifact, candidate_model: Path, precision: str) -> Any:
+    """:func:`passes.check.compare_artifacts` for a shared-buffer candidate (same cases, same policy)."""
+    from passes import check
+
+    tolerance = check.TOLERANCES[precision]
+    try:
+        ref = check._run_decoder(reference, reference.model_path)
+        got = _run_shared(candidate, candidate_model)
+    except Exception as exc:  # noqa: BLE001 - any ORT failure means the optimized graph is unusable
+        raise PassError(
+            f"--check: the shared-buffer graph does not run in onnxruntime ({type(exc).__name__}: {exc})",
+            fix="optimize with --kv-mode concat to isolate it, and report it; nothing was written",
+        ) from exc
+    max_abs: dict[str, float] = {}
+    agree: dict[str, float] = {}
+    for case, expected in ref.items():
+        valid = check._valid_positions(case, reference, expected.shape)
+        a, b = expected[valid], got[case][valid]
+        max_abs[case] = float(np.max(np.abs(a - b))) if np.all(np.isfinite(b)) else float("inf")
+        agree[case] = float(np.mean(a.argmax(-1) == b.argmax(-1)))
+    return check.CheckResult(max_abs=max_abs, argmax_agreement=agree, tolerance=tolerance)

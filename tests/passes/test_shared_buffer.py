@@ -1,0 +1,135 @@
+"""The shared-buffer KV pass (:mod:`passes.shared_buffer`): the IO rewrite, the manifest, the
+numbers against the concat graph (``--check``), and the refusals."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+
+from passes.pipeline import optimize_artifact
+from runtime.artifact import load_artifact
+from runtime.errors import PassError
+
+
+@pytest.fixture(scope="module")
+def shared(artifact_cache: Callable[[str], Path], tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    root = tmp_path_factory.mktemp("sb")
+    made = {}
+
+    def get(precision: str):  # type: ignore[no-untyped-def]
+        if precision not in made:
+            out = root / precision
+            made[precision] = (out, optimize_artifact(artifact_cache("tiny:llama"), out, "cuda", precision,
+                                                      check=True, progress=False))
+        return made[precision]
+
+    return get
+
+
+@pytest.mark.parametrize("precision,kv_dtype", [("fp32", "float32"), ("fp16", "float16")])
+def test_io_rewrite(shared, precision: str, kv_dtype: str) -> None:  # type: ignore[no-untyped-def]
+    out, report = shared(precision)
+    art = load_artifact(out)
+    m = art.manifest
+    assert m["kv_mode"] == "shared-buffer" and m["kv"]["dtype"] == kv_dtype and m["kv"]["max_context"] == 512
+    inputs = [(t.name, t.dtype, list(t.shape)) for t in art.inputs]
+    assert inputs[:4] == [("input_ids", "int64", ["batch", "seq"]), ("position_ids", "int64", ["batch", "seq"]),
+                          ("seqlens_k", "int32", ["batch"]), ("total_sequence_length", "int32", [])]
+    assert inputs[4:] == [(f"past_key_values.{i}.{k}", kv_dtype, ["batch", 2, "max_context", 16])
+                          for i in range(2) for k in ("key", "value")]
+    outputs = {t.name: (t.dtype, list(t.shape)) for t in art.outputs}
+    assert outputs["present.1.value"] == (kv_dtype, ["batch", 2, "max_context", 16])
+    assert {"name": "shared-buffer-kv", "count": 2} in m["passes"]
+    # the graph itself: no mask, GQA reads the past directly and writes the present directly
+    model = ir.load(str(art.model_path))
+    assert [v.name for v in model.graph.inputs] == [n for n, _, _ in inputs]
+    gqa = [n for n in model.graph.all_nodes() if n.op_type == "GroupQueryAttention"]
+    assert len(gqa) == 2
+    for i, node in enumerate(gqa):
+        assert node.inputs[3].name == f"past_key_values.{i}.key" and node.inputs[5].name == "seqlens_k"
+        assert node.inputs[6].name == "total_sequence_length"
+        assert len(node.inputs) <= 10 or node.inputs[10] is None  # no attention_bias
+        assert node.outputs[2].name == f"present.{i}.value"
+    # --check compared it with the concat graph on the check cases (left-padded row included)
+    assert report.check["ok"]
+    bound = 1e-4 if precision == "fp32" else 0.05
+    assert max(report.check["max_abs_diff"].values()) < bound
+
+
+def test_in_place_update(shared) -> None:  # type: ignore[no-untyped-def]
+    """Bound to one buffer as past and present, a decode step writes only its row's next slot."""
+    import onnxruntime as ort
+
+    out, _ = shared("fp32")
+    art = load_artifact(out)
+    sess = ort.InferenceSession(str(art.model_path), providers=["CPUExecutionProvider"])
+    cap = 8
+    kv = {f"past_key_values.{i}.{k}": ort.OrtValue.ortvalue_from_numpy(np.full((2, 2, cap, 16), 0.5, np.float32))
+          for i in range(2) for k in ("key", "value")}
+    before = {k: v.numpy().copy() for k, v in kv.items()}
+    b = sess.io_binding()
+    b.bind_cpu_input("input_ids", np.array([[5], [9]], np.int64))
+    b.bind_cpu_input("position_ids", np.array([[2], [4]], np.int64))
+    b.bind_cpu_input("seqlens_k", np.array([2, 4], np.int32))
+    b.bind_cpu_input("total_sequence_length", np.array(cap, np.int32))
+    for name, value in kv.items():
+        b.bind_ortvalue_input(name, value)
+        b.bind_ortvalue_output(name.replace("past_key_values", "present"), value)
+    b.bind_output("logits")
+    sess.run_with_iobinding(b)
+    for name, value in kv.items():
+        after = value.numpy()
+        changed = np.argwhere(np.any(after != before[name], axis=(1, 3)))  # (row, position) pairs
+        assert sorted(map(tuple, changed.tolist())) == [(0, 2), (1, 4)], name
+
+
+def test_refused_for_non_gqa(artifact_cache, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(PassError, match="GroupQueryAttention") as err:
+        optimize_artifact(artifact_cache("tiny:gpt2"), tmp_path / "o", "cuda", "fp32", kv_mode="shared-buffer",
+                          progress=False)
+    assert "MultiHeadAttention" in str(err.value)
+    assert not (tmp_path / "o").exists()
+
+
+def test_cuda_default_keeps_concat_for_non_gqa(artifact_cache, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    optimize_artifact(artifact_cache("tiny:gpt2"), tmp_path / "o", "cuda", "fp32", progress=False)
+    assert json.loads((tmp_path / "o" / "manifest.json").read_text())["kv_mode"] == "concat"
+
+
+def test_no_fuse_and_bad_mode_refused(artifact_cache, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(PassError, match="no-fuse"):
+        optimize_artifact(artifact_cache("tiny:llama"), tmp_path / "a", "cuda", "fp32", fuse=False,
+                          kv_mode="shared-buffer", progress=False)
+    with pytest.raises(PassError, match="kv_mode"):
+        optimize_artifact(artifact_cache("tiny:llama"), tmp_path / "b", "cuda", "fp32", kv_mode="paged",
+                          progress=False)
+
+
+def test_mask_reader_refused() -> None:
+    """An attention_mask still read after the rewrite (here: by an extra output) is refused."""
+    from passes.shared_buffer import rewrite_shared_buffer
+
+    arch = {"layers": 1, "kv_heads": 1, "head_dim": 16}
+    kv = {"past_key": "past_key_values.{i}.key", "past_value": "past_key_values.{i}.value",
+          "present_key": "present.{i}.key", "present_value": "present.{i}.value"}
+    f32, i64 = ir.TensorType(ir.DataType.FLOAT), ir.TensorType(ir.DataType.INT64)
+    ids = ir.Value(name="input_ids", type=i64, shape=ir.Shape(["batch", "seq"]))
+    mask = ir.Value(name="attention_mask", type=i64, shape=ir.Shape(["batch", "total"]))
+    pos = ir.Value(name="position_ids", type=i64, shape=ir.Shape(["batch", "seq"]))
+    pk = ir.Value(name="past_key_values.0.key", type=f32, shape=ir.Shape(["batch", 1, "past", 16]))
+    pv = ir.Value(name="past_key_values.0.value", type=f32, shape=ir.Shape(["batch", 1, "past", 16]))
+    q = ir.Value(name="q", type=f32, shape=ir.Shape(["batch", "seq", 16]))
+    gqa = ir.Node("com.microsoft", "GroupQueryAttention", [q, q, q, pk, pv, None, None],
+                  attributes=[ir.AttrInt64("num_heads", 1), ir.AttrInt64("kv_num_heads", 1)], num_outputs=3)
+    gqa.outputs[0].name, gqa.outputs[1].name, gqa.outputs[2].name = "logits", "present.0.key", "present.0.value"
+    ms = ir.Node("", "Shape", [mask], num_outputs=1)
+    ms.outputs[0].name = "mask_shape"
+    graph = ir.Graph([ids, mask, pos, pk, pv, q], [*gqa.outputs, ms.outputs[0]], nodes=[gqa, ms],
+                     opset_imports={"": 18, "com.microsoft": 1})
+    with pytest.raises(PassError, match="attention_mask is still read"):
+        rewrite_shared_buffer(ir.Model(graph, ir_version=10), arch, kv)

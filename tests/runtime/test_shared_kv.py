@@ -1,0 +1,89 @@
+"""The shared-buffer runtime (:mod:`runtime.shared_kv`) on CPU: greedy tokens equal the concat
+artifact's, at batch 1 and at batch 3 with different prompt lengths, with rows finishing early
+(compaction) and with the logits kept."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pytest
+
+from runtime import Engine, SamplingParams
+from runtime.errors import GenerationError
+
+
+@pytest.fixture(scope="module")
+def pair(artifact_cache: Callable[[str], Path], tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    from passes.pipeline import optimize_artifact
+
+    src = artifact_cache("tiny:llama")
+    out = tmp_path_factory.mktemp("shared") / "llama-sb"
+    optimize_artifact(src, out, device="cuda", precision="fp32", progress=False)  # cuda → shared-buffer
+    return Engine.load(src), Engine.load(out)
+
+
+def _prompts() -> list[list[int]]:
+    rng = np.random.default_rng(7)
+    return [rng.integers(3, 300, n).tolist() for n in (6, 11, 11, 2)]
+
+
+def test_loads_as_shared_buffer(pair) -> None:  # type: ignore[no-untyped-def]
+    from runtime.shared_kv import SharedBufferEngine
+
+    concat, shared = pair
+    assert isinstance(shared, SharedBufferEngine) and not isinstance(concat, SharedBufferEngine)
+    assert shared.artifact.manifest["kv_mode"] == "shared-buffer"
+
+
+@pytest.mark.parametrize("rows", [[0], [0, 1, 3], [0, 1, 2, 3]])
+def test_greedy_tokens_match_concat(pair, rows: list[int]) -> None:  # type: ignore[no-untyped-def]
+    concat, shared = pair
+    prompts = [_prompts()[r] for r in rows]
+    want = concat.generate_ids(prompts, 24)
+    assert shared.generate_ids(prompts, 24) == want
+    assert all(len(w) == 24 for w in want)
+
+
+def test_rows_finishing_early_match_concat(pair) -> None:  # type: ignore[no-untyped-def]
+    """Each row stops on a token it produces at a different step: the batch is compacted."""
+    concat, shared = pair
+    prompts = [_prompts()[r] for r in (0, 1, 3)]
+    free = concat.generate_ids(prompts, 24)
+    params = []
+    for r, ids in enumerate(free):
+        step = 3 + 6 * r
+        first = ids.index(ids[step])  # the step where that token first appears
+        params.append(SamplingParams(stop_token_ids=(ids[step],)))
+        assert first <= step
+    want = concat.generate_ids(prompts, 24, params)
+    got = shared.generate_ids(prompts, 24, params)
+    assert got == want and len({len(g) for g in got}) > 1
+
+
+def test_logits_match_concat(pair) -> None:  # type: ignore[no-untyped-def]
+    concat, shared = pair
+    prompts = [_prompts()[r] for r in (0, 1)]
+    a = concat.generate_results(prompts, 8, return_logits=True)
+    b = shared.generate_results(prompts, 8, return_logits=True)
+    for x, y in zip(a, b):
+        assert x.step_logits.shape == y.step_logits.shape == (8, concat.vocab)
+        np.testing.assert_allclose(x.step_logits, y.step_logits, atol=1e-4)
+
+
+def test_sampling_is_reproducible(pair) -> None:  # type: ignore[no-untyped-def]
+    concat, shared = pair
+    p = SamplingParams(temperature=0.8, top_k=20, seed=3)
+    prompts = [_prompts()[r] for r in (0, 1)]
+    assert shared.generate_ids(prompts, 12, p) == concat.generate_ids(prompts, 12, p)
+
+
+def test_cuda_graph_refusals(pair, artifact_cache) -> None:  # type: ignore[no-untyped-def]
+    _, shared = pair
+    with pytest.raises(GenerationError, match="cuda_graph"):
+        Engine.load(shared.artifact.path, cuda_graph=True)  # CPU
+    with pytest.raises(GenerationError, match="shared-buffer"):
+        Engine.load(artifact_cache("tiny:llama"), cuda_graph=True)
+    with pytest.raises(GenerationError, match="Engine.load"):
+        Engine(shared.artifact)
