@@ -1,0 +1,236 @@
+"""``verify`` end to end on tiny:llama (fast), a deliberately broken copy of it, bad inputs, the
+reports, and SmolLM2-135M fp32 (slow)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from lmforge.cli import main
+from parity.compare import Outcome
+from parity.policy import POLICIES, Verdict, summarize
+from parity.prompts import smoke_prompts_path
+from parity.verify import BatchMismatch, _with_batch_reason, batch_parity, verify_artifact
+from tests.parity._broken import perturb_weight
+
+SMOKE = str(smoke_prompts_path())
+PERTURBED_SCOPE = "layers.1.mlp.down_proj"
+
+
+@pytest.fixture(scope="module")
+def broken(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """A copy of the tiny artifact with layer 1's MLP down-projection weight scaled by 1.5."""
+    out = tmp_path_factory.mktemp("broken") / "tiny-broken"
+    node = perturb_weight(tiny_llama, out, scope=PERTURBED_SCOPE, scale=1.5)
+    return out, node
+
+
+def write_lines(path: Path, lines: list[str]) -> str:
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return str(path)
+
+
+# --------------------------------------------------------------------------------------------
+# The fp32 artifact passes
+
+
+def test_verify_passes_on_the_fp32_tiny_artifact(tiny_llama: Path) -> None:
+    result = verify_artifact(tiny_llama, SMOKE, max_new_tokens=16, progress=False)
+    assert result.passed, result.verdict.reasons
+    assert result.precision == "fp32"
+    assert [c.classification for c in result.comparisons] == [Outcome.EXACT] * 6
+    assert all(c.compared_steps >= 1 and c.max_logit_diff is not None and c.max_logit_diff < 1e-3
+               for c in result.comparisons)
+    assert result.batch_mismatches == ()
+    # both runs were fed the same ids: the reference's tokens follow the artifact's own encoding
+    assert set(result.references) == set(result.input_ids) == {c.prompt_id for c in result.comparisons}
+
+
+def test_cli_exits_0_and_prints_the_table(tiny_llama: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["-q", "verify", str(tiny_llama), "--prompts", SMOKE, "--max-new-tokens", "16"]) == 0
+    out = capsys.readouterr().out
+    assert "parity fp32: PASSED" in out and "en-capital" in out and "6 exact" in out
+
+
+def test_json_schema_and_markdown_report(tiny_llama: Path, tmp_path: Path) -> None:
+    json_path, report_dir = tmp_path / "out" / "verify.json", tmp_path / "report"
+    code = main(["-q", "verify", str(tiny_llama), "--prompts", SMOKE, "--max-new-tokens", "8",
+                 "--json", str(json_path), "--report", str(report_dir)])
+    assert code == 0
+    doc = json.loads(json_path.read_text(encoding="utf-8"))
+    assert doc["passed"] is True and doc["precision"] == "fp32"
+    assert doc["policy"]["max_logit_diff"] == POLICIES["fp32"].max_logit_diff
+    assert {k: doc["summary"][k] for k in ("prompts", "exact", "near_tie", "drift")} == {
+        "prompts": 6, "exact": 6, "near_tie": 0, "drift": 0}
+    assert len(doc["prompts"]) == 6
+    for entry in doc["prompts"]:
+        assert {"id", "exact", "first_divergence", "ref_margin", "max_logit_diff"} <= set(entry)
+        assert entry["exact"] is True and entry["first_divergence"] is None
+        assert 0 <= entry["max_logit_diff"] < 1e-3
+    assert doc["batch_mismatches"] == [] and doc["max_new_tokens"] == 8
+    report = (report_dir / "report.md").read_text(encoding="utf-8")
+    assert report.startswith("# Parity report: fp32, PASSED") and "logit_diff.png" in report
+    assert (report_dir / "logit_diff.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_prompt_longer_than_the_context_is_skipped_and_counted(tiny_llama: Path, tmp_path: Path) -> None:
+    long_text = " ".join(f"word{i}" for i in range(600))  # tiny:llama's max context is 512
+    prompts = write_lines(tmp_path / "p.jsonl", [
+        json.dumps({"id": "short", "prompt": "The capital of France is", "chat": False}),
+        json.dumps({"id": "too-long", "prompt": long_text, "chat": False}),
+    ])
+    result = verify_artifact(tiny_llama, prompts, max_new_tokens=8, progress=False)
+    by_id = {c.prompt_id: c for c in result.comparisons}
+    assert by_id["too-long"].classification is Outcome.SKIPPED
+    assert "max context 512" in (by_id["too-long"].skip_reason or "")
+    assert result.verdict.summary.skipped == 1 and result.verdict.summary.exact == 1
+    assert result.passed and any("skipped" in note for note in result.verdict.notes)
+
+
+# --------------------------------------------------------------------------------------------
+# A broken artifact fails, and --layerwise names the perturbed layer
+
+
+def test_broken_artifact_fails_and_layerwise_names_the_perturbed_op(
+    broken: tuple[Path, str], tiny_llama: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path, node = broken
+    json_path = tmp_path / "v.json"
+    code = main(["-q", "verify", str(path), "--prompts", SMOKE, "--max-new-tokens", "16", "--layerwise",
+                 "--layerwise-against", str(tiny_llama), "--json", str(json_path)])
+    assert code == 1
+    out = capsys.readouterr().out
+    assert "parity fp32: FAILED" in out
+    doc = json.loads(json_path.read_text(encoding="utf-8"))
+    assert doc["passed"] is False and doc["reasons"]
+    first = doc["layerwise"]["first"]
+    assert first["node"] == node and first["op_type"] == "MatMul"
+    assert PERTURBED_SCOPE in first["scope"]
+    assert first["max_absdiff"] > first["atol"]
+    assert f"{node} (MatMul) in model.model.{PERTURBED_SCOPE}" in out
+    assert doc["layerwise"]["only_candidate"] == 0 and doc["layerwise"]["compared"] > 100
+
+
+def test_layerwise_on_identical_graphs_names_nothing_and_prints_the_reduce_command(
+    tiny_llama: Path, tmp_path: Path
+) -> None:
+    from parity.layerwise import GOLDEN_JSON, INPUTS_JSON, layerwise_compare
+
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_llama, copy)
+    finding = layerwise_compare(copy, tiny_llama, [1, 5, 6, 7, 8], work_dir=tmp_path / "lw",
+                                policy=POLICIES["fp32"])
+    assert finding.first is None and finding.exceeded == 0 and finding.logits_max_absdiff == 0.0
+    assert finding.reduce_command is not None and finding.reduce_command.startswith("polygraphy debug reduce ")
+    assert "--check polygraphy run polygraphy_debug.onnx --onnxrt" in finding.reduce_command
+    assert (tmp_path / "lw" / INPUTS_JSON).is_file() and (tmp_path / "lw" / GOLDEN_JSON).is_file()
+    assert "polygraphy debug reduce" in finding.describe()
+
+
+# --------------------------------------------------------------------------------------------
+# Batch parity
+
+
+class _StubEngine:
+    """Returns scripted tokens per prompt (keyed by its first id) to exercise batch parity."""
+
+    eos_token_ids = frozenset({2})
+
+    def __init__(self, batched: dict[int, list[int]]) -> None:
+        self.batched = batched
+
+    def generate_results(self, prompts: list[list[int]], max_new_tokens: int) -> list[object]:
+        class R:
+            def __init__(self, ids: list[int]) -> None:
+                self.token_ids = tuple(ids)
+        return [R(self.batched[p[0]]) for p in prompts]
+
+
+def test_batch_parity_reports_rows_that_differ_from_single_runs() -> None:
+    engine = _StubEngine({10: [5, 6, 2, 9], 11: [7, 8, 8], 12: [4, 4]})
+    single = {"a": [5, 6, 2], "b": [7, 3, 8], "c": [4, 4]}  # a: same up to EOS; b differs at step 1
+    mismatches = batch_parity(engine, ["a", "b", "c"], {"a": [10], "b": [11], "c": [12]}, single, 3,
+                              batch_size=2, progress=False)
+    assert mismatches == [BatchMismatch("b", 1, 3, 8)]
+    passing = Verdict(passed=True, reasons=(), notes=(), summary=summarize([]))
+    assert _with_batch_reason(passing, []) is passing
+    failed = _with_batch_reason(passing, mismatches)
+    assert not failed.passed and failed.reasons == (
+        "batch parity: 1 prompt(s) give other tokens in a left-padded batch than alone (b at step 1 (3 alone, "
+        "8 batched)); check padding, attention_mask and position_ids",)
+
+
+# --------------------------------------------------------------------------------------------
+# Bad input: exit 2 with a one-line message
+
+
+@pytest.mark.parametrize(
+    ("lines", "message"),
+    [
+        (["this is not json"], "is not JSON Lines"),
+        ([json.dumps({"id": "a", "prompt": "hi"})], "field 'chat' is missing"),
+        ([""], "is empty"),
+    ],
+)
+def test_bad_prompt_files_exit_2(tiny_llama: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                 lines: list[str], message: str) -> None:
+    prompts = write_lines(tmp_path / "p.jsonl", lines)
+    assert main(["-q", "verify", str(tiny_llama), "--prompts", prompts]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lmforge verify: error: ") and message in err and len(err.strip().splitlines()) == 1
+
+
+def test_missing_source_model_exits_2_and_names_reference(tiny_llama: Path, tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    copy = tmp_path / "moved"
+    shutil.copytree(tiny_llama, copy, ignore=shutil.ignore_patterns("parity"))  # no cached references
+    manifest_path = copy / "manifest.json"
+    manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    manifest["source"] = dict(manifest["source"], kind="hf", ref=None, path=str(tmp_path / "gone"))
+    manifest_path.write_text(json.dumps(manifest), encoding="utf-8")
+    assert main(["-q", "verify", str(copy), "--prompts", SMOKE, "--max-new-tokens", "4"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot be loaded for the reference" in err and "--reference" in err
+
+
+def test_layerwise_without_an_fp32_artifact_to_compare_exits_2(broken: tuple[Path, str],
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["-q", "verify", str(broken[0]), "--prompts", SMOKE, "--layerwise"]) == 2
+    assert "--layerwise-against" in capsys.readouterr().err
+
+
+def test_invalid_max_new_tokens_exits_2(tiny_llama: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["-q", "verify", str(tiny_llama), "--max-new-tokens", "0"]) == 2
+    assert "max-new-tokens" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------
+# Real weights
+
+
+@pytest.mark.slow
+def test_smollm2_fp32_passes_with_every_smoke_prompt_exact(smollm2: Path) -> None:
+    result = verify_artifact(smollm2, SMOKE, max_new_tokens=32, progress=False)
+    assert result.passed, result.verdict.reasons
+    assert result.verdict.summary.exact == result.verdict.summary.prompts == 6
+    assert result.batch_mismatches == ()
+    assert max(c.max_logit_diff or 0.0 for c in result.comparisons) < POLICIES["fp32"].max_logit_diff
+
+
+def test_layerwise_uses_the_input_artifact_the_optimizer_recorded(
+    broken: tuple[Path, str], tiny_llama: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    copy = tmp_path / "optimized"
+    shutil.copytree(broken[0], copy, ignore=shutil.ignore_patterns("parity"))
+    manifest_path = copy / "manifest.json"
+    manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    manifest["optimize"] = {"from": {"path": str(tiny_llama)}}  # what `lmforge optimize` writes
+    manifest_path.write_text(json.dumps(manifest), encoding="utf-8")
+    verify_artifact(tiny_llama, SMOKE, max_new_tokens=16, progress=False)  # make sure the fp32 cache exists
+    assert main(["-q", "verify", str(copy), "--prompts", SMOKE, "--max-new-tokens", "16", "--layerwise"]) == 1
+    assert f"in model.model.{PERTURBED_SCOPE}" in capsys.readouterr().out
+    # the reference cache was seeded from the recorded input artifact, not recomputed
+    assert (copy / "parity" / "reference.jsonl").read_text() == (tiny_llama / "parity" / "reference.jsonl").read_text()
