@@ -131,6 +131,9 @@ def main() -> int:
         specs = {"concat-fp32": (args.work / name, False),
                  "shared-fp16": (args.work / f"{name}-sb-fp16", False),
                  "shared-fp16+graph": (args.work / f"{name}-sb-fp16", True)}
+        for precision in ("int8", "int4"):  # written by bench/gpu_optimize.py, when it ran first
+            if (args.work / f"{name}-{precision}" / "manifest.json").is_file():
+                specs[f"shared-{precision}+graph"] = (args.work / f"{name}-{precision}", True)
         for label, (path, graph) in specs.items():
             try:
                 engines[label] = Engine.load(path, device=args.device, verify_hashes=False, cuda_graph=graph)
@@ -143,7 +146,7 @@ def main() -> int:
             prompts = [rng.integers(3, ref.vocab - 1, n).tolist() for n in (5, 17, 40, 128)]
             if ref.tokenizer is not None:
                 prompts += [ref.encode(t) for t in ("The capital of France is", "def fibonacci(n):\n    ")]
-            for label in ("shared-fp16", "shared-fp16+graph"):
+            for label in [k for k in specs if k != "concat-fp32"]:
                 if label not in engines:
                     continue
                 try:
