@@ -119,6 +119,54 @@ def _cast_between(value: ir.Value) -> ir.Node | None:
     return None
 
 
+def _fold_rotary_into_gqa(gqa_nodes: list[ir.Node], position_ids: ir.Value | None) -> int:
+    """Move the rotary embedding of q and k into GroupQueryAttention (``do_rotary=1``).
+
+    Matches, for each GQA::
+
+        linear_q ── RotaryEmbedding(·, position_ids, cos[P, D/2], sin[P, D/2]) ── GQA.query
+        linear_k ── RotaryEmbedding(·, position_ids, cos,         sin        ) ── GQA.key
+
+    and rewrites it to ``GQA(linear_q, linear_k, …, cos_cache=cos, sin_cache=sin, do_rotary=1)``,
+    the graph onnxruntime-genai builds. In the shared-buffer contract rows start at position 0 of
+    their buffer, so GQA's own positions (0…S−1 for a prompt, ``seqlens_k`` for a decode step)
+    are the rows' positions and ``position_ids`` is no longer needed by attention. This is what
+    makes the decode step CUDA-graph friendly (one kernel instead of two rotary launches a layer)
+    and what the CUDA kernel's cache checks expect (``cos_cache`` rows ≥ ``total_sequence_length``,
+    the buffer length). Returns how many GQA nodes were folded; a GQA whose inputs do not match
+    stays as it is (rotary applied outside, still correct).
+    """
+    folded = 0
+    for node in gqa_nodes:
+        q_rot = node.inputs[0].producer() if node.inputs[0] is not None else None
+        k_rot = node.inputs[1].producer() if len(node.inputs) > 1 and node.inputs[1] is not None else None
+        rots = [r for r in (q_rot, k_rot) if r is not None and r.op_type == "RotaryEmbedding" and r.domain == "com.microsoft"]
+        if len(rots) != 2:
+            continue
+        q_rot, k_rot = rots
+        same_cache = q_rot.inputs[2] is k_rot.inputs[2] and q_rot.inputs[3] is k_rot.inputs[3]
+        plain = all(r.attributes.get_int("interleaved", 0) == 0 and r.attributes.get_int("rotary_embedding_dim", 0) == 0
+                    and r.inputs[1] is position_ids for r in rots)
+        head_dim = None
+        cos = q_rot.inputs[2]
+        if cos is not None and cos.shape is not None and cos.shape.rank() == 2 and isinstance(cos.shape[1], int):
+            head_dim = 2 * cos.shape[1]
+        if not (same_cache and plain and head_dim is not None and head_dim % 16 == 0):
+            continue  # GQA's rotary needs head_size % 16 == 0
+        if any(len(list(r.outputs[0].uses())) != 1 for r in rots):
+            continue
+        if len(node.inputs) < 9:
+            node.resize_inputs(9)
+        node.replace_input_with(0, q_rot.inputs[0])
+        node.replace_input_with(1, k_rot.inputs[0])
+        node.replace_input_with(7, q_rot.inputs[2])
+        node.replace_input_with(8, q_rot.inputs[3])
+        node.attributes["do_rotary"] = ir.AttrInt64("do_rotary", 1)
+        node.attributes["rotary_interleaved"] = ir.AttrInt64("rotary_interleaved", 0)
+        folded += 1
+    return folded
+
+
 def rewrite_shared_buffer(model: ir.Model, arch: dict[str, Any], kv: dict[str, str]) -> SharedBuffer:
     """Rewrite ``model`` (in place) to the shared-buffer contract; see the module docstring."""
     layers = int(arch["layers"])
@@ -143,6 +191,7 @@ def rewrite_shared_buffer(model: ir.Model, arch: dict[str, Any], kv: dict[str, s
         node.replace_input_with(_GQA_TOTAL, total)
         if len(node.inputs) > _GQA_BIAS and node.inputs[_GQA_BIAS] is not None:
             node.replace_input_with(_GQA_BIAS, None)
+    rotary_folded = _fold_rotary_into_gqa(gqa_nodes, inputs.get("position_ids"))
 
     casts_removed = 0
     kv_dtype: ir.DataType | None = None
@@ -224,7 +273,8 @@ def rewrite_shared_buffer(model: ir.Model, arch: dict[str, Any], kv: dict[str, s
     result = SharedBuffer(layers=layers, kv_dtype=_DTYPE_NAMES[kv_dtype],  # type: ignore[index]
                           inputs=[spec(v) for v in graph.inputs], outputs=[spec(v) for v in graph.outputs],
                           casts_removed=casts_removed)
-    log.info("shared-buffer KV: %d layers, KV %s, %d casts removed", layers, result.kv_dtype, casts_removed)
+    log.info("shared-buffer KV: %d layers, KV %s, %d casts removed, rotary folded into %d GQA",
+             layers, result.kv_dtype, casts_removed, rotary_folded)
     return result
 
 
