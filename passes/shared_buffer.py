@@ -119,7 +119,56 @@ def _cast_between(value: ir.Value) -> ir.Node | None:
     return None
 
 
-def _fold_rotary_into_gqa(gqa_nodes: list[ir.Node], position_ids: ir.Value | None) -> int:
+def _inv_freq(value: ir.Value) -> np.ndarray | None:
+    """The constant inverse frequencies behind a cos/sin cache: walk up ``Cast``/``Cos``/``Sin``
+    to the ``MatMul``/``Mul`` of positions × ``inv_freq`` and return ``inv_freq`` as ``[E]``."""
+    node = value.producer()
+    for _ in range(8):
+        if node is None or node.op_type not in ("Cast", "Cos", "Sin"):
+            break
+        value = node.inputs[0]
+        node = value.producer() if value is not None else None
+    if node is None or node.op_type not in ("MatMul", "Mul"):
+        return None
+    for operand in node.inputs:
+        if operand is not None and operand.const_value is not None:
+            freq = operand.const_value.numpy().astype(np.float64).reshape(-1)
+            if freq.size > 1:
+                return freq
+    return None
+
+
+def _constant_rotary_cache(graph: ir.Graph, cos: ir.Value, sin: ir.Value, rows: int,
+                           made: dict[int, tuple[ir.Value, ir.Value]]) -> tuple[ir.Value, ir.Value] | None:
+    """cos/sin caches with at least ``rows`` positions as initializers.
+
+    Already-constant caches of enough rows are kept. A cache computed at run time — onnxscript's
+    ``CosSinCacheFusion`` builds ``Cos(Range(0, max(position_ids) + 1) × inv_freq)``, sized by the
+    largest position *of this call* — is replaced by a table of ``rows`` positions: GQA checks
+    ``cos_cache`` rows ≥ ``total_sequence_length`` (the buffer length in decode), and the Range /
+    ReduceMax on int64 would also pin nodes to the CPU and rule out CUDA-graph capture.
+    """
+    if cos.const_value is not None and sin.const_value is not None and cos.shape is not None \
+            and isinstance(cos.shape[0], int) and cos.shape[0] >= rows:
+        return cos, sin
+    if id(cos) in made:
+        return made[id(cos)]
+    freq = _inv_freq(cos)
+    if freq is None or _inv_freq(sin) is None:
+        return None
+    dtype = cos.dtype.numpy() if cos.dtype is not None else np.float32
+    angles = np.arange(rows, dtype=np.float64).reshape(-1, 1) * freq.reshape(1, -1)
+    out = []
+    for name, fn in (("cos", np.cos), ("sin", np.sin)):
+        value = ir.Value(name=f"rotary_{name}_cache_{len(made)}", const_value=ir.tensor(fn(angles).astype(dtype)))
+        graph.register_initializer(value)
+        out.append(value)
+    made[id(cos)] = (out[0], out[1])
+    return made[id(cos)]
+
+
+def _fold_rotary_into_gqa(graph: ir.Graph, gqa_nodes: list[ir.Node], position_ids: ir.Value | None,
+                          max_context: int) -> int:
     """Move the rotary embedding of q and k into GroupQueryAttention (``do_rotary=1``).
 
     Matches, for each GQA::
@@ -137,6 +186,7 @@ def _fold_rotary_into_gqa(gqa_nodes: list[ir.Node], position_ids: ir.Value | Non
     stays as it is (rotary applied outside, still correct).
     """
     folded = 0
+    made: dict[int, tuple[ir.Value, ir.Value]] = {}
     for node in gqa_nodes:
         q_rot = node.inputs[0].producer() if node.inputs[0] is not None else None
         k_rot = node.inputs[1].producer() if len(node.inputs) > 1 and node.inputs[1] is not None else None
@@ -147,20 +197,20 @@ def _fold_rotary_into_gqa(gqa_nodes: list[ir.Node], position_ids: ir.Value | Non
         same_cache = q_rot.inputs[2] is k_rot.inputs[2] and q_rot.inputs[3] is k_rot.inputs[3]
         plain = all(r.attributes.get_int("interleaved", 0) == 0 and r.attributes.get_int("rotary_embedding_dim", 0) == 0
                     and r.inputs[1] is position_ids for r in rots)
-        head_dim = None
-        cos = q_rot.inputs[2]
-        if cos is not None and cos.shape is not None and cos.shape.rank() == 2 and isinstance(cos.shape[1], int):
-            head_dim = 2 * cos.shape[1]
-        if not (same_cache and plain and head_dim is not None and head_dim % 16 == 0):
-            continue  # GQA's rotary needs head_size % 16 == 0
-        if any(len(list(r.outputs[0].uses())) != 1 for r in rots):
+        if not (same_cache and plain) or any(len(list(r.outputs[0].uses())) != 1 for r in rots):
             continue
+        cache = _constant_rotary_cache(graph, q_rot.inputs[2], q_rot.inputs[3], max_context, made)
+        if cache is None:
+            continue
+        cos_cache, sin_cache = cache
+        if cos_cache.shape is None or cos_cache.shape.rank() != 2 or (2 * int(cos_cache.shape[1])) % 16:
+            continue  # GQA's rotary needs head_size % 16 == 0
         if len(node.inputs) < 9:
             node.resize_inputs(9)
         node.replace_input_with(0, q_rot.inputs[0])
         node.replace_input_with(1, k_rot.inputs[0])
-        node.replace_input_with(7, q_rot.inputs[2])
-        node.replace_input_with(8, q_rot.inputs[3])
+        node.replace_input_with(7, cos_cache)
+        node.replace_input_with(8, sin_cache)
         node.attributes["do_rotary"] = ir.AttrInt64("do_rotary", 1)
         node.attributes["rotary_interleaved"] = ir.AttrInt64("rotary_interleaved", 0)
         folded += 1
@@ -191,7 +241,7 @@ def rewrite_shared_buffer(model: ir.Model, arch: dict[str, Any], kv: dict[str, s
         node.replace_input_with(_GQA_TOTAL, total)
         if len(node.inputs) > _GQA_BIAS and node.inputs[_GQA_BIAS] is not None:
             node.replace_input_with(_GQA_BIAS, None)
-    rotary_folded = _fold_rotary_into_gqa(gqa_nodes, inputs.get("position_ids"))
+    rotary_folded = _fold_rotary_into_gqa(graph, gqa_nodes, inputs.get("position_ids"), int(arch["max_context"]))
 
     casts_removed = 0
     kv_dtype: ir.DataType | None = None
