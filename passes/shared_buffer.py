@@ -154,7 +154,7 @@ def _constant_rotary_cache(graph: ir.Graph, cos: ir.Value, sin: ir.Value, rows: 
     if id(cos) in made:
         return made[id(cos)]
     freq = _inv_freq(cos)
-    if freq is None or _inv_freq(sin) is None:
+    if rows <= 0 or freq is None or _inv_freq(sin) is None:
         return None
     dtype = cos.dtype.numpy() if cos.dtype is not None else np.float32
     angles = np.arange(rows, dtype=np.float64).reshape(-1, 1) * freq.reshape(1, -1)
@@ -241,7 +241,7 @@ def rewrite_shared_buffer(model: ir.Model, arch: dict[str, Any], kv: dict[str, s
         node.replace_input_with(_GQA_TOTAL, total)
         if len(node.inputs) > _GQA_BIAS and node.inputs[_GQA_BIAS] is not None:
             node.replace_input_with(_GQA_BIAS, None)
-    rotary_folded = _fold_rotary_into_gqa(graph, gqa_nodes, inputs.get("position_ids"), int(arch["max_context"]))
+    rotary_folded = _fold_rotary_into_gqa(graph, gqa_nodes, inputs.get("position_ids"), int(arch.get("max_context") or 0))
 
     casts_removed = 0
     kv_dtype: ir.DataType | None = None
