@@ -167,6 +167,14 @@ def quantize_file(src: Path, dst: Path, precision: str, device: str, keep_lm_hea
                                              disable_shape_infer=True)
             drop_duplicate_nodes(model)
             base = "fp16"
+        # Only weight matrices: a MatMul whose constant operand has fewer rows than a block (the
+        # rotary ``positions × inv_freq[1, E]`` product) is arithmetic, not a layer — quantizing
+        # inv_freq to 4 bits would corrupt every position.
+        initializers = {t.name: tuple(t.dims) for t in model.graph.initializer}
+        small = [n.name for n in model.graph.node if n.op_type == "MatMul" and len(n.input) > 1
+                 and len(initializers.get(n.input[1], (block_size,))) == 2
+                 and initializers.get(n.input[1], (block_size,))[0] < block_size]
+        head = head + small
         quant = MatMulNBitsQuantizer(model, bits=bits, block_size=block_size, is_symmetric=symmetric,
                                      accuracy_level=accuracy_level, nodes_to_exclude=head,
                                      op_types_to_quantize=("MatMul",))

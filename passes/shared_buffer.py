@@ -160,7 +160,9 @@ def _constant_rotary_cache(graph: ir.Graph, cos: ir.Value, sin: ir.Value, rows: 
     angles = np.arange(rows, dtype=np.float64).reshape(-1, 1) * freq.reshape(1, -1)
     out = []
     for name, fn in (("cos", np.cos), ("sin", np.sin)):
-        value = ir.Value(name=f"rotary_{name}_cache_{len(made)}", const_value=ir.tensor(fn(angles).astype(dtype)))
+        table = fn(angles).astype(dtype)
+        value = ir.Value(name=f"rotary_{name}_cache_{len(made)}", shape=ir.Shape(table.shape),
+                         type=ir.TensorType(cos.dtype or ir.DataType.FLOAT), const_value=ir.tensor(table))
         graph.register_initializer(value)
         out.append(value)
     made[id(cos)] = (out[0], out[1])
