@@ -77,7 +77,8 @@ def run(args: argparse.Namespace) -> int:
     print(format_table(result.comparisons, result.verdict, precision=result.precision, decode=result.decode))
     document = to_json(result.verdict, result.comparisons, result.precision, result.policy)
     document["batch_mismatches"] = [
-        {"id": m.prompt_id, "step": m.step, "single_token": m.single_token, "batch_token": m.batch_token}
+        {"id": m.prompt_id, "step": m.step, "single_token": m.single_token, "batch_token": m.batch_token,
+         "ref_gap": m.ref_gap if m.ref_gap is None or m.ref_gap != float("inf") else None, "near_tie": m.near_tie}
         for m in result.batch_mismatches
     ]
     document["max_new_tokens"] = result.max_new_tokens
