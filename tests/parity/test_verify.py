@@ -261,3 +261,28 @@ def test_layerwise_uses_the_input_artifact_the_optimizer_recorded(
     assert f"in model.model.{PERTURBED_SCOPE}" in capsys.readouterr().out
     # the reference cache was seeded from the recorded input artifact, not recomputed
     assert (copy / "parity" / "reference.jsonl").read_text() == (tiny_llama / "parity" / "reference.jsonl").read_text()
+
+
+@pytest.mark.slow
+def test_smollm2_int8_cpu_is_reported_with_the_policy_verdict(smollm2: Path, tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """The int8 CPU artifact is verified and reported under the int8 policy, pass or fail.
+
+    Measured on this machine: dynamic int8 loses greedy parity on SmolLM2-135M (the passes issue
+    tracks it), so this asserts the verdict is *reported* consistently, not that it passes.
+    """
+    from passes.pipeline import optimize_artifact
+
+    int8 = tmp_path / "smollm2-int8"
+    optimize_artifact(smollm2, int8, device="cpu", precision="int8", progress=False)
+    out = tmp_path / "int8.json"
+    code = main(["verify", str(int8), "--prompts", str(smoke_prompts_path()), "--max-new-tokens", "32",
+                 "--json", str(out)])
+    doc = json.loads(out.read_text())
+    assert doc["precision"] == "int8" and doc["policy"]["precision"] == "int8"
+    assert code == (0 if doc["passed"] else 1)
+    summary = doc["summary"]
+    assert summary["prompts"] == 6
+    assert summary["exact"] + summary["near_tie"] + summary["drift"] + summary.get("length_mismatch", 0) == 6
+    printed = capsys.readouterr().out
+    assert ("parity int8: PASSED" in printed) == doc["passed"]
