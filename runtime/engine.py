@@ -187,6 +187,28 @@ def _providers(device: str) -> tuple[list[Any], str]:
     raise GenerationError("unknown device", expected="'cpu' or 'cuda'", got=repr(device))
 
 
+def read_decoder_manifest(artifact: Artifact, layers: int) -> tuple[frozenset[int], int, str, list[str], list[str]]:
+    """EOS ids, pad id, KV dtype and the per-layer past/present names a decoder manifest declares
+    (shared by both KV contracts' engines)."""
+    manifest = artifact.manifest
+    generation = manifest.get("generation", {})
+    eos = frozenset(int(i) for i in generation.get("eos_token_ids") or [])
+    pad = generation.get("pad_token_id")
+    pad_id = int(pad) if pad is not None else (min(eos) if eos else 0)
+    kv = manifest.get("kv", {})
+    kv_dtype = str(kv.get("dtype", "float32"))
+    if kv_dtype not in _NP_DTYPES:
+        raise GenerationError(f"artifact {artifact.path}: unsupported KV dtype", expected="float32 or float16",
+                              got=kv_dtype, fix="re-export the artifact")
+    try:
+        past = [kv[k].format(i=i) for i in range(layers) for k in ("past_key", "past_value")]
+        present = [kv[k].format(i=i) for i in range(layers) for k in ("present_key", "present_value")]
+    except (KeyError, AttributeError) as exc:
+        raise GenerationError(f"artifact {artifact.path}: manifest 'kv' lacks the KV name templates",
+                              got=repr(kv), fix="re-export the artifact") from exc
+    return eos, pad_id, kv_dtype, past, present
+
+
 class Engine:
     """A loaded decoder artifact and its sessions; see the module docstring for the loop."""
 
@@ -209,28 +231,13 @@ class Engine:
             providers[0][1]["use_tf32"] = "0"
         self.device = device
         self.artifact = artifact
-        manifest = artifact.manifest
         arch = artifact.architecture
         self.vocab = int(arch["vocab"])
         self.max_context = int(arch["max_context"])
         self.layers = int(arch["layers"])
-        generation = manifest.get("generation", {})
-        self.eos_token_ids = frozenset(int(i) for i in generation.get("eos_token_ids") or [])
-        pad = generation.get("pad_token_id")
-        self.pad_token_id = int(pad) if pad is not None else (min(self.eos_token_ids) if self.eos_token_ids else 0)
         self.compact_finished_rows = True
-
-        kv = manifest.get("kv", {})
-        self.kv_dtype = str(kv.get("dtype", "float32"))
-        if self.kv_dtype not in _NP_DTYPES:
-            raise GenerationError(f"artifact {artifact.path}: unsupported KV dtype", expected="float32 or float16",
-                                  got=self.kv_dtype, fix="re-export the artifact")
-        try:
-            self._past = [kv[k].format(i=i) for i in range(self.layers) for k in ("past_key", "past_value")]
-            self._present = [kv[k].format(i=i) for i in range(self.layers) for k in ("present_key", "present_value")]
-        except (KeyError, AttributeError) as exc:
-            raise GenerationError(f"artifact {artifact.path}: manifest 'kv' lacks the KV name templates",
-                                  got=repr(kv), fix="re-export the artifact") from exc
+        (self.eos_token_ids, self.pad_token_id, self.kv_dtype,
+         self._past, self._present) = read_decoder_manifest(artifact, self.layers)
         self._inputs = {t.name: t for t in artifact.inputs}
         known = {"input_ids", "attention_mask", "position_ids", *self._past}
         unknown = sorted(set(self._inputs) - known)

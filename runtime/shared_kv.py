@@ -59,7 +59,9 @@ from runtime._onnx_proto import GraphBuilder
 from runtime.artifact import Artifact, KvMode
 from runtime.chat import load_chat_template, special_tokens
 from runtime.compact_graph import COMPACT_INDEX, build_compact_model
-from runtime.engine import _NP_DTYPES, _ORT_ERRORS, _ROW_STATE, DecodeState, Engine, _Event, _providers, _Row
+from runtime.engine import (
+    _NP_DTYPES, _ORT_ERRORS, _ROW_STATE, DecodeState, Engine, _Event, _providers, _Row, read_decoder_manifest,
+)
 from runtime.errors import GenerationError
 from runtime.sampler_graph import build_sampler_model
 from runtime.sampling import sampler_arrays
@@ -156,21 +158,9 @@ class SharedBufferEngine(Engine):
         kv = manifest.get("kv", {})
         self.max_context = int(kv.get("max_context") or arch["max_context"])
         self._kv_heads, self._head_dim = int(arch["kv_heads"]), int(arch["head_dim"])
-        generation = manifest.get("generation", {})
-        self.eos_token_ids = frozenset(int(i) for i in generation.get("eos_token_ids") or [])
-        pad = generation.get("pad_token_id")
-        self.pad_token_id = int(pad) if pad is not None else (min(self.eos_token_ids) if self.eos_token_ids else 0)
         self.compact_finished_rows = True
-        self.kv_dtype = str(kv.get("dtype", "float32"))
-        if self.kv_dtype not in _NP_DTYPES:
-            raise GenerationError(f"artifact {artifact.path}: unsupported KV dtype", expected="float32 or float16",
-                                  got=self.kv_dtype, fix="re-export the artifact")
-        try:
-            self._past = [kv[k].format(i=i) for i in range(self.layers) for k in ("past_key", "past_value")]
-            self._present = [kv[k].format(i=i) for i in range(self.layers) for k in ("present_key", "present_value")]
-        except (KeyError, AttributeError) as exc:
-            raise GenerationError(f"artifact {artifact.path}: manifest 'kv' lacks the KV name templates",
-                                  got=repr(kv), fix="re-export the artifact") from exc
+        (self.eos_token_ids, self.pad_token_id, self.kv_dtype,
+         self._past, self._present) = read_decoder_manifest(artifact, self.layers)
         self._inputs = {t.name: t for t in artifact.inputs}
         expected = {"input_ids", "position_ids", SEQLENS_K, TOTAL_SEQUENCE_LENGTH, *self._past}
         if set(self._inputs) != expected:
