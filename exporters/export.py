@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -208,8 +209,18 @@ def export_model(loaded: LoadedSource, out_dir: Path, layers: int, kv_heads: int
         axes["last_hidden_state"] = {0: "batch", 1: "seq"}
         axes["pooler_output"] = {0: "batch"}
 
+    quiet = not log.isEnabledFor(logging.DEBUG)
+    if quiet:
+        # torch's exporter logs one warning per optional torchvision op it cannot register and
+        # warns about axis renames; neither concerns a transformer. torch resets its loggers on
+        # import, so this has to happen here, not in the CLI.
+        logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), warnings.catch_warnings():
+            if quiet:
+                warnings.simplefilter("ignore", UserWarning)
+                warnings.simplefilter("ignore", DeprecationWarning)
+                warnings.simplefilter("ignore", FutureWarning)
             program = torch.onnx.export(
                 wrapper,
                 values,
