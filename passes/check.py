@@ -23,7 +23,7 @@ import numpy as np
 from runtime.artifact import Artifact
 from runtime.errors import PassError
 
-__all__ = ["Tolerance", "TOLERANCES", "CheckResult", "compare_artifacts"]
+__all__ = ["Tolerance", "TOLERANCES", "CheckResult", "compare_artifacts", "judge"]
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +159,6 @@ def _valid_positions(case: str, art: Artifact, shape: tuple[int, ...]) -> np.nda
 
 def compare_artifacts(reference: Artifact, candidate: Artifact, candidate_model: Path, precision: str) -> CheckResult:
     """Run ``reference`` (an artifact) and ``candidate_model`` (its optimized graph) and compare."""
-    tolerance = TOLERANCES[precision]
     runner = _run_decoder if reference.is_decoder else _run_encoder
     try:
         ref = runner(reference, reference.model_path)
@@ -169,6 +168,13 @@ def compare_artifacts(reference: Artifact, candidate: Artifact, candidate_model:
             f"--check: the optimized graph does not run in onnxruntime ({type(exc).__name__}: {exc})",
             fix="re-run with --no-fuse to isolate a fusion, and report it; nothing was written",
         ) from exc
+    result = judge(reference, ref, got, precision)
+    log.info("check (%s): %s", precision, result.describe())
+    return result
+
+
+def judge(reference: Artifact, ref: dict[str, np.ndarray], got: dict[str, np.ndarray], precision: str) -> CheckResult:
+    """Compare the reference's and the candidate's logits per case, at real-token positions only."""
     max_abs: dict[str, float] = {}
     agree: dict[str, float] = {}
     for case, expected in ref.items():
@@ -176,6 +182,4 @@ def compare_artifacts(reference: Artifact, candidate: Artifact, candidate_model:
         a, b = expected[valid], got[case][valid]
         max_abs[case] = float(np.max(np.abs(a - b))) if np.all(np.isfinite(b)) else float("inf")
         agree[case] = float(np.mean(a.argmax(-1) == b.argmax(-1)))
-    result = CheckResult(max_abs=max_abs, argmax_agreement=agree, tolerance=tolerance)
-    log.info("check (%s): %s", precision, result.describe())
-    return result
+    return CheckResult(max_abs=max_abs, argmax_agreement=agree, tolerance=TOLERANCES[precision])

@@ -427,7 +427,6 @@ def compare_shared(reference: Artifact, candidate: Artifact, candidate_model: Pa
     """:func:`passes.check.compare_artifacts` for a shared-buffer candidate (same cases, same policy)."""
     from passes import check
 
-    tolerance = check.TOLERANCES[precision]
     try:
         ref = check._run_decoder(reference, reference.model_path)
         got = _run_shared(candidate, candidate_model)
@@ -436,11 +435,4 @@ def compare_shared(reference: Artifact, candidate: Artifact, candidate_model: Pa
             f"--check: the shared-buffer graph does not run in onnxruntime ({type(exc).__name__}: {exc})",
             fix="optimize with --kv-mode concat to isolate it, and report it; nothing was written",
         ) from exc
-    max_abs: dict[str, float] = {}
-    agree: dict[str, float] = {}
-    for case, expected in ref.items():
-        valid = check._valid_positions(case, reference, expected.shape)
-        a, b = expected[valid], got[case][valid]
-        max_abs[case] = float(np.max(np.abs(a - b))) if np.all(np.isfinite(b)) else float("inf")
-        agree[case] = float(np.mean(a.argmax(-1) == b.argmax(-1)))
-    return check.CheckResult(max_abs=max_abs, argmax_agreement=agree, tolerance=tolerance)
+    return check.judge(reference, ref, got, precision)

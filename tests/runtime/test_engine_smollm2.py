@@ -37,5 +37,7 @@ def test_engine_greedy_equals_transformers(smollm2: Path, smollm2_torch: Any) ->
     assert single == refs
     batched = engine.generate_ids(prompt_ids, max_new_tokens=24)  # one left-padded batch
     assert batched == single
-    text = engine.generate(PROMPTS[0], max_new_tokens=24)
-    assert text[0] if isinstance(text, list) else text
+    # the text API decodes exactly the greedy ids (EOS excluded)
+    texts = engine.generate(PROMPTS[:2], max_new_tokens=24)
+    for text, ids in zip(texts, single[:2]):
+        assert text == engine.decode([t for t in ids if t not in engine.eos_token_ids])
