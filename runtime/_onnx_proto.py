@@ -24,7 +24,7 @@ from typing import Sequence
 
 import numpy as np
 
-__all__ = ["DTYPE_CODES", "GraphBuilder", "encode_model"]
+__all__ = ["DTYPE_CODES", "GraphBuilder", "encode_model", "fragment_bytes"]
 
 # TensorProto.DataType
 DTYPE_CODES: dict[str, int] = {
@@ -116,8 +116,9 @@ class _Node:
 class GraphBuilder:
     """Collects nodes, typed inputs/outputs and initializers; :meth:`to_bytes` encodes them."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, prefix: str = "") -> None:
         self.name = name
+        self.prefix = prefix  # for fresh value and node names (a fragment merged into another graph)
         self._nodes: list[_Node] = []
         self._inputs: list[bytes] = []
         self._outputs: list[bytes] = []
@@ -126,7 +127,7 @@ class GraphBuilder:
 
     def _fresh(self, hint: str) -> str:
         self._count += 1
-        return f"{hint}_{self._count}"
+        return f"{self.prefix}{hint}_{self._count}"
 
     def input(self, name: str, dtype: str, shape: Sequence[int | str]) -> str:
         self._inputs.append(_value_info(name, dtype, shape))
@@ -166,19 +167,36 @@ class GraphBuilder:
         return encode_model(self, opset=opset, ir_version=ir_version, producer=producer)
 
 
-def _node(index: int, node: _Node) -> bytes:
+def _node(index: int, node: _Node, prefix: str = "") -> bytes:
     """NodeProto: input=1, output=2, name=3, op_type=4, attribute=5."""
     out = b"".join(_str(1, i) for i in node.inputs) + b"".join(_str(2, o) for o in node.outputs)
-    out += _str(3, f"{node.op_type}_{index}") + _str(4, node.op_type)
+    out += _str(3, f"{prefix}{node.op_type}_{index}") + _str(4, node.op_type)
     return out + b"".join(_bytes(5, _attribute(k, v)) for k, v in node.attrs.items())
+
+
+def _graph_body(graph: GraphBuilder, name: bool = True) -> bytes:
+    """GraphProto fields: node=1, name=2, initializer=5, input=11, output=12."""
+    body = b"".join(_bytes(1, _node(i, n, graph.prefix)) for i, n in enumerate(graph._nodes))
+    if name:
+        body += _str(2, graph.name)
+    body += b"".join(_bytes(5, t) for t in graph._initializers)
+    body += b"".join(_bytes(11, v) for v in graph._inputs)
+    return body + b"".join(_bytes(12, v) for v in graph._outputs)
 
 
 def encode_model(graph: GraphBuilder, opset: int = 18, ir_version: int = 8, producer: str = "") -> bytes:
     """ModelProto bytes: ir_version=1, producer_name=2, graph=7, opset_import=8."""
-    body = b"".join(_bytes(1, _node(i, n)) for i, n in enumerate(graph._nodes))  # GraphProto.node=1
-    body += _str(2, graph.name)  # name=2
-    body += b"".join(_bytes(5, t) for t in graph._initializers)  # initializer=5
-    body += b"".join(_bytes(11, v) for v in graph._inputs)  # input=11
-    body += b"".join(_bytes(12, v) for v in graph._outputs)  # output=12
     opset_id = _str(1, "") + _int(2, opset)  # OperatorSetIdProto{domain=1, version=2}
-    return _int(1, ir_version) + _str(2, producer) + _bytes(7, body) + _bytes(8, opset_id)
+    return _int(1, ir_version) + _str(2, producer) + _bytes(7, _graph_body(graph)) + _bytes(8, opset_id)
+
+
+def fragment_bytes(graph: GraphBuilder) -> bytes:
+    """A ``ModelProto`` holding only ``graph``'s nodes, initializers, inputs and outputs.
+
+    Appended to another model's serialized bytes it *merges* into that model's graph (protobuf
+    parsers merge a repeated embedded message field: repeated fields append), so the result is
+    the other model plus these nodes, with its inputs/outputs followed by these. No name, IR
+    version or opset is written (they would override or duplicate the host model's). Names must
+    not collide with the host graph's: give the builder a ``prefix``.
+    """
+    return _bytes(7, _graph_body(graph, name=False))

@@ -304,9 +304,13 @@ class Engine:
     def _sampler_dtype(name: str) -> str:
         return {"top_k": "int64", "min_new_tokens": "int64", "stop_mask": "bool", "seen": "bool"}.get(name, "float32")
 
-    def _open(self, model: str | bytes, providers: list[Any], small: bool = False) -> ort.InferenceSession:
+    def _open(self, model: str | bytes, providers: list[Any], small: bool = False,
+              weights_dir: Path | None = None) -> ort.InferenceSession:
+        """A session on ``model`` (a path, or bytes whose external data lives in ``weights_dir``)."""
         options = ort.SessionOptions()
         options.log_severity_level = 3
+        if weights_dir is not None:
+            options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(weights_dir))
         if small and self.device_type == "cpu":
             options.intra_op_num_threads = 1  # helper graphs: thread wake-ups cost more than they save
         try:
@@ -631,12 +635,19 @@ class Engine:
         """Prefill, then decode until every row finished; yield text pieces and results."""
         log.debug("batch of %d, longest prompt %d, max_new_tokens %d", len(state.rows),
                   max(len(r.prompt) for r in state.rows), state.max_new_tokens)
-        ids = self.prefill(state)
+        block = [self.prefill(state)]
         while True:
-            yield from self._accept(state, ids)
+            for ids in block:
+                yield from self._accept(state, ids)
             live = [i for i, r in enumerate(state.rows) if not r.done]
             if not live:
                 return
             if self.compact_finished_rows and len(live) < len(state.rows):
                 self._drop_rows(state, live)
-            ids = self.decode_step(state)
+            block = self._decode_block(state)
+
+    def _decode_block(self, state: DecodeState) -> list[np.ndarray]:
+        """The next steps' ids, one ``[batch]`` array a step. Here one step; an engine that reads
+        ids back only every few steps (:class:`runtime.shared_kv.SharedBufferEngine`) returns
+        several, and rows that finished inside the block ignore the rest (``_accept``)."""
+        return [self.decode_step(state)]

@@ -25,23 +25,31 @@ streaming, detokenization and the on-device sampler are the engine's. What diffe
   A batched prefill of unequal right-padded rows would save launches, but needs per-row logit
   positions and relies on the CUDA kernel honouring ``seqlens_k`` for padded first prompts;
   one run per equal-length group is correct on every kernel.
-* **Next inputs on the device.** After the sampler, a tiny "advance" graph turns ``next_ids``,
-  the per-row ``prompt_lens`` (uploaded once) and the sampler's ``step`` into the next
-  ``input_ids [batch, 1]``, ``position_ids [batch, 1]`` and ``seqlens_k [batch]`` int32 — a pure
-  function, so its outputs can be written into fixed buffers. The host reads only the ``[batch]``
-  ids per step.
-* **CUDA graph** (``Engine.load(..., cuda_graph=True)``, CUDA only): a second decoder session
-  with ``enable_cuda_graph=1`` runs the decode steps (one captured graph per batch size,
-  ``gpu_graph_id = batch``); prefill uses the ordinary session (variable shapes). Per batch size a
-  :class:`_GraphSlot` holds every tensor the captured step reads or writes at fixed addresses —
-  ``input_ids``, ``position_ids``, ``seqlens_k``, ``total_sequence_length`` (CPU), the KV buffers
-  at full ``max_context`` and ``logits [batch, 1, vocab]`` — with the decoder's IO binding made
-  once; the advance graph writes the next inputs into those buffers, so a step is one
-  ``run_with_iobinding`` replay. The sampler stays an ordinary (uncaptured) session. The two
-  decoder sessions each hold the weights (2× weight memory on the device); a slot busy with
-  another request makes the second request run uncaptured with its own buffers (thread-safe).
-  Finished rows are *kept* in a captured batch (a smaller batch would need another capture and
-  a KV gather), and compacted otherwise (``compact_finished_rows``), as the concat engine does.
+* **The fused step** (:mod:`runtime.step_graph`). Decode steps run the decoder with the greedy
+  sampler and the next-input arithmetic appended, as one model: one ``run_with_iobinding`` a
+  step. Its state (next ``input_ids``/``position_ids``/``seqlens_k``, the repetition mask, the
+  step count, and a ``[batch, read_every]`` history of new ids) lives in two fixed sets of
+  buffers that alternate as inputs and outputs (:class:`_StepBuffers`), so the host does nothing
+  between steps and reads the ids back once per ``read_every`` steps (default 16 on CUDA, where a read is a
+  device sync; 1 on the CPU, where it is free and streaming stays smooth) — a row that
+  stops inside a block ignores the block's remaining ids (at most ``read_every − 1`` wasted
+  steps). Rows that *sample* (temperature / top-k / top-p) take the three-session step instead:
+  the decoder (direction 0 of the same buffers), the sampler graph, then a tiny "advance" graph
+  that writes the next inputs into set 0, and a host read of the ids each step. Prefill always
+  ends with the sampler + advance (they write the first fused step's state). Without CUDA graphs
+  the step model also runs prefill (its extra inputs zero-filled, its extra outputs ignored), so
+  the weights are loaded once. Batches on step buffers keep finished rows (the buffers have fixed
+  shapes); only the uncaptured fallback below compacts.
+* **CUDA graph** (``Engine.load(..., cuda_graph=True)``, CUDA only): the step model's session has
+  ``enable_cuda_graph=1`` and each direction of each batch size's buffers is one captured graph
+  (``gpu_graph_id = 2·batch + d``), KV at the manifest's full ``max_context`` so one capture
+  serves every request of that batch size; a request writes its constants (prompt lengths, stop
+  mask, min-new-tokens, penalties) into the buffers in place (same addresses). All but the last
+  replay of a block run with ``disable_synchronize_execution_providers`` so the host does not wait
+  for the GPU between them. Prefill, whose shapes vary, uses a second, plain decoder session (2×
+  weight memory on the device). Buffers busy with another request make the second request run
+  uncaptured on the plain session with its own buffers (thread-safe), compacting finished rows
+  as the concat engine does.
 """
 
 from __future__ import annotations
@@ -65,6 +73,7 @@ from runtime.engine import (
 from runtime.errors import GenerationError
 from runtime.sampler_graph import build_sampler_model
 from runtime.sampling import sampler_arrays
+from runtime.step_graph import CONSTANTS, PREFIX, STATE, compose_step_model
 
 __all__ = ["SharedBufferEngine", "SharedState", "build_advance_model", "build_last_logits_model"]
 
@@ -72,7 +81,6 @@ log = logging.getLogger(__name__)
 
 SEQLENS_K = "seqlens_k"
 TOTAL_SEQUENCE_LENGTH = "total_sequence_length"
-_STEP_OUTPUTS = ("next_ids", "seen_out", "step_out")
 
 
 def build_advance_model() -> bytes:
@@ -106,17 +114,28 @@ def build_last_logits_model(dtype: str) -> bytes:
 
 
 @dataclasses.dataclass
-class _GraphSlot:
-    """Fixed-address tensors and the decoder binding of one captured batch size."""
+class _StepBuffers:
+    """Every tensor the fused step reads or writes, at fixed addresses, and its two bindings.
+
+    ``sets[d]`` holds the ping-ponged state (:data:`runtime.step_graph.STATE` inputs);
+    ``bindings[d]`` reads ``sets[d]`` and writes ``sets[1 − d]``; ``current`` is the set holding
+    the next step's inputs. With CUDA graphs one ``_StepBuffers`` per batch size is made on first
+    use and kept (each direction is one captured graph, ``gpu_graph_id = 2·batch + d``); without,
+    each request makes its own.
+    """
 
     batch: int
     capacity: int
     kv: dict[str, ort.OrtValue]
-    logits: ort.OrtValue
-    feeds: dict[str, ort.OrtValue]  # input_ids, position_ids, seqlens_k (device)
-    total: ort.OrtValue  # CPU scalar int32 = capacity
-    binding: Any
-    run_options: ort.RunOptions
+    logits: ort.OrtValue  # [batch, 1, vocab]
+    sets: tuple[dict[str, ort.OrtValue], dict[str, ort.OrtValue]]
+    consts: dict[str, ort.OrtValue]
+    total: ort.OrtValue  # CPU int32 scalar = capacity
+    bindings: tuple[Any, Any]
+    options: tuple[ort.RunOptions | None, ort.RunOptions | None]
+    async_options: tuple[ort.RunOptions | None, ort.RunOptions | None]
+    captured: bool
+    current: int = 0
     lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
     replays: int = 0
 
@@ -131,13 +150,15 @@ class SharedState(DecodeState):
     capacity: int = 0
     total: ort.OrtValue | None = None  # CPU int32 scalar for decode steps
     advance_binding: Any = None
-    slot: _GraphSlot | None = None
+    buffers: _StepBuffers | None = None  # None: the three-session step on the plain decoder
+    fused: bool = False  # every row greedy: one fused run a step, ids read back per block
 
 
 class SharedBufferEngine(Engine):
     """:class:`Engine` for ``kv_mode: "shared-buffer"`` artifacts; see the module docstring."""
 
-    def __init__(self, artifact: Artifact, device: str = "cpu", cuda_graph: bool = False) -> None:
+    def __init__(self, artifact: Artifact, device: str = "cpu", cuda_graph: bool = False,
+                 read_every: int | None = None) -> None:
         # Engine.__init__ validates the concat contract; the generic attributes are set here.
         if artifact.kv_mode is not KvMode.SHARED_BUFFER:
             raise GenerationError(f"artifact {artifact.path} has kv_mode {artifact.kv_mode.value}",
@@ -146,11 +167,16 @@ class SharedBufferEngine(Engine):
         if cuda_graph and self.device_type != "cuda":
             raise GenerationError("cuda_graph=True needs device='cuda'", got=f"device={device!r}",
                                   fix="pass device='cuda', or leave cuda_graph off")
+        if read_every is None:  # a host read is a device sync on CUDA, and free on the CPU
+            read_every = 16 if self.device_type == "cuda" else 1
+        if int(read_every) < 1:
+            raise GenerationError("read_every must be at least 1", got=str(read_every))
         if self.device_type == "cuda" and artifact.precision == "fp32":
             providers[0][1]["use_tf32"] = "0"  # as Engine: fp32 artifacts promise fp32 numerics
         self.device = device
         self.artifact = artifact
         self.cuda_graph = bool(cuda_graph)
+        self.read_every = int(read_every)
         manifest = artifact.manifest
         arch = artifact.architecture
         self.vocab = int(arch["vocab"])
@@ -176,20 +202,27 @@ class SharedBufferEngine(Engine):
         self._logits_dtype = outputs["logits"].dtype
         self._output_names = ["logits", *self._present]
 
-        self._session = self._open(str(artifact.model_path), providers)
-        graph_inputs = {i.name for i in self._session.get_inputs()}
-        if graph_inputs != set(self._inputs):
+        # The fused step model: the decoder with the greedy step appended (runtime.step_graph).
+        # It serves every decode step, and prefill too unless CUDA graphs are on (prefill shapes
+        # vary; a graph-enabled session captures every run, so prefill and the uncaptured
+        # fallback get a plain decoder session, at the cost of a second copy of the weights).
+        step_model = compose_step_model(artifact.model_path.read_bytes(), self.vocab, self.read_every)
+        step_providers = providers
+        if self.cuda_graph:
+            step_providers = [("CUDAExecutionProvider", {**providers[0][1], "enable_cuda_graph": "1"}),
+                              "CPUExecutionProvider"]
+        self._step_session = self._open(step_model, step_providers, weights_dir=artifact.model_path.parent)
+        graph_inputs = {i.name for i in self._step_session.get_inputs()}
+        if not graph_inputs >= set(self._inputs):
             raise GenerationError(
                 f"artifact {artifact.path}: the manifest's io.inputs and model.onnx disagree",
                 expected=str(sorted(self._inputs)), got=str(sorted(graph_inputs)), fix="re-run `lmforge optimize`",
             )
-        self._graph_session: ort.InferenceSession | None = None
-        if self.cuda_graph:
-            graph_providers = [("CUDAExecutionProvider", {**providers[0][1], "enable_cuda_graph": "1"}),
-                               "CPUExecutionProvider"]
-            self._graph_session = self._open(str(artifact.model_path), graph_providers)
-        self._slots: dict[int, _GraphSlot] = {}
-        self._slots_lock = threading.Lock()
+        self._session = (self._open(str(artifact.model_path), providers) if self.cuda_graph
+                         else self._step_session)
+        self._buffers: dict[int, _StepBuffers] = {}
+        self._buffers_lock = threading.Lock()
+        self.fused_steps = 0  # decode steps run fused, over the engine's life (benchmarks, tests)
 
         self._sampler = self._open(build_sampler_model(self._logits_dtype), providers, small=True)
         self._advance = self._open(build_advance_model(), providers, small=True)
@@ -221,68 +254,102 @@ class SharedBufferEngine(Engine):
     def _kv_shape(self, batch: int, capacity: int) -> list[int]:
         return [batch, self._kv_heads, capacity, self._head_dim]
 
-    def _take_slot(self, batch: int) -> _GraphSlot | None:
+    def _state_shapes(self, batch: int) -> dict[str, tuple[list[int], str]]:
+        shapes = {"input_ids": [batch, 1], "position_ids": [batch, 1], SEQLENS_K: [batch],
+                  PREFIX + "seen": [batch, self.vocab], PREFIX + "step": [], PREFIX + "history": [batch, self.read_every]}
+        return {name: (shapes[name], dtype) for name, _, dtype in STATE}
+
+    def _new_buffers(self, batch: int, capacity: int, captured: bool) -> _StepBuffers:
+        kv = {n: self._zeros(self._kv_shape(batch, capacity), self.kv_dtype) for n in self._past}
+        logits = self._zeros([batch, 1, self.vocab], self._logits_dtype)
+        shapes = self._state_shapes(batch)
+        sets = tuple({n: self._zeros(*shapes[n]) for n in shapes} for _ in range(2))
+        consts = {n: self._zeros([batch, self.vocab] if dtype == "bool" else [batch], dtype) for n, dtype in CONSTANTS}
+        total = self._host_scalar(capacity)
+        outputs = {inp: out for inp, out, _ in STATE}
+        bindings, options, async_options = [], [], []
+        for d in (0, 1):
+            binding = self._step_session.io_binding()
+            for name, value in sets[d].items():
+                binding.bind_ortvalue_input(name, value)
+                binding.bind_ortvalue_output(outputs[name], sets[1 - d][name])
+            for name, value in consts.items():
+                binding.bind_ortvalue_input(name, value)
+            binding.bind_ortvalue_input(TOTAL_SEQUENCE_LENGTH, total)
+            binding.bind_ortvalue_output("logits", logits)
+            for past, present in zip(self._past, self._present):
+                binding.bind_ortvalue_input(past, kv[past])
+                binding.bind_ortvalue_output(present, kv[past])
+            bindings.append(binding)
+            if captured:
+                run, run_async = ort.RunOptions(), ort.RunOptions()
+                for o in (run, run_async):
+                    o.add_run_config_entry("gpu_graph_id", str(2 * batch + d))
+                run_async.add_run_config_entry("disable_synchronize_execution_providers", "1")
+                options.append(run)
+                async_options.append(run_async)
+            else:
+                options.append(None)
+                async_options.append(None)
+        return _StepBuffers(batch, capacity, kv, logits, sets, consts, total, tuple(bindings),  # type: ignore[arg-type]
+                            tuple(options), tuple(async_options), captured)  # type: ignore[arg-type]
+
+    def _take_buffers(self, batch: int) -> _StepBuffers | None:
         """The captured-graph buffers for ``batch`` rows (made on first use), or None when busy."""
-        assert self._graph_session is not None
-        with self._slots_lock:
-            slot = self._slots.get(batch)
-            if slot is None:
-                capacity = self.max_context
-                kv = {n: self._zeros(self._kv_shape(batch, capacity), self.kv_dtype) for n in self._past}
-                feeds = {"input_ids": self._zeros([batch, 1], "int64"), "position_ids": self._zeros([batch, 1], "int64"),
-                         SEQLENS_K: self._zeros([batch], "int32")}
-                logits = self._zeros([batch, 1, self.vocab], self._logits_dtype)
-                total = self._host_scalar(capacity)
-                binding = self._graph_session.io_binding()
-                for name, value in feeds.items():
-                    binding.bind_ortvalue_input(name, value)
-                binding.bind_ortvalue_input(TOTAL_SEQUENCE_LENGTH, total)
-                binding.bind_ortvalue_output("logits", logits)
-                for past, present in zip(self._past, self._present):
-                    binding.bind_ortvalue_input(past, kv[past])
-                    binding.bind_ortvalue_output(present, kv[past])
-                options = ort.RunOptions()
-                options.add_run_config_entry("gpu_graph_id", str(batch))
-                slot = _GraphSlot(batch, capacity, kv, logits, feeds, total, binding, options)
-                self._slots[batch] = slot
-                log.info("CUDA-graph slot for batch %d: KV capacity %d", batch, capacity)
-        return slot if slot.lock.acquire(blocking=False) else None
+        with self._buffers_lock:
+            buffers = self._buffers.get(batch)
+            if buffers is None:
+                buffers = self._new_buffers(batch, self.max_context, captured=True)
+                self._buffers[batch] = buffers
+                log.info("CUDA-graph buffers for batch %d: KV capacity %d", batch, self.max_context)
+        return buffers if buffers.lock.acquire(blocking=False) else None
 
     def _allocate(self, rows: list[_Row], max_new_tokens: int) -> DecodeState:
         batch = len(rows)
-        slot = self._take_slot(batch) if self._graph_session is not None else None
+        capacity = max(len(r.prompt) for r in rows) + max_new_tokens
+        buffers = self._take_buffers(batch) if self.cuda_graph else self._new_buffers(batch, capacity, captured=False)
         try:
-            if slot is not None:
-                kv, logits, capacity = slot.kv, slot.logits, slot.capacity
-            else:
-                capacity = max(len(r.prompt) for r in rows) + max_new_tokens
+            if buffers is not None:
+                kv, logits, capacity, total = buffers.kv, buffers.logits, buffers.capacity, buffers.total
+                buffers.current = 0
+                sampler_np = sampler_arrays([r.params for r in rows], [r.prompt for r in rows],
+                                            [sorted(r.stop_ids) for r in rows], self.vocab, max_new_tokens)
+                # this request's constants, written into the fixed buffers (same addresses)
+                for name, source in ((PREFIX + "stop_mask", "stop_mask"), (PREFIX + "min_new_tokens", "min_new_tokens"),
+                                     (PREFIX + "repetition_penalty", "repetition_penalty")):
+                    buffers.consts[name].update_inplace(np.ascontiguousarray(sampler_np[source]))
+                buffers.consts[PREFIX + "prompt_lens"].update_inplace(
+                    np.array([len(r.prompt) for r in rows], dtype=np.int64))
+            else:  # CUDA graph buffers busy with another request: the three-session step, uncaptured
                 kv = {n: self._zeros(self._kv_shape(batch, capacity), self.kv_dtype) for n in self._past}
                 logits = self._zeros([batch, 1, self.vocab], self._logits_dtype)
-            sampler = sampler_arrays([r.params for r in rows], [r.prompt for r in rows],
-                                     [sorted(r.stop_ids) for r in rows], self.vocab, max_new_tokens)
-            sampler["attention_mask"] = np.ones((batch, 1), dtype=np.int64)  # the sampler's next_* outputs are unused
+                total = self._host_scalar(capacity)
+                sampler_np = sampler_arrays([r.params for r in rows], [r.prompt for r in rows],
+                                            [sorted(r.stop_ids) for r in rows], self.vocab, max_new_tokens)
+            sampler_np["attention_mask"] = np.ones((batch, 1), dtype=np.int64)  # the sampler's next_* outputs are unused
             return SharedState(
                 rows=rows, max_new_tokens=max_new_tokens, feeds={},
-                sampler={k: self._put(v) for k, v in sampler.items()},
+                sampler={k: self._put(v) for k, v in sampler_np.items()},
                 decoder_binding=self._session.io_binding(), sampler_binding=self._sampler.io_binding(),
                 started=time.perf_counter(), kv=kv, logits=logits,
                 prompt_lens=self._put(np.array([len(r.prompt) for r in rows], dtype=np.int64)),
-                capacity=capacity, total=slot.total if slot else self._host_scalar(capacity),
-                advance_binding=self._advance.io_binding(), slot=slot,
+                capacity=capacity, total=total, advance_binding=self._advance.io_binding(), buffers=buffers,
+                fused=buffers is not None and all(r.params.greedy for r in rows),
             )
         except BaseException:
-            if slot is not None:
-                slot.lock.release()
+            if buffers is not None and buffers.captured:
+                buffers.lock.release()
             raise
 
     def _events(self, state: DecodeState) -> Iterator[_Event]:
         try:
             yield from super()._events(state)
         finally:
-            slot = getattr(state, "slot", None)
-            if slot is not None:
-                state.slot = None  # type: ignore[attr-defined]
-                slot.lock.release()
+            buffers = getattr(state, "buffers", None)
+            if buffers is not None:
+                state.buffers = None  # type: ignore[attr-defined]
+                if buffers.captured:
+                    buffers.lock.release()
 
     # ----------------------------------------------------------------------------------------
     # Steps
@@ -295,6 +362,18 @@ class SharedBufferEngine(Engine):
                 "generation failed inside onnxruntime", got=str(exc).splitlines()[0][:300],
                 fix="this request failed and the engine stays usable; on out-of-memory, use fewer or shorter prompts",
             ) from exc
+
+    def _bind_step_extras(self, binding: Any, n: int) -> None:
+        """Zero inputs for the fused step's extra nodes when the step model runs a prefill (their
+        outputs are left to onnxruntime and ignored: the sampler handles the first token)."""
+        shapes = self._state_shapes(n)
+        for name, _, _dtype in STATE:
+            if name.startswith(PREFIX):
+                binding.bind_ortvalue_input(name, self._zeros(*shapes[name]))
+        for name, dtype in CONSTANTS:
+            binding.bind_ortvalue_input(name, self._zeros([n, self.vocab] if dtype == "bool" else [n], dtype))
+        for _, out, _dtype in STATE:
+            binding.bind_output(out, self.device_type, 0)
 
     def prefill(self, state: DecodeState) -> np.ndarray:
         """Each run of equal-length prompts alone, into its rows of the batch buffers; then sample."""
@@ -323,6 +402,8 @@ class SharedBufferEngine(Engine):
                 ptr = state.kv[past].data_ptr() + start * row_bytes
                 binding.bind_input(past, self.device_type, 0, np_kv, shape, ptr)
                 binding.bind_output(present, self.device_type, 0, np_kv, shape, ptr)
+            if self._session is self._step_session:
+                self._bind_step_extras(binding, n)
             self._invoke(self._session, binding)
             full = binding.get_outputs()[0]
             last = self._last.io_binding()
@@ -334,56 +415,106 @@ class SharedBufferEngine(Engine):
         return self._sample(state)
 
     def decode_step(self, state: DecodeState) -> np.ndarray:
-        """One token for every row of the batch (finished rows included when the batch is captured)."""
+        """One token for every row of the batch (finished rows included when the batch keeps them)."""
+        return self._decode_block(state, 1)[0]
+
+    def _decode_block(self, state: DecodeState, steps: int | None = None) -> list[np.ndarray]:
+        """Fused greedy steps, up to ``read_every`` of them before one read of the ids; else one
+        three-session step (decoder, sampler, advance)."""
         assert isinstance(state, SharedState)
-        if state.slot is not None:
-            self._invoke(self._graph_session, state.slot.binding, state.slot.run_options)  # type: ignore[arg-type]
-            state.slot.replays += 1
-        else:
-            binding = state.decoder_binding
-            binding.clear_binding_inputs()
-            binding.clear_binding_outputs()
-            for name, value in state.feeds.items():
-                binding.bind_ortvalue_input(name, value)
-            binding.bind_ortvalue_input(TOTAL_SEQUENCE_LENGTH, state.total)
-            binding.bind_ortvalue_output("logits", state.logits)
-            for past, present in zip(self._past, self._present):
-                binding.bind_ortvalue_input(past, state.kv[past])
-                binding.bind_ortvalue_output(present, state.kv[past])
-            self._invoke(self._session, binding)
-        return self._sample(state)
+        if not state.fused:
+            self._decoder_run(state)
+            return [self._sample(state)]
+        buffers = state.buffers
+        assert buffers is not None
+        if steps is None:
+            left = max(r.max_new - len(r.new_ids) for r in state.rows if not r.done)
+            steps = 1 if state.keep_logits else max(1, min(self.read_every, left))
+        first = state.steps  # tokens generated so far = the step input of the first run
+        for i in range(steps):
+            d = buffers.current
+            options = buffers.options[d] if i == steps - 1 else buffers.async_options[d]
+            self._invoke(self._step_session, buffers.bindings[d], options)
+            buffers.current = 1 - d
+            buffers.replays += 1
+        state.steps += steps
+        self.fused_steps += steps
+        if state.keep_logits:
+            state.last_logits = np.array(buffers.logits.numpy()[:, -1, :], dtype=np.float32)
+        history = buffers.sets[buffers.current][PREFIX + "history"].numpy()  # the one host read
+        return [np.array(history[:, (first + i) % self.read_every], dtype=np.int64) for i in range(steps)]
+
+    def _decoder_run(self, state: SharedState) -> None:
+        """The decoder alone, logits into ``state.logits``: direction 0 of the step buffers (the
+        fused outputs are ignored; the sampler decides), or the plain session uncaptured."""
+        buffers = state.buffers
+        if buffers is not None:
+            self._invoke(self._step_session, buffers.bindings[0], buffers.options[0])
+            buffers.replays += 1
+            return
+        binding = state.decoder_binding
+        binding.clear_binding_inputs()
+        binding.clear_binding_outputs()
+        for name, value in state.feeds.items():
+            binding.bind_ortvalue_input(name, value)
+        binding.bind_ortvalue_input(TOTAL_SEQUENCE_LENGTH, state.total)
+        binding.bind_ortvalue_output("logits", state.logits)
+        for past, present in zip(self._past, self._present):
+            binding.bind_ortvalue_input(past, state.kv[past])
+            binding.bind_ortvalue_output(present, state.kv[past])
+        self._invoke(self._session, binding)
 
     def _sample(self, state: SharedState) -> np.ndarray:
-        """Sampler, then the advance graph (into the slot's fixed buffers when captured); host ids."""
+        """Sampler, then the advance graph into the next decoder inputs; the host reads the ids.
+
+        With step buffers the next inputs go into set 0 (``buffers.current`` is 0 whenever this
+        runs: after prefill, and on the three-session path, which only uses direction 0); on the
+        fused path the sampler's ``seen_out``/``step_out`` go there too, as the first fused step's
+        state."""
         if state.keep_logits:
             state.last_logits = np.array(state.logits.numpy()[:, -1, :], dtype=np.float32)  # type: ignore[union-attr]
+        buffers = state.buffers
         sampler_in = dict(state.sampler)
         sampler_in["logits"] = state.logits  # type: ignore[assignment]
         sampler_in.pop("prompt_lens", None)
-        nxt = self._run(self._sampler, state.sampler_binding, sampler_in, _STEP_OUTPUTS)
-        state.sampler["seen"] = nxt["seen_out"]
-        state.sampler["step"] = nxt["step_out"]
-        binding = state.advance_binding
+        binding = state.sampler_binding
         binding.clear_binding_inputs()
         binding.clear_binding_outputs()
-        binding.bind_ortvalue_input("next_ids", nxt["next_ids"])
-        binding.bind_ortvalue_input("prompt_lens", state.prompt_lens)
-        binding.bind_ortvalue_input("step", nxt["step_out"])
+        for name, value in sampler_in.items():
+            binding.bind_ortvalue_input(name, value)
+        binding.bind_output("next_ids", self.device_type, 0)
+        if state.fused and buffers is not None:
+            binding.bind_ortvalue_output("seen_out", buffers.sets[0][PREFIX + "seen"])
+            binding.bind_ortvalue_output("step_out", buffers.sets[0][PREFIX + "step"])
+        else:
+            binding.bind_output("seen_out", self.device_type, 0)
+            binding.bind_output("step_out", self.device_type, 0)
+        self._invoke(self._sampler, binding)
+        next_ids, seen_out, step_out = binding.get_outputs()
+        state.sampler["seen"] = seen_out
+        state.sampler["step"] = step_out
+        advance = state.advance_binding
+        advance.clear_binding_inputs()
+        advance.clear_binding_outputs()
+        advance.bind_ortvalue_input("next_ids", next_ids)
+        advance.bind_ortvalue_input("prompt_lens", state.prompt_lens)
+        advance.bind_ortvalue_input("step", step_out)
         names = ("input_ids", "position_ids", SEQLENS_K)
         for name in names:
-            if state.slot is not None:
-                binding.bind_ortvalue_output(name, state.slot.feeds[name])
+            if buffers is not None:
+                advance.bind_ortvalue_output(name, buffers.sets[0][name])
             else:
-                binding.bind_output(name, self.device_type, 0)
-        self._invoke(self._advance, binding)
-        state.feeds = state.slot.feeds if state.slot is not None else dict(zip(names, binding.get_outputs()))
+                advance.bind_output(name, self.device_type, 0)
+        self._invoke(self._advance, advance)
+        state.feeds = dict(buffers.sets[0]) if buffers is not None else dict(zip(names, advance.get_outputs()))
         state.steps += 1
-        return np.array(nxt["next_ids"].numpy(), dtype=np.int64).reshape(-1)  # the one host read
+        return np.array(next_ids.numpy(), dtype=np.int64).reshape(-1)  # the one host read
 
     def _drop_rows(self, state: DecodeState, keep: list[int]) -> None:
-        """Compact an uncaptured batch on the device (one gather run); a captured batch keeps its rows."""
+        """Compact a batch on the plain path on the device (one gather run); a batch on step
+        buffers keeps its rows (the fused step's buffers have fixed shapes)."""
         assert isinstance(state, SharedState)
-        if state.slot is not None:
+        if state.buffers is not None:
             return
         inputs = {COMPACT_INDEX: self._put(np.asarray(keep, dtype=np.int64))}
         for name in self._compact_names:
@@ -413,4 +544,4 @@ class SharedBufferEngine(Engine):
 
     def graph_replays(self) -> dict[int, int]:
         """Captured decode steps run so far, per batch size (for benchmarks and tests)."""
-        return {b: s.replays for b, s in self._slots.items()}
+        return {b: s.replays for b, s in self._buffers.items()}

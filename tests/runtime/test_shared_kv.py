@@ -87,3 +87,45 @@ def test_cuda_graph_refusals(pair, artifact_cache) -> None:  # type: ignore[no-u
         Engine.load(artifact_cache("tiny:llama"), cuda_graph=True)
     with pytest.raises(GenerationError, match="Engine.load"):
         Engine(shared.artifact)
+
+
+def test_fused_greedy_path_is_taken_and_matches_concat(pair) -> None:  # type: ignore[no-untyped-def]
+    """Greedy batches run the fused step (runtime.step_graph); min-new-tokens suppression and the
+    repetition penalty happen inside it and give the concat engine's (three-session) tokens."""
+    concat, shared = pair
+    prompts = [_prompts()[r] for r in (0, 1, 3)]
+    free = concat.generate_ids(prompts, 20)
+    params = [SamplingParams(stop_token_ids=(free[0][2],), min_new_tokens=10),
+              SamplingParams(repetition_penalty=1.3),
+              SamplingParams(top_k=1, stop_token_ids=(free[2][5],))]
+    before = shared.fused_steps
+    want = concat.generate_ids(prompts, 20, params)
+    assert shared.generate_ids(prompts, 20, params) == want
+    assert shared.fused_steps - before == max(len(w) for w in want) - 1 > 0
+    assert len(want[0]) >= 10 and want[1] != free[1]  # the two processors did act
+
+
+@pytest.mark.parametrize("read_every", [1, 3, 64])
+def test_read_every_does_not_change_tokens(pair, read_every: int) -> None:  # type: ignore[no-untyped-def]
+    """Ids are read back once per block of ``read_every`` steps; rows stopping inside a block
+    ignore the rest of it. Blocks of 1, of 3 (not dividing the length) and longer than the run."""
+    from runtime.shared_kv import SharedBufferEngine
+
+    concat, shared = pair
+    engine = SharedBufferEngine(shared.artifact, read_every=read_every)
+    prompts = [_prompts()[r] for r in (0, 1, 3)]
+    free = concat.generate_ids(prompts, 17)
+    params = [SamplingParams(stop_token_ids=(free[r][4 + 5 * r],)) for r in range(3)]
+    assert engine.generate_ids(prompts, 17, params) == concat.generate_ids(prompts, 17, params)
+    assert engine.generate_ids(prompts, 17) == free
+
+
+def test_mixed_batch_samples_on_the_three_session_path(pair) -> None:  # type: ignore[no-untyped-def]
+    concat, shared = pair
+    prompts = [_prompts()[r] for r in (0, 1)]
+    params = [SamplingParams(), SamplingParams(temperature=0.7, top_k=5, seed=11)]
+    before = shared.fused_steps
+    assert shared.generate_ids(prompts, 10, params) == concat.generate_ids(prompts, 10, params)
+    assert shared.fused_steps == before
+    with pytest.raises(GenerationError, match="read_every"):
+        type(shared)(shared.artifact, read_every=0)
