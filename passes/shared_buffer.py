@@ -29,6 +29,10 @@ one per layer, each reading ``past_key_values.{i}.key|value`` and producing
   ``kv.max_context``). With ``past`` and ``present`` bound to the same memory, GQA writes the new
   K/V at row offset ``seqlens_k − seq + 1`` and reads ``[0, seqlens_k]``; nothing is copied.
 
+Two more rewrites ride on the contract (both CUDA-graph friendly, both what onnxruntime-genai
+builds): q/k rotary folded into GQA (:func:`_fold_rotary_into_gqa`) and q/k/v computed by one
+packed projection (:func:`_pack_qkv`). The manifest's ``passes`` records how many of each fired.
+
 GQA length semantics (onnxruntime ``group_query_attention_helper.h``): ``seqlens_k[b]`` is the
 row's total valid length − 1; a call with ``seq == total_sequence_length`` is a first prompt
 (past ignored); a call with ``seq == 1`` and ``total_sequence_length != 1`` is a decode step whose
@@ -80,6 +84,8 @@ class SharedBuffer:
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
     casts_removed: int
+    rotary_folded: int = 0
+    qkv_packed: int = 0
 
     def io_json(self) -> dict[str, Any]:
         return {"inputs": [t.to_json() for t in self.inputs], "outputs": [t.to_json() for t in self.outputs]}
@@ -219,6 +225,115 @@ def _fold_rotary_into_gqa(graph: ir.Graph, gqa_nodes: list[ir.Node], position_id
     return folded
 
 
+def _projection(value: ir.Value | None, node: ir.Node) -> tuple[ir.Node, ir.Node | None] | None:
+    """``value``'s producer as a weight projection read only by ``node``: ``MatMul(x, W)`` or
+    ``MatMulNBits(x, B, scales[, zero_points])`` with constant weights, optionally followed by
+    ``Add(·, bias)`` with a constant bias. Returns (projection, bias Add or None)."""
+    if value is None or len(list(value.uses())) != 1:
+        return None
+    bias_add = None
+    producer = value.producer()
+    if producer is not None and producer.op_type == "Add" and producer.domain == "":
+        bias = [v for v in producer.inputs if v is not None and v.const_value is not None]
+        inner = [v for v in producer.inputs if v is not None and v.const_value is None]
+        if len(bias) != 1 or len(inner) != 1 or len(list(inner[0].uses())) != 1:
+            return None
+        bias_add, producer = producer, inner[0].producer()
+    if producer is None:
+        return None
+    if producer.op_type == "MatMul" and producer.domain == "" and producer.inputs[1] is not None \
+            and producer.inputs[1].const_value is not None and producer.inputs[1].shape is not None \
+            and producer.inputs[1].shape.rank() == 2:
+        return producer, bias_add
+    if producer.op_type == "MatMulNBits" and producer.domain == "com.microsoft" \
+            and all(v is not None and v.const_value is not None for v in producer.inputs[1:]) \
+            and len(producer.inputs) <= 4:
+        return producer, bias_add
+    return None
+
+
+def _concat_rows(graph: ir.Graph, values: list[ir.Value], counts: list[int], name: str) -> ir.Value:
+    """Initializers whose leading ``counts[i]`` rows (N-major) are concatenated, same layout."""
+    arrays = [v.const_value.numpy() for v in values]  # type: ignore[union-attr]
+    flat = [a.reshape(n, -1) for a, n in zip(arrays, counts)]
+    joined = np.concatenate(flat, axis=0)
+    first = arrays[0]
+    joined = joined.reshape(-1) if first.ndim == 1 else joined.reshape((sum(counts), *first.shape[1:]))
+    out = ir.Value(name=name, shape=ir.Shape(joined.shape), type=ir.TensorType(values[0].dtype),  # type: ignore[arg-type]
+                   const_value=ir.tensor(joined))
+    graph.register_initializer(out)
+    return out
+
+
+def _pack_qkv(graph: ir.Graph, gqa_nodes: list[ir.Node]) -> int:
+    """One projection for q, k and v of each rotary-folded GroupQueryAttention (packed QKV).
+
+    Matches, for a GQA that already applies its own rotary (``do_rotary=1``)::
+
+        x ── MatMul(·, Wq) [── Add(·, bq)] ── GQA.query
+        x ── MatMul(·, Wk) [── Add(·, bk)] ── GQA.key
+        x ── MatMul(·, Wv) [── Add(·, bv)] ── GQA.value
+
+    (or the same with ``MatMulNBits``, equal ``K``/``bits``/``block_size``/``accuracy_level``), and
+    rewrites it to ``GQA(MatMul(x, [Wq | Wk | Wv]) [+ [bq | bk | bv]], key=∅, value=∅)``: GQA's
+    packed-QKV form, the one onnxruntime-genai builds. Two fewer GEMM launches a layer, which at
+    batch 1 are launch-bound (a 576×192 GEMV is ~3 µs of a ~1 ms token on an H200). MatMulNBits
+    stores ``B``, ``scales`` and packed ``zero_points`` N-major, so they concatenate by rows.
+    onnxscript's ``ort_fusions`` has no such rule for GQA (its packed-QKV handling is for
+    ``MultiHeadAttention`` inputs); the columns are computed exactly as before.
+    Returns how many GQA nodes were packed.
+    """
+    packed = 0
+    for node in gqa_nodes:
+        if node.attributes.get_int("do_rotary", 0) != 1 or len(node.inputs) < 3:
+            continue
+        found = [_projection(node.inputs[i], node) for i in range(3)]
+        if any(f is None for f in found):
+            continue
+        projections = [f[0] for f in found]  # type: ignore[index]
+        biases = [f[1] for f in found]  # type: ignore[index]
+        x = projections[0].inputs[0]
+        kinds = {(p.op_type, tuple(sorted((k, str(a.value)) for k, a in p.attributes.items() if k != "N")))
+                 for p in projections}
+        if len(kinds) != 1 or any(p.inputs[0] is not x for p in projections) \
+                or (any(b is None for b in biases) and any(b is not None for b in biases)):
+            continue
+        tag = f"qkv_{packed}_{node.name}"
+        if projections[0].op_type == "MatMul":
+            weights = [p.inputs[1] for p in projections]
+            counts = [int(w.shape[1]) for w in weights]  # type: ignore[union-attr]
+            arrays = [w.const_value.numpy() for w in weights]  # type: ignore[union-attr]
+            joined = np.concatenate(arrays, axis=1)
+            w_value = ir.Value(name=f"{tag}_weight", shape=ir.Shape(joined.shape), type=ir.TensorType(weights[0].dtype),  # type: ignore[arg-type]
+                               const_value=ir.tensor(joined))
+            graph.register_initializer(w_value)
+            fused = ir.node("MatMul", [x, w_value], name=f"{tag}_matmul")
+        else:
+            counts = [p.attributes.get_int("N") for p in projections]
+            operands = [x] + [_concat_rows(graph, [p.inputs[i] for p in projections], counts, f"{tag}_{i}")  # type: ignore[misc]
+                              for i in range(1, len(projections[0].inputs))]
+            attrs = {k: a for k, a in projections[0].attributes.items()}
+            attrs["N"] = ir.AttrInt64("N", sum(counts))
+            fused = ir.node("MatMulNBits", operands, attributes=attrs, domain="com.microsoft", name=f"{tag}_matmulnbits")
+        graph.insert_before(projections[0], fused)
+        out = fused.outputs[0]
+        out.dtype = projections[0].outputs[0].dtype
+        if x.shape is not None:
+            out.shape = ir.Shape([*list(x.shape)[:-1], sum(counts)])
+        if biases[0] is not None:
+            consts = [next(v for v in b.inputs if v is not None and v.const_value is not None) for b in biases]  # type: ignore[union-attr]
+            bias = _concat_rows(graph, consts, counts, f"{tag}_bias")
+            add = ir.node("Add", [out, bias], name=f"{tag}_bias_add")
+            graph.insert_before(projections[0], add)
+            add.outputs[0].dtype, add.outputs[0].shape = out.dtype, out.shape
+            out = add.outputs[0]
+        node.replace_input_with(0, out)
+        node.replace_input_with(1, None)
+        node.replace_input_with(2, None)
+        packed += 1
+    return packed
+
+
 def rewrite_shared_buffer(model: ir.Model, arch: dict[str, Any], kv: dict[str, str]) -> SharedBuffer:
     """Rewrite ``model`` (in place) to the shared-buffer contract; see the module docstring."""
     layers = int(arch["layers"])
@@ -244,6 +359,8 @@ def rewrite_shared_buffer(model: ir.Model, arch: dict[str, Any], kv: dict[str, s
         if len(node.inputs) > _GQA_BIAS and node.inputs[_GQA_BIAS] is not None:
             node.replace_input_with(_GQA_BIAS, None)
     rotary_folded = _fold_rotary_into_gqa(graph, gqa_nodes, inputs.get("position_ids"), int(arch.get("max_context") or 0))
+    common_passes.RemoveUnusedNodesPass()(model)  # the folded RotaryEmbedding nodes still read q and k
+    qkv_packed = _pack_qkv(graph, gqa_nodes)
 
     casts_removed = 0
     kv_dtype: ir.DataType | None = None
@@ -324,9 +441,9 @@ def rewrite_shared_buffer(model: ir.Model, arch: dict[str, Any], kv: dict[str, s
 
     result = SharedBuffer(layers=layers, kv_dtype=_DTYPE_NAMES[kv_dtype],  # type: ignore[index]
                           inputs=[spec(v) for v in graph.inputs], outputs=[spec(v) for v in graph.outputs],
-                          casts_removed=casts_removed)
-    log.info("shared-buffer KV: %d layers, KV %s, %d casts removed, rotary folded into %d GQA",
-             layers, result.kv_dtype, casts_removed, rotary_folded)
+                          casts_removed=casts_removed, rotary_folded=rotary_folded, qkv_packed=qkv_packed)
+    log.info("shared-buffer KV: %d layers, KV %s, %d casts removed, rotary folded into %d GQA, QKV packed in %d",
+             layers, result.kv_dtype, casts_removed, rotary_folded, qkv_packed)
     return result
 
 

@@ -55,10 +55,28 @@ def test_io_rewrite(shared, precision: str, kv_dtype: str) -> None:  # type: ign
         assert node.inputs[6].name == "total_sequence_length"
         assert len(node.inputs) <= 10 or node.inputs[10] is None  # no attention_bias
         assert node.outputs[2].name == f"present.{i}.value"
+    # rotary inside GQA, and q/k/v from one packed projection (key/value inputs empty)
+    assert {"name": "rotary-into-gqa", "count": 2} in m["passes"] and {"name": "packed-qkv", "count": 2} in m["passes"]
+    for node in gqa:
+        assert node.attributes.get_int("do_rotary", 0) == 1 and node.inputs[1] is None and node.inputs[2] is None
+        assert node.inputs[0].producer().op_type == "MatMul" and node.inputs[0].shape[-1] == 96 + 2 * 2 * 16  # hidden + k + v
     # --check compared it with the concat graph on the check cases (left-padded row included)
     assert report.check["ok"]
     bound = 1e-4 if precision == "fp32" else 0.05
     assert max(report.check["max_abs_diff"].values()) < bound
+
+
+def test_packed_qkv_matmulnbits_and_bias(artifact_cache, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """int4 projections (MatMulNBits: B, scales, zero points concatenated by rows) with qwen2's
+    q/k/v biases pack too, and --check (logits vs the fp32 concat graph) still holds."""
+    report = optimize_artifact(artifact_cache("tiny:qwen2"), tmp_path / "q", "cuda", "int4", check=True, progress=False)
+    art = load_artifact(tmp_path / "q")
+    assert {"name": "packed-qkv", "count": 2} in art.manifest["passes"] and report.check["ok"]
+    model = ir.load(str(art.model_path))
+    for node in (n for n in model.graph.all_nodes() if n.op_type == "GroupQueryAttention"):
+        add = node.inputs[0].producer()
+        assert add.op_type == "Add" and add.inputs[0].producer().op_type == "MatMulNBits"
+        assert add.inputs[0].producer().attributes.get_int("N") == add.inputs[1].shape[0]
 
 
 def test_in_place_update(shared) -> None:  # type: ignore[no-untyped-def]
