@@ -300,6 +300,8 @@ def optimize_artifact(
             if shared:
                 sb = share_kv_buffers(tmp / MODEL_NAME, art.architecture, art.manifest["kv"])
                 records.append({"name": "shared-buffer-kv", "count": sb.layers, "kind": "kv"})
+                records.append({"name": "rotary-into-gqa", "count": sb.rotary_folded, "kind": "fusion"})
+                records.append({"name": "packed-qkv", "count": sb.qkv_packed, "kind": "fusion"})
             final = ir.load(str(tmp / MODEL_NAME))
             _check_io(f"the {precision} conversion", sb.reference_io() if sb else reference_io, final)
             ops = op_counts(final)
