@@ -11,7 +11,9 @@ greedy tokens against the concat fp32 artifact on CUDA (token-id prompts, batch 
 batch of all, ``--parity-tokens`` new tokens) with the CUDA graph off and on; (3) times decode at
 batch 1 and 8 (``--prompt-len`` 128 random ids, ``--new-tokens`` 256, EOS masked with
 ``min_new_tokens``; one warm-up then the median of ``--reps``) for concat fp32, shared fp16 and
-shared fp16 + CUDA graph. Every variant fails soft: its exception is recorded and the rest runs.
+shared fp16 + CUDA graph (the fused greedy step, ids read every 16 steps), the same with the
+three-session step (decoder, sampler, advance; ``fuse_greedy = False``) and with the fused step
+reading ids every step (``read_every=1``). Every variant fails soft: its exception is recorded and the rest runs.
 Prints a table last and writes ``OUT/gpu_shared.json``.
 """
 
@@ -138,9 +140,21 @@ def main() -> int:
         for precision in ("int8", "int4"):  # written by bench/gpu_optimize.py, when it ran first
             if (args.work / f"{name}-{precision}" / "manifest.json").is_file():
                 specs[f"shared-{precision}+graph"] = (args.work / f"{name}-{precision}", True)
+        # the fused greedy step (default) against the three-session step and a host read per token
+        specs["shared-fp16+graph-3session"] = (args.work / f"{name}-sb-fp16", True)
+        specs["shared-fp16+graph-read1"] = (args.work / f"{name}-sb-fp16", True)
         for label, (path, graph) in specs.items():
             try:
-                engines[label] = Engine.load(path, device=args.device, verify_hashes=False, cuda_graph=graph)
+                if label.endswith("-read1"):
+                    from runtime.artifact import load_artifact
+                    from runtime.shared_kv import SharedBufferEngine
+
+                    engines[label] = SharedBufferEngine(load_artifact(path, verify_hashes=False), device=args.device,
+                                                        cuda_graph=graph, read_every=1)
+                else:
+                    engines[label] = Engine.load(path, device=args.device, verify_hashes=False, cuda_graph=graph)
+                if label.endswith("-3session"):
+                    engines[label].fuse_greedy = False
             except Exception as exc:  # noqa: BLE001
                 model["timing"][label] = {"error": f"load: {_err(exc)}"}
                 print(f"{name} {label}: load failed: {_err(exc)}", flush=True)

@@ -223,6 +223,7 @@ class SharedBufferEngine(Engine):
         self._buffers: dict[int, _StepBuffers] = {}
         self._buffers_lock = threading.Lock()
         self.fused_steps = 0  # decode steps run fused, over the engine's life (benchmarks, tests)
+        self.fuse_greedy = True  # False: greedy batches take the three-session step too (measurements)
 
         self._sampler = self._open(build_sampler_model(self._logits_dtype), providers, small=True)
         self._advance = self._open(build_advance_model(), providers, small=True)
@@ -334,7 +335,7 @@ class SharedBufferEngine(Engine):
                 started=time.perf_counter(), kv=kv, logits=logits,
                 prompt_lens=self._put(np.array([len(r.prompt) for r in rows], dtype=np.int64)),
                 capacity=capacity, total=total, advance_binding=self._advance.io_binding(), buffers=buffers,
-                fused=buffers is not None and all(r.params.greedy for r in rows),
+                fused=buffers is not None and self.fuse_greedy and all(r.params.greedy for r in rows),
             )
         except BaseException:
             if buffers is not None and buffers.captured:
