@@ -52,6 +52,7 @@ from parity.compare import (
 from parity.policy import Policy, Verdict, evaluate, policy_for
 from parity.prompts import Prompt, default_prompts_path, load_prompts
 from parity.reference import CACHE_RELATIVE_PATH, reference_runs
+from runtime.artifact import KvMode, load_artifact
 from runtime.errors import LmforgeError, ParityError
 
 __all__ = [
@@ -268,7 +269,9 @@ def verify_artifact(
     prompts = load_prompts(prompts_file)
 
     t0 = time.perf_counter()
-    engine = Engine.load(artifact_dir, device=device)
+    # On CUDA a shared-buffer artifact is verified as it is served: captured fused decode steps.
+    shared = device == "cuda" and load_artifact(artifact_dir, verify_hashes=False).kv_mode is KvMode.SHARED_BUFFER
+    engine = Engine.load(artifact_dir, device=device, cuda_graph=shared)
     artifact = engine.artifact
     manifest = artifact.manifest
     precision = artifact.precision
