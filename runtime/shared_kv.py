@@ -211,7 +211,16 @@ class SharedBufferEngine(Engine):
         if self.cuda_graph:
             step_providers = [("CUDAExecutionProvider", {**providers[0][1], "enable_cuda_graph": "1"}),
                               "CPUExecutionProvider"]
-        self._step_session = self._open(step_model, step_providers, weights_dir=artifact.model_path.parent)
+        try:
+            self._step_session = self._open(step_model, step_providers, weights_dir=artifact.model_path.parent)
+        except GenerationError as exc:
+            if self.cuda_graph and "graph capture" in str(exc):
+                raise GenerationError(
+                    "cuda_graph=True: onnxruntime cannot place every node of this graph on CUDA",
+                    got=f"a {artifact.precision} artifact (GroupQueryAttention has fp16/bf16 CUDA kernels only)",
+                    fix="optimize with --precision fp16 (or int8/int4) for CUDA graphs, or leave cuda_graph off",
+                ) from exc
+            raise
         graph_inputs = {i.name for i in self._step_session.get_inputs()}
         if not graph_inputs >= set(self._inputs):
             raise GenerationError(
