@@ -4,16 +4,58 @@ These wrap ``onnxruntime.quantization`` and ``onnxruntime.transformers.float16``
 lmforge's own arithmetic. Each returns a :class:`Quantized` record for the manifest: what was
 converted, with what settings, and what was left in higher precision.
 
-* ``int8`` on CPU: ``quantize_dynamic`` (weights int8 per output channel, activations quantized per
-  call → ``DynamicQuantizeMatMul`` once ORT fuses at load). On CUDA, weight-only 8-bit
-  ``MatMulNBits`` (CUDA has no fast ``MatMulInteger``).
-* ``int4``: ``MatMulNBitsQuantizer``, blocks of 32; on CPU ``accuracy_level=4`` (int8 activations
-  inside the kernel — the fast path of ORT's MLAS NBits GEMM).
+* ``int8`` on CPU: ``MatMulNBitsQuantizer`` with ``bits=8``, symmetric blocks of
+  :data:`INT8_CPU_BLOCK_SIZE` (16) along K with fp32 scales, ``accuracy_level=4``: inside each
+  ``MatMulNBits`` call the activations are quantized to int8 with one scale per *row* and block
+  (MLAS ``CompInt8``), so a row's result never depends on the other rows of the batch. On CUDA,
+  weight-only 8-bit ``MatMulNBits`` on an fp16 graph (CUDA has no fast ``MatMulInteger``).
+* ``int4``: ``MatMulNBitsQuantizer``, blocks of 32; on CPU ``accuracy_level=4`` (the same int8
+  activations inside the kernel — the fast path of ORT's MLAS NBits GEMM).
 * ``fp16``: ``convert_float_to_float16`` with graph IO kept as it was (int64 ids, fp32 KV and
   logits; the casts sit inside the graph) and normalizations / softmax kept in fp32.
 
 The lm head (the ``MatMul``/``Gemm`` producing ``logits``) stays fp32 for int8/int4 when
 ``keep_lm_head`` is set: on SmolLM2 it is a third of the weights but most of the logit error.
+
+Why this int8 recipe on CPU (measured 2026-11-22, SmolLM2-135M real weights, onnxruntime 1.31.1,
+2-core Xeon with AVX512-VNNI/AMX, fused graph, lm head fp32 in every variant). "err" is the
+teacher-forced error of the reference's top-1/top-2 logit margin (mean |Δ| over 604 generated
+positions of 20 default prompts); tok/s are batch-1 decode medians timed alternately in one run
+(the machine was shared, so ratios matter more than absolute numbers):
+
+=============================================  ======  ========================  ==============
+int8 variant                                   err     smoke verify (6)          × fused fp32
+=============================================  ======  ========================  ==============
+``quantize_dynamic`` per-channel (old default)  1.43   0 exact, FAILED           1.5–2.0×
+MatMulNBits 8-bit b32, acc. level 0 (fp32)      0.072  4 exact, 2 near-tie       0.16× (6× slower)
+MatMulNBits 8-bit b32, acc. level 2             —      —                         0.17×
+MatMulNBits 8-bit b32, acc. level 4             0.119  2 exact, 4 near-tie       1.7–1.9×
+MatMulNBits 8-bit b128, acc. level 4            0.204  1 exact, 5 near-tie       1.8×
+MatMulNBits 8-bit b32 asymmetric, acc. 4        0.119  (more flips: 15 vs 5)     —
+**MatMulNBits 8-bit b16, acc. level 4**         0.092  3 exact, 3 near-tie, PASS 1.5–1.6×
+=============================================  ======  ========================  ==============
+
+* ``quantize_dynamic`` quantizes each activation tensor with *one* uint8 scale per call, so the
+  largest value anywhere in the tensor sets the step for every channel and token (12× the error
+  of per-row blocks of 16), and the scale spans the whole batch, so a row's tokens change with
+  what it is batched with.
+* Keeping one projection type fp32 (q, k, v, o, gate, up or down, each over all 30 layers) moves
+  the b32 error only from 0.119 to 0.10–0.117: no projection is the sensitive one, the error is
+  spread evenly, so excluding layers costs speed without buying parity.
+* Weight-only 8-bit (accuracy level 0–2) is the most accurate but MLAS has no fast kernel for it
+  on x64: it dequantizes the weights on every call.
+* Blocks of 16 instead of 32 halve the span of each activation (and weight) scale; that costs
+  ~10–15 % of the speed and cuts the error by a quarter. On the 61 default prompts: b16 39 exact,
+  22 near-ties, 0 drift; b32 34 / 27 / 0 (``docs/benchmarks.md`` has both runs).
+* Quantizing the lm head too (8-bit b16, after untying it from the embedding) raised the error
+  from 0.092 to 0.101 for ~8 % more speed; the head stays fp32.
+
+Activation quantization is a discontinuous function, so even a row-independent kernel does not
+make the *model* batch-independent: the fp32 ``GroupQueryAttention`` result of a left-padded row
+differs from the same row alone by ~1e-7 (summation order), and wherever that moves an activation
+across an int8 rounding boundary the difference grows to ~0.5 logits. ``verify``'s batch-parity
+check therefore sees near-tie flips between a batch and one-by-one for any activation-quantized
+graph (dynamic or MatMulNBits); only the weight-only kernels avoid it.
 """
 
 from __future__ import annotations
@@ -25,11 +67,16 @@ from typing import Any
 
 import onnx
 
-__all__ = ["Quantized", "PRECISIONS", "quantize_file", "lm_head_nodes", "drop_duplicate_nodes"]
+from passes.lm_head import untie_lm_head
+
+__all__ = ["Quantized", "PRECISIONS", "INT8_CPU_METHODS", "INT8_CPU_BLOCK_SIZE", "quantize_file", "lm_head_nodes",
+           "drop_duplicate_nodes"]
 
 log = logging.getLogger(__name__)
 
 PRECISIONS = ("fp32", "fp16", "int8", "int4")
+INT8_CPU_METHODS = ("nbits", "dynamic")
+INT8_CPU_BLOCK_SIZE = 16
 
 # Ops kept in fp32 by the fp16 conversion: statistics of norms, softmax, and rotary/attention
 # kernels whose fp16 CPU variants do not exist.
@@ -125,36 +172,62 @@ def _ensure_names(model: onnx.ModelProto) -> None:
             node.name = f"{node.op_type}_{i}"
 
 
+def _quantize_dynamic_int8(model: onnx.ModelProto, dst: Path, head: list[str]) -> Quantized:
+    """The former CPU int8 default, kept for measurements (``int8_cpu_method="dynamic"``): see the
+    module docstring for why it is no longer the default."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    before = _count(model, ("MatMul", "Gemm"))
+    tmp = dst.with_name(dst.stem + ".named.onnx")
+    onnx.save(model, str(tmp), save_as_external_data=True, location=tmp.name + ".data")
+    quantize_dynamic(
+        tmp, dst, op_types_to_quantize=["MatMul", "Gemm"], per_channel=True, reduce_range=False,
+        weight_type=QuantType.QInt8, nodes_to_exclude=head, use_external_data_format=True,
+        extra_options={"MatMulConstBOnly": True},
+    )
+    tmp.unlink()
+    (tmp.parent / (tmp.name + ".data")).unlink()
+    out = onnx.load(str(dst), load_external_data=False)
+    converted = before - _count(out, ("MatMul", "Gemm"))
+    return Quantized("onnxruntime.quantization.quantize_dynamic",
+                     {"weight_type": "QInt8", "per_channel": True, "op_types": ["MatMul", "Gemm"],
+                      "activations": "dynamic uint8, one scale per tensor per call"}, converted, head)
+
+
 def quantize_file(src: Path, dst: Path, precision: str, device: str, keep_lm_head: bool = True,
-                  block_size: int = 32, symmetric: bool = True) -> Quantized | None:
-    """Write ``dst`` (+ ``dst.name + '.data'``) from ``src`` at ``precision``; ``None`` for fp32."""
+                  block_size: int | None = None, symmetric: bool = True,
+                  int8_cpu_method: str = "nbits") -> Quantized | None:
+    """Write ``dst`` (+ ``dst.name + '.data'``) from ``src`` at ``precision``; ``None`` for fp32.
+
+    ``block_size`` defaults to :data:`INT8_CPU_BLOCK_SIZE` for int8 on CPU and to 32 otherwise;
+    ``int8_cpu_method="dynamic"`` builds the former ``quantize_dynamic`` int8 (for comparisons).
+    """
     if precision == "fp32":
         return None
     model = onnx.load(str(src), load_external_data=True)
     _ensure_names(model)
-    head = lm_head_nodes(model) if keep_lm_head else []
-    if precision == "int8" and device == "cpu":
-        from onnxruntime.quantization import QuantType, quantize_dynamic
-
-        before = _count(model, ("MatMul", "Gemm"))
-        tmp = dst.with_name(dst.stem + ".named.onnx")
-        onnx.save(model, str(tmp), save_as_external_data=True, location=tmp.name + ".data")
-        quantize_dynamic(
-            tmp, dst, op_types_to_quantize=["MatMul", "Gemm"], per_channel=True, reduce_range=False,
-            weight_type=QuantType.QInt8, nodes_to_exclude=head, use_external_data_format=True,
-            extra_options={"MatMulConstBOnly": True},
-        )
-        tmp.unlink()
-        (tmp.parent / (tmp.name + ".data")).unlink()
-        out = onnx.load(str(dst), load_external_data=False)
-        converted = before - _count(out, ("MatMul", "Gemm"))
-        return Quantized("onnxruntime.quantization.quantize_dynamic",
-                         {"weight_type": "QInt8", "per_channel": True, "op_types": ["MatMul", "Gemm"],
-                          "activations": "dynamic uint8"}, converted, head)
+    head = lm_head_nodes(model)
+    head_note = "kept in the base precision"
+    if not keep_lm_head:
+        untied = untie_lm_head(model, head)  # a tied head gets its own copy, so a quantizer can take it
+        ops = {n.op_type for n in model.graph.node if n.name in head}
+        head_note = ("quantized" + (" (tied: its own transposed copy)" if untied else "")) if ops <= {"MatMul", "Gemm"} \
+            else f"left as {sorted(ops)} (no quantizer takes it)"
+        head = []
+    if precision == "int8" and device == "cpu" and int8_cpu_method == "dynamic":
+        return _quantize_dynamic_int8(model, dst, head)
+    if int8_cpu_method not in INT8_CPU_METHODS:
+        raise ValueError(f"int8_cpu_method {int8_cpu_method!r} is not one of {INT8_CPU_METHODS}")
     if precision in ("int4", "int8"):
         from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
         bits = 4 if precision == "int4" else 8
+        if block_size is None:
+            block_size = INT8_CPU_BLOCK_SIZE if (bits == 8 and device == "cpu") else 32
+        # CPU: int8 activations inside the kernel (MLAS CompInt8, one scale per row and block: the
+        # fast path; each row's result is independent of the others); accuracy levels 0-2
+        # dequantize to fp32 on every call there (6x slower than the fp32 graph on the dev
+        # machine). CUDA: the weight-only kernel.
         accuracy_level = 4 if device == "cpu" else None
         base = "fp32"
         if device == "cuda":
@@ -182,9 +255,17 @@ def quantize_file(src: Path, dst: Path, precision: str, device: str, keep_lm_hea
         out = quant.model.model
         onnx.save(out, str(dst), save_as_external_data=True, location=dst.name + ".data")
         converted = _count(out, ("MatMulNBits",))
+        settings: dict[str, Any] = {"bits": bits, "block_size": block_size, "symmetric": symmetric,
+                                    "accuracy_level": accuracy_level, "base": base, "lm_head": head_note}
+        settings["weights"] = (f"{bits}-bit {'symmetric' if symmetric else 'asymmetric (with zero points)'}, "
+                               f"one {base} scale per block of {block_size} along K; the nodes in 'kept' stay {base}")
+        if accuracy_level == 4:
+            settings["activations"] = (f"int8, one scale per row and block of {block_size} along K, "
+                                       "quantized inside MatMulNBits on each call (MLAS CompInt8)")
+        else:
+            settings["activations"] = f"{base}, not quantized (weight-only)"
         return Quantized("onnxruntime.quantization.matmul_nbits_quantizer.MatMulNBitsQuantizer",
-                         {"bits": bits, "block_size": block_size, "symmetric": symmetric,
-                          "accuracy_level": accuracy_level, "base": base}, converted, head)
+                         settings, converted, head)
     if precision == "fp16":
         from onnxruntime.transformers.float16 import convert_float_to_float16
 

@@ -179,9 +179,20 @@ def test_batch_mismatch_judged_against_the_reference() -> None:
     assert not real.near_tie and abs(real.ref_gap - 6.0) < 1e-9
     unknown = judge_batch_mismatch(BatchMismatch("b", 1, 3, 99), reference, agreed, tie_threshold=0.1)
     assert not unknown.near_tie and unknown.ref_gap == float("inf")
-    # the run alone already left the reference at step 0: no context to judge by, stays real
-    diverged = judge_batch_mismatch(BatchMismatch("b", 1, 3, 8), reference, SimpleNamespace(first_divergence=0), 0.1)
+    # the run alone already left the reference at step 0: without its own logits, stays real
+    left = SimpleNamespace(first_divergence=0)
+    diverged = judge_batch_mismatch(BatchMismatch("b", 1, 3, 8), reference, left, 0.1)
     assert diverged.ref_gap is None and not diverged.near_tie
+    # with them, the run alone's own margin at that step judges it (top-k rows of its logits)
+    from parity.verify import top_k_rows
+
+    own = top_k_rows(np.array([[0.0, 5.0, 1.0, 2.0, 0.0, 0.0, 0.0, 0.0, 0.0],
+                               [0.0, 1.0, 0.0, 7.0, 0.0, 0.0, 0.0, 0.0, 6.96]]), k=3)
+    assert own[1] == ((3, 8, 1), (7.0, pytest.approx(6.96), 1.0))
+    near = judge_batch_mismatch(BatchMismatch("b", 1, 3, 8), reference, left, 0.1, own)
+    assert near.near_tie and near.judged_by == "candidate" and abs(near.ref_gap - 0.04) < 1e-6
+    far = judge_batch_mismatch(BatchMismatch("b", 1, 3, 1), reference, left, 0.1, own)
+    assert not far.near_tie and far.judged_by == "candidate" and abs(far.ref_gap - 6.0) < 1e-6
 
     passing = Verdict(passed=True, reasons=(), notes=(), summary=summarize([]))
     lenient = _with_batch_reason(passing, [tie], strict=False)
@@ -264,25 +275,29 @@ def test_layerwise_uses_the_input_artifact_the_optimizer_recorded(
 
 
 @pytest.mark.slow
-def test_smollm2_int8_cpu_is_reported_with_the_policy_verdict(smollm2: Path, tmp_path: Path,
-                                                               capsys: pytest.CaptureFixture[str]) -> None:
-    """The int8 CPU artifact is verified and reported under the int8 policy, pass or fail.
+def test_smollm2_int8_cpu_passes_the_int8_policy(smollm2: Path, tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """``lmforge verify`` passes the int8 CPU artifact (8-bit MatMulNBits, blocks of 16, int8
+    activations per row and block) on the smoke prompts, batch parity included.
 
-    Measured on this machine: dynamic int8 loses greedy parity on SmolLM2-135M (the passes issue
-    tracks it), so this asserts the verdict is *reported* consistently, not that it passes.
+    Measured on the 2-core dev machine (AVX512-VNNI): 3 exact, 3 near-ties, no drift, no batch
+    mismatch — exactly the 3 of 6 exact the policy asks for, so a kernel change that costs one
+    prompt fails here; the old ``quantize_dynamic`` default gave 0 exact. See
+    passes/precision.py for the recipe's measurements.
     """
     from passes.pipeline import optimize_artifact
 
     int8 = tmp_path / "smollm2-int8"
     optimize_artifact(smollm2, int8, device="cpu", precision="int8", progress=False)
+    quantization = json.loads((int8 / "manifest.json").read_text())["quantization"]
+    assert quantization["settings"]["bits"] == 8 and quantization["settings"]["accuracy_level"] == 4
     out = tmp_path / "int8.json"
     code = main(["verify", str(int8), "--prompts", str(smoke_prompts_path()), "--max-new-tokens", "32",
                  "--json", str(out)])
     doc = json.loads(out.read_text())
-    assert doc["precision"] == "int8" and doc["policy"]["precision"] == "int8"
-    assert code == (0 if doc["passed"] else 1)
-    summary = doc["summary"]
-    assert summary["prompts"] == 6
-    assert summary["exact"] + summary["near_tie"] + summary["drift"] + summary.get("length_mismatch", 0) == 6
     printed = capsys.readouterr().out
-    assert ("parity int8: PASSED" in printed) == doc["passed"]
+    assert doc["precision"] == "int8" and doc["policy"]["precision"] == "int8"
+    assert code == 0 and doc["passed"], printed
+    summary = doc["summary"]
+    assert summary["prompts"] == 6 and summary["drift"] == 0 and summary["exact"] >= 3
+    assert "parity int8: PASSED" in printed

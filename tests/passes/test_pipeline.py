@@ -75,13 +75,52 @@ def test_architecture_fusions(arch: str, optimized, artifact_cache) -> None:  # 
     assert ("GroupQueryAttention" in report.ops) == bool(manifest["constraints"])
 
 
-@pytest.mark.parametrize("precision,converted_op", [("int8", "MatMulInteger"), ("int4", "MatMulNBits")])
-def test_llama_quantized(precision: str, converted_op: str, optimized) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("precision,bits,block_size", [("int8", 8, 16), ("int4", 4, 32)])
+def test_llama_quantized(precision: str, bits: int, block_size: int, optimized) -> None:  # type: ignore[no-untyped-def]
     out, report = optimized("llama", precision)
-    assert report.ops.get(converted_op, 0) == 14  # 7 projections × 2 layers; the tied lm head stays fp32
+    assert report.ops.get("MatMulNBits", 0) == 14  # 7 projections × 2 layers; the tied lm head stays fp32
+    assert "MatMulInteger" not in report.ops and "DynamicQuantizeLinear" not in report.ops
     q = load_artifact(out).manifest["quantization"]
     assert q["converted_nodes"] == 14 and q["kept"]  # the lm head is named as kept
+    assert q["method"].endswith("MatMulNBitsQuantizer")
+    assert {k: q["settings"][k] for k in ("bits", "block_size", "symmetric", "accuracy_level", "base")} == {
+        "bits": bits, "block_size": block_size, "symmetric": True, "accuracy_level": 4, "base": "fp32"}
+    assert "per row" in q["settings"]["activations"]  # the record says how activations are quantized
     assert report.check["ok"] and 0 < max(report.check["max_abs_diff"].values())
+
+
+def test_int8_cpu_rows_are_batch_independent(optimized) -> None:  # type: ignore[no-untyped-def]
+    """Every MatMulNBits of the int8 CPU graph gives a row the same bits alone as in a batch of
+    eight (activation scales per row and block, unlike quantize_dynamic's one scale per tensor)."""
+    import onnx
+    import onnxruntime as ort
+
+    out, _ = optimized("llama", "int8")
+    model = onnx.load(str(out / "model.onnx"))
+    node = next(n for n in model.graph.node if n.op_type == "MatMulNBits")
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    graph = onnx.helper.make_graph(
+        [node], "one", [onnx.helper.make_tensor_value_info(node.input[0], onnx.TensorProto.FLOAT, ["m", attrs["K"]])],
+        [onnx.helper.make_tensor_value_info(node.output[0], onnx.TensorProto.FLOAT, ["m", attrs["N"]])],
+        [t for t in model.graph.initializer if t.name in node.input[1:]])
+    single = onnx.helper.make_model(graph, opset_imports=list(model.opset_import), ir_version=model.ir_version)
+    session = ort.InferenceSession(single.SerializeToString(), providers=["CPUExecutionProvider"])
+    rows = np.random.default_rng(0).standard_normal((8, attrs["K"])).astype(np.float32)
+    rows[1:, 0] *= 100.0  # outliers in the other rows must not move row 0
+    batched = session.run(None, {node.input[0]: rows})[0]
+    alone = session.run(None, {node.input[0]: rows[:1]})[0]
+    assert np.array_equal(batched[:1], alone)
+
+
+def test_int8_dynamic_is_still_available(artifact_cache, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """The former CPU int8 (quantize_dynamic) stays buildable for comparisons, and says so."""
+    from passes.precision import quantize_file
+
+    src = load_artifact(artifact_cache("tiny:llama"))
+    q = quantize_file(src.model_path, tmp_path / "model.onnx", "int8", "cpu", int8_cpu_method="dynamic")
+    assert q is not None and q.method.endswith("quantize_dynamic") and q.converted_nodes == 14
+    with pytest.raises(ValueError, match="int8_cpu_method"):
+        quantize_file(src.model_path, tmp_path / "other.onnx", "int8", "cpu", int8_cpu_method="static")
 
 
 def test_left_padding_is_exact_under_gqa(optimized, artifact_cache) -> None:  # type: ignore[no-untyped-def]
