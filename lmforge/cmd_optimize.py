@@ -24,6 +24,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                         help="concat or shared-buffer (default: shared-buffer for --device cuda when every "
                              "attention fuses to GroupQueryAttention, else concat)")
     parser.add_argument("--no-fuse", dest="fuse", action="store_false", help="skip the fusion passes")
+    parser.add_argument("--quantize-lm-head", action="store_true",
+                        help="int8/int4: quantize the lm head too (default: it keeps the base precision)")
     parser.add_argument("--check", action="store_true",
                         help="compare logits with the input artifact on fixed inputs; refuse to write past tolerance")
     parser.add_argument("--force", action="store_true", help="replace OUT; allow fp16 on CPU")
@@ -36,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
 
     report = optimize_artifact(args.artifact, args.output, device=args.device, precision=args.precision,
                                fuse=args.fuse, check=args.check, force=args.force,
-                               kv_mode=args.kv_mode)
+                               kv_mode=args.kv_mode, quantize_lm_head=args.quantize_lm_head)
     if args.json:
         print(json.dumps(report.to_json(), indent=2))
     elif not args.quiet:

@@ -243,6 +243,7 @@ def optimize_artifact(
     force: bool = False,
     progress: bool | None = None,
     kv_mode: str | None = None,
+    quantize_lm_head: bool = False,
 ) -> OptimizeReport:
     """Optimize the artifact at ``src`` into a new artifact at ``out``; return the report.
 
@@ -250,6 +251,9 @@ def optimize_artifact(
     ``device="cuda"`` when every attention fused to GroupQueryAttention, else keeps ``concat``;
     ``"shared-buffer"`` asks for it on any device (refused with :class:`PassError` when the
     graph cannot take it); ``"concat"`` keeps the input's contract.
+
+    ``quantize_lm_head`` (int8/int4): quantize the lm head too (a tied head gets its own copy,
+    :mod:`passes.lm_head`); by default it keeps the base precision, the parity-safe choice.
 
     Raises :class:`PassError` / :class:`ArtifactError` (exit 2 on the command line); on any
     failure ``out`` is left as it was.
@@ -295,7 +299,8 @@ def optimize_artifact(
                 shutil.move(str(fused), tmp / MODEL_NAME)
                 shutil.move(str(work / (fused.name + ".data")), tmp / _DATA_NAME)
             else:
-                quantized = quantize_file(fused, tmp / MODEL_NAME, precision, device)
+                quantized = quantize_file(fused, tmp / MODEL_NAME, precision, device,
+                                          keep_lm_head=not quantize_lm_head)
             sb: SharedBuffer | None = None
             if shared:
                 sb = share_kv_buffers(tmp / MODEL_NAME, art.architecture, art.manifest["kv"])
