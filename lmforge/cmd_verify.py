@@ -78,7 +78,8 @@ def run(args: argparse.Namespace) -> int:
     document = to_json(result.verdict, result.comparisons, result.precision, result.policy)
     document["batch_mismatches"] = [
         {"id": m.prompt_id, "step": m.step, "single_token": m.single_token, "batch_token": m.batch_token,
-         "ref_gap": m.ref_gap if m.ref_gap is None or m.ref_gap != float("inf") else None, "near_tie": m.near_tie}
+         "ref_gap": m.ref_gap if m.ref_gap is None or m.ref_gap != float("inf") else None, "near_tie": m.near_tie,
+         "judged_by": m.judged_by}
         for m in result.batch_mismatches
     ]
     document["max_new_tokens"] = result.max_new_tokens

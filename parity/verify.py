@@ -85,29 +85,60 @@ class BatchMismatch:
     # alone agreed with the reference up to that step (else None: no valid context to judge by).
     ref_gap: float | None = None
     near_tie: bool = False
+    # Which logits judged it: "reference", or "candidate" (the run alone had already left the
+    # reference at an earlier near-tie, so its own logits at ``step`` are the only valid context).
+    judged_by: str | None = None
 
     def describe(self) -> str:
-        gap = f", reference gap {self.ref_gap:.3g}" if self.ref_gap is not None else ""
+        gap = f", {self.judged_by or 'reference'} gap {self.ref_gap:.3g}" if self.ref_gap is not None else ""
         return f"{self.prompt_id} at step {self.step} ({self.single_token} alone, {self.batch_token} batched{gap})"
 
 
+ALONE_TOP_K = 20  # candidate logits kept per step of each run alone, to judge batch mismatches
+
+
+def top_k_rows(logits: Any, k: int = ALONE_TOP_K) -> tuple[tuple[tuple[int, ...], tuple[float, ...]], ...]:
+    """Per step, the ``k`` largest logits of a ``[steps, vocab]`` array as (ids, values), largest first."""
+    import numpy as np
+
+    if logits is None:
+        return ()
+    arr = np.asarray(logits, dtype=np.float32)
+    idx = np.argsort(-arr, axis=1, kind="stable")[:, :k]
+    return tuple((tuple(int(i) for i in row), tuple(float(arr[t, i]) for i in row)) for t, row in enumerate(idx))
+
+
+def _gap(ids: Sequence[int], values: Sequence[float], token: int) -> float:
+    return float(values[0]) - float(values[list(ids).index(token)]) if token in ids else math.inf
+
+
 def judge_batch_mismatch(mismatch: BatchMismatch, reference: Any, comparison: PromptComparison,
-                         tie_threshold: float) -> BatchMismatch:
+                         tie_threshold: float,
+                         alone_top: Sequence[tuple[Sequence[int], Sequence[float]]] = ()) -> BatchMismatch:
     """Classify a batch mismatch as the prompt comparison classifies a divergence.
 
     Reduced-precision kernels may pick differently between a batch of 8 and a batch of 1 where the
     model itself is undecided. When the run alone matched the reference up to the mismatch step,
     the reference says how close the batched token was: within ``tie_threshold`` logits of its own
-    choice is a near-tie; anything else (or no reference context) stays a real mismatch.
+    choice is a near-tie. When the run alone had already left the reference earlier (itself a
+    divergence the prompt comparison judged), the reference has no context for this step; the
+    run alone's own logits there (``alone_top``, its top-k per step) judge it the same way — an
+    activation-quantized graph flips between batch and alone exactly where its own margin is
+    small. Anything else stays a real mismatch.
     """
     step, token = mismatch.step, mismatch.batch_token
-    agreed = comparison.first_divergence is None or comparison.first_divergence >= step
-    if token is None or not agreed or step >= len(reference.top_ids):
+    if token is None:
         return mismatch
-    ids = [int(i) for i in reference.top_ids[step]]
-    values = [float(v) for v in reference.top_values[step]]
-    gap = values[0] - values[ids.index(token)] if token in ids else math.inf
-    return dataclasses.replace(mismatch, ref_gap=gap, near_tie=gap < tie_threshold)
+    agreed = comparison.first_divergence is None or comparison.first_divergence >= step
+    if agreed and step < len(reference.top_ids):
+        ids = [int(i) for i in reference.top_ids[step]]
+        gap = _gap(ids, [float(v) for v in reference.top_values[step]], token)
+        return dataclasses.replace(mismatch, ref_gap=gap, near_tie=gap < tie_threshold, judged_by="reference")
+    if not agreed and step < len(alone_top):
+        ids, values = alone_top[step]
+        gap = _gap(ids, values, token)
+        return dataclasses.replace(mismatch, ref_gap=gap, near_tie=gap < tie_threshold, judged_by="candidate")
+    return mismatch
 
 
 @dataclasses.dataclass(frozen=True)
@@ -299,9 +330,11 @@ def verify_artifact(
     t0 = time.perf_counter()
     comparisons: dict[str, PromptComparison] = {}
     candidate_tokens: dict[str, tuple[int, ...]] = {}
+    alone_top: dict[str, Any] = {}
     for prompt in tqdm(run, desc=f"candidate ({precision}, {device})", unit="prompt", disable=not progress):
         (result,) = engine.generate_results([list(input_ids[prompt.id])], max_new_tokens, return_logits=True)
         candidate_tokens[prompt.id] = tuple(result.token_ids)
+        alone_top[prompt.id] = top_k_rows(result.step_logits)
         candidate = CandidateRun(prompt_id=prompt.id, tokens=result.token_ids, logits=result.step_logits)
         comparisons[prompt.id] = compare_prompt(
             references[prompt.id], candidate, policy.tie_threshold, eos_token_ids=engine.eos_token_ids
@@ -317,7 +350,8 @@ def verify_artifact(
 
     ordered = tuple(comparisons[p.id] if p.id in comparisons else skipped(p.id, skip[p.id]) for p in prompts)
     verdict = evaluate(policy, ordered)
-    mismatches = [judge_batch_mismatch(m, references[m.prompt_id], comparisons[m.prompt_id], policy.tie_threshold)
+    mismatches = [judge_batch_mismatch(m, references[m.prompt_id], comparisons[m.prompt_id], policy.tie_threshold,
+                                       alone_top.get(m.prompt_id, ()))
                   for m in mismatches]
     verdict = _with_batch_reason(verdict, mismatches, strict=policy.min_exact_fraction >= 1.0)
     timings["total"] = time.perf_counter() - started
