@@ -47,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = ["lmforge", *(sys.argv[1:] if argv is None else argv)]  # the command line, for reports
     level = logging.DEBUG if args.debug else logging.INFO if args.verbose else logging.WARNING
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("torch", "transformers", "onnxscript", "onnx_ir", "httpx", "urllib3", "matplotlib", "PIL"):
