@@ -285,7 +285,7 @@ def optimize_artifact(
     expected = {op: ops.get(op, 0) for op in expected_fusions(arch)} if fuse else {}
     missing = _missing_reasons(expected, ops, passes, records)
     constraints = [GQA_CONSTRAINT] if ops.get("GroupQueryAttention") else []
-    shared = _want_shared_buffer(art, model, device, kv_mode, fuse)
+    shared = _want_shared_buffer(art, model, device, kv_mode, fuse, precision)
 
     quantized: Quantized | None = None
     check_result: CheckResult | None = None
@@ -359,7 +359,8 @@ def optimize_artifact(
 _KV_MODES = (None, KvMode.CONCAT.value, KvMode.SHARED_BUFFER.value)
 
 
-def _want_shared_buffer(art: Artifact, model: ir.Model, device: str, kv_mode: str | None, fuse: bool) -> bool:
+def _want_shared_buffer(art: Artifact, model: ir.Model, device: str, kv_mode: str | None, fuse: bool,
+                        precision: str = "fp16") -> bool:
     """Whether to rewrite to ``shared-buffer`` (see :func:`optimize_artifact`); refuse a request it cannot meet."""
     if kv_mode not in _KV_MODES:
         raise PassError(f"unknown kv_mode {kv_mode!r}", expected="concat or shared-buffer",
@@ -372,6 +373,16 @@ def _want_shared_buffer(art: Artifact, model: ir.Model, device: str, kv_mode: st
     if kv_mode is None and device != "cuda":
         return False
     blockers = shared_buffer_blockers(model, int(art.architecture["layers"])) if fuse else ["--no-fuse"]
+    if not blockers and device == "cuda" and precision == "fp32":
+        # onnxruntime's GroupQueryAttention has fp16/bf16 CUDA kernels only; measured on an H100
+        # (onnxruntime-gpu 1.31.1), an fp32 shared-buffer graph on CUDA gives logits off by ~1
+        # while the same graph on the CPU and the fp32 concat graph on CUDA agree to 1e-6.
+        if kv_mode is None:
+            log.info("kv_mode stays concat for fp32 on CUDA (GroupQueryAttention has no fp32 CUDA kernel)")
+            return False
+        raise PassError("kv_mode 'shared-buffer' for fp32 on CUDA: GroupQueryAttention has no fp32 CUDA kernel "
+                        "(its fallback gives wrong logits)", expected="--precision fp16, int8 or int4 for CUDA",
+                        fix="use --precision fp16, or --device cpu for an fp32 shared-buffer artifact")
     if not blockers:
         return True
     if kv_mode is None:

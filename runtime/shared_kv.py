@@ -201,6 +201,12 @@ class SharedBufferEngine(Engine):
                                   fix="re-run `lmforge optimize`")
         self._logits_dtype = outputs["logits"].dtype
         self._output_names = ["logits", *self._present]
+        if self.device_type == "cuda" and self.kv_dtype == "float32":
+            raise GenerationError(
+                f"artifact {artifact.path}: an fp32 shared-buffer artifact cannot run on CUDA",
+                got="GroupQueryAttention has no fp32 CUDA kernel (its fallback gives wrong logits)",
+                fix="optimize with --device cuda --precision fp16 (or int8/int4), or run this one on the CPU",
+            )
 
         # The fused step model: the decoder with the greedy step appended (runtime.step_graph).
         # It serves every decode step, and prefill too unless CUDA graphs are on (prefill shapes
@@ -217,8 +223,8 @@ class SharedBufferEngine(Engine):
             if self.cuda_graph and "graph capture" in str(exc):
                 raise GenerationError(
                     "cuda_graph=True: onnxruntime cannot place every node of this graph on CUDA",
-                    got=f"a {artifact.precision} artifact (GroupQueryAttention has fp16/bf16 CUDA kernels only)",
-                    fix="optimize with --precision fp16 (or int8/int4) for CUDA graphs, or leave cuda_graph off",
+                    got=f"a {artifact.precision} artifact whose graph has a node without a CUDA kernel",
+                    fix="re-optimize with `lmforge optimize --device cuda` (fp16/int8/int4), or leave cuda_graph off",
                 ) from exc
             raise
         graph_inputs = {i.name for i in self._step_session.get_inputs()}

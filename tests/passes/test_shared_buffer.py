@@ -24,8 +24,10 @@ def shared(artifact_cache: Callable[[str], Path], tmp_path_factory: pytest.TempP
     def get(precision: str):  # type: ignore[no-untyped-def]
         if precision not in made:
             out = root / precision
-            made[precision] = (out, optimize_artifact(artifact_cache("tiny:llama"), out, "cuda", precision,
-                                                      check=True, progress=False))
+            # fp32 shared-buffer is a CPU artifact (GroupQueryAttention has no fp32 CUDA kernel)
+            device, mode = ("cpu", "shared-buffer") if precision == "fp32" else ("cuda", None)
+            made[precision] = (out, optimize_artifact(artifact_cache("tiny:llama"), out, device, precision,
+                                                      check=True, progress=False, kv_mode=mode))
         return made[precision]
 
     return get
@@ -115,8 +117,19 @@ def test_refused_for_non_gqa(artifact_cache, tmp_path: Path) -> None:  # type: i
 
 
 def test_cuda_default_keeps_concat_for_non_gqa(artifact_cache, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    optimize_artifact(artifact_cache("tiny:gpt2"), tmp_path / "o", "cuda", "fp32", progress=False)
+    optimize_artifact(artifact_cache("tiny:gpt2"), tmp_path / "o", "cuda", "fp16", progress=False)
     assert json.loads((tmp_path / "o" / "manifest.json").read_text())["kv_mode"] == "concat"
+
+
+def test_fp32_on_cuda_keeps_concat(artifact_cache, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """GroupQueryAttention has no fp32 CUDA kernel: fp32 for CUDA stays concat, and asking for
+    shared-buffer there is refused with nothing written."""
+    optimize_artifact(artifact_cache("tiny:llama"), tmp_path / "o", "cuda", "fp32", progress=False)
+    assert json.loads((tmp_path / "o" / "manifest.json").read_text())["kv_mode"] == "concat"
+    with pytest.raises(PassError, match="fp32 on CUDA"):
+        optimize_artifact(artifact_cache("tiny:llama"), tmp_path / "p", "cuda", "fp32", kv_mode="shared-buffer",
+                          progress=False)
+    assert not (tmp_path / "p").exists()
 
 
 def test_no_fuse_and_bad_mode_refused(artifact_cache, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

@@ -20,7 +20,7 @@ def pair(artifact_cache: Callable[[str], Path], tmp_path_factory: pytest.TempPat
 
     src = artifact_cache("tiny:llama")
     out = tmp_path_factory.mktemp("shared") / "llama-sb"
-    optimize_artifact(src, out, device="cuda", precision="fp32", progress=False)  # cuda → shared-buffer
+    optimize_artifact(src, out, device="cpu", precision="fp32", kv_mode="shared-buffer", progress=False)
     return Engine.load(src), Engine.load(out)
 
 
