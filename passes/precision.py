@@ -67,6 +67,7 @@ from typing import Any
 
 import onnx
 
+from passes.grid_int4 import grid_quantize
 from passes.lm_head import untie_lm_head
 
 __all__ = ["Quantized", "PRECISIONS", "INT8_CPU_METHODS", "INT8_CPU_BLOCK_SIZE", "quantize_file", "lm_head_nodes",
@@ -230,6 +231,13 @@ def quantize_file(src: Path, dst: Path, precision: str, device: str, keep_lm_hea
         # machine). CUDA: the weight-only kernel.
         accuracy_level = 4 if device == "cpu" else None
         base = "fp32"
+        source_weights: dict[str, Any] = {}
+        if bits == 4 and device == "cuda":  # for grid_int4: the fp32 weights, before fp16 rounds them
+            from onnx import numpy_helper
+
+            weight_names = {n.input[1] for n in model.graph.node if n.op_type == "MatMul" and len(n.input) == 2}
+            source_weights = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer
+                              if t.name in weight_names and len(t.dims) == 2}
         if device == "cuda":
             # CUDA: weight-only quantization on an fp16 graph, as onnxruntime-genai builds it —
             # GroupQueryAttention has fp16/bf16 CUDA kernels only, and the unquantized lm head and
@@ -248,6 +256,10 @@ def quantize_file(src: Path, dst: Path, precision: str, device: str, keep_lm_hea
                  and len(initializers.get(n.input[1], (block_size,))) == 2
                  and initializers.get(n.input[1], (block_size,))[0] < block_size]
         head = head + small
+        # A 4-bit source (Q4_1 GGUF) keeps its own grid exactly (passes.grid_int4); CUDA only,
+        # since float zero points take the CPU kernel off its fast path.
+        grid = grid_quantize(model, source_weights, set(head), block_size, accuracy_level) if source_weights else []
+        source_weights.clear()
         quant = MatMulNBitsQuantizer(model, bits=bits, block_size=block_size, is_symmetric=symmetric,
                                      accuracy_level=accuracy_level, nodes_to_exclude=head,
                                      op_types_to_quantize=("MatMul",))
@@ -256,9 +268,13 @@ def quantize_file(src: Path, dst: Path, precision: str, device: str, keep_lm_hea
         onnx.save(out, str(dst), save_as_external_data=True, location=dst.name + ".data")
         converted = _count(out, ("MatMulNBits",))
         settings: dict[str, Any] = {"bits": bits, "block_size": block_size, "symmetric": symmetric,
-                                    "accuracy_level": accuracy_level, "base": base, "lm_head": head_note}
+                                    "accuracy_level": accuracy_level, "base": base, "lm_head": head_note,
+                                    "source_grid_nodes": len(grid)}
         settings["weights"] = (f"{bits}-bit {'symmetric' if symmetric else 'asymmetric (with zero points)'}, "
                                f"one {base} scale per block of {block_size} along K; the nodes in 'kept' stay {base}")
+        if grid:
+            settings["weights"] += (f"; {len(grid)} weight(s) already on a 4-bit grid (a Q4_1 source) keep it "
+                                    f"exactly: the source's own scale and a {base} zero point per block")
         if accuracy_level == 4:
             settings["activations"] = (f"int8, one scale per row and block of {block_size} along K, "
                                        "quantized inside MatMulNBits on each call (MLAS CompInt8)")
