@@ -43,11 +43,9 @@ def test_every_precision_has_a_policy():
     assert set(POLICIES) == set(PRECISIONS) == {"fp32", "fp16", "int8", "int4"}
     for precision, policy in POLICIES.items():
         assert policy.precision == precision and policy_for(precision) is policy
-    assert POLICIES["fp32"].provisional == ()
-    assert "drift_free_steps" not in POLICIES["fp16"].provisional
-    assert set(POLICIES["int8"].provisional) == set(POLICIES["int4"].provisional) >= {
-        "min_exact_fraction", "tie_threshold", "drift_free_steps"
-    }
+    # fp32 fixed by the issue; fp16 and int8 set from the SmolLM2 measurements; int4 not pinned yet
+    assert POLICIES["fp32"].provisional == POLICIES["fp16"].provisional == POLICIES["int8"].provisional == ()
+    assert set(POLICIES["int4"].provisional) >= {"min_exact_fraction", "tie_threshold", "drift_free_steps"}
     # stricter precisions demand more
     order = [POLICIES[p] for p in PRECISIONS]
     assert [p.min_exact_fraction for p in order] == sorted((p.min_exact_fraction for p in order), reverse=True)
@@ -118,7 +116,8 @@ def test_fp16_passes_with_most_exact_and_only_late_drift():
     assert verdict.passed, verdict.reasons
     assert (verdict.summary.exact, verdict.summary.near_tie, verdict.summary.drift) == (30, 6, 4)
     assert any("6 near-tie(s)" in note for note in verdict.notes)
-    assert any("provisional" in note for note in verdict.notes)
+    assert not any("provisional" in note for note in verdict.notes)
+    assert any("provisional" in note for note in evaluate(POLICIES["int4"], comparisons).notes)
 
 
 def test_fp16_fails_on_a_drift_in_the_first_32_tokens():
