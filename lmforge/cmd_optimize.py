@@ -24,6 +24,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                         help="concat or shared-buffer (default: shared-buffer for --device cuda when every "
                              "attention fuses to GroupQueryAttention, else concat)")
     parser.add_argument("--no-fuse", dest="fuse", action="store_false", help="skip the fusion passes")
+    parser.add_argument("--block-size", type=int, default=None,
+                        help="int8/int4: MatMulNBits block along K, 16/32/64/128 (default 16 for CPU int8, else 32)")
     parser.add_argument("--quantize-lm-head", action="store_true",
                         help="int8/int4: quantize the lm head too (default: it keeps the base precision)")
     parser.add_argument("--check", action="store_true",
@@ -38,7 +40,8 @@ def run(args: argparse.Namespace) -> int:
 
     report = optimize_artifact(args.artifact, args.output, device=args.device, precision=args.precision,
                                fuse=args.fuse, check=args.check, force=args.force,
-                               kv_mode=args.kv_mode, quantize_lm_head=args.quantize_lm_head)
+                               kv_mode=args.kv_mode, quantize_lm_head=args.quantize_lm_head,
+                               block_size=args.block_size)
     if args.json:
         print(json.dumps(report.to_json(), indent=2))
     elif not args.quiet:

@@ -160,7 +160,10 @@ def _check_manifest_io(art: Artifact, reference: dict[str, list[tuple[str, str, 
             )
 
 
-def _validate_request(art: Artifact, device: str, precision: str, force: bool) -> None:
+BLOCK_SIZES = (16, 32, 64, 128)
+
+
+def _validate_request(art: Artifact, device: str, precision: str, force: bool, block_size: int | None = None) -> None:
     if device not in DEVICES:
         raise PassError(f"unknown device {device!r}", expected=" or ".join(DEVICES), fix="pass --device cpu or --device cuda")
     if precision not in PRECISIONS:
@@ -183,6 +186,10 @@ def _validate_request(art: Artifact, device: str, precision: str, force: bool) -
             "slower than fp32 there (casts around most ops)",
             fix="use --precision int8 or int4 for CPU, --device cuda for fp16, or pass --force to build it anyway",
         )
+    if block_size is not None and (precision not in ("int8", "int4") or block_size not in BLOCK_SIZES):
+        raise PassError(f"block size {block_size} for precision {precision}",
+                        expected=f"one of {', '.join(map(str, BLOCK_SIZES))}, with --precision int8 or int4",
+                        fix="leave out --block-size for the default, or pick a listed size")
     if device == "cuda" and precision == "int8":
         log.info("int8 for CUDA: weight-only 8-bit MatMulNBits (no dynamic activation quantization)")
 
@@ -244,6 +251,7 @@ def optimize_artifact(
     progress: bool | None = None,
     kv_mode: str | None = None,
     quantize_lm_head: bool = False,
+    block_size: int | None = None,
 ) -> OptimizeReport:
     """Optimize the artifact at ``src`` into a new artifact at ``out``; return the report.
 
@@ -254,6 +262,8 @@ def optimize_artifact(
 
     ``quantize_lm_head`` (int8/int4): quantize the lm head too (a tied head gets its own copy,
     :mod:`passes.lm_head`); by default it keeps the base precision, the parity-safe choice.
+    ``block_size`` (int8/int4): the MatMulNBits block along K (16, 32, 64 or 128); ``None`` is the
+    precision's default (16 for CPU int8, 32 otherwise).
 
     Raises :class:`PassError` / :class:`ArtifactError` (exit 2 on the command line); on any
     failure ``out`` is left as it was.
@@ -261,7 +271,7 @@ def optimize_artifact(
     started = time.perf_counter()
     out = Path(out)
     art = load_artifact(src)
-    _validate_request(art, device, precision, force)
+    _validate_request(art, device, precision, force, block_size)
     if out.exists() and not force:
         raise ArtifactError(f"output {out} already exists", fix="choose another path or pass --force to replace it")
     if out.resolve() == art.path.resolve():
@@ -300,7 +310,7 @@ def optimize_artifact(
                 shutil.move(str(work / (fused.name + ".data")), tmp / _DATA_NAME)
             else:
                 quantized = quantize_file(fused, tmp / MODEL_NAME, precision, device,
-                                          keep_lm_head=not quantize_lm_head)
+                                          keep_lm_head=not quantize_lm_head, block_size=block_size)
             sb: SharedBuffer | None = None
             if shared:
                 sb = share_kv_buffers(tmp / MODEL_NAME, art.architecture, art.manifest["kv"])

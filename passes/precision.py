@@ -76,6 +76,9 @@ __all__ = ["Quantized", "PRECISIONS", "INT8_CPU_METHODS", "INT8_CPU_BLOCK_SIZE",
 log = logging.getLogger(__name__)
 
 PRECISIONS = ("fp32", "fp16", "int8", "int4")
+# A MatMul whose constant operand has fewer rows than this is arithmetic (the rotary
+# positions × inv_freq[1, E] product), not a layer: never quantized.
+_MIN_WEIGHT_ROWS = 16
 INT8_CPU_METHODS = ("nbits", "dynamic")
 INT8_CPU_BLOCK_SIZE = 16
 
@@ -106,7 +109,7 @@ class Quantized:
 
 
 def lm_head_nodes(model: onnx.ModelProto) -> list[str]:
-    """Names of the MatMul/Gemm/FusedMatMul nodes whose output (through reshapes) becomes ``logits``.
+    """Names of the MatMul/Gemm/FusedMatMul(/MatMulNBits) nodes whose output (through reshapes) becomes ``logits``.
 
     With tied embeddings the head is a ``FusedMatMul`` (``transB``) of the embedding table, which
     neither quantizer touches; it is listed so the manifest says it stayed fp32.
@@ -121,7 +124,7 @@ def lm_head_nodes(model: onnx.ModelProto) -> list[str]:
         if node is None or node.name in seen:
             continue
         seen.add(node.name)
-        if node.op_type in ("MatMul", "Gemm", "FusedMatMul"):
+        if node.op_type in ("MatMul", "Gemm", "FusedMatMul", "MatMulNBits"):
             found.append(node.name)
         elif node.op_type in ("Reshape", "Cast", "Identity", "Squeeze", "Unsqueeze", "Transpose", "Add"):
             frontier.extend(i for i in node.input[:1] if i)
@@ -208,12 +211,9 @@ def quantize_file(src: Path, dst: Path, precision: str, device: str, keep_lm_hea
     model = onnx.load(str(src), load_external_data=True)
     _ensure_names(model)
     head = lm_head_nodes(model)
-    head_note = "kept in the base precision"
+    untied = 0
     if not keep_lm_head:
         untied = untie_lm_head(model, head)  # a tied head gets its own copy, so a quantizer can take it
-        ops = {n.op_type for n in model.graph.node if n.name in head}
-        head_note = ("quantized" + (" (tied: its own transposed copy)" if untied else "")) if ops <= {"MatMul", "Gemm"} \
-            else f"left as {sorted(ops)} (no quantizer takes it)"
         head = []
     if precision == "int8" and device == "cpu" and int8_cpu_method == "dynamic":
         return _quantize_dynamic_int8(model, dst, head)
@@ -248,13 +248,13 @@ def quantize_file(src: Path, dst: Path, precision: str, device: str, keep_lm_hea
                                              disable_shape_infer=True)
             drop_duplicate_nodes(model)
             base = "fp16"
-        # Only weight matrices: a MatMul whose constant operand has fewer rows than a block (the
+        # Only weight matrices: a MatMul whose constant operand has under _MIN_WEIGHT_ROWS rows (the
         # rotary ``positions × inv_freq[1, E]`` product) is arithmetic, not a layer — quantizing
-        # inv_freq to 4 bits would corrupt every position.
+        # inv_freq to 4 bits would corrupt every position. (K below the block size is padded.)
         initializers = {t.name: tuple(t.dims) for t in model.graph.initializer}
         small = [n.name for n in model.graph.node if n.op_type == "MatMul" and len(n.input) > 1
                  and len(initializers.get(n.input[1], (block_size,))) == 2
-                 and initializers.get(n.input[1], (block_size,))[0] < block_size]
+                 and initializers.get(n.input[1], (block_size,))[0] < _MIN_WEIGHT_ROWS]
         head = head + small
         # A 4-bit source (Q4_1 GGUF) keeps its own grid exactly (passes.grid_int4); CUDA only,
         # since float zero points take the CPU kernel off its fast path.
@@ -265,6 +265,10 @@ def quantize_file(src: Path, dst: Path, precision: str, device: str, keep_lm_hea
                                      op_types_to_quantize=("MatMul",))
         quant.process()
         out = quant.model.model
+        head_names = set(lm_head_nodes(out))
+        head_ops = {n.op_type for n in out.graph.node if n.name in head_names}
+        head_note = ("quantized" + (" (tied: its own transposed copy)" if untied else "")
+                     if head_ops == {"MatMulNBits"} else f"kept in the base precision ({', '.join(sorted(head_ops))})")
         onnx.save(out, str(dst), save_as_external_data=True, location=dst.name + ".data")
         converted = _count(out, ("MatMulNBits",))
         settings: dict[str, Any] = {"bits": bits, "block_size": block_size, "symmetric": symmetric,

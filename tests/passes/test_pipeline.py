@@ -89,6 +89,22 @@ def test_llama_quantized(precision: str, bits: int, block_size: int, optimized) 
     assert report.check["ok"] and 0 < max(report.check["max_abs_diff"].values())
 
 
+def test_int4_block_128_and_quantized_head(artifact_cache, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    """--block-size 128 reaches every MatMulNBits; --quantize-lm-head quantizes the tied head
+    through its own copy (15 = 14 projections + the head), and the manifest says so."""
+    import onnx
+
+    out = tmp_path / "q"
+    assert _cli("-q", "optimize", str(artifact_cache("tiny:llama")), "-o", str(out), "--precision", "int4",
+                "--block-size", "128", "--quantize-lm-head") == 0  # (no --check: a tiny random model's logits are flat)
+    settings = load_artifact(out).manifest["quantization"]["settings"]
+    assert settings["block_size"] == 128 and settings["lm_head"].startswith("quantized (tied")
+    nodes = [n for n in onnx.load(str(out / "model.onnx"), load_external_data=False).graph.node
+             if n.op_type == "MatMulNBits"]
+    assert len(nodes) == 15
+    assert {a.i for n in nodes for a in n.attribute if a.name == "block_size"} == {128}
+
+
 def test_int8_cpu_rows_are_batch_independent(optimized) -> None:  # type: ignore[no-untyped-def]
     """Every MatMulNBits of the int8 CPU graph gives a row the same bits alone as in a batch of
     eight (activation scales per row and block, unlike quantize_dynamic's one scale per tensor)."""
@@ -151,6 +167,8 @@ def test_not_an_artifact(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     (["--precision", "int3"], "unknown precision"),
     (["--device", "tpu"], "unknown device"),
     (["--precision", "fp16"], "--force"),
+    (["--precision", "int4", "--block-size", "48"], "block size 48"),
+    (["--precision", "fp32", "--block-size", "32"], "block size 32 for precision fp32"),
 ])
 def test_bad_requests(flags: list[str], message: str, tmp_path: Path, artifact_cache, capsys) -> None:  # type: ignore[no-untyped-def]
     src = artifact_cache("tiny:llama")
