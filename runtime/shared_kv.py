@@ -325,30 +325,28 @@ class SharedBufferEngine(Engine):
         capacity = max(len(r.prompt) for r in rows) + max_new_tokens
         buffers = self._take_buffers(batch) if self.cuda_graph else self._new_buffers(batch, capacity, captured=False)
         try:
+            sampler_np = sampler_arrays([r.params for r in rows], [r.prompt for r in rows],
+                                        [sorted(r.stop_ids) for r in rows], self.vocab, max_new_tokens)
+            prompt_lens = np.array([len(r.prompt) for r in rows], dtype=np.int64)
             if buffers is not None:
                 kv, logits, capacity, total = buffers.kv, buffers.logits, buffers.capacity, buffers.total
                 buffers.current = 0
-                sampler_np = sampler_arrays([r.params for r in rows], [r.prompt for r in rows],
-                                            [sorted(r.stop_ids) for r in rows], self.vocab, max_new_tokens)
                 # this request's constants, written into the fixed buffers (same addresses)
                 for name, source in ((PREFIX + "stop_mask", "stop_mask"), (PREFIX + "min_new_tokens", "min_new_tokens"),
                                      (PREFIX + "repetition_penalty", "repetition_penalty")):
                     buffers.consts[name].update_inplace(np.ascontiguousarray(sampler_np[source]))
-                buffers.consts[PREFIX + "prompt_lens"].update_inplace(
-                    np.array([len(r.prompt) for r in rows], dtype=np.int64))
+                buffers.consts[PREFIX + "prompt_lens"].update_inplace(prompt_lens)
             else:  # CUDA graph buffers busy with another request: the three-session step, uncaptured
                 kv = {n: self._zeros(self._kv_shape(batch, capacity), self.kv_dtype) for n in self._past}
                 logits = self._zeros([batch, 1, self.vocab], self._logits_dtype)
                 total = self._host_scalar(capacity)
-                sampler_np = sampler_arrays([r.params for r in rows], [r.prompt for r in rows],
-                                            [sorted(r.stop_ids) for r in rows], self.vocab, max_new_tokens)
             sampler_np["attention_mask"] = np.ones((batch, 1), dtype=np.int64)  # the sampler's next_* outputs are unused
             return SharedState(
                 rows=rows, max_new_tokens=max_new_tokens, feeds={},
                 sampler={k: self._put(v) for k, v in sampler_np.items()},
                 decoder_binding=self._session.io_binding(), sampler_binding=self._sampler.io_binding(),
                 started=time.perf_counter(), kv=kv, logits=logits,
-                prompt_lens=self._put(np.array([len(r.prompt) for r in rows], dtype=np.int64)),
+                prompt_lens=self._put(prompt_lens),
                 capacity=capacity, total=total, advance_binding=self._advance.io_binding(), buffers=buffers,
                 fused=buffers is not None and self.fuse_greedy and all(r.params.greedy for r in rows),
             )
