@@ -15,8 +15,11 @@ streaming, detokenization and the on-device sampler are the engine's. What diffe
   is prefilled with ``seqlens_k = L − 1`` and ``total_sequence_length = L`` (GQA's first-prompt
   case); rows of equal length next to each other share one prefill run, each run bound to its
   rows of the batch buffers by address (``IOBinding.bind_input(..., buffer_ptr)``), so nothing
-  is copied. A row's last-position logits go into a ``[batch, 1, vocab]`` buffer (a one-node
-  ``Gather`` graph, bound the same way), then the sampler runs once for the batch.
+  is copied. A greedy batch's prefill runs the fused step model (below) with its state bound by
+  rows, so one run per group prefills, picks the first token and writes the first decode step's
+  inputs, and the host reads the ids once. Otherwise a row's last-position logits go into a
+  ``[batch, 1, vocab]`` buffer (a one-node ``Gather`` graph, bound the same way), then the
+  sampler runs once for the batch.
   Decode steps feed all rows at once: ``position_ids = seqlens_k = prompt_len + generated − 1``
   per row, and a constant ``total_sequence_length`` (the buffer capacity: GQA's decode case needs
   ``seq = 1 ≠ total``, and the CUDA kernel reads this scalar on the host, so under a CUDA graph
@@ -35,10 +38,9 @@ streaming, detokenization and the on-device sampler are the engine's. What diffe
   stops inside a block ignores the block's remaining ids (at most ``read_every − 1`` wasted
   steps). Rows that *sample* (temperature / top-k / top-p) take the three-session step instead:
   the decoder (direction 0 of the same buffers), the sampler graph, then a tiny "advance" graph
-  that writes the next inputs into set 0, and a host read of the ids each step. Prefill always
-  ends with the sampler + advance (they write the first fused step's state). Without CUDA graphs
-  the step model also runs prefill (its extra inputs zero-filled, its extra outputs ignored), so
-  the weights are loaded once. Batches on step buffers keep finished rows (the buffers have fixed
+  that writes the next inputs into set 0, and a host read of the ids each step. The step model
+  also runs every prefill and every uncaptured step (for a sampling batch its extra inputs are
+  zeros and its extra outputs are ignored), so the weights are loaded once. Batches on step buffers keep finished rows (the buffers have fixed
   shapes); only the uncaptured fallback below compacts.
 * **CUDA graph** (``Engine.load(..., cuda_graph=True)``, CUDA only): the step model's session has
   ``enable_cuda_graph=1`` and each direction of each batch size's buffers is one captured graph
@@ -46,14 +48,20 @@ streaming, detokenization and the on-device sampler are the engine's. What diffe
   serves every request of that batch size; a request writes its constants (prompt lengths, stop
   mask, min-new-tokens, penalties) into the buffers in place (same addresses). All but the last
   replay of a block run with ``disable_synchronize_execution_providers`` so the host does not wait
-  for the GPU between them. Prefill, whose shapes vary, uses a second, plain decoder session (2×
-  weight memory on the device). Buffers busy with another request make the second request run
-  uncaptured on the plain session with its own buffers (thread-safe), compacting finished rows
-  as the concat engine does.
+  for the GPU between them. Prefill, whose shapes vary, runs on the same session with
+  ``gpu_graph_id = -1`` (onnxruntime's "do not capture" annotation; onnxruntime-genai runs its
+  prompts the same way), so the weights are on the device once. Buffers busy with another
+  request make the second request run uncaptured the same way, with its own buffers, compacting
+  finished rows as the concat engine does. Runs of the graph-enabled session are serialized by a
+  lock held over a block of replays or over one eager run: a captured graph's intermediate
+  tensors live in arena memory that onnxruntime considers free between runs, so an eager run on
+  another thread must not allocate it while a replay is in flight, and an ORT-allocated output
+  (prefill's logits) is read before the lock is released.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import threading
@@ -152,6 +160,7 @@ class SharedState(DecodeState):
     advance_binding: Any = None
     buffers: _StepBuffers | None = None  # None: the three-session step on the plain decoder
     fused: bool = False  # every row greedy: one fused run a step, ids read back per block
+    extras: dict[str, ort.OrtValue] = dataclasses.field(default_factory=dict)  # zeros for the step inputs of plain runs
 
 
 class SharedBufferEngine(Engine):
@@ -233,8 +242,16 @@ class SharedBufferEngine(Engine):
                 f"artifact {artifact.path}: the manifest's io.inputs and model.onnx disagree",
                 expected=str(sorted(self._inputs)), got=str(sorted(graph_inputs)), fix="re-run `lmforge optimize`",
             )
-        self._session = (self._open(str(artifact.model_path), providers) if self.cuda_graph
-                         else self._step_session)
+        # One session serves every run: prefill and uncaptured steps run it eagerly with
+        # ``gpu_graph_id = -1`` (onnxruntime's "skip capture" annotation), so the weights are on the
+        # device once. Under CUDA graphs its runs are serialized (see the module docstring).
+        self._session = self._step_session
+        self._eager: ort.RunOptions | None = None
+        if self.cuda_graph:
+            self._eager = ort.RunOptions()
+            self._eager.add_run_config_entry("gpu_graph_id", "-1")
+        self._run_lock: Any = threading.Lock() if self.cuda_graph else contextlib.nullcontext()
+        self.fuse_prefill = True  # False: prefill ends with the sampler + advance sessions (measurements)
         self._buffers: dict[int, _StepBuffers] = {}
         self._buffers_lock = threading.Lock()
         self.fused_steps = 0  # decode steps run fused, over the engine's life (benchmarks, tests)
@@ -341,6 +358,11 @@ class SharedBufferEngine(Engine):
                 logits = self._zeros([batch, 1, self.vocab], self._logits_dtype)
                 total = self._host_scalar(capacity)
             sampler_np["attention_mask"] = np.ones((batch, 1), dtype=np.int64)  # the sampler's next_* outputs are unused
+            fused = buffers is not None and self.fuse_greedy and all(r.params.greedy for r in rows)
+            if fused and self.fuse_prefill:  # the prefill run starts the fused step: its state in set 0
+                buffers.sets[0][PREFIX + "seen"].update_inplace(sampler_np["seen"])  # type: ignore[union-attr]
+                buffers.sets[0][PREFIX + "step"].update_inplace(np.array(0, dtype=np.int64))  # type: ignore[union-attr]
+                sampler_np = {}  # the sampler session never runs for this batch
             return SharedState(
                 rows=rows, max_new_tokens=max_new_tokens, feeds={},
                 sampler={k: self._put(v) for k, v in sampler_np.items()},
@@ -348,7 +370,7 @@ class SharedBufferEngine(Engine):
                 started=time.perf_counter(), kv=kv, logits=logits,
                 prompt_lens=self._put(prompt_lens),
                 capacity=capacity, total=total, advance_binding=self._advance.io_binding(), buffers=buffers,
-                fused=buffers is not None and self.fuse_greedy and all(r.params.greedy for r in rows),
+                fused=fused,
             )
         except BaseException:
             if buffers is not None and buffers.captured:
@@ -377,56 +399,91 @@ class SharedBufferEngine(Engine):
                 fix="this request failed and the engine stays usable; on out-of-memory, use fewer or shorter prompts",
             ) from exc
 
-    def _bind_step_extras(self, binding: Any, n: int) -> None:
-        """Zero inputs for the fused step's extra nodes when the step model runs a prefill (their
-        outputs are left to onnxruntime and ignored: the sampler handles the first token)."""
-        shapes = self._state_shapes(n)
-        for name, _, _dtype in STATE:
-            if name.startswith(PREFIX):
-                binding.bind_ortvalue_input(name, self._zeros(*shapes[name]))
-        for name, dtype in CONSTANTS:
-            binding.bind_ortvalue_input(name, self._zeros([n, self.vocab] if dtype == "bool" else [n], dtype))
+    def _bind_step_extras(self, binding: Any, state: SharedState, n: int) -> None:
+        """Zero inputs for the fused step's extra nodes when the step model runs plainly (a prefill
+        that ends with the sampler, or an uncaptured decoder step); their outputs are left to
+        onnxruntime and ignored. The zeros are made once per batch and bound ``n`` rows at a time."""
+        if not state.extras:
+            shapes = self._state_shapes(len(state.rows))
+            for name, _, _dtype in STATE:
+                if name.startswith(PREFIX):
+                    state.extras[name] = self._zeros(*shapes[name])
+            for name, dtype in CONSTANTS:
+                state.extras[name] = self._zeros([len(state.rows), self.vocab] if dtype == "bool" else [len(state.rows)], dtype)
+        for name, value in state.extras.items():
+            self._bind_rows(binding, name, value, 0, n, output=False)
         for _, out, _dtype in STATE:
             binding.bind_output(out, self.device_type, 0)
 
+    def _bind_rows(self, binding: Any, name: str, value: ort.OrtValue, start: int, n: int, output: bool) -> None:
+        """Bind rows ``start:start + n`` of a ``[batch, …]`` buffer (by address: nothing is copied);
+        a 0-d tensor (the step count) is bound whole."""
+        shape = list(value.shape())
+        if not shape:
+            (binding.bind_ortvalue_output if output else binding.bind_ortvalue_input)(name, value)
+            return
+        kind = value.data_type()[len("tensor("):-1]  # "tensor(float)" → "float"
+        dtype = np.dtype(np.float32 if kind == "float" else kind)
+        row = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
+        bind = binding.bind_output if output else binding.bind_input
+        bind(name, self.device_type, 0, dtype.type, [n, *shape[1:]], value.data_ptr() + start * row)
+
     def prefill(self, state: DecodeState) -> np.ndarray:
-        """Each run of equal-length prompts alone, into its rows of the batch buffers; then sample."""
+        """Each run of equal-length prompts alone, into its rows of the batch buffers; return the
+        first new ids.
+
+        A fused batch's prefill runs the step model with its state bound by rows (set 0 in, set 1
+        out): the same run picks the first token and writes the first decode step's inputs, and
+        the host reads the ids once. Otherwise each run's last-position logits go into
+        ``state.logits`` and the sampler + advance sessions follow (:meth:`_sample`)."""
         assert isinstance(state, SharedState)
         if state.steps != 0:
             raise GenerationError("prefill on a batch that already started", fix="call start() again")
+        buffers = state.buffers if state.fused and self.fuse_prefill else None
         np_kv = _NP_DTYPES[self.kv_dtype]
-        row_bytes = self._kv_heads * state.capacity * self._head_dim * np.dtype(np_kv).itemsize
-        np_logits = _NP_DTYPES[self._logits_dtype]
-        logit_row = self.vocab * np.dtype(np_logits).itemsize
         lengths = [len(r.prompt) for r in state.rows]
-        start = 0
+        groups, start = [], 0
         while start < len(lengths):
             end = start
             while end < len(lengths) and lengths[end] == lengths[start]:
                 end += 1
-            n, length = end - start, lengths[start]
-            binding = self._session.io_binding()
-            binding.bind_ortvalue_input("input_ids", self._put(np.array([r.prompt for r in state.rows[start:end]], np.int64)))
-            binding.bind_ortvalue_input("position_ids", self._put(np.tile(np.arange(length, dtype=np.int64), (n, 1))))
-            binding.bind_ortvalue_input(SEQLENS_K, self._put(np.full(n, length - 1, dtype=np.int32)))
-            binding.bind_ortvalue_input(TOTAL_SEQUENCE_LENGTH, self._host_scalar(length))
-            binding.bind_output("logits", self.device_type, 0)
-            shape = self._kv_shape(n, state.capacity)
-            for past, present in zip(self._past, self._present):
-                ptr = state.kv[past].data_ptr() + start * row_bytes
-                binding.bind_input(past, self.device_type, 0, np_kv, shape, ptr)
-                binding.bind_output(present, self.device_type, 0, np_kv, shape, ptr)
-            if self._session is self._step_session:
-                self._bind_step_extras(binding, n)
-            self._invoke(self._session, binding)
-            full = binding.get_outputs()[0]
-            last = self._last.io_binding()
-            last.bind_ortvalue_input("logits", full)
-            last.bind_output("last", self.device_type, 0, np_logits, [n, 1, self.vocab],
-                             state.logits.data_ptr() + start * logit_row)  # type: ignore[union-attr]
-            self._invoke(self._last, last)
+            groups.append((start, end - start, lengths[start]))
             start = end
-        return self._sample(state)
+        gather = buffers is None or state.keep_logits
+        with self._run_lock:  # the ORT-allocated logits are read before any replay can reuse the memory
+            for start, n, length in groups:
+                binding = self._session.io_binding()
+                binding.bind_ortvalue_input("input_ids", self._put(np.array([r.prompt for r in state.rows[start:start + n]], np.int64)))
+                binding.bind_ortvalue_input("position_ids", self._put(np.tile(np.arange(length, dtype=np.int64), (n, 1))))
+                binding.bind_ortvalue_input(SEQLENS_K, self._put(np.full(n, length - 1, dtype=np.int32)))
+                binding.bind_ortvalue_input(TOTAL_SEQUENCE_LENGTH, self._host_scalar(length))
+                binding.bind_output("logits", self.device_type, 0)
+                for past, present in zip(self._past, self._present):
+                    self._bind_rows(binding, past, state.kv[past], start, n, output=False)
+                    self._bind_rows(binding, present, state.kv[past], start, n, output=True)
+                if buffers is not None:
+                    outputs = {inp: out for inp, out, _ in STATE}
+                    for name, value in buffers.sets[0].items():
+                        if name.startswith(PREFIX):  # input_ids/position_ids/seqlens_k are the prompt's
+                            self._bind_rows(binding, name, value, start, n, output=False)
+                        self._bind_rows(binding, outputs[name], buffers.sets[1][name], start, n, output=True)
+                    for name, value in buffers.consts.items():
+                        self._bind_rows(binding, name, value, start, n, output=False)
+                else:
+                    self._bind_step_extras(binding, state, n)
+                self._invoke(self._session, binding, self._eager)
+                if gather:
+                    last = self._last.io_binding()
+                    last.bind_ortvalue_input("logits", binding.get_outputs()[0])
+                    self._bind_rows(last, "last", state.logits, start, n, output=True)  # type: ignore[arg-type]
+                    self._invoke(self._last, last)
+        if buffers is None:
+            return self._sample(state)
+        if state.keep_logits:
+            state.last_logits = np.array(state.logits.numpy()[:, -1, :], dtype=np.float32)  # type: ignore[union-attr]
+        buffers.current = 1
+        state.steps = 1
+        return np.array(buffers.sets[1][PREFIX + "history"].numpy()[:, 0], dtype=np.int64)  # the one host read
 
     def decode_step(self, state: DecodeState) -> np.ndarray:
         """One token for every row of the batch (finished rows included when the batch keeps them)."""
@@ -445,12 +502,13 @@ class SharedBufferEngine(Engine):
             left = max(r.max_new - len(r.new_ids) for r in state.rows if not r.done)
             steps = 1 if state.keep_logits else max(1, min(self.read_every, left))
         first = state.steps  # tokens generated so far = the step input of the first run
-        for i in range(steps):
-            d = buffers.current
-            options = buffers.options[d] if i == steps - 1 else buffers.async_options[d]
-            self._invoke(self._step_session, buffers.bindings[d], options)
-            buffers.current = 1 - d
-            buffers.replays += 1
+        with self._run_lock:  # the last replay of the block synchronizes
+            for i in range(steps):
+                d = buffers.current
+                options = buffers.options[d] if i == steps - 1 else buffers.async_options[d]
+                self._invoke(self._step_session, buffers.bindings[d], options)
+                buffers.current = 1 - d
+                buffers.replays += 1
         state.steps += steps
         self.fused_steps += steps
         if state.keep_logits:
@@ -463,7 +521,8 @@ class SharedBufferEngine(Engine):
         fused outputs are ignored; the sampler decides), or the plain session uncaptured."""
         buffers = state.buffers
         if buffers is not None:
-            self._invoke(self._step_session, buffers.bindings[0], buffers.options[0])
+            with self._run_lock:
+                self._invoke(self._step_session, buffers.bindings[0], buffers.options[0])
             buffers.replays += 1
             return
         binding = state.decoder_binding
@@ -476,7 +535,9 @@ class SharedBufferEngine(Engine):
         for past, present in zip(self._past, self._present):
             binding.bind_ortvalue_input(past, state.kv[past])
             binding.bind_ortvalue_output(present, state.kv[past])
-        self._invoke(self._session, binding)
+        self._bind_step_extras(binding, state, len(state.rows))
+        with self._run_lock:
+            self._invoke(self._session, binding, self._eager)
 
     def _sample(self, state: SharedState) -> np.ndarray:
         """Sampler, then the advance graph into the next decoder inputs; the host reads the ids.

@@ -129,3 +129,31 @@ def test_mixed_batch_samples_on_the_three_session_path(pair) -> None:  # type: i
     assert shared.fused_steps == before
     with pytest.raises(GenerationError, match="read_every"):
         type(shared)(shared.artifact, read_every=0)
+
+
+def test_fused_prefill_picks_the_first_token_in_the_step_model(pair) -> None:  # type: ignore[no-untyped-def]
+    """A greedy batch's prefill is the step model's run (no sampler session): its first ids, the
+    min-new-tokens suppression at step 0, the prompt-seeded repetition penalty and the kept
+    logits equal the concat engine's and the sampler-session prefill's, over prompt groups of
+    unequal lengths."""
+    concat, shared = pair
+    prompts = [_prompts()[r] for r in (0, 1, 2, 3)]  # lengths 6, 11, 11, 2: three prefill runs
+    free = concat.generate_ids(prompts, 6)
+    params = [SamplingParams(stop_token_ids=(free[0][0],), min_new_tokens=3),  # the first pick is suppressed
+              SamplingParams(repetition_penalty=1.5), SamplingParams(), SamplingParams(min_new_tokens=2)]
+    state = shared.start(prompts, 6, params)
+    first = shared.prefill(state)
+    assert state.sampler == {} and state.steps == 1  # the sampler session never ran
+    want = concat.generate_results(prompts, 6, params, return_logits=True)
+    assert first.tolist() == [w.token_ids[0] for w in want]
+    assert want[0].token_ids[0] != free[0][0]
+    try:
+        shared.fuse_prefill = False
+        unfused = shared.generate_results(prompts, 6, params, return_logits=True)
+    finally:
+        shared.fuse_prefill = True
+    fused = shared.generate_results(prompts, 6, params, return_logits=True)
+    for w, u, f in zip(want, unfused, fused):
+        assert w.token_ids == u.token_ids == f.token_ids
+        np.testing.assert_allclose(f.step_logits, w.step_logits, atol=1e-4)
+        np.testing.assert_array_equal(f.step_logits, u.step_logits)
