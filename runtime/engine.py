@@ -183,8 +183,22 @@ def _providers(device: str) -> tuple[list[Any], str]:
                 fix="pip uninstall onnxruntime && pip install onnxruntime-gpu (matching your CUDA), "
                 "or use device='cpu'",
             )
-        return [("CUDAExecutionProvider", {"device_id": 0}), "CPUExecutionProvider"], "cuda"
+        return [("CUDAExecutionProvider", {"device_id": 0, **_cuda_options_from_env()}), "CPUExecutionProvider"], "cuda"
     raise GenerationError("unknown device", expected="'cpu' or 'cuda'", got=repr(device))
+
+
+def _cuda_options_from_env() -> dict[str, str]:
+    """Extra CUDA provider options from ``LMFORGE_CUDA_PROVIDER_OPTIONS`` ("key=value,key=value"),
+    e.g. ``sdpa_kernel=1`` to pick onnxruntime's attention kernels; for measurements."""
+    raw = os.environ.get("LMFORGE_CUDA_PROVIDER_OPTIONS", "").strip()
+    options = {}
+    for item in filter(None, (part.strip() for part in raw.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise GenerationError("LMFORGE_CUDA_PROVIDER_OPTIONS is malformed", expected="key=value,key=value",
+                                  got=repr(raw), fix="fix or unset the environment variable")
+        options[key.strip()] = value.strip()
+    return options
 
 
 def read_decoder_manifest(artifact: Artifact, layers: int) -> tuple[frozenset[int], int, str, list[str], list[str]]:

@@ -78,3 +78,45 @@ def test_fp32_shared_buffer_refused_on_cuda(artifact_cache: Callable[[str], Path
     cpu = Engine.load(artifact_cache("tiny:llama"))
     cuda = Engine.load(artifact_cache("tiny:llama"), device="cuda")
     assert cuda.generate_ids(prompts, 24) == cpu.generate_ids(prompts, 24)
+
+
+def test_one_session_serves_prefill_and_concurrent_requests(fp16_cuda: Path) -> None:
+    """Under CUDA graphs the step session also runs prefill and uncaptured requests eagerly
+    (``gpu_graph_id = -1``): the weights are loaded once, and two requests at once (the second
+    finds the batch-size buffers busy and runs uncaptured) give the plain engine's tokens."""
+    import threading
+
+    plain = Engine.load(fp16_cuda, device="cuda")
+    graph = Engine.load(fp16_cuda, device="cuda", cuda_graph=True)
+    assert graph._session is graph._step_session  # type: ignore[attr-defined]
+    prompts = _prompts()
+    want = {r: plain.generate_ids([prompts[r]], 48) for r in range(3)}
+    got: dict[int, list[list[int]]] = {}
+    errors: list[BaseException] = []
+
+    def one(r: int) -> None:
+        try:
+            for _ in range(3):
+                got[r] = graph.generate_ids([prompts[r]], 48)
+                assert got[r] == want[r]
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the test thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=one, args=(r,)) for r in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[0]
+    assert got == want
+
+
+def test_captured_fused_prefill_logits_match_uncaptured(fp16_cuda: Path) -> None:
+    plain = Engine.load(fp16_cuda, device="cuda")
+    graph = Engine.load(fp16_cuda, device="cuda", cuda_graph=True)
+    prompts = _prompts()
+    a = plain.generate_results(prompts, 12, return_logits=True)
+    b = graph.generate_results(prompts, 12, return_logits=True)
+    for x, y in zip(a, b):
+        assert x.token_ids == y.token_ids
+        np.testing.assert_allclose(x.step_logits, y.step_logits, rtol=0, atol=1e-3)
