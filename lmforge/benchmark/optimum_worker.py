@@ -67,8 +67,11 @@ def _reason(exc: BaseException) -> str:
 def _export(folder: str, out: str, device: str, dtype: str) -> None:
     from optimum.exporters.onnx import main_export
 
+    # no_post_process: the post-processing (deduplicating the tied embedding / lm_head) serializes
+    # the whole model in memory, which fails past protobuf's 2 GB limit (the Llama-3.2-1B shape in
+    # fp16: "Failed to serialize proto"); the export itself writes external data and is unaffected.
     main_export(folder, output=out, task="text-generation-with-past", device=device, dtype=dtype,
-                local_files_only=True, do_validation=False)
+                local_files_only=True, do_validation=False, no_post_process=True)
 
 
 def _load(request: dict[str, Any]) -> Any:
