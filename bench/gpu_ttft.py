@@ -184,32 +184,30 @@ def eager_prefill(label: str, model: str, feeds: dict[str, Any], reps: int, prof
     few runs: host time per op type (a node's ``dur`` is its launch, the kernels run async)."""
     import onnxruntime as ort
 
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    session = ort.InferenceSession(model, sess_options=options, providers=[_PROVIDER[device]])
-    binding = session.io_binding()
-    for name, value in feeds.items():
-        if isinstance(value, np.ndarray):
-            value = ort.OrtValue.ortvalue_from_numpy(value, device, 0)
-        binding.bind_ortvalue_input(name, value)
-    for out in session.get_outputs():
-        binding.bind_output(out.name, device, 0)
+    def bound(profile: bool) -> tuple[Any, Any]:
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        if profile:
+            options.enable_profiling = True
+            options.profile_file_prefix = str(profile_dir / f"ort-{label}")
+        session = ort.InferenceSession(model, sess_options=options, providers=[_PROVIDER[device]])
+        binding = session.io_binding()
+        for name, value in feeds.items():
+            if isinstance(value, np.ndarray):
+                value = ort.OrtValue.ortvalue_from_numpy(value, device, 0)
+            binding.bind_ortvalue_input(name, value)
+        for out in session.get_outputs():
+            binding.bind_output(out.name, device, 0)
+        return session, binding
+
+    session, binding = bound(profile=False)
     times = []
     for i in range(reps + 3):
         t0 = time.perf_counter()
         session.run_with_iobinding(binding)
         if i >= 3:
             times.append(time.perf_counter() - t0)
-    options.enable_profiling = True
-    options.profile_file_prefix = str(profile_dir / f"ort-{label}")
-    prof = ort.InferenceSession(model, sess_options=options, providers=[_PROVIDER[device]])
-    binding = prof.io_binding()
-    for name, value in feeds.items():
-        if isinstance(value, np.ndarray):
-            value = ort.OrtValue.ortvalue_from_numpy(value, device, 0)
-        binding.bind_ortvalue_input(name, value)
-    for out in prof.get_outputs():
-        binding.bind_output(out.name, device, 0)
+    prof, binding = bound(profile=True)
     for _ in range(5):
         prof.run_with_iobinding(binding)
     events = json.loads(Path(prof.end_profiling()).read_text())

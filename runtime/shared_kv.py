@@ -40,8 +40,9 @@ streaming, detokenization and the on-device sampler are the engine's. What diffe
   the decoder (direction 0 of the same buffers), the sampler graph, then a tiny "advance" graph
   that writes the next inputs into set 0, and a host read of the ids each step. The step model
   also runs every prefill and every uncaptured step (for a sampling batch its extra inputs are
-  zeros and its extra outputs are ignored), so the weights are loaded once. Batches on step buffers keep finished rows (the buffers have fixed
-  shapes); only the uncaptured fallback below compacts.
+  zeros and its extra outputs are ignored), so the weights are loaded once. Batches on step
+  buffers keep finished rows (the buffers have fixed shapes); only the uncaptured fallback below
+  compacts.
 * **CUDA graph** (``Engine.load(..., cuda_graph=True)``, CUDA only): the step model's session has
   ``enable_cuda_graph=1`` and each direction of each batch size's buffers is one captured graph
   (``gpu_graph_id = 2·batch + d``), KV at the manifest's full ``max_context`` so one capture
@@ -405,12 +406,13 @@ class SharedBufferEngine(Engine):
         that ends with the sampler, or an uncaptured decoder step); their outputs are left to
         onnxruntime and ignored. The zeros are made once per batch and bound ``n`` rows at a time."""
         if not state.extras:
-            shapes = self._state_shapes(len(state.rows))
+            batch = len(state.rows)
+            shapes = self._state_shapes(batch)
             for name, _, _dtype in STATE:
                 if name.startswith(PREFIX):
                     state.extras[name] = self._zeros(*shapes[name])
             for name, dtype in CONSTANTS:
-                state.extras[name] = self._zeros([len(state.rows), self.vocab] if dtype == "bool" else [len(state.rows)], dtype)
+                state.extras[name] = self._zeros([batch, self.vocab] if dtype == "bool" else [batch], dtype)
         for name, value in state.extras.items():
             self._bind_rows(binding, name, value, 0, n, output=False)
         for _, out, _dtype in STATE:
@@ -453,7 +455,8 @@ class SharedBufferEngine(Engine):
         with self._run_lock:  # the ORT-allocated logits are read before any replay can reuse the memory
             for start, n, length in groups:
                 binding = self._prefill_binding(state, buffers, start, n)
-                binding.bind_ortvalue_input("input_ids", self._put(np.array([r.prompt for r in state.rows[start:start + n]], np.int64)))
+                prompts = np.array([r.prompt for r in state.rows[start:start + n]], np.int64)
+                binding.bind_ortvalue_input("input_ids", self._put(prompts))
                 binding.bind_ortvalue_input("position_ids", self._put(np.tile(np.arange(length, dtype=np.int64), (n, 1))))
                 binding.bind_ortvalue_input(SEQLENS_K, self._put(np.full(n, length - 1, dtype=np.int32)))
                 binding.bind_ortvalue_input(TOTAL_SEQUENCE_LENGTH, self._host_scalar(length))
