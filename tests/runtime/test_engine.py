@@ -288,3 +288,17 @@ def test_cli_generate_streams_the_same_text(tiny_llama: Path, llama: Engine, cap
     assert capsys.readouterr().out == llama.chat([{"role": "user", "content": "hi"}], 5) + "\n"
     assert main(["generate", str(tiny_llama), "hi", "--top-p", "0"]) == 2
     assert capsys.readouterr().err.startswith("lmforge generate: error: invalid top_p | expected a number in (0, 1]")
+
+
+def test_cuda_provider_options_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``LMFORGE_CUDA_PROVIDER_OPTIONS`` (for measurements) parses "key=value,…"; a malformed
+    value is one clear error, not a silent default."""
+    from runtime.engine import _cuda_options_from_env
+
+    monkeypatch.setenv("LMFORGE_CUDA_PROVIDER_OPTIONS", " sdpa_kernel=1, use_tf32 = 0 ,")
+    assert _cuda_options_from_env() == {"sdpa_kernel": "1", "use_tf32": "0"}
+    monkeypatch.setenv("LMFORGE_CUDA_PROVIDER_OPTIONS", "")
+    assert _cuda_options_from_env() == {}
+    monkeypatch.setenv("LMFORGE_CUDA_PROVIDER_OPTIONS", "sdpa_kernel")
+    with pytest.raises(GenerationError, match="LMFORGE_CUDA_PROVIDER_OPTIONS is malformed"):
+        _cuda_options_from_env()
