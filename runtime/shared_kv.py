@@ -15,9 +15,10 @@ streaming, detokenization and the on-device sampler are the engine's. What diffe
   is prefilled with ``seqlens_k = L − 1`` and ``total_sequence_length = L`` (GQA's first-prompt
   case); rows of equal length next to each other share one prefill run, each run bound to its
   rows of the batch buffers by address (``IOBinding.bind_input(..., buffer_ptr)``), so nothing
-  is copied. A greedy batch's prefill runs the fused step model (below) with its state bound by
-  rows, so one run per group prefills, picks the first token and writes the first decode step's
-  inputs, and the host reads the ids once. Otherwise a row's last-position logits go into a
+  is copied. A greedy batch on step buffers (below) prefills through the fused step model with
+  its state bound by rows: one run per group prefills, picks the first token and writes the first
+  decode step's inputs (the request's ``seen`` mask and ``step = 0`` are written into set 0 first),
+  and the host reads the ids once. Otherwise a row's last-position logits go into a
   ``[batch, 1, vocab]`` buffer (a one-node ``Gather`` graph, bound the same way), then the
   sampler runs once for the batch.
   Decode steps feed all rows at once: ``position_ids = seqlens_k = prompt_len + generated − 1``
@@ -52,12 +53,14 @@ streaming, detokenization and the on-device sampler are the engine's. What diffe
   for the GPU between them. Prefill, whose shapes vary, runs on the same session with
   ``gpu_graph_id = -1`` (onnxruntime's "do not capture" annotation; onnxruntime-genai runs its
   prompts the same way), so the weights are on the device once. Buffers busy with another
-  request make the second request run uncaptured the same way, with its own buffers, compacting
-  finished rows as the concat engine does. Runs of the graph-enabled session are serialized by a
-  lock held over a block of replays or over one eager run: a captured graph's intermediate
-  tensors live in arena memory that onnxruntime considers free between runs, so an eager run on
-  another thread must not allocate it while a replay is in flight, and an ORT-allocated output
-  (prefill's logits) is read before the lock is released.
+  request make the second request run eagerly on the same session, without step buffers (the
+  three-session step on its own KV), compacting finished rows as the concat engine does. Runs of
+  the graph-enabled session are serialized by a lock, held over a block of replays, one eager
+  decoder run, or a whole prefill (every group's run and the reading of its ORT-allocated logits):
+  a captured graph's intermediate tensors live in arena memory that onnxruntime considers free
+  between runs, so an eager run on another thread must not allocate it while a replay is in
+  flight. (onnxruntime's CUDA provider keeps its graphs per thread, so a request served on
+  another thread may capture its own.)
 """
 
 from __future__ import annotations
@@ -160,8 +163,9 @@ class SharedState(DecodeState):
     capacity: int = 0
     total: ort.OrtValue | None = None  # CPU int32 scalar for decode steps
     advance_binding: Any = None
-    buffers: _StepBuffers | None = None  # None: the three-session step on the plain decoder
+    buffers: _StepBuffers | None = None  # None: the three-session step, the step model run eagerly
     fused: bool = False  # every row greedy: one fused run a step, ids read back per block
+    fused_prefill: bool = False  # fused, and prefill is a step-model run (decided once, at allocation)
     extras: dict[str, ort.OrtValue] = dataclasses.field(default_factory=dict)  # zeros for the step inputs of plain runs
 
 
@@ -220,9 +224,8 @@ class SharedBufferEngine(Engine):
             )
 
         # The fused step model: the decoder with the greedy step appended (runtime.step_graph).
-        # It serves every decode step, and prefill too unless CUDA graphs are on (prefill shapes
-        # vary; a graph-enabled session captures every run, so prefill and the uncaptured
-        # fallback get a plain decoder session, at the cost of a second copy of the weights).
+        # Its one session serves every run: captured decode steps, and (eagerly) prefill and the
+        # uncaptured fallback.
         step_model = compose_step_model(artifact.model_path.read_bytes(), self.vocab, self.read_every)
         step_providers = providers
         if self.cuda_graph:
@@ -361,7 +364,8 @@ class SharedBufferEngine(Engine):
                 total = self._host_scalar(capacity)
             sampler_np["attention_mask"] = np.ones((batch, 1), dtype=np.int64)  # the sampler's next_* outputs are unused
             fused = buffers is not None and self.fuse_greedy and all(r.params.greedy for r in rows)
-            if fused and self.fuse_prefill:  # the prefill run starts the fused step: its state in set 0
+            fused_prefill = fused and self.fuse_prefill
+            if fused_prefill:  # the prefill run starts the fused step: its state in set 0
                 buffers.sets[0][PREFIX + "seen"].update_inplace(sampler_np["seen"])  # type: ignore[union-attr]
                 buffers.sets[0][PREFIX + "step"].update_inplace(np.array(0, dtype=np.int64))  # type: ignore[union-attr]
                 sampler_np = {}  # the sampler session never runs for this batch
@@ -372,7 +376,7 @@ class SharedBufferEngine(Engine):
                 started=time.perf_counter(), kv=kv, logits=logits,
                 prompt_lens=self._put(prompt_lens),
                 capacity=capacity, total=total, advance_binding=self._advance.io_binding(), buffers=buffers,
-                fused=fused,
+                fused=fused, fused_prefill=fused_prefill,
             )
         except BaseException:
             if buffers is not None and buffers.captured:
@@ -442,7 +446,7 @@ class SharedBufferEngine(Engine):
         assert isinstance(state, SharedState)
         if state.steps != 0:
             raise GenerationError("prefill on a batch that already started", fix="call start() again")
-        buffers = state.buffers if state.fused and self.fuse_prefill else None
+        buffers = state.buffers if state.fused_prefill else None
         lengths = [len(r.prompt) for r in state.rows]
         groups, start = [], 0
         while start < len(lengths):
@@ -460,13 +464,15 @@ class SharedBufferEngine(Engine):
                 binding.bind_ortvalue_input("position_ids", self._put(np.tile(np.arange(length, dtype=np.int64), (n, 1))))
                 binding.bind_ortvalue_input(SEQLENS_K, self._put(np.full(n, length - 1, dtype=np.int32)))
                 binding.bind_ortvalue_input(TOTAL_SEQUENCE_LENGTH, self._host_scalar(length))
-                self._invoke(self._session, binding, self._eager)
-                if gather:
-                    last = self._last.io_binding()
-                    last.bind_ortvalue_input("logits", binding.get_outputs()[0])
-                    self._bind_rows(last, "last", state.logits, start, n, output=True)  # type: ignore[arg-type]
-                    self._invoke(self._last, last)
-                binding.bind_output("logits", self.device_type, 0)  # drops this run's [n, length, vocab] logits
+                try:
+                    self._invoke(self._session, binding, self._eager)
+                    if gather:
+                        last = self._last.io_binding()
+                        last.bind_ortvalue_input("logits", binding.get_outputs()[0])
+                        self._bind_rows(last, "last", state.logits, start, n, output=True)  # type: ignore[arg-type]
+                        self._invoke(self._last, last)
+                finally:
+                    binding.bind_output("logits", self.device_type, 0)  # drops this run's [n, length, vocab] logits
         if buffers is None:
             return self._sample(state)
         if state.keep_logits:
@@ -522,12 +528,18 @@ class SharedBufferEngine(Engine):
             steps = 1 if state.keep_logits else max(1, min(self.read_every, left))
         first = state.steps  # tokens generated so far = the step input of the first run
         with self._run_lock:  # the last replay of the block synchronizes
-            for i in range(steps):
-                d = buffers.current
-                options = buffers.options[d] if i == steps - 1 else buffers.async_options[d]
-                self._invoke(self._step_session, buffers.bindings[d], options)
-                buffers.current = 1 - d
-                buffers.replays += 1
+            try:
+                for i in range(steps):
+                    d = buffers.current
+                    options = buffers.options[d] if i == steps - 1 else buffers.async_options[d]
+                    self._invoke(self._step_session, buffers.bindings[d], options)
+                    buffers.current = 1 - d
+                    buffers.replays += 1
+            except BaseException:
+                # earlier replays ran without a sync: let them finish before the lock is released
+                with contextlib.suppress(*_ORT_ERRORS):
+                    buffers.bindings[buffers.current].synchronize_outputs()
+                raise
         state.steps += steps
         self.fused_steps += steps
         if state.keep_logits:
@@ -537,7 +549,8 @@ class SharedBufferEngine(Engine):
 
     def _decoder_run(self, state: SharedState) -> None:
         """The decoder alone, logits into ``state.logits``: direction 0 of the step buffers (the
-        fused outputs are ignored; the sampler decides), or the plain session uncaptured."""
+        fused outputs are ignored; the sampler decides), or the step model run eagerly (no step
+        buffers: its extra inputs zeros)."""
         buffers = state.buffers
         if buffers is not None:
             with self._run_lock:
@@ -562,9 +575,9 @@ class SharedBufferEngine(Engine):
         """Sampler, then the advance graph into the next decoder inputs; the host reads the ids.
 
         With step buffers the next inputs go into set 0 (``buffers.current`` is 0 whenever this
-        runs: after prefill, and on the three-session path, which only uses direction 0); on the
-        fused path the sampler's ``seen_out``/``step_out`` go there too, as the first fused step's
-        state."""
+        runs: after prefill, and on the three-session path, which only uses direction 0). After an
+        unfused prefill of a fused batch (``fuse_prefill`` off, for measurements) the sampler's
+        ``seen_out``/``step_out`` go there too, as the first fused step's state."""
         if state.keep_logits:
             state.last_logits = np.array(state.logits.numpy()[:, -1, :], dtype=np.float32)  # type: ignore[union-attr]
         buffers = state.buffers

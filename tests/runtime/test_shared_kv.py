@@ -153,6 +153,12 @@ def test_fused_prefill_picks_the_first_token_in_the_step_model(pair) -> None:  #
     finally:
         shared.fuse_prefill = True
     fused = shared.generate_results(prompts, 6, params, return_logits=True)
+    state = shared.start(prompts, 6, params)  # the choice is made once, at allocation
+    try:
+        shared.fuse_prefill = False
+        assert shared.prefill(state).tolist() == first.tolist() and state.sampler == {}
+    finally:
+        shared.fuse_prefill = True
     for w, u, f in zip(want, unfused, fused):
         assert w.token_ids == u.token_ids == f.token_ids
         np.testing.assert_allclose(f.step_logits, w.step_logits, atol=1e-4)
