@@ -276,18 +276,24 @@ class Engine:
                 f"artifact {artifact.path}: the manifest's io.inputs and model.onnx disagree",
                 expected=str(sorted(self._inputs)), got=str(sorted(graph_inputs)), fix="re-export the artifact",
             )
+        self._open_helpers(artifact, providers,
+                           [(n, self._inputs[n].dtype, len(self._inputs[n].shape), 0) for n in self._inputs])
+        log.info("loaded %s on %s (%d layers, vocab %d, max context %d)", artifact.path, device,
+                 self.layers, self.vocab, self.max_context)
+
+    def _open_helpers(self, artifact: Artifact, providers: list[Any],
+                      row_tensors: list[tuple[str, str, int, int]]) -> None:
+        """What both KV contracts' engines share: the sampler graph, the row-compaction graph over
+        ``row_tensors`` (the decoder's per-row tensors; the sampler's are appended here), the
+        tokenizer and the chat template."""
         self._sampler = self._open(build_sampler_model(self._logits_dtype), providers, small=True)
-        row_tensors = [(n, self._inputs[n].dtype, len(self._inputs[n].shape), 0) for n in self._inputs]
-        row_tensors += [(n, self._sampler_dtype(n), 2 if n in ("stop_mask", "seen") else 1, 0) for n in _ROW_STATE]
-        row_tensors.append(("uniforms", "float32", 2, 1))
+        row_tensors = [*row_tensors, *((n, self._sampler_dtype(n), 2 if n in ("stop_mask", "seen") else 1, 0)
+                                       for n in _ROW_STATE), ("uniforms", "float32", 2, 1)]
         self._compact_names = [t[0] for t in row_tensors]
         self._compact = self._open(build_compact_model(row_tensors), providers, small=True)
-
         self.tokenizer = self._load_tokenizer(artifact.tokenizer_dir)
         self.chat_template = load_chat_template(artifact.tokenizer_dir)
         self._special_tokens = special_tokens(artifact.tokenizer_dir)
-        log.info("loaded %s on %s (%d layers, vocab %d, max context %d)", artifact.path, device,
-                 self.layers, self.vocab, self.max_context)
 
     # ----------------------------------------------------------------------------------------
     # Loading

@@ -77,13 +77,11 @@ import onnxruntime as ort
 
 from runtime._onnx_proto import GraphBuilder
 from runtime.artifact import Artifact, KvMode
-from runtime.chat import load_chat_template, special_tokens
-from runtime.compact_graph import COMPACT_INDEX, build_compact_model
+from runtime.compact_graph import COMPACT_INDEX
 from runtime.engine import (
-    _NP_DTYPES, _ORT_ERRORS, _ROW_STATE, DecodeState, Engine, _Event, _providers, _Row, read_decoder_manifest,
+    _NP_DTYPES, _ORT_ERRORS, DecodeState, Engine, _Event, _providers, _Row, read_decoder_manifest,
 )
 from runtime.errors import GenerationError
-from runtime.sampler_graph import build_sampler_model
 from runtime.sampling import sampler_arrays
 from runtime.step_graph import CONSTANTS, PREFIX, STATE, compose_step_model
 
@@ -262,20 +260,11 @@ class SharedBufferEngine(Engine):
         self.fused_steps = 0  # decode steps run fused, over the engine's life (benchmarks, tests)
         self.fuse_greedy = True  # False: greedy batches take the three-session step too (measurements)
 
-        self._sampler = self._open(build_sampler_model(self._logits_dtype), providers, small=True)
         self._advance = self._open(build_advance_model(), providers, small=True)
         self._last = self._open(build_last_logits_model(self._logits_dtype), providers, small=True)
         row_tensors = [("input_ids", "int64", 2, 0), ("position_ids", "int64", 2, 0), (SEQLENS_K, "int32", 1, 0),
                        ("prompt_lens", "int64", 1, 0), ("attention_mask", "int64", 2, 0)]
-        row_tensors += [(n, self.kv_dtype, 4, 0) for n in self._past]
-        row_tensors += [(n, self._sampler_dtype(n), 2 if n in ("stop_mask", "seen") else 1, 0) for n in _ROW_STATE]
-        row_tensors.append(("uniforms", "float32", 2, 1))
-        self._compact_names = [t[0] for t in row_tensors]
-        self._compact = self._open(build_compact_model(row_tensors), providers, small=True)
-
-        self.tokenizer = self._load_tokenizer(artifact.tokenizer_dir)
-        self.chat_template = load_chat_template(artifact.tokenizer_dir)
-        self._special_tokens = special_tokens(artifact.tokenizer_dir)
+        self._open_helpers(artifact, providers, row_tensors + [(n, self.kv_dtype, 4, 0) for n in self._past])
         log.info("loaded %s (shared-buffer KV%s) on %s (%d layers, vocab %d, max context %d)", artifact.path,
                  ", CUDA graph" if self.cuda_graph else "", device, self.layers, self.vocab, self.max_context)
 
