@@ -15,6 +15,9 @@ __all__ = [
     "PassError",
     "ArtifactError",
     "GenerationError",
+    "InvalidRequestError",
+    "QueueFullError",
+    "EngineClosedError",
     "ParityError",
     "format_message",
 ]
@@ -59,6 +62,23 @@ class ArtifactError(LmforgeError):
 
 class GenerationError(LmforgeError):
     """A generation request is invalid or failed."""
+
+
+class InvalidRequestError(GenerationError):
+    """A request was refused before it took a slot: bad prompt, bad parameters, too long (HTTP 400)."""
+
+
+class QueueFullError(GenerationError):
+    """The engine's bounded queue is full; try again later (HTTP 429 with ``Retry-After``)."""
+
+    def __init__(self, what: str, expected: str | None = None, got: str | None = None, fix: str | None = None,
+                 retry_after_s: float = 1.0):
+        super().__init__(what, expected, got, fix)
+        self.retry_after_s = retry_after_s
+
+
+class EngineClosedError(GenerationError):
+    """The engine is closing or closed and takes no new requests (HTTP 503)."""
 
 
 class ParityError(LmforgeError):
