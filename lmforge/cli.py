@@ -17,7 +17,7 @@ from runtime.errors import LmforgeError
 
 __all__ = ["main", "build_parser"]
 
-COMMANDS = ("convert", "optimize", "verify", "generate", "bench", "inspect")
+COMMANDS = ("convert", "optimize", "verify", "generate", "bench", "inspect", "serve", "bench-serve")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,9 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
     for name in COMMANDS:
         try:
-            module = importlib.import_module(f"lmforge.cmd_{name}")
+            module = importlib.import_module(f"lmforge.cmd_{name.replace('-', '_')}")
         except ModuleNotFoundError as exc:
-            if exc.name != f"lmforge.cmd_{name}":
+            if exc.name != f"lmforge.cmd_{name.replace('-', '_')}":
                 raise
             continue
         module.register(sub)
