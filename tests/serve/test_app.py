@@ -158,7 +158,8 @@ def _error(r: httpx.Response, status: int) -> dict:  # type: ignore[type-arg]
 def test_request_errors_are_openai_shaped(fake_server) -> None:  # type: ignore[no-untyped-def]
     server, _ = fake_server(max_context=32)
     url = server.url
-    post = lambda path, **kw: httpx.post(url + path, timeout=10, **kw)
+    def post(path, **kw):
+        return httpx.post(url + path, timeout=10, **kw)
     e = _error(post("/v1/completions", content=b"{not json", headers={"content-type": "application/json"}), 400)
     assert e["code"] == "invalid_json"
     e = _error(post("/v1/completions", json=[1, 2]), 400)
