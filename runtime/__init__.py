@@ -18,6 +18,7 @@ alone (``tests/runtime/test_imports.py`` proves it). ::
 from __future__ import annotations
 
 from runtime.artifact import Artifact, load_artifact
+from runtime.encoder import Encoder
 from runtime.engine import Engine, FinishReason, GenerationResult
 from runtime.errors import (
     ArtifactError,
@@ -31,6 +32,7 @@ from runtime.sampling import SamplingParams
 
 __all__ = [
     "Engine",
+    "Encoder",
     "SamplingParams",
     "GenerationResult",
     "FinishReason",
