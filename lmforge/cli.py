@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 import warnings
 
@@ -21,7 +22,7 @@ from runtime.errors import LmforgeError, format_message
 
 __all__ = ["main", "build_parser", "EXTRA_OF_MODULE", "missing_extra"]
 
-COMMANDS = ("convert", "optimize", "verify", "generate", "bench", "inspect", "serve", "bench-serve")
+COMMANDS = ("convert", "optimize", "verify", "generate", "bench", "inspect", "serve", "bench-serve", "tune")
 
 # Top-level import name → the pyproject extra that installs it (pyproject.toml, docs/install.md).
 EXTRA_OF_MODULE: dict[str, str] = {
@@ -74,9 +75,15 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("torch", "transformers", "onnxscript", "onnx_ir", "httpx", "urllib3", "matplotlib", "PIL"):
         if not args.debug:
             logging.getLogger(noisy).setLevel(logging.ERROR)
+    quiet = args.quiet and not args.debug
+    # transformers sets its own logger's level when it is imported (inside the command), from
+    # TRANSFORMERS_VERBOSITY; under -q its warning_once lines would print anyway. Restored after.
+    verbosity = os.environ.get("TRANSFORMERS_VERBOSITY")
+    if quiet and verbosity is None:
+        os.environ["TRANSFORMERS_VERBOSITY"] = "error"
     try:
         with warnings.catch_warnings():
-            if args.quiet and not args.debug:
+            if quiet:
                 # -q: "only warnings and errors" means lmforge's own; the Python warnings that
                 # torch, transformers and onnxscript raise (UserWarning, FutureWarning, …) are
                 # about their internals, not the user's input. lmforge's warnings are log records.
@@ -98,3 +105,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"lmforge {args.command}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if quiet and verbosity is None:
+            os.environ.pop("TRANSFORMERS_VERBOSITY", None)

@@ -124,6 +124,21 @@ def _providers(device: str) -> list[Any]:
     raise GenerationError("unknown device", expected="'cpu' or 'cuda'", got=repr(device))
 
 
+class _TokenIds(list):  # type: ignore[type-arg]
+    """Marks pre-tokenized input on its way through :meth:`Encoder.encode_with_stats`."""
+
+
+class _Tokens:
+    """The ids and token types of one text (the fields of a ``tokenizers.Encoding`` the loop reads)."""
+
+    __slots__ = ("ids", "type_ids", "overflowing")
+
+    def __init__(self, ids: list[int], max_length: int) -> None:
+        self.overflowing = len(ids) > max_length
+        self.ids = ids[:max_length]
+        self.type_ids = [0] * len(self.ids)
+
+
 class Encoder:
     """A loaded encoder artifact: tokenizer, one onnxruntime session, pooling settings."""
 
@@ -228,6 +243,12 @@ class Encoder:
         stats = dataclasses.replace(stats_parts, seconds=round(time.perf_counter() - started, 6))
         return EncodeResult(out, stats)
 
+    def encode_ids(self, ids: Sequence[Sequence[int]], batch_size: int = 32, normalize: bool | None = None,
+                   pooling: str | None = None, truncate: bool | None = None) -> np.ndarray:
+        """:meth:`encode` for pre-tokenized input (one list of token ids per text, special tokens
+        included; token type 0) — OpenAI's embeddings API accepts token arrays too."""
+        return self.encode_with_stats(_TokenIds(ids), batch_size, normalize, pooling, truncate).embeddings
+
     def encode_tokens(self, texts: Sequence[str] | str, batch_size: int = 32,
                       truncate: bool | None = None) -> list[np.ndarray]:
         """Token-level hidden states: one ``float32 [tokens_i, hidden]`` per text (no padding rows)."""
@@ -248,11 +269,13 @@ class Encoder:
     # ----------------------------------------------------------------------------------------
     # The loop: tokenize, bucket by length, run, restore order
 
-    def _check_texts(self, texts: Sequence[str] | str, batch_size: int) -> list[str]:
+    def _check_texts(self, texts: Sequence[str] | str, batch_size: int) -> list[Any]:
         if self._closed:
             raise GenerationError("the encoder is closed", fix="load it again with Encoder.load")
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise InvalidRequestError("invalid batch_size", expected="an integer >= 1", got=repr(batch_size))
+        if isinstance(texts, _TokenIds):
+            return self._check_ids(texts)
         items = [texts] if isinstance(texts, str) else texts
         if not isinstance(items, (list, tuple)):
             raise InvalidRequestError("texts must be a string or a list of strings",
@@ -268,11 +291,32 @@ class Encoder:
                                           fix="drop empty strings before encoding")
         return list(items)
 
+    def _check_ids(self, ids: _TokenIds) -> list[list[int]]:
+        if not ids:
+            raise InvalidRequestError("no token ids to encode", expected="at least one list of ids",
+                                      got="an empty list")
+        vocab = int(self.artifact.architecture.get("vocab") or 0)
+        rows: list[list[int]] = []
+        for i, row in enumerate(ids):
+            values = list(row) if isinstance(row, (list, tuple, np.ndarray)) else None
+            if not values or not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in values):
+                raise InvalidRequestError(f"ids[{i}] is not a non-empty list of integers", got=repr(row)[:80],
+                                          fix="pass one list of token ids per text")
+            bad = [int(v) for v in values if v < 0 or (vocab and v >= vocab)]
+            if bad:
+                raise InvalidRequestError(f"ids[{i}] has token ids outside the vocabulary",
+                                          expected=f"0 ≤ id < {vocab}", got=str(bad[:4]))
+            rows.append([int(v) for v in values])
+        return rows
+
     def _run(self, texts: Sequence[str] | str, batch_size: int, truncate: bool | None, keep_tokens: bool,
              pooling: str | None) -> tuple[list[np.ndarray], EncodeStats]:
         items = self._check_texts(texts, batch_size)
         truncate = self.truncate if truncate is None else truncate
-        encodings = self.tokenizer.encode_batch(items)
+        if isinstance(texts, _TokenIds):
+            encodings: list[Any] = [_Tokens(row, self.max_length) for row in items]
+        else:
+            encodings = self.tokenizer.encode_batch(items)
         cut = [i for i, e in enumerate(encodings) if e.overflowing]
         if cut and not truncate:
             raise InvalidRequestError(
