@@ -34,9 +34,9 @@ def register(subparsers: Any) -> None:
     # No argparse `type`/`choices`: bad values must be one-line lmforge errors with exit code 2.
     parser.add_argument("--batch", default="1,8,32", metavar="B[,B…]", help="batch sizes (default 1,8,32)")
     parser.add_argument("--seq", default="32,128,384", metavar="S[,S…]", help="sequence lengths (default 32,128,384)")
-    parser.add_argument("--instances", default="1,2,4", metavar="N[,N…]",
-                        help="instance counts; each gets its own equal slice of the cores (default 1,2,4; "
-                             "counts above the cores are refused)")
+    parser.add_argument("--instances", default="auto", metavar="N[,N…]|auto",
+                        help="instance counts; each gets its own equal slice of the cores (default auto: 1, 2, 4, … "
+                             "up to the physical cores; counts above the cores are refused)")
     parser.add_argument("--threads", default="auto", metavar="N|auto",
                         help="intra-op threads per instance (default auto: the physical cores of its slice)")
     parser.add_argument("--cpus", default=None, metavar="LIST",
@@ -68,6 +68,19 @@ def parse_threads(text: str) -> int | None:
     return int(text)
 
 
+def _instances(text: str, pinned: list[int] | None) -> tuple[int, ...]:
+    """``auto`` → powers of two up to the physical cores to split; else :func:`parse_ints`."""
+    if str(text).strip().lower() != "auto":
+        return parse_ints("--instances", text)
+    from runtime.cpu import available_cores, physical_cores
+
+    cores = len(physical_cores(pinned or available_cores()))
+    counts = [1]
+    while counts[-1] * 2 <= cores:
+        counts.append(counts[-1] * 2)
+    return tuple(counts)
+
+
 def _seed(text: str) -> int:
     if not str(text).strip().isdigit():
         raise GenerationError("invalid --seed", expected="an integer >= 0", got=repr(text))
@@ -96,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
     pinned = pin_from_env(args.cpus)  # the sweep splits these; children inherit the mask
     config = TuneConfig(
         artifact=Path(args.artifact), batches=parse_ints("--batch", args.batch), seqs=parse_ints("--seq", args.seq),
-        instances=parse_ints("--instances", args.instances), threads=threads, peers=peers, seconds=seconds,
+        instances=_instances(args.instances, pinned), threads=threads, peers=peers, seconds=seconds,
         seed=_seed(args.seed),
         cpus=tuple(pinned) if pinned else None,
     )

@@ -128,7 +128,6 @@ def quantize_encoder_int8(model: onnx.ModelProto, dst: Path, per_channel: bool =
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     split = split_attention_projection(model)
-    before = sum(1 for n in model.graph.node if n.op_type == "MatMul")
     tmp = dst.with_name(dst.stem + ".split.onnx")
     onnx.save(model, str(tmp), save_as_external_data=True, location=tmp.name + ".data")
     try:
@@ -139,7 +138,7 @@ def quantize_encoder_int8(model: onnx.ModelProto, dst: Path, per_channel: bool =
         tmp.unlink(missing_ok=True)
         (tmp.parent / (tmp.name + ".data")).unlink(missing_ok=True)
     out = onnx.load(str(dst), load_external_data=False)
-    converted = before - sum(1 for n in out.graph.node if n.op_type == "MatMul")
+    converted = sum(1 for n in out.graph.node if n.op_type == "MatMulInteger")
     log.info("encoder int8: %d attention projection(s) split out, %d MatMul → MatMulInteger", split, converted)
     return {
         "settings": {"weights": f"int8 symmetric, one scale per {'output channel' if per_channel else 'tensor'}",
