@@ -66,7 +66,7 @@ test-fast: setup
 # passed on; docs/install.md). A second venv, .venv-tf-<version>, gets lmforge[export,dev] with the
 # CPU torch, then the release asked for, installed last so that it may lie outside lmforge's pin
 # (pip then warns of the conflict, which is the point of the exercise).
-TRANSFORMERS ?= 5.0
+TRANSFORMERS ?= 5.2
 TF_VENV := .venv-tf-$(TRANSFORMERS)
 test-export:
 	test -x $(TF_VENV)/bin/python || $(PYTHON) -m venv $(TF_VENV)
