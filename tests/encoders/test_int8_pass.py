@@ -10,7 +10,12 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from passes.encoder_int8 import is_encoder_graph, quantize_encoder_int8, split_attention_projection
+from passes.encoder_int8 import (
+    is_encoder_graph,
+    mask_bias_to_mask_index,
+    quantize_encoder_int8,
+    split_attention_projection,
+)
 
 
 @pytest.fixture(scope="module")
@@ -52,6 +57,17 @@ def test_split_attention_projection_is_exact(fused: Path) -> None:
     np.testing.assert_allclose(_run(model), reference, atol=1e-5)
 
 
+def test_mask_bias_to_mask_index_is_exact(fused: Path) -> None:
+    model = onnx.load(str(fused))
+    reference = _run(model)
+    assert mask_bias_to_mask_index(model) == 2
+    attention = [n for n in model.graph.node if n.op_type == "Attention"]
+    assert all(n.input[3] == "attention_mask/int32" and len(n.input) == 4 for n in attention)
+    assert not any(a.name == "qkv_hidden_sizes" for n in attention for a in n.attribute)
+    assert _ops(model)["Where"] == 0  # the additive mask's computation is gone
+    np.testing.assert_allclose(_run(model), reference, atol=1e-5)
+
+
 def test_quantize_encoder_int8_converts_every_weight_matmul(fused: Path, tmp_path: Path) -> None:
     model = onnx.load(str(fused))
     reference = _run(str(fused))
@@ -60,7 +76,8 @@ def test_quantize_encoder_int8_converts_every_weight_matmul(fused: Path, tmp_pat
     ops = _ops(out)
     inits = {t.name for t in out.graph.initializer}
     weight_matmuls = [n for n in out.graph.node if n.op_type == "MatMul" and n.input[1] in inits]
-    assert weight_matmuls == [] and ops["MatMulInteger"] == done["converted_nodes"] >= 2 * 3
+    assert weight_matmuls == [] and ops["QAttention"] == 2 and ops["Attention"] == 0
+    assert ops["MatMulInteger"] + ops["QAttention"] == done["converted_nodes"] >= 2 * 4
     got = _run(str(tmp_path / "model.onnx"))
     cos = (got * reference).sum(-1) / np.maximum(np.linalg.norm(got, axis=-1) * np.linalg.norm(reference, axis=-1),
                                                   1e-9)
