@@ -217,6 +217,8 @@ def quantize_file(src: Path, dst: Path, precision: str, device: str, keep_lm_hea
         untied = untie_lm_head(model, head)  # a tied head gets its own copy, so a quantizer can take it
         head = []
     if precision == "int8" and device == "cpu" and int8_cpu_method == "nbits" and is_encoder_graph(model):
+        if block_size is not None:
+            log.warning("block size %d is ignored: encoder int8 quantizes per output channel", block_size)
         done = quantize_encoder_int8(model, dst)  # encoders: every projection int8, see its docstring
         return Quantized("passes.encoder_int8 + onnxruntime.quantization.quantize_dynamic", done["settings"],
                          done["converted_nodes"], [])
