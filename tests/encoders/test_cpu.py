@@ -114,3 +114,17 @@ def test_lmforge_cpus_env_pins_and_threads_follow() -> None:
         print(sorted(os.sched_getaffinity(0)), intra_op_threads(None))
     """, {"LMFORGE_CPUS": str(target)})
     assert out == f"[{target}] 1"
+
+
+def test_numactl_prefix_reports_absence(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    import runtime.cpu as cpu
+
+    assert cpu.numactl_prefix(None) is None
+    monkeypatch.setattr(cpu.shutil, "which", lambda name: None)
+    with caplog.at_level(logging.WARNING, logger="runtime.cpu"):
+        assert cpu.numactl_prefix(0) is None
+    assert "numactl is not installed" in caplog.text
+    monkeypatch.setattr(cpu.shutil, "which", lambda name: "/usr/bin/numactl")
+    assert cpu.numactl_prefix(1) == ["/usr/bin/numactl", "--cpunodebind=1", "--membind=1"]
