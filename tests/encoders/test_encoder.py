@@ -167,3 +167,26 @@ def test_manifest_pooling_is_followed(tiny_bert: Path, tmp_path: Path) -> None:
     assert tokens.shape[0] == 8  # truncated to the recorded maximum
     first = tokens[0] / np.linalg.norm(tokens[0])
     np.testing.assert_allclose(enc.encode(["hello there"])[0], first, atol=1e-6)
+
+
+@pytest.mark.parametrize("pooling", ["mean", "cls", "max", "mean_sqrt_len"])
+@pytest.mark.parametrize("normalize", [False, True])
+def test_on_device_pooling_head_matches_host_pooling(tiny_bert: Path, tmp_path: Path, pooling: str,
+                                                     normalize: bool) -> None:
+    import shutil
+
+    from runtime.encoder import l2_normalize, pool
+
+    copy = tmp_path / "p"
+    shutil.copytree(tiny_bert, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["encoder"] = {"pooling": pooling, "normalize": normalize, "max_seq_length": None, "from": "test"}
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    enc = Encoder.load(copy, threads=1)
+    assert enc._device_pooling  # the graph carries the pooling head
+    got = enc.encode(TEXTS, batch_size=3)  # padded batches: the mask must reach the head
+    expected = []
+    for tokens in enc.encode_tokens(TEXTS):
+        row = pool(tokens[None], np.ones((1, len(tokens)), np.int64), pooling)
+        expected.append((l2_normalize(row) if normalize else row)[0])
+    np.testing.assert_allclose(got, np.stack(expected), atol=1e-5)
