@@ -13,7 +13,10 @@ Pooling and normalization follow the model's sentence-transformers configuration
 ``lmforge convert`` records in the manifest's ``encoder`` block (``modules.json``,
 ``1_Pooling/config.json``, a ``Normalize`` module, ``max_seq_length``). An artifact without that
 block (or converted from a folder without ``modules.json``) uses mean pooling without
-normalization, and the load says so in the log. ``pooling=`` / ``normalize=`` override per call.
+normalization, and the load says so in the log. The configured pooling and normalization run
+inside the session, as a small ONNX head appended to the graph at load (:func:`pooling_fragment`),
+so only ``[batch, dim]`` leaves the device; ``pooling=`` / ``normalize=`` override per call (then
+the hidden states come back and are pooled in numpy, like :meth:`Encoder.encode_tokens`).
 
 **Length bucketing.** A call's texts are tokenized once, sorted by length (longest first), cut
 into batches of ``batch_size``, each padded only to its own longest row, run, and the rows are put
