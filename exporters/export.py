@@ -20,6 +20,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from exporters.cache_compat import cache_argument, output_cache
 from exporters.sources import LoadedSource
 from exporters.specs import ModelKind
 from runtime.artifact import TensorSpec
@@ -60,19 +61,20 @@ def _decoder_wrapper(loaded: LoadedSource, layers: int, with_positions: bool) ->
 
     model = loaded.model
     config = loaded.config
+    cache_name = cache_argument(model)
 
     def run(input_ids: Any, attention_mask: Any, position_ids: Any, past: tuple[Any, ...]) -> tuple[Any, ...]:
         cache = DynamicCache(config=config)
         for i in range(layers):
             cache.update(past[2 * i], past[2 * i + 1], i)
-        kwargs: dict[str, Any] = {}
+        # The cache goes in under the name the model declares (``cache`` from transformers 5.24,
+        # ``past_key_values`` before): the old name warns on 5.24 and is removed in 5.40.
+        kwargs: dict[str, Any] = {cache_name: cache}
         if with_positions:
             kwargs["position_ids"] = position_ids
-        out = model(
-            input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache, use_cache=True, **kwargs
-        )
+        out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=True, **kwargs)
         presents: list[Any] = []
-        for layer in out.past_key_values.layers:
+        for layer in output_cache(out).layers:
             presents += [layer.keys, layer.values]
         return (out.logits, *presents)
 
@@ -278,7 +280,8 @@ def check_against_torch(
         tti = torch.zeros_like(ids)
         with torch.no_grad():
             ref = loaded.model(input_ids=ids, attention_mask=mask, token_type_ids=tti).last_hidden_state.numpy()
-        got = session.run(["last_hidden_state"], {"input_ids": ids.numpy(), "attention_mask": mask.numpy(), "token_type_ids": tti.numpy()})[0]
+        feed = {"input_ids": ids.numpy(), "attention_mask": mask.numpy(), "token_type_ids": tti.numpy()}
+        got = session.run(["last_hidden_state"], feed)[0]
         return float(np.abs(got - ref).max())
 
     with_positions = "position_ids" in input_names

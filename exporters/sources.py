@@ -40,6 +40,7 @@ __all__ = [
     "load_source",
     "tiny_tokenizer",
     "TINY_SEED",
+    "sentence_transformers_config",
 ]
 
 log = logging.getLogger(__name__)
@@ -423,3 +424,46 @@ def describe_dims(loaded: LoadedSource) -> dict[str, Any]:
         "vocab": dims.vocab,
         "max_positions": dims.max_positions,
     }
+
+
+_ST_POOLING_MODES = (("pooling_mode_cls_token", "cls"), ("pooling_mode_mean_tokens", "mean"),
+                     ("pooling_mode_max_tokens", "max"), ("pooling_mode_mean_sqrt_len_tokens", "mean_sqrt_len"))
+
+
+def sentence_transformers_config(folder: Path | None) -> dict[str, Any]:
+    """The manifest's ``encoder`` block: pooling, normalization and maximum length of an encoder.
+
+    Read from the source folder's sentence-transformers files (``modules.json``, the Pooling
+    module's ``config.json``, a Normalize module, ``sentence_bert_config.json``); a folder without
+    them (and ``tiny:``/``random:`` sources) gets mean pooling without normalization, recorded as
+    the default so the runtime can say so.
+    """
+    import json
+
+    default: dict[str, Any] = {"pooling": "mean", "normalize": False, "max_seq_length": None,
+                               "from": "default (no sentence-transformers modules.json)"}
+    modules_path = folder / "modules.json" if folder is not None else None
+    if modules_path is None or not modules_path.is_file():
+        return default
+    try:
+        modules = json.loads(modules_path.read_text(encoding="utf-8"))
+        types = {str(m.get("type", "")).rsplit(".", 1)[-1]: str(m.get("path", "")) for m in modules}
+        pooling = "mean"
+        if "Pooling" in types:
+            pool_cfg = json.loads((folder / types["Pooling"] / "config.json").read_text(encoding="utf-8"))
+            chosen = [name for key, name in _ST_POOLING_MODES if pool_cfg.get(key)]
+            if len(chosen) != 1:
+                raise ExportError(f"{folder}: sentence-transformers pooling {chosen or 'none'} is not supported",
+                                  expected="exactly one of cls, mean, max, mean_sqrt_len",
+                                  fix="edit 1_Pooling/config.json, or remove modules.json for mean pooling")
+            pooling = chosen[0]
+        max_len = None
+        bert_cfg = folder / "sentence_bert_config.json"
+        if bert_cfg.is_file():
+            max_len = json.loads(bert_cfg.read_text(encoding="utf-8")).get("max_seq_length")
+    except (OSError, ValueError, AttributeError, TypeError) as exc:
+        raise ExportError(f"{folder}: the sentence-transformers configuration cannot be read ({exc})",
+                          fix="repair modules.json / 1_Pooling/config.json, "
+                              "or remove modules.json for mean pooling") from exc
+    return {"pooling": pooling, "normalize": "Normalize" in types,
+            "max_seq_length": int(max_len) if max_len else None, "from": "sentence-transformers modules.json"}

@@ -3,7 +3,10 @@
 Each sub-command lives in its own module ``lmforge/cmd_<name>.py`` exposing
 ``register(subparsers) -> None`` (which sets ``func`` on its parser) and a ``run(args) -> int``.
 Every :class:`runtime.errors.LmforgeError` becomes one line on stderr and exit code 2; a traceback
-is shown only with ``--debug``.
+is shown only with ``--debug``. A command that needs an optional part of lmforge which is not
+installed (torch for ``convert``, fastapi for ``serve``) says which extra to install, also as one
+line with exit code 2: the commands import their toolchain lazily, so the ``ModuleNotFoundError``
+is caught here once rather than in every command.
 """
 
 from __future__ import annotations
@@ -11,13 +14,32 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
+import warnings
 
-from runtime.errors import LmforgeError
+from runtime.errors import LmforgeError, format_message
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "build_parser", "EXTRA_OF_MODULE", "missing_extra"]
 
-COMMANDS = ("convert", "optimize", "verify", "generate", "bench", "inspect")
+COMMANDS = ("convert", "optimize", "verify", "generate", "bench", "inspect", "serve", "bench-serve", "tune")
+
+# Top-level import name → the pyproject extra that installs it (pyproject.toml, docs/install.md).
+EXTRA_OF_MODULE: dict[str, str] = {
+    **dict.fromkeys(
+        ("torch", "transformers", "optimum", "onnx", "onnxscript", "onnx_ir", "polygraphy",
+         "onnx_graphsurgeon", "gguf", "accelerate", "safetensors", "tqdm", "matplotlib", "huggingface_hub"),
+        "export",
+    ),
+    **dict.fromkeys(("fastapi", "uvicorn", "prometheus_client", "httpx", "starlette"), "serve"),
+    "onnxruntime_genai": "bench",
+}
+
+
+def missing_extra(exc: ModuleNotFoundError) -> str | None:
+    """The extra that provides the module ``exc`` could not import, or None when it is not ours."""
+    name = (exc.name or "").split(".")[0]
+    return EXTRA_OF_MODULE.get(name)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,9 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
     for name in COMMANDS:
         try:
-            module = importlib.import_module(f"lmforge.cmd_{name}")
+            module = importlib.import_module(f"lmforge.cmd_{name.replace('-', '_')}")
         except ModuleNotFoundError as exc:
-            if exc.name != f"lmforge.cmd_{name}":
+            if exc.name != f"lmforge.cmd_{name.replace('-', '_')}":
                 raise
             continue
         module.register(sub)
@@ -53,13 +75,36 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("torch", "transformers", "onnxscript", "onnx_ir", "httpx", "urllib3", "matplotlib", "PIL"):
         if not args.debug:
             logging.getLogger(noisy).setLevel(logging.ERROR)
+    quiet = args.quiet and not args.debug
+    # transformers sets its own logger's level when it is imported (inside the command), from
+    # TRANSFORMERS_VERBOSITY; under -q its warning_once lines would print anyway. Restored after.
+    verbosity = os.environ.get("TRANSFORMERS_VERBOSITY")
+    if quiet and verbosity is None:
+        os.environ["TRANSFORMERS_VERBOSITY"] = "error"
     try:
-        return int(args.func(args) or 0)
+        with warnings.catch_warnings():
+            if quiet:
+                # -q: "only warnings and errors" means lmforge's own; the Python warnings that
+                # torch, transformers and onnxscript raise (UserWarning, FutureWarning, …) are
+                # about their internals, not the user's input. lmforge's warnings are log records.
+                warnings.simplefilter("ignore")
+            return int(args.func(args) or 0)
     except LmforgeError as exc:
         if args.debug:
             raise
         print(f"lmforge {args.command}: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except ModuleNotFoundError as exc:
+        extra = missing_extra(exc)
+        if extra is None or args.debug:
+            raise
+        message = format_message(f"this command needs the '{extra}' extra", got=f"{exc.name} is not installed",
+                                 fix=f"pip install 'lmforge[{extra}]'")
+        print(f"lmforge {args.command}: error: {message}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"lmforge {args.command}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if quiet and verbosity is None:
+            os.environ.pop("TRANSFORMERS_VERBOSITY", None)

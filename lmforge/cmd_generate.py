@@ -36,6 +36,11 @@ def register(subparsers: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from runtime import Engine, SamplingParams
+    from runtime.text import check_text
+
+    # A lone surrogate (a non-UTF-8 argument arrives as one) is refused here, before the engine
+    # loads, as one line; the tokenizer would raise a bare TypeError.
+    check_text(args.prompt, "the prompt")
 
     sampling = SamplingParams(
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,

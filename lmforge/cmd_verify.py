@@ -29,7 +29,9 @@ def register(subparsers: Any) -> None:
     )
     parser.add_argument("artifact", metavar="ARTIFACT", help="artifact folder (from `lmforge convert` or `optimize`)")
     parser.add_argument("--prompts", metavar="FILE.jsonl", default=None,
-                        help="prompt set, one {\"id\", \"prompt\", \"chat\"} object a line (default: parity/prompts/default.jsonl)")
+                        help="prompt set, one {\"id\", \"prompt\", \"chat\"} object a line "
+                        "(default: parity/prompts/default.jsonl); for an encoder, {\"id\", \"text\"} "
+                        "(default: parity/prompts/sentences.jsonl)")
     parser.add_argument("--max-new-tokens", type=int, default=32, metavar="N", help="new tokens per prompt (default 32)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where the artifact runs (default cpu)")
     parser.add_argument("--json", metavar="PATH", default=None, help="write the result as JSON")
@@ -62,8 +64,13 @@ def run(args: argparse.Namespace) -> int:
     from parity.layerwise import layerwise_compare, resolve_against
     from parity.report import format_table, to_json, write_markdown_report
     from parity.verify import failing_prompt, verify_artifact
+    from runtime.artifact import load_artifact
     from runtime.errors import ParityError
 
+    if not load_artifact(args.artifact, verify_hashes=False).is_decoder:  # encoders: parity.encoder_verify
+        from parity.encoder_verify import run_cli
+
+        return run_cli(args)
     if args.max_new_tokens < 1:
         raise ParityError("invalid --max-new-tokens", expected="an integer >= 1", got=str(args.max_new_tokens))
     if args.batch_size < 0:

@@ -26,6 +26,7 @@ import re
 from pathlib import Path
 
 from runtime.errors import ParityError
+from runtime.text import lone_surrogate
 
 __all__ = ["Prompt", "load_prompts", "default_prompts_path", "smoke_prompts_path"]
 
@@ -83,13 +84,19 @@ def _parse_line(path: Path, lineno: int, line: str) -> Prompt:
             raise _field_error(path, lineno, field, "is missing")
         value = data[field]
         if not isinstance(value, kind):
-            raise _field_error(
-                path, lineno, field, f"must be a JSON {'boolean' if kind is bool else 'string'}, got {json.dumps(value)[:40]}"
-            )
+            wanted = "boolean" if kind is bool else "string"
+            raise _field_error(path, lineno, field, f"must be a JSON {wanted}, got {json.dumps(value)[:40]}")
     if not _ID_PATTERN.fullmatch(data["id"]):
         raise _field_error(path, lineno, "id", f"must be non-empty and use only A-Z a-z 0-9 . _ -, got {data['id']!r}")
     if data["prompt"] == "":
         raise _field_error(path, lineno, "prompt", "is empty")
+    surrogate = lone_surrogate(data["prompt"])
+    if surrogate is not None:  # an unpaired "\ud800" escape: valid JSON, not encodable text
+        raise _field_error(
+            path, lineno, "prompt",
+            f"holds a lone surrogate U+{ord(data['prompt'][surrogate]):04X} at character {surrogate}, "
+            "which is not valid Unicode text",
+        )
     return Prompt(id=data["id"], prompt=data["prompt"], chat=data["chat"])
 
 

@@ -239,6 +239,8 @@ def generate_reference(
     import numpy as np
     import torch
 
+    from exporters.cache_compat import cache_kwargs, output_cache
+
     if max_new_tokens < 1:
         raise ParityError("max_new_tokens must be at least 1", got=str(max_new_tokens))
     if not input_ids:
@@ -264,8 +266,8 @@ def generate_reference(
             out = model(
                 input_ids=torch.tensor([[token]], dtype=torch.long),
                 attention_mask=torch.ones((1, length), dtype=torch.long),
-                past_key_values=out.past_key_values,
                 use_cache=True,
+                **cache_kwargs(model, output_cache(out)),  # `cache=` on transformers 5.24+, warns otherwise
             )
     return ReferenceRun(prompt_id=prompt_id, tokens=tuple(tokens), top_ids=np.stack(top_ids), top_values=np.stack(top_values))
 

@@ -3,8 +3,9 @@
 Each :class:`GraphPass` rewrites the model in place and returns how many rewrites it made. Fusion
 passes are onnxscript rule sets (``onnxscript.rewriter.ort_fusions``, plus lmforge's own rules
 where those miss our exports: :mod:`passes.rule_fast_gelu`, :mod:`passes.rule_rotary_cache`,
-:mod:`passes.rule_gqa`); a fusion that fires zero times is re-run with onnxscript's
-``MatchingTracer`` so the report can say how far each rule got and why it stopped.
+:mod:`passes.rule_gqa`, :mod:`passes.rule_bloom_attention`); a fusion that fires zero times is
+re-run with onnxscript's ``MatchingTracer`` so the report can say how far each rule got and why it
+stopped.
 
 The order follows onnxscript's ``fuse_xformers`` (norms, rotary, SDPA, then attention ops, then
 GELU), with lmforge's rules slotted in next to the onnxscript rule they stand in for.
@@ -39,6 +40,7 @@ from onnxscript.rewriter.ort_fusions import (
     skip_normalization,
 )
 
+from passes.rule_bloom_attention import bloom_attention_rules
 from passes.rule_fast_gelu import fast_gelu_rules
 from passes.rule_gemm_matmul import gemm_matmul_rules
 from passes.rule_gqa import gqa_rules
@@ -183,6 +185,9 @@ def fusion_passes() -> list[GraphPass]:
         _rules_pass("group-query-attention", "fusion", lambda ctx: [gqa_rules()], ("GroupQueryAttention",)),
         _rules_pass("multi-head-attention", "fusion",
                     lambda ctx: [mha.mha_rules_with_past, mha.mha_rules_no_past], ("MultiHeadAttention",)),
+        # BLOOM's 3-D ALiBi scores never reach an SDPA; the pass after it shares the per-layer bias.
+        _rules_pass("bloom-attention", "fusion", lambda ctx: [bloom_attention_rules()], ("MultiHeadAttention",)),
+        GraphPass("common-subexpressions-3", "cleanup", _delta(_cse)),
         _rules_pass("mha-scale", "fusion", _onnxscript(mha_scale._mha_scale_rules)),
         _rules_pass("mha-bias", "fusion", _onnxscript(mha_bias.mha_bias_rules)),
         _rules_pass("attention", "fusion", _onnxscript(attention.attention_rules), ("Attention",)),

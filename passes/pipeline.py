@@ -31,8 +31,8 @@ from passes.graph_passes import GraphPass, PassContext, cleanup_passes, final_pa
 from passes.precision import PRECISIONS, Quantized, quantize_file
 from passes.rule_gqa import GQA_CONSTRAINT
 from passes.shared_buffer import SharedBuffer, compare_shared, share_kv_buffers, shared_buffer_blockers
-from runtime.artifact import MANIFEST_NAME, MODEL_NAME, Artifact, KvMode, load_artifact, write_artifact
-from runtime.errors import ArtifactError, PassError
+from runtime.artifact import MANIFEST_NAME, MODEL_NAME, Artifact, KvMode, check_output, load_artifact, write_artifact
+from runtime.errors import PassError
 
 __all__ = ["DEVICES", "PRECISIONS", "OptimizeReport", "optimize_artifact", "graph_io", "op_counts"]
 
@@ -165,7 +165,8 @@ BLOCK_SIZES = (16, 32, 64, 128)
 
 def _validate_request(art: Artifact, device: str, precision: str, force: bool, block_size: int | None = None) -> None:
     if device not in DEVICES:
-        raise PassError(f"unknown device {device!r}", expected=" or ".join(DEVICES), fix="pass --device cpu or --device cuda")
+        raise PassError(f"unknown device {device!r}", expected=" or ".join(DEVICES),
+                        fix="pass --device cpu or --device cuda")
     if precision not in PRECISIONS:
         raise PassError(f"unknown precision {precision!r}", expected=", ".join(PRECISIONS),
                         fix="pass --precision fp32, fp16, int8 or int4")
@@ -272,10 +273,10 @@ def optimize_artifact(
     out = Path(out)
     art = load_artifact(src)
     _validate_request(art, device, precision, force, block_size)
-    if out.exists() and not force:
-        raise ArtifactError(f"output {out} already exists", fix="choose another path or pass --force to replace it")
     if out.resolve() == art.path.resolve():
-        raise PassError("output and input are the same folder", fix="write the optimized artifact to a new folder with -o")
+        raise PassError("output and input are the same folder",
+                        fix="write the optimized artifact to a new folder with -o")
+    check_output(out, force)  # before the passes: -o must be writable, --force replaces only an artifact
     show = sys.stderr.isatty() if progress is None else progress
     arch = str(art.architecture.get("name"))
 

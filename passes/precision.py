@@ -67,6 +67,7 @@ from typing import Any
 
 import onnx
 
+from passes.encoder_int8 import is_encoder_graph, quantize_encoder_int8
 from passes.grid_int4 import grid_quantize
 from passes.lm_head import untie_lm_head
 
@@ -215,6 +216,10 @@ def quantize_file(src: Path, dst: Path, precision: str, device: str, keep_lm_hea
     if not keep_lm_head:
         untied = untie_lm_head(model, head)  # a tied head gets its own copy, so a quantizer can take it
         head = []
+    if precision == "int8" and device == "cpu" and int8_cpu_method == "nbits" and is_encoder_graph(model):
+        done = quantize_encoder_int8(model, dst)  # encoders: every projection int8, see its docstring
+        return Quantized("passes.encoder_int8 + onnxruntime.quantization.quantize_dynamic", done["settings"],
+                         done["converted_nodes"], [])
     if precision == "int8" and device == "cpu" and int8_cpu_method == "dynamic":
         return _quantize_dynamic_int8(model, dst, head)
     if int8_cpu_method not in INT8_CPU_METHODS:

@@ -20,6 +20,7 @@ any number of threads (or asyncio tasks) submit requests to it and their request
 from __future__ import annotations
 
 from runtime.artifact import Artifact, load_artifact
+from runtime.encoder import Encoder
 from runtime.engine import Engine, EngineStats
 from runtime.errors import (
     ArtifactError,
@@ -38,6 +39,7 @@ from runtime.sampling import SamplingParams
 __all__ = [
     "Engine",
     "EngineStats",
+    "Encoder",
     "SamplingParams",
     "Request",
     "TokenEvent",

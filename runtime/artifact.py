@@ -27,10 +27,13 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
+import socket
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from runtime.errors import ArtifactError
 
@@ -43,6 +46,8 @@ __all__ = [
     "Artifact",
     "load_artifact",
     "write_artifact",
+    "check_output",
+    "BUILD_MARKER",
     "sha256_file",
     "external_data_locations",
     "lmforge_version",
@@ -54,6 +59,12 @@ FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 MODEL_NAME = "model.onnx"
 _REQUIRED_KEYS = ("format_version", "source", "architecture", "precision", "kv_mode", "io", "files")
+# Dimensions every artifact records (positive ints), and those a decoder's runtime also reads.
+_ARCH_DIMS = ("layers", "vocab")
+_DECODER_DIMS = ("heads", "kv_heads", "head_dim", "max_context")
+# A file that marks an ``OUT.tmp-*`` folder as lmforge's build in progress (pid and host inside);
+# it never reaches the finished artifact. Only folders carrying it are ever cleaned up.
+BUILD_MARKER = ".lmforge-build"
 
 
 class KvMode(str, enum.Enum):
@@ -172,6 +183,42 @@ def _check_plain_name(root: Path, name: str) -> Path:
     return resolved
 
 
+def _check_shape(root: Path, manifest: dict[str, Any]) -> None:
+    """The manifest's structure, before anything indexes into it (a hand edit must not traceback)."""
+
+    def refuse(what: str, expected: str, got: Any) -> ArtifactError:
+        return ArtifactError(
+            f"artifact {root}: manifest {what}", expected=expected, got=repr(got)[:80],
+            fix="restore manifest.json or re-export the artifact",
+        )
+
+    files = manifest["files"]
+    if not isinstance(files, dict):
+        raise refuse("'files' is not a mapping of file names", '{"model.onnx": {"size": …, "sha256": …}, …}',
+                     type(files).__name__)
+    for name, info in files.items():
+        if not isinstance(info, dict) or not isinstance(info.get("size"), int) or not isinstance(
+            info.get("sha256"), str
+        ):
+            raise refuse(f"entry for {name!r} in 'files' is malformed", '{"size": int, "sha256": str}', info)
+    arch = manifest["architecture"]
+    if not isinstance(arch, dict):
+        raise refuse("'architecture' is not a mapping", '{"layers": …, "vocab": …, …}', type(arch).__name__)
+    is_decoder = manifest.get("model_kind", "decoder") == "decoder"
+    for key in _ARCH_DIMS + (_DECODER_DIMS if is_decoder else ()):
+        value = arch.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if key not in arch:
+                raise refuse(f"'architecture' lacks {key!r}", "a positive integer", value)
+            raise refuse(f"'architecture.{key}' is not a positive integer", "a positive integer", value)
+    io = manifest["io"]
+    if not isinstance(io, dict) or not all(isinstance(io.get(k), list) for k in ("inputs", "outputs")):
+        raise refuse("'io' is malformed", '{"inputs": [...], "outputs": [...]}', io)
+    for spec in io["inputs"] + io["outputs"]:
+        if not isinstance(spec, dict) or not {"name", "dtype", "shape"} <= spec.keys():
+            raise refuse("'io' lists a tensor without name, dtype and shape", '{"name", "dtype", "shape"}', spec)
+
+
 def load_artifact(path: str | os.PathLike[str], verify_hashes: bool = True) -> Artifact:
     """Read and validate an artifact folder; raise :class:`ArtifactError` naming the fix."""
     root = Path(path)
@@ -221,6 +268,7 @@ def load_artifact(path: str | os.PathLike[str], verify_hashes: bool = True) -> A
             fix="re-export the artifact",
         ) from exc
 
+    _check_shape(root, manifest)
     files: dict[str, Any] = manifest["files"]
     for name, info in files.items():
         file_path = _check_plain_name(root, name)
@@ -371,9 +419,88 @@ def _file_entry(path: Path) -> dict[str, Any]:
 def _describe_files(root: Path) -> dict[str, Any]:
     files: dict[str, Any] = {}
     for path in sorted(root.rglob("*")):
-        if path.is_file() and path.name != MANIFEST_NAME:
+        if path.is_file() and path.name != MANIFEST_NAME and path.relative_to(root).as_posix() != BUILD_MARKER:
             files[path.relative_to(root).as_posix()] = _file_entry(path)
     return files
+
+
+def check_output(out: str | os.PathLike[str], force: bool = False) -> Path:
+    """Refuse an output path that :func:`write_artifact` must not write; make its parent folder.
+
+    Called first by ``convert`` and ``optimize`` (through :func:`write_artifact`, and by
+    ``optimize`` before its passes run) so that a bad ``-o`` costs nothing. Refused, each with one
+    :class:`ArtifactError` line: an existing ``out`` without ``force``; an existing ``out`` that
+    is a file; with ``force``, an existing non-empty folder that is not an lmforge artifact (no
+    ``manifest.json``): ``--force`` replaces an artifact, never a folder of someone's files; a
+    parent that cannot be made or written (a file on the way, no permission, a read-only disk).
+    Returns the resolved parent folder.
+    """
+    target = Path(out)
+    if target.exists() or target.is_symlink():
+        if not force:
+            raise ArtifactError(
+                f"output {target} already exists", fix="choose another path or pass --force to replace it"
+            )
+        if not target.is_dir():
+            raise ArtifactError(f"output {target} exists and is not a folder", fix="choose another path")
+        if not (target / MANIFEST_NAME).is_file() and any(target.iterdir()):
+            raise ArtifactError(
+                f"output {target} is a folder that is not an lmforge artifact (no {MANIFEST_NAME}); "
+                "--force replaces only an artifact",
+                fix="choose another path with -o, or move that folder's files away yourself",
+            )
+    parent = target.resolve().parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ArtifactError(
+            f"cannot write to {parent} ({exc.strerror or exc})", fix="choose a writable output location with -o"
+        ) from exc
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ArtifactError(
+            f"cannot write to {parent} (permission denied)", fix="choose a writable output location with -o"
+        )
+    return parent
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    except OSError:
+        return True
+    return True
+
+
+def _clean_stale_builds(parent: Path, name: str) -> None:
+    """Remove ``NAME.tmp-*`` folders that a killed build of the same output left behind.
+
+    Only a folder whose name is exactly ``NAME.tmp-`` plus :func:`tempfile.mkdtemp`'s 8-character
+    suffix, that holds :data:`BUILD_MARKER`, and whose recorded process on this host is gone, is
+    removed; a build still running (its pid alive) or started on another host is left alone.
+    """
+    pattern = re.compile(re.escape(name) + r"\.tmp-[a-z0-9_]{8}")
+    host = socket.gethostname()
+    try:
+        candidates = [p for p in parent.iterdir() if pattern.fullmatch(p.name)]
+    except OSError:
+        return
+    for folder in candidates:
+        marker = folder / BUILD_MARKER
+        if folder.is_symlink() or not folder.is_dir() or not marker.is_file():
+            continue
+        try:
+            info = json.loads(marker.read_text(encoding="utf-8"))
+            pid, owner = int(info["pid"]), str(info["host"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if owner != host or _pid_alive(pid):
+            continue
+        log.info("removing %s, left by a build (pid %d) that did not finish", folder, pid)
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 @contextlib.contextmanager
@@ -384,22 +511,21 @@ def write_artifact(out: str | os.PathLike[str], force: bool = False) -> Iterator
     puts a partial manifest (without ``files``) at ``tmp/manifest.json``. On a clean exit the file
     list with sizes and sha256 is added and the folder is renamed onto ``out``; on any exception
     the temporary folder is removed and ``out`` is left as it was. A process killed mid-way leaves
-    only an ``OUT.tmp-*`` folder, never a half-written ``out``.
+    only an ``OUT.tmp-*`` folder, never a half-written ``out``; the next build of the same ``out``
+    removes it (it carries :data:`BUILD_MARKER` naming its process). ``out`` is checked first by
+    :func:`check_output` (``force`` replaces only an existing artifact).
     """
     target = Path(out)
-    if target.exists() and not force:
-        raise ArtifactError(
-            f"output {target} already exists", fix="choose another path or pass --force to replace it"
-        )
-    if target.exists() and not target.is_dir():
-        raise ArtifactError(f"output {target} exists and is not a folder", fix="choose another path")
-    parent = target.resolve().parent
+    parent = check_output(target, force)
+    _clean_stale_builds(parent, target.name)
     try:
-        parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f"{target.name}.tmp-", dir=parent))
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; an artifact is shared like any folder
+        (tmp / BUILD_MARKER).write_text(
+            json.dumps({"pid": os.getpid(), "host": socket.gethostname()}), encoding="utf-8"
+        )
     except OSError as exc:
         raise ArtifactError(
             f"cannot write to {parent} ({exc.strerror or exc})",
@@ -411,10 +537,11 @@ def write_artifact(out: str | os.PathLike[str], force: bool = False) -> Iterator
         with open(manifest_path, encoding="utf-8") as fh:
             manifest = json.load(fh)
         manifest["files"] = _describe_files(tmp)
-        manifest.setdefault("created", _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+        manifest.setdefault("created", _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"))
         with open(manifest_path, "w", encoding="utf-8") as fh:
             json.dump(manifest, fh, indent=2)
             fh.write("\n")
+        (tmp / BUILD_MARKER).unlink(missing_ok=True)
         if target.exists():
             old = Path(tempfile.mkdtemp(prefix=f"{target.name}.old-", dir=parent))
             os.replace(target, old / target.name)

@@ -17,17 +17,19 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import logging
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import jinja2
 import jinja2.ext
 from jinja2.exceptions import SecurityError, TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from runtime.errors import GenerationError
+from runtime.errors import GenerationError, InvalidRequestError
+from runtime.text import check_text
 
-__all__ = ["load_chat_template", "special_tokens", "render_chat"]
+__all__ = ["load_chat_template", "special_tokens", "render_chat", "normalize_messages"]
 
 log = logging.getLogger(__name__)
 
@@ -98,9 +100,42 @@ def _environment() -> _StrictSandbox:
     return env
 
 
-def _check_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+def _content_text(index: int, content: Any) -> str:
+    """A message's ``content`` as text: a string, or OpenAI's list of content parts (text parts
+    joined; any other part refused, since the artifact reads text only)."""
+    if isinstance(content, str):
+        return check_text(content, f"chat message {index}'s content")
+    if isinstance(content, Sequence) and not isinstance(content, (bytes, bytearray)):
+        texts = []
+        for j, part in enumerate(content):
+            kind = part.get("type") if isinstance(part, Mapping) else None
+            if kind == "text" and isinstance(part.get("text"), str):
+                texts.append(check_text(part["text"], f"chat message {index}'s content part {j}"))
+                continue
+            raise InvalidRequestError(
+                f"chat message {index}'s content part {j} is not text",
+                expected='{"type": "text", "text": "…"} (this model reads text only)',
+                got=repr(kind if kind is not None else part)[:80],
+                fix="send the text parts only",
+            )
+        return "".join(texts)
+    raise InvalidRequestError(
+        f"chat message {index}'s content is not text",
+        expected='a string, or a list of {"type": "text", "text": "…"} parts',
+        got=f"{type(content).__name__} {content!r}"[:80],
+    )
+
+
+def normalize_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Check chat messages and give each a string ``content``; raise :class:`InvalidRequestError`.
+
+    Accepted: a non-empty list of mappings with a string ``role`` and a ``content`` that is a
+    string or OpenAI's list of content parts (the ``text`` parts are joined). Refused: a missing
+    role or content, ``None``, numbers and other types, image or audio parts, and text holding a
+    lone surrogate. Other keys of a message (``name``, ``tool_calls``, …) are kept as they are.
+    """
     if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence) or not messages:
-        raise GenerationError(
+        raise InvalidRequestError(
             "chat messages must be a non-empty list",
             expected='[{"role": "user", "content": "…"}, …]',
             got=repr(messages)[:80],
@@ -108,12 +143,14 @@ def _check_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, Any
     out = []
     for i, message in enumerate(messages):
         if not isinstance(message, Mapping) or not isinstance(message.get("role"), str) or "content" not in message:
-            raise GenerationError(
+            raise InvalidRequestError(
                 f"chat message {i} is malformed",
                 expected="a mapping with a string 'role' and a 'content'",
                 got=repr(message)[:80],
             )
-        out.append(dict(message))
+        normalized = dict(message)
+        normalized["content"] = _content_text(i, message["content"])
+        out.append(normalized)
     return out
 
 
@@ -124,7 +161,7 @@ def render_chat(
     add_generation_prompt: bool = True,
 ) -> str:
     """Render ``template`` for ``messages`` in the sandbox; any failure is a GenerationError."""
-    checked = _check_messages(messages)
+    checked = normalize_messages(messages)
     try:
         compiled = _environment().from_string(template)
         return compiled.render(messages=checked, add_generation_prompt=add_generation_prompt, **tokens)

@@ -10,6 +10,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
+from exporters.cache_compat import cache_kwargs
 from exporters.sources import load_source
 from runtime.artifact import load_artifact
 
@@ -23,8 +24,9 @@ def _session(path: Path) -> ort.InferenceSession:
 
 def _torch_step(model: Any, cache: Any, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, use_pos: bool) -> Any:
     kwargs = {"position_ids": pos} if use_pos else {}
+    kwargs.update(cache_kwargs(model, cache))  # `cache=` on transformers 5.24+, `past_key_values=` before
     with torch.no_grad():
-        return model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True, **kwargs)
+        return model(input_ids=ids, attention_mask=mask, use_cache=True, **kwargs)
 
 
 @pytest.mark.parametrize("arch", DECODERS)

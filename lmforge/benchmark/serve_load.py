@@ -1,0 +1,444 @@
+"""``lmforge bench-serve``'s load generator: streaming requests on an arrival schedule, measured per request.
+
+The method is vLLM's ``bench serve`` and genai-perf's: every request streams; the client records
+time to first token (send → first chunk with text), the gaps between text chunks (inter-token
+latency) and end-to-end latency; a point of the sweep is either open-loop (Poisson arrivals at a
+rate, ``inf`` = all at once, independent of how fast the server answers) or closed-loop (a fixed
+number of clients, each sending its next request when the last one ended).
+
+Two targets share the schedule and the measurements: :class:`HttpTarget` (an OpenAI-compatible
+server, via ``httpx``) and :class:`EngineTarget` (a :class:`runtime.Engine` in this process,
+``submit`` + ``async for``; what the HTTP layer costs is the difference between the two).
+
+A request that does not end well is counted by kind: ``http_<status>`` (``http_429`` = the
+queue was full), ``timeout``, ``connection``, ``stream_error`` (an error event inside a
+stream), ``incomplete`` (no finish reason before the stream ended), and for the engine target
+``queue_full``, ``closed``, ``invalid``, ``failed``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import math
+import random
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from runtime.errors import GenerationError
+
+__all__ = [
+    "EngineTarget",
+    "HttpTarget",
+    "LoadPrompt",
+    "Mix",
+    "RequestRecord",
+    "Slo",
+    "load_prompts",
+    "parse_mix",
+    "parse_rates",
+    "parse_slo",
+    "random_prompts",
+    "run_closed_loop",
+    "run_open_loop",
+    "summarize",
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadPrompt:
+    """One prompt of the load: text (sent to ``/v1/completions``, or as one user message to
+    ``/v1/chat/completions`` when ``chat``) or token ids (``/v1/completions`` only)."""
+
+    prompt: str | tuple[int, ...]
+    chat: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class Mix:
+    """The share of greedy requests; the rest sample (temperature 0.8, top-p 0.95, seeded per request)."""
+
+    greedy: float = 1.0
+
+    def params(self, rng: random.Random, i: int) -> dict[str, Any]:
+        if rng.random() < self.greedy:
+            return {"temperature": 0.0}
+        return {"temperature": 0.8, "top_p": 0.95, "seed": i}
+
+
+@dataclasses.dataclass(frozen=True)
+class Slo:
+    """Goodput's bounds (None = not bounded); ``itl_s`` bounds a request's mean inter-token latency."""
+
+    ttft_s: float | None = None
+    itl_s: float | None = None
+    e2e_s: float | None = None
+
+    def met(self, r: RequestRecord) -> bool:
+        if not r.ok:
+            return False
+        mean_itl = sum(r.itl_s) / len(r.itl_s) if r.itl_s else 0.0
+        return ((self.ttft_s is None or r.ttft_s <= self.ttft_s) and (self.itl_s is None or mean_itl <= self.itl_s)
+                and (self.e2e_s is None or r.e2e_s <= self.e2e_s))
+
+    def describe(self) -> dict[str, float | None]:
+        return {"ttft_ms": _ms(self.ttft_s), "itl_ms": _ms(self.itl_s), "e2e_ms": _ms(self.e2e_s)}
+
+
+@dataclasses.dataclass
+class RequestRecord:
+    ok: bool = False
+    error: str | None = None
+    ttft_s: float = math.nan
+    itl_s: list[float] = dataclasses.field(default_factory=list)
+    e2e_s: float = math.nan
+    output_tokens: int = 0
+    prompt_tokens: int = 0
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else seconds * 1e3
+
+
+# -- parsing the flags ---------------------------------------------------------------------------
+
+
+def _bad(flag: str, expected: str, got: str) -> GenerationError:
+    return GenerationError(f"invalid {flag}", expected=expected, got=repr(got))
+
+
+def parse_rates(text: str) -> tuple[float, ...]:
+    """``"1,2,inf"`` → ``(1.0, 2.0, inf)`` requests per second."""
+    out = []
+    for part in (p.strip() for p in text.split(",") if p.strip()):
+        try:
+            value = float(part)
+        except ValueError:
+            raise _bad("--rates", "positive numbers or inf, comma-separated, e.g. 1,4,inf", text) from None
+        if not value > 0:
+            raise _bad("--rates", "positive numbers or inf, comma-separated, e.g. 1,4,inf", text)
+        out.append(value)
+    return tuple(out)
+
+
+def parse_mix(text: str) -> Mix:
+    """``"greedy:0.5,sampled:0.5"`` → ``Mix(greedy=0.5)`` (weights are normalized)."""
+    weights = {"greedy": 0.0, "sampled": 0.0}
+    for part in (p.strip() for p in text.split(",") if p.strip()):
+        name, _, value = part.partition(":")
+        try:
+            weight = float(value or "1")
+        except ValueError:
+            weight = -1.0
+        if name not in weights or weight < 0:
+            raise _bad("--mix", "greedy:W,sampled:W with weights >= 0", text)
+        weights[name] = weight
+    total = weights["greedy"] + weights["sampled"]
+    if total <= 0:
+        raise _bad("--mix", "at least one positive weight", text)
+    return Mix(greedy=weights["greedy"] / total)
+
+
+def parse_slo(text: str | None) -> Slo:
+    """``"ttft=200ms,itl=50ms,e2e=2s"`` → :class:`Slo` (a bare number is milliseconds)."""
+    if not text:
+        return Slo()
+    values: dict[str, float] = {}
+    for part in (p.strip() for p in text.split(",") if p.strip()):
+        name, _, value = part.partition("=")
+        scale = 1e-3
+        if value.endswith("ms"):
+            value = value[:-2]
+        elif value.endswith("s"):
+            value, scale = value[:-1], 1.0
+        try:
+            seconds = float(value) * scale
+        except ValueError:
+            seconds = -1.0
+        if name not in ("ttft", "itl", "e2e") or not seconds > 0:
+            raise _bad("--slo", "ttft=200ms,itl=50ms,e2e=10s (any of them)", text)
+        values[f"{name}_s"] = seconds
+    return Slo(**values)
+
+
+# -- prompts -------------------------------------------------------------------------------------
+
+
+def load_prompts(path: str | Path) -> list[LoadPrompt]:
+    """A JSON-lines file with a ``prompt`` string and an optional ``chat`` flag per line."""
+    out = []
+    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+            prompt = item["prompt"]
+        except (ValueError, KeyError, TypeError):
+            raise GenerationError(f"{path}:{n}: not a prompt line", expected='{"prompt": "...", "chat": false}',
+                                  got=line[:80]) from None
+        if not isinstance(prompt, str) or not prompt:
+            raise GenerationError(f"{path}:{n}: invalid prompt", expected="a non-empty string", got=repr(prompt))
+        out.append(LoadPrompt(prompt, bool(item.get("chat", False))))
+    if not out:
+        raise GenerationError(f"{path}: no prompts", expected="at least one line", fix="pass another --prompts")
+    return out
+
+
+def random_prompts(count: int, mean_len: int, vocab: int, seed: int = 0, spread: float = 0.5) -> list[LoadPrompt]:
+    """``count`` token-id prompts, lengths uniform in ``mean_len × [1 - spread, 1 + spread]``."""
+    rng = np.random.default_rng(seed)
+    low = max(1, round(mean_len * (1 - spread)))
+    high = max(low, round(mean_len * (1 + spread)))
+    first = min(100, vocab // 2)
+    return [LoadPrompt(tuple(int(i) for i in rng.integers(first, vocab, int(rng.integers(low, high + 1)))))
+            for _ in range(count)]
+
+
+# -- targets -------------------------------------------------------------------------------------
+
+
+class HttpTarget:
+    """An OpenAI-compatible server; every request streams with ``include_usage``."""
+
+    kind = "http"
+
+    def __init__(self, url: str, model: str | None = None, api_key: str | None = None,
+                 timeout_s: float = 300.0) -> None:
+        import httpx
+
+        self.url = url.rstrip("/")
+        self.base = self.url if self.url.endswith("/v1") else self.url + "/v1"
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.client = httpx.AsyncClient(headers=headers, timeout=httpx.Timeout(timeout_s, connect=10.0),
+                                        limits=httpx.Limits(max_connections=None, max_keepalive_connections=256))
+        self.model = model
+        self.vocab: int | None = None
+        self.name = self.url
+
+    async def prepare(self) -> None:
+        """Read the served model (name, vocabulary) from ``/v1/models``."""
+        import httpx
+
+        try:
+            r = await self.client.get(self.base + "/models")
+        except httpx.HTTPError as exc:
+            raise GenerationError(f"cannot reach {self.base}/models", got=str(exc) or type(exc).__name__,
+                                  fix="start the server (lmforge serve ARTIFACT) or pass its URL") from None
+        if r.status_code != 200:
+            raise GenerationError(f"{self.base}/models answered {r.status_code}", got=r.text[:200],
+                                  fix="pass --api-key if the server needs one")
+        card = r.json()["data"][0]
+        self.model = self.model or card["id"]
+        self.vocab = card.get("vocab_size")
+        self.name = f"{self.model} @ {self.url}"
+
+    async def close(self) -> None:
+        await self.client.aclose()
+
+    async def send(self, prompt: LoadPrompt, new_tokens: int, params: dict[str, Any]) -> RequestRecord:
+        import httpx
+
+        body: dict[str, Any] = {"model": self.model, "max_tokens": new_tokens, "min_tokens": new_tokens,
+                                "stream": True, "stream_options": {"include_usage": True}, **params}
+        if prompt.chat:
+            path = "/chat/completions"
+            body["messages"] = [{"role": "user", "content": prompt.prompt}]
+        else:
+            path = "/completions"
+            body["prompt"] = prompt.prompt if isinstance(prompt.prompt, str) else list(prompt.prompt)
+        rec = RequestRecord()
+        t0 = last = time.perf_counter()
+        finished = False
+        try:
+            async with self.client.stream("POST", self.base + path, json=body) as r:
+                if r.status_code != 200:
+                    await r.aread()
+                    rec.error = f"http_{r.status_code}"
+                    return rec
+                async for line in r.aiter_lines():
+                    if not line.startswith("data: "):
+                        continue
+                    data = line[6:]
+                    if data == "[DONE]":
+                        break
+                    chunk = json.loads(data)
+                    if "error" in chunk:
+                        rec.error = "stream_error"
+                        return rec
+                    if chunk.get("usage"):
+                        rec.output_tokens = int(chunk["usage"]["completion_tokens"])
+                        rec.prompt_tokens = int(chunk["usage"]["prompt_tokens"])
+                    for choice in chunk.get("choices") or ():
+                        text = choice.get("text") if "text" in choice else (choice.get("delta") or {}).get("content")
+                        if text:
+                            now = time.perf_counter()
+                            if math.isnan(rec.ttft_s):
+                                rec.ttft_s = now - t0
+                            else:
+                                rec.itl_s.append(now - last)
+                            last = now
+                        finished = finished or choice.get("finish_reason") is not None
+        except httpx.TimeoutException:
+            rec.error = "timeout"
+            return rec
+        except httpx.HTTPError:
+            rec.error = "connection"
+            return rec
+        rec.e2e_s = time.perf_counter() - t0
+        if not finished:
+            rec.error = "incomplete"
+        else:
+            rec.ok = True
+            if not rec.output_tokens:
+                rec.output_tokens = len(rec.itl_s) + (0 if math.isnan(rec.ttft_s) else 1)
+        return rec
+
+
+class EngineTarget:
+    """A :class:`runtime.Engine` in this process, under the same schedule (no HTTP)."""
+
+    kind = "engine (in-process)"
+
+    def __init__(self, engine: Any, name: str = "engine") -> None:
+        self.engine = engine
+        self.vocab = int(engine.vocab)
+        self.name = f"{name} (in-process engine)"
+
+    async def prepare(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+    async def send(self, prompt: LoadPrompt, new_tokens: int, params: dict[str, Any]) -> RequestRecord:
+        from runtime import SamplingParams
+        from runtime.errors import (
+            EngineClosedError,
+            InvalidRequestError,
+            QueueFullError,
+        )
+
+        rec = RequestRecord()
+        t0 = last = time.perf_counter()
+        try:
+            ids: Any = prompt.prompt if isinstance(prompt.prompt, str) else list(prompt.prompt)
+            if prompt.chat:
+                ids = self.engine.chat_ids([{"role": "user", "content": prompt.prompt}])
+            sampling = SamplingParams(min_new_tokens=new_tokens, **params)
+            req = self.engine.submit(ids, max_new_tokens=new_tokens, sampling=sampling)
+            async for event in req:
+                if event.text:
+                    now = time.perf_counter()
+                    if math.isnan(rec.ttft_s):
+                        rec.ttft_s = now - t0
+                    else:
+                        rec.itl_s.append(now - last)
+                    last = now
+                if event.result is not None:
+                    rec.output_tokens = event.result.new_tokens
+                    rec.prompt_tokens = event.result.prompt_tokens
+        except QueueFullError:
+            rec.error = "queue_full"
+            return rec
+        except EngineClosedError:
+            rec.error = "closed"
+            return rec
+        except InvalidRequestError:
+            rec.error = "invalid"
+            return rec
+        except GenerationError:
+            rec.error = "failed"
+            return rec
+        rec.e2e_s = time.perf_counter() - t0
+        rec.ok = True
+        return rec
+
+
+Send = Callable[[int], Awaitable[RequestRecord]]
+"""``send(i)`` sends the ``i``-th request of a point."""
+
+
+# -- schedules -----------------------------------------------------------------------------------
+
+
+async def run_open_loop(send: Send, count: int, rate: float, seed: int = 0,
+                        max_seconds: float | None = None) -> tuple[list[RequestRecord], float]:
+    """``count`` requests with Poisson arrivals at ``rate``/s (``inf``: all at once); the records and
+    the duration from the first send to the last end. Arrivals stop after ``max_seconds``."""
+    rng = np.random.default_rng(seed)
+    t0 = time.perf_counter()
+    tasks = []
+    at = 0.0
+    for i in range(count):
+        if max_seconds is not None and at > max_seconds:
+            break
+        delay = at - (time.perf_counter() - t0)
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.create_task(send(i)))
+        if math.isfinite(rate):
+            at += float(rng.exponential(1.0 / rate))
+    records = list(await asyncio.gather(*tasks))
+    return records, time.perf_counter() - t0
+
+
+async def run_closed_loop(send: Send, count: int, concurrency: int,
+                          max_seconds: float | None = None) -> tuple[list[RequestRecord], float]:
+    """``concurrency`` clients, each sending its next request when its last one ended, ``count`` in all
+    (no new request after ``max_seconds``)."""
+    records: list[RequestRecord] = []
+    counter = iter(range(count))
+    t0 = time.perf_counter()
+
+    async def client() -> None:
+        for i in counter:
+            if max_seconds is not None and time.perf_counter() - t0 > max_seconds:
+                return
+            records.append(await send(i))
+
+    await asyncio.gather(*(client() for _ in range(concurrency)))
+    return records, time.perf_counter() - t0
+
+
+# -- the report ----------------------------------------------------------------------------------
+
+
+def _dist(values: Sequence[float]) -> dict[str, float | None]:
+    if not values:
+        return {"mean": None, "p50": None, "p90": None, "p99": None}
+    a = np.asarray(values, dtype=np.float64) * 1e3
+    p50, p90, p99 = np.percentile(a, [50, 90, 99])
+    return {"mean": round(float(a.mean()), 3), "p50": round(float(p50), 3), "p90": round(float(p90), 3),
+            "p99": round(float(p99), 3)}
+
+
+def summarize(records: Sequence[RequestRecord], duration_s: float, slo: Slo) -> dict[str, Any]:
+    """One point's numbers: throughput, latency percentiles (ms), errors by kind, goodput."""
+    ok = [r for r in records if r.ok]
+    errors: dict[str, int] = {}
+    for r in records:
+        if not r.ok:
+            errors[r.error or "unknown"] = errors.get(r.error or "unknown", 0) + 1
+    duration_s = max(duration_s, 1e-9)
+    out_tokens = sum(r.output_tokens for r in ok)
+    met = sum(1 for r in ok if slo.met(r))
+    return {
+        "requests": len(records),
+        "completed": len(ok),
+        "errors": errors,
+        "duration_s": round(duration_s, 3),
+        "request_throughput": round(len(ok) / duration_s, 4),
+        "output_tok_s": round(out_tokens / duration_s, 2),
+        "total_tok_s": round((out_tokens + sum(r.prompt_tokens for r in ok)) / duration_s, 2),
+        "output_tokens": out_tokens,
+        "ttft_ms": _dist([r.ttft_s for r in ok if not math.isnan(r.ttft_s)]),
+        "itl_ms": _dist([g for r in ok for g in r.itl_s]),
+        "e2e_ms": _dist([r.e2e_s for r in ok]),
+        "goodput_req_s": round(met / duration_s, 4),
+        "slo_met_fraction": round(met / len(records), 4) if records else None,
+    }

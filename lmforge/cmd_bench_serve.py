@@ -1,0 +1,238 @@
+"""``lmforge bench-serve URL|ARTIFACT...``: load-test OpenAI-compatible servers like the field does.
+
+For each target (a running server's URL, or an artifact this command serves itself on a free
+port and stops after), runs open-loop sweeps (``--rates``: Poisson arrivals; ``inf`` = all at
+once) and closed-loop sweeps (``--concurrency``: N clients back to back), streaming every request,
+and reports per point request throughput, output tokens/s, TTFT / ITL / end-to-end latency at
+p50/p90/p99, errors by kind and goodput at ``--slo``. ``--compare-engine`` (artifacts only) runs the
+same schedule against the same engine in-process, without HTTP: what the HTTP layer costs, and the
+way to compare with runtimes that have no HTTP server (onnxruntime-genai has none).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import logging
+import math
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+from runtime.errors import GenerationError
+
+__all__ = ["register", "run"]
+
+log = logging.getLogger(__name__)
+
+
+def register(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "bench-serve",
+        help="load-test an OpenAI-compatible server (open-loop rates, closed-loop concurrency)",
+        description="Stream requests at Poisson rates and at fixed concurrency against each target (a URL, "
+                    "or an ARTIFACT served on a free port for the run); report throughput, TTFT/ITL/e2e "
+                    "p50/p90/p99, errors by kind and goodput at --slo.",
+    )
+    parser.add_argument("targets", nargs="+", metavar="URL|ARTIFACT",
+                        help="http(s)://host:port of a running server, or an artifact folder to serve")
+    parser.add_argument("--rates", default=None, metavar="R[,R…]",
+                        help="open-loop arrival rates in requests/s, inf = all at once (e.g. 1,2,4,inf)")
+    parser.add_argument("--concurrency", default=None, metavar="C[,C…]",
+                        help="closed-loop client counts (default 1,4,16 when --rates is not given)")
+    parser.add_argument("--requests", type=int, default=32, metavar="N", help="requests per point (default 32)")
+    parser.add_argument("--prompts", default="random", metavar="random|parity|FILE",
+                        help="random token ids (default), the parity prompt set, or a JSON-lines file "
+                             "with {\"prompt\", \"chat\"} per line")
+    parser.add_argument("--prompt-len", type=int, default=128, metavar="N",
+                        help="random prompts: mean length in tokens, uniform ±50%% (default 128)")
+    parser.add_argument("--new-tokens", type=int, default=128, metavar="N",
+                        help="tokens per request, exactly (sent as max_tokens and min_tokens; default 128)")
+    parser.add_argument("--mix", default="greedy:0.5,sampled:0.5", metavar="greedy:W,sampled:W",
+                        help="share of greedy and sampled (T=0.8, top-p 0.95) requests (default half each)")
+    parser.add_argument("--slo", default=None, metavar="ttft=200ms,itl=50ms,e2e=10s",
+                        help="goodput counts requests within all of these (itl: the request's mean)")
+    parser.add_argument("--max-seconds", type=float, default=None, metavar="S",
+                        help="per point: send no new request after S seconds")
+    parser.add_argument("--timeout", type=float, default=300.0, metavar="S", help="per request (default 300)")
+    parser.add_argument("--warmup", type=int, default=2, metavar="N", help="requests before each target (default 2)")
+    parser.add_argument("--seed", type=int, default=0, metavar="S", help="prompts, arrivals and mix (default 0)")
+    parser.add_argument("--api-key", default=None, metavar="KEY", help="bearer key for the URL targets")
+    parser.add_argument("--model", default=None, metavar="NAME", help="model id to send (default: the server's)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="for ARTIFACT targets")
+    parser.add_argument("--max-batch", type=int, default=16, metavar="N", help="for ARTIFACT targets (default 16)")
+    parser.add_argument("--max-queue", type=int, default=256, metavar="N", help="for ARTIFACT targets (default 256)")
+    parser.add_argument("--threads", type=int, default=None, metavar="N", help="for ARTIFACT targets")
+    parser.add_argument("--compare-engine", action="store_true",
+                        help="ARTIFACT targets: also run the schedule against the engine in-process (no HTTP)")
+    parser.add_argument("--json", dest="json_path", default=None, metavar="PATH", help="write the report here")
+    parser.add_argument("--plot", default=None, metavar="PNG", help="latency against throughput per runtime")
+    parser.set_defaults(func=run)
+
+
+def _ints(flag: str, text: str) -> tuple[int, ...]:
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    if not parts or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise GenerationError(f"invalid {flag}", expected="positive integers, comma-separated, e.g. 1,4,16",
+                              got=repr(text))
+    return tuple(int(p) for p in parts)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    rates: tuple[float, ...]
+    concurrency: tuple[int, ...]
+    requests: int
+    new_tokens: int
+    max_seconds: float | None
+    warmup: int
+    seed: int
+
+
+def _prompts(spec: str, vocab: int | None, args: argparse.Namespace) -> list[Any]:
+    from lmforge.benchmark import serve_load
+
+    if spec == "random":
+        if vocab is None:
+            log.warning("the server does not report its vocabulary size: random prompt ids stay below 1000")
+        return serve_load.random_prompts(max(args.requests, 64), args.prompt_len, vocab or 1000, seed=args.seed)
+    if spec == "parity":
+        import parity
+
+        return serve_load.load_prompts(Path(parity.__file__).parent / "prompts" / "default.jsonl")
+    return serve_load.load_prompts(spec)
+
+
+async def _sweep(target: Any, prompts: list[Any], plan: _Plan, mix: Any, slo: Any) -> list[dict[str, Any]]:
+    from lmforge.benchmark import serve_load
+
+    def send_for(point: int) -> Any:
+        async def send(i: int) -> serve_load.RequestRecord:
+            k = point * 100_003 + i
+            params = mix.params(random.Random(plan.seed * 1_000_003 + k), k)
+            return await target.send(prompts[(k + plan.seed) % len(prompts)], plan.new_tokens, params)
+        return send
+
+    if plan.warmup:
+        warm = await asyncio.gather(*(send_for(-1)(i) for i in range(plan.warmup)))
+        bad = [r.error for r in warm if not r.ok]
+        if bad:
+            log.warning("%s: %d of %d warm-up requests failed (%s)", target.name, len(bad), len(warm), bad[0])
+    results = []
+    points = [("rate", r) for r in plan.rates] + [("concurrency", c) for c in plan.concurrency]
+    for n, (mode, value) in enumerate(points):
+        send = send_for(n)
+        if mode == "rate":
+            records, duration = await serve_load.run_open_loop(send, plan.requests, value, seed=plan.seed + n,
+                                                               max_seconds=plan.max_seconds)
+        else:
+            records, duration = await serve_load.run_closed_loop(send, plan.requests, int(value),
+                                                                 max_seconds=plan.max_seconds)
+        summary = serve_load.summarize(records, duration, slo)
+        shown = "inf" if mode == "rate" and math.isinf(value) else value
+        results.append({"target": target.name, "kind": target.kind, "mode": mode, "value": shown, **summary})
+        _print_point(results[-1])
+    return results
+
+
+def _fmt(d: dict[str, Any]) -> str:
+    return "/".join("-" if d[k] is None else f"{d[k]:.0f}" for k in ("p50", "p90", "p99"))
+
+
+def _print_point(p: dict[str, Any]) -> None:
+    errors = ",".join(f"{k}:{v}" for k, v in sorted(p["errors"].items())) or "none"
+    print(f"  {p['mode']:>11} {p['value']!s:>5}  {p['completed']:>4}/{p['requests']:<4} {p['request_throughput']:7.2f} "
+          f"req/s {p['output_tok_s']:9.1f} tok/s  ttft {_fmt(p['ttft_ms']):>17} ms  itl {_fmt(p['itl_ms']):>14} ms  "
+          f"e2e {_fmt(p['e2e_ms']):>17} ms  goodput {p['goodput_req_s']:.2f} req/s  errors {errors}", flush=True)
+
+
+async def _run_target(spec: str, args: argparse.Namespace, plan: _Plan, mix: Any, slo: Any) -> list[dict[str, Any]]:
+    from lmforge.benchmark.serve_load import EngineTarget, HttpTarget
+
+    if spec.startswith(("http://", "https://")):
+        target = HttpTarget(spec, model=args.model, api_key=args.api_key, timeout_s=args.timeout)
+        try:
+            await target.prepare()
+            print(f"{target.name}:", flush=True)
+            return await _sweep(target, _prompts(args.prompts, target.vocab, args), plan, mix, slo)
+        finally:
+            await target.close()
+
+    from runtime import Engine
+    from runtime.serve import BackgroundServer
+
+    engine = Engine.load(spec, device=args.device, max_batch=args.max_batch, max_queue=args.max_queue,
+                         threads=args.threads)
+    try:
+        server = BackgroundServer(engine).start()
+        target = HttpTarget(server.url, timeout_s=args.timeout)
+        try:
+            await target.prepare()
+            print(f"{target.name} (served for this run, max batch {args.max_batch}):", flush=True)
+            prompts = _prompts(args.prompts, target.vocab, args)
+            results = await _sweep(target, prompts, plan, mix, slo)
+        finally:
+            await target.close()
+            server.stop()
+        if args.compare_engine:
+            local = EngineTarget(engine, name=target.model or spec)
+            print(f"{local.name}:", flush=True)
+            results += await _sweep(local, prompts, plan, mix, slo)
+        return results
+    finally:
+        engine.close(drain=False)
+
+
+def run(args: argparse.Namespace) -> int:
+    from lmforge.benchmark import serve_load
+    from lmforge.cmd_serve import require_serve_extra
+
+    require_serve_extra("bench-serve")
+    rates = serve_load.parse_rates(args.rates) if args.rates else ()
+    concurrency = _ints("--concurrency", args.concurrency) if args.concurrency else (() if rates else (1, 4, 16))
+    for flag, value in (("--requests", args.requests), ("--new-tokens", args.new_tokens),
+                        ("--prompt-len", args.prompt_len)):
+        if value < 1:
+            raise GenerationError(f"invalid {flag}", expected="an integer >= 1", got=str(value))
+    if args.compare_engine and all(t.startswith(("http://", "https://")) for t in args.targets):
+        raise GenerationError("--compare-engine needs an ARTIFACT target", got="only URLs",
+                              fix="pass the artifact folder instead of (or besides) the URL")
+    plan = _Plan(rates, concurrency, args.requests, args.new_tokens, args.max_seconds, max(0, args.warmup), args.seed)
+    mix, slo = serve_load.parse_mix(args.mix), serve_load.parse_slo(args.slo)
+
+    async def main() -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        for spec in args.targets:
+            out += await _run_target(spec, args, plan, mix, slo)
+        return out
+
+    started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    results = asyncio.run(main())
+    report = {
+        "command": " ".join(getattr(args, "argv", ["lmforge", "bench-serve"])),
+        "started": started,
+        "settings": {"prompts": args.prompts, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
+                     "requests_per_point": args.requests, "mix": args.mix, "slo": slo.describe(),
+                     "rates": [("inf" if math.isinf(r) else r) for r in rates], "concurrency": list(concurrency),
+                     "max_seconds": args.max_seconds, "seed": args.seed},
+        "notes": ["TTFT: send to first text chunk; ITL: gaps between text chunks; latencies in ms.",
+                  "goodput counts requests within every --slo bound (itl: the request's mean gap).",
+                  "onnxruntime-genai has no HTTP server: --compare-engine runs the same schedule in-process."],
+        "results": results,
+    }
+    if args.json_path:
+        path = Path(args.json_path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        print(f"wrote {path}")
+    if args.plot:
+        from lmforge.benchmark.serve_plot import plot_serve_report
+
+        print(f"wrote {plot_serve_report(report, args.plot)}")
+    total_errors = sum(sum(p["errors"].values()) for p in results)
+    if total_errors:
+        log.warning("%d request(s) failed; see errors per point", total_errors)
+    return 0

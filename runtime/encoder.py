@@ -1,0 +1,375 @@
+"""``Encoder``: embeddings from a BERT-family artifact with onnxruntime, numpy and tokenizers only.
+
+::
+
+    from runtime import Encoder
+
+    enc = Encoder.load("artifacts/minilm-int8", device="cpu", threads=None)   # threads: physical cores
+    vectors = enc.encode(["a sentence", "another one"])          # float32 [2, 384], pooled + normalized
+    tokens = enc.encode_tokens(["a sentence"])                   # [float32 [len, 384]] per text
+    result = enc.encode_with_stats(texts)                        # vectors + padding saved, timings
+
+Pooling and normalization follow the model's sentence-transformers configuration, which
+``lmforge convert`` records in the manifest's ``encoder`` block (``modules.json``,
+``1_Pooling/config.json``, a ``Normalize`` module, ``max_seq_length``). An artifact without that
+block (or converted from a folder without ``modules.json``) uses mean pooling without
+normalization, and the load says so in the log. ``pooling=`` / ``normalize=`` override per call.
+
+**Length bucketing.** A call's texts are tokenized once, sorted by length (longest first), cut
+into batches of ``batch_size``, each padded only to its own longest row, run, and the rows are put
+back in the caller's order. :class:`EncodeStats` reports the padded tokens computed against what
+batching in input order would have computed.
+
+**Truncation.** Texts longer than the maximum (``max_seq_length`` from the sentence-transformers
+configuration, else the artifact's ``max_context``) are truncated like sentence-transformers does
+(the tokenizer keeps ``[CLS] … [SEP]``) with one warning per call, or refused with
+``truncate=False``.
+
+**Threads.** One ``Encoder`` may be called from many threads: the tokenizer is configured once at
+load and only read afterwards, ``InferenceSession.run`` is thread-safe, and every call keeps its
+own state. Concurrent callers' batches are *not* merged: on CPU one batch of 32 already keeps
+every intra-op thread busy, so merging would add a queue and a hop without more throughput; for
+more throughput on many cores run several pinned instances (``lmforge tune`` finds how many).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from runtime.artifact import Artifact, KvMode, load_artifact
+from runtime.cpu import intra_op_threads
+from runtime.errors import GenerationError, InvalidRequestError
+
+__all__ = ["Encoder", "EncodeStats", "EncodeResult", "POOLINGS", "pool", "l2_normalize"]
+
+log = logging.getLogger(__name__)
+
+POOLINGS = ("mean", "cls", "max", "mean_sqrt_len")
+_ORT_ERRORS = (RuntimeError, ValueError, getattr(ort.capi.onnxruntime_pybind11_state, "Fail", RuntimeError))
+
+
+@dataclasses.dataclass(frozen=True)
+class EncodeStats:
+    """What one ``encode*`` call computed: real tokens, padded tokens, and the padding bucketing saved."""
+
+    texts: int
+    batches: int
+    tokens: int  # real tokens (special tokens included)
+    padded_tokens: int  # tokens computed, padding included, with length bucketing
+    unsorted_padded_tokens: int  # what batches in input order would have computed
+    truncated: int  # texts cut to the maximum length
+    seconds: float
+
+    @property
+    def padding_saved(self) -> float:
+        """Fraction of input-order padded tokens that bucketing did not compute (0 when none)."""
+        if self.unsorted_padded_tokens == 0:
+            return 0.0
+        return 1.0 - self.padded_tokens / self.unsorted_padded_tokens
+
+
+@dataclasses.dataclass(frozen=True)
+class EncodeResult:
+    """Pooled embeddings ``[n, dim]`` (float32) and the call's :class:`EncodeStats`."""
+
+    embeddings: np.ndarray
+    stats: EncodeStats
+
+
+def pool(hidden: np.ndarray, mask: np.ndarray, pooling: str) -> np.ndarray:
+    """sentence-transformers' pooling of ``hidden [b, s, d]`` under ``mask [b, s]`` → ``[b, d]`` float32."""
+    h = hidden.astype(np.float32, copy=False)
+    m = mask.astype(np.float32)[:, :, None]
+    if pooling == "cls":
+        return h[:, 0].copy()
+    if pooling == "max":
+        return np.where(m > 0, h, np.float32(-1e9)).max(axis=1)
+    summed = (h * m).sum(axis=1)
+    counts = np.clip(m.sum(axis=1), 1e-9, None)
+    if pooling == "mean":
+        return (summed / counts).astype(np.float32)
+    if pooling == "mean_sqrt_len":
+        return (summed / np.sqrt(counts)).astype(np.float32)
+    raise ValueError(pooling)
+
+
+def l2_normalize(x: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit length (``torch.nn.functional.normalize``: eps 1e-12)."""
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return (x / np.maximum(norms, 1e-12)).astype(np.float32)
+
+
+def _providers(device: str) -> list[Any]:
+    if device == "cpu":
+        return ["CPUExecutionProvider"]
+    if device == "cuda":
+        available = ort.get_available_providers()
+        if "CUDAExecutionProvider" not in available:
+            raise GenerationError(
+                "device='cuda' needs onnxruntime's CUDAExecutionProvider, which is not available",
+                expected="CUDAExecutionProvider among the providers", got=", ".join(available),
+                fix="pip uninstall onnxruntime && pip install onnxruntime-gpu (matching your CUDA), "
+                    "or use device='cpu'",
+            )
+        return [("CUDAExecutionProvider", {"device_id": 0}), "CPUExecutionProvider"]
+    raise GenerationError("unknown device", expected="'cpu' or 'cuda'", got=repr(device))
+
+
+class _TokenIds(list):  # type: ignore[type-arg]
+    """Marks pre-tokenized input on its way through :meth:`Encoder.encode_with_stats`."""
+
+
+class _Tokens:
+    """The ids and token types of one text (the fields of a ``tokenizers.Encoding`` the loop reads)."""
+
+    __slots__ = ("ids", "type_ids", "overflowing")
+
+    def __init__(self, ids: list[int], max_length: int) -> None:
+        self.overflowing = len(ids) > max_length
+        self.ids = ids[:max_length]
+        self.type_ids = [0] * len(self.ids)
+
+
+class Encoder:
+    """A loaded encoder artifact: tokenizer, one onnxruntime session, pooling settings."""
+
+    def __init__(self, artifact: Artifact, device: str = "cpu", threads: int | None = None,
+                 truncate: bool = True) -> None:
+        if artifact.is_decoder or artifact.kv_mode is not KvMode.NONE:
+            raise GenerationError(
+                f"artifact {artifact.path} is a decoder; Encoder computes embeddings with encoders only",
+                fix="use runtime.Engine for a decoder artifact",
+            )
+        providers = _providers(device)
+        self.device = device
+        self.artifact = artifact
+        self.truncate = truncate
+        self.threads = intra_op_threads(threads) if device == "cpu" else None
+        block = artifact.manifest.get("encoder")
+        if isinstance(block, dict) and block.get("pooling") in POOLINGS:
+            self.pooling = str(block["pooling"])
+            self.normalize = bool(block.get("normalize", False))
+            self.pooling_from = str(block.get("from", "manifest"))
+            max_len = block.get("max_seq_length")
+        else:
+            self.pooling, self.normalize, max_len = "mean", False, None
+            self.pooling_from = "default: the manifest records no sentence-transformers configuration"
+            log.info("%s: mean pooling without normalization (%s)", artifact.path, self.pooling_from)
+        limit = int(artifact.architecture.get("max_context") or artifact.architecture.get("max_positions") or 512)
+        self.max_length = min(int(max_len), limit) if max_len else limit
+        self.dim = int(artifact.architecture.get("hidden") or 0)
+        self._input_names = [t.name for t in artifact.inputs]
+        if "input_ids" not in self._input_names or "last_hidden_state" not in {t.name for t in artifact.outputs}:
+            raise GenerationError(f"artifact {artifact.path}: io does not follow the encoder contract",
+                                  expected="input_ids, attention_mask[, token_type_ids] → last_hidden_state",
+                                  got=f"{self._input_names} → {[t.name for t in artifact.outputs]}",
+                                  fix="re-export the artifact with `lmforge convert`")
+        self.tokenizer = self._load_tokenizer(artifact.tokenizer_dir)
+        self._session = self._open(providers)
+        self._closed = False
+        self._lock = threading.Lock()  # guards only the counters below
+        self.calls = 0
+        log.info("loaded encoder %s on %s (%s pooling%s, max length %d, %s threads)", artifact.path, device,
+                 self.pooling, " + normalize" if self.normalize else "", self.max_length, self.threads or "provider")
+
+    @classmethod
+    def load(cls, path: str | Path, device: str = "cpu", threads: int | None = None, truncate: bool = True,
+             verify_hashes: bool = True) -> Encoder:
+        """Validate and open the encoder artifact at ``path`` (``threads=None``: one per physical core)."""
+        return cls(load_artifact(path, verify_hashes=verify_hashes), device=device, threads=threads, truncate=truncate)
+
+    # ----------------------------------------------------------------------------------------
+    # Loading
+
+    def _load_tokenizer(self, folder: Path) -> Any:
+        path = folder / "tokenizer.json"
+        if not path.is_file():
+            raise GenerationError(f"encoder artifact {self.artifact.path} has no tokenizer/tokenizer.json",
+                                  fix="re-export the artifact with `lmforge convert` (it writes the tokenizer)")
+        from tokenizers import Tokenizer
+
+        tok = Tokenizer.from_file(str(path))
+        tok.no_padding()  # the batches pad themselves, each to its own longest row
+        tok.enable_truncation(self.max_length)  # configured once; encode only reads it (thread-safe)
+        return tok
+
+    def _open(self, providers: list[Any]) -> ort.InferenceSession:
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        if self.device == "cpu":
+            options.intra_op_num_threads = int(self.threads or 1)
+            options.inter_op_num_threads = 1
+            # Spinning threads steal cores from a neighbour process (or instance) at every op;
+            # the decoder engine measured the same (runtime/engine.py).
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        try:
+            return ort.InferenceSession(str(self.artifact.model_path), sess_options=options, providers=providers)
+        except _ORT_ERRORS as exc:
+            raise GenerationError("onnxruntime cannot open the encoder model", got=str(exc).splitlines()[0][:300],
+                                  fix="re-export the artifact, or check the onnxruntime version") from exc
+
+    # ----------------------------------------------------------------------------------------
+    # Public calls
+
+    def encode(self, texts: Sequence[str] | str, batch_size: int = 32, normalize: bool | None = None,
+               pooling: str | None = None, truncate: bool | None = None) -> np.ndarray:
+        """Pooled embeddings ``float32 [n, dim]``, one row per text, in the given order."""
+        return self.encode_with_stats(texts, batch_size, normalize, pooling, truncate).embeddings
+
+    def encode_with_stats(self, texts: Sequence[str] | str, batch_size: int = 32, normalize: bool | None = None,
+                          pooling: str | None = None, truncate: bool | None = None) -> EncodeResult:
+        """:meth:`encode` plus the call's :class:`EncodeStats` (padding saved, truncations, time)."""
+        pooling = self.pooling if pooling is None else pooling
+        if pooling not in POOLINGS:
+            raise InvalidRequestError("unknown pooling", expected=", ".join(POOLINGS), got=repr(pooling),
+                                      fix="pass pooling=None for the model's own configuration")
+        normalize = self.normalize if normalize is None else bool(normalize)
+        out = np.empty((0, self.dim), dtype=np.float32)
+        started = time.perf_counter()
+        rows, stats_parts = self._run(texts, batch_size, truncate, keep_tokens=False, pooling=pooling)
+        if rows:
+            out = np.stack(rows).astype(np.float32, copy=False)
+            if normalize:
+                out = l2_normalize(out)
+        stats = dataclasses.replace(stats_parts, seconds=round(time.perf_counter() - started, 6))
+        return EncodeResult(out, stats)
+
+    def encode_ids(self, ids: Sequence[Sequence[int]], batch_size: int = 32, normalize: bool | None = None,
+                   pooling: str | None = None, truncate: bool | None = None) -> np.ndarray:
+        """:meth:`encode` for pre-tokenized input (one list of token ids per text, special tokens
+        included; token type 0) — OpenAI's embeddings API accepts token arrays too."""
+        return self.encode_with_stats(_TokenIds(ids), batch_size, normalize, pooling, truncate).embeddings
+
+    def encode_tokens(self, texts: Sequence[str] | str, batch_size: int = 32,
+                      truncate: bool | None = None) -> list[np.ndarray]:
+        """Token-level hidden states: one ``float32 [tokens_i, hidden]`` per text (no padding rows)."""
+        rows, _ = self._run(texts, batch_size, truncate, keep_tokens=True, pooling=None)
+        return rows
+
+    def close(self) -> None:
+        """Release the session (idempotent); later calls raise."""
+        self._closed = True
+        self._session = None  # type: ignore[assignment]
+
+    def __enter__(self) -> Encoder:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ----------------------------------------------------------------------------------------
+    # The loop: tokenize, bucket by length, run, restore order
+
+    def _check_texts(self, texts: Sequence[str] | str, batch_size: int) -> list[Any]:
+        if self._closed:
+            raise GenerationError("the encoder is closed", fix="load it again with Encoder.load")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise InvalidRequestError("invalid batch_size", expected="an integer >= 1", got=repr(batch_size))
+        if isinstance(texts, _TokenIds):
+            return self._check_ids(texts)
+        items = [texts] if isinstance(texts, str) else texts
+        if not isinstance(items, (list, tuple)):
+            raise InvalidRequestError("texts must be a string or a list of strings",
+                                      got=type(texts).__name__, fix="pass a list of str")
+        if not items:
+            raise InvalidRequestError("no texts to encode", expected="at least one string", got="an empty list")
+        for i, text in enumerate(items):
+            if not isinstance(text, str):
+                raise InvalidRequestError(f"texts[{i}] is not a string", expected="str", got=type(text).__name__,
+                                          fix="convert every item to str before encoding")
+            if not text.strip():
+                raise InvalidRequestError(f"texts[{i}] is empty", expected="a non-empty string", got=repr(text),
+                                          fix="drop empty strings before encoding")
+        return list(items)
+
+    def _check_ids(self, ids: _TokenIds) -> list[list[int]]:
+        if not ids:
+            raise InvalidRequestError("no token ids to encode", expected="at least one list of ids",
+                                      got="an empty list")
+        vocab = int(self.artifact.architecture.get("vocab") or 0)
+        rows: list[list[int]] = []
+        for i, row in enumerate(ids):
+            values = list(row) if isinstance(row, (list, tuple, np.ndarray)) else None
+            if not values or not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in values):
+                raise InvalidRequestError(f"ids[{i}] is not a non-empty list of integers", got=repr(row)[:80],
+                                          fix="pass one list of token ids per text")
+            bad = [int(v) for v in values if v < 0 or (vocab and v >= vocab)]
+            if bad:
+                raise InvalidRequestError(f"ids[{i}] has token ids outside the vocabulary",
+                                          expected=f"0 ≤ id < {vocab}", got=str(bad[:4]))
+            rows.append([int(v) for v in values])
+        return rows
+
+    def _run(self, texts: Sequence[str] | str, batch_size: int, truncate: bool | None, keep_tokens: bool,
+             pooling: str | None) -> tuple[list[np.ndarray], EncodeStats]:
+        items = self._check_texts(texts, batch_size)
+        truncate = self.truncate if truncate is None else truncate
+        if isinstance(texts, _TokenIds):
+            encodings: list[Any] = [_Tokens(row, self.max_length) for row in items]
+        else:
+            encodings = self.tokenizer.encode_batch(items)
+        cut = [i for i, e in enumerate(encodings) if e.overflowing]
+        if cut and not truncate:
+            raise InvalidRequestError(
+                f"{len(cut)} text(s) are longer than the model's maximum (first: texts[{cut[0]}])",
+                expected=f"at most {self.max_length} tokens", got="longer",
+                fix="shorten or split them, or pass truncate=True to cut them")
+        if cut:
+            log.warning("truncated %d of %d text(s) to %d tokens (first: texts[%d])",
+                        len(cut), len(items), self.max_length, cut[0])
+        lengths = np.array([len(e.ids) for e in encodings])
+        order = np.argsort(-lengths, kind="stable")  # longest first: the first batch fails fast on memory
+        rows: list[np.ndarray | None] = [None] * len(items)
+        padded = 0
+        batches = 0
+        for start in range(0, len(items), batch_size):
+            index = order[start:start + batch_size]
+            width = int(lengths[index].max())
+            ids = np.zeros((len(index), width), dtype=np.int64)
+            mask = np.zeros((len(index), width), dtype=np.int64)
+            types = np.zeros((len(index), width), dtype=np.int64)
+            for r, i in enumerate(index):
+                e = encodings[i]
+                n = len(e.ids)
+                ids[r, :n] = e.ids
+                mask[r, :n] = 1
+                types[r, :n] = e.type_ids
+            feeds = {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
+            hidden = self._infer({k: v for k, v in feeds.items() if k in self._input_names})
+            padded += ids.size
+            batches += 1
+            if keep_tokens:
+                for r, i in enumerate(index):
+                    rows[i] = hidden[r, : lengths[i]].astype(np.float32, copy=True)
+            else:
+                pooled = pool(hidden, mask, pooling or self.pooling)
+                for r, i in enumerate(index):
+                    rows[i] = pooled[r]
+        unsorted = sum(int(lengths[s:s + batch_size].max()) * len(lengths[s:s + batch_size])
+                       for s in range(0, len(items), batch_size))
+        stats = EncodeStats(texts=len(items), batches=batches, tokens=int(lengths.sum()), padded_tokens=padded,
+                            unsorted_padded_tokens=unsorted, truncated=len(cut), seconds=0.0)
+        with self._lock:
+            self.calls += 1
+        log.debug("encoded %d texts in %d batches: %d tokens, %d padded (input order: %d, %.0f%% saved)",
+                  stats.texts, batches, stats.tokens, padded, unsorted, 100 * stats.padding_saved)
+        return rows, stats  # type: ignore[return-value]
+
+    def _infer(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        session = self._session
+        if session is None:
+            raise GenerationError("the encoder is closed", fix="load it again with Encoder.load")
+        try:
+            return session.run(["last_hidden_state"], feeds)[0]
+        except _ORT_ERRORS as exc:
+            raise GenerationError("onnxruntime failed to run the encoder", got=str(exc).splitlines()[0][:300],
+                                  fix="check the artifact with `lmforge verify`; report it with --debug") from exc

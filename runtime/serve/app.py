@@ -1,0 +1,543 @@
+"""The OpenAI-compatible ASGI app over one :class:`runtime.Engine`: ``create_app(engine)``.
+
+Routes: ``POST /v1/completions``, ``POST /v1/chat/completions`` (both streaming with server-sent
+events, ``data: [DONE]`` and ``stream_options.include_usage``), ``GET /v1/models``,
+``GET /v1/models/{id}``, ``GET /health`` (live), ``GET /ready`` (engine ready and not draining),
+``GET /metrics`` (Prometheus text). Each HTTP request submits one engine request per choice
+(``n`` choices per prompt, a list of prompts for completions) and reads their events with
+``async for``; nothing here blocks the event loop but tokenization, which runs in a thread.
+
+A client that goes away cancels its requests: while a response has not started, a task watches
+the ASGI ``receive`` channel for ``http.disconnect``; once it streams, Starlette cancels the body
+iterator, whose cleanup cancels them. With ``n > 1`` and a seed, choice ``j`` uses ``seed + j``
+(reproducible, and the choices differ). ``temperature`` defaults to 1, as OpenAI's does.
+
+The app does not own the engine: whoever made it closes it (``runtime.serve.server`` does, after
+draining). See :mod:`runtime.serve.errors` for the status of each refusal.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hmac
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import Request as HTTPRequest
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from runtime.errors import GenerationError
+from runtime.request import FinishReason, Request, TokenEvent
+from runtime.sampling import SamplingParams
+from runtime.serve.errors import APIError, error_body, from_generation_error, outcome_of
+from runtime.serve.metrics import ServeMetrics
+from runtime.serve.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    chat_chunk,
+    chat_response,
+    completion_chunk,
+    completion_response,
+    new_id,
+    parse_request,
+    usage,
+)
+
+__all__ = ["ServeLimits", "ServeState", "create_app"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class ServeLimits:
+    """Bounds on what one HTTP request may ask for."""
+
+    max_body_bytes: int = 2 * 1024 * 1024
+    max_stop: int = 8  # stop strings per request (OpenAI allows 4)
+    max_stop_chars: int = 256  # characters per stop string
+    max_choices: int = 16  # prompts × n per request
+    completion_default_max_tokens: int = 16  # OpenAI's default for /v1/completions
+    retry_after_s: float = 5.0  # the Retry-After of a 503 while draining
+
+
+class ServeState:
+    """What the routes share: the engine, the served name, the limits, the metrics, the drain flag."""
+
+    def __init__(self, engine: Any, model_name: str, api_key: str | None, limits: ServeLimits) -> None:
+        self.engine = engine
+        self.model_name = model_name
+        self.api_key = api_key
+        self.limits = limits
+        self.created = int(time.time())
+        self.draining = False
+        self.metrics = ServeMetrics(engine.stats, lambda: self.draining)
+
+    def start_drain(self) -> None:
+        """From now on, generation requests get 503 and ``/ready`` says draining."""
+        if not self.draining:
+            log.info("draining: new requests get 503")
+        self.draining = True
+
+    @property
+    def ready(self) -> bool:
+        return not self.draining and bool(self.engine.ready)
+
+
+@dataclasses.dataclass(eq=False)
+class _Choice:
+    index: int
+    request: Request
+    prompt_tokens: int
+    parts: list[str] = dataclasses.field(default_factory=list)
+    new_tokens: int = 0
+    last_time: float | None = None
+    finish: FinishReason | None = None
+    text: str | None = None
+
+
+class _Events:
+    """The events of one HTTP request's choices, merged in arrival order."""
+
+    _END = object()
+
+    def __init__(self, choices: list[_Choice]) -> None:
+        self.choices = choices
+        self._tasks: list[asyncio.Task[None]] = []
+        if len(choices) == 1:
+            self._single: AsyncIterator[TokenEvent] | None = choices[0].request.__aiter__()
+        else:
+            self._single = None
+            self._queue: asyncio.Queue[tuple[_Choice, Any]] = asyncio.Queue()
+            self._open = len(choices)
+            self._tasks = [asyncio.create_task(self._pump(c)) for c in choices]
+
+    async def _pump(self, choice: _Choice) -> None:
+        try:
+            async for event in choice.request:
+                self._queue.put_nowait((choice, event))
+        except GenerationError as exc:
+            self._queue.put_nowait((choice, exc))
+        self._queue.put_nowait((choice, self._END))
+
+    async def next(self) -> tuple[_Choice, TokenEvent] | None:
+        """The next event, or None when every choice finished; raises a choice's GenerationError."""
+        if self._single is not None:
+            try:
+                return self.choices[0], await self._single.__anext__()
+            except StopAsyncIteration:
+                return None
+        while self._open:
+            choice, item = await self._queue.get()
+            if item is self._END:
+                self._open -= 1
+            elif isinstance(item, GenerationError):
+                raise item
+            else:
+                return choice, item
+        return None
+
+    def cancel(self) -> None:
+        """Cancel every unfinished request (synchronous: safe inside a cancelled task's cleanup)."""
+        for c in self.choices:
+            if c.finish is None:
+                c.request.cancel()
+        for t in self._tasks:
+            t.cancel()
+
+
+def _sse(obj: Any) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+
+async def _read_json(request: HTTPRequest, limit: int) -> Any:
+    declared = request.headers.get("content-length")
+    too_big = APIError(413, f"request body too large | expected at most {limit} bytes", code="request_too_large")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise too_big
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_big
+        chunks.append(chunk)
+    try:
+        return json.loads(b"".join(chunks), parse_constant=_no_constant)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise APIError(400, f"the request body is not valid JSON | {exc}", code="invalid_json") from None
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+class _ApiKeyMiddleware:
+    """Every route but ``/health`` needs ``Authorization: Bearer <key>`` (constant-time compare)."""
+
+    def __init__(self, app: ASGIApp, key: str, state: ServeState) -> None:
+        self.app = app
+        self.key = key.encode()
+        self.state = state
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] == "/health":
+            await self.app(scope, receive, send)
+            return
+        header = dict(scope["headers"]).get(b"authorization", b"")
+        scheme, _, token = header.partition(b" ")
+        if scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.key):
+            await self.app(scope, receive, send)
+            return
+        endpoint = {"/v1/completions": "completions", "/v1/chat/completions": "chat"}.get(scope["path"])
+        if endpoint:
+            self.state.metrics.requests.labels(endpoint, "unauthorized").inc()
+        what = "missing API key" if not header else "invalid API key"
+        response = JSONResponse(
+            error_body(f"{what} | expected the header 'Authorization: Bearer <key>' | "
+                       "pass the server's --api-key (or $LMFORGE_API_KEY)", code="invalid_api_key"),
+            status_code=401, headers={"WWW-Authenticate": "Bearer"})
+        await response(scope, receive, send)
+
+
+def create_app(engine: Any, *, served_model_name: str | None = None, api_key: str | None = None,
+               limits: ServeLimits | None = None) -> FastAPI:
+    """The ASGI app serving ``engine`` (a :class:`runtime.Engine`); mount it or run it with uvicorn.
+
+    ``served_model_name`` defaults to the artifact folder's name; ``api_key`` (if set) is required
+    as a bearer token on every route but ``/health``. ``app.state.lmforge`` is the
+    :class:`ServeState` (``start_drain()``, ``metrics``).
+    """
+    name = served_model_name or Path(str(engine.artifact.path)).name
+    state = ServeState(engine, name, api_key or None, limits or ServeLimits())
+    app = FastAPI(title="lmforge", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.lmforge = state
+    if state.api_key:
+        app.add_middleware(_ApiKeyMiddleware, key=state.api_key, state=state)
+    _install_error_handlers(app)
+    server = _Handlers(state)
+
+    app.add_api_route("/health", server.health, methods=["GET"])
+    app.add_api_route("/ready", server.ready, methods=["GET"])
+    app.add_api_route("/metrics", server.metrics, methods=["GET"])
+    app.add_api_route("/v1/models", server.models, methods=["GET"])
+    app.add_api_route("/v1/models/{model_id:path}", server.model, methods=["GET"])
+    app.add_api_route("/v1/completions", server.completions, methods=["POST"])
+    app.add_api_route("/v1/chat/completions", server.chat, methods=["POST"])
+    return app
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    async def api_error(_: HTTPRequest, exc: Exception) -> Response:
+        assert isinstance(exc, APIError)
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+    async def http_error(_: HTTPRequest, exc: Exception) -> Response:
+        assert isinstance(exc, StarletteHTTPException)
+        kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        return JSONResponse(error_body(str(exc.detail), kind, None, code), status_code=exc.status_code,
+                            headers=getattr(exc, "headers", None))
+
+    async def validation_error(_: HTTPRequest, exc: Exception) -> Response:
+        return JSONResponse(error_body(f"invalid request | {exc}", code="invalid_value"), status_code=400)
+
+    async def unexpected(_: HTTPRequest, exc: Exception) -> Response:
+        log.exception("unexpected server error", exc_info=exc)
+        return JSONResponse(error_body(f"internal server error | {type(exc).__name__}", "server_error", None,
+                                       "internal_error"), status_code=500)
+
+    app.add_exception_handler(APIError, api_error)
+    app.add_exception_handler(StarletteHTTPException, http_error)
+    app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(Exception, unexpected)
+
+
+class _Handlers:
+    def __init__(self, state: ServeState) -> None:
+        self.state = state
+        self.engine = state.engine
+        self.m = state.metrics
+
+    # -- plain routes --------------------------------------------------------------------------
+
+    async def health(self) -> dict[str, str]:
+        return {"status": "ok"}
+
+    async def ready(self) -> Response:
+        if self.state.ready:
+            return JSONResponse({"status": "ready"})
+        why = "draining" if self.state.draining else "not ready"
+        return JSONResponse({"status": why}, status_code=503)
+
+    async def metrics(self) -> Response:
+        body, content_type = self.m.render()
+        return Response(body, media_type=content_type)
+
+    def _card(self) -> dict[str, Any]:
+        return {"id": self.state.model_name, "object": "model", "created": self.state.created,
+                "owned_by": "lmforge", "max_model_len": int(self.engine.max_context),
+                "vocab_size": int(self.engine.vocab)}
+
+    async def models(self) -> dict[str, Any]:
+        return {"object": "list", "data": [self._card()]}
+
+    async def model(self, model_id: str) -> dict[str, Any]:
+        self._check_model(model_id)
+        return self._card()
+
+    def _check_model(self, model: str | None) -> None:
+        if model is not None and model != self.state.model_name:
+            raise APIError(404, f"the model '{model}' does not exist | expected '{self.state.model_name}' "
+                                "| see GET /v1/models", param="model", code="model_not_found")
+
+    # -- generation ----------------------------------------------------------------------------
+
+    async def completions(self, request: HTTPRequest) -> Response:
+        return await self._generate(request, "completions")
+
+    async def chat(self, request: HTTPRequest) -> Response:
+        return await self._generate(request, "chat")
+
+    async def _generate(self, http: HTTPRequest, endpoint: str) -> Response:
+        t0 = time.perf_counter()
+        try:
+            body = await _read_json(http, self.state.limits.max_body_bytes)
+            if endpoint == "chat":
+                req = parse_request(ChatCompletionRequest, body)
+            else:
+                req = parse_request(CompletionRequest, body)
+            self._check_model(req.model)
+            bad = req.unsupported()
+            if bad:
+                raise APIError(400, f"'{bad}' is not supported by this server | expected it unset "
+                                    "| remove it from the request", param=bad, code="unsupported_parameter")
+            stops = self._stops(req.stops())
+            prompts = await self._prompt_ids(req, endpoint)
+            limit = req.token_limit() if endpoint == "chat" else req.max_tokens
+            plan = [(ids, self._max_new(len(ids), limit, endpoint)) for ids in prompts]
+            if len(plan) * req.n > self.state.limits.max_choices:
+                raise APIError(400, f"too many choices | expected prompts × n <= {self.state.limits.max_choices} "
+                                    f"| got {len(plan)} × {req.n}", param="n", code="invalid_value")
+            samplings = [self._sampling(req, stops, j) for j in range(req.n)]
+            if self.state.draining:
+                raise APIError(503, "the server is draining (shutting down) | retry on another replica",
+                               type="server_error", code="draining",
+                               headers={"Retry-After": str(int(self.state.limits.retry_after_s))})
+            choices = self._submit(plan, samplings)
+        except APIError as exc:
+            self.m.requests.labels(endpoint, outcome_of(exc.status)).inc()
+            raise
+        rid = new_id("chatcmpl" if endpoint == "chat" else "cmpl")
+        if req.stream:
+            return await self._stream(http, endpoint, req, rid, choices, t0)
+        return await self._complete(http, endpoint, rid, choices, t0)
+
+    def _stops(self, stops: tuple[str, ...]) -> tuple[str, ...]:
+        lim = self.state.limits
+        if len(stops) > lim.max_stop:
+            raise APIError(400, f"too many stop strings | expected at most {lim.max_stop} | got {len(stops)}",
+                           param="stop", code="invalid_value")
+        for s in stops:
+            if not s or len(s) > lim.max_stop_chars:
+                raise APIError(400, f"invalid stop string | expected 1 to {lim.max_stop_chars} characters "
+                                    f"| got {len(s)}", param="stop", code="invalid_value")
+        return stops
+
+    async def _prompt_ids(self, req: Any, endpoint: str) -> list[list[int]]:
+        try:
+            if endpoint == "chat":
+                return [await asyncio.to_thread(self.engine.chat_ids, req.engine_messages())]
+            out = []
+            for p in req.prompts():
+                if isinstance(p, str):
+                    ids = await asyncio.to_thread(self.engine.encode, p)
+                else:
+                    vocab = int(self.engine.vocab)
+                    if any(not 0 <= i < vocab for i in p):
+                        raise APIError(400, f"invalid token id in prompt | expected ids in [0, {vocab})",
+                                       param="prompt", code="invalid_value")
+                    ids = list(p)
+                if not ids:
+                    raise APIError(400, "prompt is empty | expected at least one token", param="prompt",
+                                   code="invalid_value")
+                out.append(ids)
+            return out
+        except GenerationError as exc:  # bad messages, no chat template: the request's fault
+            raise APIError(400, str(exc), param="messages" if endpoint == "chat" else "prompt",
+                           code="invalid_value") from None
+
+    def _max_new(self, prompt_len: int, limit: int | None, endpoint: str) -> int:
+        ctx = int(self.engine.max_context)
+        if limit is None:
+            limit = ctx - prompt_len if endpoint == "chat" else self.state.limits.completion_default_max_tokens
+        if prompt_len + max(limit, 1) > ctx:
+            raise APIError(400, f"this model's maximum context length is {ctx} tokens | expected prompt + "
+                                f"max_tokens <= {ctx} | got {prompt_len} prompt tokens + {max(limit, 1)} max_tokens "
+                                "| shorten the prompt or lower max_tokens", param="messages" if endpoint == "chat"
+                           else "prompt", code="context_length_exceeded")
+        return limit
+
+    def _sampling(self, req: Any, stops: tuple[str, ...], j: int) -> SamplingParams:
+        seed = None if req.seed is None else (req.seed + j) % 2**63
+        try:
+            return SamplingParams(
+                temperature=req.temperature, top_k=max(req.top_k, 0), top_p=req.top_p, min_p=req.min_p,
+                repetition_penalty=req.repetition_penalty, presence_penalty=req.presence_penalty,
+                frequency_penalty=req.frequency_penalty, seed=seed, min_new_tokens=req.min_tokens, stop=stops,
+            )
+        except GenerationError as exc:
+            raise APIError(400, str(exc), code="invalid_value") from None
+
+    def _submit(self, plan: list[tuple[list[int], int]], samplings: list[SamplingParams]) -> list[_Choice]:
+        choices: list[_Choice] = []
+        try:
+            for ids, max_new in plan:
+                for sampling in samplings:
+                    r = self.engine.submit(ids, max_new_tokens=max_new, sampling=sampling)
+                    choices.append(_Choice(len(choices), r, len(ids)))
+        except GenerationError as exc:
+            for c in choices:
+                c.request.cancel()
+            raise from_generation_error(exc) from None
+        for c in choices:
+            self.m.prompt_tokens.inc(c.prompt_tokens)
+        return choices
+
+    def _observe(self, choice: _Choice, event: TokenEvent) -> None:
+        now = event.time or time.perf_counter()
+        n = len(event.token_ids)
+        if n:
+            if choice.last_time is None:
+                self.m.ttft.observe(max(0.0, now - choice.request.submitted))
+                n_gaps = n - 1
+            else:
+                n_gaps = n
+            if n_gaps and choice.last_time is not None:
+                gap = (now - choice.last_time) / n_gaps
+                for _ in range(n_gaps):
+                    self.m.itl.observe(gap)
+            choice.last_time = now
+            choice.new_tokens += n
+            self.m.generation_tokens.inc(n)
+        if event.text:
+            choice.parts.append(event.text)
+        if event.result is not None:
+            choice.finish = event.result.finish_reason
+            choice.text = event.result.text
+            self.m.queue_wait.observe(event.result.queue_s)
+
+    def _outcome(self, choices: list[_Choice]) -> str:
+        reasons = {c.finish for c in choices}
+        if FinishReason.CANCELLED in reasons:
+            return "cancelled"
+        if FinishReason.DEADLINE in reasons:
+            return "deadline"
+        return "ok"
+
+    def _finished(self, endpoint: str, choices: list[_Choice], t0: float) -> None:
+        outcome = self._outcome(choices)
+        self.m.requests.labels(endpoint, outcome).inc()
+        if outcome != "cancelled":
+            self.m.e2e.observe(time.perf_counter() - t0)
+
+    async def _watch(self, receive: Callable[[], Awaitable[Any]], events: _Events) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                log.debug("client disconnected: cancelling %d request(s)", len(events.choices))
+                events.cancel()
+                return
+
+    async def _complete(self, http: HTTPRequest, endpoint: str, rid: str, choices: list[_Choice],
+                        t0: float) -> Response:
+        events = _Events(choices)
+        watcher = asyncio.create_task(self._watch(http.receive, events))
+        try:
+            while (item := await events.next()) is not None:
+                self._observe(*item)
+        except GenerationError as exc:
+            events.cancel()
+            self.m.requests.labels(endpoint, "error").inc()
+            raise from_generation_error(exc) from None
+        except BaseException:
+            events.cancel()
+            raise
+        finally:
+            watcher.cancel()
+        self._finished(endpoint, choices, t0)
+        used = usage(sum(c.prompt_tokens for c in choices), sum(c.new_tokens for c in choices))
+        out = [("".join(c.parts) if c.text is None else c.text,
+                c.finish.openai if c.finish is not None else "stop") for c in choices]
+        build = chat_response if endpoint == "chat" else completion_response
+        return JSONResponse(build(rid, self.state.model_name, out, used))
+
+    async def _stream(self, http: HTTPRequest, endpoint: str, req: Any, rid: str, choices: list[_Choice],
+                      t0: float) -> Response:
+        events = _Events(choices)
+        watcher = asyncio.create_task(self._watch(http.receive, events))
+        try:  # the first event before the headers: a failure before any token is still a plain 500
+            first = await events.next()
+        except GenerationError as exc:
+            events.cancel()
+            self.m.requests.labels(endpoint, "error").inc()
+            raise from_generation_error(exc) from None
+        except BaseException:
+            events.cancel()
+            raise
+        finally:
+            watcher.cancel()
+        return StreamingResponse(self._sse(endpoint, req, rid, events, first, t0), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    async def _sse(self, endpoint: str, req: Any, rid: str, events: _Events,
+                   first: tuple[_Choice, TokenEvent] | None, t0: float) -> AsyncIterator[str]:
+        model, created, with_usage = self.state.model_name, int(time.time()), req.include_usage()
+        chat = endpoint == "chat"
+        done = False
+        try:
+            if chat:
+                for c in events.choices:
+                    yield _sse(chat_chunk(rid, model, created, c.index, {"role": "assistant", "content": ""},
+                                          with_usage=with_usage))
+            item = first
+            while item is not None:
+                choice, event = item
+                self._observe(choice, event)
+                if event.text:
+                    yield _sse(chat_chunk(rid, model, created, choice.index, {"content": event.text},
+                                          with_usage=with_usage) if chat else
+                               completion_chunk(rid, model, created, choice.index, event.text,
+                                                with_usage=with_usage))
+                if choice.finish is not None:
+                    reason = choice.finish.openai
+                    yield _sse(chat_chunk(rid, model, created, choice.index, {}, reason, with_usage=with_usage)
+                               if chat else
+                               completion_chunk(rid, model, created, choice.index, "", reason,
+                                                with_usage=with_usage))
+                item = await events.next()
+            if with_usage:
+                used = usage(sum(c.prompt_tokens for c in events.choices),
+                             sum(c.new_tokens for c in events.choices))
+                yield _sse(chat_chunk(rid, model, created, None, used=used, with_usage=True) if chat else
+                           completion_chunk(rid, model, created, None, used=used, with_usage=True))
+            yield "data: [DONE]\n\n"
+            done = True
+            self._finished(endpoint, events.choices, t0)
+        except GenerationError as exc:  # mid-stream: the status is sent already; an error event ends it
+            events.cancel()
+            done = True
+            self.m.requests.labels(endpoint, "error").inc()
+            yield _sse(from_generation_error(exc).body())
+            yield "data: [DONE]\n\n"
+        finally:
+            if not done:  # the client went away (task cancelled or iterator closed)
+                events.cancel()
+                self.m.requests.labels(endpoint, "cancelled").inc()

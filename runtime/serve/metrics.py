@@ -1,0 +1,88 @@
+"""Prometheus metrics of one server, in their own ``CollectorRegistry`` (several apps per process
+do not collide; ``/metrics`` renders this registry only).
+
+Counted by the request handlers: requests by endpoint and outcome, prompt and generated tokens,
+histograms of time to first token, inter-token latency, end-to-end latency and queue wait.
+Read from ``engine.stats()`` at scrape time: queue depth, running batch size, the limits, steps.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+__all__ = ["OUTCOMES", "ServeMetrics"]
+
+log = logging.getLogger(__name__)
+
+OUTCOMES = ("ok", "cancelled", "deadline", "invalid", "unauthorized", "not_found", "too_large", "rejected",
+            "error", "unavailable")
+"""``ok``: finished by stop or length; ``cancelled``: the client went away; ``deadline``: ran out of
+time; ``rejected``: queue full (429); ``unavailable``: draining or closed (503); ``error``: 500."""
+
+_LATENCY = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0)
+_ITL = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5,
+        1.0, 2.5)
+_E2E = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 60.0, 120.0, 300.0, 600.0)
+
+
+class _EngineCollector(Collector):
+    """Gauges read from the engine when Prometheus scrapes."""
+
+    def __init__(self, stats: Callable[[], Any], draining: Callable[[], bool]) -> None:
+        self._stats = stats
+        self._draining = draining
+
+    def collect(self) -> Iterator[Any]:
+        try:
+            s = self._stats()
+        except Exception as exc:  # noqa: BLE001 — a scrape must not fail because the engine is closing
+            log.debug("engine.stats() failed during a scrape: %s", exc)
+            return
+        yield GaugeMetricFamily("lmforge_queue_depth", "Requests waiting for a slot in the running batch.",
+                                value=s.queued)
+        yield GaugeMetricFamily("lmforge_running_requests", "Requests in the running batch.", value=s.running)
+        yield GaugeMetricFamily("lmforge_max_batch", "The engine's running-batch limit.", value=s.max_batch)
+        yield GaugeMetricFamily("lmforge_max_queue", "The engine's queue limit.", value=s.max_queue)
+        yield CounterMetricFamily("lmforge_engine_steps", "Steps the engine's loop has run.", value=s.steps)
+        yield GaugeMetricFamily("lmforge_draining", "1 while the server drains (new requests get 503).",
+                                value=1.0 if self._draining() else 0.0)
+
+
+class ServeMetrics:
+    """The server's metrics; ``render()`` is the ``/metrics`` body and content type."""
+
+    def __init__(self, stats: Callable[[], Any], draining: Callable[[], bool]) -> None:
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter("lmforge_requests", "HTTP generation requests by endpoint and outcome.",
+                                ["endpoint", "outcome"], registry=r)
+        self.prompt_tokens = Counter("lmforge_prompt_tokens", "Prompt tokens admitted.", registry=r)
+        self.generation_tokens = Counter("lmforge_generation_tokens", "Tokens generated (streamed or returned).",
+                                         registry=r)
+        self.ttft = Histogram("lmforge_time_to_first_token_seconds",
+                              "Submission to first token, per choice (engine-side).", buckets=_LATENCY, registry=r)
+        self.itl = Histogram("lmforge_inter_token_latency_seconds",
+                             "Time between consecutive tokens of one choice.", buckets=_ITL, registry=r)
+        self.e2e = Histogram("lmforge_e2e_request_latency_seconds",
+                             "HTTP request arrival to its last token (whole request, all choices).",
+                             buckets=_E2E, registry=r)
+        self.queue_wait = Histogram("lmforge_queue_wait_seconds", "Submission to admission into the running batch.",
+                                    buckets=_LATENCY, registry=r)
+        r.register(_EngineCollector(stats, draining))
+        for endpoint in ("completions", "chat"):  # every series exists from the start (rates work at 0)
+            for outcome in OUTCOMES:
+                self.requests.labels(endpoint, outcome)
+
+    def render(self) -> tuple[bytes, str]:
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST

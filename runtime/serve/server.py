@@ -1,0 +1,167 @@
+"""Running the app with uvicorn: in the foreground with a graceful SIGTERM drain, or in a thread.
+
+:func:`serve` is what ``lmforge serve`` runs. The first SIGTERM (or Ctrl-C) starts a drain: the
+app answers new generation requests with 503 and ``/ready`` with 503 while
+``engine.close(drain=True, timeout=drain_timeout_s)`` lets the requests in flight finish; then
+uvicorn stops listening and waits for the open responses to end (bounded by the same timeout).
+A second signal exits at once.
+
+:class:`BackgroundServer` runs the same server in a thread on a port the OS picks (``port=0``),
+for tests and for ``lmforge bench-serve ARTIFACT``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable
+from types import FrameType
+from typing import Any, Self
+
+import uvicorn
+
+from runtime.errors import LmforgeError
+from runtime.serve.app import ServeLimits, ServeState, create_app
+
+__all__ = ["BackgroundServer", "bind", "serve"]
+
+log = logging.getLogger(__name__)
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening-ready TCP socket on ``host:port`` (``port=0``: one the OS picks)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise LmforgeError(f"cannot listen on {host}:{port}", got=str(exc),
+                           fix="choose another --port (or stop what holds it), or check --host") from None
+    return sock
+
+
+def _url(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server with a drain before it stops listening, and a callback once it listens."""
+
+    def __init__(self, config: uvicorn.Config, state: ServeState, drain_timeout_s: float,
+                 on_listen: Callable[[], None] | None = None) -> None:
+        super().__init__(config)
+        self.state = state
+        self.drain_timeout_s = drain_timeout_s
+        self.on_listen = on_listen
+        self._drain_started = False
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets=sockets)
+        if self.started and self.on_listen is not None:
+            self.on_listen()
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:  # runs in the main thread
+        if self._drain_started:
+            log.warning("second signal: exiting without waiting for requests in flight")
+            self.force_exit = True
+            self.should_exit = True
+            return
+        self.drain()
+
+    def drain(self) -> None:
+        """Refuse new requests, let the engine finish the ones in flight, then stop (non-blocking)."""
+        if self._drain_started:
+            return
+        self._drain_started = True
+        self.state.start_drain()
+        threading.Thread(target=self._drain, name="lmforge-drain", daemon=True).start()
+
+    def _drain(self) -> None:
+        t0 = time.perf_counter()
+        try:
+            self.state.engine.close(drain=True, timeout=self.drain_timeout_s)
+        except Exception as exc:  # noqa: BLE001 — the server must still stop
+            log.error("engine.close during drain failed: %s", exc)
+        log.info("drained in %.1f s; stopping the server", time.perf_counter() - t0)
+        self.should_exit = True
+
+
+def _config(app: Any, drain_timeout_s: float, log_level: str) -> uvicorn.Config:
+    return uvicorn.Config(app, log_level=log_level, lifespan="off", access_log=False,
+                          timeout_graceful_shutdown=max(1, int(drain_timeout_s)), timeout_keep_alive=5)
+
+
+def serve(engine: Any, *, host: str = "127.0.0.1", port: int = 8000, served_model_name: str | None = None,
+          api_key: str | None = None, limits: ServeLimits | None = None, drain_timeout_s: float = 30.0,
+          log_level: str = "warning", on_listen: Callable[[str], None] | None = None) -> None:
+    """Serve ``engine`` until SIGTERM/SIGINT, then drain and close it. Blocks (main thread)."""
+    sock = bind(host, port)
+    app = create_app(engine, served_model_name=served_model_name, api_key=api_key, limits=limits)
+    url = _url(sock)
+    server = _Server(_config(app, drain_timeout_s, log_level), app.state.lmforge, drain_timeout_s,
+                     on_listen=(lambda: on_listen(url)) if on_listen else None)
+    try:
+        server.run(sockets=[sock])
+    finally:
+        sock.close()
+        engine.close(drain=False)
+
+
+class BackgroundServer:
+    """The server in a daemon thread on ``host``:``port`` (0 = any free port); a context manager.
+
+    The engine stays the caller's to close. ``stop(drain=True)`` drains as SIGTERM does (and so
+    closes the engine); ``stop()`` just stops serving.
+    """
+
+    def __init__(self, engine: Any, *, host: str = "127.0.0.1", port: int = 0, served_model_name: str | None = None,
+                 api_key: str | None = None, limits: ServeLimits | None = None, drain_timeout_s: float = 30.0,
+                 log_level: str = "warning") -> None:
+        self._sock = bind(host, port)
+        self.url = _url(self._sock)
+        self.port = int(self._sock.getsockname()[1])
+        self.app = create_app(engine, served_model_name=served_model_name, api_key=api_key, limits=limits)
+        self.state: ServeState = self.app.state.lmforge
+        self._listening = threading.Event()
+        self.server = _Server(_config(self.app, drain_timeout_s, log_level), self.state, drain_timeout_s,
+                              on_listen=self._listening.set)
+        self._thread = threading.Thread(target=self._run, name="lmforge-serve", daemon=True)
+        self._error: BaseException | None = None
+
+    def _run(self) -> None:
+        try:
+            asyncio.run(self.server.serve(sockets=[self._sock]))
+        except BaseException as exc:  # noqa: BLE001 — reported by start()
+            self._error = exc
+            self._listening.set()
+
+    def start(self, timeout: float = 30.0) -> BackgroundServer:
+        self._thread.start()
+        if not self._listening.wait(timeout) or self._error is not None:
+            raise LmforgeError("the background server did not start", got=repr(self._error),
+                               fix="see the log above")
+        return self
+
+    def stop(self, drain: bool = False, timeout: float = 60.0) -> None:
+        if drain:
+            self.server.drain()
+        else:
+            self.server.should_exit = True
+        self._thread.join(timeout)
+        self._sock.close()
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+_ = signal  # SIGTERM/SIGINT reach _Server.handle_exit through uvicorn's capture_signals
