@@ -13,8 +13,9 @@ from __future__ import annotations
 import importlib.metadata
 import logging
 import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -22,6 +23,7 @@ from onnxruntime.capi import onnxruntime_pybind11_state as _ort_state
 
 from runtime._onnx_proto import GraphBuilder
 from runtime.errors import GenerationError
+from runtime.text import error_line
 
 __all__ = ["Device", "RowWriter", "ORT_ERRORS", "NP_DTYPES", "ort_failure"]
 
@@ -36,9 +38,8 @@ ORT_ERRORS: tuple[type[BaseException], ...] = (MemoryError, RuntimeError) + tupl
 
 def ort_failure(exc: BaseException) -> GenerationError:
     """The error a request sees when onnxruntime fails under it (the loop keeps serving)."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     return GenerationError(
-        "generation failed inside onnxruntime", got=" ".join(lines)[:400] or type(exc).__name__,
+        "generation failed inside onnxruntime", got=error_line(exc),
         fix="this request failed and the engine keeps serving; on out-of-memory, lower max_batch or the prompt length",
     )
 
@@ -131,11 +132,11 @@ class Device:
             if cuda_graph and "graph capture" in str(exc).lower():
                 raise GenerationError(
                     "CUDA graphs: onnxruntime cannot place every node of this graph on CUDA",
-                    got=" ".join(str(exc).split())[:300],
+                    got=error_line(exc),
                     fix="re-optimize with `lmforge optimize --device cuda` (fp16/int8/int4), or pass cuda_graph=False",
                 ) from exc
             raise GenerationError(
-                "onnxruntime cannot open the model", got=" ".join(str(exc).split())[:400],
+                "onnxruntime cannot open the model", got=error_line(exc),
                 fix="re-export the artifact, or check the onnxruntime version",
             ) from exc
 

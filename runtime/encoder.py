@@ -48,6 +48,7 @@ import onnxruntime as ort
 from runtime.artifact import Artifact, KvMode, load_artifact
 from runtime.cpu import intra_op_threads
 from runtime.errors import GenerationError, InvalidRequestError
+from runtime.text import error_line
 
 __all__ = ["Encoder", "EncodeStats", "EncodeResult", "POOLINGS", "pool", "l2_normalize"]
 
@@ -214,7 +215,7 @@ class Encoder:
         try:
             return ort.InferenceSession(str(self.artifact.model_path), sess_options=options, providers=providers)
         except _ORT_ERRORS as exc:
-            raise GenerationError("onnxruntime cannot open the encoder model", got=str(exc).splitlines()[0][:300],
+            raise GenerationError("onnxruntime cannot open the encoder model", got=error_line(exc),
                                   fix="re-export the artifact, or check the onnxruntime version") from exc
 
     # ----------------------------------------------------------------------------------------
@@ -371,5 +372,5 @@ class Encoder:
         try:
             return session.run(["last_hidden_state"], feeds)[0]
         except _ORT_ERRORS as exc:
-            raise GenerationError("onnxruntime failed to run the encoder", got=str(exc).splitlines()[0][:300],
+            raise GenerationError("onnxruntime failed to run the encoder", got=error_line(exc),
                                   fix="check the artifact with `lmforge verify`; report it with --debug") from exc

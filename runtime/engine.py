@@ -35,12 +35,14 @@ import logging
 import os
 import threading
 import time
-from typing import Any, Iterator, Mapping, Sequence, Union
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, Union
 
 import numpy as np
 
 from runtime.artifact import Artifact, KvMode, load_artifact
 from runtime.chat import load_chat_template, render_chat, special_tokens
+from runtime.cpu import intra_op_threads
 from runtime.detokenize import IncrementalDetokenizer, StopStrings
 from runtime.device import Device, check_device
 from runtime.errors import EngineClosedError, GenerationError, InvalidRequestError, LmforgeError, QueueFullError
@@ -49,6 +51,7 @@ from runtime.kv_slots import SlotsBackend
 from runtime.request import FinishReason, GenerationResult, Request, TokenEvent
 from runtime.sampler_graph import BOUNDED_CANDIDATES
 from runtime.sampling import GREEDY, SamplingParams, row_arrays
+from runtime.text import check_text
 
 __all__ = ["Engine", "EngineStats", "GenerationResult", "FinishReason", "Prompt"]
 
@@ -140,9 +143,11 @@ class Engine:
             )
         self.max_batch = _check_int("max_batch", max_batch, 1)
         self.max_queue = _check_int("max_queue", max_queue, 1)
-        if threads is not None:
-            threads = _check_int("threads", threads, 1)
         self.device = check_device(device)
+        if self.device == "cpu":
+            threads = intra_op_threads(threads)  # default: the physical cores this process may use
+        elif threads is not None:
+            threads = _check_int("threads", threads, 1)
         self.artifact = artifact
         layout = decoder_layout(artifact, max_context)
         self.vocab, self.max_context = layout["vocab"], layout["max_context"]
@@ -226,16 +231,7 @@ class Engine:
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of ``text`` with the artifact's tokenizer."""
-        if not isinstance(text, str):
-            raise InvalidRequestError("a text prompt must be a string", got=type(text).__name__)
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError as exc:
-            raise InvalidRequestError(
-                "the prompt is not valid Unicode text", expected="text without lone surrogates",
-                got=f"{text[exc.start]!r} at character {exc.start}",
-                fix="decode your input with errors='replace' (or fix its encoding) before sending it",
-            ) from None
+        check_text(text, "the prompt")
         return list(self._need_tokenizer("text prompts").encode(text, add_special_tokens=add_special_tokens).ids)
 
     def decode(self, ids: Sequence[int]) -> str:
@@ -362,7 +358,7 @@ class Engine:
             if len(params) != len(prompts):
                 raise InvalidRequestError("one SamplingParams per prompt", expected=str(len(prompts)),
                                           got=str(len(params)), fix="pass one SamplingParams for all, or one per prompt")
-        requests = [self._prepare(p, max_new_tokens, s, None, return_logits, index=i if len(prompts) > 1 else None)
+        requests = [self._prepare(p, max_new_tokens, s, None, return_logits, index=i)
                     for i, (p, s) in enumerate(zip(prompts, params))]
         self._enqueue(requests, block=True)
         return requests

@@ -17,7 +17,8 @@ import enum
 import itertools
 import threading
 import time
-from typing import TYPE_CHECKING, AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator
+from typing import TYPE_CHECKING
 
 import numpy as np
 
