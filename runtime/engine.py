@@ -264,7 +264,7 @@ class Engine:
         """Validate one request and tokenize it (in the caller's thread)."""
         where = "" if index is None else f"request {index}: "
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens <= 0:
-            raise InvalidRequestError(f"{where}invalid max_new_tokens", expected="an integer > 0", got=repr(max_new_tokens))
+            raise InvalidRequestError("invalid max_new_tokens", expected="an integer > 0", got=repr(max_new_tokens))
         params = GREEDY if sampling is None else sampling
         if not isinstance(params, SamplingParams):
             raise InvalidRequestError(f"{where}sampling must be a SamplingParams", got=type(params).__name__,
@@ -466,15 +466,15 @@ class Engine:
                 if self._live:
                     self._decode()
                 self._retire()
-        except BaseException:  # a bug in the loop itself: fail everyone rather than hang them
+        except BaseException as exc:  # a bug in the loop itself: fail everyone rather than hang them
             log.exception("the engine loop stopped")
-            with self._cv:
-                self._closing = True
-        finally:
+            self._abandon(GenerationError("the engine loop stopped", got=f"{type(exc).__name__}: {exc}",
+                                          fix="this is a bug in lmforge: please report it with the log above"))
+        else:
             self._shutdown()
 
     def _shutdown(self) -> None:
-        """Cancel what is left (after close(drain=False), a drain timeout, or a loop failure)."""
+        """Cancel what is left (after close(drain=False) or a drain timeout)."""
         with self._cv:
             waiting, self._waiting = list(self._waiting), collections.deque()
             self._closing = True
@@ -482,7 +482,17 @@ class Engine:
             self._end_unadmitted(request, FinishReason.CANCELLED)
         for live in list(self._live.values()):
             live.reason = live.reason or FinishReason.CANCELLED
-        self._retire(force=True)
+        self._retire()
+
+    def _abandon(self, error: GenerationError) -> None:
+        """The loop cannot go on: every request, waiting or running, fails with ``error``."""
+        with self._cv:
+            self._closing = True
+            requests = [*self._waiting, *(live.request for live in self._live.values())]
+            self._waiting.clear()
+            self._live.clear()
+        for request in requests:
+            request._fail(error)
 
     def _end_unadmitted(self, request: Request, reason: FinishReason) -> None:
         now = time.perf_counter()
@@ -589,7 +599,7 @@ class Engine:
             piece += live.stops.finish()
         return piece
 
-    def _retire(self, force: bool = False) -> None:
+    def _retire(self) -> None:
         """Release finished, cancelled and expired requests (their slots are free at once)."""
         now = time.perf_counter()
         done = []
@@ -599,11 +609,10 @@ class Engine:
                 live.reason = FinishReason.CANCELLED
             elif live.reason is None and request.deadline is not None and now > request.deadline:
                 live.reason = FinishReason.DEADLINE
-            if live.reason is not None or force:
+            if live.reason is not None:
                 done.append(slot)
         for slot in done:
             live = self._live[slot]
-            live.reason = live.reason or FinishReason.CANCELLED
             text = live.pending_text + self._finish_text(live)
             n = len(live.new_ids)
             decode_s = now - live.t_first

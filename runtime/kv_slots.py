@@ -91,7 +91,8 @@ class SlotsBackend:
         b, v = max_batch, self.vocab
         kv_shape = [b, layout["kv_heads"], self.capacity, layout["head_dim"]]
         self.kv = {name: device.zeros(kv_shape, layout["kv_dtype"]) for name in self._past}
-        self.logits = device.zeros([b, 1, v], layout["logits_dtype"])
+        self._logits_dtype = layout["logits_dtype"]
+        self.logits = device.zeros([b, 1, v], self._logits_dtype)
         shapes = self._row_shapes()
         self.sets = tuple({name: device.zeros([b, *shapes[name]], dtype) for name, _, dtype in STATE} for _ in range(2))
         self.consts = {name: device.zeros([b, *shapes[name]], dtype) for name, dtype in CONSTANTS}
@@ -160,10 +161,15 @@ class SlotsBackend:
             binding.bind_cpu_input("position_ids", np.arange(start, end, dtype=np.int64)[None, :])
             binding.bind_cpu_input(SEQLENS_K, np.array([end - 1], np.int32))
             binding.bind_ortvalue_input(TOTAL_SEQUENCE_LENGTH, self.device.host_scalar(end))
-            binding.bind_output("logits", self.device.type, 0)
+            keep = want_logits and end == len(prompt)
+            out = self.device.zeros([1, end - start, self.vocab], self._logits_dtype) if keep else None
+            if out is not None:
+                binding.bind_ortvalue_output("logits", out)
+            else:
+                binding.bind_output("logits", self.device.type, 0)  # onnxruntime's memory, dropped after
             self.device.run(self.session, binding, self._eager)
-            if want_logits and end == len(prompt):
-                logits = np.array(binding.get_outputs()[0].numpy()[0, -1], dtype=np.float32)
+            if out is not None:
+                logits = np.array(out.numpy()[0, -1], dtype=np.float32)
         history = self.sets[into][PREFIX + "history"].numpy()  # the one host read
         return int(history[slot, 0]), logits
 

@@ -205,7 +205,7 @@ def test_a_failed_request_leaves_the_engine_usable(tiny_llama: Path) -> None:
         (lambda e: e.generate_ids([[1, 320]], 5), "request 0: token ids outside the vocabulary | expected integers in [0, 320) | got [320]"),
         (lambda e: e.generate_ids([[-1, 4]], 5), "request 0: token ids outside the vocabulary | expected integers in [0, 320) | got [-1]"),
         (lambda e: e.generate_ids([[5] * 500], 13),
-         "prompt + max_new_tokens exceeds the context | expected at most 512 tokens in all | got a 500-token prompt + 13 new tokens = 513"),
+         "request 0: prompt + max_new_tokens exceeds the context | expected at most 512 tokens in all | got a 500-token prompt + 13 new tokens = 513"),
         (lambda e: e.generate(["a", "b"], 5, [SamplingParams()]), "one SamplingParams per prompt | expected 2 | got 1"),
         (lambda e: e.generate("a", 5, SamplingParams(stop_token_ids=(400,))), "request 0: stop_token_ids outside the vocabulary"),
         (lambda e: e.generate_ids("abc", 5), "generate_ids takes lists of token ids"),
