@@ -125,9 +125,11 @@ class ConcatBackend:
 
     @property
     def free_slots(self) -> int:
-        return len(self._free)
+        return len(self._free) + len(self._dropped)
 
     def allocate(self) -> int:
+        if not self._free and self._dropped:
+            self._merge(None, [], 0)  # released rows leave the batch now, and their slots are free
         self._free.sort()
         return self._free.pop(0)
 
