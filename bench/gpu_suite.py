@@ -118,7 +118,7 @@ def bench_model(art: Path, batches: list[int], prompt_len: int, new_tokens: int,
 
     engine = Engine.load(art, device=DEVICE, verify_hashes=False)
     rng = np.random.default_rng(0)
-    sessions = {id(engine._session): "decoder", id(engine._sampler): "sampler", id(engine._compact): "compact"}
+    sessions = {id(engine.backend.session): "decoder"}
     rows = []
     for batch in batches:
         prompts = [rng.integers(3, 250, prompt_len).tolist() for _ in range(batch)]

@@ -52,6 +52,7 @@ from runtime._onnx_proto import GraphBuilder, fragment_bytes
 from runtime.artifact import Artifact, KvMode, load_artifact
 from runtime.cpu import intra_op_threads
 from runtime.errors import GenerationError, InvalidRequestError
+from runtime.text import error_line
 
 __all__ = ["Encoder", "EncodeStats", "EncodeResult", "POOLINGS", "POOLED_OUTPUT", "pool", "l2_normalize",
            "pooling_fragment"]
@@ -271,7 +272,7 @@ class Encoder:
         try:
             return ort.InferenceSession(str(path), sess_options=self._options(), providers=providers)
         except _ORT_ERRORS as exc:
-            raise GenerationError("onnxruntime cannot open the encoder model", got=str(exc).splitlines()[0][:300],
+            raise GenerationError("onnxruntime cannot open the encoder model", got=error_line(exc),
                                   fix="re-export the artifact, or check the onnxruntime version") from exc
 
     # ----------------------------------------------------------------------------------------
@@ -432,5 +433,5 @@ class Encoder:
         try:
             return session.run([output], feeds)[0]
         except _ORT_ERRORS as exc:
-            raise GenerationError("onnxruntime failed to run the encoder", got=str(exc).splitlines()[0][:300],
+            raise GenerationError("onnxruntime failed to run the encoder", got=error_line(exc),
                                   fix="check the artifact with `lmforge verify`; report it with --debug") from exc

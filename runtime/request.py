@@ -5,7 +5,8 @@ the request; the caller reads them from any thread (``for event in request``) or
 (``async for event in request``), or waits for the end (:meth:`Request.result`). Nothing here
 touches the device. A consumer that stops reading early (breaks out of the loop, or closes the
 iterator, or cancels its asyncio task) cancels the request, and the loop frees its slot at the
-next step boundary.
+next step boundary. (An ``async for`` left with ``break`` cancels when the event loop finalizes
+the iterator; wrap it in ``contextlib.aclosing(aiter(request))`` to cancel at once.)
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ import enum
 import itertools
 import threading
 import time
-from typing import TYPE_CHECKING, AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator
+from typing import TYPE_CHECKING
 
 import numpy as np
 

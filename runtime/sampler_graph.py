@@ -1,151 +1,214 @@
-"""The on-device sampler: one small ONNX graph run after every decoder step.
+"""Sampling as ONNX nodes: one row per request, greedy and sampled rows in one batch, no host work.
 
-Built at load time with :mod:`runtime._onnx_proto` (no ``onnx`` dependency) and run on the
-engine's device with IO binding, so on a GPU the logits never leave it. One run turns the
-decoder's logits into the next step's decoder inputs:
+:func:`add_sampling` appends the nodes to a graph being built with :mod:`runtime._onnx_proto`
+(no ``onnx`` dependency). Two graphs use it: the slots step model (:mod:`runtime.step_graph`,
+decoder + sampling + next inputs, one CUDA-graph replay a step) and the standalone sampler that
+the concat backend runs after its decoder (:func:`build_sampler_model`). Every shape is fixed by
+the batch and the vocabulary and every parameter is a per-row tensor, so a captured step serves
+any mix of requests: nothing is read on the host, nothing is uploaded per step.
 
-inputs
-    ``logits [batch, seq, vocab]`` (float32 or float16; the last position is taken and cast to
-    float32 inside), ``attention_mask [batch, total]`` int64, per-row ``temperature [batch]``,
-    ``top_k [batch]`` int64, ``top_p [batch]``, ``repetition_penalty [batch]``,
-    ``min_new_tokens [batch]`` int64, ``stop_mask [batch, vocab]`` bool (EOS and stop ids, masked
-    while ``step < min_new_tokens``), ``seen [batch, vocab]`` bool (tokens in the prompt or
-    generated so far, for the repetition penalty), ``uniforms [steps, batch]`` float32,
-    ``step []`` int64 (how many tokens each row has generated), ``k_cap [1]`` int64 (how many
-    candidates the TopK keeps; ≥ every sampling row's top-k, the whole vocabulary when a row uses
-    top-p without top-k).
-outputs
-    ``next_ids [batch, 1]`` int64, ``next_attention_mask [batch, total + 1]``,
-    ``next_position_ids [batch, 1]`` (= sum(mask) − 1: left padding needs no host bookkeeping),
-    ``seen_out [batch, vocab]``, ``step_out []`` (= step + 1). These feed the next decoder step
-    and the next sampler run directly; the host reads only ``next_ids`` (8 bytes a row).
+Per row (``[b]`` unless noted): ``temperature``, ``top_k`` (int64), ``top_p``, ``min_p``,
+``repetition_penalty``, ``presence_penalty``, ``frequency_penalty``, ``min_new_tokens`` (int64),
+``stop_mask [b, vocab]`` (EOS and stop ids), ``uniforms [b, steps]`` (the row's seeded draws),
+and the state the step updates: ``seen [b, vocab]`` (prompt and generated tokens, for the
+repetition penalty), ``counts [b, vocab]`` (generated tokens, for presence/frequency), ``step``
+(int64, tokens generated so far).
 
-The order of logit processors follows transformers' ``generate``: repetition penalty (HF
-semantics: a seen token's logit is divided by the penalty when positive, multiplied when not),
-min-new-tokens suppression, then temperature → top-k → top-p, then one draw.
+The order follows transformers' ``generate`` (processors, then warpers):
 
-* Greedy rows (``temperature == 0``, or ``top_k == 1``) take ``ArgMax`` of the processed logits,
-  selected per row with ``Where``: bit-for-bit argmax, first index on ties like ``np.argmax``.
-  With ``repetition_penalty == 1`` the processing is the identity (×1, ÷1), so greedy equals
-  argmax of the raw logits.
-* Sampling rows: ``TopK(k_cap)`` sorts the candidates, logits are shifted by the row max then
-  divided by the temperature (so a temperature near 0 gives exp(−huge) = 0, never inf/NaN),
-  top-k keeps the first ``top_k`` positions, top-p keeps a candidate when the probability mass
-  strictly before it is < ``top_p`` (transformers' rule; the first candidate is always kept),
-  and the draw is an inverse-CDF lookup: the index is the number of kept candidates whose
-  cumulative mass is ≤ ``u · total``, clipped to the last kept one.
-* Randomness: the host draws every uniform a request needs once, before the loop, from numpy's
-  seeded ``Generator`` (one stream per row, so a row's samples do not depend on which other
-  rows share its batch), uploads them once as ``uniforms [steps, batch]``, and the graph picks
-  row ``step``. Nothing random is generated per step and nothing is uploaded per step.
+1. repetition penalty (HF: a seen token's logit divided by the penalty when positive, multiplied
+   when not); presence / frequency penalties (OpenAI: ``− presence·[count > 0] − frequency·count``
+   over generated tokens); EOS and stop ids at −inf while ``step < min_new_tokens``.
+2. Greedy rows (``temperature == 0`` or ``top_k == 1``) take ``ArgMax`` — first index on ties,
+   bit-for-bit the argmax of the processed logits.
+3. Sampled rows: ``s = (x − max x) / temperature``. Top-k keeps ``s ≥`` the k-th largest value
+   (ties kept, as transformers' ``TopKLogitsWarper``). Top-p renormalizes over the top-k
+   survivors and keeps a token when the mass strictly before it, in descending order, is
+   ``< top_p`` (transformers' ``TopPLogitsWarper``: it removes the ascending prefix whose
+   cumulative mass is ``≤ 1 − top_p``; so with probabilities [0.5, 0.25, 0.25] and top_p = 0.5
+   only the first token stays). Min-p keeps ``p ≥ min_p · p_max``, i.e. ``s ≥ log(min_p)``.
+   The three filters become one threshold on ``s`` over the whole vocabulary, and the token is
+   drawn by inverse CDF with the row's uniform for this step.
+
+Where a sort is needed and where not: temperature and min-p need none (a max, an exp, a sum).
+Top-k and top-p read the ``candidates`` largest values from one ``TopK`` (the ``candidates``
+argument, :data:`BOUNDED_CANDIDATES` by default): top-k is exact for ``top_k ≤ candidates``, and
+top-p is exact whenever its nucleus lies within the candidates — when the candidates' mass is
+below ``top_p`` the nucleus is cut at the last candidate (every token ``≥`` its value kept).
+``candidates = vocab`` makes top-p exact always, at the price of a full sort every step.
+
+Cumulative sums: onnxruntime's CUDA ``CumSum`` computes each output element from scratch
+(quadratic in the axis length), so sums over long axes are taken in two levels — within blocks
+of :data:`_BLOCK`, then over the block totals (:func:`_cumsum`).
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 
 from runtime._onnx_proto import GraphBuilder
 
-__all__ = ["SAMPLER_INPUTS", "SAMPLER_OUTPUTS", "build_sampler_model"]
+__all__ = ["BOUNDED_CANDIDATES", "ROW_CONSTANTS", "ROW_STATE", "add_sampling", "declare_row_inputs",
+           "build_sampler_model"]
 
-SAMPLER_INPUTS = (
-    "logits", "attention_mask", "temperature", "top_k", "top_p", "repetition_penalty",
-    "min_new_tokens", "stop_mask", "seen", "uniforms", "step", "k_cap",
+BOUNDED_CANDIDATES = 1024
+_BLOCK = 256
+_FLOAT, _INT64 = 1, 7
+
+# per-row inputs written once at admission: (name, dtype, has a vocab axis / steps axis)
+ROW_CONSTANTS = (
+    ("temperature", "float32"), ("top_k", "int64"), ("top_p", "float32"), ("min_p", "float32"),
+    ("repetition_penalty", "float32"), ("presence_penalty", "float32"), ("frequency_penalty", "float32"),
+    ("min_new_tokens", "int64"), ("stop_mask", "bool"), ("uniforms", "float32"),
 )
-SAMPLER_OUTPUTS = ("next_ids", "next_attention_mask", "next_position_ids", "seen_out", "step_out")
-
-_FLOAT = 1  # TensorProto.FLOAT, for Cast
-_INT64 = 7
+# per-row state the sampling updates: (input, output)
+ROW_STATE = (("seen", "seen_out", "bool"), ("counts", "counts_out", "float32"), ("step", "step_out", "int64"))
 
 
-def build_sampler_model(logits_dtype: str = "float32") -> bytes:
-    """ModelProto bytes of the sampler for decoder logits of ``logits_dtype``."""
+def _cumsum(g: GraphBuilder, x: str, length: int) -> str:
+    """Inclusive cumulative sum of ``x [b, length]`` along axis 1, in two levels past _BLOCK."""
+    axis1 = g.const(np.array(1, np.int64))
+    if length <= _BLOCK:
+        return g.op("CumSum", [x, axis1])
+    blocks = math.ceil(length / _BLOCK)
+    pad = blocks * _BLOCK - length
+    padded = g.op("Pad", [x, g.const(np.array([0, 0, 0, pad], np.int64)), g.const(0.0, "float32")]) if pad else x
+    tiles = g.op("Reshape", [padded, g.const(np.array([0, blocks, _BLOCK], np.int64))])
+    inner = g.op("CumSum", [tiles, g.const(np.array(2, np.int64))])
+    totals = g.op("Slice", [inner, g.const(np.array([_BLOCK - 1], np.int64)), g.const(np.array([_BLOCK], np.int64)),
+                            g.const(np.array([2], np.int64))])  # [b, blocks, 1]
+    offsets = g.op("CumSum", [totals, axis1], {"exclusive": 1})
+    full = g.op("Reshape", [g.op("Add", [inner, offsets]), g.const(np.array([0, blocks * _BLOCK], np.int64))])
+    if not pad:
+        return full
+    return g.op("Slice", [full, g.const(np.array([0], np.int64)), g.const(np.array([length], np.int64)),
+                          g.const(np.array([1], np.int64))])
+
+
+def add_sampling(g: GraphBuilder, logits_last: str, vocab: int, steps: int, names: dict[str, str],
+                 candidates: int = BOUNDED_CANDIDATES) -> dict[str, str]:
+    """Append the sampling nodes; return the names of ``next_ids [b, 1]`` and the state outputs.
+
+    ``logits_last`` is ``[b, vocab]`` (any float dtype; cast to float32 here). ``names`` maps
+    every :data:`ROW_CONSTANTS` and :data:`ROW_STATE` input to its graph name (declared by the
+    caller). ``steps`` is the length of the ``uniforms`` axis.
+    """
+    k = max(1, min(int(candidates), vocab))
+    axis1 = g.const(np.array([1], np.int64))
+    zero_f, one_f = g.const(0.0, "float32"), g.const(1.0, "float32")
+    zero_i, one_i = g.const(0, "int64"), g.const(1, "int64")
+    neg_inf = g.const(-np.inf, "float32")
+
+    def col(x: str) -> str:  # [b] → [b, 1]
+        return g.op("Unsqueeze", [x, axis1])
+
+    n = names
+    x = g.op("Cast", [logits_last], {"to": _FLOAT})
+    pen = col(n["repetition_penalty"])
+    x = g.op("Where", [n["seen"], g.op("Where", [g.op("Greater", [x, zero_f]), g.op("Div", [x, pen]),
+                                                  g.op("Mul", [x, pen])]), x])
+    present = g.op("Cast", [g.op("Greater", [n["counts"], zero_f])], {"to": _FLOAT})
+    x = g.op("Sub", [x, g.op("Add", [g.op("Mul", [col(n["frequency_penalty"]), n["counts"]]),
+                                      g.op("Mul", [col(n["presence_penalty"]), present])])])
+    early = col(g.op("Less", [n["step"], n["min_new_tokens"]]))
+    x = g.op("Where", [g.op("And", [n["stop_mask"], early]), neg_inf, x])
+    greedy_id = g.op("ArgMax", [x], {"axis": 1, "keepdims": 1, "select_last_index": 0})
+
+    t = col(n["temperature"])
+    t_pos = g.op("Greater", [t, zero_f])
+    s = g.op("Div", [g.op("Sub", [x, g.op("ReduceMax", [x, axis1], {"keepdims": 1})]),
+                     g.op("Where", [t_pos, t, one_f])])  # ≤ 0, the best token at 0
+    weights = g.op("Exp", [s])
+
+    # top-k and top-p from the k largest values (sorted, ties: lower index first)
+    vals = g.op("TopK", [s, g.const(np.array([k], np.int64))], {"axis": 1, "largest": 1, "sorted": 1}, outputs=2)[0]
+    top_k = col(n["top_k"])
+    k_pos = g.op("Sub", [g.op("Min", [top_k, g.const(k, "int64")]), one_i])
+    k_pos = g.op("Max", [k_pos, zero_i])
+    thr_k = g.op("Where", [g.op("Greater", [top_k, zero_i]), g.op("GatherElements", [vals, k_pos], {"axis": 1}), neg_inf])
+    in_k = g.op("GreaterOrEqual", [vals, thr_k])
+    cand_w = g.op("Where", [in_k, g.op("Exp", [vals]), zero_f])
+    norm = g.op("Where", [g.op("Greater", [top_k, zero_i]), g.op("ReduceSum", [cand_w, axis1], {"keepdims": 1}),
+                          g.op("ReduceSum", [weights, axis1], {"keepdims": 1})])
+    probs = g.op("Div", [cand_w, norm])
+    before = g.op("Sub", [_cumsum(g, probs, k), probs])
+    keep_c = g.op("And", [in_k, g.op("Less", [before, col(n["top_p"])])])
+    last_c = g.op("Sub", [g.op("ReduceSum", [g.op("Cast", [keep_c], {"to": _INT64}), axis1], {"keepdims": 1}), one_i])
+    thr_p = g.op("GatherElements", [vals, g.op("Max", [last_c, zero_i])], {"axis": 1})
+    thr_p = g.op("Where", [g.op("Less", [col(n["top_p"]), one_f]), thr_p, neg_inf])
+    min_p = col(n["min_p"])
+    thr_m = g.op("Where", [g.op("Greater", [min_p, zero_f]), g.op("Log", [min_p]), neg_inf])
+    thr = g.op("Max", [thr_k, thr_p, thr_m])
+    keep = g.op("GreaterOrEqual", [s, thr])
+
+    # inverse-CDF draw with this step's uniform
+    w = g.op("Where", [keep, weights, zero_f])
+    cdf = _cumsum(g, w, vocab)
+    total = g.op("ReduceSum", [w, axis1], {"keepdims": 1})
+    step_col = g.op("Min", [col(n["step"]), g.const(steps - 1, "int64")])
+    u = g.op("GatherElements", [n["uniforms"], step_col], {"axis": 1})
+    below = g.op("Cast", [g.op("LessOrEqual", [cdf, g.op("Mul", [u, total])])], {"to": _INT64})
+    count = g.op("ReduceSum", [below, axis1], {"keepdims": 1})
+    positions = g.const(np.arange(vocab, dtype=np.int64)[None, :])
+    last_kept = g.op("ReduceMax", [g.op("Where", [keep, positions, g.const(-1, "int64")]), axis1], {"keepdims": 1})
+    sampled = g.op("Min", [count, last_kept])
+
+    greedy_row = g.op("Or", [g.op("Not", [t_pos]), g.op("Equal", [top_k, one_i])])
+    next_ids = g.op("Where", [greedy_row, greedy_id, sampled])
+    hit = g.op("Equal", [positions, next_ids])
+    return {
+        "next_ids": next_ids,
+        "seen": g.op("Or", [n["seen"], hit]),
+        "counts": g.op("Add", [n["counts"], g.op("Cast", [hit], {"to": _FLOAT})]),
+        "step": g.op("Add", [n["step"], one_i]),
+    }
+
+
+def declare_row_inputs(g: GraphBuilder, vocab: int, steps: int | str, prefix: str = "") -> dict[str, str]:
+    """Declare every per-row sampling input as a graph input named ``prefix + name``."""
+    names = {}
+    for name, dtype in ROW_CONSTANTS:
+        shape: list[int | str] = ["batch"]
+        if name == "stop_mask":
+            shape.append(vocab)
+        elif name == "uniforms":
+            shape.append(steps)
+        names[name] = g.input(prefix + name, dtype, shape)
+    for name, _, dtype in ROW_STATE:
+        names[name] = g.input(prefix + name, dtype, ["batch", vocab] if name != "step" else ["batch"])
+    return names
+
+
+def build_sampler_model(logits_dtype: str, vocab: int, steps: int, candidates: int = BOUNDED_CANDIDATES) -> bytes:
+    """The standalone sampler of the concat backend, ModelProto bytes.
+
+    inputs: ``logits [b, seq, vocab]`` (the last position is used), ``attention_mask [b, total]``
+    int64, and the per-row inputs of :func:`add_sampling` (``uniforms [b, steps]``). outputs:
+    ``next_ids [b, 1]``, ``next_attention_mask [b, total + 1]``, ``next_position_ids [b, 1]``
+    (= row length − 1, so left padding needs no host bookkeeping), ``seen_out``, ``counts_out``,
+    ``step_out``.
+    """
     if logits_dtype not in ("float32", "float16"):
         raise ValueError(f"sampler: logits dtype {logits_dtype!r} is not float32 or float16")
     g = GraphBuilder("lmforge_sampler")
-    logits = g.input("logits", logits_dtype, ["batch", "seq", "vocab"])
+    g.input("logits", logits_dtype, ["batch", "seq", vocab])
     mask = g.input("attention_mask", "int64", ["batch", "total"])
-    temperature = g.input("temperature", "float32", ["batch"])
-    top_k = g.input("top_k", "int64", ["batch"])
-    top_p = g.input("top_p", "float32", ["batch"])
-    penalty = g.input("repetition_penalty", "float32", ["batch"])
-    min_new = g.input("min_new_tokens", "int64", ["batch"])
-    stop_mask = g.input("stop_mask", "bool", ["batch", "vocab"])
-    seen = g.input("seen", "bool", ["batch", "vocab"])
-    uniforms = g.input("uniforms", "float32", ["steps", "batch"])
-    step = g.input("step", "int64", [])
-    k_cap = g.input("k_cap", "int64", [1])
-
-    axis1 = g.const(np.array([1], dtype=np.int64))
-
-    def col(x: str) -> str:  # [batch] → [batch, 1]
-        return g.op("Unsqueeze", [x, axis1])
-
-    zero_f, one_f = g.const(0.0, "float32"), g.const(1.0, "float32")
-    zero_i, one_i = g.const(0, "int64"), g.const(1, "int64")
-
-    # last position, in float32
-    last = g.op("Gather", [logits, g.const(-1, "int64")], {"axis": 1})
-    x = g.op("Cast", [last], {"to": _FLOAT})
-
-    # repetition penalty (transformers' RepetitionPenaltyLogitsProcessor)
-    pen = col(penalty)
-    penalized = g.op("Where", [g.op("Greater", [x, zero_f]), g.op("Div", [x, pen]), g.op("Mul", [x, pen])])
-    x = g.op("Where", [seen, penalized, x])
-
-    # min_new_tokens: EOS and stop ids are impossible while step < min_new_tokens
-    early = col(g.op("Less", [step, min_new]))
-    suppress = g.op("And", [stop_mask, early])
-    x = g.op("Where", [suppress, g.const(-np.inf, "float32"), x])
-
-    greedy_id = g.op("ArgMax", [x], {"axis": 1, "keepdims": 1, "select_last_index": 0})
-
-    # candidates, sorted descending (ties: lower index first)
-    vals, idx = g.op("TopK", [x, k_cap], {"axis": 1, "largest": 1, "sorted": 1}, outputs=2)
-    t = col(temperature)
-    t_pos = g.op("Greater", [t, zero_f])
-    safe_t = g.op("Where", [t_pos, t, one_f])
-    row_max = g.op("Slice", [vals, g.const(np.array([0], np.int64)), axis1, axis1])
-    weights = g.op("Exp", [g.op("Div", [g.op("Sub", [vals, row_max]), safe_t])])
-
-    # top-k: keep the first top_k positions (top_k == 0: all k_cap candidates)
-    positions = g.op("Range", [zero_i, g.op("Squeeze", [k_cap]), one_i])
-    tk = col(top_k)
-    eff_k = g.op("Where", [g.op("Greater", [tk, zero_i]), tk, g.op("Unsqueeze", [k_cap, axis1])])
-    keep_k = g.op("Less", [g.op("Unsqueeze", [positions, g.const(np.array([0], np.int64))]), eff_k])
-    w_k = g.op("Where", [keep_k, weights, zero_f])
-    probs = g.op("Div", [w_k, g.op("ReduceSum", [w_k, axis1], {"keepdims": 1})])
-
-    # top-p: keep a candidate when the mass strictly before it is < top_p
-    before = g.op("Sub", [g.op("CumSum", [probs, one_i]), probs])
-    keep = g.op("And", [keep_k, g.op("Less", [before, col(top_p)])])
-    w = g.op("Where", [keep, weights, zero_f])
-
-    # inverse-CDF draw with this step's uniform
-    cdf = g.op("CumSum", [w, one_i])
-    total = g.op("ReduceSum", [w, axis1], {"keepdims": 1})
-    u = col(g.op("Gather", [uniforms, step], {"axis": 0}))
-    below = g.op("Cast", [g.op("LessOrEqual", [cdf, g.op("Mul", [u, total])])], {"to": _INT64})
-    count = g.op("ReduceSum", [below, axis1], {"keepdims": 1})
-    n_keep = g.op("ReduceSum", [g.op("Cast", [keep], {"to": _INT64}), axis1], {"keepdims": 1})
-    pick = g.op("Min", [count, g.op("Sub", [n_keep, one_i])])
-    sampled_id = g.op("GatherElements", [idx, pick], {"axis": 1})
-
-    greedy_row = g.op("Or", [g.op("Not", [t_pos]), g.op("Equal", [tk, one_i])])
-    next_ids = g.op("Where", [greedy_row, greedy_id, sampled_id], outputs=["next_ids"])
-
-    # state for the next step
-    vocab = g.op("Gather", [g.op("Shape", [x]), one_i], {"axis": 0})
-    vocab_pos = g.op("Unsqueeze", [g.op("Range", [zero_i, vocab, one_i]), g.const(np.array([0], np.int64))])
-    g.op("Or", [seen, g.op("Equal", [vocab_pos, next_ids])], outputs=["seen_out"])
-    ones = g.op("Expand", [g.const(np.ones((1, 1), np.int64)), g.op("Shape", [next_ids])])
+    names = declare_row_inputs(g, vocab, steps)
+    last = g.op("Gather", ["logits", g.const(-1, "int64")], {"axis": 1})
+    out = add_sampling(g, last, vocab, steps, names, candidates)
+    g.op("Identity", [out["next_ids"]], outputs=["next_ids"])
+    ones = g.op("Expand", [g.const(np.ones((1, 1), np.int64)), g.op("Shape", ["next_ids"])])
     next_mask = g.op("Concat", [mask, ones], {"axis": 1}, outputs=["next_attention_mask"])
-    g.op("Sub", [g.op("ReduceSum", [next_mask, axis1], {"keepdims": 1}), one_i], outputs=["next_position_ids"])
-    g.op("Add", [step, one_i], outputs=["step_out"])
-
+    axis1 = g.const(np.array([1], np.int64))
+    g.op("Sub", [g.op("ReduceSum", [next_mask, axis1], {"keepdims": 1}), g.const(1, "int64")],
+         outputs=["next_position_ids"])
+    for name, out_name, _ in ROW_STATE:
+        g.op("Identity", [out[name]], outputs=[out_name])
     g.output("next_ids", "int64", ["batch", 1])
     g.output("next_attention_mask", "int64", ["batch", "total_next"])
     g.output("next_position_ids", "int64", ["batch", 1])
-    g.output("seen_out", "bool", ["batch", "vocab"])
-    g.output("step_out", "int64", [])
+    for name, out_name, dtype in ROW_STATE:
+        g.output(out_name, dtype, ["batch", vocab] if name != "step" else ["batch"])
     return g.to_bytes()

@@ -1,25 +1,24 @@
-"""Sampling parameters and the host side of the on-device sampler.
+"""Sampling parameters and their per-row arrays.
 
 :class:`SamplingParams` is one request's (one row's) configuration, validated on construction.
-:func:`sampler_arrays` turns a batch of them into the sampler graph's per-row inputs (built once
-per batch, uploaded once); :class:`Sampler` runs the graph of :mod:`runtime.sampler_graph` on
-its own, for callers that hold logits already (and for the tests). The engine runs the same
-session inside its decode loop with IO binding.
+:func:`row_arrays` turns one request into the per-row inputs of the sampling nodes
+(:mod:`runtime.sampler_graph`): the engine writes them into its slot once, at admission.
+:class:`Sampler` runs the standalone sampler graph on logits already at hand (tests, tools).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import onnxruntime as ort
 
-from runtime.errors import GenerationError
-from runtime.sampler_graph import build_sampler_model
+from runtime.errors import InvalidRequestError
+from runtime.sampler_graph import BOUNDED_CANDIDATES, build_sampler_model
 
-__all__ = ["SamplingParams", "GREEDY", "sampler_arrays", "Sampler"]
+__all__ = ["SamplingParams", "GREEDY", "row_arrays", "stack_rows", "Sampler"]
 
 
 def _is_int(value: object) -> bool:
@@ -28,6 +27,11 @@ def _is_int(value: object) -> bool:
 
 def _is_real(value: object) -> bool:
     return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+
+
+def _check_real(name: str, value: object, low: float, high: float, expected: str) -> None:
+    if not _is_real(value) or math.isnan(value) or not low <= value <= high:  # type: ignore[arg-type]
+        raise InvalidRequestError(f"invalid {name}", expected=expected, got=repr(value))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,7 +50,10 @@ class SamplingParams:
     temperature: float = 0.0
     top_k: int = 0
     top_p: float = 1.0
+    min_p: float = 0.0
     repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
     seed: int | None = None
     min_new_tokens: int = 0
     stop: tuple[str, ...] = ()
@@ -59,35 +66,38 @@ class SamplingParams:
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
         t = self.temperature
         if not _is_real(t) or math.isnan(t) or t < 0 or math.isinf(t):
-            raise GenerationError(
+            raise InvalidRequestError(
                 "invalid temperature", expected="a finite number >= 0 (0 = greedy)", got=repr(t)
             )
+        _check_real("min_p", self.min_p, 0.0, 1.0, "a number in [0, 1] (0 = off)")
+        _check_real("presence_penalty", self.presence_penalty, -2.0, 2.0, "a number in [-2, 2] (0 = off)")
+        _check_real("frequency_penalty", self.frequency_penalty, -2.0, 2.0, "a number in [-2, 2] (0 = off)")
         if not _is_int(self.top_k) or self.top_k < 0:
-            raise GenerationError(
+            raise InvalidRequestError(
                 "invalid top_k", expected="an integer >= 0 (0 = off)", got=repr(self.top_k)
             )
         p = self.top_p
         if not _is_real(p) or math.isnan(p) or not 0.0 < p <= 1.0:
-            raise GenerationError("invalid top_p", expected="a number in (0, 1] (1 = off)", got=repr(p))
+            raise InvalidRequestError("invalid top_p", expected="a number in (0, 1] (1 = off)", got=repr(p))
         r = self.repetition_penalty
         if not _is_real(r) or math.isnan(r) or math.isinf(r) or r <= 0:
-            raise GenerationError(
+            raise InvalidRequestError(
                 "invalid repetition_penalty", expected="a finite number > 0 (1 = off)", got=repr(r)
             )
         if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed < 2**63):
-            raise GenerationError(
+            raise InvalidRequestError(
                 "invalid seed", expected="None or an integer in [0, 2**63)", got=repr(self.seed)
             )
         if not _is_int(self.min_new_tokens) or self.min_new_tokens < 0:
-            raise GenerationError(
+            raise InvalidRequestError(
                 "invalid min_new_tokens", expected="an integer >= 0", got=repr(self.min_new_tokens)
             )
         for s in self.stop:
             if not isinstance(s, str) or not s:
-                raise GenerationError("invalid stop string", expected="non-empty strings", got=repr(s))
+                raise InvalidRequestError("invalid stop string", expected="non-empty strings", got=repr(s))
         for i in self.stop_token_ids:
             if not _is_int(i) or i < 0:
-                raise GenerationError(
+                raise InvalidRequestError(
                     "invalid stop token id", expected="integers >= 0", got=repr(i)
                 )
 
@@ -95,64 +105,67 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0 or self.top_k == 1
 
-    def candidates(self, vocab: int) -> int:
-        """How many sorted candidates this row needs from the sampler's TopK."""
-        if self.greedy:
-            return 1
-        return min(self.top_k, vocab) if self.top_k > 0 else vocab
-
 
 GREEDY = SamplingParams()
 
 
-def sampler_arrays(
-    params: Sequence[SamplingParams],
-    prompts: Sequence[Sequence[int]],
-    stop_ids: Sequence[Sequence[int]],
-    vocab: int,
-    steps: int,
-) -> dict[str, np.ndarray]:
-    """The sampler's per-batch inputs for rows ``params`` (all but ``logits``/``attention_mask``).
+def row_arrays(params: SamplingParams, prompt: Sequence[int], stop_ids: Sequence[int], vocab: int,
+               steps: int) -> dict[str, np.ndarray]:
+    """One row's sampling inputs, each with a leading axis of 1 (see :mod:`runtime.sampler_graph`).
 
-    ``prompts`` seed the ``seen`` mask (the repetition penalty counts prompt tokens, as
-    transformers does); ``stop_ids`` are the ids masked before ``min_new_tokens``; ``steps`` is
-    the most tokens any row may generate. Each row draws its ``steps`` uniforms from its own
-    ``numpy.random.default_rng(seed)`` stream.
+    ``prompt`` seeds the ``seen`` mask (the repetition penalty counts prompt tokens, as
+    transformers does; presence/frequency penalties count generated tokens only, as OpenAI
+    does); ``stop_ids`` are the ids masked before ``min_new_tokens``; ``steps`` uniforms are
+    drawn from the row's own ``numpy.random.default_rng(seed)`` stream, so a row's samples do
+    not depend on which rows share its batch.
     """
-    batch = len(params)
-    seen = np.zeros((batch, vocab), dtype=np.bool_)
-    stop_mask = np.zeros((batch, vocab), dtype=np.bool_)
-    uniforms = np.empty((steps, batch), dtype=np.float32)
-    for row, (p, prompt, stops) in enumerate(zip(params, prompts, stop_ids, strict=True)):
-        if p.repetition_penalty != 1.0:
-            seen[row, np.asarray(prompt, dtype=np.int64)] = True
-        if p.min_new_tokens > 0 and len(stops):
-            stop_mask[row, np.asarray(list(stops), dtype=np.int64)] = True
-        uniforms[:, row] = np.random.default_rng(p.seed).random(steps, dtype=np.float32)
+    seen = np.zeros((1, vocab), dtype=np.bool_)
+    if params.repetition_penalty != 1.0:
+        seen[0, np.asarray(prompt, dtype=np.int64)] = True
+    stop_mask = np.zeros((1, vocab), dtype=np.bool_)
+    if params.min_new_tokens > 0 and len(stop_ids):
+        stop_mask[0, np.asarray(list(stop_ids), dtype=np.int64)] = True
     return {
-        "temperature": np.array([p.temperature for p in params], dtype=np.float32),
-        "top_k": np.array([p.top_k for p in params], dtype=np.int64),
-        "top_p": np.array([p.top_p for p in params], dtype=np.float32),
-        "repetition_penalty": np.array([p.repetition_penalty for p in params], dtype=np.float32),
-        "min_new_tokens": np.array([p.min_new_tokens for p in params], dtype=np.int64),
+        "temperature": np.array([params.temperature], dtype=np.float32),
+        "top_k": np.array([params.top_k], dtype=np.int64),
+        "top_p": np.array([params.top_p], dtype=np.float32),
+        "min_p": np.array([params.min_p], dtype=np.float32),
+        "repetition_penalty": np.array([params.repetition_penalty], dtype=np.float32),
+        "presence_penalty": np.array([params.presence_penalty], dtype=np.float32),
+        "frequency_penalty": np.array([params.frequency_penalty], dtype=np.float32),
+        "min_new_tokens": np.array([params.min_new_tokens], dtype=np.int64),
         "stop_mask": stop_mask,
+        "uniforms": np.random.default_rng(params.seed).random((1, steps), dtype=np.float32),
         "seen": seen,
-        "uniforms": uniforms,
-        "step": np.array(0, dtype=np.int64),
-        "k_cap": np.array([max(p.candidates(vocab) for p in params)], dtype=np.int64),
+        "counts": np.zeros((1, vocab), dtype=np.float32),
+        "step": np.zeros(1, dtype=np.int64),
     }
+
+
+def stack_rows(rows: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Rows of :func:`row_arrays` stacked into batch arrays."""
+    return {name: np.concatenate([r[name] for r in rows], axis=0) for name in rows[0]}
 
 
 class Sampler:
     """The sampler graph as a standalone session (CPU or CUDA), for logits already at hand."""
 
-    def __init__(self, logits_dtype: str = "float32", providers: Sequence[str] = ("CPUExecutionProvider",)):
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        self.session = ort.InferenceSession(
-            build_sampler_model(logits_dtype), sess_options=options, providers=list(providers)
-        )
+    def __init__(self, logits_dtype: str = "float32", providers: Sequence[str] = ("CPUExecutionProvider",),
+                 candidates: int = BOUNDED_CANDIDATES):
         self.logits_dtype = logits_dtype
+        self.providers = list(providers)
+        self.candidates = candidates
+        self._sessions: dict[tuple[int, int], ort.InferenceSession] = {}
+
+    def session(self, vocab: int, steps: int) -> ort.InferenceSession:
+        """The sampler session for ``vocab`` and ``steps`` uniforms (built once, cached)."""
+        key = (vocab, steps)
+        if key not in self._sessions:
+            options = ort.SessionOptions()
+            options.log_severity_level = 3
+            model = build_sampler_model(self.logits_dtype, vocab, steps, self.candidates)
+            self._sessions[key] = ort.InferenceSession(model, sess_options=options, providers=self.providers)
+        return self._sessions[key]
 
     def sample(
         self,
@@ -162,24 +175,28 @@ class Sampler:
         seen: np.ndarray | None = None,
         stop_ids: Sequence[Sequence[int]] | None = None,
         steps: int | None = None,
+        counts: np.ndarray | None = None,
     ) -> np.ndarray:
         """Next token ids ``[batch]`` for ``logits [batch, vocab]`` (or ``[batch, seq, vocab]``).
 
         ``step`` picks the uniform from each row's seeded stream (so calling with step 0, 1, …
-        reproduces an engine run); ``seen`` is the ``[batch, vocab]`` repetition-penalty mask.
+        reproduces an engine run); ``seen`` is the ``[batch, vocab]`` repetition-penalty mask and
+        ``counts`` the generated-token counts of the presence/frequency penalties.
         """
         if logits.ndim == 2:
             logits = logits[:, None, :]
         batch, _, vocab = logits.shape
         if len(params) != batch:
-            raise GenerationError("sampler: one SamplingParams per row", expected=str(batch), got=str(len(params)))
-        feeds = sampler_arrays(
-            params, [[] for _ in params], stop_ids or [[] for _ in params], vocab, (steps or step + 1)
-        )
+            raise InvalidRequestError("sampler: one SamplingParams per row", expected=str(batch), got=str(len(params)))
+        steps = steps or step + 1
+        stops = stop_ids or [[] for _ in params]
+        feeds = stack_rows([row_arrays(p, [], s, vocab, steps) for p, s in zip(params, stops)])
         if seen is not None:
             feeds["seen"] = np.asarray(seen, dtype=np.bool_)
-        feeds["step"] = np.array(step, dtype=np.int64)
+        if counts is not None:
+            feeds["counts"] = np.asarray(counts, dtype=np.float32)
+        feeds["step"] = np.full(batch, step, dtype=np.int64)
         feeds["logits"] = np.asarray(logits, dtype=self.logits_dtype)
         feeds["attention_mask"] = np.ones((batch, 1), dtype=np.int64)
-        (ids,) = self.session.run(["next_ids"], feeds)
+        (ids,) = self.session(vocab, steps).run(["next_ids"], feeds)
         return ids.reshape(-1)

@@ -261,8 +261,6 @@ def test_error_line_keeps_onnxruntime_s_cause(tmp_path: Path) -> None:
     assert "onnxruntime_src" not in line and "onnxruntime::" not in line
 
 
-@pytest.mark.xfail(strict=True, reason="runtime/engine.py:345 still cuts at splitlines()[0][:300]; "
-                   "the lead switches it to runtime.text.error_line (then remove this mark)")
 def test_generate_names_why_onnxruntime_refused_the_model(
     tiny_llama: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -63,8 +63,6 @@ def test_left_padded_batch_equals_one_by_one(tiny_artifact: Path) -> None:
     assert len({len(p) for p in prompts}) > 2
     alone = [engine.generate_ids([p], max_new_tokens=24)[0] for p in prompts]
     assert engine.generate_ids(prompts, max_new_tokens=24) == alone
-    engine.compact_finished_rows = False
-    assert engine.generate_ids(prompts, max_new_tokens=24) == alone
 
 
 def test_rows_leave_the_batch_when_they_stop(llama: Engine) -> None:
@@ -178,17 +176,17 @@ class _FailingOnce:
     def io_binding(self):  # noqa: ANN201
         return self._session.io_binding()
 
-    def run_with_iobinding(self, binding) -> None:  # noqa: ANN001
+    def run_with_iobinding(self, binding, options=None) -> None:  # noqa: ANN001
         if not self.failed:
             self.failed = True
             raise RuntimeError("[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : Failed to allocate memory")
-        self._session.run_with_iobinding(binding)
+        self._session.run_with_iobinding(binding, options)
 
 
 def test_a_failed_request_leaves_the_engine_usable(tiny_llama: Path) -> None:
     engine = Engine.load(tiny_llama)
     expected = engine.generate("hello", 10)
-    engine._session = _FailingOnce(engine._session)  # type: ignore[assignment]
+    engine.backend.session = _FailingOnce(engine.backend.session)  # type: ignore[assignment]
     with pytest.raises(GenerationError) as info:
         engine.generate("hello", 10)
     assert str(info.value).startswith("generation failed inside onnxruntime | got [ONNXRuntimeError]")
@@ -207,7 +205,7 @@ def test_a_failed_request_leaves_the_engine_usable(tiny_llama: Path) -> None:
         (lambda e: e.generate_ids([[1, 320]], 5), "request 0: token ids outside the vocabulary | expected integers in [0, 320) | got [320]"),
         (lambda e: e.generate_ids([[-1, 4]], 5), "request 0: token ids outside the vocabulary | expected integers in [0, 320) | got [-1]"),
         (lambda e: e.generate_ids([[5] * 500], 13),
-         "request 0: prompt + max_new_tokens exceeds the artifact's max context | expected <= 512 tokens | got 500 + 13 = 513"),
+         "request 0: prompt + max_new_tokens exceeds the context | expected at most 512 tokens in all | got a 500-token prompt + 13 new tokens = 513"),
         (lambda e: e.generate(["a", "b"], 5, [SamplingParams()]), "one SamplingParams per prompt | expected 2 | got 1"),
         (lambda e: e.generate("a", 5, SamplingParams(stop_token_ids=(400,))), "request 0: stop_token_ids outside the vocabulary"),
         (lambda e: e.generate_ids("abc", 5), "generate_ids takes lists of token ids"),
@@ -217,7 +215,7 @@ def test_bad_requests_fail_before_allocation(llama: Engine, call, message: str, 
     def no_alloc(*_args: object) -> None:
         raise AssertionError("allocated before validating")
 
-    monkeypatch.setattr(llama, "_allocate", no_alloc)
+    monkeypatch.setattr(llama.backend, "allocate", no_alloc)
     with pytest.raises(GenerationError) as info:
         call(llama)
     assert str(info.value).startswith(message)
@@ -267,7 +265,7 @@ def test_bloom_has_no_position_ids(tmp_path_factory: pytest.TempPathFactory) -> 
     exporters = pytest.importorskip("exporters")
     path = Path(exporters.convert("tiny:bloom", tmp_path_factory.mktemp("bloom") / "bloom", progress=False))
     engine = Engine.load(path)
-    assert "position_ids" not in engine._inputs
+    assert engine.backend._positions is False
     prompts = [engine.encode(p) for p in PROMPTS[:3]]
     assert [engine.generate_ids([p], 16)[0] for p in prompts] == [reference_greedy(path, p, 16) for p in prompts]
     assert engine.generate_ids(prompts, 16) == [reference_greedy(path, p, 16) for p in prompts]
@@ -293,7 +291,7 @@ def test_cli_generate_streams_the_same_text(tiny_llama: Path, llama: Engine, cap
 def test_cuda_provider_options_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     """``LMFORGE_CUDA_PROVIDER_OPTIONS`` (for measurements) parses "key=value,…"; a malformed
     value is one clear error, not a silent default."""
-    from runtime.engine import _cuda_options_from_env
+    from runtime.device import cuda_options_from_env as _cuda_options_from_env
 
     monkeypatch.setenv("LMFORGE_CUDA_PROVIDER_OPTIONS", " sdpa_kernel=1, use_tf32 = 0 ,")
     assert _cuda_options_from_env() == {"sdpa_kernel": "1", "use_tf32": "0"}

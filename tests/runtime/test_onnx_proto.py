@@ -10,37 +10,52 @@ import onnxruntime as ort
 import pytest
 
 from runtime._onnx_proto import GraphBuilder
-from runtime.compact_graph import build_compact_model
-from runtime.sampler_graph import build_sampler_model
+from runtime.kv_concat import build_regroup_model
+from runtime.sampler_graph import _cumsum, build_sampler_model
 
 
 @pytest.mark.parametrize("logits_dtype", ["float32", "float16"])
 def test_sampler_graph_passes_onnx_checker(logits_dtype: str) -> None:
-    model = onnx.load_from_string(build_sampler_model(logits_dtype))
+    model = onnx.load_from_string(build_sampler_model(logits_dtype, 1000, 64))
     onnx.checker.check_model(model, full_check=True)
     assert model.ir_version == 8
     assert [(o.domain, o.version) for o in model.opset_import] == [("", 18)]
     assert [i.name for i in model.graph.input][:2] == ["logits", "attention_mask"]
     assert model.graph.input[0].type.tensor_type.elem_type == onnx.helper.np_dtype_to_tensor_dtype(np.dtype(logits_dtype))
     step = next(i for i in model.graph.input if i.name == "step")
-    assert len(step.type.tensor_type.shape.dim) == 0  # a scalar, not [1]
+    assert len(step.type.tensor_type.shape.dim) == 1  # one count per row
+    assert "CumSum" in {n.op_type for n in model.graph.node}
 
 
-def test_compact_graph_passes_onnx_checker() -> None:
-    data = build_compact_model([("past", "float16", 4, 0), ("uniforms", "float32", 2, 1), ("seen", "bool", 2, 0)])
+def test_two_level_cumsum_equals_numpy() -> None:
+    """Sums over the vocabulary run in two levels (onnxruntime's CUDA CumSum is quadratic)."""
+    for length in (7, 256, 1000, 1024):
+        g = GraphBuilder("cumsum")
+        g.input("x", "float32", ["b", length])
+        g.op("Identity", [_cumsum(g, "x", length)], outputs=["y"])
+        g.output("y", "float32", ["b", length])
+        x = np.random.default_rng(length).random((3, length), dtype=np.float32)
+        (y,) = ort.InferenceSession(g.to_bytes(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+        np.testing.assert_allclose(y, np.cumsum(x, axis=1), rtol=1e-5)
+
+
+def test_regroup_graph_keeps_merges_trims_and_pads() -> None:
+    data = build_regroup_model([("past", "float16", 4, 2), ("mask", "int64", 2, 1), ("seen", "bool", 2, None)])
     model = onnx.load_from_string(data)
     onnx.checker.check_model(model, full_check=True)
-    assert [n.op_type for n in model.graph.node] == ["Gather"] * 3
-    assert [onnx.helper.get_attribute_value(n.attribute[0]) for n in model.graph.node] == [0, 1, 0]
     sess = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
-    past = np.arange(3 * 2 * 5 * 4, dtype=np.float16).reshape(3, 2, 5, 4)
-    uniforms = np.random.default_rng(0).random((7, 3), dtype=np.float32)
-    seen = np.eye(3, 6, dtype=bool)
-    keep = np.array([2, 0], dtype=np.int64)
-    out = sess.run(None, {"keep_rows": keep, "past": past, "uniforms": uniforms, "seen": seen})
-    np.testing.assert_array_equal(out[0], past[keep])
-    np.testing.assert_array_equal(out[1], uniforms[:, keep])
-    np.testing.assert_array_equal(out[2], seen[keep])
+    past_a = np.arange(3 * 2 * 5 * 4, dtype=np.float16).reshape(3, 2, 5, 4)
+    past_b = np.ones((1, 2, 2, 4), np.float16)
+    mask_a, mask_b = np.ones((3, 6), np.int64), np.ones((1, 3), np.int64)
+    seen_a, seen_b = np.eye(3, 6, dtype=bool), np.ones((1, 6), bool)
+    pads = {"pads_a4_2": np.array([0, 0, 0, 0, 0, 0, 0, 0]), "pads_b4_2": np.array([0, 0, 2, 0, 0, 0, 0, 0]),
+            "pads_a2_1": np.array([0, 0, 0, 0]), "pads_b2_1": np.array([0, 2, 0, 0])}
+    out = sess.run(None, {"keep": np.array([2, 0]), "trim": np.array([1]), **pads, "a.past": past_a,
+                          "b.past": past_b, "a.mask": mask_a, "b.mask": mask_b, "a.seen": seen_a, "b.seen": seen_b})
+    np.testing.assert_array_equal(out[0][:2], past_a[[2, 0], :, 1:])
+    np.testing.assert_array_equal(out[0][2], np.concatenate([np.zeros((2, 2, 4), np.float16), past_b[0]], axis=1))
+    assert out[1].tolist() == [[1] * 5, [1] * 5, [0, 0, 1, 1, 1]]
+    np.testing.assert_array_equal(out[2], np.concatenate([seen_a[[2, 0]], seen_b]))
 
 
 def test_every_attribute_kind_and_negative_ints_round_trip() -> None:

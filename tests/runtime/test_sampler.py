@@ -117,21 +117,84 @@ def test_repetition_penalty_follows_transformers(sampler: Sampler) -> None:
     assert ids.tolist() == [1, 1]
 
 
-def test_seen_mask_is_updated_on_the_device(sampler: Sampler) -> None:
+def test_state_is_updated_on_the_device(sampler: Sampler) -> None:
+    from runtime.sampling import row_arrays, stack_rows
+
     logits = np.random.default_rng(5).standard_normal((3, 1, V)).astype(np.float32)
-    feeds = {
-        "logits": logits, "attention_mask": np.array([[0, 1], [1, 1], [1, 1]], np.int64),
-        "temperature": np.zeros(3, np.float32), "top_k": np.zeros(3, np.int64), "top_p": np.ones(3, np.float32),
-        "repetition_penalty": np.ones(3, np.float32), "min_new_tokens": np.zeros(3, np.int64),
-        "stop_mask": np.zeros((3, V), bool), "seen": np.zeros((3, V), bool),
-        "uniforms": np.zeros((1, 3), np.float32), "step": np.array(0, np.int64), "k_cap": np.array([1], np.int64),
-    }
-    ids, mask, pos, seen, step = sampler.session.run(None, feeds)
+    feeds = stack_rows([row_arrays(SamplingParams(), [], [], V, 4) for _ in range(3)])
+    feeds["step"] = np.array([0, 2, 1], np.int64)
+    feeds["counts"][1, 7] = 2.0
+    feeds.update(logits=logits, attention_mask=np.array([[0, 1], [1, 1], [1, 1]], np.int64))
+    ids, mask, pos, seen, counts, step = sampler.session(V, 4).run(None, feeds)
     assert ids.shape == (3, 1)
     assert seen.sum() == 3 and seen[np.arange(3), ids.ravel()].all()
+    expected = feeds["counts"].copy()
+    expected[np.arange(3), ids.ravel()] += 1
+    np.testing.assert_array_equal(counts, expected)
     assert mask.tolist() == [[0, 1, 1], [1, 1, 1], [1, 1, 1]]
     assert pos.ravel().tolist() == [1, 2, 2]
-    assert int(step) == 1
+    assert step.tolist() == [1, 3, 2]
+
+
+def test_top_p_boundary_is_exclusive_like_transformers(sampler: Sampler) -> None:
+    """Probabilities exact in float32: the mass before token 1 equals top_p exactly, so only
+    token 0 stays (transformers removes the ascending prefix with cumulative mass <= 1 - top_p)."""
+    logits = np.tile(np.log(np.array([0.5, 0.25, 0.25], np.float32)), (2000, 1))
+    ids = sampler.sample(logits, _seeded(2000, temperature=1.0, top_p=0.5))
+    assert set(ids.tolist()) == {0}
+    ids = sampler.sample(logits, _seeded(2000, temperature=1.0, top_p=0.5 + 1e-6))
+    assert set(ids.tolist()) == {0, 1, 2}
+
+
+def _hf_probs(logits: np.ndarray, temperature: float, top_k: int, top_p: float, min_p: float) -> np.ndarray:
+    import torch
+    from transformers.generation.logits_process import (
+        MinPLogitsWarper, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper,
+    )
+
+    scores = torch.tensor(logits[None, :], dtype=torch.float32)
+    ids = torch.zeros((1, 1), dtype=torch.long)
+    scores = TemperatureLogitsWarper(temperature)(ids, scores)
+    if top_k:
+        scores = TopKLogitsWarper(top_k)(ids, scores)
+    if top_p < 1:
+        scores = TopPLogitsWarper(top_p)(ids, scores)
+    if min_p:
+        scores = MinPLogitsWarper(min_p)(ids, scores)
+    return torch.softmax(scores, dim=-1)[0].double().numpy()
+
+
+@pytest.mark.parametrize(("temperature", "top_k", "top_p", "min_p"), [
+    (0.7, 0, 1.0, 0.0), (1.0, 5, 1.0, 0.0), (0.9, 0, 0.8, 0.0), (1.0, 0, 1.0, 0.1), (0.8, 12, 0.9, 0.05),
+])
+def test_draws_follow_transformers_processed_probabilities(sampler: Sampler, temperature: float, top_k: int,
+                                                           top_p: float, min_p: float) -> None:
+    """20,000 seeded draws against transformers' warpers: the support is exactly theirs and the
+    total-variation distance is within sampling noise — far below what a wrong temperature or
+    nucleus gives (checked in the same test, so the bound can fail)."""
+    logits = np.random.default_rng(11).standard_normal(V).astype(np.float32) * 2.5
+    want = _hf_probs(logits, temperature, top_k, top_p, min_p)
+    n = 20000
+    ids = sampler.sample(np.tile(logits, (n, 1)), _seeded(n, temperature=temperature, top_k=top_k, top_p=top_p,
+                                                            min_p=min_p))
+    got = np.bincount(ids, minlength=V) / n
+    assert set(np.flatnonzero(got)) <= set(np.flatnonzero(want))
+    tv = 0.5 * np.abs(got - want).sum()
+    bound = 0.025
+    assert tv < bound, f"total variation {tv:.4f}"
+    wrong_t = _hf_probs(logits, temperature * 1.25, top_k, top_p, min_p)
+    assert 0.5 * np.abs(wrong_t - want).sum() > bound  # a 25 % temperature error would be caught
+
+
+def test_presence_and_frequency_penalties_follow_openai(sampler: Sampler) -> None:
+    rng = np.random.default_rng(12)
+    logits = rng.standard_normal((64, V)).astype(np.float32)
+    counts = rng.integers(0, 3, (64, V)).astype(np.float32)
+    params = [SamplingParams(presence_penalty=0.6, frequency_penalty=0.4)] * 64
+    ids = sampler.sample(logits, params, counts=counts)
+    expected = np.argmax(logits - 0.4 * counts - 0.6 * (counts > 0), axis=-1)
+    np.testing.assert_array_equal(ids, expected)
+    assert (ids != np.argmax(logits, axis=-1)).any()
 
 
 def test_min_new_tokens_masks_stop_ids_until_reached(sampler: Sampler) -> None:

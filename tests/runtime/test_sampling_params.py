@@ -38,10 +38,10 @@ def test_bad_sampling_params(kwargs: dict, message: str) -> None:
 
 def test_defaults_are_greedy_and_lists_become_tuples() -> None:
     p = SamplingParams()
-    assert p.greedy and p.candidates(100) == 1
+    assert p.greedy and (p.min_p, p.presence_penalty, p.frequency_penalty) == (0.0, 0.0, 0.0)
     q = SamplingParams(temperature=0.7, stop="###", stop_token_ids=[5, 6])
     assert q.stop == ("###",) and q.stop_token_ids == (5, 6)
-    assert not q.greedy and q.candidates(100) == 100
+    assert not q.greedy
     assert SamplingParams(temperature=1.0, top_k=1).greedy
-    assert SamplingParams(temperature=1.0, top_k=7).candidates(100) == 7
+    assert not SamplingParams(temperature=1.0, top_k=7).greedy
     assert hash(q) == hash(SamplingParams(temperature=0.7, stop=("###",), stop_token_ids=(5, 6)))

@@ -175,7 +175,7 @@ def test_lmforge_serve_process_drains_on_sigterm(tiny_llama: Path) -> None:
             lines = r.iter_lines()
             first = next(x for x in lines if x.startswith("data: "))
             proc.send_signal(signal.SIGTERM)
-            events = [first, *lines]
+            events = [x for x in (first, *lines) if x]  # SSE events are separated by blank lines
         chunks = [json.loads(x[6:]) for x in events if x.startswith("data: {")]
         assert events[-1] == "data: [DONE]" and chunks[-1]["choices"][0]["finish_reason"] == "length"
         assert proc.wait(30) == 0

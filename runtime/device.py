@@ -1,0 +1,200 @@
+"""What every KV backend needs from onnxruntime: providers, sessions, device tensors, row views.
+
+:class:`Device` opens sessions on one execution provider and makes ``OrtValue`` s there. Row
+views (:meth:`Device.bind_rows`) bind rows ``start:start + n`` of a ``[rows, …]`` device buffer to
+a session input or output by address, so a batch-1 prefill writes into its slot of a pool and
+a decode step reads the first ``n`` rows, with nothing copied. :class:`RowWriter` copies host
+arrays into one row of such buffers (one small session run), which is how a request's per-row
+sampling parameters reach its slot.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+from onnxruntime.capi import onnxruntime_pybind11_state as _ort_state
+
+from runtime._onnx_proto import GraphBuilder
+from runtime.errors import GenerationError
+from runtime.text import error_line
+
+__all__ = ["Device", "RowWriter", "ORT_ERRORS", "NP_DTYPES", "ort_failure"]
+
+log = logging.getLogger(__name__)
+
+NP_DTYPES: dict[str, Any] = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32,
+                             "bool": np.bool_}
+ORT_ERRORS: tuple[type[BaseException], ...] = (MemoryError, RuntimeError) + tuple(
+    cls for cls in vars(_ort_state).values() if isinstance(cls, type) and issubclass(cls, Exception)
+)
+
+
+def ort_failure(exc: BaseException) -> GenerationError:
+    """The error a request sees when onnxruntime fails under it (the loop keeps serving)."""
+    return GenerationError(
+        "generation failed inside onnxruntime", got=error_line(exc),
+        fix="this request failed and the engine keeps serving; on out-of-memory, lower max_batch or the prompt length",
+    )
+
+
+def installed_onnxruntime() -> str:
+    """Which onnxruntime distribution provides the module (for the CUDA error message)."""
+    found = []
+    for dist in ("onnxruntime-gpu", "onnxruntime", "onnxruntime-directml", "onnxruntime-openvino",
+                 "onnxruntime-qnn", "ort-nightly-gpu", "ort-nightly"):
+        try:
+            found.append(f"{dist} {importlib.metadata.version(dist)}")
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return ", ".join(found) or f"onnxruntime {ort.__version__} (distribution unknown)"
+
+
+def cuda_options_from_env() -> dict[str, str]:
+    """Extra CUDA provider options from ``LMFORGE_CUDA_PROVIDER_OPTIONS`` ("key=value,key=value"),
+    e.g. ``sdpa_kernel=1`` to pick onnxruntime's attention kernels; for measurements."""
+    raw = os.environ.get("LMFORGE_CUDA_PROVIDER_OPTIONS", "").strip()
+    options = {}
+    for item in filter(None, (part.strip() for part in raw.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise GenerationError("LMFORGE_CUDA_PROVIDER_OPTIONS is malformed", expected="key=value,key=value",
+                                  got=repr(raw), fix="fix or unset the environment variable")
+        options[key.strip()] = value.strip()
+    return options
+
+
+def check_device(device: str) -> str:
+    """``"cpu"`` or ``"cuda"``, refusing a CUDA request the installed onnxruntime cannot serve."""
+    if device == "cpu":
+        return device
+    if device == "cuda":
+        available = ort.get_available_providers()
+        if "CUDAExecutionProvider" not in available:
+            raise GenerationError(
+                "device='cuda' needs onnxruntime's CUDAExecutionProvider, which is not available",
+                expected="CUDAExecutionProvider among the providers",
+                got=f"{', '.join(available)} from {installed_onnxruntime()}",
+                fix="pip uninstall onnxruntime && pip install onnxruntime-gpu (matching your CUDA), "
+                "or use device='cpu'",
+            )
+        return device
+    raise GenerationError("unknown device", expected="'cpu' or 'cuda'", got=repr(device))
+
+
+class Device:
+    """Sessions and tensors on one execution provider (``cpu`` or ``cuda``, device 0)."""
+
+    def __init__(self, device: str, threads: int | None = None, fp32_exact: bool = False) -> None:
+        self.type = check_device(device)
+        self.threads = threads
+        self._cuda: dict[str, str] = {}
+        if self.type == "cuda":
+            self._cuda = {"device_id": "0", **cuda_options_from_env()}
+            if fp32_exact:
+                # An fp32 artifact promises fp32 numerics (the parity policy holds logits to 1e-3);
+                # the CUDA provider's TF32 matmuls would round inputs to 10 mantissa bits.
+                self._cuda["use_tf32"] = "0"
+
+    def providers(self, cuda_graph: bool = False) -> list[Any]:
+        if self.type == "cpu":
+            return ["CPUExecutionProvider"]
+        options = dict(self._cuda)
+        if cuda_graph:
+            options["enable_cuda_graph"] = "1"
+        return [("CUDAExecutionProvider", options), "CPUExecutionProvider"]
+
+    def session(self, model: str | bytes, small: bool = False, cuda_graph: bool = False,
+                weights_dir: Path | None = None) -> ort.InferenceSession:
+        """A session on ``model`` (a path, or bytes whose external data lives in ``weights_dir``)."""
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        if weights_dir is not None:
+            options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(weights_dir))
+        if self.type == "cpu":
+            # Spinning intra-op threads wait on each other at every op when another process holds a
+            # core: measured on the 2-core dev machine, fused SmolLM2 fp32 decoded 9.5 tok/s spinning
+            # vs 14.3 without under load, and was no slower without on the quiet machine.
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            if small:
+                options.intra_op_num_threads = 1  # helper graphs: thread wake-ups cost more than they save
+            elif self.threads:
+                options.intra_op_num_threads = int(self.threads)
+        try:
+            return ort.InferenceSession(model, sess_options=options, providers=self.providers(cuda_graph))
+        except ORT_ERRORS as exc:
+            if cuda_graph and "graph capture" in str(exc).lower():
+                raise GenerationError(
+                    "CUDA graphs: onnxruntime cannot place every node of this graph on CUDA",
+                    got=error_line(exc),
+                    fix="re-optimize with `lmforge optimize --device cuda` (fp16/int8/int4), or pass cuda_graph=False",
+                ) from exc
+            raise GenerationError(
+                "onnxruntime cannot open the model", got=error_line(exc),
+                fix="re-export the artifact, or check the onnxruntime version",
+            ) from exc
+
+    def put(self, array: np.ndarray) -> ort.OrtValue:
+        """A device copy of a host array."""
+        if not array.flags.c_contiguous:
+            array = array.copy()  # (np.ascontiguousarray would turn a 0-d array into shape [1])
+        return ort.OrtValue.ortvalue_from_numpy(array, self.type, 0)
+
+    def zeros(self, shape: Sequence[int], dtype: str) -> ort.OrtValue:
+        return self.put(np.zeros(list(shape), dtype=NP_DTYPES[dtype]))
+
+    @staticmethod
+    def host_scalar(value: int) -> ort.OrtValue:
+        """An int32 scalar in host memory (GroupQueryAttention reads total_sequence_length there)."""
+        return ort.OrtValue.ortvalue_from_numpy(np.array(value, dtype=np.int32))
+
+    def bind_rows(self, binding: Any, name: str, value: ort.OrtValue, start: int, n: int, output: bool) -> None:
+        """Bind rows ``start:start + n`` of ``value`` (by address: nothing is copied)."""
+        shape = list(value.shape())
+        if not shape or (start == 0 and n == shape[0]):
+            (binding.bind_ortvalue_output if output else binding.bind_ortvalue_input)(name, value)
+            return
+        kind = value.data_type()[len("tensor("):-1]  # "tensor(float)" → "float"
+        dtype = np.dtype(np.float32 if kind == "float" else kind)
+        row = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
+        bind = binding.bind_output if output else binding.bind_input
+        bind(name, self.type, 0, dtype.type, [n, *shape[1:]], value.data_ptr() + start * row)
+
+    def run(self, session: ort.InferenceSession, binding: Any, options: ort.RunOptions | None = None) -> None:
+        """``run_with_iobinding``; an onnxruntime failure becomes a :class:`GenerationError`."""
+        try:
+            session.run_with_iobinding(binding, options)
+        except ORT_ERRORS as exc:
+            raise ort_failure(exc) from exc
+
+
+class RowWriter:
+    """Copies host arrays into row ``r`` of device buffers: one Identity per tensor, one run.
+
+    ``specs`` maps a name to ``(dtype, row_shape)``; :meth:`write` takes arrays of shape
+    ``[1, *row_shape]`` and the destination buffers (``[rows, *row_shape]``).
+    """
+
+    def __init__(self, device: Device, specs: Mapping[str, tuple[str, Sequence[int]]]) -> None:
+        g = GraphBuilder("lmforge_row_writer")
+        for name, (dtype, shape) in specs.items():
+            g.input(f"src.{name}", dtype, [1, *shape])
+            g.op("Identity", [f"src.{name}"], outputs=[f"dst.{name}"])
+            g.output(f"dst.{name}", dtype, [1, *shape])
+        self.device = device
+        self.names = list(specs)
+        self.session = device.session(g.to_bytes(), small=True)
+
+    def write(self, row: int, arrays: Mapping[str, np.ndarray], buffers: Mapping[str, ort.OrtValue]) -> None:
+        binding = self.session.io_binding()
+        for name in self.names:
+            binding.bind_cpu_input(f"src.{name}", np.ascontiguousarray(arrays[name]))
+            self.device.bind_rows(binding, f"dst.{name}", buffers[name], row, 1, output=True)
+        self.device.run(self.session, binding)
+        binding.synchronize_outputs()

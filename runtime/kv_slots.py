@@ -1,0 +1,234 @@
+"""The ``slots`` KV backend: a pool of fixed per-request rows for ``kv_mode: "shared-buffer"``.
+
+Memory is allocated once, at load: for every layer one ``[max_batch, kv_heads, capacity,
+head_dim]`` buffer that is bound as both the past input and the present output of
+GroupQueryAttention, which writes each new K/V in place; and, row for row, the step model's
+state (:data:`runtime.step_graph.STATE`, two sets that alternate as inputs and outputs) and the
+requests' sampling constants. A request owns one row (its *slot*) from admission to release.
+
+* **Prefill** runs the step model for one slot, eagerly, with the prompt as ``input_ids`` and
+  every other tensor bound to that slot's rows by address: GroupQueryAttention fills the slot's
+  KV rows, the sampling nodes pick the first token, and the next step's inputs land in the
+  slot's row of the current state set. onnxruntime's GQA refuses a batch > 1 with seq > 1 when
+  past is non-empty, so prefill is per request; a prompt longer than ``prefill_chunk`` runs in
+  chunks (batch 1 with past is allowed), each bound the same way.
+* **Decode** runs the step model over rows ``0:n`` (``n`` covers the highest occupied slot; slots
+  are handed out lowest first). Free rows inside ``n`` compute harmless junk in their own rows
+  (the step clamps positions below ``capacity``). Each step reads set ``d`` and writes set
+  ``1 − d``; on CUDA each ``(n, d)`` is one captured graph (``n`` rounded up to a bucket: 1, 2,
+  4, … ``max_batch``), replayed without a host sync until the last step of a block, after which
+  the host reads the ``[n, window]`` id history once.
+* Per-request sampling parameters, seeds and lengths live in buffers the step reads, never in
+  shapes, so one capture per bucket serves every mix of requests.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from runtime.artifact import Artifact
+from runtime.device import Device, RowWriter
+from runtime.errors import GenerationError
+from runtime.step_graph import CONSTANTS, PREFIX, STATE, compose_step_model
+
+__all__ = ["SlotsBackend"]
+
+log = logging.getLogger(__name__)
+
+SEQLENS_K = "seqlens_k"
+TOTAL_SEQUENCE_LENGTH = "total_sequence_length"
+
+
+@dataclasses.dataclass
+class _Step:
+    binding: Any
+    run: ort.RunOptions | None
+    run_async: ort.RunOptions | None
+
+
+class SlotsBackend:
+    """Fixed per-request KV rows updated in place; see the module docstring."""
+
+    kind = "slots"
+
+    def __init__(self, artifact: Artifact, device: Device, layout: dict[str, Any], max_batch: int,
+                 read_every: int, cuda_graph: bool, candidates: int, prefill_chunk: int = 1024) -> None:
+        self.device = device
+        self.max_batch = max_batch
+        self.window = read_every
+        self.cuda_graph = cuda_graph
+        self.prefill_chunk = max(1, prefill_chunk)
+        self.vocab = layout["vocab"]
+        self.capacity = layout["max_context"]
+        self._past, self._present = layout["past"], layout["present"]
+        inputs = {t.name for t in artifact.inputs}
+        expected = {"input_ids", "position_ids", SEQLENS_K, TOTAL_SEQUENCE_LENGTH, *self._past}
+        if inputs != expected:
+            raise GenerationError(
+                f"artifact {artifact.path}: io.inputs does not follow the shared-buffer contract",
+                expected="input_ids, position_ids, seqlens_k, total_sequence_length, " + ", ".join(self._past[:2]) + ", …",
+                got=str(sorted(inputs)), fix="re-run `lmforge optimize`",
+            )
+        if device.type == "cuda" and layout["kv_dtype"] == "float32":
+            raise GenerationError(
+                f"artifact {artifact.path}: an fp32 shared-buffer artifact cannot run on CUDA",
+                got="GroupQueryAttention has no fp32 CUDA kernel (its fallback gives wrong logits)",
+                fix="optimize with --device cuda --precision fp16 (or int8/int4), or run this one on the CPU",
+            )
+        model = compose_step_model(artifact.model_path.read_bytes(), self.vocab, self.window, self.capacity,
+                                   steps=self.capacity, candidates=candidates)
+        self.session = device.session(model, cuda_graph=cuda_graph, weights_dir=artifact.model_path.parent)
+        self._eager: ort.RunOptions | None = None
+        if cuda_graph:
+            self._eager = ort.RunOptions()
+            self._eager.add_run_config_entry("gpu_graph_id", "-1")  # onnxruntime's "do not capture"
+
+        b, v = max_batch, self.vocab
+        kv_shape = [b, layout["kv_heads"], self.capacity, layout["head_dim"]]
+        self.kv = {name: device.zeros(kv_shape, layout["kv_dtype"]) for name in self._past}
+        self._logits_dtype = layout["logits_dtype"]
+        self.logits = device.zeros([b, 1, v], self._logits_dtype)
+        shapes = self._row_shapes()
+        self.sets = tuple({name: device.zeros([b, *shapes[name]], dtype) for name, _, dtype in STATE} for _ in range(2))
+        self.consts = {name: device.zeros([b, *shapes[name]], dtype) for name, dtype in CONSTANTS}
+        self.total = device.host_scalar(self.capacity)
+        specs = {name: (dtype, shapes[name]) for name, _, dtype in STATE if name.startswith(PREFIX)}
+        specs.update({name: (dtype, shapes[name]) for name, dtype in CONSTANTS})
+        self._writer = RowWriter(device, specs)
+        self.current = 0  # the state set holding the next decode step's inputs
+        self._free = list(range(max_batch))
+        self._steps: dict[tuple[int, int], _Step] = {}
+        self.replays = 0
+        mib = sum(int(np.prod(kv_shape)) for _ in self._past) * np.dtype(layout["kv_dtype"]).itemsize / 2**20
+        log.info("slots backend: %d rows × %d positions, KV %.0f MiB%s", b, self.capacity, mib,
+                 ", CUDA graphs" if cuda_graph else "")
+
+    def _row_shapes(self) -> dict[str, list[int]]:
+        v = self.vocab
+        shapes = {"input_ids": [1], "position_ids": [1], SEQLENS_K: [], PREFIX + "seen": [v],
+                  PREFIX + "counts": [v], PREFIX + "step": [], PREFIX + "history": [self.window]}
+        for name, _dtype in CONSTANTS:
+            short = name[len(PREFIX):]
+            shapes[name] = [v] if short == "stop_mask" else [self.capacity] if short == "uniforms" else []
+        return shapes
+
+    # -- slots ----------------------------------------------------------------------------------
+
+    @property
+    def free_slots(self) -> int:
+        return len(self._free)
+
+    def allocate(self) -> int:
+        self._free.sort()
+        return self._free.pop(0)
+
+    def release(self, slot: int) -> None:
+        if slot not in self._free:
+            self._free.append(slot)
+
+    def reset(self) -> None:
+        """Every slot free (after a failed step failed all of its requests; rows are independent)."""
+        self._free = list(range(self.max_batch))
+
+    # -- prefill --------------------------------------------------------------------------------
+
+    def prefill(self, slot: int, prompt: list[int], rows: dict[str, np.ndarray],
+                want_logits: bool) -> tuple[int, np.ndarray | None]:
+        """Run ``prompt`` into ``slot``; return its first token (and its logits when asked)."""
+        into, src = self.current, 1 - self.current
+        arrays = {PREFIX + k: v for k, v in rows.items()}
+        arrays[PREFIX + "history"] = np.zeros((1, self.window), np.int64)
+        self._writer.write(slot, arrays, {**self.sets[src], **self.consts})
+        binding = self.session.io_binding()
+        for past, present in zip(self._past, self._present):
+            self.device.bind_rows(binding, past, self.kv[past], slot, 1, output=False)
+            self.device.bind_rows(binding, present, self.kv[past], slot, 1, output=True)
+        for name, out, _dtype in STATE:
+            if name.startswith(PREFIX):
+                self.device.bind_rows(binding, name, self.sets[src][name], slot, 1, output=False)
+            self.device.bind_rows(binding, out, self.sets[into][name], slot, 1, output=True)
+        for name, value in self.consts.items():
+            self.device.bind_rows(binding, name, value, slot, 1, output=False)
+        logits = None
+        for start in range(0, len(prompt), self.prefill_chunk):
+            end = min(len(prompt), start + self.prefill_chunk)
+            binding.bind_cpu_input("input_ids", np.array([prompt[start:end]], np.int64))
+            binding.bind_cpu_input("position_ids", np.arange(start, end, dtype=np.int64)[None, :])
+            binding.bind_cpu_input(SEQLENS_K, np.array([end - 1], np.int32))
+            binding.bind_ortvalue_input(TOTAL_SEQUENCE_LENGTH, self.device.host_scalar(end))
+            keep = want_logits and end == len(prompt)
+            out = self.device.zeros([1, end - start, self.vocab], self._logits_dtype) if keep else None
+            if out is not None:
+                binding.bind_ortvalue_output("logits", out)
+            else:
+                binding.bind_output("logits", self.device.type, 0)  # onnxruntime's memory, dropped after
+            self.device.run(self.session, binding, self._eager)
+            if out is not None:
+                logits = np.array(out.numpy()[0, -1], dtype=np.float32)
+        history = self.sets[into][PREFIX + "history"].numpy()  # the one host read
+        return int(history[slot, 0]), logits
+
+    # -- decode ---------------------------------------------------------------------------------
+
+    def bucket(self, rows: int) -> int:
+        """How many rows a step runs to cover ``rows`` (a CUDA-graph bucket when capturing)."""
+        if not self.cuda_graph:
+            return rows
+        size = 1
+        while size < rows:
+            size *= 2
+        return min(size, self.max_batch)
+
+    def _step_binding(self, n: int, d: int) -> _Step:
+        key = (n, d)
+        if key in self._steps:
+            return self._steps[key]
+        binding = self.session.io_binding()
+        bind = self.device.bind_rows
+        for name, out, _dtype in STATE:
+            bind(binding, name, self.sets[d][name], 0, n, output=False)
+            bind(binding, out, self.sets[1 - d][name], 0, n, output=True)
+        for name, value in self.consts.items():
+            bind(binding, name, value, 0, n, output=False)
+        binding.bind_ortvalue_input(TOTAL_SEQUENCE_LENGTH, self.total)
+        bind(binding, "logits", self.logits, 0, n, output=True)
+        for past, present in zip(self._past, self._present):
+            bind(binding, past, self.kv[past], 0, n, output=False)
+            bind(binding, present, self.kv[past], 0, n, output=True)
+        run = run_async = None
+        if self.cuda_graph:
+            run, run_async = ort.RunOptions(), ort.RunOptions()
+            for options in (run, run_async):
+                options.add_run_config_entry("gpu_graph_id", str(2 * n + d))
+            run_async.add_run_config_entry("disable_synchronize_execution_providers", "1")
+        self._steps[key] = _Step(binding, run, run_async)
+        return self._steps[key]
+
+    def decode(self, rows: int, steps: int, generated: dict[int, int],
+               want_logits: bool) -> tuple[dict[int, list[int]], np.ndarray | None]:
+        """``steps`` decode steps over rows ``0:rows``; the new ids of every slot in ``generated``
+        (slot → tokens it had before the block), and the last step's logits ``[rows, vocab]``
+        when asked (then ``steps`` must be 1)."""
+        if steps > self.window:
+            raise ValueError(f"a block of {steps} steps exceeds the id history of {self.window}")
+        n = self.bucket(rows)
+        try:
+            for i in range(steps):
+                step = self._step_binding(n, self.current)
+                self.device.run(self.session, step.binding, step.run if i == steps - 1 else step.run_async)
+                self.current = 1 - self.current
+                self.replays += 1
+        except BaseException:
+            # earlier replays ran without a sync: let them finish before anything else runs
+            self._step_binding(n, self.current).binding.synchronize_outputs()
+            raise
+        history = self.sets[self.current][PREFIX + "history"].numpy()  # the one host read
+        ids = {slot: [int(history[slot, (g + i) % self.window]) for i in range(steps)]
+               for slot, g in generated.items()}
+        logits = np.array(self.logits.numpy()[:rows, -1], dtype=np.float32) if want_logits else None
+        return ids, logits

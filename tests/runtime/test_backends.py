@@ -1,0 +1,175 @@
+"""The two KV backends on CPU: the slots backend (``shared-buffer`` artifacts: fixed rows updated
+in place by GroupQueryAttention, the sampling inside the step model, ids read back per block)
+gives the concat backend's greedy tokens and logits, for any arrival pattern, block length and
+prefill chunking; and each backend's own invariants."""
+
+from __future__ import annotations
+
+import shutil
+import threading
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pytest
+
+from runtime import Engine, SamplingParams
+from runtime.errors import GenerationError
+from runtime.kv_concat import ConcatBackend
+from runtime.kv_slots import SlotsBackend
+
+
+@pytest.fixture(scope="module")
+def shared_path(artifact_cache: Callable[[str], Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from passes.pipeline import optimize_artifact
+
+    out = tmp_path_factory.mktemp("shared") / "llama-sb"
+    optimize_artifact(artifact_cache("tiny:llama"), out, device="cpu", precision="fp32", kv_mode="shared-buffer",
+                      progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def pair(artifact_cache: Callable[[str], Path], shared_path: Path):  # type: ignore[no-untyped-def]
+    concat, slots = Engine.load(artifact_cache("tiny:llama")), Engine.load(shared_path)
+    yield concat, slots
+    concat.close()
+    slots.close()
+
+
+def _prompts(n: int = 4, seed: int = 7) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(3, 300, int(k)).tolist() for k in rng.integers(2, 14, n)]
+
+
+def test_loads_the_backend_the_manifest_names(pair) -> None:  # type: ignore[no-untyped-def]
+    concat, slots = pair
+    assert isinstance(concat.backend, ConcatBackend) and isinstance(slots.backend, SlotsBackend)
+    assert concat.stats().backend == "concat" and slots.stats().backend == "slots"
+
+
+@pytest.mark.parametrize("n", [1, 3, 9])
+def test_greedy_tokens_match_concat(pair, n: int) -> None:  # type: ignore[no-untyped-def]
+    concat, slots = pair
+    prompts = _prompts(n, seed=n)
+    want = [concat.generate_ids([p], 12)[0] for p in prompts]  # each alone
+    assert concat.generate_ids(prompts, 12) == want  # together, regrouped on the device
+    assert slots.generate_ids(prompts, 12) == want
+
+
+def test_rows_finishing_at_different_steps_match(pair) -> None:  # type: ignore[no-untyped-def]
+    """Each row stops on a token it produces at its own step: rows leave, others keep going."""
+    concat, slots = pair
+    prompts = _prompts(5, seed=11)
+    full = concat.generate_ids(prompts, 16)
+    params = [SamplingParams(stop_token_ids=(ids[k],)) for ids, k in zip(full, (1, 4, 7, 10, 15))]
+    want = [ids[: ids.index(p.stop_token_ids[0]) + 1] for ids, p in zip(full, params)]
+    for engine in pair:
+        assert engine.generate_ids(prompts, 16, params) == want
+
+
+def test_logits_match_concat(pair) -> None:  # type: ignore[no-untyped-def]
+    concat, slots = pair
+    prompts = _prompts(3, seed=3)
+    a = concat.generate_results(prompts, 6, return_logits=True)
+    b = slots.generate_results(prompts, 6, return_logits=True)
+    for x, y in zip(a, b):
+        assert x.token_ids == y.token_ids
+        assert x.step_logits is not None and y.step_logits is not None
+        assert x.step_logits.shape == (len(x.token_ids), concat.vocab)
+        np.testing.assert_allclose(x.step_logits, y.step_logits, atol=1e-4)
+
+
+def test_sampled_rows_match_across_backends_and_batches(pair) -> None:  # type: ignore[no-untyped-def]
+    """The same seeded sampling step in both backends: per-row uniforms, per-row parameters."""
+    concat, slots = pair
+    prompts = _prompts(4, seed=5)
+    params = [SamplingParams(temperature=0.9, seed=1), SamplingParams(), SamplingParams(temperature=1.3, top_k=20, seed=2),
+              SamplingParams(temperature=0.8, top_p=0.7, min_p=0.05, presence_penalty=0.5, seed=3)]
+    alone = [concat.generate_ids([p], 10, s)[0] for p, s in zip(prompts, params)]
+    assert concat.generate_ids(prompts, 10, params) == alone
+    assert slots.generate_ids(prompts, 10, params) == alone
+
+
+@pytest.mark.parametrize("read_every", [1, 3, 64])
+def test_read_every_does_not_change_tokens(pair, shared_path: Path, read_every: int) -> None:  # type: ignore[no-untyped-def]
+    """Ids come back once per block; rows stopping inside a block ignore the rest of it."""
+    concat, _ = pair
+    prompts = _prompts(4, seed=9)
+    full = concat.generate_ids(prompts, 20)
+    params = [SamplingParams(stop_token_ids=(ids[k],)) for ids, k in zip(full, (2, 5, 13, 19))]
+    want = concat.generate_ids(prompts, 20, params)
+    with Engine.load(shared_path, read_every=read_every) as engine:
+        assert engine.generate_ids(prompts, 20, params) == want
+        assert engine.generate_ids(prompts, 20) == full
+    with pytest.raises(GenerationError, match="read_every"):
+        Engine.load(shared_path, read_every=0)
+
+
+def test_chunked_prefill_equals_one_run(pair, shared_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """A prompt longer than ``prefill_chunk`` runs in chunks (batch 1 with past) into its slot."""
+    _, slots = pair
+    prompts = _prompts(3, seed=4) + [list(range(10, 47))]
+    want = slots.generate_results(prompts, 8, return_logits=True)
+    artifact = slots.artifact
+    engine = Engine(artifact, prefill_chunk=5)
+    try:
+        got = engine.generate_results(prompts, 8, return_logits=True)
+    finally:
+        engine.close()
+    for a, b in zip(want, got):
+        assert a.token_ids == b.token_ids
+        np.testing.assert_allclose(a.step_logits, b.step_logits, atol=1e-4)  # type: ignore[arg-type]
+
+
+def test_min_new_tokens_boundary_in_the_step_model(pair) -> None:  # type: ignore[no-untyped-def]
+    """A stop id the row would pick at step k is masked while fewer than ``min_new_tokens = k``
+    tokens exist, and allowed at step k — checked on the slots step model itself (the fused
+    graph), against what the row picks without the rule."""
+    concat, slots = pair
+    prompt = _prompts(1, seed=21)[0]
+    free = concat.generate_ids([prompt], 12)[0]
+    for k in (1, 3):
+        stop = free[k]
+        plain = slots.generate_ids([prompt], 12, SamplingParams(stop_token_ids=(stop,)))[0]
+        assert plain[-1] == stop and len(plain) == free.index(stop) + 1
+        if free.index(stop) < k:
+            continue  # the stop id appears earlier too; the boundary is not at step k
+        held = slots.generate_results([prompt], 12, SamplingParams(stop_token_ids=(stop,), min_new_tokens=k))[0]
+        assert held.token_ids[:k + 1] == tuple(free[:k + 1]) and held.token_ids[k] == stop  # allowed at step k
+        early = slots.generate_results([prompt], 12, SamplingParams(stop_token_ids=(stop,), min_new_tokens=k + 1))[0]
+        assert early.token_ids[:k] == tuple(free[:k]) and early.token_ids[k] != stop  # masked at step k
+
+
+def test_slots_are_reused_and_rows_beyond_the_pool_wait(shared_path: Path) -> None:
+    """More requests than rows: they queue and take the rows others free; results are the
+    ones each request gets alone."""
+    with Engine.load(shared_path, max_batch=2) as engine:
+        prompts = _prompts(7, seed=13)
+        alone = [engine.generate_ids([p], 9)[0] for p in prompts]
+        assert engine.generate_ids(prompts, 9) == alone
+        assert engine.backend.free_slots == 2
+
+
+def test_fp32_shared_buffer_refused_on_cuda_before_loading(shared_path: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "copy"
+    shutil.copytree(shared_path, copy)
+    with pytest.raises(GenerationError, match="cuda_graph=True needs device='cuda'"):
+        Engine.load(copy, cuda_graph=True)
+
+
+def test_threads_share_the_slots(shared_path: Path) -> None:
+    with Engine.load(shared_path, max_batch=4) as engine:
+        prompts = _prompts(12, seed=17)
+        alone = [engine.generate_ids([p], 10)[0] for p in prompts]
+        got: dict[int, list[int]] = {}
+
+        def run(i: int) -> None:
+            got[i] = engine.generate_ids([prompts[i]], 10)[0]
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert [got[i] for i in range(len(prompts))] == alone
