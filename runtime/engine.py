@@ -92,8 +92,11 @@ class _Live:
     pending_text: str = ""
 
 
-def decoder_layout(artifact: Artifact, max_context: int | None) -> dict[str, Any]:
-    """Everything a backend needs from a decoder manifest (dims, KV names and dtypes, EOS)."""
+def decoder_layout(artifact: Artifact, max_context: int | None, kv_memory_gb: float | None = None,
+                   rows: int = 1) -> dict[str, Any]:
+    """Everything a backend needs from a decoder manifest (dims, KV names and dtypes, EOS); the
+    context is the manifest's, capped by ``max_context`` and by what ``rows`` rows of KV fit in
+    ``kv_memory_gb``."""
     manifest, arch = artifact.manifest, artifact.architecture
     generation = manifest.get("generation", {})
     eos = frozenset(int(i) for i in generation.get("eos_token_ids") or [])
@@ -118,6 +121,14 @@ def decoder_layout(artifact: Artifact, max_context: int | None) -> dict[str, Any
         if isinstance(max_context, bool) or not isinstance(max_context, int) or max_context < 2:
             raise InvalidRequestError("invalid max_context", expected="an integer ≥ 2", got=repr(max_context))
         context = min(context, max_context)
+    if kv_memory_gb is not None:
+        per_position = layers * 2 * kv_heads * head_dim * (2 if kv_dtype == "float16" else 4) * rows
+        fits = int(float(kv_memory_gb) * 2**30 // max(per_position, 1))
+        if fits < 2:
+            raise InvalidRequestError("kv_memory_gb is too small for one position of every row",
+                                      expected=f"at least {2 * per_position / 2**30:.4f} GB for {rows} rows",
+                                      got=str(kv_memory_gb), fix="raise kv_memory_gb or lower max_batch")
+        context = min(context, fits)
     return {"eos": eos, "pad": generation.get("pad_token_id"), "vocab": vocab, "layers": layers, "past": past,
             "present": present, "max_context": context, "kv_heads": kv_heads, "head_dim": head_dim,
             "kv_dtype": kv_dtype, "logits_dtype": outputs["logits"].dtype}
@@ -134,7 +145,7 @@ class Engine:
 
     def __init__(self, artifact: Artifact, device: str = "cpu", *, cuda_graph: bool | None = None,
                  max_batch: int = 16, max_queue: int = 256, read_every: int | None = None,
-                 threads: int | None = None, max_context: int | None = None,
+                 threads: int | None = None, max_context: int | None = None, kv_memory_gb: float | None = None,
                  candidates: int = BOUNDED_CANDIDATES, prefill_chunk: int = 1024) -> None:
         if not artifact.is_decoder or artifact.kv_mode is KvMode.NONE:
             raise GenerationError(
@@ -149,11 +160,11 @@ class Engine:
         elif threads is not None:
             threads = _check_int("threads", threads, 1)
         self.artifact = artifact
-        layout = decoder_layout(artifact, max_context)
+        slots = artifact.kv_mode is KvMode.SHARED_BUFFER
+        layout = decoder_layout(artifact, max_context, kv_memory_gb if slots else None, self.max_batch)
         self.vocab, self.max_context = layout["vocab"], layout["max_context"]
         self.eos_token_ids: frozenset[int] = layout["eos"]
         self._device = Device(device, threads=threads, fp32_exact=artifact.precision == "fp32")
-        slots = artifact.kv_mode is KvMode.SHARED_BUFFER
         if cuda_graph is None:
             cuda_graph = slots and self.device == "cuda"
         if cuda_graph and (self.device != "cuda" or not slots):
@@ -192,12 +203,13 @@ class Engine:
     def load(cls, path: str | os.PathLike[str], device: str = "cpu", *, verify_hashes: bool = True,
              cuda_graph: bool | None = None, max_batch: int = 16, max_queue: int = 256,
              read_every: int | None = None, threads: int | None = None, max_context: int | None = None,
-             candidates: int = BOUNDED_CANDIDATES) -> Engine:
+             kv_memory_gb: float | None = None, candidates: int = BOUNDED_CANDIDATES) -> Engine:
         """Validate the artifact folder (:func:`runtime.artifact.load_artifact`) and start its loop.
 
         ``cuda_graph`` (default: on for a shared-buffer artifact on CUDA) captures the decode
-        step per batch-size bucket; ``max_batch`` is how many requests decode together (the KV
-        pool holds that many rows of ``max_context`` positions, the manifest's by default);
+        step per batch-size bucket; ``max_batch`` is how many requests decode together (for a
+        shared-buffer artifact the KV pool is allocated once: ``max_batch`` rows of
+        ``max_context`` positions, the manifest's by default, fewer when ``kv_memory_gb`` caps it);
         ``max_queue`` bounds the waiting requests; ``read_every`` is how many steps run between
         reads of the new ids on CUDA (default 8; 1 on the CPU); ``candidates`` bounds the sorted
         set that top-k / top-p read (:mod:`runtime.sampler_graph`; the vocabulary size makes
@@ -206,7 +218,8 @@ class Engine:
         check_device(device)  # a wrong device fails before hashing gigabytes
         artifact = load_artifact(path, verify_hashes=verify_hashes)
         return cls(artifact, device=device, cuda_graph=cuda_graph, max_batch=max_batch, max_queue=max_queue,
-                   read_every=read_every, threads=threads, max_context=max_context, candidates=candidates)
+                   read_every=read_every, threads=threads, max_context=max_context, kv_memory_gb=kv_memory_gb,
+                   candidates=candidates)
 
     @staticmethod
     def _load_tokenizer(folder: Any) -> Any:

@@ -1,0 +1,223 @@
+"""Serving load on the lent GPU (issue #11): lmforge's one-loop Engine under many independent callers.
+
+Per shape (``random:<shape>`` weights, converted and optimized for CUDA fp16 on the machine) it
+measures, on one warm engine (CUDA graphs per bucket, ``max_batch`` 64), output tokens/s of:
+
+* the same N prompts in one ``generate_results`` call, from N threads at once (one request
+  each), and one after another (N = 16 and 64);
+* greedy against sampled decode (temperature 0.7; + top-p 0.9; top-k 50 + top-p 0.9) at batch 1
+  and 16, in one call, and half greedy / half sampled from N threads;
+* a request arriving while 15 others decode: its time to first token, and the others'
+  inter-token latency before and during its prefill (p50/p99).
+
+Every request generates exactly ``--new-tokens`` tokens (``min_new_tokens``), prompts are
+``--prompt-len`` random ids, and every number is the median of ``--repeats`` runs after a
+warm-up that captures every bucket. Results: ``OUT/gpu_serving-<shape>.json`` and a table.
+
+    export PYTHONPATH=/tmp/gpu-site:/tmp/site:$PWD HF_HUB_OFFLINE=1
+    python3 bench/gpu_serving.py --shapes smollm2-135m --out $OUT
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import threading
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+GREEDY = {}
+SAMPLED = {"temperature 0.7": {"temperature": 0.7}, "temperature 0.7 + top-p 0.9": {"temperature": 0.7, "top_p": 0.9},
+           "top-k 50 + top-p 0.9": {"temperature": 1.0, "top_k": 50, "top_p": 0.9}}
+
+
+def build(shape: str, work: Path, device: str) -> Path:
+    """``random:<shape>`` (or a ``tiny:<arch>`` source) → fp16 shared-buffer for CUDA (fp32 for a
+    CPU dry run)."""
+    from exporters.convert import convert
+    from passes.pipeline import optimize_artifact
+
+    name = shape.replace(":", "-")
+    src, out = work / name / "fp32", work / name / f"serve-{device}"
+    if not (out / "manifest.json").is_file():
+        if not (src / "manifest.json").is_file():
+            convert(shape if ":" in shape else f"random:{shape}", src, force=True, progress=False)
+        optimize_artifact(src, out, device=device, precision="fp16" if device == "cuda" else "fp32",
+                          kv_mode="shared-buffer", force=True, progress=False)
+    return out
+
+
+def _params(new_tokens: int, seed: int, **kw: Any) -> Any:
+    from runtime import SamplingParams
+
+    return SamplingParams(min_new_tokens=new_tokens, seed=seed, **kw)
+
+
+def _median(runs: list[float]) -> float:
+    return statistics.median(runs) if runs else float("nan")
+
+
+def timed(fn: Callable[[], int], repeats: int) -> dict[str, float]:
+    """Median tokens/s of ``fn`` (which returns the tokens it generated)."""
+    rates = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        tokens = fn()
+        rates.append(tokens / (time.perf_counter() - t0))
+    return {"tok_s": _median(rates), "runs": rates}
+
+
+def one_call(engine: Any, prompts: list[list[int]], new: int, kw: dict[str, Any]) -> int:
+    params = [_params(new, i, **kw) for i in range(len(prompts))]
+    return sum(r.new_tokens for r in engine.generate_results(prompts, new, params))
+
+
+def threads(engine: Any, prompts: list[list[int]], new: int, kws: list[dict[str, Any]]) -> int:
+    done: list[int] = [0] * len(prompts)
+    barrier = threading.Barrier(len(prompts))
+
+    def run(i: int) -> None:
+        barrier.wait()
+        done[i] = engine.generate_results([prompts[i]], new, _params(new, i, **kws[i % len(kws)]))[0].new_tokens
+
+    pool = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join()
+    return sum(done)
+
+
+def sequential(engine: Any, prompts: list[list[int]], new: int) -> int:
+    return sum(engine.generate_results([p], new, _params(new, 0))[0].new_tokens for p in prompts)
+
+
+def decode_rate(engine: Any, prompts: list[list[int]], new: int, kw: dict[str, Any], repeats: int) -> float:
+    """Whole-batch decode tok/s (tokens after the first over the time after the first token)."""
+    rates = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        results = engine.generate_results(prompts, new, [_params(new, i, **kw) for i in range(len(prompts))])
+        wall = time.perf_counter() - t0
+        first = max(r.ttft_s for r in results)
+        rates.append(sum(r.new_tokens - 1 for r in results) / max(wall - first, 1e-9))
+    return _median(rates)
+
+
+def arrival(engine: Any, prompts: list[list[int]], new: int) -> dict[str, Any]:
+    """15 requests decode; one more arrives; its TTFT and the others' inter-token latency."""
+    running = [engine.submit(p, 8 * new, _params(8 * new, i)) for i, p in enumerate(prompts[:15])]
+    stamps: list[list[tuple[float, int]]] = [[] for _ in running]
+
+    def read(i: int) -> None:
+        for event in running[i]:
+            stamps[i].append((event.time, len(event.token_ids)))
+
+    readers = [threading.Thread(target=read, args=(i,)) for i in range(15)]
+    for t in readers:
+        t.start()
+    time.sleep(0.3)
+    t_submit = time.perf_counter()
+    late = engine.submit(prompts[15], new, _params(new, 99))
+    first = next(iter(late))
+    ttft = first.time - t_submit
+    late_result = late.result()
+    for r in running:
+        r.cancel()
+    for t in readers:
+        t.join()
+
+    def gaps(lo: float, hi: float) -> list[float]:
+        out = []
+        for rows in stamps:
+            for (a, _), (b, n) in zip(rows, rows[1:]):
+                if lo <= b < hi:
+                    out.extend([(b - a) / n] * n)
+        return out
+
+    before = gaps(t_submit - 0.3, t_submit)
+    during = gaps(t_submit, first.time + 0.05)
+    pct = lambda xs, q: float(np.percentile(xs, q)) * 1e3 if xs else float("nan")  # noqa: E731
+    return {"late_ttft_ms": ttft * 1e3, "late_result_ttft_ms": late_result.ttft_s * 1e3,
+            "itl_before_p50_ms": pct(before, 50), "itl_before_p99_ms": pct(before, 99),
+            "itl_during_p50_ms": pct(during, 50), "itl_during_p99_ms": pct(during, 99),
+            "itl_during_max_ms": max(during) * 1e3 if during else float("nan")}
+
+
+def bench_shape(shape: str, args: argparse.Namespace) -> dict[str, Any]:
+    from runtime import Engine
+
+    out: dict[str, Any] = {"shape": shape}
+    art = build(shape, Path(args.work), args.device)
+    out["artifact"] = str(art)
+    rng = np.random.default_rng(0)
+    vocab = json.loads((art / "manifest.json").read_text())["architecture"]["vocab"]
+    prompts = [rng.integers(10, vocab - 10, args.prompt_len).tolist() for _ in range(64)]
+    new, rep = args.new_tokens, args.repeats
+    engine = Engine.load(art, device=args.device, max_batch=64, max_queue=4096, verify_hashes=False,
+                         max_context=args.prompt_len + 8 * args.new_tokens + 16)
+    try:
+        t0 = time.perf_counter()
+        for n in (1, 2, 4, 8, 16, 32, 64):  # capture every bucket once
+            one_call(engine, prompts[:n], 8, GREEDY)
+            one_call(engine, prompts[:n], 8, SAMPLED["temperature 0.7 + top-p 0.9"])
+        out["warmup_s"] = time.perf_counter() - t0
+        conc: dict[str, Any] = {}
+        for n in (16, 64):
+            conc[f"one call x{n}"] = timed(lambda n=n: one_call(engine, prompts[:n], new, GREEDY), rep)
+            conc[f"{n} threads"] = timed(lambda n=n: threads(engine, prompts[:n], new, [GREEDY]), rep)
+            conc[f"{n} threads, half sampled"] = timed(
+                lambda n=n: threads(engine, prompts[:n], new, [GREEDY, SAMPLED["temperature 0.7 + top-p 0.9"]]), rep)
+        conc["16 one after another"] = timed(lambda: sequential(engine, prompts[:16], new), 1)
+        out["concurrency"] = conc
+        samp: dict[str, Any] = {}
+        for label, kw in [("greedy", GREEDY), *SAMPLED.items()]:
+            samp[label] = {f"batch {b}": decode_rate(engine, prompts[:b], new, kw, rep) for b in (1, 16)}
+        out["sampling_decode_tok_s"] = samp
+        out["arrival"] = arrival(engine, prompts, new)
+        out["replays"] = engine.backend.replays
+    finally:
+        engine.close(drain=False)
+    return out
+
+
+def table(r: dict[str, Any]) -> str:
+    lines = [f"## {r['shape']}"]
+    for k, v in r.get("concurrency", {}).items():
+        lines.append(f"{k:32s} {v['tok_s']:10.0f} tok/s")
+    for k, v in r.get("sampling_decode_tok_s", {}).items():
+        lines.append(f"{k:32s} " + "  ".join(f"{b}: {x:8.0f}" for b, x in v.items()))
+    if "arrival" in r:
+        lines.append("arrival " + json.dumps({k: round(v, 2) for k, v in r["arrival"].items()}))
+    if "error" in r:
+        lines.append("ERROR " + r["error"])
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shapes", default="smollm2-135m")
+    parser.add_argument("--work", default="/tmp/lmf-serve")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--prompt-len", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="cuda", help="cpu: a dry run (e.g. --shapes tiny:llama)")
+    args = parser.parse_args()
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    for shape in args.shapes.split(","):
+        try:
+            result = bench_shape(shape, args)
+        except Exception as exc:  # noqa: BLE001 - recorded, the next shape still runs
+            result = {"shape": shape, "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
+        (Path(args.out) / f"gpu_serving-{shape.replace(':', '-')}.json").write_text(json.dumps(result, indent=1))
+        print(table(result), flush=True)
+
+
+if __name__ == "__main__":
+    main()
