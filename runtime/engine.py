@@ -49,7 +49,7 @@ from runtime.errors import EngineClosedError, GenerationError, InvalidRequestErr
 from runtime.kv_concat import ConcatBackend
 from runtime.kv_slots import SlotsBackend
 from runtime.request import FinishReason, GenerationResult, Request, TokenEvent
-from runtime.sampler_graph import BOUNDED_CANDIDATES
+from runtime.sampler_graph import BOUNDED_CANDIDATES, MAX_CANDIDATES
 from runtime.sampling import GREEDY, SamplingParams, row_arrays
 from runtime.text import check_text
 
@@ -177,12 +177,16 @@ class Engine:
         if read_every is None:  # a host read is a device sync on CUDA, and free on the CPU
             read_every = 8 if self.device == "cuda" else 1
         self.read_every = _check_int("read_every", read_every, 1)
+        self.candidates = min(_check_int("candidates", candidates, 1), self.vocab)
+        if self.candidates > MAX_CANDIDATES:
+            raise InvalidRequestError("invalid candidates", expected=f"at most {MAX_CANDIDATES}", got=str(candidates),
+                                      fix="top-k / top-p read at most that many sorted candidates a step")
         self.backend: SlotsBackend | ConcatBackend
         if slots:
             self.backend = SlotsBackend(artifact, self._device, layout, self.max_batch, self.read_every,
-                                        self.cuda_graph, candidates, prefill_chunk)
+                                        self.cuda_graph, prefill_chunk)
         else:
-            self.backend = ConcatBackend(artifact, self._device, layout, self.max_batch, candidates)
+            self.backend = ConcatBackend(artifact, self._device, layout, self.max_batch)
         self.tokenizer = self._load_tokenizer(artifact.tokenizer_dir)
         self.chat_template = load_chat_template(artifact.tokenizer_dir)
         self._special_tokens = special_tokens(artifact.tokenizer_dir)
@@ -212,8 +216,8 @@ class Engine:
         ``max_context`` positions, the manifest's by default, fewer when ``kv_memory_gb`` caps it);
         ``max_queue`` bounds the waiting requests; ``read_every`` is how many steps run between
         reads of the new ids on CUDA (default 8; 1 on the CPU); ``candidates`` bounds the sorted
-        set that top-k / top-p read (:mod:`runtime.sampler_graph`; the vocabulary size makes
-        top-p exact always).
+        set that top-k / top-p read (:mod:`runtime.sampler_graph`; a request with a larger top-k
+        is refused).
         """
         check_device(device)  # a wrong device fails before hashing gigabytes
         artifact = load_artifact(path, verify_hashes=verify_hashes)
@@ -299,6 +303,10 @@ class Engine:
         if bad:
             raise InvalidRequestError(f"{where}token ids outside the vocabulary",
                                       expected=f"integers in [0, {self.vocab})", got=repr(bad[:5]))
+        if params.top_k > self.candidates and not params.greedy:
+            raise InvalidRequestError(f"{where}top_k above the engine's candidate bound",
+                                      expected=f"top_k <= {self.candidates}", got=str(params.top_k),
+                                      fix="lower top_k, or load the engine with a larger candidates=")
         bad_stop = [t for t in params.stop_token_ids if t >= self.vocab]
         if bad_stop:
             raise InvalidRequestError(f"{where}stop_token_ids outside the vocabulary",
@@ -542,9 +550,11 @@ class Engine:
         want_logits = any(live.request.return_logits for live in batch)
         try:
             if isinstance(self.backend, ConcatBackend):
-                first = self.backend.prefill_many(admitted, want_logits)
+                k = self._k(batch)
+                first = self.backend.prefill_many(admitted, want_logits, k)
             else:
-                first = {slot: self.backend.prefill(slot, prompt, rows, want_logits) for slot, prompt, rows in admitted}
+                first = {live.slot: self.backend.prefill(slot, prompt, rows, want_logits, self._k([live]))
+                         for live, (slot, prompt, rows) in zip(batch, admitted)}
         except LmforgeError as exc:
             self._fail(batch, exc)
             return
@@ -563,7 +573,8 @@ class Engine:
         steps = 1 if (want_logits or self._waiting or isinstance(self.backend, ConcatBackend)) \
             else max(1, min(self.read_every, left))
         try:
-            ids, logits = self.backend.decode(max(self._live) + 1, steps, generated, want_logits)
+            ids, logits = self.backend.decode(max(self._live) + 1, steps, generated, want_logits,
+                                              self._k(self._live.values()))
         except LmforgeError as exc:
             self._fail(list(self._live.values()), exc)
             self.backend.reset()  # every running request failed with this step
@@ -571,6 +582,10 @@ class Engine:
         self.steps += steps
         for slot, live in self._live.items():
             self._accept(live, ids.get(slot, []), None if logits is None else logits[slot][None, :])
+
+    def _k(self, rows: Any) -> int:
+        """How many sorted candidates this run's top-k / top-p need: 1 when no row uses them."""
+        return self.candidates if any(live.request.sampling.needs_candidates for live in rows) else 1
 
     def _accept(self, live: _Live, tokens: list[int], logits: np.ndarray | None) -> None:
         """Host-side bookkeeping for a row's new ids: text, stop checks, its event."""

@@ -70,8 +70,7 @@ class ConcatBackend:
 
     kind = "concat"
 
-    def __init__(self, artifact: Artifact, device: Device, layout: dict[str, Any], max_batch: int,
-                 candidates: int) -> None:
+    def __init__(self, artifact: Artifact, device: Device, layout: dict[str, Any], max_batch: int) -> None:
         self.device = device
         self.max_batch = max_batch
         self.vocab = layout["vocab"]
@@ -103,8 +102,8 @@ class ConcatBackend:
                 f"artifact {artifact.path}: the manifest's io.inputs and model.onnx disagree",
                 expected=str(sorted(self._inputs)), got=str(sorted(graph_inputs)), fix="re-export the artifact",
             )
-        self.sampler = device.session(build_sampler_model(layout["logits_dtype"], self.vocab, self.capacity,
-                                                          candidates), small=True)
+        self.sampler = device.session(build_sampler_model(layout["logits_dtype"], self.vocab, self.capacity),
+                                      small=True)
         row = [(n, d, 2 if n in ("stop_mask", "uniforms") else 1, None) for n, d in ROW_CONSTANTS]
         row += [(n, d, 1 if n == "step" else 2, None) for n, _, d in ROW_STATE]
         feeds = [("input_ids", "int64", 2, None), ("attention_mask", "int64", 2, 1)]
@@ -149,8 +148,8 @@ class ConcatBackend:
 
     # -- runs -----------------------------------------------------------------------------------
 
-    def _forward(self, feeds: dict[str, ort.OrtValue], rows: dict[str, ort.OrtValue],
-                 want_logits: bool) -> tuple[dict[str, ort.OrtValue], np.ndarray, np.ndarray | None]:
+    def _forward(self, feeds: dict[str, ort.OrtValue], rows: dict[str, ort.OrtValue], want_logits: bool,
+                 candidates: int) -> tuple[dict[str, ort.OrtValue], np.ndarray, np.ndarray | None]:
         """Decoder, then sampler: the next per-row tensors, the new ids, the last logits."""
         dev = self.device
         binding = self.session.io_binding()
@@ -168,6 +167,7 @@ class ConcatBackend:
         sb.bind_ortvalue_input("attention_mask", feeds["attention_mask"])
         for name in self._row_names:
             sb.bind_ortvalue_input(name, rows[name])
+        sb.bind_cpu_input("candidates", np.array([candidates], np.int64))
         names = ["next_ids", "next_attention_mask", "next_position_ids", *(o for _, o, _ in ROW_STATE)]
         for name in names:
             sb.bind_output(name, dev.type, 0)
@@ -182,8 +182,8 @@ class ConcatBackend:
         ids = np.array(got["next_ids"].numpy(), dtype=np.int64).reshape(-1)  # the one host read
         return nxt, ids, logits
 
-    def prefill_many(self, admitted: list[tuple[int, list[int], dict[str, np.ndarray]]],
-                     want_logits: bool) -> dict[int, tuple[int, np.ndarray | None]]:
+    def prefill_many(self, admitted: list[tuple[int, list[int], dict[str, np.ndarray]]], want_logits: bool,
+                     candidates: int = 1) -> dict[int, tuple[int, np.ndarray | None]]:
         """Prefill ``(slot, prompt, row arrays)`` as one left-padded batch, then merge it into
         the running batch (dropping released rows in the same run)."""
         m, longest = len(admitted), max(len(p) for _, p, _ in admitted)
@@ -201,7 +201,7 @@ class ConcatBackend:
         feeds = {k: self.device.put(v) for k, v in host.items()}
         rows_np = {name: np.concatenate([a[name] for _, _, a in admitted], axis=0) for name in admitted[0][2]}
         rows = {k: self.device.put(v) for k, v in rows_np.items()}
-        new, first, logits = self._forward(feeds, rows, want_logits)
+        new, first, logits = self._forward(feeds, rows, want_logits, candidates)
         self._merge(new, [slot for slot, _, _ in admitted], longest)
         for slot, prompt, _ in admitted:
             self.length[slot] = len(prompt)
@@ -252,15 +252,15 @@ class ConcatBackend:
             out[name] = self.device.zeros(shape, dtype)
         return out
 
-    def decode(self, rows: int, steps: int, generated: dict[int, int],
-               want_logits: bool) -> tuple[dict[int, list[int]], np.ndarray | None]:
+    def decode(self, rows: int, steps: int, generated: dict[int, int], want_logits: bool,
+               candidates: int = 1) -> tuple[dict[int, list[int]], np.ndarray | None]:
         """One step for every running row (``steps`` is 1 for this backend: the host read after
         a step costs nothing on CPU, and the stop checks need it)."""
         if self._dropped:
             self._merge(None, [], 0)
         if not self.order:
             return {}, None
-        self.state, ids, logits = self._forward(self.state, self.state, want_logits)
+        self.state, ids, logits = self._forward(self.state, self.state, want_logits, candidates)
         self.replays += 1
         out = {}
         for r, slot in enumerate(self.order):

@@ -57,7 +57,7 @@ class SlotsBackend:
     kind = "slots"
 
     def __init__(self, artifact: Artifact, device: Device, layout: dict[str, Any], max_batch: int,
-                 read_every: int, cuda_graph: bool, candidates: int, prefill_chunk: int = 1024) -> None:
+                 read_every: int, cuda_graph: bool, prefill_chunk: int = 1024) -> None:
         self.device = device
         self.max_batch = max_batch
         self.window = read_every
@@ -81,7 +81,7 @@ class SlotsBackend:
                 fix="optimize with --device cuda --precision fp16 (or int8/int4), or run this one on the CPU",
             )
         model = compose_step_model(artifact.model_path.read_bytes(), self.vocab, self.window, self.capacity,
-                                   steps=self.capacity, candidates=candidates)
+                                   steps=self.capacity)
         self.session = device.session(model, cuda_graph=cuda_graph, weights_dir=artifact.model_path.parent)
         self._eager: ort.RunOptions | None = None
         if cuda_graph:
@@ -102,7 +102,8 @@ class SlotsBackend:
         self._writer = RowWriter(device, specs)
         self.current = 0  # the state set holding the next decode step's inputs
         self._free = list(range(max_batch))
-        self._steps: dict[tuple[int, int], _Step] = {}
+        self._steps: dict[tuple[int, int, int], _Step] = {}
+        self._candidates: dict[int, ort.OrtValue] = {}  # K → a host tensor at a fixed address
         self.replays = 0
         mib = sum(int(np.prod(kv_shape)) for _ in self._past) * np.dtype(layout["kv_dtype"]).itemsize / 2**20
         log.info("slots backend: %d rows × %d positions, KV %.0f MiB%s", b, self.capacity, mib,
@@ -137,8 +138,13 @@ class SlotsBackend:
 
     # -- prefill --------------------------------------------------------------------------------
 
-    def prefill(self, slot: int, prompt: list[int], rows: dict[str, np.ndarray],
-                want_logits: bool) -> tuple[int, np.ndarray | None]:
+    def _k(self, candidates: int) -> ort.OrtValue:
+        if candidates not in self._candidates:
+            self._candidates[candidates] = ort.OrtValue.ortvalue_from_numpy(np.array([candidates], np.int64))
+        return self._candidates[candidates]
+
+    def prefill(self, slot: int, prompt: list[int], rows: dict[str, np.ndarray], want_logits: bool,
+                candidates: int = 1) -> tuple[int, np.ndarray | None]:
         """Run ``prompt`` into ``slot``; return its first token (and its logits when asked)."""
         into, src = self.current, 1 - self.current
         arrays = {PREFIX + k: v for k, v in rows.items()}
@@ -154,6 +160,7 @@ class SlotsBackend:
             self.device.bind_rows(binding, out, self.sets[into][name], slot, 1, output=True)
         for name, value in self.consts.items():
             self.device.bind_rows(binding, name, value, slot, 1, output=False)
+        binding.bind_ortvalue_input(PREFIX + "candidates", self._k(candidates))
         logits = None
         for start in range(0, len(prompt), self.prefill_chunk):
             end = min(len(prompt), start + self.prefill_chunk)
@@ -184,8 +191,8 @@ class SlotsBackend:
             size *= 2
         return min(size, self.max_batch)
 
-    def _step_binding(self, n: int, d: int) -> _Step:
-        key = (n, d)
+    def _step_binding(self, n: int, d: int, k: int) -> _Step:
+        key = (n, d, k)
         if key in self._steps:
             return self._steps[key]
         binding = self.session.io_binding()
@@ -196,6 +203,7 @@ class SlotsBackend:
         for name, value in self.consts.items():
             bind(binding, name, value, 0, n, output=False)
         binding.bind_ortvalue_input(TOTAL_SEQUENCE_LENGTH, self.total)
+        binding.bind_ortvalue_input(PREFIX + "candidates", self._k(k))
         bind(binding, "logits", self.logits, 0, n, output=True)
         for past, present in zip(self._past, self._present):
             bind(binding, past, self.kv[past], 0, n, output=False)
@@ -203,14 +211,15 @@ class SlotsBackend:
         run = run_async = None
         if self.cuda_graph:
             run, run_async = ort.RunOptions(), ort.RunOptions()
+            graph_id = 2 * (len(self._steps) + 1) + d  # unique per (rows, direction, candidates)
             for options in (run, run_async):
-                options.add_run_config_entry("gpu_graph_id", str(2 * n + d))
+                options.add_run_config_entry("gpu_graph_id", str(graph_id))
             run_async.add_run_config_entry("disable_synchronize_execution_providers", "1")
         self._steps[key] = _Step(binding, run, run_async)
         return self._steps[key]
 
-    def decode(self, rows: int, steps: int, generated: dict[int, int],
-               want_logits: bool) -> tuple[dict[int, list[int]], np.ndarray | None]:
+    def decode(self, rows: int, steps: int, generated: dict[int, int], want_logits: bool,
+               candidates: int = 1) -> tuple[dict[int, list[int]], np.ndarray | None]:
         """``steps`` decode steps over rows ``0:rows``; the new ids of every slot in ``generated``
         (slot → tokens it had before the block), and the last step's logits ``[rows, vocab]``
         when asked (then ``steps`` must be 1)."""
@@ -219,13 +228,13 @@ class SlotsBackend:
         n = self.bucket(rows)
         try:
             for i in range(steps):
-                step = self._step_binding(n, self.current)
+                step = self._step_binding(n, self.current, candidates)
                 self.device.run(self.session, step.binding, step.run if i == steps - 1 else step.run_async)
                 self.current = 1 - self.current
                 self.replays += 1
         except BaseException:
             # earlier replays ran without a sync: let them finish before anything else runs
-            self._step_binding(n, self.current).binding.synchronize_outputs()
+            self._step_binding(n, self.current, candidates).binding.synchronize_outputs()
             raise
         history = self.sets[self.current][PREFIX + "history"].numpy()  # the one host read
         ids = {slot: [int(history[slot, (g + i) % self.window]) for i in range(steps)]

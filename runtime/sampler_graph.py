@@ -31,11 +31,18 @@ The order follows transformers' ``generate`` (processors, then warpers):
    drawn by inverse CDF with the row's uniform for this step.
 
 Where a sort is needed and where not: temperature and min-p need none (a max, an exp, a sum).
-Top-k and top-p read the ``candidates`` largest values from one ``TopK`` (the ``candidates``
-argument, :data:`BOUNDED_CANDIDATES` by default): top-k is exact for ``top_k ≤ candidates``, and
-top-p is exact whenever its nucleus lies within the candidates — when the candidates' mass is
-below ``top_p`` the nucleus is cut at the last candidate (every token ``≥`` its value kept).
-``candidates = vocab`` makes top-p exact always, at the price of a full sort every step.
+Top-k and top-p read the ``K`` largest values from one ``TopK``, where ``K`` is the
+``candidates`` input ([1] int64 in host memory): the engine passes 1 when no row of the step
+uses top-k or top-p (greedy, temperature and min-p rows pay for no sort), and its candidate bound
+(:data:`BOUNDED_CANDIDATES` by default, at most :data:`MAX_CANDIDATES`) otherwise; under CUDA
+graphs each value is its own captured graph. Top-k is exact for ``top_k ≤ K`` (the engine
+refuses a larger top-k), and top-p is exact whenever its nucleus lies within the K candidates —
+when their mass is below ``top_p`` the nucleus is cut at the last candidate (every token ``≥``
+its value kept).
+
+No ``ReduceMax`` anywhere: onnxruntime's CUDA ReduceMax goes through cuDNN and took 3–3.5 ms a
+step for ``[16, 49152]`` on an H100 (int64 is reduced in double); the row maximum is gathered at
+the ``ArgMax`` instead, and the last kept token is the ``ArgMax`` of the CDF (its first maximum).
 
 Cumulative sums: onnxruntime's CUDA ``CumSum`` computes each output element from scratch
 (quadratic in the axis length), so sums over long axes are taken in two levels — within blocks
@@ -50,10 +57,11 @@ import numpy as np
 
 from runtime._onnx_proto import GraphBuilder
 
-__all__ = ["BOUNDED_CANDIDATES", "ROW_CONSTANTS", "ROW_STATE", "add_sampling", "declare_row_inputs",
+__all__ = ["BOUNDED_CANDIDATES", "MAX_CANDIDATES", "ROW_CONSTANTS", "ROW_STATE", "add_sampling", "declare_row_inputs",
            "build_sampler_model"]
 
 BOUNDED_CANDIDATES = 1024
+MAX_CANDIDATES = 4096  # the candidates' cumulative sum is one-level (quadratic in K)
 _BLOCK = 256
 _FLOAT, _INT64 = 1, 7
 
@@ -87,15 +95,13 @@ def _cumsum(g: GraphBuilder, x: str, length: int) -> str:
                           g.const(np.array([1], np.int64))])
 
 
-def add_sampling(g: GraphBuilder, logits_last: str, vocab: int, steps: int, names: dict[str, str],
-                 candidates: int = BOUNDED_CANDIDATES) -> dict[str, str]:
+def add_sampling(g: GraphBuilder, logits_last: str, vocab: int, steps: int, names: dict[str, str]) -> dict[str, str]:
     """Append the sampling nodes; return the names of ``next_ids [b, 1]`` and the state outputs.
 
     ``logits_last`` is ``[b, vocab]`` (any float dtype; cast to float32 here). ``names`` maps
-    every :data:`ROW_CONSTANTS` and :data:`ROW_STATE` input to its graph name (declared by the
-    caller). ``steps`` is the length of the ``uniforms`` axis.
+    every :data:`ROW_CONSTANTS` and :data:`ROW_STATE` input, and ``candidates``, to its graph
+    name (declared by the caller). ``steps`` is the length of the ``uniforms`` axis.
     """
-    k = max(1, min(int(candidates), vocab))
     axis1 = g.const(np.array([1], np.int64))
     zero_f, one_f = g.const(0.0, "float32"), g.const(1.0, "float32")
     zero_i, one_i = g.const(0, "int64"), g.const(1, "int64")
@@ -118,14 +124,15 @@ def add_sampling(g: GraphBuilder, logits_last: str, vocab: int, steps: int, name
 
     t = col(n["temperature"])
     t_pos = g.op("Greater", [t, zero_f])
-    s = g.op("Div", [g.op("Sub", [x, g.op("ReduceMax", [x, axis1], {"keepdims": 1})]),
-                     g.op("Where", [t_pos, t, one_f])])  # ≤ 0, the best token at 0
+    row_max = g.op("GatherElements", [x, greedy_id], {"axis": 1})
+    s = g.op("Div", [g.op("Sub", [x, row_max]), g.op("Where", [t_pos, t, one_f])])  # ≤ 0, the best token at 0
     weights = g.op("Exp", [s])
 
     # top-k and top-p from the k largest values (sorted, ties: lower index first)
-    vals = g.op("TopK", [s, g.const(np.array([k], np.int64))], {"axis": 1, "largest": 1, "sorted": 1}, outputs=2)[0]
+    k = n["candidates"]
+    vals = g.op("TopK", [s, k], {"axis": 1, "largest": 1, "sorted": 1}, outputs=2)[0]
     top_k = col(n["top_k"])
-    k_pos = g.op("Sub", [g.op("Min", [top_k, g.const(k, "int64")]), one_i])
+    k_pos = g.op("Sub", [g.op("Min", [top_k, k]), one_i])
     k_pos = g.op("Max", [k_pos, zero_i])
     thr_k = g.op("Where", [g.op("Greater", [top_k, zero_i]), g.op("GatherElements", [vals, k_pos], {"axis": 1}), neg_inf])
     in_k = g.op("GreaterOrEqual", [vals, thr_k])
@@ -133,7 +140,7 @@ def add_sampling(g: GraphBuilder, logits_last: str, vocab: int, steps: int, name
     norm = g.op("Where", [g.op("Greater", [top_k, zero_i]), g.op("ReduceSum", [cand_w, axis1], {"keepdims": 1}),
                           g.op("ReduceSum", [weights, axis1], {"keepdims": 1})])
     probs = g.op("Div", [cand_w, norm])
-    before = g.op("Sub", [_cumsum(g, probs, k), probs])
+    before = g.op("Sub", [g.op("CumSum", [probs, g.const(np.array(1, np.int64))]), probs])
     keep_c = g.op("And", [in_k, g.op("Less", [before, col(n["top_p"])])])
     last_c = g.op("Sub", [g.op("ReduceSum", [g.op("Cast", [keep_c], {"to": _INT64}), axis1], {"keepdims": 1}), one_i])
     thr_p = g.op("GatherElements", [vals, g.op("Max", [last_c, zero_i])], {"axis": 1})
@@ -146,13 +153,13 @@ def add_sampling(g: GraphBuilder, logits_last: str, vocab: int, steps: int, name
     # inverse-CDF draw with this step's uniform
     w = g.op("Where", [keep, weights, zero_f])
     cdf = _cumsum(g, w, vocab)
-    total = g.op("ReduceSum", [w, axis1], {"keepdims": 1})
+    total = g.op("Gather", [cdf, g.const(np.array([vocab - 1], np.int64))], {"axis": 1})
     step_col = g.op("Min", [col(n["step"]), g.const(steps - 1, "int64")])
     u = g.op("GatherElements", [n["uniforms"], step_col], {"axis": 1})
     below = g.op("Cast", [g.op("LessOrEqual", [cdf, g.op("Mul", [u, total])])], {"to": _INT64})
     count = g.op("ReduceSum", [below, axis1], {"keepdims": 1})
     positions = g.const(np.arange(vocab, dtype=np.int64)[None, :])
-    last_kept = g.op("ReduceMax", [g.op("Where", [keep, positions, g.const(-1, "int64")]), axis1], {"keepdims": 1})
+    last_kept = g.op("ArgMax", [cdf], {"axis": 1, "keepdims": 1, "select_last_index": 0})
     sampled = g.op("Min", [count, last_kept])
 
     greedy_row = g.op("Or", [g.op("Not", [t_pos]), g.op("Equal", [top_k, one_i])])
@@ -178,10 +185,11 @@ def declare_row_inputs(g: GraphBuilder, vocab: int, steps: int | str, prefix: st
         names[name] = g.input(prefix + name, dtype, shape)
     for name, _, dtype in ROW_STATE:
         names[name] = g.input(prefix + name, dtype, ["batch", vocab] if name != "step" else ["batch"])
+    names["candidates"] = g.input(prefix + "candidates", "int64", [1])
     return names
 
 
-def build_sampler_model(logits_dtype: str, vocab: int, steps: int, candidates: int = BOUNDED_CANDIDATES) -> bytes:
+def build_sampler_model(logits_dtype: str, vocab: int, steps: int) -> bytes:
     """The standalone sampler of the concat backend, ModelProto bytes.
 
     inputs: ``logits [b, seq, vocab]`` (the last position is used), ``attention_mask [b, total]``
@@ -197,7 +205,7 @@ def build_sampler_model(logits_dtype: str, vocab: int, steps: int, candidates: i
     mask = g.input("attention_mask", "int64", ["batch", "total"])
     names = declare_row_inputs(g, vocab, steps)
     last = g.op("Gather", ["logits", g.const(-1, "int64")], {"axis": 1})
-    out = add_sampling(g, last, vocab, steps, names, candidates)
+    out = add_sampling(g, last, vocab, steps, names)
     g.op("Identity", [out["next_ids"]], outputs=["next_ids"])
     ones = g.op("Expand", [g.const(np.ones((1, 1), np.int64)), g.op("Shape", ["next_ids"])])
     next_mask = g.op("Concat", [mask, ones], {"axis": 1}, outputs=["next_attention_mask"])

@@ -105,6 +105,12 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0 or self.top_k == 1
 
+    @property
+    def needs_candidates(self) -> bool:
+        """True when the row reads sorted candidates (top-k or top-p); greedy, temperature and
+        min-p rows need no sort."""
+        return not self.greedy and (self.top_k > 0 or self.top_p < 1.0)
+
 
 GREEDY = SamplingParams()
 
@@ -163,7 +169,7 @@ class Sampler:
         if key not in self._sessions:
             options = ort.SessionOptions()
             options.log_severity_level = 3
-            model = build_sampler_model(self.logits_dtype, vocab, steps, self.candidates)
+            model = build_sampler_model(self.logits_dtype, vocab, steps)
             self._sessions[key] = ort.InferenceSession(model, sess_options=options, providers=self.providers)
         return self._sessions[key]
 
@@ -198,5 +204,7 @@ class Sampler:
         feeds["step"] = np.full(batch, step, dtype=np.int64)
         feeds["logits"] = np.asarray(logits, dtype=self.logits_dtype)
         feeds["attention_mask"] = np.ones((batch, 1), dtype=np.int64)
+        need = any(p.needs_candidates for p in params)
+        feeds["candidates"] = np.array([min(self.candidates, vocab) if need else 1], dtype=np.int64)
         (ids,) = self.session(vocab, steps).run(["next_ids"], feeds)
         return ids.reshape(-1)

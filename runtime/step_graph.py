@@ -20,6 +20,9 @@ state (ping-ponged: :data:`STATE` pairs an input with the output that replaces i
     ``seen``, ``counts``, ``step`` (sampling state) and ``history [b, window]``.
 constants (written once per request into its row)
     the sampling parameters of :data:`runtime.sampler_graph.ROW_CONSTANTS`.
+``candidates [1]``
+    host memory: how many sorted candidates the step's top-k / top-p read (1 when no row uses
+    them); each value is its own captured graph.
 
 The next position is the current last position + 1 (also GroupQueryAttention's next
 ``seqlens_k``), clamped to ``capacity − 1``: a row that finished inside a block, or a free slot
@@ -32,7 +35,7 @@ from __future__ import annotations
 import numpy as np
 
 from runtime._onnx_proto import GraphBuilder, fragment_bytes
-from runtime.sampler_graph import BOUNDED_CANDIDATES, ROW_CONSTANTS, add_sampling, declare_row_inputs
+from runtime.sampler_graph import ROW_CONSTANTS, add_sampling, declare_row_inputs
 
 __all__ = ["PREFIX", "STATE", "CONSTANTS", "step_fragment", "compose_step_model"]
 
@@ -51,7 +54,7 @@ CONSTANTS = tuple((PREFIX + name, dtype) for name, dtype in ROW_CONSTANTS)
 _INT32 = 6
 
 
-def step_fragment(vocab: int, window: int, capacity: int, steps: int, candidates: int = BOUNDED_CANDIDATES) -> bytes:
+def step_fragment(vocab: int, window: int, capacity: int, steps: int) -> bytes:
     """The graph fragment to append to a shared-buffer decoder (see the module docstring).
 
     ``capacity`` is the KV buffer length the engine allocates, ``steps`` the length of the
@@ -65,7 +68,7 @@ def step_fragment(vocab: int, window: int, capacity: int, steps: int, candidates
     history = g.input(p + "history", "int64", ["batch", window])
     axis1 = g.const(np.array([1], np.int64))
     last = g.op("Gather", ["logits", g.const(-1, "int64")], {"axis": 1})
-    out = add_sampling(g, last, vocab, steps, names, candidates)
+    out = add_sampling(g, last, vocab, steps, names)
     nxt = g.op("Identity", [out["next_ids"]], outputs=[p + "next_input_ids"])
     g.op("Identity", [out["seen"]], outputs=[p + "seen_out"])
     g.op("Identity", [out["counts"]], outputs=[p + "counts_out"])
@@ -87,7 +90,6 @@ def step_fragment(vocab: int, window: int, capacity: int, steps: int, candidates
     return fragment_bytes(g)
 
 
-def compose_step_model(decoder: bytes, vocab: int, window: int, capacity: int, steps: int,
-                       candidates: int = BOUNDED_CANDIDATES) -> bytes:
+def compose_step_model(decoder: bytes, vocab: int, window: int, capacity: int, steps: int) -> bytes:
     """The decoder's ``ModelProto`` bytes with the step fragment merged in."""
-    return decoder + step_fragment(vocab, window, capacity, steps, candidates)
+    return decoder + step_fragment(vocab, window, capacity, steps)

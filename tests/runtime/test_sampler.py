@@ -124,7 +124,8 @@ def test_state_is_updated_on_the_device(sampler: Sampler) -> None:
     feeds = stack_rows([row_arrays(SamplingParams(), [], [], V, 4) for _ in range(3)])
     feeds["step"] = np.array([0, 2, 1], np.int64)
     feeds["counts"][1, 7] = 2.0
-    feeds.update(logits=logits, attention_mask=np.array([[0, 1], [1, 1], [1, 1]], np.int64))
+    feeds.update(logits=logits, attention_mask=np.array([[0, 1], [1, 1], [1, 1]], np.int64),
+                 candidates=np.array([1], np.int64))
     ids, mask, pos, seen, counts, step = sampler.session(V, 4).run(None, feeds)
     assert ids.shape == (3, 1)
     assert seen.sum() == 3 and seen[np.arange(3), ids.ravel()].all()
