@@ -136,7 +136,7 @@ def arrival(engine: Any, prompts: list[list[int]], new: int) -> dict[str, Any]:
         out = []
         for rows in stamps:
             for (a, _), (b, n) in zip(rows, rows[1:]):
-                if lo <= b < hi:
+                if n and lo <= b < hi:
                     out.extend([(b - a) / n] * n)
         return out
 
