@@ -4,14 +4,14 @@
 # Each stage writes its log and JSON under $OUT and is bounded by `timeout`.
 set -u
 export PYTHONPATH=/tmp/gpu-site:/tmp/site:$PWD HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
-py() { python3 -c "import onnxruntime as o, runpy, sys; o.preload_dlls(); sys.argv=sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')" "$@"; }
+PY=(python3 -c "import onnxruntime as o, runpy, sys; o.preload_dlls(); sys.argv=sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')")
 for stage in "$@"; do
   case $stage in
     tests) timeout 200 python3 -c "import onnxruntime as o, sys; o.preload_dlls(); import pytest; sys.exit(pytest.main(['-q', '-m', 'gpu', 'tests/runtime/test_gpu.py', '-p', 'no:cacheprovider', '-o', 'faulthandler_timeout=150']))" 2>&1 | grep -v W:onnxruntime | tee $OUT/gpu_tests.log | tail -5 ;;
-    smollm2) timeout 300 py bench/gpu_serving.py --shapes smollm2-135m --out $OUT --repeats 2 2>&1 | grep -v W:onnxruntime | tee $OUT/serving_smollm2.log | tail -20 ;;
-    llama1b) timeout 420 py bench/gpu_serving.py --shapes llama-3.2-1b --out $OUT --repeats 2 2>&1 | grep -v W:onnxruntime | tee $OUT/serving_1b.log | tail -20 ;;
+    smollm2) timeout 300 "${PY[@]}" bench/gpu_serving.py --shapes smollm2-135m --out $OUT --repeats 2 2>&1 | grep -v W:onnxruntime | tee $OUT/serving_smollm2.log | tail -20 ;;
+    llama1b) timeout 420 "${PY[@]}" bench/gpu_serving.py --shapes llama-3.2-1b --out $OUT --repeats 2 2>&1 | grep -v W:onnxruntime | tee $OUT/serving_1b.log | tail -20 ;;
     genai) for mode in "" "--sampled"; do
-             timeout 200 py bench/genai_engine.py --build-from /tmp/lmf-serve/smollm2-135m/fp32 --work /tmp/genai-work --precision fp16 --device cuda --concurrency 16,64 --prompt-len 128 --new-tokens 128 $mode --json $OUT/genai_smollm2${mode/--/_}.json 2>&1 | grep -v W:onnxruntime | tail -8
+             timeout 200 "${PY[@]}" bench/genai_engine.py --build-from /tmp/lmf-serve/smollm2-135m/fp32 --work /tmp/genai-work --precision fp16 --device cuda --concurrency 16,64 --prompt-len 128 --new-tokens 128 $mode --json $OUT/genai_smollm2${mode/--/_}.json 2>&1 | grep -v W:onnxruntime | tail -8
            done ;;
     verify) cat .gguf-parts/g3 >/dev/null 2>&1 && cp .gguf-parts/g3 /tmp/gg/ ; cat /tmp/gg/g0 /tmp/gg/g1 /tmp/gg/g2 /tmp/gg/g3 > /tmp/gg/smol.gguf
             echo "$(cat /tmp/gg/sha)  /tmp/gg/smol.gguf" | sha256sum -c - || exit 1

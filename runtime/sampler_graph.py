@@ -129,11 +129,13 @@ def add_sampling(g: GraphBuilder, logits_last: str, vocab: int, steps: int, name
     weights = g.op("Exp", [s])
 
     # top-k and top-p from the k largest values (sorted, ties: lower index first)
-    k = n["candidates"]
-    vals = g.op("TopK", [s, k], {"axis": 1, "largest": 1, "sorted": 1}, outputs=2)[0]
+    # ``candidates`` is read by TopK alone (a host-memory input of its kernel): a second, device
+    # consumer would need a host-to-device copy node, which CUDA-graph capture refuses. The
+    # engine guarantees top_k <= K whenever K > 1 (it refuses larger top-k, and a row with top-k
+    # makes the step use its full bound), so the k-th value is at index top_k - 1.
+    vals = g.op("TopK", [s, n["candidates"]], {"axis": 1, "largest": 1, "sorted": 1}, outputs=2)[0]
     top_k = col(n["top_k"])
-    k_pos = g.op("Sub", [g.op("Min", [top_k, k]), one_i])
-    k_pos = g.op("Max", [k_pos, zero_i])
+    k_pos = g.op("Max", [g.op("Sub", [top_k, one_i]), zero_i])
     thr_k = g.op("Where", [g.op("Greater", [top_k, zero_i]), g.op("GatherElements", [vals, k_pos], {"axis": 1}), neg_inf])
     in_k = g.op("GreaterOrEqual", [vals, thr_k])
     cand_w = g.op("Where", [in_k, g.op("Exp", [vals]), zero_f])
