@@ -311,3 +311,24 @@ def test_memory_stays_flat_over_10000_requests(path: Path) -> None:
         grown = _rss_kib() - before
     assert tokens > 9000
     assert grown < 8 * 1024, f"RSS grew {grown} KiB over 9,000 requests"
+
+
+def test_repetition_penalty_counts_the_prompt(engine: Engine) -> None:
+    """The greedy pick is a prompt token; under a large penalty the first generated token must
+    change to what transformers' RepetitionPenaltyLogitsProcessor picks over the prompt."""
+    torch = pytest.importorskip("torch")
+    from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
+
+    rng = random.Random(8)
+    for _ in range(50):
+        base = _prompt(rng)
+        prompt = base + engine.generate_ids([base], 1)[0]
+        res = engine.generate_results([prompt], 1, return_logits=True)[0]
+        if res.token_ids[0] in prompt:
+            break
+    else:
+        pytest.fail("no prompt whose greedy pick repeats one of its tokens")
+    logits = torch.tensor(res.step_logits[:1])  # type: ignore[index]
+    want = RepetitionPenaltyLogitsProcessor(50.0)(torch.tensor([prompt]), logits).argmax(-1).item()
+    got = engine.generate_ids([prompt], 1, SamplingParams(repetition_penalty=50.0))[0][0]
+    assert got == want != res.token_ids[0]
