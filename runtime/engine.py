@@ -35,6 +35,7 @@ import logging
 import os
 import threading
 import time
+import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Union
 
@@ -197,7 +198,7 @@ class Engine:
         self._closing = False
         self._abort = False
         self.steps = 0
-        self._thread = threading.Thread(target=self._loop, name="lmforge-engine", daemon=True)
+        self._thread = threading.Thread(target=_serve, args=(weakref.ref(self),), name="lmforge-engine", daemon=True)
         self._thread.start()
         log.info("loaded %s on %s (%s KV, %d rows, vocab %d, max context %d%s)", artifact.path, device,
                  self.backend.kind, self.max_batch, self.vocab, self.max_context,
@@ -339,6 +340,8 @@ class Engine:
                                          got=f"{len(self._waiting)} waiting", fix="retry later, or raise max_queue",
                                          retry_after_s=1.0)
                 self._cv.wait(0.05)
+            for request in requests:
+                request._owner = self  # the engine lives while a caller waits on its request
             self._waiting.extend(requests)
             self._cv.notify_all()
 
@@ -475,24 +478,24 @@ class Engine:
     # ----------------------------------------------------------------------------------------
     # The loop (one thread; the only one that runs the sessions)
 
-    def _loop(self) -> None:
-        try:
-            while True:
-                with self._cv:
-                    while not (self._waiting or self._live or self._closing):
-                        self._cv.wait()
-                    if self._abort or (self._closing and not self._waiting and not self._live):
-                        break
-                self._admit()
-                if self._live:
-                    self._decode()
-                self._retire()
-        except BaseException as exc:  # a bug in the loop itself: fail everyone rather than hang them
-            log.exception("the engine loop stopped")
-            self._abandon(GenerationError("the engine loop stopped", got=f"{type(exc).__name__}: {exc}",
-                                          fix="this is a bug in lmforge: please report it with the log above"))
-        else:
-            self._shutdown()
+    def _iterate(self) -> bool:
+        """One pass of the loop: admit, decode a block, retire. False when the loop should end.
+
+        An idle pass waits at most half a second and returns, so that :func:`_serve` drops its
+        reference between passes: an engine nobody holds (and nobody closed) is collected, and
+        its thread ends, instead of both living as long as the process.
+        """
+        with self._cv:
+            if not (self._waiting or self._live or self._closing):
+                self._cv.wait(0.5)
+                return True
+            if self._abort or (self._closing and not self._waiting and not self._live):
+                return False
+        self._admit()
+        if self._live:
+            self._decode()
+        self._retire()
+        return True
 
     def _shutdown(self) -> None:
         """Cancel what is left (after close(drain=False) or a drain timeout)."""
@@ -667,3 +670,25 @@ class Engine:
             self.backend.release(live.slot)
             live.request._fail(error)
 
+
+def _serve(ref: weakref.ref[Engine]) -> None:
+    """The loop thread: runs :meth:`Engine._iterate` while the engine exists and is open.
+
+    It holds the engine only during a pass (see :meth:`Engine._iterate`). A failure of the loop
+    itself (a bug, not an onnxruntime error: those fail their step's requests) fails every
+    request rather than leaving callers waiting.
+    """
+    while True:
+        engine = ref()
+        if engine is None:
+            return
+        try:
+            if not engine._iterate():
+                engine._shutdown()
+                return
+        except BaseException as exc:
+            log.exception("the engine loop stopped")
+            engine._abandon(GenerationError("the engine loop stopped", got=f"{type(exc).__name__}: {exc}",
+                                            fix="this is a bug in lmforge: please report it with the log above"))
+            return
+        del engine

@@ -112,6 +112,7 @@ class Request:
         self._result: GenerationResult | None = None
         self._cancelled = False
         self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
+        self._owner: object = None  # the engine, held while the request is in flight
 
     # -- the loop's side ------------------------------------------------------------------------
 
@@ -120,12 +121,14 @@ class Request:
             self._events.append(event)
             if event.result is not None:
                 self._result = event.result
+                self._owner = None
             self._wake()
 
     def _fail(self, error: GenerationError) -> None:
         with self._cond:
             if self._result is None and self._error is None:
                 self._error = error
+            self._owner = None
             self._wake()
 
     def _wake(self) -> None:  # with self._cond held

@@ -332,3 +332,18 @@ def test_repetition_penalty_counts_the_prompt(engine: Engine) -> None:
     want = RepetitionPenaltyLogitsProcessor(50.0)(torch.tensor([prompt]), logits).argmax(-1).item()
     got = engine.generate_ids([prompt], 1, SamplingParams(repetition_penalty=50.0))[0][0]
     assert got == want != res.token_ids[0]
+
+
+def test_an_engine_nobody_holds_is_collected_and_its_thread_ends(path: Path) -> None:
+    import gc
+    import weakref
+
+    engine = Engine.load(path)
+    request = engine.submit([5, 6, 7], 4)
+    thread, ref = engine._thread, weakref.ref(engine)
+    del engine
+    assert request.result(timeout=30).new_tokens == 4  # a request in flight keeps its engine alive
+    del request
+    gc.collect()
+    thread.join(5)
+    assert ref() is None and not thread.is_alive()
