@@ -7,8 +7,8 @@ relative to the cached ones (a wrapper that dropped them would derive the same p
 
 from __future__ import annotations
 
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
