@@ -57,9 +57,11 @@ export: setup
 	else echo "$(VOUT) is an encoder: convert checked it against PyTorch; verify covers decoders"; fi
 
 test: setup
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
 test-fast: setup
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q -m "not slow"
 
 # The export tests against another transformers (the pin's upper bound is the newest minor they

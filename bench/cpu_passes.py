@@ -140,7 +140,9 @@ class SharedGreedy:
         t0 = time.perf_counter()
         for step in range(1, new):
             pos = n + step - 1
-            logits = self._run(buffers, np.array([[out[-1]]], np.int64), np.array([[pos]], np.int64), pos, self.capacity)
+            logits = self._run(
+                buffers, np.array([[out[-1]]], np.int64), np.array([[pos]], np.int64), pos, self.capacity
+            )
             out.append(int(logits[0, -1].argmax()))
         return out, prefill, time.perf_counter() - t0
 
@@ -158,7 +160,10 @@ def _build(source: Path, root: Path, names: list[str]) -> None:
         if (root / name).is_dir():
             continue
         precision, fuse, kv_mode = RECIPES[name]
-        print(f"building {root / name} ({precision}, {'fused' if fuse else 'unfused'}, {kv_mode or 'concat'}) …", flush=True)
+        print(
+            f"building {root / name} ({precision}, {'fused' if fuse else 'unfused'}, {kv_mode or 'concat'}) …",
+            flush=True,
+        )
         optimize_artifact(source, root / name, "cpu", precision, fuse=fuse, kv_mode=kv_mode, progress=False)
 
 
@@ -227,10 +232,13 @@ def main(argv: list[str] | None = None) -> int:
 
     base_name = "fp32_nofuse" if "fp32_nofuse" in runners else next(iter(runners))
     base = statistics.median(decode[base_name])
-    print(f"\nSmolLM2-135M, CPU ({args.threads} threads{'' if SPIN else ', no spinning'}, onnxruntime {ort.__version__}, {os.cpu_count()} cores), "
-          f"batch 1, {args.prompt_tokens}-token prompt, {args.new_tokens} new tokens; variants alternated, "
-          f"median of {args.repeats} after a warm-up; 1-min load average during the run "
-          f"{min(load):.1f}–{max(load):.1f}\n")
+    print(
+        f"\nSmolLM2-135M, CPU ({args.threads} threads{'' if SPIN else ', no spinning'}, "
+        f"onnxruntime {ort.__version__}, {os.cpu_count()} cores), "
+        f"batch 1, {args.prompt_tokens}-token prompt, {args.new_tokens} new tokens; variants alternated, "
+        f"median of {args.repeats} after a warm-up; 1-min load average during the run "
+        f"{min(load):.1f}–{max(load):.1f}\n"
+    )
     print(f"| variant | decode tok/s (median) | min–max | × {base_name} | prefill ms | artifact MiB | graph |")
     print("|---|---:|---:|---:|---:|---:|---|")
     for name in runners:

@@ -83,7 +83,10 @@ def main() -> int:
                 base = base or r
                 for b, cell in r["batches"].items():
                     ref = base["batches"][b]["ids"]
-                    steps = [next((i for i, (x, y) in enumerate(zip(a, c)) if x != y), None) for a, c in zip(ref, cell["ids"])]
+                    steps = [
+                        next((i for i, (x, y) in enumerate(zip(a, c)) if x != y), None)
+                        for a, c in zip(ref, cell["ids"])
+                    ]
                     diverged = [s for s in steps if s is not None]
                     cell["rows_equal_to_baseline"] = sum(s is None for s in steps)
                     cell["first_divergence"] = min(diverged) if diverged else None

@@ -20,8 +20,8 @@ Per shape, each stage failing soft (its error is recorded, the script moves on):
 
 Writes ``OUT/gpu_bench-<shape>.json`` (the full bench report + stage log), ``.png`` (tokens/s per
 runtime and batch) and ``.txt`` (the table), and prints the tables last. ``--device cpu
---shapes tiny:llama --precisions int8 --batches 1,2 --prompt-len 8 --new-tokens 8 --peers hf,genai --genai-precision int8``
-is a dry run on a CPU machine.
+--shapes tiny:llama --precisions int8 --batches 1,2 --prompt-len 8 --new-tokens 8 --peers hf,genai
+--genai-precision int8`` is a dry run on a CPU machine.
 """
 
 from __future__ import annotations
@@ -131,7 +131,9 @@ def main() -> int:
         log: dict[str, Any] = {"shape": shape, "source": _source(shape), "stages": {}}
         json_path = args.out / f"gpu_bench-{_slug(shape)}.json"
 
-        def save(report: dict[str, Any] | None = None) -> None:
+        def save(
+            report: dict[str, Any] | None = None, *, json_path: Path = json_path, log: dict[str, Any] = log
+        ) -> None:
             json_path.write_text(json.dumps({**log, "bench": report}, indent=2, default=str))
 
         fp32 = args.work / _slug(shape) / "fp32"

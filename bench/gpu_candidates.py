@@ -43,8 +43,10 @@ def main() -> None:
                     rate = sum(r.new_tokens - 1 for r in res) / (wall - first)
                     rows.append({"candidates": cand, "read_every": read_every, "mode": label, "batch": b,
                                  "decode_tok_s": rate})
-                    print(f"read_every {read_every:3d} candidates {cand:5d} {label:10s} batch {b:2d}: {rate:8.0f} tok/s",
-                          flush=True)
+                    print(
+                        f"read_every {read_every:3d} candidates {cand:5d} {label:10s} batch {b:2d}: {rate:8.0f} tok/s",
+                        flush=True,
+                    )
             engine.close()
     (Path(args.out) / "gpu_candidates.json").write_text(json.dumps(rows, indent=1))
 

@@ -46,8 +46,14 @@ def feeds_for(manifest: dict[str, Any], batch: int, seq: int, past: int, max_con
         elif name == "total_sequence_length":
             feeds[name] = np.array(total if past == 0 else max_context, dtype)
         elif name.startswith("past_key_values."):
-            dims = [batch if d == "batch" else d if isinstance(d, int) else (max_context if manifest["kv_mode"] == "shared-buffer" else past)
-                    for d in spec["shape"]]
+            dims = [
+                batch
+                if d == "batch"
+                else d
+                if isinstance(d, int)
+                else (max_context if manifest["kv_mode"] == "shared-buffer" else past)
+                for d in spec["shape"]
+            ]
             feeds[name] = np.zeros(dims, dtype)
         else:
             raise KeyError(name)
@@ -62,7 +68,9 @@ def placement(art: Path) -> dict[str, Any]:
     options.enable_profiling = True
     options.profile_file_prefix = str(art / "placement")
     options.log_severity_level = 3
-    session = ort.InferenceSession(str(art / "model.onnx"), options, providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+    session = ort.InferenceSession(
+        str(art / "model.onnx"), options, providers=["CUDAExecutionProvider", "CPUExecutionProvider"]
+    )
     session.run(None, feeds_for(manifest, 1, 8, 0, 64))
     if manifest["kv_mode"] == "concat":
         session.run(None, feeds_for(manifest, 1, 1, 8, 64))

@@ -55,11 +55,16 @@ def profile(path: Path, batch: int, steps: int, graph: bool) -> dict[str, Any]:
     table = sorted(((name, len(v) / decode_steps, sum(v) / decode_steps) for name, v in kernels.items()),
                    key=lambda r: -r[2])
     return {
-        "artifact": str(path), "graph": graph, "batch": batch, "steps": steps,
+        "artifact": str(path),
+        "graph": graph,
+        "batch": batch,
+        "steps": steps,
         "wall_ms_per_step_unprofiled": 1e3 * (plain_wall - ttft) / decode_steps,
         "gpu_busy_ms_per_step": busy_us / 1e3 / decode_steps,
         "kernels_per_step": sum(len(v) for v in kernels.values()) / decode_steps,
-        "top": [{"kernel": n[:120], "calls_per_step": round(c, 2), "us_per_step": round(u, 1)} for n, c, u in table[:25]],
+        "top": [
+            {"kernel": n[:120], "calls_per_step": round(c, 2), "us_per_step": round(u, 1)} for n, c, u in table[:25]
+        ],
     }
 
 
@@ -86,8 +91,11 @@ def main() -> int:
             if "error" in r:
                 print(f"{path} graph={graph}: ERROR {r['error']}", flush=True)
                 continue
-            print(f"\n{path} graph={graph} batch {r['batch']}: wall {r['wall_ms_per_step_unprofiled']:.3f} ms/step, "
-                  f"GPU busy {r['gpu_busy_ms_per_step']:.3f} ms/step, {r['kernels_per_step']:.0f} kernels/step", flush=True)
+            print(
+                f"\n{path} graph={graph} batch {r['batch']}: wall {r['wall_ms_per_step_unprofiled']:.3f} ms/step, "
+                f"GPU busy {r['gpu_busy_ms_per_step']:.3f} ms/step, {r['kernels_per_step']:.0f} kernels/step",
+                flush=True,
+            )
             for k in r["top"][:18]:
                 print(f"  {k['us_per_step']:8.1f} µs  {k['calls_per_step']:6.2f}×  {k['kernel'][:100]}")
     (args.out / "gpu_profile.json").write_text(json.dumps(rows, indent=2))

@@ -113,7 +113,9 @@ class RunTimer:
         self.calls.clear()
 
 
-def bench_model(art: Path, batches: list[int], prompt_len: int, new_tokens: int, timer: RunTimer) -> list[dict[str, Any]]:
+def bench_model(
+    art: Path, batches: list[int], prompt_len: int, new_tokens: int, timer: RunTimer
+) -> list[dict[str, Any]]:
     from runtime import Engine, SamplingParams
 
     engine = Engine.load(art, device=DEVICE, verify_hashes=False)

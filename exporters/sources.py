@@ -178,7 +178,10 @@ def resolve_source(ref: str) -> SourceInfo:
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
-    if os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0") or os.environ.get("TRANSFORMERS_OFFLINE", "") not in ("", "0"):
+    if os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0") or os.environ.get("TRANSFORMERS_OFFLINE", "") not in (
+        "",
+        "0",
+    ):
         return False
     try:
         with socket.create_connection(("huggingface.co", 443), timeout=timeout):
@@ -230,7 +233,8 @@ def _check_gguf(path: Path) -> None:
             raise ValueError("no tensors")
     except Exception as exc:  # noqa: BLE001 - gguf raises ValueError/IndexError/struct.error
         raise ExportError(
-            f"GGUF file {path} is truncated or corrupt ({str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__})",
+            f"GGUF file {path} is truncated or corrupt "
+            f"({str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__})",
             fix="download the .gguf file again",
         ) from exc
 
@@ -285,7 +289,8 @@ def tiny_tokenizer(vocab_size: int) -> Any:
         pad_token="<|im_end|>", unk_token="<|endoftext|>",
     )
     fast.chat_template = (
-        "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+        "{% for message in messages %}"
+        "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
         "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
     )
     return fast

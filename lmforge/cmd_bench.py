@@ -112,14 +112,25 @@ def run(args: argparse.Namespace) -> int:
         precisions = tuple(p.strip() for p in args.genai_precision.split(",") if p.strip())
         bad = [p for p in precisions if p not in _PRECISIONS]
         if bad or not precisions:
-            raise GenerationError("invalid --genai-precision", expected=", ".join(_PRECISIONS), got=repr(args.genai_precision))
+            raise GenerationError(
+                "invalid --genai-precision", expected=", ".join(_PRECISIONS), got=repr(args.genai_precision)
+            )
     work = Path(args.work) if args.work else Path.home() / ".cache" / "lmforge" / "bench"
     config = BenchConfig(
-        artifacts=tuple(Path(a) for a in args.artifacts), device=args.device, batches=parse_batches(args.batch),
-        prompt_len=_positive("--prompt-len", args.prompt_len), new_tokens=_positive("--new-tokens", args.new_tokens, 2),
-        peers=peers, peers_explicit=explicit, repeats=_positive("--repeats", args.repeats),
-        seed=_positive("--seed", args.seed, 0), work=work, genai_precisions=precisions,
-        peers_site=args.peers_site, source=args.source, command=tuple(getattr(args, "argv", None) or ["lmforge", *sys.argv[1:]]),
+        artifacts=tuple(Path(a) for a in args.artifacts),
+        device=args.device,
+        batches=parse_batches(args.batch),
+        prompt_len=_positive("--prompt-len", args.prompt_len),
+        new_tokens=_positive("--new-tokens", args.new_tokens, 2),
+        peers=peers,
+        peers_explicit=explicit,
+        repeats=_positive("--repeats", args.repeats),
+        seed=_positive("--seed", args.seed, 0),
+        work=work,
+        genai_precisions=precisions,
+        peers_site=args.peers_site,
+        source=args.source,
+        command=tuple(getattr(args, "argv", None) or ["lmforge", *sys.argv[1:]]),
     )
     report = run_bench(config)
     if args.json_path:

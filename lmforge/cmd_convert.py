@@ -13,7 +13,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         help="export a model (HF folder, .gguf, builtin:NAME, tiny:ARCH) to an ONNX artifact",
         description="Export a model with its KV cache to an fp32 ONNX artifact, checked against PyTorch.",
     )
-    parser.add_argument("source", help="HF model folder, .gguf file, builtin:smollm2-135m, builtin:minilm-l6, tiny:<arch>, or a hub id")
+    parser.add_argument(
+        "source", help="HF model folder, .gguf file, builtin:smollm2-135m, builtin:minilm-l6, tiny:<arch>, or a hub id"
+    )
     parser.add_argument("-o", "--output", required=True, help="artifact folder to write")
     parser.add_argument("--force", action="store_true", help="replace an existing output folder")
     parser.add_argument("--max-context", type=int, default=None, help="longest prompt+generation the artifact serves")
@@ -23,7 +25,6 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 def run(args: argparse.Namespace) -> int:
     from exporters.convert import convert
     from lmforge.cmd_inspect import render
-
     from runtime.artifact import load_artifact
 
     out = convert(args.source, args.output, force=args.force, max_context=args.max_context)

@@ -32,8 +32,12 @@ def register(subparsers: Any) -> None:
                         help="prompt set, one {\"id\", \"prompt\", \"chat\"} object a line "
                         "(default: parity/prompts/default.jsonl); for an encoder, {\"id\", \"text\"} "
                         "(default: parity/prompts/sentences.jsonl)")
-    parser.add_argument("--max-new-tokens", type=int, default=32, metavar="N", help="new tokens per prompt (default 32)")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where the artifact runs (default cpu)")
+    parser.add_argument(
+        "--max-new-tokens", type=int, default=32, metavar="N", help="new tokens per prompt (default 32)"
+    )
+    parser.add_argument(
+        "--device", choices=("cpu", "cuda"), default="cpu", help="where the artifact runs (default cpu)"
+    )
     parser.add_argument("--json", metavar="PATH", default=None, help="write the result as JSON")
     parser.add_argument("--report", metavar="DIR", default=None, help="write report.md and a logit-difference chart")
     parser.add_argument("--reference", metavar="PATH", default=None,
@@ -57,7 +61,9 @@ def _write_json(path: str, document: dict[str, Any]) -> None:
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_text(json.dumps(document, indent=2, allow_nan=False) + "\n", encoding="utf-8")
     except OSError as exc:
-        raise ParityError(f"cannot write --json {target} ({exc.strerror or exc})", fix="choose a writable path") from exc
+        raise ParityError(
+            f"cannot write --json {target} ({exc.strerror or exc})", fix="choose a writable path"
+        ) from exc
 
 
 def run(args: argparse.Namespace) -> int:
@@ -74,7 +80,9 @@ def run(args: argparse.Namespace) -> int:
     if args.max_new_tokens < 1:
         raise ParityError("invalid --max-new-tokens", expected="an integer >= 1", got=str(args.max_new_tokens))
     if args.batch_size < 0:
-        raise ParityError("invalid --batch-size", expected="an integer >= 0 (0 skips batch parity)", got=str(args.batch_size))
+        raise ParityError(
+            "invalid --batch-size", expected="an integer >= 0 (0 skips batch parity)", got=str(args.batch_size)
+        )
     against = resolve_against(args.artifact, args.layerwise_against) if args.layerwise else None
 
     result = verify_artifact(

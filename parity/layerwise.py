@@ -155,8 +155,10 @@ def resolve_against(artifact_dir: str | os.PathLike[str], against: str | os.Path
         raise ParityError(f"--layerwise-against {against} cannot be used ({exc.what})",
                           fix="pass --layerwise-against PATH to an fp32 artifact of the same source") from exc
     if reference.path.resolve() == candidate.path.resolve():
-        raise ParityError("--layerwise-against is the artifact being verified",
-                          fix="pass the fp32 artifact of the same source (for an fp32 artifact: a fresh `lmforge convert`)")
+        raise ParityError(
+            "--layerwise-against is the artifact being verified",
+            fix="pass the fp32 artifact of the same source (for an fp32 artifact: a fresh `lmforge convert`)",
+        )
     if reference.precision != "fp32" or reference.kv_mode is not KvMode.CONCAT:
         raise ParityError(f"--layerwise-against {reference.path} is not an fp32 artifact with kv_mode concat",
                           got=f"{reference.precision}, {reference.kv_mode.value}",
@@ -190,7 +192,9 @@ def build_feeds(artifact: Artifact, input_ids: Sequence[int]) -> dict[str, np.nd
     return feeds
 
 
-def _run_all_outputs(artifact: Artifact, feeds: Mapping[str, np.ndarray], device: str, scratch: Path) -> dict[str, np.ndarray]:
+def _run_all_outputs(
+    artifact: Artifact, feeds: Mapping[str, np.ndarray], device: str, scratch: Path
+) -> dict[str, np.ndarray]:
     """Every intermediate tensor of one run (Polygraphy: ModifyOutputs(MARK_ALL) + OnnxrtRunner)."""
     from polygraphy import constants
     from polygraphy.backend.onnx import BytesFromOnnx, ModifyOutputs, OnnxFromPath, SaveOnnx
@@ -267,7 +271,12 @@ def layerwise_compare(
     scratch = Path(work_dir) if work_dir is not None else Path(tempfile.mkdtemp(prefix="lmforge-layerwise-"))
     scratch.mkdir(parents=True, exist_ok=True)
     cand_feeds = build_feeds(candidate, input_ids)
-    log.info("layer-wise: running %s and %s with all tensors marked (%d tokens)", candidate.path, against.path, len(input_ids))
+    log.info(
+        "layer-wise: running %s and %s with all tensors marked (%d tokens)",
+        candidate.path,
+        against.path,
+        len(input_ids),
+    )
     with G_LOGGER.verbosity(G_LOGGER.ERROR):
         cand_out = _run_all_outputs(candidate, cand_feeds, device, scratch)
         ref_out = _run_all_outputs(against, build_feeds(against, input_ids), device, scratch)
@@ -275,9 +284,13 @@ def layerwise_compare(
     common = [name for name in cand_out if name in ref_out]
     cand_dtypes = {name: cand_out[name].dtype for name in common}
     results = RunResults()
-    results.append(("candidate", [IterationResult({n: _as_float32(cand_out[n]) for n in common}, runner_name="candidate")]))
+    results.append(
+        ("candidate", [IterationResult({n: _as_float32(cand_out[n]) for n in common}, runner_name="candidate")])
+    )
     results.append(("fp32", [IterationResult({n: _as_float32(ref_out[n]) for n in common}, runner_name="fp32")]))
-    compare = SimpleCompareFunc(atol={"": atol, "logits": logits_atol}, rtol={"": rtol, "logits": 0.0}, check_shapes=True)
+    compare = SimpleCompareFunc(
+        atol={"": atol, "logits": logits_atol}, rtol={"": rtol, "logits": 0.0}, check_shapes=True
+    )
     with G_LOGGER.verbosity(G_LOGGER.CRITICAL), np.errstate(all="ignore"):
         accuracy = Comparator.compare_accuracy(results, compare_func=compare)
     per_output: Mapping[str, Any] = next(iter(accuracy[0].values()))[0]

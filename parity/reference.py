@@ -147,7 +147,9 @@ class ReferenceCache:
         try:
             text = self.path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as exc:
-            raise ParityError(f"reference cache {self.path} cannot be read ({exc})", fix="delete it to recompute the references") from exc
+            raise ParityError(
+                f"reference cache {self.path} cannot be read ({exc})", fix="delete it to recompute the references"
+            ) from exc
         for lineno, line in enumerate(text.split("\n"), start=1):
             if not line.strip():
                 continue
@@ -174,13 +176,19 @@ class ReferenceCache:
             return None
         cached_key, run = found
         if cached_key != key:
-            log.info("reference for %s is stale (%s changed): recomputing", key.prompt_id, ", ".join(key.stale_fields(cached_key)))
+            log.info(
+                "reference for %s is stale (%s changed): recomputing",
+                key.prompt_id,
+                ", ".join(key.stale_fields(cached_key)),
+            )
             return None
         return ReferenceRun.from_json(run)
 
     def put(self, key: ReferenceKey, run: ReferenceRun) -> None:
         if run.prompt_id != key.prompt_id:
-            raise ParityError("reference run and key name different prompts", got=f"{run.prompt_id!r} and {key.prompt_id!r}")
+            raise ParityError(
+                "reference run and key name different prompts", got=f"{run.prompt_id!r} and {key.prompt_id!r}"
+            )
         self._entries[key.prompt_id] = (key, run.to_json())
 
     def save(self) -> None:
@@ -203,7 +211,9 @@ class ReferenceCache:
                 Path(tmp).unlink(missing_ok=True)
                 raise
         except OSError as exc:
-            log.warning("cannot write the reference cache %s (%s); references will be recomputed next time", self.path, exc)
+            log.warning(
+                "cannot write the reference cache %s (%s); references will be recomputed next time", self.path, exc
+            )
 
 
 # --------------------------------------------------------------------------------------------
@@ -269,7 +279,9 @@ def generate_reference(
                 use_cache=True,
                 **cache_kwargs(model, output_cache(out)),  # `cache=` on transformers 5.24+, warns otherwise
             )
-    return ReferenceRun(prompt_id=prompt_id, tokens=tuple(tokens), top_ids=np.stack(top_ids), top_values=np.stack(top_values))
+    return ReferenceRun(
+        prompt_id=prompt_id, tokens=tuple(tokens), top_ids=np.stack(top_ids), top_values=np.stack(top_values)
+    )
 
 
 def load_reference_source(manifest: Mapping[str, Any], override: str | None = None) -> Any:
@@ -285,7 +297,9 @@ def load_reference_source(manifest: Mapping[str, Any], override: str | None = No
     else:
         ref = source.get("ref")
     if not ref:
-        raise ParityError("the manifest does not record the source model", fix="pass --reference PATH to the source model")
+        raise ParityError(
+            "the manifest does not record the source model", fix="pass --reference PATH to the source model"
+        )
     try:
         loaded = load_source(ref)
     except LmforgeError as exc:

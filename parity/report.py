@@ -123,7 +123,9 @@ def format_table(
     right = {3, 4}
 
     def line(row: Sequence[str]) -> str:
-        cells = [str(cell).rjust(w) if i in right else str(cell).ljust(w) for i, (cell, w) in enumerate(zip(row, widths))]
+        cells = [
+            str(cell).rjust(w) if i in right else str(cell).ljust(w) for i, (cell, w) in enumerate(zip(row, widths))
+        ]
         return "  ".join(cells).rstrip()
 
     out = [line(header), "  ".join("-" * w for w in widths)]
@@ -194,7 +196,9 @@ def worst_prompts(comparisons: Sequence[PromptComparison], count: int) -> list[P
     """The ``count`` prompts with recorded logit differences that fared worst: by outcome
     (length mismatch, drift, near-tie, exact), then by maximum logit difference (inf first)."""
     charted = [c for c in comparisons if c.step_max_diffs]
-    charted.sort(key=lambda c: (-_SEVERITY[c.classification], -(c.max_logit_diff if c.max_logit_diff is not None else 0.0)))
+    charted.sort(
+        key=lambda c: (-_SEVERITY[c.classification], -(c.max_logit_diff if c.max_logit_diff is not None else 0.0))
+    )
     return charted[:count]
 
 

@@ -204,10 +204,16 @@ def encode_prompts(
             skip[prompt.id] = "chat prompt, the artifact has no chat template"
             continue
         try:
-            encoded = engine.chat_ids([{"role": "user", "content": prompt.prompt}]) if prompt.chat else engine.encode(prompt.prompt)
+            encoded = (
+                engine.chat_ids([{"role": "user", "content": prompt.prompt}])
+                if prompt.chat
+                else engine.encode(prompt.prompt)
+            )
         except LmforgeError as exc:
-            raise ParityError(f"prompt {prompt.id!r} cannot be encoded with the artifact's tokenizer ({exc.what})",
-                              fix="check the artifact's tokenizer/ folder") from exc
+            raise ParityError(
+                f"prompt {prompt.id!r} cannot be encoded with the artifact's tokenizer ({exc.what})",
+                fix="check the artifact's tokenizer/ folder",
+            ) from exc
         ids[prompt.id] = tuple(int(t) for t in encoded)
         if not encoded:
             skip[prompt.id] = "encodes to no tokens"
@@ -375,7 +381,10 @@ def failing_prompt(result: VerifyResult) -> tuple[str, int] | None:
     logit difference over the policy's tolerance; else the first batch mismatch (at step 0). None
     when nothing failed."""
     for c in result.comparisons:
-        if c.classification in (Outcome.DRIFT, Outcome.NEAR_TIE, Outcome.LENGTH_MISMATCH) and c.first_divergence is not None:
+        if (
+            c.classification in (Outcome.DRIFT, Outcome.NEAR_TIE, Outcome.LENGTH_MISMATCH)
+            and c.first_divergence is not None
+        ):
             return c.prompt_id, c.first_divergence
     tolerance = result.policy.max_logit_diff
     if tolerance is not None:

@@ -72,7 +72,9 @@ class CheckResult:
         }
 
     def describe(self) -> str:
-        parts = [f"{k}: max|Δ| {self.max_abs[k]:.3g}, arg-max agree {self.argmax_agreement[k]:.0%}" for k in self.max_abs]
+        parts = [
+            f"{k}: max|Δ| {self.max_abs[k]:.3g}, arg-max agree {self.argmax_agreement[k]:.0%}" for k in self.max_abs
+        ]
         return "; ".join(parts)
 
 

@@ -14,14 +14,13 @@ GELU), with lmforge's rules slotted in next to the onnxscript rule they stand in
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 from onnxscript import optimizer
 from onnxscript.rewriter import _DEFAULT_REWRITE_RULES, pattern
 from onnxscript.rewriter._basics import MatchingTracer
-from onnxscript.rewriter.rules.common import _gemm_to_matmul_add
 from onnxscript.rewriter.ort_fusions import (
     attention,
     bias_gelu,
@@ -39,6 +38,7 @@ from onnxscript.rewriter.ort_fusions import (
     shape_optimization,
     skip_normalization,
 )
+from onnxscript.rewriter.rules.common import _gemm_to_matmul_add
 
 from passes.rule_bloom_attention import bloom_attention_rules
 from passes.rule_fast_gelu import fast_gelu_rules

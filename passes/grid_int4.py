@@ -37,7 +37,9 @@ log = logging.getLogger(__name__)
 _LEVELS = 15  # 4 bits: q ∈ 0…15
 
 
-def on_grid(weight: np.ndarray, block_size: int, tolerance: float = 0.02) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+def on_grid(
+    weight: np.ndarray, block_size: int, tolerance: float = 0.02
+) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
     """``(q [N, blocks, block], d [N, blocks], m [N, blocks])`` when ``weight [K, N]`` is a 4-bit
     grid along ``K`` (``weight.T`` rows = ``m + q·d``), else ``None``."""
     k, n = weight.shape

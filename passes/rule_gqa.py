@@ -24,7 +24,7 @@ names, shapes and dtypes are unchanged.
 One restriction comes with the op (onnxruntime's CPU kernel): a call with batch > 1 *and*
 seq > 1 must have past length 0 (batched prefill and batched one-token decode are fine;
 batched chunked prefill is not). The pipeline records it in the manifest (``constraints``).
-"""
+"""  # noqa: E501 - the ASCII diagram of the matched subgraph cannot be wrapped
 
 from __future__ import annotations
 

@@ -198,7 +198,11 @@ def _fold_rotary_into_gqa(graph: ir.Graph, gqa_nodes: list[ir.Node], position_id
     for node in gqa_nodes:
         q_rot = node.inputs[0].producer() if node.inputs[0] is not None else None
         k_rot = node.inputs[1].producer() if len(node.inputs) > 1 and node.inputs[1] is not None else None
-        rots = [r for r in (q_rot, k_rot) if r is not None and r.op_type == "RotaryEmbedding" and r.domain == "com.microsoft"]
+        rots = [
+            r
+            for r in (q_rot, k_rot)
+            if r is not None and r.op_type == "RotaryEmbedding" and r.domain == "com.microsoft"
+        ]
         if len(rots) != 2:
             continue
         q_rot, k_rot = rots
@@ -314,7 +318,9 @@ def _pack_qkv(graph: ir.Graph, gqa_nodes: list[ir.Node]) -> int:
                               for i in range(1, len(projections[0].inputs))]
             attrs = {k: a for k, a in projections[0].attributes.items()}
             attrs["N"] = ir.AttrInt64("N", sum(counts))
-            fused = ir.node("MatMulNBits", operands, attributes=attrs, domain="com.microsoft", name=f"{tag}_matmulnbits")
+            fused = ir.node(
+                "MatMulNBits", operands, attributes=attrs, domain="com.microsoft", name=f"{tag}_matmulnbits"
+            )
         graph.insert_before(projections[0], fused)
         out = fused.outputs[0]
         out.dtype = projections[0].outputs[0].dtype
@@ -358,7 +364,9 @@ def rewrite_shared_buffer(model: ir.Model, arch: dict[str, Any], kv: dict[str, s
         node.replace_input_with(_GQA_TOTAL, total)
         if len(node.inputs) > _GQA_BIAS and node.inputs[_GQA_BIAS] is not None:
             node.replace_input_with(_GQA_BIAS, None)
-    rotary_folded = _fold_rotary_into_gqa(graph, gqa_nodes, inputs.get("position_ids"), int(arch.get("max_context") or 0))
+    rotary_folded = _fold_rotary_into_gqa(
+        graph, gqa_nodes, inputs.get("position_ids"), int(arch.get("max_context") or 0)
+    )
     common_passes.RemoveUnusedNodesPass()(model)  # the folded RotaryEmbedding nodes still read q and k
     qkv_packed = _pack_qkv(graph, gqa_nodes)
 
@@ -379,7 +387,11 @@ def rewrite_shared_buffer(model: ir.Model, arch: dict[str, Any], kv: dict[str, s
             if producer is not None and producer.op_type == "Cast":
                 gqa_out = producer.inputs[0]
                 producer = gqa_out.producer() if gqa_out is not None else None
-            if producer is None or producer.op_type != "GroupQueryAttention" or gqa_out is not producer.outputs[1 + slot]:
+            if (
+                producer is None
+                or producer.op_type != "GroupQueryAttention"
+                or gqa_out is not producer.outputs[1 + slot]
+            ):
                 raise PassError(f"shared-buffer: {present_name} is not produced by a GroupQueryAttention",
                                 fix="this graph's attention is not fused; optimize with --kv-mode concat")
             node = producer
@@ -392,7 +404,8 @@ def rewrite_shared_buffer(model: ir.Model, arch: dict[str, Any], kv: dict[str, s
                 readers = sorted({f"{u.node.op_type}" for u in past.uses()})
                 raise PassError(
                     f"shared-buffer: {past_name} is read by more than its GroupQueryAttention ({readers})",
-                    expected="the past KV read by GroupQueryAttention only (its length is the buffer's, not the past's)",
+                    expected="the past KV read by GroupQueryAttention only "
+                    "(its length is the buffer's, not the past's)",
                     fix="optimize with --kv-mode concat; report the graph",
                 )
             dtype = gqa_out.dtype

@@ -16,7 +16,8 @@ concatenation of what is emitted equals the final text.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 __all__ = ["IncrementalDetokenizer", "StopStrings"]
 

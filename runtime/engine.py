@@ -323,7 +323,9 @@ class Engine:
             self._need_tokenizer("stop strings")
         if deadline_s is not None and (isinstance(deadline_s, bool) or not isinstance(deadline_s, (int, float))
                                        or not deadline_s > 0):
-            raise InvalidRequestError(f"{where}invalid deadline_s", expected="seconds > 0, or None", got=repr(deadline_s))
+            raise InvalidRequestError(
+                f"{where}invalid deadline_s", expected="seconds > 0, or None", got=repr(deadline_s)
+            )
         deadline = None if deadline_s is None else time.perf_counter() + float(deadline_s)
         return Request([int(t) for t in ids], int(max_new_tokens), params, deadline, bool(return_logits))
 
@@ -380,8 +382,12 @@ class Engine:
         else:
             params = list(sampling)
             if len(params) != len(prompts):
-                raise InvalidRequestError("one SamplingParams per prompt", expected=str(len(prompts)),
-                                          got=str(len(params)), fix="pass one SamplingParams for all, or one per prompt")
+                raise InvalidRequestError(
+                    "one SamplingParams per prompt",
+                    expected=str(len(prompts)),
+                    got=str(len(params)),
+                    fix="pass one SamplingParams for all, or one per prompt",
+                )
         requests = [self._prepare(p, max_new_tokens, s, None, return_logits, index=i)
                     for i, (p, s) in enumerate(zip(prompts, params))]
         self._enqueue(requests, block=True)
@@ -418,7 +424,9 @@ class Engine:
                                       fix="use generate() for text prompts")
         return [list(r.token_ids) for r in self.generate_results(list(prompt_ids), max_new_tokens, sampling)]
 
-    def stream(self, prompt: Prompt, max_new_tokens: int = 128, sampling: SamplingParams | None = None) -> Iterator[str]:
+    def stream(
+        self, prompt: Prompt, max_new_tokens: int = 128, sampling: SamplingParams | None = None
+    ) -> Iterator[str]:
         """Text pieces of one request as they become certain; ''.join(pieces) == generate()'s text.
 
         The request is validated and queued now; closing the iterator early cancels it.

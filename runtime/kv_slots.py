@@ -71,8 +71,11 @@ class SlotsBackend:
         if inputs != expected:
             raise GenerationError(
                 f"artifact {artifact.path}: io.inputs does not follow the shared-buffer contract",
-                expected="input_ids, position_ids, seqlens_k, total_sequence_length, " + ", ".join(self._past[:2]) + ", …",
-                got=str(sorted(inputs)), fix="re-run `lmforge optimize`",
+                expected="input_ids, position_ids, seqlens_k, total_sequence_length, "
+                + ", ".join(self._past[:2])
+                + ", …",
+                got=str(sorted(inputs)),
+                fix="re-run `lmforge optimize`",
             )
         if device.type == "cuda" and layout["kv_dtype"] == "float32":
             raise GenerationError(

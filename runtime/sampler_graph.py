@@ -136,7 +136,9 @@ def add_sampling(g: GraphBuilder, logits_last: str, vocab: int, steps: int, name
     vals = g.op("TopK", [s, n["candidates"]], {"axis": 1, "largest": 1, "sorted": 1}, outputs=2)[0]
     top_k = col(n["top_k"])
     k_pos = g.op("Max", [g.op("Sub", [top_k, one_i]), zero_i])
-    thr_k = g.op("Where", [g.op("Greater", [top_k, zero_i]), g.op("GatherElements", [vals, k_pos], {"axis": 1}), neg_inf])
+    thr_k = g.op(
+        "Where", [g.op("Greater", [top_k, zero_i]), g.op("GatherElements", [vals, k_pos], {"axis": 1}), neg_inf]
+    )
     in_k = g.op("GreaterOrEqual", [vals, thr_k])
     cand_w = g.op("Where", [in_k, g.op("Exp", [vals]), zero_f])
     norm = g.op("Where", [g.op("Greater", [top_k, zero_i]), g.op("ReduceSum", [cand_w, axis1], {"keepdims": 1}),

@@ -267,7 +267,7 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
 
     report: dict[str, Any] = {
         "schema": SCHEMA,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "command": list(config.command) or sys.argv,
         "device": {"type": config.device, "name": _device_name(config.device),
                    "copy_bandwidth_gb_s": round(bandwidth / 1e9, 2), "bandwidth_method": bw_method},
@@ -288,7 +288,10 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
         report["device"]["memory_method"] = sampler.method
         load_mem: dict[str, float] = {}
         for runner in runners:
-            entry: dict[str, Any] = {"name": runner.name, "kind": "lmforge" if isinstance(runner, LmforgeRunner) else "peer"}
+            entry: dict[str, Any] = {
+                "name": runner.name,
+                "kind": "lmforge" if isinstance(runner, LmforgeRunner) else "peer",
+            }
             before = sampler.mark()
             t0 = time.perf_counter()
             log.info("preparing %s …", runner.name)
@@ -407,6 +410,8 @@ def render_table(report: dict[str, Any]) -> str:
         return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
 
     d, s = report["device"], report["settings"]
-    title = (f"{d['name']} ({d['type']}), copy bandwidth {d['copy_bandwidth_gb_s']:.1f} GB/s; prompt {s['prompt_len']}, "
-             f"{s['new_tokens']} new tokens, greedy, median of {s['repeats']}")
+    title = (
+        f"{d['name']} ({d['type']}), copy bandwidth {d['copy_bandwidth_gb_s']:.1f} GB/s; prompt {s['prompt_len']}, "
+        f"{s['new_tokens']} new tokens, greedy, median of {s['repeats']}"
+    )
     return "\n".join([title, fmt(head), *(fmt(line) for line in lines)])

@@ -22,7 +22,7 @@ import os
 import resource
 import subprocess
 import threading
-from typing import Callable
+from collections.abc import Callable
 
 __all__ = ["MemorySampler", "memory_probe"]
 

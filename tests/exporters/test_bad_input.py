@@ -57,7 +57,9 @@ def test_folder_without_config(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert leftovers(tmp_path, "out") == []
 
 
-def test_hub_id_without_hub(tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_hub_id_without_hub(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     started = time.perf_counter()
     code, err = run_cli(capsys, "convert", "HuggingFaceTB/SmolLM2-135M", "-o", str(tmp_path / "out"))
@@ -134,7 +136,9 @@ def test_not_a_gguf_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     assert_one_line_error(code, err, "not a .gguf model")
 
 
-def test_existing_output_refused_then_forced(tiny_llama: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_existing_output_refused_then_forced(
+    tiny_llama: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     out = tmp_path / "existing"
     out.mkdir()
     (out / "keep.txt").write_text("precious")
@@ -295,5 +299,12 @@ def test_external_locations_reader_matches_onnx(tiny_llama: Path) -> None:
 def test_inspect_table(tiny_llama: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["inspect", str(tiny_llama)]) == 0
     out = capsys.readouterr().out
-    for needle in ("architecture  llama", "kv_mode concat", "past_key_values.{i}.key", "× 2 layers", "model.onnx.data", "precision     fp32"):
+    for needle in (
+        "architecture  llama",
+        "kv_mode concat",
+        "past_key_values.{i}.key",
+        "× 2 layers",
+        "model.onnx.data",
+        "precision     fp32",
+    ):
         assert needle in out

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -25,16 +26,30 @@ PROMPTS = [
 NEW_TOKENS = 32
 
 
-def ort_greedy(session: ort.InferenceSession, prompt_ids: list[int], new_tokens: int, layers: int, kv_heads: int, head_dim: int, eos: set[int]) -> list[int]:
+def ort_greedy(
+    session: ort.InferenceSession,
+    prompt_ids: list[int],
+    new_tokens: int,
+    layers: int,
+    kv_heads: int,
+    head_dim: int,
+    eos: set[int],
+) -> list[int]:
     """A plain concat-KV greedy loop over ORT (the runtime issue builds the real one)."""
     ids = np.array([prompt_ids], dtype=np.int64)
     mask = np.ones_like(ids)
     pos = np.arange(ids.shape[1], dtype=np.int64)[None]
-    past = {f"past_key_values.{i}.{k}": np.zeros((1, kv_heads, 0, head_dim), np.float32) for i in range(layers) for k in ("key", "value")}
+    past = {
+        f"past_key_values.{i}.{k}": np.zeros((1, kv_heads, 0, head_dim), np.float32)
+        for i in range(layers)
+        for k in ("key", "value")
+    }
     out_names = [o.name for o in session.get_outputs()]
     generated: list[int] = []
     for _ in range(new_tokens):
-        outs = dict(zip(out_names, session.run(None, {"input_ids": ids, "attention_mask": mask, "position_ids": pos, **past})))
+        outs = dict(
+            zip(out_names, session.run(None, {"input_ids": ids, "attention_mask": mask, "position_ids": pos, **past}))
+        )
         token = int(outs["logits"][0, -1].argmax())
         generated.append(token)
         if token in eos:
@@ -58,10 +73,16 @@ def test_smollm2_greedy_matches_transformers(smollm2: Path, smollm2_torch: Any) 
     for prompt in PROMPTS:
         enc = loaded.tokenizer(prompt, return_tensors="pt")
         with torch.no_grad():
-            ref = loaded.model.generate(**enc, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=manifest["generation"]["pad_token_id"])
+            ref = loaded.model.generate(
+                **enc, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=manifest["generation"]["pad_token_id"]
+            )
         ref_new = ref[0, enc["input_ids"].shape[1]:].tolist()
-        got = ort_greedy(session, enc["input_ids"][0].tolist(), NEW_TOKENS, arch["layers"], arch["kv_heads"], arch["head_dim"], eos)
-        assert got == ref_new, f"prompt {prompt!r}: ONNX {loaded.tokenizer.decode(got)!r} vs torch {loaded.tokenizer.decode(ref_new)!r}"
+        got = ort_greedy(
+            session, enc["input_ids"][0].tolist(), NEW_TOKENS, arch["layers"], arch["kv_heads"], arch["head_dim"], eos
+        )
+        assert got == ref_new, (
+            f"prompt {prompt!r}: ONNX {loaded.tokenizer.decode(got)!r} vs torch {loaded.tokenizer.decode(ref_new)!r}"
+        )
         assert len(got) >= 8
 
 
@@ -74,7 +95,12 @@ def _mean_pool(hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:
 def test_minilm_sentence_embeddings_match(artifact_cache: Callable[[str], Path]) -> None:
     path = artifact_cache("builtin:minilm-l6")
     loaded = load_source("builtin:minilm-l6")
-    sentences = ["A man is eating food.", "Ein Mann isst etwas.", "The new movie is awesome, I loved every minute of it!", "Paris"]
+    sentences = [
+        "A man is eating food.",
+        "Ein Mann isst etwas.",
+        "The new movie is awesome, I loved every minute of it!",
+        "Paris",
+    ]
     enc = loaded.tokenizer(sentences, padding=True, return_tensors="pt")
     with torch.no_grad():
         hidden = loaded.model(**enc).last_hidden_state.numpy()

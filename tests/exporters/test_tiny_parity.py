@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -93,7 +94,9 @@ def test_encoder_matches_torch(artifact_cache: Callable[[str], Path]) -> None:
     tti = torch.zeros_like(ids)
     with torch.no_grad():
         ref = loaded.model(input_ids=ids, attention_mask=mask, token_type_ids=tti).last_hidden_state.numpy()
-    got = session.run(["last_hidden_state"], {"input_ids": ids.numpy(), "attention_mask": mask.numpy(), "token_type_ids": tti.numpy()})[0]
+    got = session.run(
+        ["last_hidden_state"], {"input_ids": ids.numpy(), "attention_mask": mask.numpy(), "token_type_ids": tti.numpy()}
+    )[0]
     assert got.shape == ref.shape
     assert np.abs(got - ref).max() <= TOL
 
@@ -112,7 +115,12 @@ def test_manifest_describes_the_graph(tiny_llama: Path) -> None:
     assert [t.name for t in artifact.inputs] == expected_inputs
     shapes = {t.name: t.shape for t in artifact.inputs + artifact.outputs}
     assert shapes["attention_mask"] == ("batch", "total")
-    assert shapes["past_key_values.0.key"] == ("batch", m["architecture"]["kv_heads"], "past", m["architecture"]["head_dim"])
+    assert shapes["past_key_values.0.key"] == (
+        "batch",
+        m["architecture"]["kv_heads"],
+        "past",
+        m["architecture"]["head_dim"],
+    )
     assert shapes["present.0.key"][2] == "total"
     assert m["export"]["ir_version"] <= 10
     assert m["export"]["check_max_abs_diff"] < 1e-4

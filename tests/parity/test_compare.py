@@ -16,7 +16,7 @@ from parity.compare import (
     truncate_at_eos,
 )
 from runtime.errors import ParityError
-from tests.parity._synth import K, make_reference, rank, runner_up, candidate
+from tests.parity._synth import K, candidate, make_reference, rank, runner_up
 
 EOS = 2
 TINY = 1 / 128  # margins and offsets are dyadic so that float32 holds them exactly
@@ -129,7 +129,9 @@ def test_reference_generated_past_its_eos_is_cut_there():
 
 def test_candidate_eos_where_reference_continues_is_a_divergence_at_that_step():
     ref = make_reference("p", TOKENS, [TINY] * 8)
-    near = compare_prompt(ref, candidate(ref, [11, 12, runner_up(ref, 2)]), tie_threshold=0.1, eos_token_ids=[runner_up(ref, 2)])
+    near = compare_prompt(
+        ref, candidate(ref, [11, 12, runner_up(ref, 2)]), tie_threshold=0.1, eos_token_ids=[runner_up(ref, 2)]
+    )
     assert near.classification is Outcome.NEAR_TIE and near.first_divergence == 2
     assert near.cand_token == runner_up(ref, 2) and near.cand_length == 3
     ref2 = make_reference("q", TOKENS)
@@ -252,7 +254,9 @@ def test_reference_json_round_trip_is_bit_exact():
 
 def test_malformed_reference_entry_is_refused():
     with pytest.raises(ParityError, match="malformed"):
-        ReferenceRun.from_json({"prompt_id": "p", "tokens": [1, 2], "top_ids": [[1, 2], [3]], "top_values": [[1.0, 0.0], [1.0]]})
+        ReferenceRun.from_json(
+            {"prompt_id": "p", "tokens": [1, 2], "top_ids": [[1, 2], [3]], "top_values": [[1.0, 0.0], [1.0]]}
+        )
     with pytest.raises(ParityError, match="malformed"):
         ReferenceRun.from_json({"prompt_id": "p", "tokens": [1]})
 

@@ -154,7 +154,9 @@ def test_int8_passes_with_half_exact_and_drifts_after_16_tokens():
 
 
 def test_int8_fails_on_an_early_drift_and_too_few_exact():
-    comparisons = exact(19) + [near(i, step=3) for i in range(7)] + [drift(i, step=16 + i) for i in range(13)] + [drift(99, 15)]
+    comparisons = (
+        exact(19) + [near(i, step=3) for i in range(7)] + [drift(i, step=16 + i) for i in range(13)] + [drift(99, 15)]
+    )
     verdict = evaluate(POLICIES["int8"], comparisons)
     assert not verdict.passed
     assert verdict.reasons == (
@@ -202,7 +204,9 @@ def test_skipped_prompts_are_counted_and_noted_not_judged(precision):
     verdict = evaluate(POLICIES[precision], comparisons)
     assert verdict.passed
     assert verdict.summary.prompts == 11 and verdict.summary.skipped == 1 and verdict.summary.compared == 10
-    assert verdict.notes[0] == "1 prompt(s) skipped, not judged: huge (prompt of 9000 tokens exceeds the context of 8192)"
+    assert (
+        verdict.notes[0] == "1 prompt(s) skipped, not judged: huge (prompt of 9000 tokens exceeds the context of 8192)"
+    )
 
 
 def test_nothing_compared_fails():
@@ -226,9 +230,22 @@ def test_duplicate_prompt_ids_are_refused():
 
 
 def test_summary_counts_every_outcome():
-    comparisons = exact(3) + [near(0, 1), drift(0, 2), drift(1, 3), result("m", Outcome.LENGTH_MISMATCH, 4), skipped("s", "x")]
+    comparisons = exact(3) + [
+        near(0, 1),
+        drift(0, 2),
+        drift(1, 3),
+        result("m", Outcome.LENGTH_MISMATCH, 4),
+        skipped("s", "x"),
+    ]
     summary = summarize(comparisons)
-    assert summary.to_json() == {"prompts": 8, "exact": 3, "near_tie": 1, "drift": 2, "length_mismatch": 1, "skipped": 1}
+    assert summary.to_json() == {
+        "prompts": 8,
+        "exact": 3,
+        "near_tie": 1,
+        "drift": 2,
+        "length_mismatch": 1,
+        "skipped": 1,
+    }
 
 
 def test_policy_json_is_plain_data():

@@ -34,7 +34,10 @@ def tiny():
 
 @pytest.fixture()
 def manifest(tiny):
-    return {"source": {"kind": "tiny", "ref": "tiny:llama", "path": None, "sha256": tiny.sha256}, "generation": tiny.generation}
+    return {
+        "source": {"kind": "tiny", "ref": "tiny:llama", "path": None, "sha256": tiny.sha256},
+        "generation": tiny.generation,
+    }
 
 
 class CountingLoader:

@@ -32,7 +32,13 @@ def comparisons():
 
     ref = make_reference("drifty", TOKENS)
     growth = np.geomspace(1e-3, 1.0, 40)[:, None] * np.ones((40, K))
-    out.append(compare_prompt(ref, candidate(ref, TOKENS[:5] + [runner_up(ref, 5)] + TOKENS[6:], growth, teacher_forced=True), tie_threshold=0.1))
+    out.append(
+        compare_prompt(
+            ref,
+            candidate(ref, TOKENS[:5] + [runner_up(ref, 5)] + TOKENS[6:], growth, teacher_forced=True),
+            tie_threshold=0.1,
+        )
+    )
 
     ref = make_reference("nan", TOKENS[:8])
     offsets = np.zeros((8, K))
@@ -57,7 +63,9 @@ def test_terminal_table_has_one_row_per_prompt_and_the_verdict():
     lines = text.splitlines()
     assert lines[0].split() == ["prompt", "result", "ref", "→", "cand", "margin", "max", "|Δlogit|"]
     row = next(line for line in lines if line.startswith("tie "))
-    assert "near-tie at step 12" in row and "32 'tok32' → 1121 'tok1121'" in row and "0.0312" in row and "1.56e-02" in row
+    assert (
+        "near-tie at step 12" in row and "32 'tok32' → 1121 'tok1121'" in row and "0.0312" in row and "1.56e-02" in row
+    )
     assert "drift at step 5" in next(line for line in lines if line.startswith("drifty"))
     assert "inf" in next(line for line in lines if line.startswith("nan "))
     assert "skipped: prompt of 9000 tokens" in text

@@ -171,7 +171,9 @@ def test_batch_mismatch_judged_against_the_reference() -> None:
     from parity.verify import judge_batch_mismatch
 
     # reference at step 1: token 3 scores 10.0, token 8 scores 9.95, token 1 scores 4.0
-    reference = SimpleNamespace(top_ids=np.array([[7, 1, 2], [3, 8, 1]]), top_values=np.array([[9.0, 1.0, 0.0], [10.0, 9.95, 4.0]]))
+    reference = SimpleNamespace(
+        top_ids=np.array([[7, 1, 2], [3, 8, 1]]), top_values=np.array([[9.0, 1.0, 0.0], [10.0, 9.95, 4.0]])
+    )
     agreed = SimpleNamespace(first_divergence=None)
     tie = judge_batch_mismatch(BatchMismatch("b", 1, 3, 8), reference, agreed, tie_threshold=0.1)
     assert tie.near_tie and abs(tie.ref_gap - 0.05) < 1e-9

@@ -4,9 +4,8 @@ artifact, precisions, and the refusals of ``optimize`` (exit 2, nothing written)
 from __future__ import annotations
 
 import json
-import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pytest
@@ -41,7 +40,9 @@ def optimized(artifact_cache: Callable[[str], Path], tmp_path_factory: pytest.Te
     def get(arch: str, precision: str = "fp32"):  # type: ignore[no-untyped-def]
         if (arch, precision) not in made:
             out = root / f"{arch}-{precision}"
-            report = optimize_artifact(artifact_cache(f"tiny:{arch}"), out, "cpu", precision, check=True, progress=False)
+            report = optimize_artifact(
+                artifact_cache(f"tiny:{arch}"), out, "cpu", precision, check=True, progress=False
+            )
             made[(arch, precision)] = (out, report)
         return made[(arch, precision)]
 
@@ -60,7 +61,7 @@ def test_architecture_fusions(arch: str, optimized, artifact_cache) -> None:  # 
     for op, n in EXPECTED_OPS[arch].items():
         assert report.ops.get(op, 0) == n, (op, report.ops)
     assert set(report.missing) == KNOWN_MISSES.get(arch, set())
-    for op, reasons in report.missing.items():
+    for _op, reasons in report.missing.items():
         assert reasons and all(r.startswith("[") for r in reasons)  # each names the pass and the tracer's reason
     # the pipeline's own --check passed, and an independent comparison agrees
     assert report.check is not None and report.check["ok"]

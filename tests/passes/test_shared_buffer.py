@@ -4,8 +4,8 @@ numbers against the concat graph (``--check``), and the refusals."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import onnx_ir as ir
@@ -61,7 +61,10 @@ def test_io_rewrite(shared, precision: str, kv_dtype: str) -> None:  # type: ign
     assert {"name": "rotary-into-gqa", "count": 2} in m["passes"] and {"name": "packed-qkv", "count": 2} in m["passes"]
     for node in gqa:
         assert node.attributes.get_int("do_rotary", 0) == 1 and node.inputs[1] is None and node.inputs[2] is None
-        assert node.inputs[0].producer().op_type == "MatMul" and node.inputs[0].shape[-1] == 96 + 2 * 2 * 16  # hidden + k + v
+        assert (
+            node.inputs[0].producer().op_type == "MatMul"
+            and node.inputs[0].shape[-1] == 96 + 2 * 2 * 16  # hidden + k + v
+        )
     # --check compared it with the concat graph on the check cases (left-padded row included)
     assert report.check["ok"]
     bound = 1e-4 if precision == "fp32" else 0.05

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import shutil
 import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pytest
@@ -84,8 +84,12 @@ def test_sampled_rows_match_across_backends_and_batches(pair) -> None:  # type: 
     """The same seeded sampling step in both backends: per-row uniforms, per-row parameters."""
     concat, slots = pair
     prompts = _prompts(4, seed=5)
-    params = [SamplingParams(temperature=0.9, seed=1), SamplingParams(), SamplingParams(temperature=1.3, top_k=20, seed=2),
-              SamplingParams(temperature=0.8, top_p=0.7, min_p=0.05, presence_penalty=0.5, seed=3)]
+    params = [
+        SamplingParams(temperature=0.9, seed=1),
+        SamplingParams(),
+        SamplingParams(temperature=1.3, top_k=20, seed=2),
+        SamplingParams(temperature=0.8, top_p=0.7, min_p=0.05, presence_penalty=0.5, seed=3),
+    ]
     alone = [concat.generate_ids([p], 10, s)[0] for p, s in zip(prompts, params)]
     assert concat.generate_ids(prompts, 10, params) == alone
     assert slots.generate_ids(prompts, 10, params) == alone
@@ -137,7 +141,9 @@ def test_min_new_tokens_boundary_in_the_step_model(pair) -> None:  # type: ignor
                 continue  # the stop id appears earlier too; the boundary is not at step k
             held = slots.generate_results([prompt], 12, SamplingParams(stop_token_ids=(stop,), min_new_tokens=k))[0]
             assert held.token_ids == tuple(free[:k + 1])  # allowed at step k: stops there
-            early = slots.generate_results([prompt], 12, SamplingParams(stop_token_ids=(stop,), min_new_tokens=k + 1))[0]
+            early = slots.generate_results(
+                [prompt], 12, SamplingParams(stop_token_ids=(stop,), min_new_tokens=k + 1)
+            )[0]
             assert early.token_ids[:k] == tuple(free[:k]) and early.token_ids[k] != stop  # masked at step k
             checked += 1
             break

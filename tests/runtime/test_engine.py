@@ -23,7 +23,9 @@ def reference_greedy(path: Path, prompt: list[int], max_new_tokens: int) -> list
     session = ort.InferenceSession(str(path / "model.onnx"), providers=["CPUExecutionProvider"])
     inputs = {t["name"]: t for t in manifest["io"]["inputs"]}
     kv, layers = manifest["kv"], manifest["architecture"]["layers"]
-    pairs = [(kv[f"past_{k}"].format(i=i), kv[f"present_{k}"].format(i=i)) for i in range(layers) for k in ("key", "value")]
+    pairs = [
+        (kv[f"past_{k}"].format(i=i), kv[f"present_{k}"].format(i=i)) for i in range(layers) for k in ("key", "value")
+    ]
     past = {
         p: np.zeros([1 if d == "batch" else d if isinstance(d, int) else 0 for d in inputs[p]["shape"]], np.float32)
         for p, _ in pairs
@@ -80,7 +82,11 @@ def test_rows_leave_the_batch_when_they_stop(llama: Engine) -> None:
 
 def test_per_row_sampling_in_one_batch(llama: Engine) -> None:
     prompts = [llama.encode(p) for p in PROMPTS[:3]]
-    params = [SamplingParams(), SamplingParams(temperature=1.0, seed=7), SamplingParams(temperature=0.7, top_p=0.8, seed=8)]
+    params = [
+        SamplingParams(),
+        SamplingParams(temperature=1.0, seed=7),
+        SamplingParams(temperature=0.7, top_p=0.8, seed=8),
+    ]
     batched = llama.generate_ids(prompts, max_new_tokens=16, sampling=params)
     alone = [llama.generate_ids([p], max_new_tokens=16, sampling=s)[0] for p, s in zip(prompts, params)]
     assert batched == alone
@@ -202,16 +208,30 @@ def test_a_failed_request_leaves_the_engine_usable(tiny_llama: Path) -> None:
         (lambda e: e.generate("hi", 0), "invalid max_new_tokens | expected an integer > 0 | got 0"),
         (lambda e: e.generate("hi", -3), "invalid max_new_tokens | expected an integer > 0 | got -3"),
         (lambda e: e.generate("hi", True), "invalid max_new_tokens"),
-        (lambda e: e.generate_ids([[1, 320]], 5), "request 0: token ids outside the vocabulary | expected integers in [0, 320) | got [320]"),
-        (lambda e: e.generate_ids([[-1, 4]], 5), "request 0: token ids outside the vocabulary | expected integers in [0, 320) | got [-1]"),
-        (lambda e: e.generate_ids([[5] * 500], 13),
-         "request 0: prompt + max_new_tokens exceeds the context | expected at most 512 tokens in all | got a 500-token prompt + 13 new tokens = 513"),
+        (
+            lambda e: e.generate_ids([[1, 320]], 5),
+            "request 0: token ids outside the vocabulary | expected integers in [0, 320) | got [320]",
+        ),
+        (
+            lambda e: e.generate_ids([[-1, 4]], 5),
+            "request 0: token ids outside the vocabulary | expected integers in [0, 320) | got [-1]",
+        ),
+        (
+            lambda e: e.generate_ids([[5] * 500], 13),
+            "request 0: prompt + max_new_tokens exceeds the context | expected at most 512 tokens in all "
+            "| got a 500-token prompt + 13 new tokens = 513",
+        ),
         (lambda e: e.generate(["a", "b"], 5, [SamplingParams()]), "one SamplingParams per prompt | expected 2 | got 1"),
-        (lambda e: e.generate("a", 5, SamplingParams(stop_token_ids=(400,))), "request 0: stop_token_ids outside the vocabulary"),
+        (
+            lambda e: e.generate("a", 5, SamplingParams(stop_token_ids=(400,))),
+            "request 0: stop_token_ids outside the vocabulary",
+        ),
         (lambda e: e.generate_ids("abc", 5), "generate_ids takes lists of token ids"),
     ],
 )
-def test_bad_requests_fail_before_allocation(llama: Engine, call, message: str, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
+def test_bad_requests_fail_before_allocation(
+    llama: Engine, call, message: str, monkeypatch: pytest.MonkeyPatch  # noqa: ANN001
+) -> None:
     def no_alloc(*_args: object) -> None:
         raise AssertionError("allocated before validating")
 
@@ -271,7 +291,9 @@ def test_bloom_has_no_position_ids(tmp_path_factory: pytest.TempPathFactory) -> 
     assert engine.generate_ids(prompts, 16) == [reference_greedy(path, p, 16) for p in prompts]
 
 
-def test_cli_generate_streams_the_same_text(tiny_llama: Path, llama: Engine, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_generate_streams_the_same_text(
+    tiny_llama: Path, llama: Engine, capsys: pytest.CaptureFixture[str]
+) -> None:
     from lmforge.cli import main
 
     params = SamplingParams(temperature=0.9, top_k=40, seed=5)

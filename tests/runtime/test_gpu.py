@@ -9,8 +9,8 @@ requests arriving while others decode, many threads — and really replay captur
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import onnxruntime as ort
@@ -67,7 +67,9 @@ def test_captured_sampling_and_stops_match(engines) -> None:  # type: ignore[no-
               for i in range(6)]
     full = plain.generate_ids(prompts, 20, params)
     assert graph.generate_ids(prompts, 20, params) == full
-    stops = [SamplingParams(stop_token_ids=(ids[k],)) for ids, k in zip(plain.generate_ids(prompts, 20), (1, 3, 5, 7, 9, 11))]
+    stops = [
+        SamplingParams(stop_token_ids=(ids[k],)) for ids, k in zip(plain.generate_ids(prompts, 20), (1, 3, 5, 7, 9, 11))
+    ]
     assert graph.generate_ids(prompts, 20, stops) == plain.generate_ids(prompts, 20, stops)
 
 

@@ -21,7 +21,9 @@ def test_sampler_graph_passes_onnx_checker(logits_dtype: str) -> None:
     assert model.ir_version == 8
     assert [(o.domain, o.version) for o in model.opset_import] == [("", 18)]
     assert [i.name for i in model.graph.input][:2] == ["logits", "attention_mask"]
-    assert model.graph.input[0].type.tensor_type.elem_type == onnx.helper.np_dtype_to_tensor_dtype(np.dtype(logits_dtype))
+    assert model.graph.input[0].type.tensor_type.elem_type == onnx.helper.np_dtype_to_tensor_dtype(
+        np.dtype(logits_dtype)
+    )
     step = next(i for i in model.graph.input if i.name == "step")
     assert len(step.type.tensor_type.shape.dim) == 1  # one count per row
     assert "CumSum" in {n.op_type for n in model.graph.node}

@@ -150,7 +150,10 @@ def test_top_p_boundary_is_exclusive_like_transformers(sampler: Sampler) -> None
 def _hf_probs(logits: np.ndarray, temperature: float, top_k: int, top_p: float, min_p: float) -> np.ndarray:
     import torch
     from transformers.generation.logits_process import (
-        MinPLogitsWarper, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper,
+        MinPLogitsWarper,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
     )
 
     scores = torch.tensor(logits[None, :], dtype=torch.float32)

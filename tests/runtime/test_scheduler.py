@@ -14,14 +14,20 @@ import random
 import shutil
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pytest
 
 from runtime import (
-    EngineClosedError, Engine, FinishReason, GenerationError, InvalidRequestError, QueueFullError, SamplingParams,
+    Engine,
+    EngineClosedError,
+    FinishReason,
+    GenerationError,
+    InvalidRequestError,
+    QueueFullError,
+    SamplingParams,
 )
 
 
