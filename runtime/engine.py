@@ -165,6 +165,8 @@ class Engine:
         layout = decoder_layout(artifact, max_context, kv_memory_gb if slots else None, self.max_batch)
         self.vocab, self.max_context = layout["vocab"], layout["max_context"]
         self.eos_token_ids: frozenset[int] = layout["eos"]
+        pad = layout["pad"]
+        self.pad_token_id = int(pad) if pad is not None else (min(self.eos_token_ids) if self.eos_token_ids else 0)
         self._device = Device(device, threads=threads, fp32_exact=artifact.precision == "fp32")
         if cuda_graph is None:
             cuda_graph = slots and self.device == "cuda"

@@ -25,11 +25,11 @@ EXPECTED_OPS: dict[str, dict[str, int]] = {
     "qwen2": {"SimplifiedLayerNormalization": 1, "SkipSimplifiedLayerNormalization": 4,
               "GroupQueryAttention": 2, "RotaryEmbedding": 4},
     "gpt2": {"SkipLayerNormalization": 5, "FastGelu": 2, "MultiHeadAttention": 2},
-    "bloom": {"LayerNormalization": 2, "SkipLayerNormalization": 4, "FastGelu": 2},
+    "bloom": {"LayerNormalization": 2, "SkipLayerNormalization": 4, "FastGelu": 2, "MultiHeadAttention": 2},
     "bert": {"LayerNormalization": 1, "SkipLayerNormalization": 4, "BiasGelu": 2, "Attention": 2},
 }
 # Expected by the spec and not fused, with the pass whose tracer explains it.
-KNOWN_MISSES: dict[str, set[str]] = {"bloom": {"MultiHeadAttention"}}
+KNOWN_MISSES: dict[str, set[str]] = {}
 
 
 @pytest.fixture(scope="module")
