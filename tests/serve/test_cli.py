@@ -38,7 +38,7 @@ def test_bench_serve_unreachable_url(capsys: pytest.CaptureFixture[str]) -> None
     assert "cannot reach" in capsys.readouterr().err
 
 
-def test_app_mounts_inside_another_fastapi_app(loose_sampling: None) -> None:
+def test_app_mounts_inside_another_fastapi_app() -> None:
     engine = FakeEngine()
     try:
         outer = FastAPI()
