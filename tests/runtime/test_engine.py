@@ -227,6 +227,10 @@ def test_a_failed_request_leaves_the_engine_usable(tiny_llama: Path) -> None:
             "request 0: stop_token_ids outside the vocabulary",
         ),
         (lambda e: e.generate_ids("abc", 5), "generate_ids takes lists of token ids"),
+        (lambda e: e.generate("a", 5, {"temperature": 1.0}),
+         "sampling must be a SamplingParams or one per prompt | got dict"),
+        (lambda e: e.generate("a", 5, SamplingParams(temperature=1.0, top_k=5000)),
+         "request 0: top_k above the engine's candidate bound | expected top_k <= 320"),
     ],
 )
 def test_bad_requests_fail_before_allocation(
