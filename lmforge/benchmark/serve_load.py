@@ -68,7 +68,7 @@ class Mix:
     def params(self, rng: random.Random, i: int) -> dict[str, Any]:
         if rng.random() < self.greedy:
             return {"temperature": 0.0}
-        return {"temperature": 0.8, "top_p": 0.95, "seed": i}
+        return {"temperature": 0.8, "top_p": 0.95, "seed": i % 2**31}  # warm-up indices are negative
 
 
 @dataclasses.dataclass(frozen=True)

@@ -107,3 +107,15 @@ def test_bench_serve_counts_refusals_by_kind(fake_server, tmp_path) -> None:  # 
                  "--new-tokens", "5", "--warmup", "0", "--json", str(out)]) == 0
     (point,) = json.loads(out.read_text())["results"]
     assert point["errors"].get("http_429", 0) >= 3 and point["completed"] + point["errors"]["http_429"] == 6
+
+
+def test_sampled_requests_carry_valid_seeds_for_warm_up_indices() -> None:
+    """Warm-up requests use negative indices; their seeds must still be valid (a negative seed is a 400)."""
+    import random
+
+    from runtime import SamplingParams
+
+    mix = serve_load.Mix(greedy=0.0)
+    for i in (-100_003, -1, 0, 7):
+        params = mix.params(random.Random(i), i)
+        SamplingParams(temperature=params["temperature"], top_p=params["top_p"], seed=params["seed"])
