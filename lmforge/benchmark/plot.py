@@ -10,7 +10,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-__all__ = ["plot_report"]
+__all__ = ["plot_report", "save_figure"]
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +44,13 @@ def plot_report(report: dict[str, Any], path: str | Path) -> Path:
                  fontsize=9)
     ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
+    return save_figure(fig, path)
+
+
+def save_figure(fig: Any, path: str | Path) -> Path:
+    """Lay out, write (parents made) and close a matplotlib figure; the path written."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)

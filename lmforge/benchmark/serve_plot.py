@@ -11,6 +11,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from lmforge.benchmark.plot import save_figure
+
 __all__ = ["plot_serve_report"]
 
 log = logging.getLogger(__name__)
@@ -44,10 +46,4 @@ def plot_serve_report(report: dict[str, Any], path: str | Path) -> Path:
         ax.legend(fontsize=6)
     s = report["settings"]
     fig.suptitle(f"bench-serve — prompts {s['prompts']}, {s['new_tokens']} new tokens, mix {s['mix']}", fontsize=9)
-    fig.tight_layout()
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    log.info("wrote %s", out)
-    return out
+    return save_figure(fig, path)
