@@ -1,4 +1,9 @@
-"""``lmforge serve ARTIFACT``: the OpenAI-compatible HTTP server (``runtime.serve``) over one Engine."""
+"""``lmforge serve ARTIFACT [--instances N]``: the OpenAI-compatible HTTP server (``runtime.serve``).
+
+A decoder artifact gets an ``Engine`` (completions, chat), an encoder artifact an ``Encoder``
+(``/v1/embeddings``), as the manifest says. ``--instances N`` runs N worker processes on one port,
+each pinned to its own slice of the usable cores (``runtime.serve.instances``).
+"""
 
 from __future__ import annotations
 
@@ -20,19 +25,25 @@ log = logging.getLogger(__name__)
 def register(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "serve",
-        help="serve an artifact over the OpenAI HTTP API (completions, chat, streaming, metrics)",
-        description="Serve an lmforge artifact on FastAPI + uvicorn: /v1/completions, /v1/chat/completions "
-                    "(server-sent events when stream=true), /v1/models, /health, /ready, /metrics. "
-                    "SIGTERM or Ctrl-C drains: requests in flight finish, new ones get 503.",
+        help="serve an artifact over the OpenAI HTTP API (completions, chat, streaming, embeddings, metrics)",
+        description="Serve an lmforge artifact on FastAPI + uvicorn: a decoder on /v1/completions and "
+                    "/v1/chat/completions (server-sent events when stream=true), an encoder on /v1/embeddings; "
+                    "/v1/models, /health, /ready, /metrics for both. SIGTERM or Ctrl-C drains: requests in "
+                    "flight finish, new ones get 503.",
     )
-    parser.add_argument("artifact", metavar="ARTIFACT", help="decoder artifact folder")
+    parser.add_argument("artifact", metavar="ARTIFACT", help="decoder or encoder artifact folder")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", type=int, default=8000, help="default 8000 (0 = any free port)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="default cpu")
     parser.add_argument("--max-batch", type=int, default=16, metavar="N", help="running batch limit (default 16)")
     parser.add_argument("--max-queue", type=int, default=256, metavar="N",
                         help="waiting requests before 429 (default 256)")
-    parser.add_argument("--threads", type=int, default=None, metavar="N", help="onnxruntime intra-op threads")
+    parser.add_argument("--threads", type=int, default=None, metavar="N",
+                        help="onnxruntime intra-op threads (per instance; default: one per physical core, or per "
+                             "core of the instance's slice)")
+    parser.add_argument("--instances", type=int, default=1, metavar="N",
+                        help="worker processes behind the one port, each pinned to its own equal slice of the "
+                             "usable cores ($LMFORGE_CPUS, else the process's affinity); CPU only (default 1)")
     parser.add_argument("--api-key", default=None, metavar="KEY",
                         help="require 'Authorization: Bearer KEY' on every route but /health "
                              "(default $LMFORGE_API_KEY; none if unset)")
@@ -66,25 +77,67 @@ def run(args: argparse.Namespace) -> int:
             raise LmforgeError(f"invalid {flag}", expected="an integer >= 1", got=str(value))
     if not 0 <= args.port < 65536:
         raise LmforgeError("invalid --port", expected="0..65535", got=str(args.port))
+    slices = _slices(args.instances, args.device, args.threads)
 
-    from runtime import Engine
     from runtime.serve import serve
+    from runtime.serve.instances import ModelOptions, load_model, serve_instances
 
     api_key = args.api_key or os.environ.get("LMFORGE_API_KEY") or None
     if not _is_loopback(args.host) and not api_key:
         log.warning("listening on %s without an API key: anyone who can reach it can generate "
                     "(pass --api-key or set LMFORGE_API_KEY)", args.host)
-    engine = Engine.load(args.artifact, device=args.device, verify_hashes=not args.no_verify_hashes,
-                         max_batch=args.max_batch, max_queue=args.max_queue, threads=args.threads)
+    log_level = "info" if args.verbose or args.debug else "warning"
+    options = ModelOptions(artifact=args.artifact, device=args.device, verify_hashes=not args.no_verify_hashes,
+                           max_batch=args.max_batch, max_queue=args.max_queue,
+                           served_model_name=args.served_model_name, api_key=api_key,
+                           drain_timeout_s=args.drain_timeout, log_level=log_level)
+    name = args.served_model_name or os.path.basename(os.path.normpath(args.artifact))
+    auth = ", API key required" if api_key else ""
 
-    def listening(url: str) -> None:
-        name = args.served_model_name or os.path.basename(os.path.normpath(args.artifact))
-        auth = ", API key required" if api_key else ""
-        print(f"lmforge serve: {name} on {url} (OpenAI API at {url}/v1{auth}; Ctrl-C or SIGTERM drains and stops)",
-              flush=True)
+    if slices is None:
+        def listening(url: str) -> None:
+            print(f"lmforge serve: {name} on {url} (OpenAI API at {url}/v1{auth}; Ctrl-C or SIGTERM drains and "
+                  "stops)", flush=True)
 
-    serve(engine, host=args.host, port=args.port, served_model_name=args.served_model_name, api_key=api_key,
-          drain_timeout_s=args.drain_timeout, log_level="info" if args.verbose or args.debug else "warning",
-          on_listen=listening)
-    print("lmforge serve: stopped", file=sys.stderr)
-    return 0
+        serve(load_model(options, args.threads), host=args.host, port=args.port,
+              served_model_name=args.served_model_name, api_key=api_key, drain_timeout_s=args.drain_timeout,
+              log_level=log_level, on_listen=listening)
+        print("lmforge serve: stopped", file=sys.stderr)
+        return 0
+
+    from runtime.cpu import format_cpus
+
+    def listening_n(url: str, pids: list[int]) -> None:
+        cores = ", ".join(f"{i}: CPUs {format_cpus(c)} pid {pid}" for i, (c, pid) in enumerate(zip(slices, pids)))
+        print(f"lmforge serve: {name} on {url} ({len(slices)} instances × {args.threads or len(slices[0])} "
+              f"thread(s) [{cores}]; OpenAI API at {url}/v1{auth}; Ctrl-C or SIGTERM drains and stops)", flush=True)
+
+    code = serve_instances(options, slices, host=args.host, port=args.port, threads=args.threads,
+                           on_listen=listening_n)
+    print("lmforge serve: stopped" if code == 0 else "lmforge serve: a worker died; stopped the others",
+          file=sys.stderr)
+    return code
+
+
+def _slices(instances: int, device: str, threads: int | None) -> list[list[int]] | None:
+    """The CPU slice of each instance (None for one instance: it serves in this process, unpinned)."""
+    from runtime.cpu import available_cores, format_cpus, pin_from_env, split_cores
+
+    if instances < 1:
+        raise LmforgeError("invalid --instances", expected="an integer >= 1", got=str(instances))
+    if instances == 1:
+        return None
+    if device != "cpu":
+        raise LmforgeError(f"--instances {instances} with --device {device}", expected="--device cpu",
+                           fix="drop --instances: one process drives the GPU; --max-batch sets how much it batches")
+    cores = pin_from_env() or available_cores()
+    if instances > len(cores):
+        raise LmforgeError("invalid --instances", expected=f"1 to {len(cores)} (one core per instance at least; "
+                           f"usable CPUs {format_cpus(cores)})", got=str(instances),
+                           fix="lower --instances, or give the process more CPUs ($LMFORGE_CPUS or taskset)")
+    slices = split_cores(cores, instances)
+    if threads is not None and not 1 <= threads <= len(slices[0]):
+        raise LmforgeError("invalid --threads", expected=f"1 to {len(slices[0])} per instance "
+                           f"({instances} instances over CPUs {format_cpus(cores)})", got=str(threads),
+                           fix="leave --threads out: each instance gets one thread per core of its slice")
+    return slices

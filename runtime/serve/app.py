@@ -1,11 +1,17 @@
-"""The OpenAI-compatible ASGI app over one :class:`runtime.Engine`: ``create_app(engine)``.
+"""The OpenAI-compatible ASGI app over one :class:`runtime.Engine` or :class:`runtime.Encoder`:
+``create_app(engine_or_encoder)``.
 
 Routes: ``POST /v1/completions``, ``POST /v1/chat/completions`` (both streaming with server-sent
-events, ``data: [DONE]`` and ``stream_options.include_usage``), ``GET /v1/models``,
+events, ``data: [DONE]`` and ``stream_options.include_usage``), ``POST /v1/embeddings`` (an
+encoder; :mod:`runtime.serve.embeddings`), ``GET /v1/models``,
 ``GET /v1/models/{id}``, ``GET /health`` (live), ``GET /ready`` (engine ready and not draining),
 ``GET /metrics`` (Prometheus text). Each HTTP request submits one engine request per choice
 (``n`` choices per prompt, a list of prompts for completions) and reads their events with
 ``async for``; nothing here blocks the event loop but tokenization, which runs in a thread.
+
+Every route exists for both kinds of model; the ones the served model cannot answer say so with
+OpenAI's 404 body (as OpenAI answers a chat request to an embedding model): generation routes on an
+encoder, ``/v1/embeddings`` on a decoder.
 
 A client that goes away cancels its requests: while a response has not started, a task watches
 the ASGI ``receive`` channel for ``http.disconnect``; once it streams, Starlette cancels the body
@@ -30,19 +36,23 @@ from typing import Any
 
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request as HTTPRequest
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from runtime.encoder import Encoder
 from runtime.errors import GenerationError
 from runtime.request import FinishReason, Request, TokenEvent
 from runtime.sampling import SamplingParams
+from runtime.serve.embeddings import EmbeddingService, embedding_inputs, embeddings_response
 from runtime.serve.errors import APIError, error_body, from_generation_error, outcome_of
 from runtime.serve.metrics import ServeMetrics
 from runtime.serve.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
+    EmbeddingRequest,
     chat_chunk,
     chat_response,
     completion_chunk,
@@ -67,19 +77,34 @@ class ServeLimits:
     max_choices: int = 16  # prompts × n per request
     completion_default_max_tokens: int = 16  # OpenAI's default for /v1/completions
     retry_after_s: float = 5.0  # the Retry-After of a 503 while draining
+    max_embedding_inputs: int = 2048  # inputs per /v1/embeddings request (OpenAI's limit)
+    embedding_batch_size: int = 32  # rows per onnxruntime run inside one embeddings request
 
 
 class ServeState:
-    """What the routes share: the engine, the served name, the limits, the metrics, the drain flag."""
+    """What the routes share: the engine, the served name, the limits, the metrics, the drain flag.
+
+    ``engine`` is the :class:`runtime.Engine`, or for an :class:`runtime.Encoder` the
+    :class:`~runtime.serve.embeddings.EmbeddingService` around it (``embeddings`` is then that
+    service, else None); both have ``ready`` and ``close(drain, timeout)``.
+    """
 
     def __init__(self, engine: Any, model_name: str, api_key: str | None, limits: ServeLimits) -> None:
+        self.embeddings: EmbeddingService | None = None
+        if isinstance(engine, Encoder):
+            engine = EmbeddingService(engine, batch_size=limits.embedding_batch_size)
+        if isinstance(engine, EmbeddingService):
+            self.embeddings = engine
         self.engine = engine
         self.model_name = model_name
         self.api_key = api_key
         self.limits = limits
         self.created = int(time.time())
         self.draining = False
-        self.metrics = ServeMetrics(engine.stats, lambda: self.draining)
+        if self.embeddings is not None:
+            self.metrics = ServeMetrics(None, lambda: self.draining, endpoints=("embeddings",))
+        else:
+            self.metrics = ServeMetrics(engine.stats, lambda: self.draining)
 
     def start_drain(self) -> None:
         """From now on, generation requests get 503 and ``/ready`` says draining."""
@@ -196,7 +221,8 @@ class _ApiKeyMiddleware:
         if scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.key):
             await self.app(scope, receive, send)
             return
-        endpoint = {"/v1/completions": "completions", "/v1/chat/completions": "chat"}.get(scope["path"])
+        endpoint = {"/v1/completions": "completions", "/v1/chat/completions": "chat",
+                    "/v1/embeddings": "embeddings"}.get(scope["path"])
         if endpoint:
             self.state.metrics.requests.labels(endpoint, "unauthorized").inc()
         what = "missing API key" if not header else "invalid API key"
@@ -209,10 +235,14 @@ class _ApiKeyMiddleware:
 
 def create_app(engine: Any, *, served_model_name: str | None = None, api_key: str | None = None,
                limits: ServeLimits | None = None) -> FastAPI:
-    """The ASGI app serving ``engine`` (a :class:`runtime.Engine`); mount it or run it with uvicorn.
+    """The ASGI app serving ``engine``; mount it or run it with uvicorn.
 
-    ``served_model_name`` defaults to the artifact folder's name; ``api_key`` (if set) is required
-    as a bearer token on every route but ``/health``. ``app.state.lmforge`` is the
+    ``engine`` is a :class:`runtime.Engine` (a decoder: completions and chat) or a
+    :class:`runtime.Encoder` (an encoder: ``/v1/embeddings``); which one decides the routes that
+    answer — the others return OpenAI's 404 body saying what the model is. The app does not own it:
+    close it yourself (``runtime.serve.serve`` does, after draining). ``served_model_name``
+    defaults to the artifact folder's name; ``api_key`` (if set) is required as a bearer token on
+    every route but ``/health``. ``app.state.lmforge`` is the
     :class:`ServeState` (``start_drain()``, ``metrics``).
     """
     name = served_model_name or Path(str(engine.artifact.path)).name
@@ -231,6 +261,7 @@ def create_app(engine: Any, *, served_model_name: str | None = None, api_key: st
     app.add_api_route("/v1/models/{model_id:path}", server.model, methods=["GET"])
     app.add_api_route("/v1/completions", server.completions, methods=["POST"])
     app.add_api_route("/v1/chat/completions", server.chat, methods=["POST"])
+    app.add_api_route("/v1/embeddings", server.embeddings, methods=["POST"])
     return app
 
 
@@ -282,9 +313,12 @@ class _Handlers:
         return Response(body, media_type=content_type)
 
     def _card(self) -> dict[str, Any]:
-        return {"id": self.state.model_name, "object": "model", "created": self.state.created,
+        card = {"id": self.state.model_name, "object": "model", "created": self.state.created,
                 "owned_by": "lmforge", "max_model_len": int(self.engine.max_context),
                 "vocab_size": int(self.engine.vocab)}
+        if self.state.embeddings is not None:
+            card["embedding_dimensions"] = self.state.embeddings.dim
+        return card
 
     async def models(self) -> dict[str, Any]:
         return {"object": "list", "data": [self._card()]}
@@ -306,9 +340,61 @@ class _Handlers:
     async def chat(self, request: HTTPRequest) -> Response:
         return await self._generate(request, "chat")
 
+    def _wrong_kind(self, endpoint: str) -> APIError:
+        name = self.state.model_name
+        if endpoint == "embeddings":
+            return APIError(404, f"the model '{name}' is a decoder (text generation) and has no embeddings "
+                                 "| expected an encoder artifact on /v1/embeddings | serve an encoder artifact "
+                                 "(e.g. `lmforge convert builtin:minilm-l6`) for embeddings, and use "
+                                 "/v1/completions or /v1/chat/completions with this one",
+                            param="model", code="model_not_supported")
+        route = "/v1/chat/completions" if endpoint == "chat" else "/v1/completions"
+        return APIError(404, f"the model '{name}' is an encoder (embeddings) and cannot generate text "
+                             f"| expected a decoder artifact on {route} | use POST /v1/embeddings with this "
+                             "model, or serve a decoder artifact for text generation",
+                        param="model", code="model_not_supported")
+
+    async def embeddings(self, http: HTTPRequest) -> Response:
+        t0 = time.perf_counter()
+        service = self.state.embeddings
+        try:
+            if service is None:
+                raise self._wrong_kind("embeddings")
+            body = await _read_json(http, self.state.limits.max_body_bytes)
+            req = parse_request(EmbeddingRequest, body)
+            self._check_model(req.model)
+            if req.dimensions is not None and req.dimensions != service.dim:
+                raise APIError(400, f"this model's embeddings have {service.dim} dimensions | expected "
+                                    f"'dimensions' unset or {service.dim} | got {req.dimensions} "
+                                    "| drop 'dimensions' (this model cannot shorten its embeddings)",
+                               param="dimensions", code="invalid_value")
+            inputs = embedding_inputs(req.input, self.state.limits.max_embedding_inputs, service.vocab)
+            if self.state.draining:
+                raise self._draining_error()
+            try:
+                vectors, tokens = await run_in_threadpool(service.embed, inputs)
+            except GenerationError as exc:
+                raise from_generation_error(exc) from None
+            response = embeddings_response(self.state.model_name, vectors, tokens, req.encoding_format)
+        except APIError as exc:
+            self.m.requests.labels("embeddings", outcome_of(exc.status)).inc()
+            raise
+        self.m.requests.labels("embeddings", "ok").inc()
+        self.m.embedding_inputs.inc(len(inputs))
+        self.m.embedding_tokens.inc(tokens)
+        self.m.embedding_latency.observe(time.perf_counter() - t0)
+        return JSONResponse(response)
+
+    def _draining_error(self) -> APIError:
+        return APIError(503, "the server is draining (shutting down) | retry on another replica",
+                        type="server_error", code="draining",
+                        headers={"Retry-After": str(int(self.state.limits.retry_after_s))})
+
     async def _generate(self, http: HTTPRequest, endpoint: str) -> Response:
         t0 = time.perf_counter()
         try:
+            if self.state.embeddings is not None:
+                raise self._wrong_kind(endpoint)
             body = await _read_json(http, self.state.limits.max_body_bytes)
             if endpoint == "chat":
                 req = parse_request(ChatCompletionRequest, body)
@@ -328,9 +414,7 @@ class _Handlers:
                                     f"| got {len(plan)} × {req.n}", param="n", code="invalid_value")
             samplings = [self._sampling(req, stops, j) for j in range(req.n)]
             if self.state.draining:
-                raise APIError(503, "the server is draining (shutting down) | retry on another replica",
-                               type="server_error", code="draining",
-                               headers={"Retry-After": str(int(self.state.limits.retry_after_s))})
+                raise self._draining_error()
             choices = self._submit(plan, samplings)
         except APIError as exc:
             self.m.requests.labels(endpoint, outcome_of(exc.status)).inc()

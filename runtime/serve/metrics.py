@@ -3,12 +3,20 @@ do not collide; ``/metrics`` renders this registry only).
 
 Counted by the request handlers: requests by endpoint and outcome, prompt and generated tokens,
 histograms of time to first token, inter-token latency, end-to-end latency and queue wait.
-Read from ``engine.stats()`` at scrape time: queue depth, running batch size, the limits, steps.
+Read from ``engine.stats()`` at scrape time: queue depth, running batch size, the limits, steps
+(decoders only: an encoder has no queue). For ``/v1/embeddings``: requests by outcome (endpoint
+``embeddings``), inputs and tokens embedded, and a request latency histogram.
+
+With ``lmforge serve --instances N`` every worker process has its own registry, and ``/metrics``
+reports **the worker that answers the scrape** (not a sum): ``lmforge_worker_info{worker, pid}``
+says which. Scrape each worker (or sum rates over scrapes); prometheus_client's multiprocess mode
+was not used because the engine gauges are read live at scrape time, which that mode cannot do.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -16,6 +24,7 @@ from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
     Counter,
+    Gauge,
     Histogram,
     generate_latest,
 )
@@ -40,11 +49,15 @@ _E2E = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 60.0, 120.0, 300.
 class _EngineCollector(Collector):
     """Gauges read from the engine when Prometheus scrapes."""
 
-    def __init__(self, stats: Callable[[], Any], draining: Callable[[], bool]) -> None:
+    def __init__(self, stats: Callable[[], Any] | None, draining: Callable[[], bool]) -> None:
         self._stats = stats
         self._draining = draining
 
     def collect(self) -> Iterator[Any]:
+        yield GaugeMetricFamily("lmforge_draining", "1 while the server drains (new requests get 503).",
+                                value=1.0 if self._draining() else 0.0)
+        if self._stats is None:  # an encoder: no queue, no running batch
+            return
         try:
             s = self._stats()
         except Exception as exc:  # noqa: BLE001 — a scrape must not fail because the engine is closing
@@ -56,14 +69,13 @@ class _EngineCollector(Collector):
         yield GaugeMetricFamily("lmforge_max_batch", "The engine's running-batch limit.", value=s.max_batch)
         yield GaugeMetricFamily("lmforge_max_queue", "The engine's queue limit.", value=s.max_queue)
         yield CounterMetricFamily("lmforge_engine_steps", "Steps the engine's loop has run.", value=s.steps)
-        yield GaugeMetricFamily("lmforge_draining", "1 while the server drains (new requests get 503).",
-                                value=1.0 if self._draining() else 0.0)
 
 
 class ServeMetrics:
     """The server's metrics; ``render()`` is the ``/metrics`` body and content type."""
 
-    def __init__(self, stats: Callable[[], Any], draining: Callable[[], bool]) -> None:
+    def __init__(self, stats: Callable[[], Any] | None, draining: Callable[[], bool],
+                 endpoints: tuple[str, ...] = ("completions", "chat")) -> None:
         r = self.registry = CollectorRegistry()
         self.requests = Counter("lmforge_requests", "HTTP generation requests by endpoint and outcome.",
                                 ["endpoint", "outcome"], registry=r)
@@ -79,10 +91,23 @@ class ServeMetrics:
                              buckets=_E2E, registry=r)
         self.queue_wait = Histogram("lmforge_queue_wait_seconds", "Submission to admission into the running batch.",
                                     buckets=_LATENCY, registry=r)
+        self.embedding_inputs = Counter("lmforge_embedding_inputs", "Inputs (texts or token arrays) embedded.",
+                                        registry=r)
+        self.embedding_tokens = Counter("lmforge_embedding_tokens", "Tokens embedded (special tokens included).",
+                                        registry=r)
+        self.embedding_latency = Histogram("lmforge_embedding_request_latency_seconds",
+                                           "HTTP request arrival to its embeddings, per /v1/embeddings request.",
+                                           buckets=_LATENCY, registry=r)
+        self.worker = Gauge("lmforge_worker_info", "The worker process answering (lmforge serve --instances).",
+                            ["worker", "pid"], registry=r)
         r.register(_EngineCollector(stats, draining))
-        for endpoint in ("completions", "chat"):  # every series exists from the start (rates work at 0)
+        for endpoint in endpoints:  # every series exists from the start (rates work at 0)
             for outcome in OUTCOMES:
                 self.requests.labels(endpoint, outcome)
+
+    def set_worker(self, index: int) -> None:
+        """Label this registry's scrapes with the worker index and this process's pid."""
+        self.worker.labels(str(index), str(os.getpid())).set(1)
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST

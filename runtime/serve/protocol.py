@@ -4,7 +4,8 @@ Requests are validated with pydantic in strict mode (a string where a number bel
 as OpenAI answers); fields this server does not know are ignored, like ``user``. Fields that
 exist in OpenAI's API but cannot be honoured here (``logprobs``, ``tools``, ``echo``, ...) are
 refused with a 400 naming the field rather than silently dropped. Extensions, as vLLM names them:
-``top_k``, ``min_p``, ``repetition_penalty``, ``min_tokens``.
+``top_k``, ``min_p``, ``repetition_penalty``, ``min_tokens``. ``EmbeddingRequest`` is
+``/v1/embeddings`` (``dimensions`` is accepted only when it equals the model's width).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ __all__ = [
     "ChatCompletionRequest",
     "ChatMessage",
     "CompletionRequest",
+    "EmbeddingRequest",
     "StreamOptions",
     "chat_chunk",
     "chat_response",
@@ -155,7 +157,18 @@ class ChatCompletionRequest(_Sampling):
         return [{"role": m.role, "content": m.text()} for m in self.messages]
 
 
-def parse_request(model: type[_Sampling], body: Any) -> Any:
+class EmbeddingRequest(_Body):
+    """``POST /v1/embeddings``; ``input`` is checked by :func:`runtime.serve.embeddings.embedding_inputs`
+    (its errors name the item at fault, which a union type's validation error would not)."""
+
+    model: str | None = None
+    input: Any
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(None, ge=1)
+    user: str | None = None
+
+
+def parse_request(model: type[_Body], body: Any) -> Any:
     """Validate ``body`` (parsed JSON) as ``model``; the first problem becomes a 400 naming its field."""
     if not isinstance(body, dict):
         raise APIError(400, f"the request body must be a JSON object | got {type(body).__name__}",

@@ -6,7 +6,8 @@ app answers new generation requests with 503 and ``/ready`` with 503 while
 uvicorn stops listening and waits for the open responses to end (bounded by the same timeout).
 A second signal exits at once.
 
-:class:`BackgroundServer` runs the same server in a thread on a port the OS picks (``port=0``),
+:mod:`runtime.serve.instances` runs the same server in N pinned processes on one socket
+(``lmforge serve --instances N``). :class:`BackgroundServer` runs it in a thread on a port the OS picks (``port=0``),
 for tests and for ``lmforge bench-serve ARTIFACT``.
 """
 
@@ -32,11 +33,17 @@ __all__ = ["BackgroundServer", "bind", "serve"]
 log = logging.getLogger(__name__)
 
 
-def bind(host: str, port: int) -> socket.socket:
-    """A listening-ready TCP socket on ``host:port`` (``port=0``: one the OS picks)."""
+def bind(host: str, port: int, reuse_port: bool = False) -> socket.socket:
+    """A listening-ready TCP socket on ``host:port`` (``port=0``: one the OS picks).
+
+    ``reuse_port`` sets ``SO_REUSEPORT``: several processes may then bind the same port and the
+    kernel spreads new connections over the ones listening (``lmforge serve --instances``).
+    """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     try:
         sock.bind((host, port))
     except OSError as exc:
@@ -101,7 +108,8 @@ def _config(app: Any, drain_timeout_s: float, log_level: str) -> uvicorn.Config:
 def serve(engine: Any, *, host: str = "127.0.0.1", port: int = 8000, served_model_name: str | None = None,
           api_key: str | None = None, limits: ServeLimits | None = None, drain_timeout_s: float = 30.0,
           log_level: str = "warning", on_listen: Callable[[str], None] | None = None) -> None:
-    """Serve ``engine`` until SIGTERM/SIGINT, then drain and close it. Blocks (main thread)."""
+    """Serve ``engine`` (an ``Engine`` or an ``Encoder``) until SIGTERM/SIGINT, then drain and close
+    it. Blocks (main thread). Several pinned processes: :func:`runtime.serve.instances.serve_instances`."""
     sock = bind(host, port)
     app = create_app(engine, served_model_name=served_model_name, api_key=api_key, limits=limits)
     url = _url(sock)
@@ -111,7 +119,7 @@ def serve(engine: Any, *, host: str = "127.0.0.1", port: int = 8000, served_mode
         server.run(sockets=[sock])
     finally:
         sock.close()
-        engine.close(drain=False)
+        app.state.lmforge.engine.close(drain=False)  # an Encoder is closed through its EmbeddingService
 
 
 class BackgroundServer:
