@@ -10,11 +10,8 @@ request over every instance's requests, and the *summed* throughput (each instan
 its own elapsed time, added up) — the table of the CPU-scaling write-up this command automates.
 
 Peers run once per (seq, batch) as one instance over all the cores, same ids, same pooling:
-
-* ``ort`` — a plain ``onnxruntime.InferenceSession`` with default options on the *unoptimized*
-  export (the fp32 artifact this one was optimized from, per its manifest), pooled in numpy;
-* ``pytorch`` — the source model in ``transformers`` (``AutoModel``, fp32 eager) with the same
-  pooling and normalization, i.e. what sentence-transformers computes, ``torch.set_num_threads``.
+``ort`` (a default onnxruntime session on the unoptimized export) and ``pytorch`` (transformers
+``AutoModel``), the runners of :mod:`lmforge.benchmark.encoder_peers` that ``lmforge bench`` shares.
 
 A peer that cannot run (no recorded fp32 artifact, no torch) is reported with the reason.
 """
@@ -33,14 +30,17 @@ from typing import Any
 
 import numpy as np
 
+from lmforge.benchmark.encoder_peers import PEERS, fixed_ids, open_runner, peer_artifact
 from runtime.cpu import available_cores, format_cpus, physical_cores, split_cores
 from runtime.errors import GenerationError
 
 __all__ = ["TuneConfig", "TuneRow", "PEERS", "fixed_ids", "run_tune", "recommend", "render_tune"]
 
+_open_runner = open_runner  # the names bench/encoder_cpu.py imports
+_peer_artifact = peer_artifact
+
 log = logging.getLogger(__name__)
 
-PEERS = ("ort", "pytorch")
 _WORKER_TIMEOUT_S = 600.0
 
 
@@ -76,73 +76,15 @@ class TuneRow:
         return dataclasses.asdict(self)
 
 
-def fixed_ids(vocab: int, specials: list[int], batch: int, seq: int, seed: int) -> np.ndarray:
-    """Deterministic ``[batch, seq]`` token ids; ``specials`` (e.g. [CLS, SEP]) frame each row."""
-    rng = np.random.default_rng(seed + 1000 * seq + batch)
-    low = 1000 if vocab > 4000 else min(3, vocab - 1)
-    ids = rng.integers(low, vocab, size=(batch, seq), dtype=np.int64)
-    if len(specials) == 2 and seq >= 2:
-        ids[:, 0], ids[:, -1] = specials
-    return ids
-
-
 # --------------------------------------------------------------------------------------------
 # Workers (top-level functions: they run in spawned processes)
-
-
-def _open_runner(runner: str, path: str, threads: int) -> Any:
-    """A callable ``f(ids [b, s]) -> pooled [b, d]`` for one runner, opened in this process."""
-    from runtime.artifact import load_artifact
-    from runtime.encoder import Encoder, l2_normalize, pool
-
-    if runner == "lmforge":
-        enc = Encoder.load(path, threads=threads)
-        return lambda ids: enc.encode_ids(ids.tolist(), batch_size=len(ids))
-    art = load_artifact(path, verify_hashes=False)
-    block = art.manifest.get("encoder") or {}
-    pooling, normalize = block.get("pooling", "mean"), bool(block.get("normalize", False))
-    if runner == "ort":
-        import onnxruntime as ort
-
-        session = ort.InferenceSession(str(art.model_path), providers=["CPUExecutionProvider"])  # defaults
-        names = {i.name for i in session.get_inputs()}
-
-        def run_ort(ids: np.ndarray) -> np.ndarray:
-            mask = np.ones_like(ids)
-            feeds = {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
-            hidden = session.run(["last_hidden_state"], {k: v for k, v in feeds.items() if k in names})[0]
-            out = pool(hidden, mask, pooling)
-            return l2_normalize(out) if normalize else out
-
-        return run_ort
-    if runner == "pytorch":
-        import torch
-
-        from parity.encoder_reference import torch_pool
-        from parity.reference import load_reference_source
-
-        torch.set_num_threads(threads)
-        model = load_reference_source(art.manifest).model
-
-        def run_torch(ids: np.ndarray) -> np.ndarray:
-            with torch.inference_mode():
-                t = torch.from_numpy(ids)
-                mask = torch.ones_like(t)
-                hidden = model(input_ids=t, attention_mask=mask, token_type_ids=torch.zeros_like(t)).last_hidden_state
-                out = torch_pool(hidden, mask, pooling)
-                if normalize:
-                    out = torch.nn.functional.normalize(out, p=2, dim=1)
-                return out.numpy()
-
-        return run_torch
-    raise ValueError(runner)
 
 
 def _worker(index: int, runner: str, path: str, cpus: list[int], threads: int, ids: np.ndarray, seconds: float,
             warmup: int, barrier: Any, results: Any) -> None:
     try:
         os.sched_setaffinity(0, cpus)  # before anything loads: threads and first touch on this slice
-        fn = _open_runner(runner, path, threads)
+        fn = open_runner(runner, path, threads)
         for _ in range(warmup):
             fn(ids)
     except Exception as exc:  # noqa: BLE001 - reported as the row's error, the sweep goes on
@@ -206,17 +148,6 @@ def _measure(runner: str, path: Path, slices: list[list[int]], threads: int, ids
 # --------------------------------------------------------------------------------------------
 
 
-def _peer_artifact(art: Any, runner: str) -> tuple[Path | None, str | None]:
-    if runner == "pytorch":
-        return art.path, None
-    recorded = (art.manifest.get("optimize") or {}).get("from", {}).get("path")
-    if not art.manifest.get("optimize"):
-        return art.path, None  # already the unoptimized export
-    if recorded and (Path(recorded) / "manifest.json").is_file():
-        return Path(recorded), None
-    return None, f"the unoptimized export this artifact was made from ({recorded}) is not there"
-
-
 def run_tune(cfg: TuneConfig, progress: bool = False) -> dict[str, Any]:
     """Run the sweep; return ``{"rows": [...], "recommended": [...], "machine": {...}}``."""
     from tqdm import tqdm
@@ -250,7 +181,7 @@ def run_tune(cfg: TuneConfig, progress: bool = False) -> dict[str, Any]:
             for _n, slices in plans:
                 jobs.append(("lmforge", art.path, None, slices, seq, batch))
             for peer in cfg.peers:
-                path, why = _peer_artifact(art, peer)
+                path, why = peer_artifact(art, peer)
                 jobs.append((peer, path, why, [cores], seq, batch))
     rows: list[TuneRow] = []
     bar = tqdm(jobs, unit="config", disable=not progress, file=sys.stderr)
