@@ -8,7 +8,13 @@ measures, on one warm engine (CUDA graphs per bucket, ``max_batch`` 64), output 
 * greedy against sampled decode (temperature 0.7; + top-p 0.9; top-k 50 + top-p 0.9) at batch 1
   and 16, in one call, and half greedy / half sampled from N threads;
 * a request arriving while 15 others decode: its time to first token, and the others'
-  inter-token latency before and during its prefill (p50/p99).
+  inter-token latency before and during its prefill (p50/p99), with the engine's admission
+  inside a block on (the default) and off (admission at block boundaries, as before);
+* what the step's host inputs save: greedy decode with the draw and the penalties forced onto
+  every row (what every step paid before they existed), and top-p rows with 256 candidates
+  against the default 1,024;
+* memory over ``--memory-requests`` requests of mixed lengths and kinds (some cancelled) from
+  64 threads: process RSS and device memory before and after.
 
 Every request generates exactly ``--new-tokens`` tokens (``min_new_tokens``), prompts are
 ``--prompt-len`` random ids, and every number is the median of ``--repeats`` runs after a
@@ -22,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import threading
 import time
@@ -37,19 +44,45 @@ SAMPLED = {"temperature 0.7": {"temperature": 0.7}, "temperature 0.7 + top-p 0.9
            "top-k 50 + top-p 0.9": {"temperature": 1.0, "top_k": 50, "top_p": 0.9}}
 
 
-def build(shape: str, work: Path, device: str) -> Path:
-    """``random:<shape>`` (or a ``tiny:<arch>`` source) → fp16 shared-buffer for CUDA (fp32 for a
-    CPU dry run)."""
+def build(shape: str, work: Path, device: str, precision: str | None = None) -> Path:
+    """``random:<shape>`` (or a ``tiny:<arch>`` source) → shared-buffer for CUDA (fp16 unless
+    ``precision`` says otherwise; fp32 for a CPU dry run)."""
     from exporters.convert import convert
     from passes.pipeline import optimize_artifact
 
     name = shape.replace(":", "-")
-    src, out = work / name / "fp32", work / name / f"serve-{device}"
+    precision = precision or ("fp16" if device == "cuda" else "fp32")
+    src = work / name / "fp32"
+    out = work / name / (f"serve-{device}" if precision in ("fp16", "fp32") else f"serve-{device}-{precision}")
     if not (out / "manifest.json").is_file():
         if not (src / "manifest.json").is_file():
             convert(shape if ":" in shape else f"random:{shape}", src, force=True, progress=False)
-        optimize_artifact(src, out, device=device, precision="fp16" if device == "cuda" else "fp32",
-                          kv_mode="shared-buffer", force=True, progress=False)
+        optimize_artifact(src, out, device=device, precision=precision, kv_mode="shared-buffer", force=True,
+                          progress=False)
+    return out
+
+
+def buckets(shape: str, args: argparse.Namespace) -> dict[str, Any]:
+    """Greedy whole-batch decode tok/s per batch-size bucket, per precision (``--buckets``)."""
+    from runtime import Engine
+
+    out: dict[str, Any] = {"shape": shape, "fpa_intb_gemm": os.environ.get("ORT_FPA_INTB_GEMM", "0")}
+    rng = np.random.default_rng(0)
+    for precision in args.buckets.split(","):
+        art = build(shape, Path(args.work), args.device, precision)
+        vocab = json.loads((art / "manifest.json").read_text())["architecture"]["vocab"]
+        prompts = [rng.integers(10, vocab - 10, args.prompt_len).tolist() for _ in range(64)]
+        engine = Engine.load(art, device=args.device, max_batch=64, verify_hashes=False,
+                             max_context=args.prompt_len + args.new_tokens + 16)
+        try:
+            sizes = (1, 2, 4, 8, 16, 32, 64)
+            for n in sizes:
+                one_call(engine, prompts[:n], 8, GREEDY)
+            out[precision] = {f"batch {n}": decode_rate(engine, prompts[:n], args.new_tokens, GREEDY, args.repeats)
+                              for n in sizes}
+        finally:
+            engine.close(drain=False)
+        print(precision, {k: round(v) for k, v in out[precision].items()}, flush=True)
     return out
 
 
@@ -150,6 +183,96 @@ def arrival(engine: Any, prompts: list[list[int]], new: int) -> dict[str, Any]:
             "itl_during_max_ms": max(during) * 1e3 if during else float("nan")}
 
 
+class forced_draw:
+    """Within the block, every run takes the draw and the penalties on every row (``sampled_rows`` and
+    ``penalized_rows`` = all): the step as it ran before its host inputs skipped them."""
+
+    def __init__(self, engine: Any) -> None:
+        self.engine = engine
+
+    def __enter__(self) -> None:
+        from runtime.sampler_graph import ALL_ROWS
+
+        plan = self.engine._plan
+        self.engine._plan = lambda rows: (plan(rows)[0], ALL_ROWS, ALL_ROWS)
+
+    def __exit__(self, *exc: object) -> None:
+        del self.engine._plan  # the instance attribute; the method is back
+
+
+def _device_mib() -> float:
+    import subprocess
+
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=10).stdout
+        return float(out.split()[0])
+    except Exception:  # noqa: BLE001 - no GPU (a CPU dry run)
+        return float("nan")
+
+
+def _rss_mib() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def memory(engine: Any, vocab: int, total: int) -> dict[str, Any]:
+    """``total`` requests of mixed prompt / output lengths and kinds from 64 threads, one in ten
+    cancelled after its first token; RSS and device memory after a warm-up batch and at the end."""
+    import random
+
+    from runtime import SamplingParams
+
+    def batch(n: int, seed: int) -> dict[str, int]:
+        counts = {"finished": 0, "cancelled": 0, "failed": 0}
+        lock = threading.Lock()
+        jobs = list(range(n))
+
+        def worker() -> None:
+            rng = random.Random(seed + threading.get_ident())
+            while True:
+                with lock:
+                    if not jobs:
+                        return
+                    i = jobs.pop()
+                prompt = [rng.randrange(10, vocab - 10) for _ in range(rng.choice((4, 16, 64, 200)))]
+                kind = i % 3
+                params = SamplingParams(seed=i) if kind == 0 else SamplingParams(temperature=0.8, top_p=0.9, seed=i) \
+                    if kind == 1 else SamplingParams(temperature=0.7, repetition_penalty=1.1, seed=i)
+                try:
+                    request = engine.submit(prompt, rng.choice((1, 8, 32, 64)), params)
+                    if i % 10 == 0:
+                        next(iter(request))
+                        request.cancel()
+                        key = "cancelled"
+                    else:
+                        request.result()
+                        key = "finished"
+                except Exception as exc:  # noqa: BLE001 - counted, the first one kept
+                    key = "failed"
+                    errors.setdefault(type(exc).__name__, str(exc)[:200])
+                with lock:
+                    counts[key] += 1
+
+        pool = [threading.Thread(target=worker) for _ in range(64)]
+        for t in pool:
+            t.start()
+        for t in pool:
+            t.join()
+        return counts
+
+    errors: dict[str, str] = {}
+    batch(500, 1)
+    before = {"rss_mib": _rss_mib(), "device_mib": _device_mib()}
+    t0 = time.perf_counter()
+    counts = batch(total, 2)
+    after = {"rss_mib": _rss_mib(), "device_mib": _device_mib()}
+    return {"requests": total, "seconds": time.perf_counter() - t0, **counts, "errors": errors, "before": before,
+            "after": after}
+
+
 def bench_shape(shape: str, args: argparse.Namespace) -> dict[str, Any]:
     from runtime import Engine
 
@@ -179,8 +302,24 @@ def bench_shape(shape: str, args: argparse.Namespace) -> dict[str, Any]:
         samp: dict[str, Any] = {}
         for label, kw in [("greedy", GREEDY), *SAMPLED.items()]:
             samp[label] = {f"batch {b}": decode_rate(engine, prompts[:b], new, kw, rep) for b in (1, 16)}
+        with forced_draw(engine):
+            samp["greedy, draw and penalties on every row"] = {
+                f"batch {b}": decode_rate(engine, prompts[:b], new, GREEDY, rep) for b in (1, 16)}
+        bound = engine.candidates
+        engine.candidates = 256
+        for label in ("temperature 0.7 + top-p 0.9", "top-k 50 + top-p 0.9"):
+            samp[label + ", 256 candidates"] = {
+                f"batch {b}": decode_rate(engine, prompts[:b], new, SAMPLED[label], rep) for b in (1, 16)}
+        engine.candidates = bound
         out["sampling_decode_tok_s"] = samp
         out["arrival"] = arrival(engine, prompts, new)
+        engine.admit_within_block = False
+        out["arrival, admission at block boundaries"] = arrival(engine, prompts, new)
+        out["concurrency"]["16 threads, admission at block boundaries"] = timed(
+            lambda: threads(engine, prompts[:16], new, [GREEDY]), rep)
+        engine.admit_within_block = True
+        if args.memory_requests:
+            out["memory"] = memory(engine, vocab, args.memory_requests)
         out["replays"] = engine.backend.replays
     finally:
         engine.close(drain=False)
@@ -193,8 +332,11 @@ def table(r: dict[str, Any]) -> str:
         lines.append(f"{k:32s} {v['tok_s']:10.0f} tok/s")
     for k, v in r.get("sampling_decode_tok_s", {}).items():
         lines.append(f"{k:32s} " + "  ".join(f"{b}: {x:8.0f}" for b, x in v.items()))
-    if "arrival" in r:
-        lines.append("arrival " + json.dumps({k: round(v, 2) for k, v in r["arrival"].items()}))
+    for key in ("arrival", "arrival, admission at block boundaries"):
+        if key in r:
+            lines.append(key + " " + json.dumps({k: round(v, 2) for k, v in r[key].items()}))
+    if "memory" in r:
+        lines.append("memory " + json.dumps(r["memory"]))
     if "error" in r:
         lines.append("ERROR " + r["error"])
     return "\n".join(lines)
@@ -209,8 +351,17 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cuda", help="cpu: a dry run (e.g. --shapes tiny:llama)")
+    parser.add_argument("--memory-requests", type=int, default=10000, help="0 skips the memory run")
+    parser.add_argument("--buckets", default="", metavar="P[,P…]",
+                        help="instead: greedy decode per batch bucket for these precisions (e.g. fp16,int4,int8)")
     args = parser.parse_args()
     Path(args.out).mkdir(parents=True, exist_ok=True)
+    if args.buckets:
+        for shape in args.shapes.split(","):
+            tag = "-fpa" if os.environ.get("ORT_FPA_INTB_GEMM") == "1" else ""
+            (Path(args.out) / f"gpu_buckets-{shape.replace(':', '-')}{tag}.json").write_text(
+                json.dumps(buckets(shape, args), indent=1))
+        return
     for shape in args.shapes.split(","):
         try:
             result = bench_shape(shape, args)

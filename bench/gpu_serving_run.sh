@@ -1,20 +1,33 @@
 #!/usr/bin/env bash
-# One device call of issue #11's GPU evidence, after stage-wheels.sh (see bench/README.md):
-#   bash bench/gpu_serving_run.sh tests|smollm2|genai|verify|llama1b
-# Each stage writes its log and JSON under $OUT and is bounded by `timeout`.
+# One device call of issue #11's and #12's GPU evidence, after stage-wheels.sh (see bench/README.md):
+#   bash bench/gpu_serving_run.sh tests|smollm2|genai|verify|http|llama1b
+# Each stage writes its log and JSON under $OUT and is bounded by `timeout`. `http` needs the
+# server's wheels (.whl/, installed into /tmp/site) and the smollm2 stage's artifact.
 set -u
 export PYTHONPATH=/tmp/gpu-site:/tmp/site:$PWD HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 PY=(python3 -c "import onnxruntime as o, runpy, sys; o.preload_dlls(); sys.argv=sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')")
 for stage in "$@"; do
   case $stage in
     tests) timeout 200 python3 -c "import onnxruntime as o, sys; o.preload_dlls(); import pytest; sys.exit(pytest.main(['-q', '-m', 'gpu', 'tests/runtime/test_gpu.py', '-p', 'no:cacheprovider', '-o', 'faulthandler_timeout=150']))" 2>&1 | grep -v W:onnxruntime | tee $OUT/gpu_tests.log | tail -5 ;;
-    smollm2) timeout 300 "${PY[@]}" bench/gpu_serving.py --shapes smollm2-135m --out $OUT --repeats 2 2>&1 | grep -v W:onnxruntime | tee $OUT/serving_smollm2.log | tail -20 ;;
-    llama1b) timeout 420 "${PY[@]}" bench/gpu_serving.py --shapes llama-3.2-1b --out $OUT --repeats 2 2>&1 | grep -v W:onnxruntime | tee $OUT/serving_1b.log | tail -20 ;;
+    smollm2) timeout 560 "${PY[@]}" bench/gpu_serving.py --shapes smollm2-135m --out $OUT --repeats 2 2>&1 | grep -v W:onnxruntime | tee $OUT/serving_smollm2.log | tail -20 ;;
+    buckets) timeout 300 "${PY[@]}" bench/gpu_serving.py --shapes llama-3.2-1b --out $OUT --repeats 2 --new-tokens 64 --buckets fp16,int4 2>&1 | grep -v W:onnxruntime | tee $OUT/buckets_1b.log | tail -4
+             ORT_FPA_INTB_GEMM=1 timeout 200 "${PY[@]}" bench/gpu_serving.py --shapes llama-3.2-1b --out $OUT --repeats 2 --new-tokens 64 --buckets int4 2>&1 | grep -v W:onnxruntime | tee -a $OUT/buckets_1b.log | tail -2 ;;
+    llama1b) timeout 500 "${PY[@]}" bench/gpu_serving.py --shapes llama-3.2-1b --out $OUT --repeats 2 --memory-requests 0 2>&1 | grep -v W:onnxruntime | tee $OUT/serving_1b.log | tail -20 ;;
     genai) for mode in "" "--sampled"; do
              timeout 200 "${PY[@]}" bench/genai_engine.py --build-from /tmp/lmf-serve/smollm2-135m/fp32 --work /tmp/genai-work --precision fp16 --device cuda --concurrency 16,64 --prompt-len 128 --new-tokens 128 $mode --json $OUT/genai_smollm2${mode/--/_}.json 2>&1 | grep -v W:onnxruntime | tail -8
            done ;;
     verify) cat .gguf-parts/g3 >/dev/null 2>&1 && cp .gguf-parts/g3 /tmp/gg/ ; cat /tmp/gg/g0 /tmp/gg/g1 /tmp/gg/g2 /tmp/gg/g3 > /tmp/gg/smol.gguf
             echo "$(cat /tmp/gg/sha)  /tmp/gg/smol.gguf" | sha256sum -c - || exit 1
             timeout 400 sh -c "python3 -m lmforge -q convert /tmp/gg/smol.gguf -o /tmp/v/fp32 --force && python3 -m lmforge -q optimize /tmp/v/fp32 -o /tmp/v/fp16 --device cuda --precision fp16 --force && python3 -c \"import onnxruntime as o, sys; o.preload_dlls(); from lmforge.cli import main; sys.exit(main(['verify', '/tmp/v/fp16', '--device', 'cuda', '--json', '$OUT/verify_smollm2_fp16_cuda.json']))\"" 2>&1 | grep -v W:onnxruntime | tee $OUT/verify.log | tail -25 ;;
+    http) ART=/tmp/lmf-serve/smollm2-135m/serve-cuda; LMF=(python3 -c "import onnxruntime as o, sys; o.preload_dlls(); from lmforge.cli import main; sys.exit(main(sys.argv[1:]))")
+          serve() { "${LMF[@]}" serve $ART --device cuda --port 8765 "$@" > $OUT/serve.log 2>&1 & S=$!
+                    for i in $(seq 120); do python3 -c "import httpx; httpx.get('http://127.0.0.1:8765/ready').raise_for_status()" 2>/dev/null && break; sleep 0.5; done; }
+          serve --max-batch 64 --max-queue 1024
+          timeout 240 "${LMF[@]}" bench-serve http://127.0.0.1:8765 --concurrency 16,64 --requests 256 --warmup 8 --json $OUT/http_gpu.json 2>&1 | grep -v W:onnxruntime | tail -6
+          kill -TERM $S; wait $S
+          serve --max-batch 16 --max-queue 16
+          timeout 120 "${LMF[@]}" bench-serve http://127.0.0.1:8765 --rates inf --requests 256 --new-tokens 64 --warmup 4 --json $OUT/http_gpu_saturated.json 2>&1 | grep -v W:onnxruntime | tail -4
+          kill -TERM $S; wait $S
+          timeout 240 "${LMF[@]}" bench-serve $ART --device cuda --max-batch 64 --max-queue 1024 --concurrency 16,64 --requests 256 --warmup 8 --compare-engine --json $OUT/http_inproc_gpu.json 2>&1 | grep -v W:onnxruntime | tail -8 ;;
   esac
 done

@@ -31,12 +31,16 @@ def _shape(shape: list[Any]) -> str:
     return "[" + ", ".join(str(d) for d in shape) + "]"
 
 
-def _io_rows(tensors: list[dict[str, Any]]) -> list[str]:
-    """IO rows, with per-layer KV tensors collapsed into one line each."""
+def _io_rows(tensors: list[dict[str, Any]], step_prefix: str | None = None) -> list[str]:
+    """IO rows, with per-layer KV tensors collapsed into one line each, and the step model's
+    own tensors (names under ``step_prefix``) into one line."""
     rows: list[str] = []
     kv_groups: dict[str, list[dict[str, Any]]] = {}
+    step = [t for t in tensors if step_prefix and t["name"].startswith(step_prefix)]
     for t in tensors:
         name = t["name"]
+        if step_prefix and name.startswith(step_prefix):
+            continue
         parts = name.split(".")
         if len(parts) == 3 and parts[1].isdigit():
             kv_groups.setdefault(f"{parts[0]}.{{i}}.{parts[2]}", []).append(t)
@@ -45,6 +49,8 @@ def _io_rows(tensors: list[dict[str, Any]]) -> list[str]:
     for pattern, group in kv_groups.items():
         first = group[0]
         rows.append(f"    {pattern:<28} {first['dtype']:<8} {_shape(first['shape'])}  × {len(group)} layers")
+    if step:
+        rows.append(f"    {step_prefix + '*':<28} {len(step)} tensors of the step model (`--json` lists them)")
     return rows
 
 
@@ -59,10 +65,16 @@ def render(artifact: Artifact) -> str:
     dims = ["layers", "heads", "kv_heads", "head_dim", "hidden", "vocab", "max_context"]
     lines.append("dims          " + "  ".join(f"{d}={arch[d]}" for d in dims if d in arch))
     lines.append(f"precision     {m['precision']}    device {m.get('device', 'any')}    kv_mode {m['kv_mode']}")
+    step = m.get("step")
+    prefix = step.get("prefix") if isinstance(step, dict) else None
+    if prefix:
+        lines.append(f"step model    format {step.get('format')}, id history of {step.get('window')} steps: "
+                     "the decoder, then per-row sampling (temperature, top-k/p, min-p, penalties, min-new-tokens, stops, seeds) "
+                     "and the next step's inputs, in model.onnx")
     lines.append("inputs")
-    lines += _io_rows(m["io"]["inputs"])
+    lines += _io_rows(m["io"]["inputs"], prefix)
     lines.append("outputs")
-    lines += _io_rows(m["io"]["outputs"])
+    lines += _io_rows(m["io"]["outputs"], prefix)
     passes = m.get("passes") or []
     if passes:
         lines.append("passes        " + ", ".join(f"{p['name']}×{p['count']}" for p in passes))

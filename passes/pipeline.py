@@ -31,6 +31,7 @@ from passes.graph_passes import GraphPass, PassContext, cleanup_passes, final_pa
 from passes.precision import PRECISIONS, Quantized, quantize_file
 from passes.rule_gqa import GQA_CONSTRAINT
 from passes.shared_buffer import SharedBuffer, compare_shared, share_kv_buffers, shared_buffer_blockers
+from runtime import step_graph
 from runtime.artifact import MANIFEST_NAME, MODEL_NAME, Artifact, KvMode, check_output, load_artifact, write_artifact
 from runtime.errors import PassError
 
@@ -313,13 +314,16 @@ def optimize_artifact(
                 quantized = quantize_file(fused, tmp / MODEL_NAME, precision, device,
                                           keep_lm_head=not quantize_lm_head, block_size=block_size)
             sb: SharedBuffer | None = None
+            io: dict[str, list[dict[str, Any]]] | None = None
             if shared:
                 sb = share_kv_buffers(tmp / MODEL_NAME, art.architecture, art.manifest["kv"])
                 records.append({"name": "shared-buffer-kv", "count": sb.layers, "kind": "kv"})
                 records.append({"name": "rotary-into-gqa", "count": sb.rotary_folded, "kind": "fusion"})
                 records.append({"name": "packed-qkv", "count": sb.qkv_packed, "kind": "fusion"})
+                io = _append_step_model(tmp / MODEL_NAME, sb, int(art.architecture["vocab"]))
+                records.append({"name": "step-model", "count": 1, "kind": "step"})
             final = ir.load(str(tmp / MODEL_NAME))
-            _check_io(f"the {precision} conversion", sb.reference_io() if sb else reference_io, final)
+            _check_io(f"the {precision} conversion", _reference_io(io) if io else reference_io, final)
             ops = op_counts(final)
             nodes_after = node_count(final)
             del final
@@ -332,7 +336,8 @@ def optimize_artifact(
             manifest = _manifest(art, device, precision, records, ops, quantized, constraints, fuse)
             if sb is not None:
                 manifest["kv_mode"] = KvMode.SHARED_BUFFER.value
-                manifest["io"] = sb.io_json()
+                manifest["io"] = io
+                manifest["step"] = step_graph.manifest_entry()
                 manifest["kv"] = {**manifest["kv"], "dtype": sb.kv_dtype,
                                   "max_context": int(art.architecture.get("max_context") or 2048)}
             with open(tmp / MANIFEST_NAME, "w", encoding="utf-8") as fh:
@@ -368,6 +373,27 @@ def optimize_artifact(
 
 
 _KV_MODES = (None, KvMode.CONCAT.value, KvMode.SHARED_BUFFER.value)
+
+
+def _append_step_model(path: Path, sb: SharedBuffer, vocab: int) -> dict[str, list[dict[str, Any]]]:
+    """Write the step model (:mod:`runtime.step_graph`: decoder + on-device sampling + next inputs)
+    into the shared-buffer graph at ``path``, in place; return the manifest's ``io`` for it.
+
+    The nodes come from the runtime's own definition, so the graph the engine runs is byte for
+    byte the one this artifact ships, hashes and verifies.
+    """
+    path.write_bytes(step_graph.append_step(path.read_bytes(), vocab))
+    step = step_graph.step_io(vocab)
+    io = sb.io_json()
+    return {"inputs": io["inputs"] + [t for t in step["inputs"] if t["name"] not in {i["name"] for i in io["inputs"]}],
+            "outputs": io["outputs"] + step["outputs"]}
+
+
+def _reference_io(io: dict[str, list[dict[str, Any]]]) -> dict[str, list[tuple[str, str, int]]]:
+    """A manifest ``io`` in the shape of :func:`graph_io` (onnx-ir's dtype names)."""
+    names = {"float32": "float", "float16": "float16", "int64": "int64", "int32": "int32", "bool": "bool",
+             "bfloat16": "bfloat16"}
+    return {side: [(t["name"], names[t["dtype"]], len(t["shape"])) for t in io[side]] for side in ("inputs", "outputs")}
 
 
 def _want_shared_buffer(art: Artifact, model: ir.Model, device: str, kv_mode: str | None, fuse: bool,

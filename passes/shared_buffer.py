@@ -522,6 +522,7 @@ def _run_shared(art: Artifact, model: Path) -> dict[str, np.ndarray]:
     import onnxruntime as ort
 
     from passes.check import _decoder_cases, _session
+    from runtime.step_graph import neutral_feeds
 
     session: ort.InferenceSession = _session(model)
     kv = art.manifest["kv"]
@@ -534,21 +535,25 @@ def _run_shared(art: Artifact, model: Path) -> dict[str, np.ndarray]:
     capacity = seq + 4
     names = [kv[t].format(i=i) for i in range(layers) for t in ("past_key", "past_value")]
     presents = [kv[t].format(i=i) for i in range(layers) for t in ("present_key", "present_value")]
-    prefill = np.zeros((batch, seq, int(art.architecture["vocab"])), dtype=np.float32)
+    vocab = int(art.architecture["vocab"])
+    window = int(art.manifest.get("step", {}).get("window", 1))
+    prefill = np.zeros((batch, seq, vocab), dtype=np.float32)
     buffers = {n: np.zeros((batch, kv_heads, capacity, head_dim), dtype=kv_dtype) for n in names}
     lengths = mask.sum(axis=1)
     for b in range(batch):
         n = int(lengths[b])
         row = {k: v[b:b + 1] for k, v in buffers.items()}
         feed = {"input_ids": ids[b:b + 1, seq - n:], "position_ids": np.arange(n, dtype=np.int64)[None],
-                SEQLENS_K: np.array([n - 1], np.int32), TOTAL_SEQUENCE_LENGTH: np.array(n, np.int32), **row}
+                SEQLENS_K: np.array([n - 1], np.int32), TOTAL_SEQUENCE_LENGTH: np.array(n, np.int32), **row,
+                **neutral_feeds(1, vocab, window, capacity)}
         out = dict(zip([o.name for o in session.get_outputs()], session.run(None, feed)))
         prefill[b, seq - n:] = out["logits"][0].astype(np.float32)
         for p, q in zip(names, presents):
             buffers[p][b] = out[q][0]
     next_ids = np.array([[7], [11]], dtype=np.int64)
     feed = {"input_ids": next_ids, "position_ids": lengths[:, None].astype(np.int64),
-            SEQLENS_K: lengths.astype(np.int32), TOTAL_SEQUENCE_LENGTH: np.array(capacity, np.int32), **buffers}
+            SEQLENS_K: lengths.astype(np.int32), TOTAL_SEQUENCE_LENGTH: np.array(capacity, np.int32), **buffers,
+            **neutral_feeds(batch, vocab, window, capacity)}
     out = dict(zip([o.name for o in session.get_outputs()], session.run(None, feed)))
     return {"prefill": prefill, "decode": out["logits"].astype(np.float32)}
 

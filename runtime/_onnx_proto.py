@@ -120,6 +120,7 @@ class GraphBuilder:
         self.name = name
         self.prefix = prefix  # for fresh value and node names (a fragment merged into another graph)
         self._nodes: list[_Node] = []
+        self.inputs: list[tuple[str, str, tuple[int | str, ...]]] = []  # declared inputs, in order
         self._inputs: list[bytes] = []
         self._outputs: list[bytes] = []
         self._initializers: list[bytes] = []
@@ -131,6 +132,7 @@ class GraphBuilder:
 
     def input(self, name: str, dtype: str, shape: Sequence[int | str]) -> str:
         self._inputs.append(_value_info(name, dtype, shape))
+        self.inputs.append((name, dtype, tuple(shape)))
         return name
 
     def output(self, name: str, dtype: str, shape: Sequence[int | str]) -> None:

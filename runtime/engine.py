@@ -16,8 +16,9 @@ Shaped like gpt-fast's ``generate.py``, built for services::
   free (their prefill runs then and gives their first token), runs one block of decode steps for
   every running request at once — greedy and sampled rows in the same batch, each with its own
   parameters — and releases finished, cancelled and expired requests at once (continuous
-  batching). ``generate*``, ``stream`` and ``chat`` are thin callers of the same loop, so calls
-  from many threads batch together.
+  batching). A request that arrives while a block runs ends it after the current step when a
+  slot is free, so it waits for one step, not a block. ``generate*``, ``stream`` and ``chat``
+  are thin callers of the same loop, so calls from many threads batch together.
 * KV memory lives in a backend (:mod:`runtime.kv_slots` for ``shared-buffer`` artifacts: a pool
   of fixed rows updated in place, the step captured as CUDA graphs per batch-size bucket;
   :mod:`runtime.kv_concat` for the portable contract: the batch regrouped on the device as
@@ -51,7 +52,7 @@ from runtime.kv_concat import ConcatBackend
 from runtime.kv_slots import SlotsBackend
 from runtime.request import FinishReason, GenerationResult, Request, TokenEvent
 from runtime.sampler_graph import BOUNDED_CANDIDATES, MAX_CANDIDATES
-from runtime.sampling import GREEDY, SamplingParams, row_arrays
+from runtime.sampling import GREEDY, SamplingParams, host_values, row_arrays
 from runtime.text import check_text
 
 __all__ = ["Engine", "EngineStats", "GenerationResult", "FinishReason", "Prompt"]
@@ -181,6 +182,9 @@ class Engine:
             read_every = 8 if self.device == "cuda" else 1
         self.read_every = _check_int("read_every", read_every, 1)
         self.candidates = min(_check_int("candidates", candidates, 1), self.vocab)
+        # a waiting request ends a block early when a slot is free (its TTFT: its prefill plus at
+        # most one step); on CUDA the steps of a block are then synchronized one by one
+        self.admit_within_block = True
         if self.candidates > MAX_CANDIDATES:
             raise InvalidRequestError("invalid candidates", expected=f"at most {MAX_CANDIDATES}", got=str(candidates),
                                       fix="top-k / top-p read at most that many sorted candidates a step")
@@ -563,10 +567,9 @@ class Engine:
         want_logits = any(live.request.return_logits for live in batch)
         try:
             if isinstance(self.backend, ConcatBackend):
-                k = self._k(batch)
-                first = self.backend.prefill_many(admitted, want_logits, k)
+                first = self.backend.prefill_many(admitted, want_logits, self._plan(batch))
             else:
-                first = {live.slot: self.backend.prefill(slot, prompt, rows, want_logits, self._k([live]))
+                first = {live.slot: self.backend.prefill(slot, prompt, rows, want_logits, self._plan([live]))
                          for live, (slot, prompt, rows) in zip(batch, admitted)}
         except LmforgeError as exc:
             self._fail(batch, exc)
@@ -583,22 +586,26 @@ class Engine:
         generated = {slot: len(live.new_ids) for slot, live in self._live.items()}
         want_logits = any(live.request.return_logits for live in self._live.values())
         left = max(live.request.max_new_tokens - len(live.new_ids) for live in self._live.values())
-        steps = 1 if (want_logits or self._waiting or isinstance(self.backend, ConcatBackend)) \
-            else max(1, min(self.read_every, left))
+        steps = 1 if (want_logits or isinstance(self.backend, ConcatBackend)) else max(1, min(self.read_every, left))
         try:
             ids, logits = self.backend.decode(max(self._live) + 1, steps, generated, want_logits,
-                                              self._k(self._live.values()))
+                                              self._plan(self._live.values()),
+                                              self._admissible if self.admit_within_block else None)
         except LmforgeError as exc:
             self._fail(list(self._live.values()), exc)
             self.backend.reset()  # every running request failed with this step
             return
-        self.steps += steps
+        self.steps += max(map(len, ids.values()), default=0)
         for slot, live in self._live.items():
             self._accept(live, ids.get(slot, []), None if logits is None else logits[slot][None, :])
 
-    def _k(self, rows: Any) -> int:
-        """How many sorted candidates this run's top-k / top-p need: 1 when no row uses them."""
-        return self.candidates if any(live.request.sampling.needs_candidates for live in rows) else 1
+    def _plan(self, rows: Any) -> tuple[int, int, int]:
+        """The sampling nodes' host inputs for a run over these rows (:func:`runtime.sampling.host_values`)."""
+        return host_values([live.request.sampling for live in rows], self.candidates)
+
+    def _admissible(self) -> bool:
+        """Whether a waiting request could take a slot now (asked between the steps of a block)."""
+        return bool(self._waiting) and self.backend.free_slots > 0
 
     def _accept(self, live: _Live, tokens: list[int], logits: np.ndarray | None) -> None:
         """Host-side bookkeeping for a row's new ids: text, stop checks, its event."""

@@ -17,6 +17,7 @@ neighbours (up to the kernels' own batch-size-dependent rounding, which the test
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -26,7 +27,7 @@ from runtime._onnx_proto import GraphBuilder
 from runtime.artifact import Artifact
 from runtime.device import NP_DTYPES, Device
 from runtime.errors import GenerationError
-from runtime.sampler_graph import ROW_CONSTANTS, ROW_STATE, build_sampler_model
+from runtime.sampler_graph import HOST_INPUTS, ROW_CONSTANTS, ROW_STATE, build_sampler_model
 
 __all__ = ["ConcatBackend", "build_regroup_model"]
 
@@ -102,7 +103,7 @@ class ConcatBackend:
                 f"artifact {artifact.path}: the manifest's io.inputs and model.onnx disagree",
                 expected=str(sorted(self._inputs)), got=str(sorted(graph_inputs)), fix="re-export the artifact",
             )
-        self.sampler = device.session(build_sampler_model(layout["logits_dtype"], self.vocab, self.capacity),
+        self.sampler = device.session(build_sampler_model(layout["logits_dtype"], self.vocab),
                                       small=True)
         row = [(n, d, 2 if n in ("stop_mask", "uniforms") else 1, None) for n, d in ROW_CONSTANTS]
         row += [(n, d, 1 if n == "step" else 2, None) for n, _, d in ROW_STATE]
@@ -149,7 +150,7 @@ class ConcatBackend:
     # -- runs -----------------------------------------------------------------------------------
 
     def _forward(self, feeds: dict[str, ort.OrtValue], rows: dict[str, ort.OrtValue], want_logits: bool,
-                 candidates: int) -> tuple[dict[str, ort.OrtValue], np.ndarray, np.ndarray | None]:
+                 plan: tuple[int, int, int]) -> tuple[dict[str, ort.OrtValue], np.ndarray, np.ndarray | None]:
         """Decoder, then sampler: the next per-row tensors, the new ids, the last logits."""
         dev = self.device
         binding = self.session.io_binding()
@@ -167,7 +168,8 @@ class ConcatBackend:
         sb.bind_ortvalue_input("attention_mask", feeds["attention_mask"])
         for name in self._row_names:
             sb.bind_ortvalue_input(name, rows[name])
-        sb.bind_cpu_input("candidates", np.array([candidates], np.int64))
+        for name, value in zip(HOST_INPUTS, plan):
+            sb.bind_cpu_input(name, np.array([value], np.int64))
         names = ["next_ids", "next_attention_mask", "next_position_ids", *(o for _, o, _ in ROW_STATE)]
         for name in names:
             sb.bind_output(name, dev.type, 0)
@@ -183,7 +185,7 @@ class ConcatBackend:
         return nxt, ids, logits
 
     def prefill_many(self, admitted: list[tuple[int, list[int], dict[str, np.ndarray]]], want_logits: bool,
-                     candidates: int = 1) -> dict[int, tuple[int, np.ndarray | None]]:
+                     plan: tuple[int, int, int]) -> dict[int, tuple[int, np.ndarray | None]]:
         """Prefill ``(slot, prompt, row arrays)`` as one left-padded batch, then merge it into
         the running batch (dropping released rows in the same run)."""
         m, longest = len(admitted), max(len(p) for _, p, _ in admitted)
@@ -201,7 +203,7 @@ class ConcatBackend:
         feeds = {k: self.device.put(v) for k, v in host.items()}
         rows_np = {name: np.concatenate([a[name] for _, _, a in admitted], axis=0) for name in admitted[0][2]}
         rows = {k: self.device.put(v) for k, v in rows_np.items()}
-        new, first, logits = self._forward(feeds, rows, want_logits, candidates)
+        new, first, logits = self._forward(feeds, rows, want_logits, plan)
         self._merge(new, [slot for slot, _, _ in admitted], longest)
         for slot, prompt, _ in admitted:
             self.length[slot] = len(prompt)
@@ -253,14 +255,15 @@ class ConcatBackend:
         return out
 
     def decode(self, rows: int, steps: int, generated: dict[int, int], want_logits: bool,
-               candidates: int = 1) -> tuple[dict[int, list[int]], np.ndarray | None]:
+               plan: tuple[int, int, int], interrupt: Callable[[], bool] | None = None,
+               ) -> tuple[dict[int, list[int]], np.ndarray | None]:
         """One step for every running row (``steps`` is 1 for this backend: the host read after
         a step costs nothing on CPU, and the stop checks need it)."""
         if self._dropped:
             self._merge(None, [], 0)
         if not self.order:
             return {}, None
-        self.state, ids, logits = self._forward(self.state, self.state, want_logits, candidates)
+        self.state, ids, logits = self._forward(self.state, self.state, want_logits, plan)
         self.replays += 1
         out = {}
         for r, slot in enumerate(self.order):

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -34,7 +35,8 @@ import onnxruntime as ort
 from runtime.artifact import Artifact
 from runtime.device import Device, RowWriter
 from runtime.errors import GenerationError
-from runtime.step_graph import CONSTANTS, PREFIX, STATE, compose_step_model
+from runtime.sampler_graph import HOST_INPUTS
+from runtime.step_graph import CONSTANTS, FORMAT, PREFIX, STATE, step_io
 
 __all__ = ["SlotsBackend"]
 
@@ -60,14 +62,27 @@ class SlotsBackend:
                  read_every: int, cuda_graph: bool, prefill_chunk: int = 1024) -> None:
         self.device = device
         self.max_batch = max_batch
-        self.window = read_every
+        step = artifact.manifest.get("step")
+        if not isinstance(step, dict) or step.get("format") != FORMAT or step.get("prefix") != PREFIX:
+            got = "no step model" if not isinstance(step, dict) else f"step model format {step.get('format')!r}"
+            raise GenerationError(
+                f"artifact {artifact.path}: its graph carries {got}; this lmforge serves format {FORMAT}",
+                fix="re-run `lmforge optimize` on the converted artifact (it writes the step model into model.onnx)",
+            )
+        self.window = int(step["window"])
+        if read_every > self.window:
+            raise GenerationError(
+                f"read_every={read_every} exceeds the step model's id history of {self.window} steps",
+                fix=f"pass read_every ≤ {self.window}",
+            )
         self.cuda_graph = cuda_graph
         self.prefill_chunk = max(1, prefill_chunk)
         self.vocab = layout["vocab"]
         self.capacity = layout["max_context"]
         self._past, self._present = layout["past"], layout["present"]
         inputs = {t.name for t in artifact.inputs}
-        expected = {"input_ids", "position_ids", SEQLENS_K, TOTAL_SEQUENCE_LENGTH, *self._past}
+        own = {t["name"] for t in step_io(self.vocab, self.window)["inputs"]}
+        expected = {"input_ids", "position_ids", SEQLENS_K, TOTAL_SEQUENCE_LENGTH, *self._past} | own
         if inputs != expected:
             raise GenerationError(
                 f"artifact {artifact.path}: io.inputs does not follow the shared-buffer contract",
@@ -83,9 +98,8 @@ class SlotsBackend:
                 got="GroupQueryAttention has no fp32 CUDA kernel (its fallback gives wrong logits)",
                 fix="optimize with --device cuda --precision fp16 (or int8/int4), or run this one on the CPU",
             )
-        model = compose_step_model(artifact.model_path.read_bytes(), self.vocab, self.window, self.capacity,
-                                   steps=self.capacity)
-        self.session = device.session(model, cuda_graph=cuda_graph, weights_dir=artifact.model_path.parent)
+        self.session = device.session(artifact.model_path.read_bytes(), cuda_graph=cuda_graph,
+                                      weights_dir=artifact.model_path.parent)
         self._eager: ort.RunOptions | None = None
         if cuda_graph:
             self._eager = ort.RunOptions()
@@ -105,8 +119,8 @@ class SlotsBackend:
         self._writer = RowWriter(device, specs)
         self.current = 0  # the state set holding the next decode step's inputs
         self._free = list(range(max_batch))
-        self._steps: dict[tuple[int, int, int], _Step] = {}
-        self._candidates: dict[int, ort.OrtValue] = {}  # K → a host tensor at a fixed address
+        self._steps: dict[tuple[int, int, tuple[int, int, int]], _Step] = {}
+        self._host: dict[int, ort.OrtValue] = {}  # value → a host tensor at a fixed address
         self.replays = 0
         mib = sum(int(np.prod(kv_shape)) for _ in self._past) * np.dtype(layout["kv_dtype"]).itemsize / 2**20
         log.info("slots backend: %d rows × %d positions, KV %.0f MiB%s", b, self.capacity, mib,
@@ -141,17 +155,20 @@ class SlotsBackend:
 
     # -- prefill --------------------------------------------------------------------------------
 
-    def _k(self, candidates: int) -> ort.OrtValue:
-        if candidates not in self._candidates:
-            self._candidates[candidates] = ort.OrtValue.ortvalue_from_numpy(np.array([candidates], np.int64))
-        return self._candidates[candidates]
+    def _bind_host(self, binding: Any, plan: tuple[int, int, int]) -> None:
+        """Bind the host inputs (:func:`runtime.sampling.host_values`) from tensors at fixed addresses."""
+        for name, value in zip(HOST_INPUTS, plan):
+            if value not in self._host:
+                self._host[value] = ort.OrtValue.ortvalue_from_numpy(np.array([value], np.int64))
+            binding.bind_ortvalue_input(PREFIX + name, self._host[value])
 
     def prefill(self, slot: int, prompt: list[int], rows: dict[str, np.ndarray], want_logits: bool,
-                candidates: int = 1) -> tuple[int, np.ndarray | None]:
+                plan: tuple[int, int, int]) -> tuple[int, np.ndarray | None]:
         """Run ``prompt`` into ``slot``; return its first token (and its logits when asked)."""
         into, src = self.current, 1 - self.current
         arrays = {PREFIX + k: v for k, v in rows.items()}
         arrays[PREFIX + "history"] = np.zeros((1, self.window), np.int64)
+        arrays[PREFIX + "last_position"] = np.array([self.capacity - 1], np.int64)
         self._writer.write(slot, arrays, {**self.sets[src], **self.consts})
         binding = self.session.io_binding()
         for past, present in zip(self._past, self._present):
@@ -163,7 +180,7 @@ class SlotsBackend:
             self.device.bind_rows(binding, out, self.sets[into][name], slot, 1, output=True)
         for name, value in self.consts.items():
             self.device.bind_rows(binding, name, value, slot, 1, output=False)
-        binding.bind_ortvalue_input(PREFIX + "candidates", self._k(candidates))
+        self._bind_host(binding, plan)
         logits = None
         for start in range(0, len(prompt), self.prefill_chunk):
             end = min(len(prompt), start + self.prefill_chunk)
@@ -194,8 +211,8 @@ class SlotsBackend:
             size *= 2
         return min(size, self.max_batch)
 
-    def _step_binding(self, n: int, d: int, k: int) -> _Step:
-        key = (n, d, k)
+    def _step_binding(self, n: int, d: int, plan: tuple[int, int, int]) -> _Step:
+        key = (n, d, plan)
         if key in self._steps:
             return self._steps[key]
         binding = self.session.io_binding()
@@ -206,7 +223,7 @@ class SlotsBackend:
         for name, value in self.consts.items():
             bind(binding, name, value, 0, n, output=False)
         binding.bind_ortvalue_input(TOTAL_SEQUENCE_LENGTH, self.total)
-        binding.bind_ortvalue_input(PREFIX + "candidates", self._k(k))
+        self._bind_host(binding, plan)
         bind(binding, "logits", self.logits, 0, n, output=True)
         for past, present in zip(self._past, self._present):
             bind(binding, past, self.kv[past], 0, n, output=False)
@@ -214,7 +231,7 @@ class SlotsBackend:
         run = run_async = None
         if self.cuda_graph:
             run, run_async = ort.RunOptions(), ort.RunOptions()
-            graph_id = 2 * (len(self._steps) + 1) + d  # unique per (rows, direction, candidates)
+            graph_id = 2 * (len(self._steps) + 1) + d  # unique per (rows, direction, host inputs)
             for options in (run, run_async):
                 options.add_run_config_entry("gpu_graph_id", str(graph_id))
             run_async.add_run_config_entry("disable_synchronize_execution_providers", "1")
@@ -222,23 +239,36 @@ class SlotsBackend:
         return self._steps[key]
 
     def decode(self, rows: int, steps: int, generated: dict[int, int], want_logits: bool,
-               candidates: int = 1) -> tuple[dict[int, list[int]], np.ndarray | None]:
-        """``steps`` decode steps over rows ``0:rows``; the new ids of every slot in ``generated``
-        (slot → tokens it had before the block), and the last step's logits ``[rows, vocab]``
-        when asked (then ``steps`` must be 1)."""
+               plan: tuple[int, int, int], interrupt: Callable[[], bool] | None = None,
+               ) -> tuple[dict[int, list[int]], np.ndarray | None]:
+        """Up to ``steps`` decode steps over rows ``0:rows``; the new ids of every slot in
+        ``generated`` (slot → tokens it had before the block), and the last step's logits
+        ``[rows, vocab]`` when asked (then ``steps`` must be 1).
+
+        ``interrupt`` is asked after each step but the last; when it answers True the block ends
+        there (a request is waiting: its prefill should not wait for the whole block). The steps
+        of a block whose ``interrupt`` can end it run one at a time, each finished before the next
+        is launched; without one they are launched back to back and synchronized once.
+        """
         if steps > self.window:
             raise ValueError(f"a block of {steps} steps exceeds the id history of {self.window}")
         n = self.bucket(rows)
+        done = 0
         try:
             for i in range(steps):
-                step = self._step_binding(n, self.current, candidates)
-                self.device.run(self.session, step.binding, step.run if i == steps - 1 else step.run_async)
+                step = self._step_binding(n, self.current, plan)
+                last = i == steps - 1
+                self.device.run(self.session, step.binding, step.run if last or interrupt else step.run_async)
                 self.current = 1 - self.current
                 self.replays += 1
+                done += 1
+                if not last and interrupt is not None and interrupt():
+                    break
         except BaseException:
             # earlier replays ran without a sync: let them finish before anything else runs
-            self._step_binding(n, self.current, candidates).binding.synchronize_outputs()
+            self._step_binding(n, self.current, plan).binding.synchronize_outputs()
             raise
+        steps = done
         history = self.sets[self.current][PREFIX + "history"].numpy()  # the one host read
         ids = {slot: [int(history[slot, (g + i) % self.window]) for i in range(steps)]
                for slot, g in generated.items()}

@@ -57,9 +57,10 @@ import numpy as np
 
 from runtime._onnx_proto import GraphBuilder
 
-__all__ = ["BOUNDED_CANDIDATES", "MAX_CANDIDATES", "ROW_CONSTANTS", "ROW_STATE", "add_sampling", "declare_row_inputs",
-           "build_sampler_model"]
+__all__ = ["ALL_ROWS", "BOUNDED_CANDIDATES", "HOST_INPUTS", "MAX_CANDIDATES", "ROW_CONSTANTS", "ROW_STATE",
+           "add_sampling", "declare_row_inputs", "build_sampler_model"]
 
+ALL_ROWS = int(np.iinfo(np.int64).max)  # a row bound meaning "every row" (Slice clamps it)
 BOUNDED_CANDIDATES = 1024
 MAX_CANDIDATES = 4096  # the candidates' cumulative sum is one-level (quadratic in K)
 _BLOCK = 256
@@ -69,8 +70,10 @@ _FLOAT, _INT64 = 1, 7
 ROW_CONSTANTS = (
     ("temperature", "float32"), ("top_k", "int64"), ("top_p", "float32"), ("min_p", "float32"),
     ("repetition_penalty", "float32"), ("presence_penalty", "float32"), ("frequency_penalty", "float32"),
-    ("min_new_tokens", "int64"), ("stop_mask", "bool"), ("uniforms", "float32"),
+    ("min_new_tokens", "int64"), ("stop_mask", "bool"), ("uniforms", "float32"), ("last_step", "int64"),
 )
+# [1] int64 inputs in host memory, one value per run (each value its own captured graph on CUDA)
+HOST_INPUTS = ("candidates", "sampled_rows", "penalized_rows")
 # per-row state the sampling updates: (input, output)
 ROW_STATE = (("seen", "seen_out", "bool"), ("counts", "counts_out", "float32"), ("step", "step_out", "int64"))
 
@@ -95,37 +98,52 @@ def _cumsum(g: GraphBuilder, x: str, length: int) -> str:
                           g.const(np.array([1], np.int64))])
 
 
-def add_sampling(g: GraphBuilder, logits_last: str, vocab: int, steps: int, names: dict[str, str]) -> dict[str, str]:
+def add_sampling(g: GraphBuilder, logits_last: str, vocab: int, names: dict[str, str]) -> dict[str, str]:
     """Append the sampling nodes; return the names of ``next_ids [b, 1]`` and the state outputs.
 
     ``logits_last`` is ``[b, vocab]`` (any float dtype; cast to float32 here). ``names`` maps
-    every :data:`ROW_CONSTANTS` and :data:`ROW_STATE` input, and ``candidates``, to its graph
-    name (declared by the caller). ``steps`` is the length of the ``uniforms`` axis.
+    every :data:`ROW_CONSTANTS` and :data:`ROW_STATE` input and every :data:`HOST_INPUTS` input
+    to its graph name (declared by the caller).
     """
-    axis1 = g.const(np.array([1], np.int64))
+    axis0, axis1 = g.const(np.array([0], np.int64)), g.const(np.array([1], np.int64))
     zero_f, one_f = g.const(0.0, "float32"), g.const(1.0, "float32")
     zero_i, one_i = g.const(0, "int64"), g.const(1, "int64")
     neg_inf = g.const(-np.inf, "float32")
+    start, end = g.const(np.array([0], np.int64)), g.const(np.array([ALL_ROWS], np.int64))
 
     def col(x: str) -> str:  # [b] → [b, 1]
         return g.op("Unsqueeze", [x, axis1])
 
+    def head(x: str, rows: str) -> str:  # rows 0:rows (``rows`` is a host input: 0 or ALL_ROWS)
+        return g.op("Slice", [x, start, rows, axis0])
+
+    def tail(x: str, rows: str) -> str:  # the other rows
+        return g.op("Slice", [x, rows, end, axis0])
+
     n = names
     x = g.op("Cast", [logits_last], {"to": _FLOAT})
-    pen = col(n["repetition_penalty"])
-    x = g.op("Where", [n["seen"], g.op("Where", [g.op("Greater", [x, zero_f]), g.op("Div", [x, pen]),
-                                                  g.op("Mul", [x, pen])]), x])
-    present = g.op("Cast", [g.op("Greater", [n["counts"], zero_f])], {"to": _FLOAT})
-    x = g.op("Sub", [x, g.op("Add", [g.op("Mul", [col(n["frequency_penalty"]), n["counts"]]),
-                                      g.op("Mul", [col(n["presence_penalty"]), present])])])
     early = col(g.op("Less", [n["step"], n["min_new_tokens"]]))
     x = g.op("Where", [g.op("And", [n["stop_mask"], early]), neg_inf, x])
+
+    # penalties, on rows 0:penalized_rows
+    pr = n["penalized_rows"]
+    xp, seen, counts = head(x, pr), head(n["seen"], pr), head(n["counts"], pr)
+    pen = col(head(n["repetition_penalty"], pr))
+    xp = g.op("Where", [seen, g.op("Where", [g.op("Greater", [xp, zero_f]), g.op("Div", [xp, pen]),
+                                            g.op("Mul", [xp, pen])]), xp])
+    present = g.op("Cast", [g.op("Greater", [counts, zero_f])], {"to": _FLOAT})
+    xp = g.op("Sub", [xp, g.op("Add", [g.op("Mul", [col(head(n["frequency_penalty"], pr)), counts]),
+                                        g.op("Mul", [col(head(n["presence_penalty"], pr)), present])])])
+    x = g.op("Concat", [xp, tail(x, pr)], {"axis": 0})
     greedy_id = g.op("ArgMax", [x], {"axis": 1, "keepdims": 1, "select_last_index": 0})
 
-    t = col(n["temperature"])
+    # the draw, on rows 0:sampled_rows
+    sr = n["sampled_rows"]
+    xs, gs = head(x, sr), head(greedy_id, sr)
+    t = col(head(n["temperature"], sr))
     t_pos = g.op("Greater", [t, zero_f])
-    row_max = g.op("GatherElements", [x, greedy_id], {"axis": 1})
-    s = g.op("Div", [g.op("Sub", [x, row_max]), g.op("Where", [t_pos, t, one_f])])  # ≤ 0, the best token at 0
+    row_max = g.op("GatherElements", [xs, gs], {"axis": 1})
+    s = g.op("Div", [g.op("Sub", [xs, row_max]), g.op("Where", [t_pos, t, one_f])])  # ≤ 0, the best token at 0
     weights = g.op("Exp", [s])
 
     # top-k and top-p from the k largest values (sorted, ties: lower index first)
@@ -134,7 +152,7 @@ def add_sampling(g: GraphBuilder, logits_last: str, vocab: int, steps: int, name
     # engine guarantees top_k <= K whenever K > 1 (it refuses larger top-k, and a row with top-k
     # makes the step use its full bound), so the k-th value is at index top_k - 1.
     vals = g.op("TopK", [s, n["candidates"]], {"axis": 1, "largest": 1, "sorted": 1}, outputs=2)[0]
-    top_k = col(n["top_k"])
+    top_k = col(head(n["top_k"], sr))
     k_pos = g.op("Max", [g.op("Sub", [top_k, one_i]), zero_i])
     thr_k = g.op(
         "Where", [g.op("Greater", [top_k, zero_i]), g.op("GatherElements", [vals, k_pos], {"axis": 1}), neg_inf]
@@ -145,11 +163,12 @@ def add_sampling(g: GraphBuilder, logits_last: str, vocab: int, steps: int, name
                           g.op("ReduceSum", [weights, axis1], {"keepdims": 1})])
     probs = g.op("Div", [cand_w, norm])
     before = g.op("Sub", [g.op("CumSum", [probs, g.const(np.array(1, np.int64))]), probs])
-    keep_c = g.op("And", [in_k, g.op("Less", [before, col(n["top_p"])])])
+    top_p = col(head(n["top_p"], sr))
+    keep_c = g.op("And", [in_k, g.op("Less", [before, top_p])])
     last_c = g.op("Sub", [g.op("ReduceSum", [g.op("Cast", [keep_c], {"to": _INT64}), axis1], {"keepdims": 1}), one_i])
     thr_p = g.op("GatherElements", [vals, g.op("Max", [last_c, zero_i])], {"axis": 1})
-    thr_p = g.op("Where", [g.op("Less", [col(n["top_p"]), one_f]), thr_p, neg_inf])
-    min_p = col(n["min_p"])
+    thr_p = g.op("Where", [g.op("Less", [top_p, one_f]), thr_p, neg_inf])
+    min_p = col(head(n["min_p"], sr))
     thr_m = g.op("Where", [g.op("Greater", [min_p, zero_f]), g.op("Log", [min_p]), neg_inf])
     thr = g.op("Max", [thr_k, thr_p, thr_m])
     keep = g.op("GreaterOrEqual", [s, thr])
@@ -158,46 +177,51 @@ def add_sampling(g: GraphBuilder, logits_last: str, vocab: int, steps: int, name
     w = g.op("Where", [keep, weights, zero_f])
     cdf = _cumsum(g, w, vocab)
     total = g.op("Gather", [cdf, g.const(np.array([vocab - 1], np.int64))], {"axis": 1})
-    step_col = g.op("Min", [col(n["step"]), g.const(steps - 1, "int64")])
-    u = g.op("GatherElements", [n["uniforms"], step_col], {"axis": 1})
+    step_col = col(g.op("Min", [head(n["step"], sr), head(n["last_step"], sr)]))
+    u = g.op("GatherElements", [head(n["uniforms"], sr), step_col], {"axis": 1})
     below = g.op("Cast", [g.op("LessOrEqual", [cdf, g.op("Mul", [u, total])])], {"to": _INT64})
     count = g.op("ReduceSum", [below, axis1], {"keepdims": 1})
-    positions = g.const(np.arange(vocab, dtype=np.int64)[None, :])
     last_kept = g.op("ArgMax", [cdf], {"axis": 1, "keepdims": 1, "select_last_index": 0})
-    sampled = g.op("Min", [count, last_kept])
+    sampled = g.op("Concat", [g.op("Min", [count, last_kept]), tail(greedy_id, sr)], {"axis": 0})
 
-    greedy_row = g.op("Or", [g.op("Not", [t_pos]), g.op("Equal", [top_k, one_i])])
+    greedy_row = g.op("Or", [g.op("Not", [g.op("Greater", [col(n["temperature"]), zero_f])]),
+                             g.op("Equal", [col(n["top_k"]), one_i])])
     next_ids = g.op("Where", [greedy_row, greedy_id, sampled])
-    hit = g.op("Equal", [positions, next_ids])
+
+    # the penalties' state, on rows 0:penalized_rows (other rows carry theirs over)
+    positions = g.const(np.arange(vocab, dtype=np.int64)[None, :])
+    hit = g.op("Equal", [positions, head(next_ids, pr)])
     return {
         "next_ids": next_ids,
-        "seen": g.op("Or", [n["seen"], hit]),
-        "counts": g.op("Add", [n["counts"], g.op("Cast", [hit], {"to": _FLOAT})]),
+        "seen": g.op("Concat", [g.op("Or", [seen, hit]), tail(n["seen"], pr)], {"axis": 0}),
+        "counts": g.op("Concat", [g.op("Add", [counts, g.op("Cast", [hit], {"to": _FLOAT})]), tail(n["counts"], pr)],
+                       {"axis": 0}),
         "step": g.op("Add", [n["step"], one_i]),
     }
 
 
-def declare_row_inputs(g: GraphBuilder, vocab: int, steps: int | str, prefix: str = "") -> dict[str, str]:
-    """Declare every per-row sampling input as a graph input named ``prefix + name``."""
+def declare_row_inputs(g: GraphBuilder, vocab: int, prefix: str = "") -> dict[str, str]:
+    """Declare every per-row sampling input, and the host inputs, as graph inputs ``prefix + name``."""
     names = {}
     for name, dtype in ROW_CONSTANTS:
         shape: list[int | str] = ["batch"]
         if name == "stop_mask":
             shape.append(vocab)
         elif name == "uniforms":
-            shape.append(steps)
+            shape.append("steps")
         names[name] = g.input(prefix + name, dtype, shape)
     for name, _, dtype in ROW_STATE:
         names[name] = g.input(prefix + name, dtype, ["batch", vocab] if name != "step" else ["batch"])
-    names["candidates"] = g.input(prefix + "candidates", "int64", [1])
+    for name in HOST_INPUTS:
+        names[name] = g.input(prefix + name, "int64", [1])
     return names
 
 
-def build_sampler_model(logits_dtype: str, vocab: int, steps: int) -> bytes:
+def build_sampler_model(logits_dtype: str, vocab: int) -> bytes:
     """The standalone sampler of the concat backend, ModelProto bytes.
 
     inputs: ``logits [b, seq, vocab]`` (the last position is used), ``attention_mask [b, total]``
-    int64, and the per-row inputs of :func:`add_sampling` (``uniforms [b, steps]``). outputs:
+    int64, and the per-row and host inputs of :func:`add_sampling`. outputs:
     ``next_ids [b, 1]``, ``next_attention_mask [b, total + 1]``, ``next_position_ids [b, 1]``
     (= row length − 1, so left padding needs no host bookkeeping), ``seen_out``, ``counts_out``,
     ``step_out``.
@@ -207,9 +231,9 @@ def build_sampler_model(logits_dtype: str, vocab: int, steps: int) -> bytes:
     g = GraphBuilder("lmforge_sampler")
     g.input("logits", logits_dtype, ["batch", "seq", vocab])
     mask = g.input("attention_mask", "int64", ["batch", "total"])
-    names = declare_row_inputs(g, vocab, steps)
+    names = declare_row_inputs(g, vocab)
     last = g.op("Gather", ["logits", g.const(-1, "int64")], {"axis": 1})
-    out = add_sampling(g, last, vocab, steps, names)
+    out = add_sampling(g, last, vocab, names)
     g.op("Identity", [out["next_ids"]], outputs=["next_ids"])
     ones = g.op("Expand", [g.const(np.ones((1, 1), np.int64)), g.op("Shape", ["next_ids"])])
     next_mask = g.op("Concat", [mask, ones], {"axis": 1}, outputs=["next_attention_mask"])

@@ -16,9 +16,9 @@ import numpy as np
 import onnxruntime as ort
 
 from runtime.errors import InvalidRequestError
-from runtime.sampler_graph import BOUNDED_CANDIDATES, build_sampler_model
+from runtime.sampler_graph import ALL_ROWS, BOUNDED_CANDIDATES, HOST_INPUTS, build_sampler_model
 
-__all__ = ["SamplingParams", "GREEDY", "row_arrays", "stack_rows", "Sampler"]
+__all__ = ["SamplingParams", "GREEDY", "host_values", "row_arrays", "stack_rows", "Sampler"]
 
 
 def _is_int(value: object) -> bool:
@@ -111,8 +111,26 @@ class SamplingParams:
         min-p rows need no sort."""
         return not self.greedy and (self.top_k > 0 or self.top_p < 1.0)
 
+    @property
+    def needs_penalties(self) -> bool:
+        """True when the row's logits are penalized (repetition, presence or frequency)."""
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
 
 GREEDY = SamplingParams()
+
+
+def host_values(params: Sequence[SamplingParams], candidates: int) -> tuple[int, int, int]:
+    """The sampling nodes' host inputs for a run over rows with these parameters:
+    ``(candidates, sampled_rows, penalized_rows)`` (see :mod:`runtime.sampler_graph`).
+
+    A run where every row is greedy skips the draw (``sampled_rows = 0``), one where no row is
+    penalized skips the penalties (``penalized_rows = 0``), and one where no row reads top-k /
+    top-p sorts a single candidate: an all-greedy step pays for an ``ArgMax`` and little else.
+    """
+    sampled = any(not p.greedy for p in params)
+    return (candidates if any(p.needs_candidates for p in params) else 1, ALL_ROWS if sampled else 0,
+            ALL_ROWS if any(p.needs_penalties for p in params) else 0)
 
 
 def row_arrays(params: SamplingParams, prompt: Sequence[int], stop_ids: Sequence[int], vocab: int,
@@ -142,6 +160,7 @@ def row_arrays(params: SamplingParams, prompt: Sequence[int], stop_ids: Sequence
         "min_new_tokens": np.array([params.min_new_tokens], dtype=np.int64),
         "stop_mask": stop_mask,
         "uniforms": np.random.default_rng(params.seed).random((1, steps), dtype=np.float32),
+        "last_step": np.array([steps - 1], dtype=np.int64),
         "seen": seen,
         "counts": np.zeros((1, vocab), dtype=np.float32),
         "step": np.zeros(1, dtype=np.int64),
@@ -161,17 +180,16 @@ class Sampler:
         self.logits_dtype = logits_dtype
         self.providers = list(providers)
         self.candidates = candidates
-        self._sessions: dict[tuple[int, int], ort.InferenceSession] = {}
+        self._sessions: dict[int, ort.InferenceSession] = {}
 
-    def session(self, vocab: int, steps: int) -> ort.InferenceSession:
-        """The sampler session for ``vocab`` and ``steps`` uniforms (built once, cached)."""
-        key = (vocab, steps)
-        if key not in self._sessions:
+    def session(self, vocab: int) -> ort.InferenceSession:
+        """The sampler session for ``vocab`` (built once, cached)."""
+        if vocab not in self._sessions:
             options = ort.SessionOptions()
             options.log_severity_level = 3
-            model = build_sampler_model(self.logits_dtype, vocab, steps)
-            self._sessions[key] = ort.InferenceSession(model, sess_options=options, providers=self.providers)
-        return self._sessions[key]
+            model = build_sampler_model(self.logits_dtype, vocab)
+            self._sessions[vocab] = ort.InferenceSession(model, sess_options=options, providers=self.providers)
+        return self._sessions[vocab]
 
     def sample(
         self,
@@ -204,7 +222,7 @@ class Sampler:
         feeds["step"] = np.full(batch, step, dtype=np.int64)
         feeds["logits"] = np.asarray(logits, dtype=self.logits_dtype)
         feeds["attention_mask"] = np.ones((batch, 1), dtype=np.int64)
-        need = any(p.needs_candidates for p in params)
-        feeds["candidates"] = np.array([min(self.candidates, vocab) if need else 1], dtype=np.int64)
-        (ids,) = self.session(vocab, steps).run(["next_ids"], feeds)
+        values = host_values(params, min(self.candidates, vocab))
+        feeds.update({name: np.array([v], dtype=np.int64) for name, v in zip(HOST_INPUTS, values)})
+        (ids,) = self.session(vocab).run(["next_ids"], feeds)
         return ids.reshape(-1)

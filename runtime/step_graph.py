@@ -5,13 +5,19 @@ CUDA): the shared-buffer decoder, then per-row sampling with each request's own 
 (greedy and sampled rows together), then the next step's inputs. The host reads the new ids
 back once per block of steps from a ``[rows, window]`` history.
 
-How the model is built without the ``onnx`` package (``runtime`` must not depend on it): a
-serialized ``ModelProto`` followed by a second serialized ``ModelProto`` fragment parses as the
-*merge* of the two (protobuf's documented semantics: repeated fields are appended, embedded
-messages merged). :func:`step_fragment` encodes a graph holding only the extra nodes, inputs,
-outputs and initializers; :func:`compose_step_model` appends it to the decoder's bytes. The
-decoder's weights stay in its external-data file (the session is pointed at the artifact
-folder).
+**It ships in the artifact.** ``lmforge optimize`` appends the step nodes to the shared-buffer
+decoder it writes (:func:`append_step`), lists their inputs and outputs in the manifest's ``io``
+and records ``step = {"format", "prefix", "window"}`` (:func:`manifest_entry`); the runtime
+loads ``model.onnx`` as it is, so ``verify``, ``verify --layerwise`` and ``inspect`` see the graph
+that serves, hashed like every other file. Nothing in the step depends on how the engine is
+loaded: the KV capacity and the length of the uniforms are per-row inputs, not constants.
+
+How the nodes are added without the ``onnx`` package (``runtime`` must not depend on it, and
+this module is the single definition both ``optimize`` and the tests use): a serialized
+``ModelProto`` followed by a second serialized ``ModelProto`` fragment parses as the *merge* of
+the two (protobuf's documented semantics: repeated fields are appended, embedded messages
+merged). :func:`step_fragment` encodes a graph holding only the extra nodes, inputs, outputs and
+initializers; the decoder's weights stay in its external-data file.
 
 The appended inputs and outputs (every name under :data:`PREFIX`), for ``b`` rows:
 
@@ -19,28 +25,35 @@ state (ping-ponged: :data:`STATE` pairs an input with the output that replaces i
     ``input_ids [b, 1]``, ``position_ids [b, 1]``, ``seqlens_k [b]`` (the decoder's own inputs),
     ``seen``, ``counts``, ``step`` (sampling state) and ``history [b, window]``.
 constants (written once per request into its row)
-    the sampling parameters of :data:`runtime.sampler_graph.ROW_CONSTANTS`.
-``candidates [1]``
-    host memory: how many sorted candidates the step's top-k / top-p read (1 when no row uses
-    them); each value is its own captured graph.
+    the sampling parameters of :data:`runtime.sampler_graph.ROW_CONSTANTS` and
+    ``last_position`` (the row's KV capacity − 1).
+host inputs (``[1]`` int64 in host memory, :data:`runtime.sampler_graph.HOST_INPUTS`)
+    ``candidates`` (how many sorted candidates top-k / top-p read), ``sampled_rows`` and
+    ``penalized_rows`` (0: no row of the run samples / is penalized, and those nodes run on no
+    rows); each value is its own captured graph.
 
 The next position is the current last position + 1 (also GroupQueryAttention's next
-``seqlens_k``), clamped to ``capacity − 1``: a row that finished inside a block, or a free slot
+``seqlens_k``), clamped to ``last_position``: a row that finished inside a block, or a free slot
 inside the bucket, keeps writing its own last KV position and never past its buffer row. The
 new id is written into ``history`` at column ``step mod window``.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from runtime._onnx_proto import GraphBuilder, fragment_bytes
 from runtime.sampler_graph import ROW_CONSTANTS, add_sampling, declare_row_inputs
 
-__all__ = ["PREFIX", "STATE", "CONSTANTS", "step_fragment", "compose_step_model"]
+__all__ = ["FORMAT", "PREFIX", "STATE", "CONSTANTS", "WINDOW", "append_step", "manifest_entry", "neutral_feeds",
+           "step_fragment", "step_io"]
 
+FORMAT = 1  # bumped whenever the step's inputs or semantics change; the runtime refuses another
+WINDOW = 32  # columns of the id history: the most decode steps between two host reads
 PREFIX = "lmforge_step."
-# (input, the output that becomes it next step, dtype, row shape key)
+# (input, the output that becomes it next step, dtype)
 STATE = (
     ("input_ids", PREFIX + "next_input_ids", "int64"),
     ("position_ids", PREFIX + "next_position_ids", "int64"),
@@ -50,46 +63,78 @@ STATE = (
     (PREFIX + "step", PREFIX + "step_out", "int64"),
     (PREFIX + "history", PREFIX + "history_out", "int64"),
 )
-CONSTANTS = tuple((PREFIX + name, dtype) for name, dtype in ROW_CONSTANTS)
+CONSTANTS = tuple((PREFIX + name, dtype) for name, dtype in (*ROW_CONSTANTS, ("last_position", "int64")))
 _INT32 = 6
 
 
-def step_fragment(vocab: int, window: int, capacity: int, steps: int) -> bytes:
-    """The graph fragment to append to a shared-buffer decoder (see the module docstring).
+def _outputs(vocab: int, window: int) -> list[tuple[str, str, list[int | str]]]:
+    p = PREFIX
+    return [(p + "next_input_ids", "int64", ["batch", 1]), (p + "next_position_ids", "int64", ["batch", 1]),
+            (p + "next_seqlens_k", "int32", ["batch"]), (p + "seen_out", "bool", ["batch", vocab]),
+            (p + "counts_out", "float32", ["batch", vocab]), (p + "step_out", "int64", ["batch"]),
+            (p + "history_out", "int64", ["batch", window])]
 
-    ``capacity`` is the KV buffer length the engine allocates, ``steps`` the length of the
-    per-row ``uniforms`` (the most tokens a request may generate).
-    """
+
+def _build(vocab: int, window: int) -> GraphBuilder:
     if window < 1:
         raise ValueError(f"window must be ≥ 1, got {window}")
     g = GraphBuilder("lmforge_step", prefix=PREFIX)
     p = PREFIX
-    names = declare_row_inputs(g, vocab, steps, prefix=p)
+    names = declare_row_inputs(g, vocab, prefix=p)
+    last_position = g.input(p + "last_position", "int64", ["batch"])
     history = g.input(p + "history", "int64", ["batch", window])
     axis1 = g.const(np.array([1], np.int64))
     last = g.op("Gather", ["logits", g.const(-1, "int64")], {"axis": 1})
-    out = add_sampling(g, last, vocab, steps, names)
+    out = add_sampling(g, last, vocab, names)
     nxt = g.op("Identity", [out["next_ids"]], outputs=[p + "next_input_ids"])
     g.op("Identity", [out["seen"]], outputs=[p + "seen_out"])
     g.op("Identity", [out["counts"]], outputs=[p + "counts_out"])
     g.op("Identity", [out["step"]], outputs=[p + "step_out"])
     last_pos = g.op("Gather", ["position_ids", g.const(np.array([-1], np.int64))], {"axis": 1})  # [b, 1]
-    pos = g.op("Min", [g.op("Add", [last_pos, g.const(1, "int64")]), g.const(capacity - 1, "int64")])
+    pos = g.op("Min", [g.op("Add", [last_pos, g.const(1, "int64")]), g.op("Unsqueeze", [last_position, axis1])])
     g.op("Identity", [pos], outputs=[p + "next_position_ids"])
     g.op("Cast", [g.op("Squeeze", [pos, axis1])], {"to": _INT32}, outputs=[p + "next_seqlens_k"])
     column = g.op("Unsqueeze", [g.op("Mod", [names["step"], g.const(window, "int64")]), axis1])
     g.op("ScatterElements", [history, column, nxt], {"axis": 1}, outputs=[p + "history_out"])
-
-    g.output(p + "next_input_ids", "int64", ["batch", 1])
-    g.output(p + "next_position_ids", "int64", ["batch", 1])
-    g.output(p + "next_seqlens_k", "int32", ["batch"])
-    g.output(p + "seen_out", "bool", ["batch", vocab])
-    g.output(p + "counts_out", "float32", ["batch", vocab])
-    g.output(p + "step_out", "int64", ["batch"])
-    g.output(p + "history_out", "int64", ["batch", window])
-    return fragment_bytes(g)
+    for name, dtype, shape in _outputs(vocab, window):
+        g.output(name, dtype, shape)
+    return g
 
 
-def compose_step_model(decoder: bytes, vocab: int, window: int, capacity: int, steps: int) -> bytes:
+def step_fragment(vocab: int, window: int = WINDOW) -> bytes:
+    """The graph fragment to append to a shared-buffer decoder (see the module docstring)."""
+    return fragment_bytes(_build(vocab, window))
+
+
+def append_step(decoder: bytes, vocab: int, window: int = WINDOW) -> bytes:
     """The decoder's ``ModelProto`` bytes with the step fragment merged in."""
-    return decoder + step_fragment(vocab, window, capacity, steps)
+    return decoder + step_fragment(vocab, window)
+
+
+def step_io(vocab: int, window: int = WINDOW) -> dict[str, list[dict[str, Any]]]:
+    """The step's own inputs and outputs, in the manifest's ``io`` shape (appended to the decoder's)."""
+    g = _build(vocab, window)
+    inputs = [{"name": name, "dtype": dtype, "shape": list(shape)} for name, dtype, shape in g.inputs]
+    outputs = [{"name": name, "dtype": dtype, "shape": list(shape)} for name, dtype, shape in _outputs(vocab, window)]
+    return {"inputs": inputs, "outputs": outputs}
+
+
+def manifest_entry(window: int = WINDOW) -> dict[str, Any]:
+    """The manifest's ``step`` record for a step model of this module's :data:`FORMAT`."""
+    return {"format": FORMAT, "prefix": PREFIX, "window": window}
+
+
+def neutral_feeds(batch: int, vocab: int, window: int = WINDOW, capacity: int = 1 << 30) -> dict[str, np.ndarray]:
+    """Step inputs for ``batch`` greedy rows with no penalties (graph checks, layer-wise runs).
+
+    The decoder's own inputs are not included; the draw and the penalties run on no rows.
+    """
+    feeds: dict[str, np.ndarray] = {}
+    ones = {"repetition_penalty": 1, "top_p": 1, "candidates": 1, "last_position": capacity - 1}
+    for spec in step_io(vocab, window)["inputs"]:
+        name = spec["name"]
+        if not name.startswith(PREFIX):
+            continue  # input_ids, position_ids, seqlens_k: the decoder's, fed by the caller
+        dims = [batch if d == "batch" else 1 if d == "steps" else d for d in spec["shape"]]
+        feeds[name] = np.full(dims, ones.get(name[len(PREFIX):], 0), dtype=np.dtype(spec["dtype"]))
+    return feeds

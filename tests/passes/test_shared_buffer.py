@@ -12,6 +12,7 @@ import onnx_ir as ir
 import pytest
 
 from passes.pipeline import optimize_artifact
+from runtime import step_graph
 from runtime.artifact import load_artifact
 from runtime.errors import PassError
 
@@ -42,14 +43,21 @@ def test_io_rewrite(shared, precision: str, kv_dtype: str) -> None:  # type: ign
     inputs = [(t.name, t.dtype, list(t.shape)) for t in art.inputs]
     assert inputs[:4] == [("input_ids", "int64", ["batch", "seq"]), ("position_ids", "int64", ["batch", "seq"]),
                           ("seqlens_k", "int32", ["batch"]), ("total_sequence_length", "int32", [])]
-    assert inputs[4:] == [(f"past_key_values.{i}.{k}", kv_dtype, ["batch", 2, "max_context", 16])
-                          for i in range(2) for k in ("key", "value")]
+    assert inputs[4:8] == [(f"past_key_values.{i}.{k}", kv_dtype, ["batch", 2, "max_context", 16])
+                           for i in range(2) for k in ("key", "value")]
+    # the step model (decoder + sampling + next inputs) is in the artifact, its IO in the manifest
+    step = step_graph.step_io(int(m["architecture"]["vocab"]))
+    assert m["step"] == {"format": step_graph.FORMAT, "prefix": "lmforge_step.", "window": step_graph.WINDOW}
+    assert [t[0] for t in inputs[8:]] == [t["name"] for t in step["inputs"]]
+    assert all(t[0].startswith("lmforge_step.") for t in inputs[8:])
     outputs = {t.name: (t.dtype, list(t.shape)) for t in art.outputs}
     assert outputs["present.1.value"] == (kv_dtype, ["batch", 2, "max_context", 16])
-    assert {"name": "shared-buffer-kv", "count": 2} in m["passes"]
+    assert [t.name for t in art.outputs][-len(step["outputs"]):] == [t["name"] for t in step["outputs"]]
+    assert {"name": "shared-buffer-kv", "count": 2} in m["passes"] and {"name": "step-model", "count": 1} in m["passes"]
     # the graph itself: no mask, GQA reads the past directly and writes the present directly
     model = ir.load(str(art.model_path))
     assert [v.name for v in model.graph.inputs] == [n for n, _, _ in inputs]
+    assert {"TopK", "CumSum", "ScatterElements"} <= {n.op_type for n in model.graph.all_nodes()}
     gqa = [n for n in model.graph.all_nodes() if n.op_type == "GroupQueryAttention"]
     assert len(gqa) == 2
     for i, node in enumerate(gqa):
@@ -100,10 +108,14 @@ def test_in_place_update(shared) -> None:  # type: ignore[no-untyped-def]
     b.bind_cpu_input("position_ids", np.array([[2], [4]], np.int64))
     b.bind_cpu_input("seqlens_k", np.array([2, 4], np.int32))
     b.bind_cpu_input("total_sequence_length", np.array(cap, np.int32))
+    for name, value in step_graph.neutral_feeds(2, int(art.architecture["vocab"]), capacity=cap).items():
+        b.bind_cpu_input(name, value)
     for name, value in kv.items():
         b.bind_ortvalue_input(name, value)
         b.bind_ortvalue_output(name.replace("past_key_values", "present"), value)
-    b.bind_output("logits")
+    for output in sess.get_outputs():
+        if not output.name.startswith("present."):
+            b.bind_output(output.name)
     sess.run_with_iobinding(b)
     for name, value in kv.items():
         after = value.numpy()

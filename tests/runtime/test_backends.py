@@ -95,7 +95,7 @@ def test_sampled_rows_match_across_backends_and_batches(pair) -> None:  # type: 
     assert slots.generate_ids(prompts, 10, params) == alone
 
 
-@pytest.mark.parametrize("read_every", [1, 3, 64])
+@pytest.mark.parametrize("read_every", [1, 3, 32])
 def test_read_every_does_not_change_tokens(pair, shared_path: Path, read_every: int) -> None:  # type: ignore[no-untyped-def]
     """Ids come back once per block; rows stopping inside a block ignore the rest of it."""
     concat, _ = pair
@@ -108,6 +108,8 @@ def test_read_every_does_not_change_tokens(pair, shared_path: Path, read_every: 
         assert engine.generate_ids(prompts, 20) == full
     with pytest.raises(GenerationError, match="read_every"):
         Engine.load(shared_path, read_every=0)
+    with pytest.raises(GenerationError, match="read_every=33 exceeds the step model's id history of 32"):
+        Engine.load(shared_path, read_every=33)
 
 
 def test_chunked_prefill_equals_one_run(pair, shared_path: Path) -> None:  # type: ignore[no-untyped-def]
@@ -184,3 +186,65 @@ def test_threads_share_the_slots(shared_path: Path) -> None:
         for t in threads:
             t.join()
         assert [got[i] for i in range(len(prompts))] == alone
+
+
+def test_an_interrupted_block_returns_the_steps_it_ran(pair) -> None:  # type: ignore[no-untyped-def]
+    """``decode(..., interrupt=...)`` ends the block after the step where ``interrupt`` says so;
+    the ids it returns are the first ones of the uninterrupted block."""
+    _, slots = pair
+    backend: SlotsBackend = slots.backend
+    prompt = _prompts(1, seed=21)[0]
+    with slots._cv:  # the loop is idle between requests; these runs hold its backend briefly
+        plan = slots._plan([])
+        slot = backend.allocate()
+        try:
+            first, _ = backend.prefill(slot, prompt, _rows(slots, prompt), False, plan)
+            calls = []
+            ids, _ = backend.decode(slot + 1, 8, {slot: 1}, False, plan,
+                                    interrupt=lambda: calls.append(1) or len(calls) == 3)
+        finally:
+            backend.release(slot)
+    assert len(calls) == 3 and len(ids[slot]) == 3
+    assert [first, *ids[slot]] == slots.generate_ids([prompt], 4)[0]
+
+
+def _rows(engine: Engine, prompt: list[int]) -> dict[str, np.ndarray]:
+    from runtime.sampling import GREEDY, row_arrays
+
+    return row_arrays(GREEDY, prompt, sorted(engine.eos_token_ids), engine.vocab, engine.max_context)
+
+
+def test_a_request_arriving_inside_a_block_is_admitted_after_one_step(shared_path: Path) -> None:
+    """A arrives alone and decodes in blocks of 32; B is submitted from inside A's second block
+    (deterministically: from the loop's own between-steps check). A's block ends at once, B's
+    first token comes before A's next block, and both get the tokens they get alone."""
+    engine = Engine.load(shared_path, read_every=32)
+    try:
+        a_prompt, b_prompt = _prompts(2, seed=33)
+        a_alone = engine.generate_ids([a_prompt], 80)[0]
+        b_alone = engine.generate_ids([b_prompt], 6)[0]
+        real = engine._admissible
+        calls = {"n": 0}
+        late: list = []
+
+        def admissible() -> bool:
+            calls["n"] += 1
+            if calls["n"] == 31 + 2:  # block 1 asks after 31 of its 32 steps; then A's second block, step 2
+                late.append(engine.submit(b_prompt, 6))
+            return real()
+
+        engine._admissible = admissible  # type: ignore[method-assign]
+        order: list[tuple[str, int]] = []
+        a = engine.submit(a_prompt, 80)
+        for event in a:
+            order.append(("a", len(event.token_ids)))
+            if late and not any(o[0] == "b" for o in order):
+                b_first = next(iter(late[0]))
+                order.append(("b", len(b_first.token_ids)))
+        assert a.result().token_ids == tuple(a_alone)
+        assert late[0].result().token_ids == tuple(b_alone)
+        sizes = [n for who, n in order if who == "a"]
+        assert sizes[:3] == [1, 32, 2], order  # the prefill's token; a full block; the block B cut after 2 steps
+        assert order[3][0] == "b", order  # B's first token before A's next block
+    finally:
+        engine.close()

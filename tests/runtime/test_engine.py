@@ -270,6 +270,14 @@ def test_rejected_artifacts(tiny_llama: Path, tmp_path: Path) -> None:
     manifest = json.loads((shared / "manifest.json").read_text())
     manifest["kv_mode"] = "shared-buffer"
     (shared / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(GenerationError, match="carries no step model; this lmforge serves format 1"):
+        Engine.load(shared)
+    manifest["step"] = {"format": 0, "prefix": "lmforge_step.", "window": 32}
+    (shared / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(GenerationError, match="carries step model format 0"):
+        Engine.load(shared)
+    manifest["step"]["format"] = 1
+    (shared / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(GenerationError, match="io.inputs does not follow the shared-buffer contract"):
         Engine.load(shared)
 

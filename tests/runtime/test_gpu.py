@@ -73,6 +73,22 @@ def test_captured_sampling_and_stops_match(engines) -> None:  # type: ignore[no-
     assert graph.generate_ids(prompts, 20, stops) == plain.generate_ids(prompts, 20, stops)
 
 
+def test_captured_penalties_and_mixed_runs_match(engines) -> None:  # type: ignore[no-untyped-def]
+    """Penalized, sampled and plain greedy rows together and apart: each combination of the step's
+    host inputs (draw and penalties on no rows or on all) is its own captured graph, and the
+    empty-row runs of the skipped nodes must give the uncaptured engine's tokens."""
+    graph, plain = engines
+    prompts = _prompts(6, seed=13)
+    kinds = [SamplingParams(), SamplingParams(repetition_penalty=1.5), SamplingParams(presence_penalty=1.0,
+             frequency_penalty=0.5, temperature=0.9, seed=3), SamplingParams(temperature=0.7, top_k=20, seed=4),
+             SamplingParams(min_p=0.2, temperature=1.0, seed=5), SamplingParams(repetition_penalty=0.8)]
+    want = [plain.generate_ids([p], 24, k)[0] for p, k in zip(prompts, kinds)]
+    assert graph.generate_ids(prompts, 24, kinds) == want
+    assert [graph.generate_ids([p], 24, k)[0] for p, k in zip(prompts, kinds)] == want
+    greedy_only = [k for k in kinds if k.greedy and not k.needs_penalties]
+    assert greedy_only  # the all-greedy run (no draw, no penalties) is among them
+
+
 def test_threads_arriving_mid_decode_match_solo(engines) -> None:  # type: ignore[no-untyped-def]
     graph, plain = engines
     prompts = _prompts(16, seed=9)

@@ -16,7 +16,7 @@ from runtime.sampler_graph import _cumsum, build_sampler_model
 
 @pytest.mark.parametrize("logits_dtype", ["float32", "float16"])
 def test_sampler_graph_passes_onnx_checker(logits_dtype: str) -> None:
-    model = onnx.load_from_string(build_sampler_model(logits_dtype, 1000, 64))
+    model = onnx.load_from_string(build_sampler_model(logits_dtype, 1000))
     onnx.checker.check_model(model, full_check=True)
     assert model.ir_version == 8
     assert [(o.domain, o.version) for o in model.opset_import] == [("", 18)]

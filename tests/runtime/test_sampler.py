@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from runtime import SamplingParams
+from runtime.sampler_graph import ALL_ROWS
 from runtime.sampling import Sampler
 
 V = 64
@@ -117,24 +118,58 @@ def test_repetition_penalty_follows_transformers(sampler: Sampler) -> None:
     assert ids.tolist() == [1, 1]
 
 
-def test_state_is_updated_on_the_device(sampler: Sampler) -> None:
+def _state_feeds(penalized_rows: int) -> dict[str, np.ndarray]:
     from runtime.sampling import row_arrays, stack_rows
 
     logits = np.random.default_rng(5).standard_normal((3, 1, V)).astype(np.float32)
     feeds = stack_rows([row_arrays(SamplingParams(), [], [], V, 4) for _ in range(3)])
     feeds["step"] = np.array([0, 2, 1], np.int64)
     feeds["counts"][1, 7] = 2.0
+    feeds["seen"][2, 9] = True
     feeds.update(logits=logits, attention_mask=np.array([[0, 1], [1, 1], [1, 1]], np.int64),
-                 candidates=np.array([1], np.int64))
-    ids, mask, pos, seen, counts, step = sampler.session(V, 4).run(None, feeds)
+                 candidates=np.array([1], np.int64), sampled_rows=np.array([0], np.int64),
+                 penalized_rows=np.array([penalized_rows], np.int64))
+    return feeds
+
+
+def test_state_is_updated_on_the_device(sampler: Sampler) -> None:
+    feeds = _state_feeds(ALL_ROWS)
+    ids, mask, pos, seen, counts, step = sampler.session(V).run(None, feeds)
     assert ids.shape == (3, 1)
-    assert seen.sum() == 3 and seen[np.arange(3), ids.ravel()].all()
+    expected_seen = feeds["seen"].copy()
+    expected_seen[np.arange(3), ids.ravel()] = True
+    np.testing.assert_array_equal(seen, expected_seen)
     expected = feeds["counts"].copy()
     expected[np.arange(3), ids.ravel()] += 1
     np.testing.assert_array_equal(counts, expected)
     assert mask.tolist() == [[0, 1, 1], [1, 1, 1], [1, 1, 1]]
     assert pos.ravel().tolist() == [1, 2, 2]
     assert step.tolist() == [1, 3, 2]
+
+
+def test_a_run_without_penalized_rows_carries_the_penalty_state_over(sampler: Sampler) -> None:
+    """``penalized_rows = 0`` (no row of the run is penalized): the same ids, the state as it was."""
+    feeds = _state_feeds(0)
+    ids, _, _, seen, counts, step = sampler.session(V).run(None, feeds)
+    all_rows = sampler.session(V).run(None, _state_feeds(ALL_ROWS))
+    np.testing.assert_array_equal(ids, all_rows[0])
+    np.testing.assert_array_equal(seen, feeds["seen"])
+    np.testing.assert_array_equal(counts, feeds["counts"])
+    assert step.tolist() == [1, 3, 2]
+
+
+@pytest.mark.parametrize("params", [SamplingParams(temperature=0.8, seed=3),
+                                    SamplingParams(temperature=1.0, top_p=0.9, seed=4),
+                                    SamplingParams(temperature=0.7, top_k=20, repetition_penalty=1.3, seed=5)])
+def test_the_draw_on_all_rows_equals_greedy_rows_alone(sampler: Sampler, params: SamplingParams) -> None:
+    """The host inputs only skip work: a batch whose rows run the draw (``sampled_rows`` = all)
+    gives its greedy rows the ids of a run where no row samples, and its sampled rows their own."""
+    rng = np.random.default_rng(11)
+    logits = rng.standard_normal((4, V)).astype(np.float32) * 3
+    greedy = sampler.sample(logits[:2], [SamplingParams(), SamplingParams()])
+    sampled = sampler.sample(logits[2:], [params, params])
+    mixed = sampler.sample(logits, [SamplingParams(), SamplingParams(), params, params])
+    assert mixed.tolist() == greedy.tolist() + sampled.tolist()
 
 
 def test_top_p_boundary_is_exclusive_like_transformers(sampler: Sampler) -> None:
