@@ -125,8 +125,11 @@ def _worker(index: int, listen: socket.socket | tuple[str, int], cpus: list[int]
         pin_cpus(cpus)
         model = load_model(options, threads)
         app = create_app(model, served_model_name=options.served_model_name, api_key=options.api_key)
-    except LmforgeError as exc:
-        events.put(("failed", index, str(exc)))
+    except Exception as exc:  # noqa: BLE001 - any startup failure is reported to the parent as one line
+        log.debug("worker %d failed to start", index, exc_info=True)
+        first = (str(exc).splitlines() or [""])[0]
+        text = str(exc) if isinstance(exc, LmforgeError) else f"{type(exc).__name__}: {first}"
+        events.put(("failed", index, text))
         if model is not None:
             model.close()
         raise SystemExit(2) from None
