@@ -7,6 +7,11 @@
 
     engine = Engine.load("artifacts/smollm2-135m")
     app = create_app(engine, served_model_name="smollm2", api_key=None)   # an ASGI app to mount or run
+
+    app = create_app(Encoder.load("artifacts/minilm"))                     # an encoder: /v1/embeddings
+
+``lmforge serve --instances N`` runs N pinned worker processes on one port
+(:mod:`runtime.serve.instances`).
 """
 
 from __future__ import annotations
