@@ -76,7 +76,6 @@ class EncodeStats:
     unsorted_padded_tokens: int  # what batches in input order would have computed
     truncated: int  # texts cut to the maximum length
     seconds: float
-    token_counts: tuple[int, ...] = ()  # real tokens per text, in the caller's order (after truncation)
 
     @property
     def padding_saved(self) -> float:
@@ -420,8 +419,7 @@ class Encoder:
         unsorted = sum(int(lengths[s:s + batch_size].max()) * len(lengths[s:s + batch_size])
                        for s in range(0, len(items), batch_size))
         stats = EncodeStats(texts=len(items), batches=batches, tokens=int(lengths.sum()), padded_tokens=padded,
-                            unsorted_padded_tokens=unsorted, truncated=len(cut), seconds=0.0,
-                            token_counts=tuple(int(n) for n in lengths))
+                            unsorted_padded_tokens=unsorted, truncated=len(cut), seconds=0.0)
         with self._lock:
             self.calls += 1
         log.debug("encoded %d texts in %d batches: %d tokens, %d padded (input order: %d, %.0f%% saved)",
