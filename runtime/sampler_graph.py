@@ -170,7 +170,7 @@ def add_sampling(g: GraphBuilder, logits_last: str, vocab: int, names: dict[str,
     thr_p = g.op("Where", [g.op("Less", [top_p, one_f]), thr_p, neg_inf])
     min_p = col(head(n["min_p"], sr))
     thr_m = g.op("Where", [g.op("Greater", [min_p, zero_f]), g.op("Log", [min_p]), neg_inf])
-    thr = g.op("Max", [thr_k, thr_p, thr_m])
+    thr = g.op("Max", [g.op("Max", [thr_k, thr_p]), thr_m])  # binary: the variadic CUDA kernel fails on 0 rows
     keep = g.op("GreaterOrEqual", [s, thr])
 
     # inverse-CDF draw with this step's uniform
