@@ -78,6 +78,8 @@ def run(args: argparse.Namespace) -> int:
     if not 0 <= args.port < 65536:
         raise LmforgeError("invalid --port", expected="0..65535", got=str(args.port))
     slices = _slices(args.instances, args.device, args.threads)
+    if args.device == "cuda":
+        _preload_cuda_dlls()
 
     from runtime.serve import serve
     from runtime.serve.instances import ModelOptions, load_model, serve_instances
@@ -117,6 +119,22 @@ def run(args: argparse.Namespace) -> int:
     print("lmforge serve: stopped" if code == 0 else "lmforge serve: a worker died; stopped the others",
           file=sys.stderr)
     return code
+
+
+def _preload_cuda_dlls() -> None:
+    """Load the CUDA and cuDNN libraries that pip wheels ship (nvidia-*-cu12), when this onnxruntime
+    can (``onnxruntime.preload_dlls``, 1.21+): without it the CUDA provider finds them only on
+    ``LD_LIBRARY_PATH``. Harmless where they are found anyway; a failure is a warning, and the
+    engine's own load then says what is missing."""
+    import onnxruntime as ort
+
+    preload = getattr(ort, "preload_dlls", None)
+    if preload is None:
+        return
+    try:
+        preload()
+    except Exception as exc:  # noqa: BLE001 — the session's creation reports the real problem
+        log.warning("onnxruntime.preload_dlls() failed: %s", exc)
 
 
 def _slices(instances: int, device: str, threads: int | None) -> list[list[int]] | None:

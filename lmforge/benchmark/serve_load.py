@@ -9,6 +9,9 @@ number of clients, each sending its next request when the last one ended).
 Two targets share the schedule and the measurements: :class:`HttpTarget` (an OpenAI-compatible
 server, via ``httpx``) and :class:`EngineTarget` (a :class:`runtime.Engine` in this process,
 ``submit`` + ``async for``; what the HTTP layer costs is the difference between the two).
+:class:`ServerProcess` runs ``lmforge serve ARTIFACT`` as its own process for an :class:`HttpTarget`
+to measure: a server in a thread of the load generator's process shares its GIL (and the engine
+loop's) and measures worse than any deployment.
 
 A request that does not end well is counted by kind: ``http_<status>`` (``http_429`` = the
 queue was full), ``timeout``, ``connection``, ``stream_error`` (an error event inside a
@@ -19,10 +22,19 @@ stream), ``incomplete`` (no finish reason before the stream ended), and for the 
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import json
+import logging
 import math
+import os
 import random
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
@@ -32,12 +44,15 @@ import numpy as np
 
 from runtime.errors import GenerationError
 
+log = logging.getLogger(__name__)
+
 __all__ = [
     "EngineTarget",
     "HttpTarget",
     "LoadPrompt",
     "Mix",
     "RequestRecord",
+    "ServerProcess",
     "Slo",
     "load_prompts",
     "parse_mix",
@@ -357,6 +372,150 @@ class EngineTarget:
         rec.e2e_s = time.perf_counter() - t0
         rec.ok = True
         return rec
+
+
+# -- a server of our own ---------------------------------------------------------------------------
+
+_LISTENING = re.compile(r"^lmforge serve: .* on (https?://\S+) \(", re.MULTILINE)
+
+
+def _parent_death_signal() -> Callable[[], None] | None:
+    """On Linux, a ``preexec_fn`` that asks for SIGTERM when the thread that started the child dies,
+    so a bench run killed outright (SIGKILL, OOM) does not leave its server holding the port and the
+    device. ``prctl`` is looked up here, in the parent: the child only calls it."""
+    if sys.platform != "linux":
+        return None
+    try:
+        import ctypes
+
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    return lambda: prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG; best effort, stop() is the guarantee
+
+
+class ServerProcess:
+    """``lmforge serve ARTIFACT`` as its own process on a port the OS picks; a context manager.
+
+    ``start()`` returns once the server printed the URL it listens on and answers ``GET /ready``
+    (within ``start_timeout_s``), or raises :class:`GenerationError` with the tail of its stderr.
+    ``stop()`` sends SIGTERM (the server drains), waits ``stop_timeout_s``, then kills. The child
+    gets this process's environment with the repository on ``PYTHONPATH`` (it runs the same
+    lmforge) and without ``LMFORGE_API_KEY`` (the load goes out without a key).
+    """
+
+    def __init__(self, artifact: str | Path, *, device: str = "cpu", max_batch: int = 16, max_queue: int = 256,
+                 threads: int | None = None, start_timeout_s: float = 120.0, stop_timeout_s: float = 60.0) -> None:
+        self.artifact = str(artifact)
+        self.command = [sys.executable, "-m", "lmforge", "serve", self.artifact, "--host", "127.0.0.1",
+                        "--port", "0", "--device", device, "--max-batch", str(max_batch),
+                        "--max-queue", str(max_queue)]
+        if threads is not None:
+            self.command += ["--threads", str(threads)]
+        self.start_timeout_s = start_timeout_s
+        self.stop_timeout_s = stop_timeout_s
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.url = ""
+        self._logs: tempfile.TemporaryDirectory[str] | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return None if self.proc is None else self.proc.pid
+
+    def describe(self) -> dict[str, Any]:
+        """How the target was served, for the report."""
+        return {"served": f"separate process, pid {self.pid}", "pid": self.pid, "url": self.url,
+                "command": shlex.join(self.command)}
+
+    def _env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if k != "LMFORGE_API_KEY"}
+        root = str(Path(__file__).resolve().parents[2])
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+        return env
+
+    def _read(self, name: str) -> str:
+        assert self._logs is not None
+        return (Path(self._logs.name) / name).read_text(encoding="utf-8", errors="replace")
+
+    def stderr_tail(self, lines: int = 5) -> str:
+        """The last non-empty lines of the server's stderr, joined into one line."""
+        if self._logs is None:
+            return ""
+        tail = collections.deque((x.strip() for x in self._read("stderr.log").splitlines() if x.strip()), lines)
+        return " // ".join(tail) or "(nothing)"
+
+    def _fail(self, what: str) -> GenerationError:
+        return GenerationError(f"the server for {self.artifact} did not start", got=f"{what}; its stderr ends: "
+                               f"{self.stderr_tail()}", fix="run the command alone to see why: "
+                               + shlex.join(self.command[1:]).replace("-m lmforge", "lmforge", 1))
+
+    def start(self) -> ServerProcess:
+        import httpx
+
+        self._logs = tempfile.TemporaryDirectory(prefix="lmforge-bench-serve-")
+        logs = Path(self._logs.name)
+        with open(logs / "stdout.log", "wb") as out, open(logs / "stderr.log", "wb") as err:
+            self.proc = subprocess.Popen(self.command, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
+                                         env=self._env(), preexec_fn=_parent_death_signal())
+        log.info("started %s (pid %d)", shlex.join(self.command), self.proc.pid)
+        deadline = time.monotonic() + self.start_timeout_s
+        try:
+            while not self.url:
+                if (code := self.proc.poll()) is not None:
+                    raise self._fail(f"it exited with code {code}")
+                if m := _LISTENING.search(self._read("stdout.log")):
+                    self.url = m.group(1)
+                elif time.monotonic() > deadline:
+                    raise self._fail(f"no URL printed within {self.start_timeout_s:g} s")
+                else:
+                    time.sleep(0.05)
+            with httpx.Client(timeout=5.0) as client:
+                while True:
+                    if (code := self.proc.poll()) is not None:
+                        raise self._fail(f"it exited with code {code}")
+                    try:
+                        if client.get(self.url + "/ready").status_code == 200:
+                            return self
+                    except httpx.HTTPError:
+                        pass
+                    if time.monotonic() > deadline:
+                        raise self._fail(f"{self.url}/ready did not answer 200 within {self.start_timeout_s:g} s")
+                    time.sleep(0.1)
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self) -> int | None:
+        """SIGTERM, wait, kill if it must; the exit code (None if it never started). Idempotent."""
+        if self.proc is None:
+            return None
+        try:
+            if self.proc.poll() is None:
+                self.proc.send_signal(signal.SIGTERM)
+                try:
+                    self.proc.wait(self.stop_timeout_s)
+                except subprocess.TimeoutExpired:
+                    log.warning("the server (pid %d) did not stop within %g s of SIGTERM: killing it",
+                                self.proc.pid, self.stop_timeout_s)
+                    self.proc.kill()
+            code = self.proc.wait()
+        finally:
+            if self.proc.poll() is None:  # interrupted while waiting: never leave it behind
+                self.proc.kill()
+                self.proc.wait()
+        if code not in (0, -signal.SIGTERM) and self._logs is not None and self.url:
+            log.warning("the server (pid %d) exited with code %s; its stderr ends: %s", self.proc.pid, code,
+                        self.stderr_tail())
+        if self._logs is not None:
+            self._logs.cleanup()
+            self._logs = None
+        return code
+
+    def __enter__(self) -> ServerProcess:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
 
 
 Send = Callable[[int], Awaitable[RequestRecord]]

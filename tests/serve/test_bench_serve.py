@@ -1,11 +1,15 @@
-"""bench-serve's load generator: flag parsing, the report, and bounded runs against a served fake engine."""
+"""bench-serve's load generator: flag parsing, the report, bounded runs against a served fake engine, and an
+artifact served by `lmforge serve` as its own process (started, measured, stopped; never left behind)."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import math
+import os
+import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -119,3 +123,113 @@ def test_sampled_requests_carry_valid_seeds_for_warm_up_indices() -> None:
     for i in (-100_003, -1, 0, 7):
         params = mix.params(random.Random(i), i)
         SamplingParams(temperature=params["temperature"], top_p=params["top_p"], seed=params["seed"])
+
+
+# -- an artifact served by `lmforge serve` as its own process ------------------------------------------------------
+
+needs_proc = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds child processes in /proc")
+
+
+def _serve_children() -> list[int]:
+    """Pids of this process's children (or their children) running `lmforge serve`."""
+    parents, found = {os.getpid()}, []
+    procs = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                procs.append((int(d.name), ppid, (d / "cmdline").read_bytes().split(b"\0")))
+            except (OSError, IndexError, ValueError):
+                continue
+    for _ in range(3):
+        parents |= {pid for pid, ppid, _ in procs if ppid in parents}
+    for pid, ppid, cmd in procs:
+        if ppid in parents and b"lmforge" in cmd and b"serve" in cmd:
+            found.append(pid)
+    return found
+
+
+def _gone(pid: int) -> bool:
+    return not Path(f"/proc/{pid}").exists()  # a zombie (exited, never waited for) still counts as left behind
+
+
+@needs_proc
+def test_bench_serve_serves_an_artifact_in_its_own_process(tiny_llama: Path, tmp_path: Path, monkeypatch,
+                                                           capsys) -> None:  # type: ignore[no-untyped-def]
+    from runtime import Engine
+
+    real_load = Engine.load
+    servers_at_load: list[list[int]] = []
+
+    def load(*args, **kwargs):  # type: ignore[no-untyped-def]
+        servers_at_load.append(_serve_children())
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(Engine, "load", load)
+    out = tmp_path / "report.json"
+    t0 = time.perf_counter()
+    assert main(["bench-serve", str(tiny_llama), "--concurrency", "2", "--requests", "4", "--prompt-len", "16",
+                 "--new-tokens", "8", "--warmup", "1", "--max-batch", "4", "--compare-engine",
+                 "--json", str(out)]) == 0
+    assert time.perf_counter() - t0 < 60
+    report = json.loads(out.read_text())
+    served, engine = report["targets"]
+    pid = served["pid"]
+    assert served["served"] == f"separate process, pid {pid}" and pid != os.getpid()
+    assert served["command"].startswith(f"{sys.executable} -m lmforge serve {tiny_llama} --host 127.0.0.1 --port 0")
+    assert "--max-batch 4" in served["command"] and served["url"].startswith("http://127.0.0.1:")
+    assert not served["url"].endswith(":0") and served["target"].endswith(served["url"])
+    assert "in-process" in engine["served"]
+    # the HTTP points came from the child; the engine was loaded here once, after the child had stopped
+    assert servers_at_load == [[]]
+    assert [(p["kind"], p["target"]) for p in report["results"]] == [("http", served["target"]),
+                                                                     ("engine (in-process)", engine["target"])]
+    for p in report["results"]:
+        assert p["errors"] == {} and p["completed"] == 4 and p["output_tokens"] == 4 * 8
+    assert f"pid {pid}" in capsys.readouterr().out
+    assert _gone(pid) and _serve_children() == []
+
+
+@needs_proc
+@pytest.mark.parametrize("broken", ["missing", "corrupt"])
+def test_a_server_that_does_not_start_is_one_line_and_exit_2(broken: str, tiny_llama: Path, tmp_path: Path,
+                                                             capsys) -> None:  # type: ignore[no-untyped-def]
+    import shutil
+
+    artifact = tmp_path / "art"
+    if broken == "corrupt":
+        shutil.copytree(tiny_llama, artifact)
+        (artifact / "manifest.json").write_text("{not json", encoding="utf-8")
+    assert main(["bench-serve", str(artifact), "--concurrency", "1", "--requests", "1", "--warmup", "0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0, err
+    assert err.startswith("lmforge bench-serve: error: the server for") and "did not start" in err
+    assert "exited with code 2" in err and "lmforge serve: error:" in err  # the child's own one-line error
+    assert _serve_children() == []
+
+
+@needs_proc
+def test_a_server_that_never_listens_is_stopped_at_the_deadline() -> None:
+    server = serve_load.ServerProcess("unused", start_timeout_s=1.0, stop_timeout_s=5.0)
+    server.command = [sys.executable, "-c", "import sys, time; print('loading', file=sys.stderr, flush=True); "
+                      "time.sleep(60)"]
+    t0 = time.perf_counter()
+    with pytest.raises(GenerationError, match=r"no URL printed within 1 s; its stderr ends: loading"):
+        server.start()
+    assert time.perf_counter() - t0 < 10
+    assert server.pid is not None and _gone(server.pid)
+
+
+@needs_proc
+def test_an_interrupted_run_stops_its_server(tiny_llama: Path, monkeypatch, capsys) -> None:  # type: ignore[no-untyped-def]
+    from lmforge import cmd_bench_serve
+
+    seen: list[int] = []
+
+    async def interrupted(*args, **kwargs):  # type: ignore[no-untyped-def]
+        seen.extend(_serve_children())
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cmd_bench_serve, "_sweep", interrupted)
+    assert main(["bench-serve", str(tiny_llama), "--concurrency", "1", "--requests", "1"]) == 130
+    assert len(seen) == 1 and _gone(seen[0]) and _serve_children() == []
