@@ -27,7 +27,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 
-def profile(path: Path, batch: int, steps: int, graph: bool) -> dict[str, Any]:
+KINDS = {"greedy": {}, "temperature": {"temperature": 0.7, "seed": 1},
+         "top-p": {"temperature": 0.7, "top_p": 0.9, "seed": 1}}
+
+
+def profile(path: Path, batch: int, steps: int, graph: bool, kind: str = "greedy") -> dict[str, Any]:
     import torch
     from torch.profiler import ProfilerActivity
 
@@ -36,7 +40,7 @@ def profile(path: Path, batch: int, steps: int, graph: bool) -> dict[str, Any]:
     eng = Engine.load(path, device="cuda", verify_hashes=False, cuda_graph=graph)
     rng = np.random.default_rng(0)
     prompts = [rng.integers(3, eng.vocab - 1, 128).tolist() for _ in range(batch)]
-    params = SamplingParams(min_new_tokens=steps)
+    params = SamplingParams(min_new_tokens=steps, **KINDS[kind])  # type: ignore[arg-type]
     eng.generate_results(prompts, steps, params)  # warm-up + capture
     t0 = time.perf_counter()
     eng.generate_results(prompts, steps, params)
@@ -57,6 +61,7 @@ def profile(path: Path, batch: int, steps: int, graph: bool) -> dict[str, Any]:
     return {
         "artifact": str(path),
         "graph": graph,
+        "kind": kind,
         "batch": batch,
         "steps": steps,
         "wall_ms_per_step_unprofiled": 1e3 * (plain_wall - ttft) / decode_steps,
@@ -74,6 +79,7 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--steps", type=int, default=64)
     parser.add_argument("--no-graph", action="store_true", help="also profile without CUDA graphs")
+    parser.add_argument("--kinds", default="greedy", help=f"comma-separated, of {', '.join(KINDS)}")
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "/tmp/out")))
     args = parser.parse_args()
     import onnxruntime as ort
@@ -82,9 +88,10 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
     for path in args.artifacts.split(","):
-        for graph in ([True, False] if args.no_graph else [True]):
+        for graph, kind in [(g, k) for g in ([True, False] if args.no_graph else [True])
+                            for k in args.kinds.split(",")]:
             try:
-                r = profile(Path(path), args.batch, args.steps, graph)
+                r = profile(Path(path), args.batch, args.steps, graph, kind)
             except Exception as exc:  # noqa: BLE001 - reported, the next artifact runs
                 r = {"artifact": path, "graph": graph, "error": f"{type(exc).__name__}: {exc}"[:500]}
             rows.append(r)
@@ -92,7 +99,8 @@ def main() -> int:
                 print(f"{path} graph={graph}: ERROR {r['error']}", flush=True)
                 continue
             print(
-                f"\n{path} graph={graph} batch {r['batch']}: wall {r['wall_ms_per_step_unprofiled']:.3f} ms/step, "
+                f"\n{path} graph={graph} {kind} batch {r['batch']}: "
+                f"wall {r['wall_ms_per_step_unprofiled']:.3f} ms/step, "
                 f"GPU busy {r['gpu_busy_ms_per_step']:.3f} ms/step, {r['kernels_per_step']:.0f} kernels/step",
                 flush=True,
             )

@@ -273,6 +273,24 @@ def memory(engine: Any, vocab: int, total: int) -> dict[str, Any]:
             "after": after}
 
 
+def sampling_table(engine: Any, prompts: list[list[int]], new: int, rep: int) -> dict[str, Any]:
+    """Whole-batch decode tok/s at batch 1 and 16: greedy, each sampled kind, greedy with the
+    draw forced onto every row, and the top-p kinds with 256 candidates."""
+    samp: dict[str, Any] = {}
+    for label, kw in [("greedy", GREEDY), *SAMPLED.items()]:
+        samp[label] = {f"batch {b}": decode_rate(engine, prompts[:b], new, kw, rep) for b in (1, 16)}
+    with forced_draw(engine):
+        samp["greedy, draw and penalties on every row"] = {
+            f"batch {b}": decode_rate(engine, prompts[:b], new, GREEDY, rep) for b in (1, 16)}
+    bound = engine.candidates
+    engine.candidates = 256
+    for label in ("temperature 0.7 + top-p 0.9", "top-k 50 + top-p 0.9"):
+        samp[label + ", 256 candidates"] = {
+            f"batch {b}": decode_rate(engine, prompts[:b], new, SAMPLED[label], rep) for b in (1, 16)}
+    engine.candidates = bound
+    return samp
+
+
 def bench_shape(shape: str, args: argparse.Namespace) -> dict[str, Any]:
     from runtime import Engine
 
@@ -291,6 +309,12 @@ def bench_shape(shape: str, args: argparse.Namespace) -> dict[str, Any]:
             one_call(engine, prompts[:n], 8, GREEDY)
             one_call(engine, prompts[:n], 8, SAMPLED["temperature 0.7 + top-p 0.9"])
         out["warmup_s"] = time.perf_counter() - t0
+        if args.quick:
+            out["sampling_decode_tok_s"] = sampling_table(engine, prompts, new, rep)
+            engine.admit_within_block = False
+            out["sampling_decode_tok_s"]["greedy, admission at block boundaries"] = {
+                f"batch {b}": decode_rate(engine, prompts[:b], new, GREEDY, rep) for b in (1, 16)}
+            return out
         conc: dict[str, Any] = {}
         for n in (16, 64):
             conc[f"one call x{n}"] = timed(lambda n=n: one_call(engine, prompts[:n], new, GREEDY), rep)
@@ -299,19 +323,7 @@ def bench_shape(shape: str, args: argparse.Namespace) -> dict[str, Any]:
                 lambda n=n: threads(engine, prompts[:n], new, [GREEDY, SAMPLED["temperature 0.7 + top-p 0.9"]]), rep)
         conc["16 one after another"] = timed(lambda: sequential(engine, prompts[:16], new), 1)
         out["concurrency"] = conc
-        samp: dict[str, Any] = {}
-        for label, kw in [("greedy", GREEDY), *SAMPLED.items()]:
-            samp[label] = {f"batch {b}": decode_rate(engine, prompts[:b], new, kw, rep) for b in (1, 16)}
-        with forced_draw(engine):
-            samp["greedy, draw and penalties on every row"] = {
-                f"batch {b}": decode_rate(engine, prompts[:b], new, GREEDY, rep) for b in (1, 16)}
-        bound = engine.candidates
-        engine.candidates = 256
-        for label in ("temperature 0.7 + top-p 0.9", "top-k 50 + top-p 0.9"):
-            samp[label + ", 256 candidates"] = {
-                f"batch {b}": decode_rate(engine, prompts[:b], new, SAMPLED[label], rep) for b in (1, 16)}
-        engine.candidates = bound
-        out["sampling_decode_tok_s"] = samp
+        out["sampling_decode_tok_s"] = sampling_table(engine, prompts, new, rep)
         out["arrival"] = arrival(engine, prompts, new)
         engine.admit_within_block = False
         out["arrival, admission at block boundaries"] = arrival(engine, prompts, new)
@@ -352,6 +364,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cuda", help="cpu: a dry run (e.g. --shapes tiny:llama)")
     parser.add_argument("--memory-requests", type=int, default=10000, help="0 skips the memory run")
+    parser.add_argument("--quick", action="store_true", help="only the sampling table (and greedy without "
+                        "admission inside a block)")
     parser.add_argument("--buckets", default="", metavar="P[,P…]",
                         help="instead: greedy decode per batch bucket for these precisions (e.g. fp16,int4,int8)")
     args = parser.parse_args()

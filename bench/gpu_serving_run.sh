@@ -10,6 +10,8 @@ for stage in "$@"; do
   case $stage in
     tests) timeout 200 python3 -c "import onnxruntime as o, sys; o.preload_dlls(); import pytest; sys.exit(pytest.main(['-q', '-m', 'gpu', 'tests/runtime/test_gpu.py', '-p', 'no:cacheprovider', '-o', 'faulthandler_timeout=150']))" 2>&1 | grep -v W:onnxruntime | tee $OUT/gpu_tests.log | tail -5 ;;
     smollm2) timeout 560 "${PY[@]}" bench/gpu_serving.py --shapes smollm2-135m --out $OUT --repeats 2 2>&1 | grep -v W:onnxruntime | tee $OUT/serving_smollm2.log | tail -20 ;;
+    quick) timeout 300 "${PY[@]}" bench/gpu_serving.py --shapes smollm2-135m --out $OUT --repeats 3 --quick 2>&1 | grep -v W:onnxruntime | tee $OUT/quick_smollm2.log | tail -12
+           timeout 200 "${PY[@]}" bench/gpu_profile.py --artifacts /tmp/lmf-serve/smollm2-135m/serve-cuda --kinds greedy,temperature --out $OUT 2>&1 | grep -v W:onnxruntime | tee $OUT/profile.log | grep -E "wall|µs" | head -40 ;;
     buckets) timeout 300 "${PY[@]}" bench/gpu_serving.py --shapes llama-3.2-1b --out $OUT --repeats 2 --new-tokens 64 --buckets fp16,int4 2>&1 | grep -v W:onnxruntime | tee $OUT/buckets_1b.log | tail -4
              ORT_FPA_INTB_GEMM=1 timeout 200 "${PY[@]}" bench/gpu_serving.py --shapes llama-3.2-1b --out $OUT --repeats 2 --new-tokens 64 --buckets int4 2>&1 | grep -v W:onnxruntime | tee -a $OUT/buckets_1b.log | tail -2 ;;
     llama1b) timeout 500 "${PY[@]}" bench/gpu_serving.py --shapes llama-3.2-1b --out $OUT --repeats 2 --memory-requests 0 2>&1 | grep -v W:onnxruntime | tee $OUT/serving_1b.log | tail -20 ;;

@@ -45,8 +45,10 @@ step for ``[16, 49152]`` on an H100 (int64 is reduced in double); the row maximu
 the ``ArgMax`` instead, and the last kept token is the ``ArgMax`` of the CDF (its first maximum).
 
 Cumulative sums: onnxruntime's CUDA ``CumSum`` computes each output element from scratch
-(quadratic in the axis length), so sums over long axes are taken in two levels — within blocks
-of :data:`_BLOCK`, then over the block totals (:func:`_cumsum`).
+(quadratic in the axis length), so the draw runs in two levels (:func:`_draw`): a block of
+:data:`_BLOCK` tokens by the cumulative block totals, then the token within that block; no
+cumulative sum spans the vocabulary. Counts are summed in float32 (:func:`_count`): cuDNN
+reduces int64 in double.
 """
 
 from __future__ import annotations
@@ -78,24 +80,42 @@ HOST_INPUTS = ("candidates", "sampled_rows", "penalized_rows")
 ROW_STATE = (("seen", "seen_out", "bool"), ("counts", "counts_out", "float32"), ("step", "step_out", "int64"))
 
 
-def _cumsum(g: GraphBuilder, x: str, length: int) -> str:
-    """Inclusive cumulative sum of ``x [b, length]`` along axis 1, in two levels past _BLOCK."""
-    axis1 = g.const(np.array(1, np.int64))
-    if length <= _BLOCK:
-        return g.op("CumSum", [x, axis1])
+def _count(g: GraphBuilder, mask: str, axis: str) -> str:
+    """How many ``True`` along ``axis`` (keepdims), as int64: summed in float32 (exact below 2**24;
+    onnxruntime's CUDA ``ReduceSum`` reduces int64 in double through cuDNN, far slower)."""
+    total = g.op("ReduceSum", [g.op("Cast", [mask], {"to": _FLOAT}), axis], {"keepdims": 1})
+    return g.op("Cast", [total], {"to": _INT64})
+
+
+def _draw(g: GraphBuilder, w: str, u: str, length: int) -> str:
+    """Inverse-CDF draw: for ``w [b, length] ≥ 0`` and ``u [b, 1]`` in [0, 1), the first index
+    ``i`` with ``cumsum(w)[i] > u · sum(w)`` (``[b, 1]`` int64), clamped to the last index with mass.
+
+    In two levels, so that nothing over the whole axis is cumulative: a block of :data:`_BLOCK`
+    entries by the cumulative sum of the block totals, then the entry inside it by the cumulative
+    sum of that block alone (onnxruntime's CUDA ``CumSum`` is quadratic in the axis length, and
+    each pass over the vocabulary is a kernel a step pays for).
+    """
     blocks = math.ceil(length / _BLOCK)
     pad = blocks * _BLOCK - length
-    padded = g.op("Pad", [x, g.const(np.array([0, 0, 0, pad], np.int64)), g.const(0.0, "float32")]) if pad else x
+    axis1, axis2 = g.const(np.array([1], np.int64)), g.const(np.array([2], np.int64))
+    padded = g.op("Pad", [w, g.const(np.array([0, 0, 0, pad], np.int64)), g.const(0.0, "float32")]) if pad else w
     tiles = g.op("Reshape", [padded, g.const(np.array([0, blocks, _BLOCK], np.int64))])
-    inner = g.op("CumSum", [tiles, g.const(np.array(2, np.int64))])
-    totals = g.op("Slice", [inner, g.const(np.array([_BLOCK - 1], np.int64)), g.const(np.array([_BLOCK], np.int64)),
-                            g.const(np.array([2], np.int64))])  # [b, blocks, 1]
-    offsets = g.op("CumSum", [totals, axis1], {"exclusive": 1})
-    full = g.op("Reshape", [g.op("Add", [inner, offsets]), g.const(np.array([0, blocks * _BLOCK], np.int64))])
-    if not pad:
-        return full
-    return g.op("Slice", [full, g.const(np.array([0], np.int64)), g.const(np.array([length], np.int64)),
-                          g.const(np.array([1], np.int64))])
+    totals = g.op("ReduceSum", [tiles, axis2], {"keepdims": 0})  # [b, blocks]
+    block_cdf = g.op("CumSum", [totals, g.const(np.array(1, np.int64))])
+    target = g.op("Mul", [u, g.op("Gather", [block_cdf, g.const(np.array([blocks - 1], np.int64))], {"axis": 1})])
+    last_block = g.op("ArgMax", [block_cdf], {"axis": 1, "keepdims": 1, "select_last_index": 0})
+    block = g.op("Min", [_count(g, g.op("LessOrEqual", [block_cdf, target]), axis1), last_block])  # [b, 1]
+    before = g.op("Sub", [g.op("GatherElements", [block_cdf, block], {"axis": 1}),
+                          g.op("GatherElements", [totals, block], {"axis": 1})])
+    rest = g.op("Sub", [target, before])
+    index = g.op("Expand", [g.op("Unsqueeze", [block, axis2]), g.const(np.array([1, 1, _BLOCK], np.int64))])
+    inner = g.op("Reshape", [g.op("GatherElements", [tiles, index], {"axis": 1}),
+                             g.const(np.array([0, _BLOCK], np.int64))])
+    inner_cdf = g.op("CumSum", [inner, g.const(np.array(1, np.int64))])
+    last = g.op("ArgMax", [inner_cdf], {"axis": 1, "keepdims": 1, "select_last_index": 0})
+    position = g.op("Min", [_count(g, g.op("LessOrEqual", [inner_cdf, rest]), axis1), last])
+    return g.op("Add", [g.op("Mul", [block, g.const(_BLOCK, "int64")]), position])
 
 
 def add_sampling(g: GraphBuilder, logits_last: str, vocab: int, names: dict[str, str]) -> dict[str, str]:
@@ -165,7 +185,7 @@ def add_sampling(g: GraphBuilder, logits_last: str, vocab: int, names: dict[str,
     before = g.op("Sub", [g.op("CumSum", [probs, g.const(np.array(1, np.int64))]), probs])
     top_p = col(head(n["top_p"], sr))
     keep_c = g.op("And", [in_k, g.op("Less", [before, top_p])])
-    last_c = g.op("Sub", [g.op("ReduceSum", [g.op("Cast", [keep_c], {"to": _INT64}), axis1], {"keepdims": 1}), one_i])
+    last_c = g.op("Sub", [_count(g, keep_c, axis1), one_i])
     thr_p = g.op("GatherElements", [vals, g.op("Max", [last_c, zero_i])], {"axis": 1})
     thr_p = g.op("Where", [g.op("Less", [top_p, one_f]), thr_p, neg_inf])
     min_p = col(head(n["min_p"], sr))
@@ -175,14 +195,9 @@ def add_sampling(g: GraphBuilder, logits_last: str, vocab: int, names: dict[str,
 
     # inverse-CDF draw with this step's uniform
     w = g.op("Where", [keep, weights, zero_f])
-    cdf = _cumsum(g, w, vocab)
-    total = g.op("Gather", [cdf, g.const(np.array([vocab - 1], np.int64))], {"axis": 1})
     step_col = col(g.op("Min", [head(n["step"], sr), head(n["last_step"], sr)]))
     u = g.op("GatherElements", [head(n["uniforms"], sr), step_col], {"axis": 1})
-    below = g.op("Cast", [g.op("LessOrEqual", [cdf, g.op("Mul", [u, total])])], {"to": _INT64})
-    count = g.op("ReduceSum", [below, axis1], {"keepdims": 1})
-    last_kept = g.op("ArgMax", [cdf], {"axis": 1, "keepdims": 1, "select_last_index": 0})
-    sampled = g.op("Concat", [g.op("Min", [count, last_kept]), tail(greedy_id, sr)], {"axis": 0})
+    sampled = g.op("Concat", [_draw(g, w, u, vocab), tail(greedy_id, sr)], {"axis": 0})
 
     greedy_row = g.op("Or", [g.op("Not", [g.op("Greater", [col(n["temperature"]), zero_f])]),
                              g.op("Equal", [col(n["top_k"]), one_i])])

@@ -11,7 +11,7 @@ import pytest
 
 from runtime._onnx_proto import GraphBuilder
 from runtime.kv_concat import build_regroup_model
-from runtime.sampler_graph import _cumsum, build_sampler_model
+from runtime.sampler_graph import _draw, build_sampler_model
 
 
 @pytest.mark.parametrize("logits_dtype", ["float32", "float16"])
@@ -29,16 +29,34 @@ def test_sampler_graph_passes_onnx_checker(logits_dtype: str) -> None:
     assert "CumSum" in {n.op_type for n in model.graph.node}
 
 
-def test_two_level_cumsum_equals_numpy() -> None:
-    """Sums over the vocabulary run in two levels (onnxruntime's CUDA CumSum is quadratic)."""
-    for length in (7, 256, 1000, 1024):
-        g = GraphBuilder("cumsum")
-        g.input("x", "float32", ["b", length])
-        g.op("Identity", [_cumsum(g, "x", length)], outputs=["y"])
-        g.output("y", "float32", ["b", length])
-        x = np.random.default_rng(length).random((3, length), dtype=np.float32)
-        (y,) = ort.InferenceSession(g.to_bytes(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
-        np.testing.assert_allclose(y, np.cumsum(x, axis=1), rtol=1e-5)
+def test_two_level_draw_equals_numpy_inverse_cdf() -> None:
+    """The draw (a block by the block totals, then a token inside it) picks numpy's inverse-CDF
+    index — the first ``i`` with ``cumsum(w)[i] > u · sum(w)`` — including zero-mass tokens, mass
+    in the padded last block only, one token with all the mass, and ``u`` near 0 and 1."""
+    for length in (7, 256, 1000, 1024, 49152):
+        g = GraphBuilder("draw")
+        g.input("w", "float32", ["b", length])
+        g.input("u", "float32", ["b", 1])
+        g.op("Identity", [_draw(g, "w", "u", length)], outputs=["i"])
+        g.output("i", "int64", ["b", 1])
+        sess = ort.InferenceSession(g.to_bytes(), providers=["CPUExecutionProvider"])
+        rng = np.random.default_rng(length)
+        w = rng.random((10, length), dtype=np.float32) ** 4  # many tiny masses
+        w[1, rng.random(length) < 0.7] = 0.0  # most tokens masked out
+        w[1, 0] = 0.5  # (the sampler always keeps the best token)
+        w[2] = 0.0
+        w[2, length - 1] = 3.0  # the mass at the very end (inside the padded block)
+        w[3] = 0.0
+        w[3, length // 2] = 1.0  # one token
+        w[8] = w[2]  # mass at the end only, drawn with u = 0: the first token with mass
+        w[9, : length // 2] = 0.0  # a leading run without mass (whole blocks of it), u = 0
+        u = np.array([0.0, 0.5, 0.3, 0.999999, 1e-7, 0.25, 0.75, 0.9999, 0.0, 0.0], np.float32)[:, None]
+        (got,) = sess.run(None, {"w": w, "u": u})
+        cdf = np.cumsum(w.astype(np.float64), axis=1)
+        want = [min(int(np.searchsorted(c, uu * c[-1], side="right")), int(np.flatnonzero(r)[-1]))
+                for c, uu, r in zip(cdf, u[:, 0], w)]
+        assert got[:, 0].tolist() == want, length
+        assert all(w[r, got[r, 0]] > 0 for r in range(10))  # never a token without mass
 
 
 def test_regroup_graph_keeps_merges_trims_and_pads() -> None:
