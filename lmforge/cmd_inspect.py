@@ -54,6 +54,15 @@ def _io_rows(tensors: list[dict[str, Any]], step_prefix: str | None = None) -> l
     return rows
 
 
+# Where a weight-only precision pays off on CUDA, by batch size (H100, Llama-3.2-1B shape,
+# greedy decode per batch bucket; docs/benchmarks.md, "Quantized artifacts per batch bucket").
+BATCH_GUIDANCE = {
+    "int4": "on CUDA is faster than fp16 up to batch 4 and slower from batch 8; a server that runs "
+            "large batches is faster on fp16",
+    "int8": "on CUDA is no faster than fp16 at batch 1 and slower at batch 16; it saves memory, not time",
+}
+
+
 def render(artifact: Artifact) -> str:
     m = artifact.manifest
     arch = m["architecture"]
@@ -65,12 +74,14 @@ def render(artifact: Artifact) -> str:
     dims = ["layers", "heads", "kv_heads", "head_dim", "hidden", "vocab", "max_context"]
     lines.append("dims          " + "  ".join(f"{d}={arch[d]}" for d in dims if d in arch))
     lines.append(f"precision     {m['precision']}    device {m.get('device', 'any')}    kv_mode {m['kv_mode']}")
+    if m.get("device") == "cuda" and m["precision"] in BATCH_GUIDANCE:
+        lines.append(f"batch sizes   {m['precision']} {BATCH_GUIDANCE[m['precision']]}")
     step = m.get("step")
     prefix = step.get("prefix") if isinstance(step, dict) else None
     if prefix:
         lines.append(f"step model    format {step.get('format')}, id history of {step.get('window')} steps: "
-                     "the decoder, then per-row sampling (temperature, top-k/p, min-p, penalties, min-new-tokens, stops, seeds) "
-                     "and the next step's inputs, in model.onnx")
+                     "the decoder, then per-row sampling (temperature, top-k/p, min-p, penalties, "
+                     "min-new-tokens, stops, seeds) and the next step's inputs, in model.onnx")
     lines.append("inputs")
     lines += _io_rows(m["io"]["inputs"], prefix)
     lines.append("outputs")
