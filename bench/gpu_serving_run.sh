@@ -5,6 +5,7 @@
 # server's wheels (.whl/, installed into /tmp/site) and the smollm2 stage's artifact.
 set -u
 export PYTHONPATH=/tmp/gpu-site:/tmp/site:$PWD HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+LMF=(python3 -c "import onnxruntime as o, sys; o.preload_dlls(); from lmforge.cli import main; sys.exit(main(sys.argv[1:]))")
 PY=(python3 -c "import onnxruntime as o, runpy, sys; o.preload_dlls(); sys.argv=sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')")
 for stage in "$@"; do
   case $stage in
@@ -12,6 +13,10 @@ for stage in "$@"; do
     smollm2) timeout 560 "${PY[@]}" bench/gpu_serving.py --shapes smollm2-135m --out $OUT --repeats 2 2>&1 | grep -v W:onnxruntime | tee $OUT/serving_smollm2.log | tail -20 ;;
     quick) timeout 300 "${PY[@]}" bench/gpu_serving.py --shapes smollm2-135m --out $OUT --repeats 3 --quick 2>&1 | grep -v W:onnxruntime | tee $OUT/quick_smollm2.log | tail -12
            timeout 200 "${PY[@]}" bench/gpu_profile.py --artifacts /tmp/lmf-serve/smollm2-135m/serve-cuda --kinds greedy,temperature --out $OUT 2>&1 | grep -v W:onnxruntime | tee $OUT/profile.log | grep -E "wall|µs" | head -40 ;;
+    http2) for shape in smollm2-135m llama-3.2-1b; do
+             timeout 280 python3 -c "import sys; sys.path.insert(0, 'bench'); from pathlib import Path; import gpu_serving as g; print(g.build('$shape', Path('/tmp/lmf-serve'), 'cuda'))" 2>&1 | tail -1
+             timeout 250 "${LMF[@]}" bench-serve /tmp/lmf-serve/$shape/serve-cuda --device cuda --max-batch 64 --max-queue 1024 --concurrency 16,64,16,64 --requests 256 --warmup 128 --compare-engine --json $OUT/http_$shape.json 2>&1 | grep -v W:onnxruntime | grep -E "concurrency|serve-cuda|error" | tail -8
+           done ;;
     buckets) timeout 300 "${PY[@]}" bench/gpu_serving.py --shapes llama-3.2-1b --out $OUT --repeats 2 --new-tokens 64 --buckets fp16,int4 2>&1 | grep -v W:onnxruntime | tee $OUT/buckets_1b.log | tail -4
              ORT_FPA_INTB_GEMM=1 timeout 200 "${PY[@]}" bench/gpu_serving.py --shapes llama-3.2-1b --out $OUT --repeats 2 --new-tokens 64 --buckets int4 2>&1 | grep -v W:onnxruntime | tee -a $OUT/buckets_1b.log | tail -2 ;;
     llama1b) timeout 500 "${PY[@]}" bench/gpu_serving.py --shapes llama-3.2-1b --out $OUT --repeats 2 --memory-requests 0 2>&1 | grep -v W:onnxruntime | tee $OUT/serving_1b.log | tail -20 ;;
@@ -21,7 +26,7 @@ for stage in "$@"; do
     verify) cat .gguf-parts/g3 >/dev/null 2>&1 && cp .gguf-parts/g3 /tmp/gg/ ; cat /tmp/gg/g0 /tmp/gg/g1 /tmp/gg/g2 /tmp/gg/g3 > /tmp/gg/smol.gguf
             echo "$(cat /tmp/gg/sha)  /tmp/gg/smol.gguf" | sha256sum -c - || exit 1
             timeout 400 sh -c "python3 -m lmforge -q convert /tmp/gg/smol.gguf -o /tmp/v/fp32 --force && python3 -m lmforge -q optimize /tmp/v/fp32 -o /tmp/v/fp16 --device cuda --precision fp16 --force && python3 -c \"import onnxruntime as o, sys; o.preload_dlls(); from lmforge.cli import main; sys.exit(main(['verify', '/tmp/v/fp16', '--device', 'cuda', '--json', '$OUT/verify_smollm2_fp16_cuda.json']))\"" 2>&1 | grep -v W:onnxruntime | tee $OUT/verify.log | tail -25 ;;
-    http) ART=/tmp/lmf-serve/smollm2-135m/serve-cuda; LMF=(python3 -c "import onnxruntime as o, sys; o.preload_dlls(); from lmforge.cli import main; sys.exit(main(sys.argv[1:]))")
+    http) ART=/tmp/lmf-serve/smollm2-135m/serve-cuda
           serve() { "${LMF[@]}" serve $ART --device cuda --port 8765 "$@" > $OUT/serve.log 2>&1 & S=$!
                     for i in $(seq 120); do python3 -c "import httpx; httpx.get('http://127.0.0.1:8765/ready').raise_for_status()" 2>/dev/null && break; sleep 0.5; done; }
           serve --max-batch 64 --max-queue 1024

@@ -6,9 +6,10 @@ app answers new generation requests with 503 and ``/ready`` with 503 while
 uvicorn stops listening and waits for the open responses to end (bounded by the same timeout).
 A second signal exits at once.
 
-:mod:`runtime.serve.instances` runs the same server in N pinned processes on one socket
-(``lmforge serve --instances N``). :class:`BackgroundServer` runs it in a thread on a port the OS picks (``port=0``),
-for tests and for ``lmforge bench-serve ARTIFACT``.
+:mod:`runtime.serve.instances` runs the same server in N pinned processes on one port
+(``lmforge serve --instances N``). :class:`BackgroundServer` runs it in a thread on a port the OS
+picks (``port=0``), for tests and for services that mount it beside their own code
+(``lmforge bench-serve ARTIFACT`` starts ``lmforge serve`` as its own process instead).
 """
 
 from __future__ import annotations
