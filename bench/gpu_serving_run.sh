@@ -17,6 +17,8 @@ for stage in "$@"; do
              timeout 280 python3 -c "import sys; sys.path.insert(0, 'bench'); from pathlib import Path; import gpu_serving as g; print(g.build('$shape', Path('/tmp/lmf-serve'), 'cuda'))" 2>&1 | tail -1
              timeout 250 "${LMF[@]}" bench-serve /tmp/lmf-serve/$shape/serve-cuda --device cuda --max-batch 64 --max-queue 1024 --concurrency 16,64,16,64 --requests 256 --warmup 128 --compare-engine --json $OUT/http_$shape.json 2>&1 | grep -v W:onnxruntime | grep -E "concurrency|serve-cuda|error" | tail -8
            done ;;
+    http3) timeout 200 python3 -c "import sys; sys.path.insert(0, 'bench'); from pathlib import Path; import gpu_serving as g; print(g.build('smollm2-135m', Path('/tmp/lmf-serve'), 'cuda'))" 2>&1 | tail -1
+           timeout 250 "${LMF[@]}" bench-serve /tmp/lmf-serve/smollm2-135m/serve-cuda --device cuda --max-batch 64 --max-queue 1024 --concurrency 16,64 --requests 256 --warmup 8 --compare-engine --json $OUT/http3_smollm2.json 2>&1 | grep -v W:onnxruntime | grep -E "concurrency|serve-cuda|error|captured" | tail -8 ;;
     buckets) timeout 300 "${PY[@]}" bench/gpu_serving.py --shapes llama-3.2-1b --out $OUT --repeats 2 --new-tokens 64 --buckets fp16,int4 2>&1 | grep -v W:onnxruntime | tee $OUT/buckets_1b.log | tail -4
              ORT_FPA_INTB_GEMM=1 timeout 200 "${PY[@]}" bench/gpu_serving.py --shapes llama-3.2-1b --out $OUT --repeats 2 --new-tokens 64 --buckets int4 2>&1 | grep -v W:onnxruntime | tee -a $OUT/buckets_1b.log | tail -2 ;;
     llama1b) timeout 500 "${PY[@]}" bench/gpu_serving.py --shapes llama-3.2-1b --out $OUT --repeats 2 --memory-requests 0 2>&1 | grep -v W:onnxruntime | tee $OUT/serving_1b.log | tail -20 ;;

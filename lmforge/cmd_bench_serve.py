@@ -200,6 +200,7 @@ async def _run_target(spec: str, args: argparse.Namespace, plan: _Plan, mix: Any
     engine = Engine.load(spec, device=args.device, max_batch=args.max_batch, max_queue=args.max_queue,
                          threads=args.threads)
     try:
+        engine.warm_up()  # as `lmforge serve` does before it listens (CUDA graphs; a no-op otherwise)
         local = EngineTarget(engine, name=info["model"] or spec)
         print(f"{local.name}:", flush=True)
         infos.append({"target": local.name, "served": "in-process engine in the bench-serve process (no HTTP), "

@@ -52,6 +52,9 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--drain-timeout", type=float, default=30.0, metavar="S",
                         help="seconds requests in flight get to finish after SIGTERM (default 30)")
     parser.add_argument("--no-verify-hashes", action="store_true", help="skip hashing the artifact's files at load")
+    parser.add_argument("--no-warm-up", action="store_true",
+                        help="CUDA: do not capture every batch bucket's decode step before listening (the "
+                             "first requests of each bucket then pay for its capture)")
     parser.set_defaults(func=run)
 
 
@@ -92,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
     options = ModelOptions(artifact=args.artifact, device=args.device, verify_hashes=not args.no_verify_hashes,
                            max_batch=args.max_batch, max_queue=args.max_queue,
                            served_model_name=args.served_model_name, api_key=api_key,
-                           drain_timeout_s=args.drain_timeout, log_level=log_level)
+                           drain_timeout_s=args.drain_timeout, log_level=log_level, warm_up=not args.no_warm_up)
     name = args.served_model_name or os.path.basename(os.path.normpath(args.artifact))
     auth = ", API key required" if api_key else ""
 

@@ -449,6 +449,34 @@ class Engine:
     # ----------------------------------------------------------------------------------------
     # Life cycle
 
+    def warm_up(self) -> float:
+        """Capture the decode step's CUDA graphs before traffic arrives; return the seconds it took.
+
+        A captured graph exists per batch-size bucket, state direction and sampling mix (greedy;
+        temperature; top-k / top-p; each with and without penalties: the step's host inputs,
+        :func:`runtime.sampling.host_values`); without a warm-up the first request of each
+        combination pays for its capture (tens of ms) and so does every request sharing its step.
+        This runs short dummy requests (one-token prompts, three new tokens) at every bucket with
+        each mix. Nothing to do without CUDA graphs (returns 0). Call it before serving: requests
+        submitted meanwhile batch with the dummies and are not lost, but wait.
+        """
+        if not self.cuda_graph:
+            return 0.0
+        started = time.perf_counter()
+        mixes = [SamplingParams(), SamplingParams(temperature=1.0), SamplingParams(temperature=1.0, top_p=0.9),
+                 SamplingParams(repetition_penalty=1.1), SamplingParams(temperature=1.0, repetition_penalty=1.1),
+                 SamplingParams(temperature=1.0, top_p=0.9, repetition_penalty=1.1)]
+        sizes = sorted({self.backend.bucket(n) for n in range(1, self.max_batch + 1)})
+        token = self.pad_token_id
+        for n in sizes:
+            for params in mixes:
+                mix = dataclasses.replace(params, seed=0, min_new_tokens=3)
+                self.generate_results([[token]] * n, 3, [mix] * n)
+        seconds = time.perf_counter() - started
+        log.info("captured the decode step for %d batch buckets × %d sampling mixes in %.1f s", len(sizes),
+                 len(mixes), seconds)
+        return seconds
+
     @property
     def ready(self) -> bool:
         """The loop is running and takes requests."""

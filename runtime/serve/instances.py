@@ -65,6 +65,7 @@ class ModelOptions:
     api_key: str | None = None
     drain_timeout_s: float = 30.0
     log_level: str = "warning"
+    warm_up: bool = True  # decoders with CUDA graphs: capture every bucket before listening
 
 
 def load_model(options: ModelOptions, threads: int | None) -> Any:
@@ -75,8 +76,11 @@ def load_model(options: ModelOptions, threads: int | None) -> Any:
     if artifact.is_decoder:
         from runtime.engine import Engine
 
-        return Engine.load(options.artifact, device=options.device, verify_hashes=False, threads=threads,
-                           max_batch=options.max_batch, max_queue=options.max_queue)
+        engine = Engine.load(options.artifact, device=options.device, verify_hashes=False, threads=threads,
+                             max_batch=options.max_batch, max_queue=options.max_queue)
+        if options.warm_up:
+            engine.warm_up()  # no-op without CUDA graphs
+        return engine
     from runtime.encoder import Encoder
 
     return Encoder(artifact, device=options.device, threads=threads)

@@ -282,6 +282,13 @@ def test_rejected_artifacts(tiny_llama: Path, tmp_path: Path) -> None:
         Engine.load(shared)
 
 
+def test_warm_up_is_a_no_op_without_cuda_graphs(llama: Engine) -> None:
+    before = llama.stats().steps
+    assert llama.warm_up() == 0.0
+    assert llama.stats().steps == before
+    assert llama.generate_ids([[5, 6, 7]], 4) == llama.generate_ids([[5, 6, 7]], 4)
+
+
 def test_engine_runs_with_torch_transformers_onnx_blocked(tiny_llama: Path, llama: Engine) -> None:
     proc = run_blocked(
         f"""

@@ -89,6 +89,26 @@ def test_captured_penalties_and_mixed_runs_match(engines) -> None:  # type: igno
     assert greedy_only  # the all-greedy run (no draw, no penalties) is among them
 
 
+def test_warm_up_captures_every_bucket_and_mix(fp16_cuda: Path) -> None:
+    """After ``warm_up()`` no request needs a new captured graph: any mix of greedy, sampled and
+    penalized rows at any batch size replays one that exists."""
+    engine = Engine.load(fp16_cuda, device="cuda", max_batch=8)
+    try:
+        assert engine.warm_up() > 0
+        captured = set(engine.backend._steps)
+        assert {key[0] for key in captured} == {1, 2, 4, 8}
+        kinds = [SamplingParams(), SamplingParams(temperature=0.8, top_k=20, seed=1), SamplingParams(min_p=0.1,
+                 temperature=1.2, seed=2), SamplingParams(presence_penalty=0.5), SamplingParams(temperature=0.7,
+                 top_p=0.8, frequency_penalty=0.3, seed=3)]
+        prompts = _prompts(8, seed=17)
+        for n in (1, 3, 5, 8):
+            for shift in range(len(kinds)):
+                engine.generate_results(prompts[:n], 10, [kinds[(i + shift) % len(kinds)] for i in range(n)])
+        assert set(engine.backend._steps) == captured
+    finally:
+        engine.close()
+
+
 def test_threads_arriving_mid_decode_match_solo(engines) -> None:  # type: ignore[no-untyped-def]
     graph, plain = engines
     prompts = _prompts(16, seed=9)
