@@ -265,11 +265,15 @@ def _weight_files(folder: Path) -> list[Path]:
 # Loading
 
 
-def tiny_tokenizer(vocab_size: int) -> Any:
+def tiny_tokenizer(vocab_size: int, fill: bool = False) -> Any:
     """A byte-level tokenizer (every byte is a token, no merges) with ChatML specials.
 
     Ids 0–2 are ``<|endoftext|>``, ``<|im_start|>``, ``<|im_end|>``; bytes follow. It round-trips
-    any UTF-8 text, which is all the tiny random models need.
+    any UTF-8 text, which is all the tiny random models need. ``fill`` (``random:`` shapes, whose
+    vocabulary is a real model's) names every id above the bytes too, as the word `` t<id>``:
+    encoding never produces them, but every id a random model generates decodes to text, so a
+    stream's text chunks come token by token and load tests time first tokens and gaps truly (with
+    the bytes alone, ids past 259 decode to nothing and text arrives only on the rare byte id).
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
@@ -280,6 +284,8 @@ def tiny_tokenizer(vocab_size: int) -> Any:
         vocab[byte_char] = len(vocab)
     if len(vocab) > vocab_size:
         raise ExportError(f"tiny vocabulary {vocab_size} is smaller than the byte tokenizer's {len(vocab)}")
+    if fill:
+        vocab.update({f"\u0120t{i}": i for i in range(len(vocab), vocab_size)})  # \u0120: byte-level " "
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<|endoftext|>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
@@ -332,7 +338,7 @@ def _build_random(info: SourceInfo) -> LoadedSource:
     for name, tensor in sorted(model.state_dict().items()):
         digest.update(name.encode())
         digest.update(tensor.detach().contiguous().numpy().tobytes())
-    tokenizer = tiny_tokenizer(int(overrides["vocab_size"]))
+    tokenizer = tiny_tokenizer(int(overrides["vocab_size"]), fill=info.kind == "random")
     eos = overrides.get("eos_token_id", 2)
     generation = {"bos_token_id": overrides.get("bos_token_id", 1), "eos_token_ids": [int(eos)],
                   "pad_token_id": overrides.get("pad_token_id", eos)}
