@@ -14,6 +14,7 @@ from exporters.sources import describe_dims, load_source, resolve_source, senten
 from exporters.specs import ModelKind
 from runtime.artifact import FORMAT_VERSION, MANIFEST_NAME, KvMode, lmforge_version, write_artifact
 from runtime.errors import ExportError
+from runtime.sampler_graph import write_sampler
 
 __all__ = ["convert", "EXPORT_TOLERANCE"]
 
@@ -143,6 +144,8 @@ def convert(
             if not is_decoder:  # pooling / normalization / max length, read by runtime.Encoder
                 manifest["encoder"] = sentence_transformers_config(info.path)
             if is_decoder:
+                logits = next(t for t in result.outputs if t.name == "logits")
+                manifest["sampler"] = write_sampler(tmp, logits.dtype, int(arch["vocab"]))
                 manifest["kv"] = {
                     "dtype": result.kv_dtype,
                     "past_key": "past_key_values.{i}.key",

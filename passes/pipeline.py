@@ -34,6 +34,7 @@ from passes.shared_buffer import SharedBuffer, compare_shared, share_kv_buffers,
 from runtime import step_graph
 from runtime.artifact import MANIFEST_NAME, MODEL_NAME, Artifact, KvMode, check_output, load_artifact, write_artifact
 from runtime.errors import PassError
+from runtime.sampler_graph import write_sampler
 
 __all__ = ["DEVICES", "PRECISIONS", "OptimizeReport", "optimize_artifact", "graph_io", "op_counts"]
 
@@ -334,6 +335,10 @@ def optimize_artifact(
             if art.tokenizer_dir.is_dir():
                 shutil.copytree(art.tokenizer_dir, tmp / "tokenizer")
             manifest = _manifest(art, device, precision, records, ops, quantized, constraints, fuse)
+            manifest.pop("sampler", None)
+            if sb is None and art.is_decoder:  # concat: the sampler for this graph's logits
+                logits = next(t for t in manifest["io"]["outputs"] if t["name"] == "logits")
+                manifest["sampler"] = write_sampler(tmp, logits["dtype"], int(art.architecture["vocab"]))
             if sb is not None:
                 manifest["kv_mode"] = KvMode.SHARED_BUFFER.value
                 manifest["io"] = io

@@ -27,13 +27,27 @@ from runtime._onnx_proto import GraphBuilder
 from runtime.artifact import Artifact
 from runtime.device import NP_DTYPES, Device
 from runtime.errors import GenerationError
-from runtime.sampler_graph import HOST_INPUTS, ROW_CONSTANTS, ROW_STATE, build_sampler_model
+from runtime.sampler_graph import HOST_INPUTS, ROW_CONSTANTS, ROW_STATE, SAMPLER_FORMAT
 
 __all__ = ["ConcatBackend", "build_regroup_model"]
 
 log = logging.getLogger(__name__)
 
 _INT64_MAX = np.iinfo(np.int64).max
+
+
+def _sampler_bytes(artifact: Artifact) -> bytes:
+    """The sampler the artifact ships (``manifest["sampler"]``, a file hashed with the rest)."""
+    record = artifact.manifest.get("sampler")
+    name = record.get("file") if isinstance(record, dict) else None
+    shipped = name in artifact.manifest.get("files", {})
+    if not isinstance(record, dict) or record.get("format") != SAMPLER_FORMAT or not shipped:
+        got = "no sampler" if not isinstance(record, dict) else f"sampler {record!r}"
+        raise GenerationError(
+            f"artifact {artifact.path}: it carries {got}; this lmforge samples with format {SAMPLER_FORMAT}",
+            fix="re-run `lmforge convert` (and `lmforge optimize` on the new conversion); they write sampler.onnx",
+        )
+    return (artifact.path / name).read_bytes()
 
 
 def build_regroup_model(tensors: list[tuple[str, str, int, int | None]]) -> bytes:
@@ -103,8 +117,7 @@ class ConcatBackend:
                 f"artifact {artifact.path}: the manifest's io.inputs and model.onnx disagree",
                 expected=str(sorted(self._inputs)), got=str(sorted(graph_inputs)), fix="re-export the artifact",
             )
-        self.sampler = device.session(build_sampler_model(layout["logits_dtype"], self.vocab),
-                                      small=True)
+        self.sampler = device.session(_sampler_bytes(artifact), small=True)
         row = [(n, d, 2 if n in ("stop_mask", "uniforms") else 1, None) for n, d in ROW_CONSTANTS]
         row += [(n, d, 1 if n == "step" else 2, None) for n, _, d in ROW_STATE]
         feeds = [("input_ids", "int64", 2, None), ("attention_mask", "int64", 2, 1)]

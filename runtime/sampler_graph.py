@@ -54,13 +54,19 @@ reduces int64 in double.
 from __future__ import annotations
 
 import math
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from runtime._onnx_proto import GraphBuilder
 
 __all__ = ["ALL_ROWS", "BOUNDED_CANDIDATES", "HOST_INPUTS", "MAX_CANDIDATES", "ROW_CONSTANTS", "ROW_STATE",
-           "add_sampling", "declare_row_inputs", "build_sampler_model"]
+           "SAMPLER_FORMAT", "SAMPLER_NAME", "add_sampling", "declare_row_inputs", "build_sampler_model",
+           "write_sampler"]
+
+SAMPLER_NAME = "sampler.onnx"  # the concat contract's sampler, in the artifact beside model.onnx
+SAMPLER_FORMAT = 1  # bumped whenever the sampler's inputs or semantics change; the runtime refuses another
 
 ALL_ROWS = int(np.iinfo(np.int64).max)  # a row bound meaning "every row" (Slice clamps it)
 BOUNDED_CANDIDATES = 1024
@@ -263,3 +269,12 @@ def build_sampler_model(logits_dtype: str, vocab: int) -> bytes:
     for name, out_name, dtype in ROW_STATE:
         g.output(out_name, dtype, ["batch", vocab] if name != "step" else ["batch"])
     return g.to_bytes()
+
+
+def write_sampler(folder: Path, logits_dtype: str, vocab: int) -> dict[str, Any]:
+    """Write the standalone sampler (:func:`build_sampler_model`) into an artifact folder being
+    built; return the manifest's ``sampler`` record. ``convert`` and ``optimize`` call it for
+    ``concat`` decoders, so the sampling a portable artifact serves with is the one it ships,
+    hashed in its manifest (a ``shared-buffer`` artifact carries it inside its step model)."""
+    (folder / SAMPLER_NAME).write_bytes(build_sampler_model(logits_dtype, vocab))
+    return {"format": SAMPLER_FORMAT, "file": SAMPLER_NAME}

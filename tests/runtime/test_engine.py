@@ -282,6 +282,30 @@ def test_rejected_artifacts(tiny_llama: Path, tmp_path: Path) -> None:
         Engine.load(shared)
 
 
+def test_the_sampler_ships_in_the_artifact(tiny_llama: Path, tmp_path: Path) -> None:
+    """``convert`` writes sampler.onnx (hashed like every file); the engine samples with it and
+    refuses an artifact that lacks it, names another file, or carries an altered one."""
+    manifest = json.loads((tiny_llama / "manifest.json").read_text())
+    assert manifest["sampler"] == {"format": 1, "file": "sampler.onnx"}
+    assert "sampler.onnx" in manifest["files"] and (tiny_llama / "sampler.onnx").is_file()
+    for change, match in ((lambda m: m.pop("sampler"), "carries no sampler"),
+                          (lambda m: m["sampler"].update(file="model.onnx.data.bak"), "carries sampler"),
+                          (lambda m: m["sampler"].update(format=0), "carries sampler")):
+        copy = tmp_path / f"c{len(list(tmp_path.iterdir()))}"
+        shutil.copytree(tiny_llama, copy)
+        edited = json.loads((copy / "manifest.json").read_text())
+        change(edited)
+        (copy / "manifest.json").write_text(json.dumps(edited))
+        with pytest.raises(GenerationError, match=match):
+            Engine.load(copy)
+    altered = tmp_path / "altered-sampler"
+    shutil.copytree(tiny_llama, altered)
+    with open(altered / "sampler.onnx", "ab") as fh:
+        fh.write(b"\x00")
+    with pytest.raises(ArtifactError, match="sampler.onnx has been altered"):
+        Engine.load(altered)
+
+
 def test_warm_up_is_a_no_op_without_cuda_graphs(llama: Engine) -> None:
     before = llama.stats().steps
     assert llama.warm_up() == 0.0
