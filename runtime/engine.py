@@ -455,7 +455,7 @@ class Engine:
         A captured graph exists per batch-size bucket, state direction and sampling mix (greedy;
         temperature; top-k / top-p; each with and without penalties: the step's host inputs,
         :func:`runtime.sampling.host_values`); without a warm-up the first request of each
-        combination pays for its capture (tens of ms) and so does every request sharing its step.
+        combination pays for its capture, and so does every request sharing its step.
         This runs short dummy requests (one-token prompts, three new tokens) at every bucket with
         each mix. Nothing to do without CUDA graphs (returns 0). Call it before serving: requests
         submitted meanwhile batch with the dummies and are not lost, but wait.
