@@ -63,13 +63,15 @@ class SlotsBackend:
         self.device = device
         self.max_batch = max_batch
         step = artifact.manifest.get("step")
-        if not isinstance(step, dict) or step.get("format") != FORMAT or step.get("prefix") != PREFIX:
-            got = "no step model" if not isinstance(step, dict) else f"step model format {step.get('format')!r}"
+        window = step.get("window") if isinstance(step, dict) else None
+        if (not isinstance(step, dict) or step.get("format") != FORMAT or step.get("prefix") != PREFIX
+                or not isinstance(window, int) or isinstance(window, bool) or window < 1):
+            got = "no step model" if not isinstance(step, dict) else f"step model {step!r}"
             raise GenerationError(
                 f"artifact {artifact.path}: its graph carries {got}; this lmforge serves format {FORMAT}",
                 fix="re-run `lmforge optimize` on the converted artifact (it writes the step model into model.onnx)",
             )
-        self.window = int(step["window"])
+        self.window = window
         if read_every > self.window:
             raise GenerationError(
                 f"read_every={read_every} exceeds the step model's id history of {self.window} steps",

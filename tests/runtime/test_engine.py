@@ -274,9 +274,13 @@ def test_rejected_artifacts(tiny_llama: Path, tmp_path: Path) -> None:
         Engine.load(shared)
     manifest["step"] = {"format": 0, "prefix": "lmforge_step.", "window": 32}
     (shared / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(GenerationError, match="carries step model format 0"):
+    with pytest.raises(GenerationError, match="carries step model .*'format': 0"):
         Engine.load(shared)
-    manifest["step"]["format"] = 1
+    manifest["step"].update(format=1, window="32")
+    (shared / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(GenerationError, match="carries step model .*'window': '32'"):
+        Engine.load(shared)
+    manifest["step"]["window"] = 32
     (shared / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(GenerationError, match="io.inputs does not follow the shared-buffer contract"):
         Engine.load(shared)
