@@ -390,8 +390,7 @@ def _append_step_model(path: Path, sb: SharedBuffer, vocab: int) -> dict[str, li
     path.write_bytes(step_graph.append_step(path.read_bytes(), vocab))
     step = step_graph.step_io(vocab)
     io = sb.io_json()
-    return {"inputs": io["inputs"] + [t for t in step["inputs"] if t["name"] not in {i["name"] for i in io["inputs"]}],
-            "outputs": io["outputs"] + step["outputs"]}
+    return {"inputs": io["inputs"] + step["inputs"], "outputs": io["outputs"] + step["outputs"]}
 
 
 def _reference_io(io: dict[str, list[dict[str, Any]]]) -> dict[str, list[tuple[str, str, int]]]:

@@ -131,10 +131,8 @@ def neutral_feeds(batch: int, vocab: int, window: int = WINDOW, capacity: int = 
     """
     feeds: dict[str, np.ndarray] = {}
     ones = {"repetition_penalty": 1, "top_p": 1, "candidates": 1, "last_position": capacity - 1}
-    for spec in step_io(vocab, window)["inputs"]:
+    for spec in step_io(vocab, window)["inputs"]:  # all under PREFIX: the decoder's own are the caller's
         name = spec["name"]
-        if not name.startswith(PREFIX):
-            continue  # input_ids, position_ids, seqlens_k: the decoder's, fed by the caller
         dims = [batch if d == "batch" else 1 if d == "steps" else d for d in spec["shape"]]
         feeds[name] = np.full(dims, ones.get(name[len(PREFIX):], 0), dtype=np.dtype(spec["dtype"]))
     return feeds
