@@ -214,7 +214,8 @@ class Engine:
     def load(cls, path: str | os.PathLike[str], device: str = "cpu", *, verify_hashes: bool = True,
              cuda_graph: bool | None = None, max_batch: int = 16, max_queue: int = 256,
              read_every: int | None = None, threads: int | None = None, max_context: int | None = None,
-             kv_memory_gb: float | None = None, candidates: int = BOUNDED_CANDIDATES) -> Engine:
+             kv_memory_gb: float | None = None, candidates: int = BOUNDED_CANDIDATES,
+             prefill_chunk: int = 1024) -> Engine:
         """Validate the artifact folder (:func:`runtime.artifact.load_artifact`) and start its loop.
 
         ``cuda_graph`` (default: on for a shared-buffer artifact on CUDA) captures the decode
@@ -224,13 +225,15 @@ class Engine:
         ``max_queue`` bounds the waiting requests; ``read_every`` is how many steps run between
         reads of the new ids on CUDA (default 8; 1 on the CPU); ``candidates`` bounds the sorted
         set that top-k / top-p read (:mod:`runtime.sampler_graph`; a request with a larger top-k
-        is refused).
+        is refused); ``prefill_chunk`` bounds the tokens of one prefill run (a shared-buffer
+        artifact prefills requests admitted together in one run up to that many padded tokens,
+        and a longer prompt in chunks of that size).
         """
         check_device(device)  # a wrong device fails before hashing gigabytes
         artifact = load_artifact(path, verify_hashes=verify_hashes)
         return cls(artifact, device=device, cuda_graph=cuda_graph, max_batch=max_batch, max_queue=max_queue,
                    read_every=read_every, threads=threads, max_context=max_context, kv_memory_gb=kv_memory_gb,
-                   candidates=candidates)
+                   candidates=candidates, prefill_chunk=prefill_chunk)
 
     @staticmethod
     def _load_tokenizer(folder: Any) -> Any:
@@ -450,31 +453,40 @@ class Engine:
     # Life cycle
 
     def warm_up(self) -> float:
-        """Capture the decode step's CUDA graphs before traffic arrives; return the seconds it took.
+        """Prepare the CUDA kernels before traffic arrives; return the seconds it took.
 
-        A captured graph exists per batch-size bucket, state direction and sampling mix (greedy;
-        temperature; top-k / top-p; each with and without penalties: the step's host inputs,
-        :func:`runtime.sampling.host_values`); without a warm-up the first request of each
-        combination pays for its capture, and so does every request sharing its step.
-        This runs short dummy requests (one-token prompts, three new tokens) at every bucket with
-        each mix. Nothing to do without CUDA graphs (returns 0). Call it before serving: requests
-        submitted meanwhile batch with the dummies and are not lost, but wait.
+        * The decode step's CUDA graphs: one exists per batch-size bucket, state direction and
+          sampling mix (greedy; temperature; top-k / top-p; each with and without penalties: the
+          step's host inputs, :func:`runtime.sampling.host_values`). Without a warm-up the first
+          request of each combination pays for its capture, and so does every request sharing its
+          step. Short dummy requests (one-token prompts, three new tokens) run at every bucket
+          with each mix.
+        * The prefill shapes (:meth:`runtime.kv_slots.SlotsBackend.prefill_shapes`): the attention
+          kernels plan per shape, and a shape's first prefill costs several times a later one.
+
+        Nothing to do on the CPU (returns 0). Call it before serving: requests submitted
+        meanwhile batch with the dummies and are not lost, but wait.
         """
-        if not self.cuda_graph:
+        if self.device != "cuda":
             return 0.0
         started = time.perf_counter()
+        token = self.pad_token_id
+        sizes: list[int] = []
         mixes = [SamplingParams(), SamplingParams(temperature=1.0), SamplingParams(temperature=1.0, top_p=0.9),
                  SamplingParams(repetition_penalty=1.1), SamplingParams(temperature=1.0, repetition_penalty=1.1),
                  SamplingParams(temperature=1.0, top_p=0.9, repetition_penalty=1.1)]
-        sizes = sorted({self.backend.bucket(n) for n in range(1, self.max_batch + 1)})
-        token = self.pad_token_id
-        for n in sizes:
-            for params in mixes:
-                mix = dataclasses.replace(params, seed=0, min_new_tokens=3)
-                self.generate_results([[token]] * n, 3, [mix] * n)
+        if self.cuda_graph:
+            sizes = sorted({self.backend.bucket(n) for n in range(1, self.max_batch + 1)})
+            for n in sizes:
+                for params in mixes:
+                    mix = dataclasses.replace(params, seed=0, min_new_tokens=3)
+                    self.generate_results([[token]] * n, 3, [mix] * n)
+        shapes = self.backend.prefill_shapes()
+        for rows, length in shapes:
+            self.generate_results([[token] * length] * rows, 1)
         seconds = time.perf_counter() - started
-        log.info("captured the decode step for %d batch buckets × %d sampling mixes in %.1f s", len(sizes),
-                 len(mixes), seconds)
+        log.info("warm-up: decode step captured for %d batch buckets × %d sampling mixes, %d prefill shapes "
+                 "planned, in %.1f s", len(sizes), len(mixes) if sizes else 0, len(shapes), seconds)
         return seconds
 
     @property
@@ -584,7 +596,8 @@ class Engine:
             return
         now = time.perf_counter()
         batch: list[_Live] = []
-        for request in taken:
+        # slots in prompt-length order: neighbours prefill together, padded to the longer one
+        for request in sorted(taken, key=lambda r: len(r.prompt_ids)):
             p = request.sampling
             stop_ids = frozenset(self.eos_token_ids | set(p.stop_token_ids))
             detok = IncrementalDetokenizer(self.tokenizer, request.prompt_ids) if self.tokenizer is not None else None
@@ -594,11 +607,7 @@ class Engine:
                                 self.max_context)) for live in batch]
         want_logits = any(live.request.return_logits for live in batch)
         try:
-            if isinstance(self.backend, ConcatBackend):
-                first = self.backend.prefill_many(admitted, want_logits, self._plan(batch))
-            else:
-                first = {live.slot: self.backend.prefill(slot, prompt, rows, want_logits, self._plan([live]))
-                         for live, (slot, prompt, rows) in zip(batch, admitted)}
+            first = self.backend.prefill_many(admitted, want_logits, self._plan(batch))
         except LmforgeError as exc:
             self._fail(batch, exc)
             return
@@ -614,7 +623,7 @@ class Engine:
         generated = {slot: len(live.new_ids) for slot, live in self._live.items()}
         want_logits = any(live.request.return_logits for live in self._live.values())
         left = max(live.request.max_new_tokens - len(live.new_ids) for live in self._live.values())
-        steps = 1 if (want_logits or isinstance(self.backend, ConcatBackend)) else max(1, min(self.read_every, left))
+        steps = 1 if want_logits else max(1, min(self.read_every, left, self.backend.max_block))
         try:
             ids, logits = self.backend.decode(max(self._live) + 1, steps, generated, want_logits,
                                               self._plan(self._live.values()),

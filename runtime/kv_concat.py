@@ -84,6 +84,7 @@ class ConcatBackend:
     """The running batch as concat-contract tensors, regrouped at step boundaries."""
 
     kind = "concat"
+    max_block = 1  # decode steps per call: the host read after a step is what regroups the batch
 
     def __init__(self, artifact: Artifact, device: Device, layout: dict[str, Any], max_batch: int) -> None:
         self.device = device
@@ -266,6 +267,10 @@ class ConcatBackend:
                 shape[axis] = 0 if name != "attention_mask" else 1
             out[name] = self.device.zeros(shape, dtype)
         return out
+
+    def prefill_shapes(self) -> list[tuple[int, int]]:
+        """Prefill shapes to plan at warm-up: none (this backend serves the CPU and portable EPs)."""
+        return []
 
     def decode(self, rows: int, steps: int, generated: dict[int, int], want_logits: bool,
                plan: tuple[int, int, int], interrupt: Callable[[], bool] | None = None,

@@ -32,10 +32,17 @@ host inputs (``[1]`` int64 in host memory, :data:`runtime.sampler_graph.HOST_INP
     ``penalized_rows`` (0: no row of the run samples / is penalized, and those nodes run on no
     rows); each value is its own captured graph.
 
-The next position is the current last position + 1 (also GroupQueryAttention's next
+Each row's last real token is its ``seqlens_k`` (GroupQueryAttention's "total length − 1"):
+the step samples from that row's logits at column ``seqlens_k − position_ids[:, 0]``, which is
+0 in decode and the prompt's end in a prefill whose rows are right-padded to a common length
+(a batched prefill; GQA's first-prompt path masks keys past each row's ``seqlens_k``, so padding
+changes nothing for the real positions). The next position is ``seqlens_k + 1`` (also the next
 ``seqlens_k``), clamped to ``last_position``: a row that finished inside a block, or a free slot
 inside the bucket, keeps writing its own last KV position and never past its buffer row. The
 new id is written into ``history`` at column ``step mod window``.
+
+Format 2 (this one) samples at ``seqlens_k``; format 1 sampled the run's last column and
+could not prefill right-padded rows together.
 """
 
 from __future__ import annotations
@@ -50,7 +57,7 @@ from runtime.sampler_graph import ROW_CONSTANTS, add_sampling, declare_row_input
 __all__ = ["FORMAT", "PREFIX", "STATE", "CONSTANTS", "WINDOW", "append_step", "manifest_entry", "neutral_feeds",
            "step_fragment", "step_io"]
 
-FORMAT = 1  # bumped whenever the step's inputs or semantics change; the runtime refuses another
+FORMAT = 2  # bumped whenever the step's inputs or semantics change; the runtime refuses another
 WINDOW = 32  # columns of the id history: the most decode steps between two host reads
 PREFIX = "lmforge_step."
 # (input, the output that becomes it next step, dtype)
@@ -64,7 +71,7 @@ STATE = (
     (PREFIX + "history", PREFIX + "history_out", "int64"),
 )
 CONSTANTS = tuple((PREFIX + name, dtype) for name, dtype in (*ROW_CONSTANTS, ("last_position", "int64")))
-_INT32 = 6
+_INT32, _INT64 = 6, 7
 
 
 def _outputs(vocab: int, window: int) -> list[tuple[str, str, list[int | str]]]:
@@ -84,18 +91,23 @@ def _build(vocab: int, window: int) -> GraphBuilder:
     last_position = g.input(p + "last_position", "int64", ["batch"])
     history = g.input(p + "history", "int64", ["batch", window])
     axis1 = g.const(np.array([1], np.int64))
-    last = g.op("Gather", ["logits", g.const(-1, "int64")], {"axis": 1})
+    # the row's last real token: column seqlens_k − position_ids[:, 0] of this run's logits (0 in
+    # decode; the prompt's end in a right-padded batched prefill)
+    seqlens = g.op("Unsqueeze", [g.op("Cast", ["seqlens_k"], {"to": _INT64}), axis1])  # [b, 1]
+    first_pos = g.op("Gather", ["position_ids", g.const(np.array([0], np.int64))], {"axis": 1})  # [b, 1]
+    column = g.op("Expand", [g.op("Unsqueeze", [g.op("Sub", [seqlens, first_pos]), g.const(np.array([2], np.int64))]),
+                             g.const(np.array([1, 1, vocab], np.int64))])  # [b, 1, vocab]
+    last = g.op("Squeeze", [g.op("GatherElements", ["logits", column], {"axis": 1}), axis1])
     out = add_sampling(g, last, vocab, names)
     nxt = g.op("Identity", [out["next_ids"]], outputs=[p + "next_input_ids"])
     g.op("Identity", [out["seen"]], outputs=[p + "seen_out"])
     g.op("Identity", [out["counts"]], outputs=[p + "counts_out"])
     g.op("Identity", [out["step"]], outputs=[p + "step_out"])
-    last_pos = g.op("Gather", ["position_ids", g.const(np.array([-1], np.int64))], {"axis": 1})  # [b, 1]
-    pos = g.op("Min", [g.op("Add", [last_pos, g.const(1, "int64")]), g.op("Unsqueeze", [last_position, axis1])])
+    pos = g.op("Min", [g.op("Add", [seqlens, g.const(1, "int64")]), g.op("Unsqueeze", [last_position, axis1])])
     g.op("Identity", [pos], outputs=[p + "next_position_ids"])
     g.op("Cast", [g.op("Squeeze", [pos, axis1])], {"to": _INT32}, outputs=[p + "next_seqlens_k"])
-    column = g.op("Unsqueeze", [g.op("Mod", [names["step"], g.const(window, "int64")]), axis1])
-    g.op("ScatterElements", [history, column, nxt], {"axis": 1}, outputs=[p + "history_out"])
+    slot = g.op("Unsqueeze", [g.op("Mod", [names["step"], g.const(window, "int64")]), axis1])
+    g.op("ScatterElements", [history, slot, nxt], {"axis": 1}, outputs=[p + "history_out"])
     for name, dtype, shape in _outputs(vocab, window):
         g.output(name, dtype, shape)
     return g

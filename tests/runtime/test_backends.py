@@ -16,7 +16,7 @@ import pytest
 from runtime import Engine, SamplingParams
 from runtime.errors import GenerationError
 from runtime.kv_concat import ConcatBackend
-from runtime.kv_slots import SlotsBackend
+from runtime.kv_slots import SlotsBackend, padded_length, prefill_groups
 
 
 @pytest.fixture(scope="module")
@@ -128,6 +128,46 @@ def test_chunked_prefill_equals_one_run(pair, shared_path: Path) -> None:  # typ
         np.testing.assert_allclose(a.step_logits, b.step_logits, atol=1e-4)  # type: ignore[arg-type]
 
 
+def test_new_requests_prefill_together_right_padded(pair, shared_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Requests admitted together prefill in one run, right-padded to the longest prompt; each
+    row samples at its own last token, so tokens, logits and seeded samples are each request's
+    alone — also padded to CUDA's length buckets (forced here on the CPU), and also when the
+    token budget splits them into several runs or a long prompt runs alone in chunks."""
+    concat, _ = pair
+    prompts = _prompts(6, seed=31) + [list(range(10, 47))]
+    assert len({len(p) for p in prompts}) >= 5
+    params = [SamplingParams(temperature=0.9, top_p=0.8, seed=i) if i % 2 else SamplingParams() for i in range(7)]
+    alone = [concat.generate_results([p], 8, s, return_logits=True)[0] for p, s in zip(prompts, params)]
+
+    def check(engine: Engine, runs: int) -> None:
+        backend: SlotsBackend = engine.backend  # type: ignore[assignment]
+        before = backend.prefill_runs
+        got = engine.generate_results(prompts, 8, params, return_logits=True)
+        assert backend.prefill_runs - before == runs
+        for a, b in zip(alone, got):
+            assert a.token_ids == b.token_ids
+            np.testing.assert_allclose(a.step_logits, b.step_logits, atol=1e-4)  # type: ignore[arg-type]
+
+    with Engine.load(shared_path, max_batch=8) as engine:
+        check(engine, 1)
+        capacity = engine.backend.capacity
+        engine.backend.padded = lambda n: min(padded_length(n), capacity)  # type: ignore[method-assign]
+        check(engine, 1)
+    with Engine.load(shared_path, max_batch=8, prefill_chunk=24) as engine:
+        check(engine, 4)  # lengths 2, 7, 8 | 8, 10 | 12 (each run ≤ 24 tokens) | 37 alone, in chunks
+
+
+def test_prefill_groups() -> None:
+    """Consecutive slots group within the token budget; CUDA splits groups into powers of two."""
+    same = lambda n: n  # noqa: E731
+    assert prefill_groups([(0, 5), (1, 7), (2, 9), (4, 3), (5, 40), (6, 2)], 32, same) == [[0, 1, 2], [4], [5], [6]]
+    assert prefill_groups([(2, 4), (0, 4), (1, 4)], 8, same) == [[0, 1], [2]]
+    assert prefill_groups([(i, 100) for i in range(13)], 1024, padded_length, powers_of_two=True) == [
+        list(range(8)), list(range(8, 12)), [12]]
+    assert [padded_length(n) for n in (1, 16, 17, 33, 65, 97, 129, 193, 300, 513, 1025)] == [
+        16, 16, 32, 64, 96, 128, 192, 256, 384, 768, 1536]
+
+
 def test_min_new_tokens_boundary_in_the_step_model(pair) -> None:  # type: ignore[no-untyped-def]
     """A stop id the row would pick at step k is masked while fewer than ``min_new_tokens = k``
     tokens exist, and allowed at step k — checked on the slots step model itself (the fused
@@ -198,7 +238,7 @@ def test_an_interrupted_block_returns_the_steps_it_ran(pair) -> None:  # type: i
         plan = slots._plan([])
         slot = backend.allocate()
         try:
-            first, _ = backend.prefill(slot, prompt, _rows(slots, prompt), False, plan)
+            (first, _), = backend.prefill_many([(slot, prompt, _rows(slots, prompt))], False, plan).values()
             calls = []
             ids, _ = backend.decode(slot + 1, 8, {slot: 1}, False, plan,
                                     interrupt=lambda: calls.append(1) or len(calls) == 3)

@@ -11,7 +11,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from runtime import ArtifactError, Engine, FinishReason, GenerationError, SamplingParams
+from runtime import ArtifactError, Engine, FinishReason, GenerationError, SamplingParams, step_graph
 from tests.runtime.test_imports import run_blocked
 
 PROMPTS = ["hello world", "a", "The quick brown fox jumps over", "zz top 123", "ünïcödé ✓"]
@@ -270,13 +270,14 @@ def test_rejected_artifacts(tiny_llama: Path, tmp_path: Path) -> None:
     manifest = json.loads((shared / "manifest.json").read_text())
     manifest["kv_mode"] = "shared-buffer"
     (shared / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(GenerationError, match="carries no step model; this lmforge serves format 1"):
+    with pytest.raises(GenerationError, match=f"carries no step model; this lmforge serves format {step_graph.FORMAT}"):
         Engine.load(shared)
-    manifest["step"] = {"format": 0, "prefix": "lmforge_step.", "window": 32}
-    (shared / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(GenerationError, match="carries step model .*'format': 0"):
-        Engine.load(shared)
-    manifest["step"].update(format=1, window="32")
+    for old in (0, step_graph.FORMAT - 1):  # older formats sampled elsewhere: re-optimize
+        manifest["step"] = {"format": old, "prefix": "lmforge_step.", "window": 32}
+        (shared / "manifest.json").write_text(json.dumps(manifest))
+        with pytest.raises(GenerationError, match=f"carries step model .*'format': {old}"):
+            Engine.load(shared)
+    manifest["step"].update(format=step_graph.FORMAT, window="32")
     (shared / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(GenerationError, match="carries step model .*'window': '32'"):
         Engine.load(shared)
@@ -310,7 +311,7 @@ def test_the_sampler_ships_in_the_artifact(tiny_llama: Path, tmp_path: Path) -> 
         Engine.load(altered)
 
 
-def test_warm_up_is_a_no_op_without_cuda_graphs(llama: Engine) -> None:
+def test_warm_up_is_a_no_op_on_the_cpu(llama: Engine) -> None:
     before = llama.stats().steps
     assert llama.warm_up() == 0.0
     assert llama.stats().steps == before

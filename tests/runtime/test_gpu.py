@@ -105,8 +105,33 @@ def test_warm_up_captures_every_bucket_and_mix(fp16_cuda: Path) -> None:
             for shift in range(len(kinds)):
                 engine.generate_results(prompts[:n], 10, [kinds[(i + shift) % len(kinds)] for i in range(n)])
         assert set(engine.backend._steps) == captured
+        planned = set(engine.backend.prefill_seen)
+        assert {rows for rows, _ in planned} == {1, 2, 4, 8} and {16, 32, 64, 96, 128} <= {n for _, n in planned}
+        for n in (1, 3, 5, 8):  # new requests together: their prefill shapes were planned too
+            engine.generate_results(_prompts(n, seed=40 + n), 2)
+        assert engine.backend.prefill_seen == planned
     finally:
         engine.close()
+
+
+def test_batched_padded_prefill_matches_one_at_a_time(fp16_cuda: Path, engines) -> None:  # type: ignore[no-untyped-def]
+    """On CUDA, requests admitted together prefill in one run, right-padded to a length bucket
+    (GroupQueryAttention's first-prompt path); each row samples at its own last token, so tokens
+    and logits match prefilling each request alone at its exact length."""
+    graph, _ = engines
+    prompts = _prompts(8, seed=23)
+    assert len({len(p) for p in prompts}) > 3
+    params = [SamplingParams(temperature=0.8, seed=i) if i % 2 else SamplingParams() for i in range(8)]
+    with Engine.load(fp16_cuda, device="cuda", max_batch=1, cuda_graph=False, read_every=1) as exact:
+        exact.backend.padded = lambda n: n  # type: ignore[method-assign]
+        want = [exact.generate_results([p], 12, s, return_logits=True)[0] for p, s in zip(prompts, params)]
+        assert {rows for rows, _ in exact.backend.prefill_seen} == {1}
+    before = graph.backend.prefill_runs
+    got = graph.generate_results(prompts, 12, params, return_logits=True)
+    assert graph.backend.prefill_runs - before == 1
+    for a, b in zip(want, got):
+        assert a.token_ids == b.token_ids
+        np.testing.assert_allclose(a.step_logits, b.step_logits, atol=2e-2)  # type: ignore[arg-type]
 
 
 def test_threads_arriving_mid_decode_match_solo(engines) -> None:  # type: ignore[no-untyped-def]
