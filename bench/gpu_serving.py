@@ -13,6 +13,8 @@ measures, on one warm engine (CUDA graphs per bucket, ``max_batch`` 64), output 
 * what the step's host inputs save: greedy decode with the draw and the penalties forced onto
   every row (what every step paid before they existed), and top-p rows with 256 candidates
   against the default 1,024;
+* with ``--burst`` only: N requests from N threads at once, with the batched prefill and with
+  each request prefilled alone (:func:`burst`);
 * memory over ``--memory-requests`` requests of mixed lengths and kinds (some cancelled) from
   64 threads: process RSS and device memory before and after.
 
@@ -111,20 +113,55 @@ def one_call(engine: Any, prompts: list[list[int]], new: int, kw: dict[str, Any]
     return sum(r.new_tokens for r in engine.generate_results(prompts, new, params))
 
 
-def threads(engine: Any, prompts: list[list[int]], new: int, kws: list[dict[str, Any]]) -> int:
-    done: list[int] = [0] * len(prompts)
+def thread_results(engine: Any, prompts: list[list[int]], new: int, kws: list[dict[str, Any]]) -> list[Any]:
+    """One request per thread, all released at once; each request's result."""
+    done: list[Any] = [None] * len(prompts)
     barrier = threading.Barrier(len(prompts))
 
     def run(i: int) -> None:
         barrier.wait()
-        done[i] = engine.generate_results([prompts[i]], new, _params(new, i, **kws[i % len(kws)]))[0].new_tokens
+        done[i] = engine.generate_results([prompts[i]], new, _params(new, i, **kws[i % len(kws)]))[0]
 
     pool = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
     for t in pool:
         t.start()
     for t in pool:
         t.join()
-    return sum(done)
+    return done
+
+
+def threads(engine: Any, prompts: list[list[int]], new: int, kws: list[dict[str, Any]]) -> int:
+    return sum(r.new_tokens for r in thread_results(engine, prompts, new, kws))
+
+
+def burst(engine: Any, prompts: list[list[int]], new: int, repeats: int) -> dict[str, Any]:
+    """N requests from N threads at once (N = 16, 64; greedy, and half greedy / half sampled):
+    output tok/s over the wall time, prefill included (``bench/genai_engine.py``'s measure), and
+    time to first token p50/p99; with the slots backend's batched prefill (requests admitted
+    together prefill in one right-padded run) and with each request prefilled alone."""
+    import runtime.kv_slots as kv_slots
+
+    batched = kv_slots.prefill_groups
+    out: dict[str, Any] = {}
+    try:
+        for mode in ("batched prefill", "prefill one at a time"):
+            if mode != "batched prefill":
+                kv_slots.prefill_groups = lambda items, *a, **k: [[slot] for slot, _ in sorted(items)]
+            for n in (16, 64):
+                mixes = (("greedy", [GREEDY]), ("half sampled", [GREEDY, SAMPLED["temperature 0.7 + top-p 0.9"]]))
+                for label, kws in mixes:
+                    rates, ttft = [], []
+                    for _ in range(repeats):
+                        t0 = time.perf_counter()
+                        results = thread_results(engine, prompts[:n], new, kws)
+                        rates.append(sum(r.new_tokens for r in results) / (time.perf_counter() - t0))
+                        ttft += [r.ttft_s * 1e3 for r in results]
+                    out[f"{mode}, {n} threads, {label}"] = {
+                        "tok_s": _median(rates), "runs": rates, "ttft_ms_p50": float(np.percentile(ttft, 50)),
+                        "ttft_ms_p99": float(np.percentile(ttft, 99))}
+    finally:
+        kv_slots.prefill_groups = batched
+    return out
 
 
 def sequential(engine: Any, prompts: list[list[int]], new: int) -> int:
@@ -309,6 +346,10 @@ def bench_shape(shape: str, args: argparse.Namespace) -> dict[str, Any]:
             one_call(engine, prompts[:n], 8, GREEDY)
             one_call(engine, prompts[:n], 8, SAMPLED["temperature 0.7 + top-p 0.9"])
         out["warmup_s"] = time.perf_counter() - t0
+        if args.burst:
+            out["engine_warm_up_s"] = engine.warm_up()
+            out["burst"] = burst(engine, prompts, new, rep)
+            return out
         if args.quick:
             out["sampling_decode_tok_s"] = sampling_table(engine, prompts, new, rep)
             engine.admit_within_block = False
@@ -344,6 +385,9 @@ def table(r: dict[str, Any]) -> str:
         lines.append(f"{k:32s} {v['tok_s']:10.0f} tok/s")
     for k, v in r.get("sampling_decode_tok_s", {}).items():
         lines.append(f"{k:32s} " + "  ".join(f"{b}: {x:8.0f}" for b, x in v.items()))
+    for k, v in r.get("burst", {}).items():
+        lines.append(f"{k:48s} {v['tok_s']:10.0f} tok/s  TTFT p50 {v['ttft_ms_p50']:7.1f} ms"
+                     f"  p99 {v['ttft_ms_p99']:7.1f} ms")
     for key in ("arrival", "arrival, admission at block boundaries"):
         if key in r:
             lines.append(key + " " + json.dumps({k: round(v, 2) for k, v in r[key].items()}))
@@ -366,6 +410,8 @@ def main() -> None:
     parser.add_argument("--memory-requests", type=int, default=10000, help="0 skips the memory run")
     parser.add_argument("--quick", action="store_true", help="only the sampling table (and greedy without "
                         "admission inside a block)")
+    parser.add_argument("--burst", action="store_true", help="only N requests at once from N threads, batched "
+                        "prefill against one at a time (after Engine.warm_up)")
     parser.add_argument("--buckets", default="", metavar="P[,P…]",
                         help="instead: greedy decode per batch bucket for these precisions (e.g. fp16,int4,int8)")
     args = parser.parse_args()
@@ -381,7 +427,8 @@ def main() -> None:
             result = bench_shape(shape, args)
         except Exception as exc:  # noqa: BLE001 - recorded, the next shape still runs
             result = {"shape": shape, "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
-        (Path(args.out) / f"gpu_serving-{shape.replace(':', '-')}.json").write_text(json.dumps(result, indent=1))
+        tag = "-burst" if args.burst else ""
+        (Path(args.out) / f"gpu_serving-{shape.replace(':', '-')}{tag}.json").write_text(json.dumps(result, indent=1))
         print(table(result), flush=True)
 
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call of issue #11's and #12's GPU evidence, after stage-wheels.sh (see bench/README.md):
-#   bash bench/gpu_serving_run.sh tests|smollm2|genai|verify|http|llama1b
+#   bash bench/gpu_serving_run.sh tests|smollm2|genai|genai1b|verify|http|http2|http3|burst|quick|buckets|llama1b
 # Each stage writes its log and JSON under $OUT and is bounded by `timeout`. `http` needs the
 # server's wheels (.whl/, installed into /tmp/site) and the smollm2 stage's artifact.
 set -u
@@ -21,6 +21,12 @@ for stage in "$@"; do
            timeout 250 "${LMF[@]}" bench-serve /tmp/lmf-serve/smollm2-135m/serve-cuda --device cuda --max-batch 64 --max-queue 1024 --concurrency 16,64 --requests 256 --warmup 8 --compare-engine --json $OUT/http3_smollm2.json 2>&1 | grep -v W:onnxruntime | grep -E "concurrency|serve-cuda|error|captured" | tail -8 ;;
     buckets) timeout 300 "${PY[@]}" bench/gpu_serving.py --shapes llama-3.2-1b --out $OUT --repeats 2 --new-tokens 64 --buckets fp16,int4 2>&1 | grep -v W:onnxruntime | tee $OUT/buckets_1b.log | tail -4
              ORT_FPA_INTB_GEMM=1 timeout 200 "${PY[@]}" bench/gpu_serving.py --shapes llama-3.2-1b --out $OUT --repeats 2 --new-tokens 64 --buckets int4 2>&1 | grep -v W:onnxruntime | tee -a $OUT/buckets_1b.log | tail -2 ;;
+    burst) for shape in smollm2-135m llama-3.2-1b; do
+             timeout 280 "${PY[@]}" bench/gpu_serving.py --shapes $shape --out $OUT --repeats 2 --burst 2>&1 | grep -v W:onnxruntime | tee $OUT/burst_$shape.log | tail -9
+           done ;;
+    genai1b) for mode in "" "--sampled"; do
+             timeout 250 "${PY[@]}" bench/genai_engine.py --build-from /tmp/lmf-serve/llama-3.2-1b/fp32 --work /tmp/genai-work --precision fp16 --device cuda --paged --concurrency 16,64 --prompt-len 128 --new-tokens 128 $mode --json $OUT/genai_1b${mode/--/_}.json 2>&1 | grep -v W:onnxruntime | tail -6
+           done ;;
     llama1b) timeout 500 "${PY[@]}" bench/gpu_serving.py --shapes llama-3.2-1b --out $OUT --repeats 2 --memory-requests 0 2>&1 | grep -v W:onnxruntime | tee $OUT/serving_1b.log | tail -20 ;;
     genai) for mode in "" "--sampled"; do
              timeout 200 "${PY[@]}" bench/genai_engine.py --build-from /tmp/lmf-serve/smollm2-135m/fp32 --work /tmp/genai-work --precision fp16 --device cuda --concurrency 16,64 --prompt-len 128 --new-tokens 128 $mode --json $OUT/genai_smollm2${mode/--/_}.json 2>&1 | grep -v W:onnxruntime | tail -8
