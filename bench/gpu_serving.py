@@ -134,7 +134,7 @@ def threads(engine: Any, prompts: list[list[int]], new: int, kws: list[dict[str,
     return sum(r.new_tokens for r in thread_results(engine, prompts, new, kws))
 
 
-def burst(engine: Any, prompts: list[list[int]], new: int, repeats: int) -> dict[str, Any]:
+def burst(engine: Any, prompts: list[list[int]], new: int, repeats: int, batched_only: bool = False) -> dict[str, Any]:
     """N requests from N threads at once (N = 16, 64; greedy, and half greedy / half sampled):
     output tok/s over the wall time, prefill included (``bench/genai_engine.py``'s measure), and
     time to first token p50/p99; with the slots backend's batched prefill (requests admitted
@@ -144,11 +144,12 @@ def burst(engine: Any, prompts: list[list[int]], new: int, repeats: int) -> dict
     batched = kv_slots.prefill_groups
     out: dict[str, Any] = {}
     try:
-        for mode in ("batched prefill", "prefill one at a time"):
+        for mode in ("batched prefill",) if batched_only else ("batched prefill", "prefill one at a time"):
             if mode != "batched prefill":
                 kv_slots.prefill_groups = lambda items, *a, **k: [[slot] for slot, _ in sorted(items)]
             for n in (16, 64):
-                mixes = (("greedy", [GREEDY]), ("half sampled", [GREEDY, SAMPLED["temperature 0.7 + top-p 0.9"]]))
+                top_p = SAMPLED["temperature 0.7 + top-p 0.9"]
+                mixes = (("greedy", [GREEDY]), ("half sampled", [GREEDY, top_p]), ("sampled", [top_p]))
                 for label, kws in mixes:
                     rates, ttft = [], []
                     for _ in range(repeats):
@@ -348,7 +349,7 @@ def bench_shape(shape: str, args: argparse.Namespace) -> dict[str, Any]:
         out["warmup_s"] = time.perf_counter() - t0
         if args.burst:
             out["engine_warm_up_s"] = engine.warm_up()
-            out["burst"] = burst(engine, prompts, new, rep)
+            out["burst"] = burst(engine, prompts, new, rep, args.burst_batched_only)
             return out
         if args.quick:
             out["sampling_decode_tok_s"] = sampling_table(engine, prompts, new, rep)
@@ -412,6 +413,7 @@ def main() -> None:
                         "admission inside a block)")
     parser.add_argument("--burst", action="store_true", help="only N requests at once from N threads, batched "
                         "prefill against one at a time (after Engine.warm_up)")
+    parser.add_argument("--burst-batched-only", action="store_true", help="--burst without the one-at-a-time runs")
     parser.add_argument("--buckets", default="", metavar="P[,P…]",
                         help="instead: greedy decode per batch bucket for these precisions (e.g. fp16,int4,int8)")
     args = parser.parse_args()
@@ -427,7 +429,7 @@ def main() -> None:
             result = bench_shape(shape, args)
         except Exception as exc:  # noqa: BLE001 - recorded, the next shape still runs
             result = {"shape": shape, "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
-        tag = "-burst" if args.burst else ""
+        tag = ("-burst-batched" if args.burst_batched_only else "-burst") if args.burst else ""
         (Path(args.out) / f"gpu_serving-{shape.replace(':', '-')}{tag}.json").write_text(json.dumps(result, indent=1))
         print(table(result), flush=True)
 

@@ -27,7 +27,7 @@ def _manifest(precision: str, device: str, step: bool) -> dict[str, Any]:
 
 def test_the_step_model_is_one_line_not_twenty() -> None:
     text = render(Artifact(path=Path("/a"), manifest=_manifest("fp16", "cuda", step=True)))
-    assert "step model    format 1, id history of 32 steps" in text
+    assert f"step model    format {step_graph.FORMAT}, id history of 32 steps" in text
     n_inputs = len(step_graph.step_io(320)["inputs"])
     assert "lmforge_step.*" in text and f"{n_inputs} tensors of the step model" in text
     assert "lmforge_step.temperature" not in text
