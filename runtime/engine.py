@@ -13,7 +13,8 @@ Shaped like gpt-fast's ``generate.py``, built for services::
   and past ``max_queue`` waiting requests a submit fails at once
   (:class:`~runtime.errors.QueueFullError`).
 * The loop owns the device. At every step boundary it admits waiting requests while slots are
-  free (their prefill runs then and gives their first token), runs one block of decode steps for
+  free, up to a budget of prompt tokens (their prefill runs then and gives their first token;
+  requests admitted together prefill together), runs one block of decode steps for
   every running request at once — greedy and sampled rows in the same batch, each with its own
   parameters — and releases finished, cancelled and expired requests at once (continuous
   batching). A request that arrives while a block runs ends it after the current step when a
@@ -182,6 +183,7 @@ class Engine:
             read_every = 8 if self.device == "cuda" else 1
         self.read_every = _check_int("read_every", read_every, 1)
         self.candidates = min(_check_int("candidates", candidates, 1), self.vocab)
+        self.prefill_tokens = _check_int("prefill_chunk", prefill_chunk, 1)  # prompt tokens admitted per boundary
         # a waiting request ends a block early when a slot is free (its TTFT: its prefill plus at
         # most one step); on CUDA the steps of a block are then synchronized one by one
         self.admit_within_block = True
@@ -225,9 +227,10 @@ class Engine:
         ``max_queue`` bounds the waiting requests; ``read_every`` is how many steps run between
         reads of the new ids on CUDA (default 8; 1 on the CPU); ``candidates`` bounds the sorted
         set that top-k / top-p read (:mod:`runtime.sampler_graph`; a request with a larger top-k
-        is refused); ``prefill_chunk`` bounds the tokens of one prefill run (a shared-buffer
-        artifact prefills requests admitted together in one run up to that many padded tokens,
-        and a longer prompt in chunks of that size).
+        is refused); ``prefill_chunk`` bounds the prompt tokens admitted at one step boundary
+        and the tokens of one prefill run (requests admitted together prefill in one run, padded
+        to one length; a longer prompt runs alone, in chunks of that size on a shared-buffer
+        artifact).
         """
         check_device(device)  # a wrong device fails before hashing gigabytes
         artifact = load_artifact(path, verify_hashes=verify_hashes)
@@ -580,17 +583,27 @@ class Engine:
         ), now))
 
     def _admit(self) -> None:
-        """Move waiting requests into free slots and prefill them (their first token)."""
+        """Move waiting requests into free slots and prefill them (their first token).
+
+        At most ``prefill_tokens`` prompt tokens per step boundary (a longer prompt alone), as
+        vLLM's token budget does: when many requests arrive at once the running ones take a
+        decode step between the prefills instead of waiting for all of them.
+        """
         taken: list[Request] = []
+        tokens = 0
         with self._cv:
             while self._waiting and len(taken) < self.backend.free_slots:
-                request = self._waiting.popleft()
+                request = self._waiting[0]
+                if taken and tokens + len(request.prompt_ids) > self.prefill_tokens:
+                    break  # the rest after the next decode step: running requests wait for one prefill at most
+                self._waiting.popleft()
                 if request.cancelled:
                     self._end_unadmitted(request, FinishReason.CANCELLED)
                 elif request.deadline is not None and time.perf_counter() > request.deadline:
                     self._end_unadmitted(request, FinishReason.DEADLINE)
                 else:
                     taken.append(request)
+                    tokens += len(request.prompt_ids)
             self._cv.notify_all()  # room in the queue for blocked generate_* callers
         if not taken:
             return

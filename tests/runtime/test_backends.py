@@ -157,6 +157,31 @@ def test_new_requests_prefill_together_right_padded(pair, shared_path: Path) -> 
         check(engine, 4)  # lengths 2, 7, 8 | 8, 10 | 12 (each run ≤ 24 tokens) | 37 alone, in chunks
 
 
+@pytest.mark.parametrize("kind", ["concat", "slots"])
+def test_admission_takes_a_prompt_token_budget_per_step_boundary(artifact_cache, shared_path: Path,  # type: ignore[no-untyped-def]
+                                                                  kind: str) -> None:
+    """Many requests at once are admitted ``prefill_chunk`` prompt tokens at a time, with a decode
+    step of the running ones between two admissions (they wait for one prefill, not for all);
+    a prompt longer than the budget is admitted alone. Tokens are each request's alone."""
+    path = artifact_cache("tiny:llama") if kind == "concat" else shared_path
+    prompts = [list(range(5, 5 + n)) for n in (6, 7, 6, 20, 5, 6)]
+    with Engine.load(path, max_batch=8) as engine:
+        want = [engine.generate_ids([p], 6)[0] for p in prompts]
+    with Engine.load(path, max_batch=8, prefill_chunk=14) as engine:
+        calls: list[tuple[list[int], int]] = []
+        prefill = engine.backend.prefill_many
+
+        def spy(admitted, *args):  # type: ignore[no-untyped-def]
+            calls.append((sorted(len(p) for _, p, _ in admitted), engine.steps))
+            return prefill(admitted, *args)
+
+        engine.backend.prefill_many = spy  # type: ignore[method-assign]
+        assert engine.generate_ids(prompts, 6) == want
+    assert [lengths for lengths, _ in calls] == [[6, 7], [6], [20], [5, 6]]
+    steps = [step for _, step in calls]
+    assert steps == sorted(steps) and len(set(steps)) == len(steps), steps  # a decode step between admissions
+
+
 def test_prefill_groups() -> None:
     """Consecutive slots group within the token budget; CUDA splits groups into powers of two."""
     same = lambda n: n  # noqa: E731
