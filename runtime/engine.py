@@ -53,7 +53,7 @@ from runtime.kv_concat import ConcatBackend
 from runtime.kv_slots import SlotsBackend
 from runtime.request import FinishReason, GenerationResult, Request, TokenEvent
 from runtime.sampler_graph import BOUNDED_CANDIDATES, MAX_CANDIDATES
-from runtime.sampling import GREEDY, SamplingParams, host_values, row_arrays
+from runtime.sampling import GREEDY, Plan, SamplingParams, host_values, row_arrays
 from runtime.text import check_text
 
 __all__ = ["Engine", "EngineStats", "GenerationResult", "FinishReason", "Prompt"]
@@ -459,8 +459,8 @@ class Engine:
         """Prepare the CUDA kernels before traffic arrives; return the seconds it took.
 
         * The decode step's CUDA graphs: one exists per batch-size bucket, state direction and
-          sampling mix (greedy; temperature; top-k / top-p; each with and without penalties: the
-          step's host inputs, :func:`runtime.sampling.host_values`). Without a warm-up the first
+          sampling mix (greedy; temperature; min-p; top-k / top-p; each with and without
+          penalties: the step's host inputs, :func:`runtime.sampling.host_values`). Without a warm-up the first
           request of each combination pays for its capture, and so does every request sharing its
           step. Short dummy requests (one-token prompts, three new tokens) run at every bucket
           with each mix.
@@ -475,9 +475,11 @@ class Engine:
         started = time.perf_counter()
         token = self.pad_token_id
         sizes: list[int] = []
-        mixes = [SamplingParams(), SamplingParams(temperature=1.0), SamplingParams(temperature=1.0, top_p=0.9),
-                 SamplingParams(repetition_penalty=1.1), SamplingParams(temperature=1.0, repetition_penalty=1.1),
-                 SamplingParams(temperature=1.0, top_p=0.9, repetition_penalty=1.1)]
+        # every value of the step's host inputs: greedy / temperature / min-p (a threshold, no
+        # sort) / top-p (sorted candidates), each with and without penalties
+        plain = [SamplingParams(), SamplingParams(temperature=1.0), SamplingParams(temperature=1.0, min_p=0.05),
+                 SamplingParams(temperature=1.0, top_p=0.9)]
+        mixes = plain + [dataclasses.replace(p, repetition_penalty=1.1) for p in plain]
         if self.cuda_graph:
             sizes = sorted({self.backend.bucket(n) for n in range(1, self.max_batch + 1)})
             for n in sizes:
@@ -649,7 +651,7 @@ class Engine:
         for slot, live in self._live.items():
             self._accept(live, ids.get(slot, []), None if logits is None else logits[slot][None, :])
 
-    def _plan(self, rows: Any) -> tuple[int, int, int]:
+    def _plan(self, rows: Any) -> Plan:
         """The sampling nodes' host inputs for a run over these rows (:func:`runtime.sampling.host_values`)."""
         return host_values([live.request.sampling for live in rows], self.candidates)
 

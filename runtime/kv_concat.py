@@ -28,6 +28,7 @@ from runtime.artifact import Artifact
 from runtime.device import NP_DTYPES, Device
 from runtime.errors import GenerationError
 from runtime.sampler_graph import HOST_INPUTS, ROW_CONSTANTS, ROW_STATE, SAMPLER_FORMAT
+from runtime.sampling import Plan
 
 __all__ = ["ConcatBackend", "build_regroup_model"]
 
@@ -164,7 +165,7 @@ class ConcatBackend:
     # -- runs -----------------------------------------------------------------------------------
 
     def _forward(self, feeds: dict[str, ort.OrtValue], rows: dict[str, ort.OrtValue], want_logits: bool,
-                 plan: tuple[int, int, int]) -> tuple[dict[str, ort.OrtValue], np.ndarray, np.ndarray | None]:
+                 plan: Plan) -> tuple[dict[str, ort.OrtValue], np.ndarray, np.ndarray | None]:
         """Decoder, then sampler: the next per-row tensors, the new ids, the last logits."""
         dev = self.device
         binding = self.session.io_binding()
@@ -182,7 +183,7 @@ class ConcatBackend:
         sb.bind_ortvalue_input("attention_mask", feeds["attention_mask"])
         for name in self._row_names:
             sb.bind_ortvalue_input(name, rows[name])
-        for name, value in zip(HOST_INPUTS, plan):
+        for name, value in zip(HOST_INPUTS, plan[:len(HOST_INPUTS)]):  # the sampler has no filtered_rows
             sb.bind_cpu_input(name, np.array([value], np.int64))
         names = ["next_ids", "next_attention_mask", "next_position_ids", *(o for _, o, _ in ROW_STATE)]
         for name in names:
@@ -199,7 +200,7 @@ class ConcatBackend:
         return nxt, ids, logits
 
     def prefill_many(self, admitted: list[tuple[int, list[int], dict[str, np.ndarray]]], want_logits: bool,
-                     plan: tuple[int, int, int]) -> dict[int, tuple[int, np.ndarray | None]]:
+                     plan: Plan) -> dict[int, tuple[int, np.ndarray | None]]:
         """Prefill ``(slot, prompt, row arrays)`` as one left-padded batch, then merge it into
         the running batch (dropping released rows in the same run)."""
         m, longest = len(admitted), max(len(p) for _, p, _ in admitted)
@@ -273,7 +274,7 @@ class ConcatBackend:
         return []
 
     def decode(self, rows: int, steps: int, generated: dict[int, int], want_logits: bool,
-               plan: tuple[int, int, int], interrupt: Callable[[], bool] | None = None,
+               plan: Plan, interrupt: Callable[[], bool] | None = None,
                ) -> tuple[dict[int, list[int]], np.ndarray | None]:
         """One step for every running row (``steps`` is 1 for this backend: the host read after
         a step costs nothing on CPU, and the stop checks need it)."""

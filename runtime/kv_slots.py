@@ -37,7 +37,8 @@ import onnxruntime as ort
 from runtime.artifact import Artifact
 from runtime.device import Device, RowWriter
 from runtime.errors import GenerationError
-from runtime.sampler_graph import HOST_INPUTS
+from runtime.sampler_graph import STEP_HOST_INPUTS
+from runtime.sampling import Plan
 from runtime.step_graph import CONSTANTS, FORMAT, PREFIX, STATE, step_io
 
 __all__ = ["SlotsBackend", "padded_length", "prefill_groups"]
@@ -170,7 +171,7 @@ class SlotsBackend:
         self._writer = RowWriter(device, specs)
         self.current = 0  # the state set holding the next decode step's inputs
         self._free = list(range(max_batch))
-        self._steps: dict[tuple[int, int, tuple[int, int, int]], _Step] = {}
+        self._steps: dict[tuple[int, int, Plan], _Step] = {}
         self._host: dict[int, ort.OrtValue] = {}  # value → a host tensor at a fixed address
         self.replays = 0
         self.prefill_runs = 0
@@ -208,15 +209,15 @@ class SlotsBackend:
 
     # -- prefill --------------------------------------------------------------------------------
 
-    def _bind_host(self, binding: Any, plan: tuple[int, int, int]) -> None:
+    def _bind_host(self, binding: Any, plan: Plan) -> None:
         """Bind the host inputs (:func:`runtime.sampling.host_values`) from tensors at fixed addresses."""
-        for name, value in zip(HOST_INPUTS, plan):
+        for name, value in zip(STEP_HOST_INPUTS, plan, strict=True):
             if value not in self._host:
                 self._host[value] = ort.OrtValue.ortvalue_from_numpy(np.array([value], np.int64))
             binding.bind_ortvalue_input(PREFIX + name, self._host[value])
 
     def prefill_many(self, admitted: list[tuple[int, list[int], dict[str, np.ndarray]]], want_logits: bool,
-                     plan: tuple[int, int, int]) -> dict[int, tuple[int, np.ndarray | None]]:
+                     plan: Plan) -> dict[int, tuple[int, np.ndarray | None]]:
         """Prefill ``(slot, prompt, row arrays)`` into their slots; each slot's first token (and its
         logits when asked).
 
@@ -253,7 +254,7 @@ class SlotsBackend:
         return shapes
 
     def _prefill_group(self, group: list[tuple[int, list[int], dict[str, np.ndarray]]], want_logits: bool,
-                       plan: tuple[int, int, int]) -> dict[int, tuple[int, np.ndarray | None]]:
+                       plan: Plan) -> dict[int, tuple[int, np.ndarray | None]]:
         """One prefill run over consecutive slots (or a long prompt's chunks, alone)."""
         into, src = self.current, 1 - self.current
         first, m = group[0][0], len(group)
@@ -322,7 +323,7 @@ class SlotsBackend:
             size *= 2
         return min(size, self.max_batch)
 
-    def _step_binding(self, n: int, d: int, plan: tuple[int, int, int]) -> _Step:
+    def _step_binding(self, n: int, d: int, plan: Plan) -> _Step:
         key = (n, d, plan)
         if key in self._steps:
             return self._steps[key]
@@ -350,7 +351,7 @@ class SlotsBackend:
         return self._steps[key]
 
     def decode(self, rows: int, steps: int, generated: dict[int, int], want_logits: bool,
-               plan: tuple[int, int, int], interrupt: Callable[[], bool] | None = None,
+               plan: Plan, interrupt: Callable[[], bool] | None = None,
                ) -> tuple[dict[int, list[int]], np.ndarray | None]:
         """Up to ``steps`` decode steps over rows ``0:rows``; the new ids of every slot in
         ``generated`` (slot → tokens it had before the block), and the last step's logits

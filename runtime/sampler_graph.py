@@ -62,8 +62,8 @@ import numpy as np
 from runtime._onnx_proto import GraphBuilder
 
 __all__ = ["ALL_ROWS", "BOUNDED_CANDIDATES", "HOST_INPUTS", "MAX_CANDIDATES", "ROW_CONSTANTS", "ROW_STATE",
-           "SAMPLER_FORMAT", "SAMPLER_NAME", "add_sampling", "declare_row_inputs", "build_sampler_model",
-           "write_sampler"]
+           "STEP_HOST_INPUTS", "SAMPLER_FORMAT", "SAMPLER_NAME", "add_sampling", "declare_row_inputs",
+           "build_sampler_model", "write_sampler"]
 
 SAMPLER_NAME = "sampler.onnx"  # the concat contract's sampler, in the artifact beside model.onnx
 SAMPLER_FORMAT = 1  # bumped whenever the sampler's inputs or semantics change; the runtime refuses another
@@ -82,6 +82,9 @@ ROW_CONSTANTS = (
 )
 # [1] int64 inputs in host memory, one value per run (each value its own captured graph on CUDA)
 HOST_INPUTS = ("candidates", "sampled_rows", "penalized_rows")
+# the step model's (:mod:`runtime.step_graph`) add one: rows 0:filtered_rows run the top-k /
+# top-p / min-p threshold (0: no row of the run filters; never more than sampled_rows)
+STEP_HOST_INPUTS = (*HOST_INPUTS, "filtered_rows")
 # per-row state the sampling updates: (input, output)
 ROW_STATE = (("seen", "seen_out", "bool"), ("counts", "counts_out", "float32"), ("step", "step_out", "int64"))
 
@@ -177,8 +180,14 @@ def add_sampling(g: GraphBuilder, logits_last: str, vocab: int, names: dict[str,
     # consumer would need a host-to-device copy node, which CUDA-graph capture refuses. The
     # engine guarantees top_k <= K whenever K > 1 (it refuses larger top-k, and a row with top-k
     # makes the step use its full bound), so the k-th value is at index top_k - 1.
+    # The threshold runs on rows 0:filtered_rows (all or none of the sampled rows; without that
+    # input, on every sampled row): a run of temperature-only rows launches none of its ~40
+    # kernels, each a few microseconds of an otherwise idle GPU, and its rows keep every token.
+    fr = n.get("filtered_rows", sr)
+    s_all, s, weights_all = s, head(s, fr), weights
+    weights = head(weights, fr)
     vals = g.op("TopK", [s, n["candidates"]], {"axis": 1, "largest": 1, "sorted": 1}, outputs=2)[0]
-    top_k = col(head(n["top_k"], sr))
+    top_k = col(head(n["top_k"], fr))
     k_pos = g.op("Max", [g.op("Sub", [top_k, one_i]), zero_i])
     thr_k = g.op(
         "Where", [g.op("Greater", [top_k, zero_i]), g.op("GatherElements", [vals, k_pos], {"axis": 1}), neg_inf]
@@ -189,18 +198,19 @@ def add_sampling(g: GraphBuilder, logits_last: str, vocab: int, names: dict[str,
                           g.op("ReduceSum", [weights, axis1], {"keepdims": 1})])
     probs = g.op("Div", [cand_w, norm])
     before = g.op("Sub", [g.op("CumSum", [probs, g.const(np.array(1, np.int64))]), probs])
-    top_p = col(head(n["top_p"], sr))
+    top_p = col(head(n["top_p"], fr))
     keep_c = g.op("And", [in_k, g.op("Less", [before, top_p])])
     last_c = g.op("Sub", [_count(g, keep_c, axis1), one_i])
     thr_p = g.op("GatherElements", [vals, g.op("Max", [last_c, zero_i])], {"axis": 1})
     thr_p = g.op("Where", [g.op("Less", [top_p, one_f]), thr_p, neg_inf])
-    min_p = col(head(n["min_p"], sr))
+    min_p = col(head(n["min_p"], fr))
     thr_m = g.op("Where", [g.op("Greater", [min_p, zero_f]), g.op("Log", [min_p]), neg_inf])
     thr = g.op("Max", [g.op("Max", [thr_k, thr_p]), thr_m])  # binary: the variadic CUDA kernel fails on 0 rows
-    keep = g.op("GreaterOrEqual", [s, thr])
+    unfiltered = tail(g.op("Where", [t_pos, neg_inf, neg_inf]), fr)  # −inf: the other rows keep every token
+    keep = g.op("GreaterOrEqual", [s_all, g.op("Concat", [thr, unfiltered], {"axis": 0})])
 
     # inverse-CDF draw with this step's uniform
-    w = g.op("Where", [keep, weights, zero_f])
+    w = g.op("Where", [keep, weights_all, zero_f])
     step_col = col(g.op("Min", [head(n["step"], sr), head(n["last_step"], sr)]))
     u = g.op("GatherElements", [head(n["uniforms"], sr), step_col], {"axis": 1})
     sampled = g.op("Concat", [_draw(g, w, u, vocab), tail(greedy_id, sr)], {"axis": 0})
@@ -221,7 +231,8 @@ def add_sampling(g: GraphBuilder, logits_last: str, vocab: int, names: dict[str,
     }
 
 
-def declare_row_inputs(g: GraphBuilder, vocab: int, prefix: str = "") -> dict[str, str]:
+def declare_row_inputs(g: GraphBuilder, vocab: int, prefix: str = "",
+                       host_inputs: tuple[str, ...] = HOST_INPUTS) -> dict[str, str]:
     """Declare every per-row sampling input, and the host inputs, as graph inputs ``prefix + name``."""
     names = {}
     for name, dtype in ROW_CONSTANTS:
@@ -233,7 +244,7 @@ def declare_row_inputs(g: GraphBuilder, vocab: int, prefix: str = "") -> dict[st
         names[name] = g.input(prefix + name, dtype, shape)
     for name, _, dtype in ROW_STATE:
         names[name] = g.input(prefix + name, dtype, ["batch", vocab] if name != "step" else ["batch"])
-    for name in HOST_INPUTS:
+    for name in host_inputs:
         names[name] = g.input(prefix + name, "int64", [1])
     return names
 

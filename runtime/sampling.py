@@ -18,7 +18,7 @@ import onnxruntime as ort
 from runtime.errors import InvalidRequestError
 from runtime.sampler_graph import ALL_ROWS, BOUNDED_CANDIDATES, HOST_INPUTS, build_sampler_model
 
-__all__ = ["SamplingParams", "GREEDY", "host_values", "row_arrays", "stack_rows", "Sampler"]
+__all__ = ["SamplingParams", "GREEDY", "Plan", "host_values", "row_arrays", "stack_rows", "Sampler"]
 
 
 def _is_int(value: object) -> bool:
@@ -120,17 +120,24 @@ class SamplingParams:
 GREEDY = SamplingParams()
 
 
-def host_values(params: Sequence[SamplingParams], candidates: int) -> tuple[int, int, int]:
+Plan = tuple[int, int, int, int]  # host_values: (candidates, sampled_rows, penalized_rows, filtered_rows)
+
+
+def host_values(params: Sequence[SamplingParams], candidates: int) -> Plan:
     """The sampling nodes' host inputs for a run over rows with these parameters:
-    ``(candidates, sampled_rows, penalized_rows)`` (see :mod:`runtime.sampler_graph`).
+    ``(candidates, sampled_rows, penalized_rows, filtered_rows)``, in the order of
+    :data:`runtime.sampler_graph.STEP_HOST_INPUTS` (the concat sampler reads the first three).
 
     A run where every row is greedy skips the draw (``sampled_rows = 0``), one where no row is
-    penalized skips the penalties (``penalized_rows = 0``), and one where no row reads top-k /
-    top-p sorts a single candidate: an all-greedy step pays for an ``ArgMax`` and little else.
+    penalized skips the penalties (``penalized_rows = 0``), one where no sampled row reads top-k,
+    top-p or min-p skips their threshold (``filtered_rows = 0``: temperature-only sampling is a
+    scale, an exp and the draw), and one where no row reads top-k / top-p sorts a single
+    candidate: an all-greedy step pays for an ``ArgMax`` and little else.
     """
-    sampled = any(not p.greedy for p in params)
+    sampled = [p for p in params if not p.greedy]
+    filtered = any(p.needs_candidates or p.min_p > 0 for p in sampled)
     return (candidates if any(p.needs_candidates for p in params) else 1, ALL_ROWS if sampled else 0,
-            ALL_ROWS if any(p.needs_penalties for p in params) else 0)
+            ALL_ROWS if any(p.needs_penalties for p in params) else 0, ALL_ROWS if filtered else 0)
 
 
 def row_arrays(params: SamplingParams, prompt: Sequence[int], stop_ids: Sequence[int], vocab: int,
@@ -223,6 +230,6 @@ class Sampler:
         feeds["logits"] = np.asarray(logits, dtype=self.logits_dtype)
         feeds["attention_mask"] = np.ones((batch, 1), dtype=np.int64)
         values = host_values(params, min(self.candidates, vocab))
-        feeds.update({name: np.array([v], dtype=np.int64) for name, v in zip(HOST_INPUTS, values)})
+        feeds.update({name: np.array([v], dtype=np.int64) for name, v in zip(HOST_INPUTS, values[:len(HOST_INPUTS)])})
         (ids,) = self.session(vocab).run(["next_ids"], feeds)
         return ids.reshape(-1)

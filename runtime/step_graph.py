@@ -27,10 +27,11 @@ state (ping-ponged: :data:`STATE` pairs an input with the output that replaces i
 constants (written once per request into its row)
     the sampling parameters of :data:`runtime.sampler_graph.ROW_CONSTANTS` and
     ``last_position`` (the row's KV capacity − 1).
-host inputs (``[1]`` int64 in host memory, :data:`runtime.sampler_graph.HOST_INPUTS`)
-    ``candidates`` (how many sorted candidates top-k / top-p read), ``sampled_rows`` and
-    ``penalized_rows`` (0: no row of the run samples / is penalized, and those nodes run on no
-    rows); each value is its own captured graph.
+host inputs (``[1]`` int64 in host memory, :data:`runtime.sampler_graph.STEP_HOST_INPUTS`)
+    ``candidates`` (how many sorted candidates top-k / top-p read), ``sampled_rows``,
+    ``penalized_rows`` and ``filtered_rows`` (0: no row of the run samples / is penalized /
+    reads top-k, top-p or min-p, and those nodes run on no rows); each value is its own
+    captured graph.
 
 Each row's last real token is its ``seqlens_k`` (GroupQueryAttention's "total length − 1"):
 the step samples from that row's logits at column ``seqlens_k − position_ids[:, 0]``, which is
@@ -52,7 +53,7 @@ from typing import Any
 import numpy as np
 
 from runtime._onnx_proto import GraphBuilder, fragment_bytes
-from runtime.sampler_graph import ROW_CONSTANTS, add_sampling, declare_row_inputs
+from runtime.sampler_graph import ROW_CONSTANTS, STEP_HOST_INPUTS, add_sampling, declare_row_inputs
 
 __all__ = ["FORMAT", "PREFIX", "STATE", "CONSTANTS", "WINDOW", "append_step", "manifest_entry", "neutral_feeds",
            "step_fragment", "step_io"]
@@ -87,7 +88,7 @@ def _build(vocab: int, window: int) -> GraphBuilder:
         raise ValueError(f"window must be ≥ 1, got {window}")
     g = GraphBuilder("lmforge_step", prefix=PREFIX)
     p = PREFIX
-    names = declare_row_inputs(g, vocab, prefix=p)
+    names = declare_row_inputs(g, vocab, prefix=p, host_inputs=STEP_HOST_INPUTS)
     last_position = g.input(p + "last_position", "int64", ["batch"])
     history = g.input(p + "history", "int64", ["batch", window])
     axis1 = g.const(np.array([1], np.int64))

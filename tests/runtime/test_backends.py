@@ -17,6 +17,8 @@ from runtime import Engine, SamplingParams
 from runtime.errors import GenerationError
 from runtime.kv_concat import ConcatBackend
 from runtime.kv_slots import SlotsBackend, padded_length, prefill_groups
+from runtime.sampler_graph import ALL_ROWS
+from runtime.sampling import host_values
 
 
 @pytest.fixture(scope="module")
@@ -93,6 +95,23 @@ def test_sampled_rows_match_across_backends_and_batches(pair) -> None:  # type: 
     alone = [concat.generate_ids([p], 10, s)[0] for p, s in zip(prompts, params)]
     assert concat.generate_ids(prompts, 10, params) == alone
     assert slots.generate_ids(prompts, 10, params) == alone
+
+
+def test_skipping_the_threshold_changes_no_draw(pair) -> None:  # type: ignore[no-untyped-def]
+    """Temperature-only rows draw the same tokens whether their step skips the top-k / top-p /
+    min-p threshold (``filtered_rows`` = 0: no row of the run filters) or runs it on every row
+    (a top-p or min-p row shares the batch); and the same as the concat sampler, which has no
+    such switch."""
+    concat, slots = pair
+    prompts = _prompts(3, seed=41)
+    temp = SamplingParams(temperature=0.9, seed=7)
+    assert host_values([temp], 1024)[3] == 0
+    alone = [slots.generate_ids([p], 10, temp)[0] for p in prompts]
+    assert alone == [concat.generate_ids([p], 10, temp)[0] for p in prompts]
+    others = (SamplingParams(temperature=1.0, top_p=0.5, seed=8), SamplingParams(temperature=1.0, min_p=0.2, seed=9))
+    for other in others:
+        assert host_values([temp, other], 1024)[3] == ALL_ROWS
+        assert slots.generate_ids(prompts + [prompts[0]], 10, [temp] * 3 + [other])[:3] == alone
 
 
 @pytest.mark.parametrize("read_every", [1, 3, 32])
