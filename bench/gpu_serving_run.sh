@@ -13,7 +13,7 @@ for stage in "$@"; do
     smollm2) timeout 560 "${PY[@]}" bench/gpu_serving.py --shapes smollm2-135m --out $OUT --repeats 2 2>&1 | grep -v W:onnxruntime | tee $OUT/serving_smollm2.log | tail -20 ;;
     quick) timeout 300 "${PY[@]}" bench/gpu_serving.py --shapes smollm2-135m --out $OUT --repeats 3 --quick 2>&1 | grep -v W:onnxruntime | tee $OUT/quick_smollm2.log | tail -12
            timeout 200 "${PY[@]}" bench/gpu_profile.py --artifacts /tmp/lmf-serve/smollm2-135m/serve-cuda --kinds greedy,temperature --out $OUT 2>&1 | grep -v W:onnxruntime | tee $OUT/profile.log | grep -E "wall|µs" | head -40 ;;
-    http2) for shape in smollm2-135m llama-3.2-1b; do
+    http2) for shape in ${SHAPES:-smollm2-135m llama-3.2-1b}; do
              timeout 280 python3 -c "import sys; sys.path.insert(0, 'bench'); from pathlib import Path; import gpu_serving as g; print(g.build('$shape', Path('/tmp/lmf-serve'), 'cuda'))" 2>&1 | tail -1
              timeout 250 "${LMF[@]}" bench-serve /tmp/lmf-serve/$shape/serve-cuda --device cuda --max-batch 64 --max-queue 1024 --concurrency 16,64,16,64 --requests 256 --warmup 128 --compare-engine --json $OUT/http_$shape.json 2>&1 | grep -v W:onnxruntime | grep -E "concurrency|serve-cuda|error" | tail -8
            done ;;
@@ -21,11 +21,11 @@ for stage in "$@"; do
            timeout 250 "${LMF[@]}" bench-serve /tmp/lmf-serve/smollm2-135m/serve-cuda --device cuda --max-batch 64 --max-queue 1024 --concurrency 16,64 --requests 256 --warmup 8 --compare-engine --json $OUT/http3_smollm2.json 2>&1 | grep -v W:onnxruntime | grep -E "concurrency|serve-cuda|error|captured" | tail -8 ;;
     buckets) timeout 300 "${PY[@]}" bench/gpu_serving.py --shapes llama-3.2-1b --out $OUT --repeats 2 --new-tokens 64 --buckets fp16,int4 2>&1 | grep -v W:onnxruntime | tee $OUT/buckets_1b.log | tail -4
              ORT_FPA_INTB_GEMM=1 timeout 200 "${PY[@]}" bench/gpu_serving.py --shapes llama-3.2-1b --out $OUT --repeats 2 --new-tokens 64 --buckets int4 2>&1 | grep -v W:onnxruntime | tee -a $OUT/buckets_1b.log | tail -2 ;;
-    burst) for shape in smollm2-135m llama-3.2-1b; do
-             timeout 280 "${PY[@]}" bench/gpu_serving.py --shapes $shape --out $OUT --repeats 2 --burst 2>&1 | grep -v W:onnxruntime | tee $OUT/burst_$shape.log | tail -9
+    burst) for shape in ${SHAPES:-smollm2-135m llama-3.2-1b}; do
+             timeout 280 "${PY[@]}" bench/gpu_serving.py --shapes $shape --out $OUT --repeats 2 --burst ${BURST:-} 2>&1 | grep -v W:onnxruntime | tee $OUT/burst_$shape.log | tail -9
            done ;;
     genai1b) for mode in "" "--sampled"; do
-             timeout 250 "${PY[@]}" bench/genai_engine.py --build-from /tmp/lmf-serve/llama-3.2-1b/fp32 --work /tmp/genai-work --precision fp16 --device cuda --paged --concurrency 16,64 --prompt-len 128 --new-tokens 128 $mode --json $OUT/genai_1b${mode/--/_}.json 2>&1 | grep -v W:onnxruntime | tail -6
+             timeout 250 "${PY[@]}" bench/genai_engine.py --build-from /tmp/lmf-serve/llama-3.2-1b/fp32 --work /tmp/genai-work --precision fp16 --device cuda --paged --concurrency 16,64 --prompt-len 128 --new-tokens 128 --repeats 3 $mode --json $OUT/genai_1b${mode/--/_}.json 2>&1 | grep -v W:onnxruntime | tail -6
            done ;;
     llama1b) timeout 500 "${PY[@]}" bench/gpu_serving.py --shapes llama-3.2-1b --out $OUT --repeats 2 --memory-requests 0 2>&1 | grep -v W:onnxruntime | tee $OUT/serving_1b.log | tail -20 ;;
     genai) for mode in "" "--sampled"; do
