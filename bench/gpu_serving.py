@@ -347,8 +347,7 @@ def bench_shape(shape: str, args: argparse.Namespace) -> dict[str, Any]:
             one_call(engine, prompts[:n], 8, GREEDY)
             one_call(engine, prompts[:n], 8, SAMPLED["temperature 0.7 + top-p 0.9"])
         out["warmup_s"] = time.perf_counter() - t0
-        if args.admit_all:
-            engine.prefill_tokens = 1 << 30  # every waiting request at one boundary (no prompt-token budget)
+        engine.prefill_tokens = args.prefill_tokens  # None: every waiting request at one boundary
         if args.burst:
             out["engine_warm_up_s"] = engine.warm_up()
             out["burst"] = burst(engine, prompts, new, rep, args.burst_batched_only)
@@ -415,7 +414,8 @@ def main() -> None:
                         "admission inside a block)")
     parser.add_argument("--burst", action="store_true", help="only N requests at once from N threads, batched "
                         "prefill against one at a time (after Engine.warm_up)")
-    parser.add_argument("--admit-all", action="store_true", help="no prompt-token budget per step boundary")
+    parser.add_argument("--prefill-tokens", type=int, default=None, metavar="N",
+                        help="Engine(prefill_tokens=N): a prompt-token budget per step boundary (default none)")
     parser.add_argument("--burst-batched-only", action="store_true", help="--burst without the one-at-a-time runs")
     parser.add_argument("--buckets", default="", metavar="P[,P…]",
                         help="instead: greedy decode per batch bucket for these precisions (e.g. fp16,int4,int8)")
@@ -433,7 +433,7 @@ def main() -> None:
         except Exception as exc:  # noqa: BLE001 - recorded, the next shape still runs
             result = {"shape": shape, "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
         tag = ("-burst-batched" if args.burst_batched_only else "-burst") if args.burst else ""
-        tag += "-admit-all" if args.admit_all else ""
+        tag += f"-budget{args.prefill_tokens}" if args.prefill_tokens else ""
         (Path(args.out) / f"gpu_serving-{shape.replace(':', '-')}{tag}.json").write_text(json.dumps(result, indent=1))
         print(table(result), flush=True)
 

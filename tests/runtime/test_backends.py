@@ -177,25 +177,32 @@ def test_new_requests_prefill_together_right_padded(pair, shared_path: Path) -> 
 
 
 @pytest.mark.parametrize("kind", ["concat", "slots"])
-def test_admission_takes_a_prompt_token_budget_per_step_boundary(artifact_cache, shared_path: Path,  # type: ignore[no-untyped-def]
+def test_admission_can_take_a_prompt_token_budget_per_step_boundary(artifact_cache, shared_path: Path,  # type: ignore[no-untyped-def]
                                                                   kind: str) -> None:
-    """Many requests at once are admitted ``prefill_chunk`` prompt tokens at a time, with a decode
-    step of the running ones between two admissions (they wait for one prefill, not for all);
+    """By default every waiting request a free slot takes is admitted at one boundary; with
+    ``prefill_tokens`` they are admitted that many prompt tokens at a time, with a decode step of
+    the running ones between two admissions (they wait for one budget, not for every prefill);
     a prompt longer than the budget is admitted alone. Tokens are each request's alone."""
     path = artifact_cache("tiny:llama") if kind == "concat" else shared_path
     prompts = [list(range(5, 5 + n)) for n in (6, 7, 6, 20, 5, 6)]
     with Engine.load(path, max_batch=8) as engine:
         want = [engine.generate_ids([p], 6)[0] for p in prompts]
-    with Engine.load(path, max_batch=8, prefill_chunk=14) as engine:
+
+    def admissions(budget: int | None) -> list[tuple[list[int], int]]:
         calls: list[tuple[list[int], int]] = []
-        prefill = engine.backend.prefill_many
+        with Engine.load(path, max_batch=8, prefill_tokens=budget) as engine:
+            prefill = engine.backend.prefill_many
 
-        def spy(admitted, *args):  # type: ignore[no-untyped-def]
-            calls.append((sorted(len(p) for _, p, _ in admitted), engine.steps))
-            return prefill(admitted, *args)
+            def spy(admitted, *args):  # type: ignore[no-untyped-def]
+                calls.append((sorted(len(p) for _, p, _ in admitted), engine.steps))
+                return prefill(admitted, *args)
 
-        engine.backend.prefill_many = spy  # type: ignore[method-assign]
-        assert engine.generate_ids(prompts, 6) == want
+            engine.backend.prefill_many = spy  # type: ignore[method-assign]
+            assert engine.generate_ids(prompts, 6) == want
+        return calls
+
+    assert admissions(None) == [([5, 6, 6, 6, 7, 20], 0)]
+    calls = admissions(14)
     assert [lengths for lengths, _ in calls] == [[6, 7], [6], [20], [5, 6]]
     steps = [step for _, step in calls]
     assert steps == sorted(steps) and len(set(steps)) == len(steps), steps  # a decode step between admissions
