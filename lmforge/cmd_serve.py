@@ -38,6 +38,9 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--max-batch", type=int, default=16, metavar="N", help="running batch limit (default 16)")
     parser.add_argument("--max-queue", type=int, default=256, metavar="N",
                         help="waiting requests before 429 (default 256)")
+    parser.add_argument("--prefill-tokens", type=int, default=None, metavar="N",
+                        help="admit at most N prompt tokens per decode step (running streams then wait for one "
+                             "budget of prefill, not for every new request; default: no budget)")
     parser.add_argument("--threads", type=int, default=None, metavar="N",
                         help="onnxruntime intra-op threads (per instance; default: one per physical core, or per "
                              "core of the instance's slice)")
@@ -75,8 +78,9 @@ def _is_loopback(host: str) -> bool:
 
 def run(args: argparse.Namespace) -> int:
     require_serve_extra("serve")
-    for flag, value in (("--max-batch", args.max_batch), ("--max-queue", args.max_queue)):
-        if value < 1:
+    for flag, value in (("--max-batch", args.max_batch), ("--max-queue", args.max_queue),
+                        ("--prefill-tokens", args.prefill_tokens)):
+        if value is not None and value < 1:
             raise LmforgeError(f"invalid {flag}", expected="an integer >= 1", got=str(value))
     if not 0 <= args.port < 65536:
         raise LmforgeError("invalid --port", expected="0..65535", got=str(args.port))
@@ -93,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
                     "(pass --api-key or set LMFORGE_API_KEY)", args.host)
     log_level = "info" if args.verbose or args.debug else "warning"
     options = ModelOptions(artifact=args.artifact, device=args.device, verify_hashes=not args.no_verify_hashes,
-                           max_batch=args.max_batch, max_queue=args.max_queue,
+                           max_batch=args.max_batch, max_queue=args.max_queue, prefill_tokens=args.prefill_tokens,
                            served_model_name=args.served_model_name, api_key=api_key,
                            drain_timeout_s=args.drain_timeout, log_level=log_level, warm_up=not args.no_warm_up)
     name = args.served_model_name or os.path.basename(os.path.normpath(args.artifact))

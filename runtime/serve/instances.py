@@ -61,6 +61,7 @@ class ModelOptions:
     verify_hashes: bool = True
     max_batch: int = 16  # decoders only
     max_queue: int = 256  # decoders only
+    prefill_tokens: int | None = None  # decoders only: prompt tokens admitted per step boundary
     served_model_name: str | None = None
     api_key: str | None = None
     drain_timeout_s: float = 30.0
@@ -77,7 +78,8 @@ def load_model(options: ModelOptions, threads: int | None) -> Any:
         from runtime.engine import Engine
 
         engine = Engine.load(options.artifact, device=options.device, verify_hashes=False, threads=threads,
-                             max_batch=options.max_batch, max_queue=options.max_queue)
+                             max_batch=options.max_batch, max_queue=options.max_queue,
+                             prefill_tokens=options.prefill_tokens)
         if options.warm_up:
             engine.warm_up()  # no-op without CUDA graphs
         return engine

@@ -23,6 +23,7 @@ def test_missing_serve_extra_is_one_line(monkeypatch: pytest.MonkeyPatch, capsys
 
 @pytest.mark.parametrize("argv, flag", [
     (["serve", "x", "--max-batch", "0"], "--max-batch"),
+    (["serve", "x", "--prefill-tokens", "0"], "--prefill-tokens"),
     (["serve", "x", "--port", "70000"], "--port"),
     (["bench-serve", "http://127.0.0.1:1", "--rates", "0"], "--rates"),
     (["bench-serve", "http://127.0.0.1:1", "--concurrency", "a"], "--concurrency"),
