@@ -627,17 +627,21 @@ class Engine:
                      row_arrays(live.request.sampling, live.request.prompt_ids, sorted(live.stop_ids), self.vocab,
                                 self.max_context)) for live in batch]
         want_logits = any(live.request.return_logits for live in batch)
+        by_slot = {live.slot: live for live in batch}
+
+        def started(firsts: dict[int, tuple[int, np.ndarray | None]]) -> None:
+            """A prefill run finished: its requests run from now on, and their callers get the
+            first token before the admission's later runs."""
+            with self._cv:
+                for slot in firsts:
+                    self._live[slot] = by_slot.pop(slot)
+            for slot, (token, logits) in firsts.items():
+                self._accept(self._live[slot], [token], None if logits is None else logits[None, :])
+
         try:
-            first = self.backend.prefill_many(admitted, want_logits, self._plan(batch))
+            self.backend.prefill_many(admitted, want_logits, self._plan(batch), started)
         except LmforgeError as exc:
-            self._fail(batch, exc)
-            return
-        with self._cv:
-            for live in batch:
-                self._live[live.slot] = live
-        for live in batch:
-            token, logits = first[live.slot]
-            self._accept(live, [token], None if logits is None else logits[None, :])
+            self._fail(list(by_slot.values()), exc)  # the requests whose prefill did not run
 
     def _decode(self) -> None:
         """One block of decode steps for every running request, then the stop checks."""

@@ -200,9 +200,10 @@ class ConcatBackend:
         return nxt, ids, logits
 
     def prefill_many(self, admitted: list[tuple[int, list[int], dict[str, np.ndarray]]], want_logits: bool,
-                     plan: Plan) -> dict[int, tuple[int, np.ndarray | None]]:
+                     plan: Plan, started: Callable[[dict[int, tuple[int, np.ndarray | None]]], None]) -> None:
         """Prefill ``(slot, prompt, row arrays)`` as one left-padded batch, then merge it into
-        the running batch (dropping released rows in the same run)."""
+        the running batch (dropping released rows in the same run); hand ``started`` each slot's
+        first token (and logits when asked)."""
         m, longest = len(admitted), max(len(p) for _, p, _ in admitted)
         ids = np.zeros((m, longest), np.int64)
         mask = np.zeros((m, longest), np.int64)
@@ -222,7 +223,8 @@ class ConcatBackend:
         self._merge(new, [slot for slot, _, _ in admitted], longest)
         for slot, prompt, _ in admitted:
             self.length[slot] = len(prompt)
-        return {slot: (int(first[r]), None if logits is None else logits[r]) for r, (slot, _, _) in enumerate(admitted)}
+        started({slot: (int(first[r]), None if logits is None else logits[r])
+                 for r, (slot, _, _) in enumerate(admitted)})
 
     def _merge(self, new: dict[str, ort.OrtValue] | None, slots: list[int], new_len: int) -> None:
         """One regroup run: keep the running rows not dropped, append ``new`` (or nothing)."""

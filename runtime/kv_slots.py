@@ -217,9 +217,10 @@ class SlotsBackend:
             binding.bind_ortvalue_input(PREFIX + name, self._host[value])
 
     def prefill_many(self, admitted: list[tuple[int, list[int], dict[str, np.ndarray]]], want_logits: bool,
-                     plan: Plan) -> dict[int, tuple[int, np.ndarray | None]]:
-        """Prefill ``(slot, prompt, row arrays)`` into their slots; each slot's first token (and its
-        logits when asked).
+                     plan: Plan, started: Callable[[dict[int, tuple[int, np.ndarray | None]]], None]) -> None:
+        """Prefill ``(slot, prompt, row arrays)`` into their slots; after each run, hand
+        ``started`` its slots' first tokens (and logits when asked), so that the first requests of
+        a large admission need not wait for the last one's prefill.
 
         Requests in consecutive slots run together, right-padded to one length, in groups of at
         most ``prefill_chunk`` padded tokens (on CUDA: padded lengths from :func:`padded_length`
@@ -229,11 +230,10 @@ class SlotsBackend:
         by_slot = {slot: (slot, prompt, rows) for slot, prompt, rows in admitted}
         groups = prefill_groups([(slot, len(prompt)) for slot, prompt, _ in admitted], self.prefill_chunk,
                                 self.padded, powers_of_two=self.device.type == "cuda")
-        firsts: dict[int, tuple[int, np.ndarray | None]] = {}
         for group in groups:
-            firsts.update(self._prefill_group([by_slot[slot] for slot in group], want_logits, plan))
+            firsts = self._prefill_group([by_slot[slot] for slot in group], want_logits, plan)
             self.prefill_runs += 1
-        return firsts
+            started(firsts)
 
     def padded(self, length: int) -> int:
         """The length a prefill of ``length`` tokens runs at (CUDA: a :func:`padded_length` bucket)."""

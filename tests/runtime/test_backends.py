@@ -195,7 +195,7 @@ def test_admission_can_take_a_prompt_token_budget_per_step_boundary(artifact_cac
 
             def spy(admitted, *args):  # type: ignore[no-untyped-def]
                 calls.append((sorted(len(p) for _, p, _ in admitted), engine.steps))
-                return prefill(admitted, *args)
+                prefill(admitted, *args)
 
             engine.backend.prefill_many = spy  # type: ignore[method-assign]
             assert engine.generate_ids(prompts, 6) == want
@@ -206,6 +206,48 @@ def test_admission_can_take_a_prompt_token_budget_per_step_boundary(artifact_cac
     assert [lengths for lengths, _ in calls] == [[6, 7], [6], [20], [5, 6]]
     steps = [step for _, step in calls]
     assert steps == sorted(steps) and len(set(steps)) == len(steps), steps  # a decode step between admissions
+
+
+def test_each_prefill_run_starts_its_requests_before_the_next_run(shared_path: Path) -> None:
+    """An admission that takes several prefill runs hands each run's requests their first token
+    as soon as that run ends (they need not wait for the admission's last prompt); when a later
+    run fails, only its requests fail — the earlier ones finish with their own tokens — and the
+    engine keeps serving."""
+    prompts = [list(range(5, 5 + n)) for n in (6, 7, 9, 10)]
+    with Engine.load(shared_path, max_batch=8) as engine:
+        want = [engine.generate_ids([p], 6)[0] for p in prompts]
+    with Engine.load(shared_path, max_batch=8, prefill_chunk=16) as engine:
+        backend: SlotsBackend = engine.backend  # type: ignore[assignment]
+        run = backend._prefill_group
+        seen: list[tuple[list[int], list[int]]] = []  # (this run's lengths, first tokens already out)
+
+        def spy(group, *args):  # type: ignore[no-untyped-def]
+            seen.append(([len(p) for _, p, _ in group], sorted(len(live.request.prompt_ids)
+                                                               for live in engine._live.values() if live.new_ids)))
+            return run(group, *args)
+
+        backend._prefill_group = spy  # type: ignore[method-assign]
+        assert engine.generate_ids(prompts, 6) == want
+        assert seen == [([6, 7], []), ([9], [6, 7]), ([10], [6, 7, 9])]
+
+        def fail_long(group, *args):  # type: ignore[no-untyped-def]
+            if any(len(p) >= 9 for _, p, _ in group):
+                raise GenerationError("planted prefill failure")
+            return run(group, *args)
+
+        backend._prefill_group = fail_long  # type: ignore[method-assign]
+        requests = engine._submit_all(prompts, 6, None, False)  # one admission, as generate_* queues them
+        outcomes: list[object] = []
+        for request in requests:
+            try:
+                outcomes.append(list(request.result().token_ids))
+            except GenerationError as exc:
+                outcomes.append(str(exc))
+        assert outcomes[:2] == want[:2]  # their run came first and went through
+        assert all("planted prefill failure" in str(o) for o in outcomes[2:])
+        backend._prefill_group = run  # type: ignore[method-assign]
+        assert engine.generate_ids(prompts, 6) == want  # the loop kept serving; every slot is free again
+        assert backend.free_slots == 8
 
 
 def test_prefill_groups() -> None:
@@ -289,7 +331,9 @@ def test_an_interrupted_block_returns_the_steps_it_ran(pair) -> None:  # type: i
         plan = slots._plan([])
         slot = backend.allocate()
         try:
-            (first, _), = backend.prefill_many([(slot, prompt, _rows(slots, prompt))], False, plan).values()
+            firsts: dict[int, tuple[int, object]] = {}
+            backend.prefill_many([(slot, prompt, _rows(slots, prompt))], False, plan, firsts.update)
+            (first, _), = firsts.values()
             calls = []
             ids, _ = backend.decode(slot + 1, 8, {slot: 1}, False, plan,
                                     interrupt=lambda: calls.append(1) or len(calls) == 3)
