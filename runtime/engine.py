@@ -233,9 +233,9 @@ class Engine:
         chunks of that size on a shared-buffer artifact); ``prefill_tokens`` bounds the prompt
         tokens admitted at one step boundary (default: every waiting request a free slot takes).
         A budget trades throughput for the running requests' inter-token latency under bursts:
-        on an H100 (SmolLM2 shape, 64 clients) 1,024 tokens cut the ITL p99 from 154–168 ms to
-        55–67 ms, and cost 2–8 % of the output tokens/s of 64 requests arriving at once
-        (docs/benchmarks.md).
+        SmolLM2 shape, 64 HTTP clients, ITL p99 55–67 ms with 1,024 tokens against 154–168 ms
+        without (two H100s, one run each); on one H100 it cost 2–8 % of the output tokens/s of
+        64 requests arriving at once (docs/benchmarks.md).
         """
         check_device(device)  # a wrong device fails before hashing gigabytes
         artifact = load_artifact(path, verify_hashes=verify_hashes)
@@ -465,10 +465,10 @@ class Engine:
 
         * The decode step's CUDA graphs: one exists per batch-size bucket, state direction and
           sampling mix (greedy; temperature; min-p; top-k / top-p; each with and without
-          penalties: the step's host inputs, :func:`runtime.sampling.host_values`). Without a warm-up the first
-          request of each combination pays for its capture, and so does every request sharing its
-          step. Short dummy requests (one-token prompts, three new tokens) run at every bucket
-          with each mix.
+          penalties: the step's host inputs, :func:`runtime.sampling.host_values`). Without a
+          warm-up the first request of each combination pays for its capture, and so does every
+          request sharing its step. Short dummy requests (one-token prompts, three new tokens)
+          run at every bucket with each mix.
         * The prefill shapes (:meth:`runtime.kv_slots.SlotsBackend.prefill_shapes`): the attention
           kernels plan per shape, and a shape's first prefill costs several times a later one.
 
