@@ -333,7 +333,7 @@ def bench_shape(shape: str, args: argparse.Namespace) -> dict[str, Any]:
     from runtime import Engine
 
     out: dict[str, Any] = {"shape": shape}
-    art = build(shape, Path(args.work), args.device)
+    art = Path(args.artifact) if args.artifact else build(shape, Path(args.work), args.device)
     out["artifact"] = str(art)
     rng = np.random.default_rng(0)
     vocab = json.loads((art / "manifest.json").read_text())["architecture"]["vocab"]
@@ -417,6 +417,9 @@ def main() -> None:
     parser.add_argument("--prefill-tokens", type=int, default=None, metavar="N",
                         help="Engine(prefill_tokens=N): a prompt-token budget per step boundary (default none)")
     parser.add_argument("--burst-batched-only", action="store_true", help="--burst without the one-at-a-time runs")
+    parser.add_argument("--artifact", default="", metavar="DIR",
+                        help="serve this artifact instead of building one (e.g. a baseline build); one shape")
+    parser.add_argument("--tag", default="", help="appended to the JSON file name")
     parser.add_argument("--buckets", default="", metavar="P[,P…]",
                         help="instead: greedy decode per batch bucket for these precisions (e.g. fp16,int4,int8)")
     args = parser.parse_args()
@@ -434,6 +437,7 @@ def main() -> None:
             result = {"shape": shape, "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
         tag = ("-burst-batched" if args.burst_batched_only else "-burst") if args.burst else ""
         tag += f"-budget{args.prefill_tokens}" if args.prefill_tokens else ""
+        tag += f"-{args.tag}" if args.tag else ""
         (Path(args.out) / f"gpu_serving-{shape.replace(':', '-')}{tag}.json").write_text(json.dumps(result, indent=1))
         print(table(result), flush=True)
 

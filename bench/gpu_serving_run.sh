@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call of issue #11's and #12's GPU evidence, after stage-wheels.sh (see bench/README.md):
-#   bash bench/gpu_serving_run.sh tests|smollm2|genai|genai1b|verify|http|http2|http3|burst|quick|buckets|llama1b
+#   bash bench/gpu_serving_run.sh tests|smollm2|genai|genai1b|verify|http|http2|http3|burst|quick|ab|attention|buckets|llama1b
 # Each stage writes its log and JSON under $OUT and is bounded by `timeout`. `http` needs the
 # server's wheels (.whl/, installed into /tmp/site) and the smollm2 stage's artifact.
 set -u
@@ -13,6 +13,17 @@ for stage in "$@"; do
     smollm2) timeout 560 "${PY[@]}" bench/gpu_serving.py --shapes smollm2-135m --out $OUT --repeats 2 2>&1 | grep -v W:onnxruntime | tee $OUT/serving_smollm2.log | tail -20 ;;
     quick) timeout 300 "${PY[@]}" bench/gpu_serving.py --shapes smollm2-135m --out $OUT --repeats 3 --quick 2>&1 | grep -v W:onnxruntime | tee $OUT/quick_smollm2.log | tail -12
            timeout 200 "${PY[@]}" bench/gpu_profile.py --artifacts /tmp/lmf-serve/smollm2-135m/serve-cuda --kinds greedy,temperature --out $OUT 2>&1 | grep -v W:onnxruntime | tee $OUT/profile.log | grep -E "wall|µs" | head -40 ;;
+    ab) # the sampling table and profile of this tree's step model against a baseline tree's (.baseline/,
+        # carried: `git archive BASE runtime passes exporters lmforge parity | tar -x -C .baseline`), one machine
+        timeout 200 python3 -c "import sys; sys.path.insert(0, 'bench'); from pathlib import Path; import gpu_serving as g; print(g.build('smollm2-135m', Path('/tmp/lmf-serve'), 'cuda'))" 2>&1 | tail -1
+        [ -d .baseline ] && (cd .baseline && timeout 200 env PYTHONPATH=/tmp/gpu-site:/tmp/site:$PWD python3 -c "from passes.pipeline import optimize_artifact as o; o('/tmp/lmf-serve/smollm2-135m/fp32', '/tmp/lmf-base/smollm2', device='cuda', precision='fp16', kv_mode='shared-buffer', force=True, progress=False)" 2>&1 | tail -2)
+        for side in new base; do
+          art=/tmp/lmf-serve/smollm2-135m/serve-cuda; [ $side = base ] && art=/tmp/lmf-base/smollm2
+          [ -d $art ] || continue
+          timeout 240 "${PY[@]}" bench/gpu_serving.py --shapes smollm2-135m --artifact $art --tag $side --out $OUT --repeats 3 --quick 2>&1 | grep -v W:onnxruntime | tee $OUT/quick_$side.log | tail -12
+          mkdir -p $OUT/profile_$side; timeout 150 "${PY[@]}" bench/gpu_profile.py --artifacts $art --kinds greedy,temperature,top-p --out $OUT/profile_$side 2>&1 | grep -v W:onnxruntime > $OUT/profile_$side.log; grep wall $OUT/profile_$side.log
+        done ;;
+    attention) timeout 300 "${PY[@]}" bench/gpu_attention.py --artifacts /tmp/lmf-serve/smollm2-135m/serve-cuda --settings ",sdpa_kernel=1,sdpa_kernel=2,sdpa_kernel=16" --batches 1,16 --new-tokens 128 --out $OUT 2>&1 | grep -v W:onnxruntime | tee $OUT/attention.log | tail -4 ;;
     http2) for shape in ${SHAPES:-smollm2-135m llama-3.2-1b}; do
              timeout 280 python3 -c "import sys; sys.path.insert(0, 'bench'); from pathlib import Path; import gpu_serving as g; print(g.build('$shape', Path('/tmp/lmf-serve'), 'cuda'))" 2>&1 | tail -1
              timeout 250 "${LMF[@]}" bench-serve /tmp/lmf-serve/$shape/serve-cuda --device cuda --max-batch 64 --max-queue 1024 --concurrency 16,64,16,64 --requests 256 --warmup 128 --compare-engine --json $OUT/http_$shape.json 2>&1 | grep -v W:onnxruntime | grep -E "concurrency|serve-cuda|error" | tail -8

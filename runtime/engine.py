@@ -53,7 +53,7 @@ from runtime.kv_concat import ConcatBackend
 from runtime.kv_slots import SlotsBackend
 from runtime.request import FinishReason, GenerationResult, Request, TokenEvent
 from runtime.sampler_graph import BOUNDED_CANDIDATES, MAX_CANDIDATES
-from runtime.sampling import GREEDY, Plan, SamplingParams, host_values, row_arrays
+from runtime.sampling import GREEDY, TOP_K_CANDIDATES, Plan, SamplingParams, host_values, row_arrays
 from runtime.text import check_text
 
 __all__ = ["Engine", "EngineStats", "GenerationResult", "FinishReason", "Prompt"]
@@ -170,7 +170,7 @@ class Engine:
         self.eos_token_ids: frozenset[int] = layout["eos"]
         pad = layout["pad"]
         self.pad_token_id = int(pad) if pad is not None else (min(self.eos_token_ids) if self.eos_token_ids else 0)
-        self._device = Device(device, threads=threads, fp32_exact=artifact.precision == "fp32")
+        self._device = Device(device, threads=threads)
         if cuda_graph is None:
             cuda_graph = slots and self.device == "cuda"
         if cuda_graph and (self.device != "cuda" or not slots):
@@ -464,8 +464,8 @@ class Engine:
         """Prepare the CUDA kernels before traffic arrives; return the seconds it took.
 
         * The decode step's CUDA graphs: one exists per batch-size bucket, state direction and
-          sampling mix (greedy; temperature; min-p; top-k / top-p; each with and without
-          penalties: the step's host inputs, :func:`runtime.sampling.host_values`). Without a
+          sampling mix (greedy; temperature; min-p; top-p; top-k at each candidate bound; each with and
+          without penalties: the step's host inputs, :func:`runtime.sampling.host_values`). Without a
           warm-up the first request of each combination pays for its capture, and so does every
           request sharing its step. Short dummy requests (one-token prompts, three new tokens)
           run at every bucket with each mix.
@@ -481,9 +481,11 @@ class Engine:
         token = self.pad_token_id
         sizes: list[int] = []
         # every value of the step's host inputs: greedy / temperature / min-p (a threshold, no
-        # sort) / top-p (sorted candidates), each with and without penalties
+        # sort) / top-p (sorted candidates) / top-k (64 and 256 candidates), each with and without
+        # penalties
         plain = [SamplingParams(), SamplingParams(temperature=1.0), SamplingParams(temperature=1.0, min_p=0.05),
-                 SamplingParams(temperature=1.0, top_p=0.9)]
+                 SamplingParams(temperature=1.0, top_p=0.9),
+                 *(SamplingParams(temperature=1.0, top_k=k) for k in TOP_K_CANDIDATES if k < self.candidates)]
         mixes = plain + [dataclasses.replace(p, repetition_penalty=1.1) for p in plain]
         if self.cuda_graph:
             sizes = sorted({self.backend.bucket(n) for n in range(1, self.max_batch + 1)})

@@ -45,15 +45,21 @@ step for ``[16, 49152]`` on an H100 (int64 is reduced in double); the row maximu
 the ``ArgMax`` instead, and the last kept token is the ``ArgMax`` of the CDF (its first maximum).
 
 Cumulative sums: onnxruntime's CUDA ``CumSum`` computes each output element from scratch
-(quadratic in the axis length), so the draw runs in two levels (:func:`_draw`): a block of
-:data:`_BLOCK` tokens by the cumulative block totals, then the token within that block; no
-cumulative sum spans the vocabulary. Counts are summed in float32 (:func:`_count`): cuDNN
-reduces int64 in double.
+(quadratic in the axis length), so no ``CumSum`` spans the vocabulary. On CUDA the draw
+(:func:`_draw_matmul`) sums inside blocks of :data:`_BLOCK` tokens with one ``MatMul`` by a
+triangular matrix of ones and across blocks with a ``CumSum`` of the block totals; on the CPU
+(:func:`_draw_blocks`) it picks a block by the block totals, then the token inside it. Counts are summed in float32
+(:func:`_count`): cuDNN reduces int64 in double.
+
+Node count is the cost that matters for a small model's step: each node is a kernel launch of a
+few microseconds with the GPU idle in between, so a branch that a host input switches off
+launches nothing, and the CUDA draw is eleven nodes.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -61,9 +67,9 @@ import numpy as np
 
 from runtime._onnx_proto import GraphBuilder
 
-__all__ = ["ALL_ROWS", "BOUNDED_CANDIDATES", "HOST_INPUTS", "MAX_CANDIDATES", "ROW_CONSTANTS", "ROW_STATE",
+__all__ = ["ALL_ROWS", "BOUNDED_CANDIDATES", "DRAWS", "HOST_INPUTS", "MAX_CANDIDATES", "ROW_CONSTANTS", "ROW_STATE",
            "STEP_HOST_INPUTS", "SAMPLER_FORMAT", "SAMPLER_NAME", "add_sampling", "declare_row_inputs",
-           "build_sampler_model", "write_sampler"]
+           "build_sampler_model", "draw_for", "write_sampler"]
 
 SAMPLER_NAME = "sampler.onnx"  # the concat contract's sampler, in the artifact beside model.onnx
 SAMPLER_FORMAT = 1  # bumped whenever the sampler's inputs or semantics change; the runtime refuses another
@@ -96,15 +102,40 @@ def _count(g: GraphBuilder, mask: str, axis: str) -> str:
     return g.op("Cast", [total], {"to": _INT64})
 
 
-def _draw(g: GraphBuilder, w: str, u: str, length: int) -> str:
+def _draw_matmul(g: GraphBuilder, w: str, u: str, length: int) -> str:
     """Inverse-CDF draw: for ``w [b, length] ≥ 0`` and ``u [b, 1]`` in [0, 1), the first index
     ``i`` with ``cumsum(w)[i] > u · sum(w)`` (``[b, 1]`` int64), clamped to the last index with mass.
 
-    In two levels, so that nothing over the whole axis is cumulative: a block of :data:`_BLOCK`
-    entries by the cumulative sum of the block totals, then the entry inside it by the cumulative
-    sum of that block alone (onnxruntime's CUDA ``CumSum`` is quadratic in the axis length, and
-    each pass over the vocabulary is a kernel a step pays for).
+    The cumulative sum is built in two levels, because onnxruntime's CUDA ``CumSum`` is quadratic
+    in the axis length: inside each block of :data:`_BLOCK` entries by one ``MatMul`` with an
+    upper-triangular matrix of ones, across blocks by a ``CumSum`` of the block totals (the
+    blocks' last columns). Eleven nodes in all: each node is a kernel a sampled step pays for,
+    and the GPU idles between them (an earlier version, which drew a block and then the entry
+    inside it, took 27). The sums are float32 (the engine turns TF32 off on CUDA, so the
+    ``MatMul`` adds exactly what it is given) and the CDF never decreases: float addition is
+    monotone, each block's end equals the next block's offset, and masses are ≥ 0.
     """
+    blocks = math.ceil(length / _BLOCK)
+    pad = blocks * _BLOCK - length
+    padded = g.op("Pad", [w, g.const(np.array([0, 0, 0, pad], np.int64)), g.const(0.0, "float32")]) if pad else w
+    tiles = g.op("Reshape", [padded, g.const(np.array([0, blocks, _BLOCK], np.int64))])
+    inner = g.op("MatMul", [tiles, g.const(np.triu(np.ones((_BLOCK, _BLOCK), np.float32)))])  # [b, blocks, B]
+    totals = g.op("Gather", [inner, g.const(_BLOCK - 1, "int64")], {"axis": 2})  # [b, blocks]
+    offsets = g.op("CumSum", [totals, g.const(np.array(1, np.int64))], {"exclusive": 1})
+    cdf = g.op("Reshape", [g.op("Add", [inner, g.op("Unsqueeze", [offsets, g.const(np.array([2], np.int64))])]),
+                           g.const(np.array([0, blocks * _BLOCK], np.int64))])
+    total = g.op("Gather", [cdf, g.const(np.array([blocks * _BLOCK - 1], np.int64))], {"axis": 1})  # [b, 1]
+    below = _count(g, g.op("LessOrEqual", [cdf, g.op("Mul", [u, total])]), g.const(np.array([1], np.int64)))
+    last = g.op("ArgMax", [cdf], {"axis": 1, "keepdims": 1, "select_last_index": 0})  # the last index with mass
+    return g.op("Min", [below, last])
+
+
+def _draw_blocks(g: GraphBuilder, w: str, u: str, length: int) -> str:
+    """:func:`_draw_matmul`'s draw for the CPU (the same index): a block of :data:`_BLOCK` entries by
+    the cumulative sum of the block totals, then the entry inside it by the cumulative sum of that
+    block alone. 27 nodes against 11, but each a pass over a few hundred numbers where the
+    ``MatMul`` is 12.6 MFLOP a row (1 ms a step at batch 1 on two cores, measured): on the CPU
+    arithmetic costs, on the GPU the launches do."""
     blocks = math.ceil(length / _BLOCK)
     pad = blocks * _BLOCK - length
     axis1, axis2 = g.const(np.array([1], np.int64)), g.const(np.array([2], np.int64))
@@ -127,13 +158,32 @@ def _draw(g: GraphBuilder, w: str, u: str, length: int) -> str:
     return g.op("Add", [g.op("Mul", [block, g.const(_BLOCK, "int64")]), position])
 
 
-def add_sampling(g: GraphBuilder, logits_last: str, vocab: int, names: dict[str, str]) -> dict[str, str]:
+DRAWS: dict[str, Callable[[GraphBuilder, str, str, int], str]] = {"matmul": _draw_matmul, "blocks": _draw_blocks}
+
+
+def draw_for(device: str) -> str:
+    """The draw an artifact for ``device`` carries: ``matmul`` (fewest nodes) on CUDA, ``blocks``
+    (least arithmetic) elsewhere."""
+    return "matmul" if device == "cuda" else "blocks"
+
+
+def add_sampling(g: GraphBuilder, logits_last: str, vocab: int, names: dict[str, str],
+                 outputs: dict[str, str] | None = None, draw: str = "blocks") -> dict[str, str]:
     """Append the sampling nodes; return the names of ``next_ids [b, 1]`` and the state outputs.
 
     ``logits_last`` is ``[b, vocab]`` (any float dtype; cast to float32 here). ``names`` maps
     every :data:`ROW_CONSTANTS` and :data:`ROW_STATE` input and every :data:`HOST_INPUTS` input
-    to its graph name (declared by the caller).
+    to its graph name (declared by the caller). ``outputs`` names the graph outputs that
+    ``next_ids``, ``seen``, ``counts`` and ``step`` are written to by the node that computes
+    them (an ``Identity`` in between would be one more device copy in every step). ``draw``
+    picks the inverse-CDF draw's nodes (:data:`DRAWS`; :func:`draw_for` a device): the same
+    index either way.
+
+    Node count is what a step of a small model pays for (each node is a kernel launch of a few
+    microseconds on an otherwise idle GPU), so every branch is sliced once and a row group that
+    a host input switches off launches nothing.
     """
+    outputs = outputs or {}
     axis0, axis1 = g.const(np.array([0], np.int64)), g.const(np.array([1], np.int64))
     zero_f, one_f = g.const(0.0, "float32"), g.const(1.0, "float32")
     zero_i, one_i = g.const(0, "int64"), g.const(1, "int64")
@@ -148,6 +198,9 @@ def add_sampling(g: GraphBuilder, logits_last: str, vocab: int, names: dict[str,
 
     def tail(x: str, rows: str) -> str:  # the other rows
         return g.op("Slice", [x, rows, end, axis0])
+
+    def out(key: str, op_type: str, inputs: list[str], attrs: dict[str, Any] | None = None) -> str:
+        return g.op(op_type, inputs, attrs, outputs=[outputs[key]] if key in outputs else 1)
 
     n = names
     x = g.op("Cast", [logits_last], {"to": _FLOAT})
@@ -169,65 +222,57 @@ def add_sampling(g: GraphBuilder, logits_last: str, vocab: int, names: dict[str,
     # the draw, on rows 0:sampled_rows
     sr = n["sampled_rows"]
     xs, gs = head(x, sr), head(greedy_id, sr)
-    t = col(head(n["temperature"], sr))
+    t, k_s = col(head(n["temperature"], sr)), col(head(n["top_k"], sr))
     t_pos = g.op("Greater", [t, zero_f])
     row_max = g.op("GatherElements", [xs, gs], {"axis": 1})
     s = g.op("Div", [g.op("Sub", [xs, row_max]), g.op("Where", [t_pos, t, one_f])])  # ≤ 0, the best token at 0
     weights = g.op("Exp", [s])
 
-    # top-k and top-p from the k largest values (sorted, ties: lower index first)
+    # top-k, top-p and min-p as one threshold on ``s``, on rows 0:filtered_rows (all or none of
+    # the sampled rows; without that input, every sampled row): a run of temperature-only rows
+    # launches none of these nodes and its rows keep every token.
     # ``candidates`` is read by TopK alone (a host-memory input of its kernel): a second, device
     # consumer would need a host-to-device copy node, which CUDA-graph capture refuses. The
     # engine guarantees top_k <= K whenever K > 1 (it refuses larger top-k, and a row with top-k
     # makes the step use its full bound), so the k-th value is at index top_k - 1.
-    # The threshold runs on rows 0:filtered_rows (all or none of the sampled rows; without that
-    # input, on every sampled row): a run of temperature-only rows launches none of its ~40
-    # kernels, each a few microseconds of an otherwise idle GPU, and its rows keep every token.
     fr = n.get("filtered_rows", sr)
-    s_all, s, weights_all = s, head(s, fr), weights
-    weights = head(weights, fr)
-    vals = g.op("TopK", [s, n["candidates"]], {"axis": 1, "largest": 1, "sorted": 1}, outputs=2)[0]
-    top_k = col(head(n["top_k"], fr))
+    s_f, w_f, top_k = head(s, fr), head(weights, fr), head(k_s, fr)
+    top_p, min_p = col(head(n["top_p"], fr)), col(head(n["min_p"], fr))
+    vals = g.op("TopK", [s_f, n["candidates"]], {"axis": 1, "largest": 1, "sorted": 1}, outputs=2)[0]
+    has_k = g.op("Greater", [top_k, zero_i])
     k_pos = g.op("Max", [g.op("Sub", [top_k, one_i]), zero_i])
-    thr_k = g.op(
-        "Where", [g.op("Greater", [top_k, zero_i]), g.op("GatherElements", [vals, k_pos], {"axis": 1}), neg_inf]
-    )
-    in_k = g.op("GreaterOrEqual", [vals, thr_k])
-    cand_w = g.op("Where", [in_k, g.op("Exp", [vals]), zero_f])
-    norm = g.op("Where", [g.op("Greater", [top_k, zero_i]), g.op("ReduceSum", [cand_w, axis1], {"keepdims": 1}),
-                          g.op("ReduceSum", [weights, axis1], {"keepdims": 1})])
-    probs = g.op("Div", [cand_w, norm])
-    before = g.op("Sub", [g.op("CumSum", [probs, g.const(np.array(1, np.int64))]), probs])
-    top_p = col(head(n["top_p"], fr))
-    keep_c = g.op("And", [in_k, g.op("Less", [before, top_p])])
-    last_c = g.op("Sub", [_count(g, keep_c, axis1), one_i])
-    thr_p = g.op("GatherElements", [vals, g.op("Max", [last_c, zero_i])], {"axis": 1})
-    thr_p = g.op("Where", [g.op("Less", [top_p, one_f]), thr_p, neg_inf])
-    min_p = col(head(n["min_p"], fr))
+    thr_k = g.op("Where", [has_k, g.op("GatherElements", [vals, k_pos], {"axis": 1}), neg_inf])
+    # top-p over the top-k survivors (ties at the k-th value included), unnormalized: a candidate
+    # stays when the mass before it is < top_p × the survivors' mass
+    e = g.op("Exp", [vals])
+    mass = g.op("Where", [has_k, g.op("ReduceSum", [g.op("Where", [g.op("GreaterOrEqual", [vals, thr_k]), e, zero_f]),
+                                                     axis1], {"keepdims": 1}),
+                          g.op("ReduceSum", [w_f, axis1], {"keepdims": 1})])
+    before = g.op("Sub", [g.op("CumSum", [e, g.const(np.array(1, np.int64))]), e])
+    kept = _count(g, g.op("Less", [before, g.op("Mul", [top_p, mass])]), axis1)  # ≥ 1: before[0] = 0
+    thr_p = g.op("Where", [g.op("Less", [top_p, one_f]),
+                           g.op("GatherElements", [vals, g.op("Sub", [kept, one_i])], {"axis": 1}), neg_inf])
     thr_m = g.op("Where", [g.op("Greater", [min_p, zero_f]), g.op("Log", [min_p]), neg_inf])
     thr = g.op("Max", [g.op("Max", [thr_k, thr_p]), thr_m])  # binary: the variadic CUDA kernel fails on 0 rows
-    unfiltered = tail(g.op("Where", [t_pos, neg_inf, neg_inf]), fr)  # −inf: the other rows keep every token
-    keep = g.op("GreaterOrEqual", [s_all, g.op("Concat", [thr, unfiltered], {"axis": 0})])
+    w_kept = g.op("Where", [g.op("GreaterOrEqual", [s_f, thr]), w_f, zero_f])
+    w = g.op("Concat", [w_kept, tail(weights, fr)], {"axis": 0})
 
-    # inverse-CDF draw with this step's uniform
-    w = g.op("Where", [keep, weights_all, zero_f])
+    # inverse-CDF draw with this step's uniform; greedy rows among the sampled keep their argmax
     step_col = col(g.op("Min", [head(n["step"], sr), head(n["last_step"], sr)]))
     u = g.op("GatherElements", [head(n["uniforms"], sr), step_col], {"axis": 1})
-    sampled = g.op("Concat", [_draw(g, w, u, vocab), tail(greedy_id, sr)], {"axis": 0})
-
-    greedy_row = g.op("Or", [g.op("Not", [g.op("Greater", [col(n["temperature"]), zero_f])]),
-                             g.op("Equal", [col(n["top_k"]), one_i])])
-    next_ids = g.op("Where", [greedy_row, greedy_id, sampled])
+    greedy_row = g.op("Or", [g.op("Not", [t_pos]), g.op("Equal", [k_s, one_i])])
+    drawn = g.op("Where", [greedy_row, gs, DRAWS[draw](g, w, u, vocab)])
+    next_ids = out("next_ids", "Concat", [drawn, tail(greedy_id, sr)], {"axis": 0})
 
     # the penalties' state, on rows 0:penalized_rows (other rows carry theirs over)
     positions = g.const(np.arange(vocab, dtype=np.int64)[None, :])
     hit = g.op("Equal", [positions, head(next_ids, pr)])
     return {
         "next_ids": next_ids,
-        "seen": g.op("Concat", [g.op("Or", [seen, hit]), tail(n["seen"], pr)], {"axis": 0}),
-        "counts": g.op("Concat", [g.op("Add", [counts, g.op("Cast", [hit], {"to": _FLOAT})]), tail(n["counts"], pr)],
-                       {"axis": 0}),
-        "step": g.op("Add", [n["step"], one_i]),
+        "seen": out("seen", "Concat", [g.op("Or", [seen, hit]), tail(n["seen"], pr)], {"axis": 0}),
+        "counts": out("counts", "Concat", [g.op("Add", [counts, g.op("Cast", [hit], {"to": _FLOAT})]),
+                                           tail(n["counts"], pr)], {"axis": 0}),
+        "step": out("step", "Add", [n["step"], one_i]),
     }
 
 
@@ -249,7 +294,7 @@ def declare_row_inputs(g: GraphBuilder, vocab: int, prefix: str = "",
     return names
 
 
-def build_sampler_model(logits_dtype: str, vocab: int) -> bytes:
+def build_sampler_model(logits_dtype: str, vocab: int, draw: str = "blocks") -> bytes:
     """The standalone sampler of the concat backend, ModelProto bytes.
 
     inputs: ``logits [b, seq, vocab]`` (the last position is used), ``attention_mask [b, total]``
@@ -265,15 +310,13 @@ def build_sampler_model(logits_dtype: str, vocab: int) -> bytes:
     mask = g.input("attention_mask", "int64", ["batch", "total"])
     names = declare_row_inputs(g, vocab)
     last = g.op("Gather", ["logits", g.const(-1, "int64")], {"axis": 1})
-    out = add_sampling(g, last, vocab, names)
-    g.op("Identity", [out["next_ids"]], outputs=["next_ids"])
+    add_sampling(g, last, vocab, names, draw=draw,
+                 outputs={"next_ids": "next_ids", **{state: output for state, output, _ in ROW_STATE}})
     ones = g.op("Expand", [g.const(np.ones((1, 1), np.int64)), g.op("Shape", ["next_ids"])])
     next_mask = g.op("Concat", [mask, ones], {"axis": 1}, outputs=["next_attention_mask"])
     axis1 = g.const(np.array([1], np.int64))
     g.op("Sub", [g.op("ReduceSum", [next_mask, axis1], {"keepdims": 1}), g.const(1, "int64")],
          outputs=["next_position_ids"])
-    for name, out_name, _ in ROW_STATE:
-        g.op("Identity", [out[name]], outputs=[out_name])
     g.output("next_ids", "int64", ["batch", 1])
     g.output("next_attention_mask", "int64", ["batch", "total_next"])
     g.output("next_position_ids", "int64", ["batch", 1])
@@ -282,10 +325,10 @@ def build_sampler_model(logits_dtype: str, vocab: int) -> bytes:
     return g.to_bytes()
 
 
-def write_sampler(folder: Path, logits_dtype: str, vocab: int) -> dict[str, Any]:
+def write_sampler(folder: Path, logits_dtype: str, vocab: int, device: str = "cpu") -> dict[str, Any]:
     """Write the standalone sampler (:func:`build_sampler_model`) into an artifact folder being
     built; return the manifest's ``sampler`` record. ``convert`` and ``optimize`` call it for
     ``concat`` decoders, so the sampling a portable artifact serves with is the one it ships,
     hashed in its manifest (a ``shared-buffer`` artifact carries it inside its step model)."""
-    (folder / SAMPLER_NAME).write_bytes(build_sampler_model(logits_dtype, vocab))
+    (folder / SAMPLER_NAME).write_bytes(build_sampler_model(logits_dtype, vocab, draw_for(device)))
     return {"format": SAMPLER_FORMAT, "file": SAMPLER_NAME}

@@ -18,7 +18,7 @@ import onnxruntime as ort
 from runtime.errors import InvalidRequestError
 from runtime.sampler_graph import ALL_ROWS, BOUNDED_CANDIDATES, HOST_INPUTS, build_sampler_model
 
-__all__ = ["SamplingParams", "GREEDY", "Plan", "host_values", "row_arrays", "stack_rows", "Sampler"]
+__all__ = ["SamplingParams", "GREEDY", "Plan", "TOP_K_CANDIDATES", "host_values", "row_arrays", "stack_rows", "Sampler"]
 
 
 def _is_int(value: object) -> bool:
@@ -123,6 +123,9 @@ GREEDY = SamplingParams()
 Plan = tuple[int, int, int, int]  # host_values: (candidates, sampled_rows, penalized_rows, filtered_rows)
 
 
+TOP_K_CANDIDATES = (64, 256)  # the smaller sorts a step takes when every sorted row sets top-k
+
+
 def host_values(params: Sequence[SamplingParams], candidates: int) -> Plan:
     """The sampling nodes' host inputs for a run over rows with these parameters:
     ``(candidates, sampled_rows, penalized_rows, filtered_rows)``, in the order of
@@ -133,11 +136,24 @@ def host_values(params: Sequence[SamplingParams], candidates: int) -> Plan:
     top-p or min-p skips their threshold (``filtered_rows = 0``: temperature-only sampling is a
     scale, an exp and the draw), and one where no row reads top-k / top-p sorts a single
     candidate: an all-greedy step pays for an ``ArgMax`` and little else.
+
+    ``candidates`` is the bound for rows with top-p alone (their nucleus is exact when it lies
+    within that many tokens). When every row that reads candidates sets ``top_k``, the step sorts
+    only the first of :data:`TOP_K_CANDIDATES` that holds the largest ``top_k`` (64 for the usual
+    top-k 40 or 50): exact, since top-p then renormalizes over the top-k survivors, and a smaller
+    ``TopK`` is a cheaper kernel.
     """
     sampled = [p for p in params if not p.greedy]
+    sorting = [p for p in sampled if p.needs_candidates]
+    k = 1
+    if sorting:
+        k = candidates
+        if all(p.top_k > 0 for p in sorting):
+            top = max(p.top_k for p in sorting)
+            k = min(next((b for b in TOP_K_CANDIDATES if top <= b), candidates), candidates)
     filtered = any(p.needs_candidates or p.min_p > 0 for p in sampled)
-    return (candidates if any(p.needs_candidates for p in params) else 1, ALL_ROWS if sampled else 0,
-            ALL_ROWS if any(p.needs_penalties for p in params) else 0, ALL_ROWS if filtered else 0)
+    return (k, ALL_ROWS if sampled else 0, ALL_ROWS if any(p.needs_penalties for p in params) else 0,
+            ALL_ROWS if filtered else 0)
 
 
 def row_arrays(params: SamplingParams, prompt: Sequence[int], stop_ids: Sequence[int], vocab: int,
@@ -183,10 +199,11 @@ class Sampler:
     """The sampler graph as a standalone session (CPU or CUDA), for logits already at hand."""
 
     def __init__(self, logits_dtype: str = "float32", providers: Sequence[str] = ("CPUExecutionProvider",),
-                 candidates: int = BOUNDED_CANDIDATES):
+                 candidates: int = BOUNDED_CANDIDATES, draw: str = "blocks"):
         self.logits_dtype = logits_dtype
         self.providers = list(providers)
         self.candidates = candidates
+        self.draw = draw  # runtime.sampler_graph.DRAWS: which nodes draw (the same index)
         self._sessions: dict[int, ort.InferenceSession] = {}
 
     def session(self, vocab: int) -> ort.InferenceSession:
@@ -194,7 +211,7 @@ class Sampler:
         if vocab not in self._sessions:
             options = ort.SessionOptions()
             options.log_severity_level = 3
-            model = build_sampler_model(self.logits_dtype, vocab)
+            model = build_sampler_model(self.logits_dtype, vocab, self.draw)
             self._sessions[vocab] = ort.InferenceSession(model, sess_options=options, providers=self.providers)
         return self._sessions[vocab]
 

@@ -7,7 +7,7 @@ back once per block of steps from a ``[rows, window]`` history.
 
 **It ships in the artifact.** ``lmforge optimize`` appends the step nodes to the shared-buffer
 decoder it writes (:func:`append_step`), lists their inputs and outputs in the manifest's ``io``
-and records ``step = {"format", "prefix", "window"}`` (:func:`manifest_entry`); the runtime
+and records ``step = {"format", "prefix", "window", "draw"}`` (:func:`manifest_entry`); the runtime
 loads ``model.onnx`` as it is, so ``verify``, ``verify --layerwise`` and ``inspect`` see the graph
 that serves, hashed like every other file. Nothing in the step depends on how the engine is
 loaded: the KV capacity and the length of the uniforms are per-row inputs, not constants.
@@ -53,7 +53,7 @@ from typing import Any
 import numpy as np
 
 from runtime._onnx_proto import GraphBuilder, fragment_bytes
-from runtime.sampler_graph import ROW_CONSTANTS, STEP_HOST_INPUTS, add_sampling, declare_row_inputs
+from runtime.sampler_graph import ROW_CONSTANTS, STEP_HOST_INPUTS, add_sampling, declare_row_inputs, draw_for
 
 __all__ = ["FORMAT", "PREFIX", "STATE", "CONSTANTS", "WINDOW", "append_step", "manifest_entry", "neutral_feeds",
            "step_fragment", "step_io"]
@@ -83,7 +83,7 @@ def _outputs(vocab: int, window: int) -> list[tuple[str, str, list[int | str]]]:
             (p + "history_out", "int64", ["batch", window])]
 
 
-def _build(vocab: int, window: int) -> GraphBuilder:
+def _build(vocab: int, window: int, draw: str = "blocks") -> GraphBuilder:
     if window < 1:
         raise ValueError(f"window must be ≥ 1, got {window}")
     g = GraphBuilder("lmforge_step", prefix=PREFIX)
@@ -99,13 +99,13 @@ def _build(vocab: int, window: int) -> GraphBuilder:
     column = g.op("Expand", [g.op("Unsqueeze", [g.op("Sub", [seqlens, first_pos]), g.const(np.array([2], np.int64))]),
                              g.const(np.array([1, 1, vocab], np.int64))])  # [b, 1, vocab]
     last = g.op("Squeeze", [g.op("GatherElements", ["logits", column], {"axis": 1}), axis1])
-    out = add_sampling(g, last, vocab, names)
-    nxt = g.op("Identity", [out["next_ids"]], outputs=[p + "next_input_ids"])
-    g.op("Identity", [out["seen"]], outputs=[p + "seen_out"])
-    g.op("Identity", [out["counts"]], outputs=[p + "counts_out"])
-    g.op("Identity", [out["step"]], outputs=[p + "step_out"])
-    pos = g.op("Min", [g.op("Add", [seqlens, g.const(1, "int64")]), g.op("Unsqueeze", [last_position, axis1])])
-    g.op("Identity", [pos], outputs=[p + "next_position_ids"])
+    # the sampling nodes write the outputs themselves (an Identity would be a device copy a step)
+    written = {"next_ids": p + "next_input_ids", "seen": p + "seen_out", "counts": p + "counts_out",
+               "step": p + "step_out"}
+    out = add_sampling(g, last, vocab, names, outputs=written, draw=draw)
+    nxt = out["next_ids"]
+    pos = g.op("Min", [g.op("Add", [seqlens, g.const(1, "int64")]), g.op("Unsqueeze", [last_position, axis1])],
+               outputs=[p + "next_position_ids"])
     g.op("Cast", [g.op("Squeeze", [pos, axis1])], {"to": _INT32}, outputs=[p + "next_seqlens_k"])
     slot = g.op("Unsqueeze", [g.op("Mod", [names["step"], g.const(window, "int64")]), axis1])
     g.op("ScatterElements", [history, slot, nxt], {"axis": 1}, outputs=[p + "history_out"])
@@ -114,14 +114,15 @@ def _build(vocab: int, window: int) -> GraphBuilder:
     return g
 
 
-def step_fragment(vocab: int, window: int = WINDOW) -> bytes:
-    """The graph fragment to append to a shared-buffer decoder (see the module docstring)."""
-    return fragment_bytes(_build(vocab, window))
+def step_fragment(vocab: int, window: int = WINDOW, device: str = "cpu") -> bytes:
+    """The graph fragment to append to a shared-buffer decoder for ``device`` (see the module
+    docstring; the device picks the draw's nodes, :func:`runtime.sampler_graph.draw_for`)."""
+    return fragment_bytes(_build(vocab, window, draw_for(device)))
 
 
-def append_step(decoder: bytes, vocab: int, window: int = WINDOW) -> bytes:
+def append_step(decoder: bytes, vocab: int, window: int = WINDOW, device: str = "cpu") -> bytes:
     """The decoder's ``ModelProto`` bytes with the step fragment merged in."""
-    return decoder + step_fragment(vocab, window)
+    return decoder + step_fragment(vocab, window, device)
 
 
 def step_io(vocab: int, window: int = WINDOW) -> dict[str, list[dict[str, Any]]]:
@@ -132,9 +133,10 @@ def step_io(vocab: int, window: int = WINDOW) -> dict[str, list[dict[str, Any]]]
     return {"inputs": inputs, "outputs": outputs}
 
 
-def manifest_entry(window: int = WINDOW) -> dict[str, Any]:
-    """The manifest's ``step`` record for a step model of this module's :data:`FORMAT`."""
-    return {"format": FORMAT, "prefix": PREFIX, "window": window}
+def manifest_entry(window: int = WINDOW, device: str = "cpu") -> dict[str, Any]:
+    """The manifest's ``step`` record for a step model of this module's :data:`FORMAT` built for
+    ``device`` (``draw`` names its draw's nodes; informative, both draw the same index)."""
+    return {"format": FORMAT, "prefix": PREFIX, "window": window, "draw": draw_for(device)}
 
 
 def neutral_feeds(batch: int, vocab: int, window: int = WINDOW, capacity: int = 1 << 30) -> dict[str, np.ndarray]:

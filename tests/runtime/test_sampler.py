@@ -12,9 +12,10 @@ from runtime.sampling import Sampler
 V = 64
 
 
-@pytest.fixture(scope="module")
-def sampler() -> Sampler:
-    return Sampler("float32")
+@pytest.fixture(scope="module", params=["blocks", "matmul"])
+def sampler(request: pytest.FixtureRequest) -> Sampler:
+    """The standalone sampler with each draw (the CPU's and the one CUDA artifacts carry)."""
+    return Sampler("float32", draw=request.param)
 
 
 def _seeded(n: int, **kwargs: float) -> list[SamplingParams]:
@@ -243,3 +244,42 @@ def test_min_new_tokens_masks_stop_ids_until_reached(sampler: Sampler) -> None:
     params = [SamplingParams(min_new_tokens=2), SamplingParams(min_new_tokens=0)]
     picks = [sampler.sample(logits, params, step=s, stop_ids=[[9], [9]], steps=3).tolist() for s in range(3)]
     assert picks == [[4, 9], [4, 9], [9, 9]]
+
+
+def test_top_k_rows_sort_only_the_candidates_they_need() -> None:
+    """A step whose sorted rows all set top-k sorts 64 or 256 candidates (the bound for top-p
+    alone); greedy rows, temperature rows and a top-k beyond the buckets change nothing else."""
+    from runtime.sampling import host_values
+
+    top_k50 = SamplingParams(temperature=0.7, top_k=50, top_p=0.9, seed=1)
+    top_p = SamplingParams(temperature=0.7, top_p=0.9, seed=1)
+    assert host_values([top_k50], 1024)[0] == 64
+    assert host_values([top_k50, SamplingParams(temperature=0.7, top_k=65)], 1024)[0] == 256
+    assert host_values([SamplingParams(temperature=0.7, top_k=300)], 1024)[0] == 1024
+    assert host_values([top_k50, top_p], 1024)[0] == 1024  # a nucleus without top-k needs the bound
+    assert host_values([top_k50, SamplingParams(top_k=2), SamplingParams(temperature=1.0)], 1024)[0] == 64
+    assert host_values([top_k50], 32)[0] == 32  # never past the engine's bound
+    assert host_values([SamplingParams(top_k=50)], 1024)[0] == 1  # greedy: no sort
+
+
+def test_a_top_k_row_draws_the_same_from_64_candidates_as_from_all(sampler: Sampler) -> None:
+    """The smaller sort is exact for top-k rows: the same seeded tokens with K = top-k's bucket
+    and with K = the whole vocabulary, over many steps and flat and peaked logits alike."""
+    vocab = 4096
+    rng = np.random.default_rng(11)
+    scale = np.array([0.5, 1, 2, 4, 8, 16], np.float32)[:, None, None]
+    logits = rng.standard_normal((6, 1, vocab)).astype(np.float32) * scale
+    params = [SamplingParams(temperature=t, top_k=k, top_p=p, seed=s)
+              for s, (t, k, p) in enumerate([(0.7, 50, 0.9), (1.0, 40, 1.0), (1.3, 64, 0.5), (0.5, 1, 0.9),
+                                             (1.0, 7, 0.99), (2.0, 33, 0.8)])]
+    from runtime.sampling import row_arrays, stack_rows
+
+    session = sampler.session(vocab)
+    for step in range(25):
+        feeds = stack_rows([row_arrays(p, [], [], vocab, 25) for p in params])
+        feeds.update(logits=logits, attention_mask=np.ones((6, 1), np.int64), step=np.full(6, step, np.int64),
+                     sampled_rows=np.array([ALL_ROWS], np.int64), penalized_rows=np.array([0], np.int64))
+        small = session.run(["next_ids"], {**feeds, "candidates": np.array([64], np.int64)})[0]
+        full = session.run(["next_ids"], {**feeds, "candidates": np.array([vocab], np.int64)})[0]
+        np.testing.assert_array_equal(small, full)
+        assert all(0 <= i < vocab for i in small.ravel())
