@@ -67,14 +67,15 @@ import numpy as np
 
 from runtime._onnx_proto import GraphBuilder
 
-__all__ = ["ALL_ROWS", "BOUNDED_CANDIDATES", "DRAWS", "HOST_INPUTS", "MAX_CANDIDATES", "ROW_CONSTANTS", "ROW_STATE",
-           "STEP_HOST_INPUTS", "SAMPLER_FORMAT", "SAMPLER_NAME", "add_sampling", "declare_row_inputs",
-           "build_sampler_model", "draw_for", "write_sampler"]
+__all__ = ["ALL_ROWS", "BOUNDED_CANDIDATES", "DRAWS", "HOST_INPUTS", "MAX_CANDIDATES", "MAX_ROWS", "ROW_CONSTANTS",
+           "ROW_STATE", "STEP_HOST_INPUTS", "SAMPLER_FORMAT", "SAMPLER_NAME", "add_sampling", "declare_row_inputs",
+           "build_sampler_model", "draw_for", "host_feed", "write_sampler"]
 
 SAMPLER_NAME = "sampler.onnx"  # the concat contract's sampler, in the artifact beside model.onnx
-SAMPLER_FORMAT = 1  # bumped whenever the sampler's inputs or semantics change; the runtime refuses another
+SAMPLER_FORMAT = 2  # bumped whenever the sampler's inputs or semantics change; the runtime refuses another
 
-ALL_ROWS = int(np.iinfo(np.int64).max)  # a row bound meaning "every row" (Slice clamps it)
+ALL_ROWS = int(np.iinfo(np.int64).max)  # in a plan: "every row"; :func:`host_feed` turns it into the run's rows
+MAX_ROWS = 1 << 16  # the most rows one run may have (the row-index constant: 512 KiB)
 BOUNDED_CANDIDATES = 1024
 MAX_CANDIDATES = 4096  # the candidates' cumulative sum is one-level (quadratic in K)
 _BLOCK = 256
@@ -86,13 +87,22 @@ ROW_CONSTANTS = (
     ("repetition_penalty", "float32"), ("presence_penalty", "float32"), ("frequency_penalty", "float32"),
     ("min_new_tokens", "int64"), ("stop_mask", "bool"), ("uniforms", "float32"), ("last_step", "int64"),
 )
-# [1] int64 inputs in host memory, one value per run (each value its own captured graph on CUDA)
+# [1] int64 inputs in host memory, one value per run (each value its own captured graph on CUDA); the
+# ``*_rows`` are 0 or the run's row count exactly (:func:`host_feed`)
 HOST_INPUTS = ("candidates", "sampled_rows", "penalized_rows")
 # the step model's (:mod:`runtime.step_graph`) add one: rows 0:filtered_rows run the top-k /
 # top-p / min-p threshold (0: no row of the run filters; never more than sampled_rows)
 STEP_HOST_INPUTS = (*HOST_INPUTS, "filtered_rows")
 # per-row state the sampling updates: (input, output)
 ROW_STATE = (("seen", "seen_out", "bool"), ("counts", "counts_out", "float32"), ("step", "step_out", "int64"))
+
+
+def host_feed(plan: tuple[int, ...], rows: int) -> list[int]:
+    """A plan's host-input values for a run over ``rows`` rows: ``ALL_ROWS`` becomes ``rows`` (the
+    graph gathers rows by index, and an index past the batch is an error, not a clamp)."""
+    if not 0 < rows <= MAX_ROWS:
+        raise ValueError(f"a run has 1 to {MAX_ROWS} rows, got {rows}")
+    return [rows if value == ALL_ROWS else value for value in plan]
 
 
 def _count(g: GraphBuilder, mask: str, axis: str) -> str:
@@ -188,16 +198,31 @@ def add_sampling(g: GraphBuilder, logits_last: str, vocab: int, names: dict[str,
     zero_f, one_f = g.const(0.0, "float32"), g.const(1.0, "float32")
     zero_i, one_i = g.const(0, "int64"), g.const(1, "int64")
     neg_inf = g.const(-np.inf, "float32")
-    start, end = g.const(np.array([0], np.int64)), g.const(np.array([ALL_ROWS], np.int64))
+
+    # Row groups are taken by Gather with row indices, never by Slice: onnxruntime's CUDA Slice
+    # copies a slice that spans the whole tensor with cudaMemcpyAsync, a copy-engine node in the
+    # captured graph that left the GPU idle ~30 µs each (a sampled step had 12; measured on an
+    # H100, bench/gpu_copies.py), where a Gather is a kernel of a few. The indices are slices of
+    # one constant 0, 1, …, MAX_ROWS (never the whole of it); the run's row count is the Shape of
+    # a per-row input (host memory, as Slice's bounds must be).
+    rows_n = g.op("Shape", [names["step"]])
+    arange = g.const(np.arange(MAX_ROWS + 1, dtype=np.int64))
+    first = g.const(np.array([0], np.int64))
+    index: dict[tuple[str, bool], str] = {}
+
+    def rows_of(lo: str, hi: str) -> str:  # the indices lo:hi (host memory bounds), made once per pair
+        if (lo, hi) not in index:
+            index[lo, hi] = g.op("Slice", [arange, lo, hi, axis0])
+        return index[lo, hi]
 
     def col(x: str) -> str:  # [b] → [b, 1]
         return g.op("Unsqueeze", [x, axis1])
 
-    def head(x: str, rows: str) -> str:  # rows 0:rows (``rows`` is a host input: 0 or ALL_ROWS)
-        return g.op("Slice", [x, start, rows, axis0])
+    def head(x: str, rows: str) -> str:  # rows 0:rows (``rows`` is a host input: 0 or the run's rows)
+        return g.op("Gather", [x, rows_of(first, rows)], {"axis": 0})
 
-    def tail(x: str, rows: str) -> str:  # the other rows
-        return g.op("Slice", [x, rows, end, axis0])
+    def tail(x: str, rows: str, of: str = rows_n) -> str:  # rows rows:of, the others of ``of`` rows
+        return g.op("Gather", [x, rows_of(rows, of)], {"axis": 0})
 
     def out(key: str, op_type: str, inputs: list[str], attrs: dict[str, Any] | None = None) -> str:
         return g.op(op_type, inputs, attrs, outputs=[outputs[key]] if key in outputs else 1)
@@ -255,7 +280,7 @@ def add_sampling(g: GraphBuilder, logits_last: str, vocab: int, names: dict[str,
     thr_m = g.op("Where", [g.op("Greater", [min_p, zero_f]), g.op("Log", [min_p]), neg_inf])
     thr = g.op("Max", [g.op("Max", [thr_k, thr_p]), thr_m])  # binary: the variadic CUDA kernel fails on 0 rows
     w_kept = g.op("Where", [g.op("GreaterOrEqual", [s_f, thr]), w_f, zero_f])
-    w = g.op("Concat", [w_kept, tail(weights, fr)], {"axis": 0})
+    w = g.op("Concat", [w_kept, tail(weights, fr, of=sr)], {"axis": 0})  # weights has sampled_rows rows
 
     # inverse-CDF draw with this step's uniform; greedy rows among the sampled keep their argmax
     step_col = col(g.op("Min", [head(n["step"], sr), head(n["last_step"], sr)]))

@@ -16,7 +16,7 @@ import numpy as np
 import onnxruntime as ort
 
 from runtime.errors import InvalidRequestError
-from runtime.sampler_graph import ALL_ROWS, BOUNDED_CANDIDATES, HOST_INPUTS, build_sampler_model
+from runtime.sampler_graph import ALL_ROWS, BOUNDED_CANDIDATES, HOST_INPUTS, build_sampler_model, host_feed
 
 __all__ = ["SamplingParams", "GREEDY", "Plan", "TOP_K_CANDIDATES", "host_values", "row_arrays", "stack_rows", "Sampler"]
 
@@ -246,7 +246,7 @@ class Sampler:
         feeds["step"] = np.full(batch, step, dtype=np.int64)
         feeds["logits"] = np.asarray(logits, dtype=self.logits_dtype)
         feeds["attention_mask"] = np.ones((batch, 1), dtype=np.int64)
-        values = host_values(params, min(self.candidates, vocab))
+        values = host_feed(host_values(params, min(self.candidates, vocab)), batch)
         feeds.update({name: np.array([v], dtype=np.int64) for name, v in zip(HOST_INPUTS, values[:len(HOST_INPUTS)])})
         (ids,) = self.session(vocab).run(["next_ids"], feeds)
         return ids.reshape(-1)

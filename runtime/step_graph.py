@@ -42,8 +42,10 @@ changes nothing for the real positions). The next position is ``seqlens_k + 1`` 
 inside the bucket, keeps writing its own last KV position and never past its buffer row. The
 new id is written into ``history`` at column ``step mod window``.
 
-Format 2 (this one) samples at ``seqlens_k``; format 1 sampled the run's last column and
-could not prefill right-padded rows together.
+Format 3 (this one) reads ``sampled_rows``, ``penalized_rows`` and ``filtered_rows`` as 0 or the
+run's row count exactly (format 2 took any bound ≥ the rows, and copied whole tensors to apply
+it); format 2 added sampling at ``seqlens_k``; format 1 sampled the run's last column and could
+not prefill right-padded rows together.
 """
 
 from __future__ import annotations
@@ -58,7 +60,7 @@ from runtime.sampler_graph import ROW_CONSTANTS, STEP_HOST_INPUTS, add_sampling,
 __all__ = ["FORMAT", "PREFIX", "STATE", "CONSTANTS", "WINDOW", "append_step", "manifest_entry", "neutral_feeds",
            "step_fragment", "step_io"]
 
-FORMAT = 2  # bumped whenever the step's inputs or semantics change; the runtime refuses another
+FORMAT = 3  # bumped whenever the step's inputs or semantics change; the runtime refuses another
 WINDOW = 32  # columns of the id history: the most decode steps between two host reads
 PREFIX = "lmforge_step."
 # (input, the output that becomes it next step, dtype)
