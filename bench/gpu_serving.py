@@ -348,6 +348,7 @@ def bench_shape(shape: str, args: argparse.Namespace) -> dict[str, Any]:
             one_call(engine, prompts[:n], 8, SAMPLED["temperature 0.7 + top-p 0.9"])
         out["warmup_s"] = time.perf_counter() - t0
         engine.prefill_tokens = args.prefill_tokens  # None: every waiting request at one boundary
+        engine.launch_ahead = not args.no_launch_ahead
         if args.burst:
             out["engine_warm_up_s"] = engine.warm_up()
             out["burst"] = burst(engine, prompts, new, rep, args.burst_batched_only)
@@ -420,6 +421,8 @@ def main() -> None:
     parser.add_argument("--artifact", default="", metavar="DIR",
                         help="serve this artifact instead of building one (e.g. a baseline build); one shape")
     parser.add_argument("--tag", default="", help="appended to the JSON file name")
+    parser.add_argument("--no-launch-ahead", action="store_true",
+                        help="Engine.launch_ahead = False: the host handles a block with the GPU idle (the A/B)")
     parser.add_argument("--buckets", default="", metavar="P[,P…]",
                         help="instead: greedy decode per batch bucket for these precisions (e.g. fp16,int4,int8)")
     args = parser.parse_args()

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call of issue #11's and #12's GPU evidence, after stage-wheels.sh (see bench/README.md):
-#   bash bench/gpu_serving_run.sh tests|smollm2|genai|genai1b|verify|http|http2|http3|burst|quick|ab|attention|buckets|llama1b
+#   bash bench/gpu_serving_run.sh tests|smollm2|genai|genai1b|verify|http|http2|http3|burst|quick|ab|ahead|attention|buckets|llama1b
 # Each stage writes its log and JSON under $OUT and is bounded by `timeout`. `http` needs the
 # server's wheels (.whl/, installed into /tmp/site) and the smollm2 stage's artifact.
 set -u
@@ -22,6 +22,12 @@ for stage in "$@"; do
           [ -d $art ] || continue
           timeout 240 "${PY[@]}" bench/gpu_serving.py --shapes smollm2-135m --artifact $art --tag $side --out $OUT --repeats 3 --quick 2>&1 | grep -v W:onnxruntime | tee $OUT/quick_$side.log | tail -12
           mkdir -p $OUT/profile_$side; timeout 150 "${PY[@]}" bench/gpu_profile.py --artifacts $art --kinds greedy,temperature,top-p --out $OUT/profile_$side 2>&1 | grep -v W:onnxruntime > $OUT/profile_$side.log; grep wall $OUT/profile_$side.log
+        done ;;
+    ahead) # the engine's step launched ahead against none, one machine (after the smollm2 artifact is built)
+        timeout 200 python3 -c "import sys; sys.path.insert(0, 'bench'); from pathlib import Path; import gpu_serving as g; print(g.build('smollm2-135m', Path('/tmp/lmf-serve'), 'cuda'))" 2>&1 | tail -1
+        for side in ahead none; do
+          flag=""; [ $side = none ] && flag=--no-launch-ahead
+          timeout 200 "${PY[@]}" bench/gpu_serving.py --shapes smollm2-135m --tag $side $flag --out $OUT --repeats ${REPEATS:-2} --quick 2>&1 | grep -v W:onnxruntime | tee $OUT/quick_$side.log | tail -9
         done ;;
     attention) timeout 300 "${PY[@]}" bench/gpu_attention.py --artifacts /tmp/lmf-serve/smollm2-135m/serve-cuda --settings ",sdpa_kernel=1,sdpa_kernel=2,sdpa_kernel=16" --batches 1,16 --new-tokens 128 --out $OUT 2>&1 | grep -v W:onnxruntime | tee $OUT/attention.log | tail -4 ;;
     http2) for shape in ${SHAPES:-smollm2-135m llama-3.2-1b}; do

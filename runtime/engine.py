@@ -190,6 +190,9 @@ class Engine:
         # a waiting request ends a block early when a slot is free (its TTFT: its prefill plus at
         # most one step); on CUDA the steps of a block are then synchronized one by one
         self.admit_within_block = True
+        # the next block's first step is launched before the host handles the block just read
+        # (CUDA: the GPU would idle meanwhile; the CPU computes in run() itself, so nothing to gain)
+        self.launch_ahead = self.device == "cuda"
         if self.candidates > MAX_CANDIDATES:
             raise InvalidRequestError("invalid candidates", expected=f"at most {MAX_CANDIDATES}", got=str(candidates),
                                       fix="top-k / top-p read at most that many sorted candidates a step")
@@ -662,6 +665,16 @@ class Engine:
             self.backend.reset()  # every running request failed with this step
             return
         self.steps += max(map(len, ids.values()), default=0)
+        if self.launch_ahead and self.backend.can_launch_ahead and not want_logits and not self._admissible():
+            # rows that go on after this block (a stop token among its ids is found below, and
+            # that row's step ahead is wasted): their next step runs while the host works
+            going = [slot for slot, live in self._live.items()
+                     if live.request.max_new_tokens > len(live.new_ids) + len(ids.get(slot, ()))]
+            if going:
+                try:
+                    self.backend.launch_ahead(max(self._live) + 1, self._plan(self._live.values()), going)
+                except LmforgeError as exc:  # reported by the next block's read, as any step's failure
+                    log.debug("the step launched ahead failed at launch: %s", exc)
         for slot, live in self._live.items():
             self._accept(live, ids.get(slot, []), None if logits is None else logits[slot][None, :])
 

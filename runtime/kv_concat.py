@@ -86,6 +86,7 @@ class ConcatBackend:
 
     kind = "concat"
     max_block = 1  # decode steps per call: the host read after a step is what regroups the batch
+    can_launch_ahead = False  # the next step's rows are regrouped from this one's on the host
 
     def __init__(self, artifact: Artifact, device: Device, layout: dict[str, Any], max_batch: int) -> None:
         self.device = device

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
@@ -106,6 +106,7 @@ class SlotsBackend:
     """Fixed per-request KV rows updated in place; see the module docstring."""
 
     kind = "slots"
+    can_launch_ahead = True  # launch_ahead(): the next block's first step while the host reads this one
 
     def __init__(self, artifact: Artifact, device: Device, layout: dict[str, Any], max_batch: int,
                  read_every: int, cuda_graph: bool, prefill_chunk: int = 1024) -> None:
@@ -172,6 +173,7 @@ class SlotsBackend:
         self.current = 0  # the state set holding the next decode step's inputs
         self._free = list(range(max_batch))
         self._steps: dict[tuple[int, int, Plan], _Step] = {}
+        self._ahead: frozenset[int] | None = None  # the slots of a step launched ahead of its block
         self._host: dict[int, ort.OrtValue] = {}  # value → a host tensor at a fixed address
         self.replays = 0
         self.prefill_runs = 0
@@ -202,10 +204,13 @@ class SlotsBackend:
     def release(self, slot: int) -> None:
         if slot not in self._free:
             self._free.append(slot)
+        if self._ahead is not None:  # a step launched ahead produced nothing for the slot's next request
+            self._ahead -= {slot}
 
     def reset(self) -> None:
         """Every slot free (after a failed step failed all of its requests; rows are independent)."""
         self._free = list(range(self.max_batch))
+        self._ahead = None
 
     # -- prefill --------------------------------------------------------------------------------
 
@@ -351,12 +356,26 @@ class SlotsBackend:
         self._steps[key] = _Step(binding, run, run_async)
         return self._steps[key]
 
+    def launch_ahead(self, rows: int, plan: Plan, slots: Iterable[int]) -> None:
+        """Launch the next block's first step over rows ``0:rows`` now, without waiting for it:
+        the GPU runs it while the host handles the block just read (text, stop checks, events),
+        which otherwise leaves the GPU idle between blocks. The next :meth:`decode` counts it as
+        its first step for ``slots`` (the requests running now); a slot released before then
+        (its request stopped inside the block just read) ignores its token, and a request
+        admitted before then takes one step fewer in that block."""
+        step = self._step_binding(self.bucket(rows), self.current, plan)
+        self.device.run(self.session, step.binding, step.run_async)
+        self.current = 1 - self.current
+        self.replays += 1
+        self._ahead = frozenset(slots)
+
     def decode(self, rows: int, steps: int, generated: dict[int, int], want_logits: bool,
                plan: Plan, interrupt: Callable[[], bool] | None = None,
                ) -> tuple[dict[int, list[int]], np.ndarray | None]:
-        """Up to ``steps`` decode steps over rows ``0:rows``; the new ids of every slot in
-        ``generated`` (slot → tokens it had before the block), and the last step's logits
-        ``[rows, vocab]`` when asked (then ``steps`` must be 1).
+        """Up to ``steps`` decode steps over rows ``0:rows`` (a step launched ahead among them);
+        the new ids of every slot in ``generated`` (slot → tokens it had before the block), and
+        the last step's logits ``[rows, vocab]`` when asked (then ``steps`` must be 1 and no step
+        may have been launched ahead).
 
         ``interrupt`` is asked after each step but the last; when it answers True the block ends
         there (a request is waiting: its prefill should not wait for the whole block). The steps
@@ -365,25 +384,30 @@ class SlotsBackend:
         """
         if steps > self.window:
             raise ValueError(f"a block of {steps} steps exceeds the id history of {self.window}")
+        # a step launched ahead is this block's first (not when logits are asked: they must come
+        # from a step over the rows as they are now; its slots then get one token more)
+        first = 1 if self._ahead is not None and not want_logits else 0
+        ahead, self._ahead = self._ahead or frozenset(), None
         n = self.bucket(rows)
         done = 0
         try:
-            for i in range(steps):
+            for i in range(steps - first):
                 step = self._step_binding(n, self.current, plan)
-                last = i == steps - 1
+                last = i == steps - first - 1
                 self.device.run(self.session, step.binding, step.run if last or interrupt else step.run_async)
                 self.current = 1 - self.current
                 self.replays += 1
                 done += 1
                 if not last and interrupt is not None and interrupt():
                     break
+            if done == 0:  # only the step launched ahead: wait for it
+                self._step_binding(n, self.current, plan).binding.synchronize_outputs()
         except BaseException:
             # earlier replays ran without a sync: let them finish before anything else runs
             self._step_binding(n, self.current, plan).binding.synchronize_outputs()
             raise
-        steps = done
         history = self.sets[self.current][PREFIX + "history"].numpy()  # the one host read
-        ids = {slot: [int(history[slot, (g + i) % self.window]) for i in range(steps)]
+        ids = {slot: [int(history[slot, (g + i) % self.window]) for i in range(done + (slot in ahead))]
                for slot, g in generated.items()}
         logits = np.array(self.logits.numpy()[:rows, -1], dtype=np.float32) if want_logits else None
         return ids, logits

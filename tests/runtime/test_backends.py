@@ -381,3 +381,81 @@ def test_a_request_arriving_inside_a_block_is_admitted_after_one_step(shared_pat
         assert a_events[2][1] <= b_events[0][1] <= a_events[3][1], (a_events, b_events[0])
     finally:
         engine.close()
+
+
+@pytest.fixture(scope="module")
+def ahead(shared_path: Path):  # type: ignore[no-untyped-def]
+    """A slots engine that launches each block's first step ahead (the CUDA default) on the CPU."""
+    with Engine.load(shared_path, max_batch=6, read_every=4) as engine:
+        engine.launch_ahead = True
+        yield engine
+
+
+def test_launching_ahead_changes_no_token(pair, ahead) -> None:  # type: ignore[no-untyped-def]
+    """With the next block's first step launched before the host reads the last one: the same
+    greedy and seeded tokens as the concat backend, rows stopping inside a block (on a stop id,
+    on their length) with their step ahead ignored, and logits asked for by a request admitted
+    after a step was launched ahead."""
+    concat, _ = pair
+    prompts = _prompts(6, seed=61)
+    full = concat.generate_ids(prompts, 14)
+    params = [SamplingParams(stop_token_ids=(ids[k],)) for ids, k in zip(full, (0, 2, 3, 4, 7, 13))]
+    want = [ids[: ids.index(p.stop_token_ids[0]) + 1] for ids, p in zip(full, params)]
+    before = ahead.backend.replays
+    assert ahead.generate_ids(prompts, 14, params) == want
+    assert ahead.generate_ids(prompts, 14) == full
+    assert [ahead.generate_ids([p], n)[0] for p, n in zip(prompts, (1, 2, 4, 5, 9, 14))] == [
+        ids[:n] for ids, n in zip(full, (1, 2, 4, 5, 9, 14))]
+    sampled = [SamplingParams(temperature=0.9, seed=i, top_k=(0, 20)[i % 2]) for i in range(6)]
+    alone = [concat.generate_ids([p], 11, s)[0] for p, s in zip(prompts, sampled)]
+    assert ahead.generate_ids(prompts, 11, sampled) == alone
+    assert ahead.backend.replays > before
+    logits = concat.generate_results(prompts[:2], 5, return_logits=True)
+    got = ahead.generate_results(prompts[:2], 5, return_logits=True)
+    for x, y in zip(logits, got):
+        assert x.token_ids == y.token_ids and y.step_logits is not None and x.step_logits is not None
+        np.testing.assert_allclose(x.step_logits, y.step_logits, atol=1e-4)
+
+
+def test_launching_ahead_with_threads_arriving_and_leaving(pair, ahead) -> None:  # type: ignore[no-untyped-def]
+    """Requests arriving while others decode (slots freed by a stop and taken by a newcomer
+    between a step launched ahead and its block), some cancelled: every finished one has its
+    tokens alone, and the engine serves on."""
+    concat, _ = pair
+    prompts = _prompts(18, seed=67)
+    lengths = [3 + (i * 5) % 13 for i in range(18)]
+    want = [concat.generate_ids([p], n)[0] for p, n in zip(prompts, lengths)]
+    got: dict[int, list[int]] = {}
+
+    def run(i: int) -> None:
+        if i % 7 == 3:  # cancelled after its first event
+            request = ahead.submit(prompts[i], 30)
+            next(iter(request))
+            request.cancel()
+            return
+        got[i] = ahead.generate_ids([prompts[i]], lengths[i])[0]
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(18)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert {i: got[i] for i in sorted(got)} == {i: want[i] for i in range(18) if i % 7 != 3}
+    assert ahead.generate_ids(prompts[:2], 6) == [w[:6] for w in concat.generate_ids(prompts[:2], 6)]
+
+
+def test_a_slot_freed_after_a_step_ahead_serves_its_next_request(pair, ahead) -> None:  # type: ignore[no-untyped-def]
+    """Twelve requests on six slots, each stopping on a stop id inside a block: the step launched
+    ahead ran for rows whose request then stopped, and the waiting requests that take those slots
+    get none of its tokens. A long request reads its ids correctly across many blocks, and the
+    step ahead is a block's first step, not an extra one."""
+    concat, _ = pair
+    prompts = _prompts(12, seed=71)
+    full = concat.generate_ids(prompts, 12)
+    params = [SamplingParams(stop_token_ids=(ids[k],)) for ids, k in zip(full, (1, 2, 5, 6, 9, 10) * 2)]
+    want = [ids[: ids.index(p.stop_token_ids[0]) + 1] for ids, p in zip(full, params)]
+    assert ahead.generate_ids(prompts, 12, params) == want
+    long = concat.generate_ids(prompts[:1], 80)
+    before = ahead.backend.replays
+    assert ahead.generate_ids(prompts[:1], 80) == long
+    assert ahead.backend.replays - before == 79  # one step a token after the first, none wasted
