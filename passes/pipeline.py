@@ -321,7 +321,7 @@ def optimize_artifact(
                 records.append({"name": "shared-buffer-kv", "count": sb.layers, "kind": "kv"})
                 records.append({"name": "rotary-into-gqa", "count": sb.rotary_folded, "kind": "fusion"})
                 records.append({"name": "packed-qkv", "count": sb.qkv_packed, "kind": "fusion"})
-                io = _append_step_model(tmp / MODEL_NAME, sb, int(art.architecture["vocab"]), device)
+                io = _append_step_model(tmp / MODEL_NAME, sb, int(art.architecture["vocab"]))
                 records.append({"name": "step-model", "count": 1, "kind": "step"})
             final = ir.load(str(tmp / MODEL_NAME))
             _check_io(f"the {precision} conversion", _reference_io(io) if io else reference_io, final)
@@ -338,11 +338,11 @@ def optimize_artifact(
             manifest.pop("sampler", None)
             if sb is None and art.is_decoder:  # concat: the sampler for this graph's logits
                 logits = next(t for t in manifest["io"]["outputs"] if t["name"] == "logits")
-                manifest["sampler"] = write_sampler(tmp, logits["dtype"], int(art.architecture["vocab"]), device)
+                manifest["sampler"] = write_sampler(tmp, logits["dtype"], int(art.architecture["vocab"]))
             if sb is not None:
                 manifest["kv_mode"] = KvMode.SHARED_BUFFER.value
                 manifest["io"] = io
-                manifest["step"] = step_graph.manifest_entry(device=device)
+                manifest["step"] = step_graph.manifest_entry()
                 manifest["kv"] = {**manifest["kv"], "dtype": sb.kv_dtype,
                                   "max_context": int(art.architecture.get("max_context") or 2048)}
             with open(tmp / MANIFEST_NAME, "w", encoding="utf-8") as fh:
@@ -380,14 +380,14 @@ def optimize_artifact(
 _KV_MODES = (None, KvMode.CONCAT.value, KvMode.SHARED_BUFFER.value)
 
 
-def _append_step_model(path: Path, sb: SharedBuffer, vocab: int, device: str) -> dict[str, list[dict[str, Any]]]:
+def _append_step_model(path: Path, sb: SharedBuffer, vocab: int) -> dict[str, list[dict[str, Any]]]:
     """Write the step model (:mod:`runtime.step_graph`: decoder + on-device sampling + next inputs)
     into the shared-buffer graph at ``path``, in place; return the manifest's ``io`` for it.
 
     The nodes come from the runtime's own definition, so the graph the engine runs is byte for
     byte the one this artifact ships, hashes and verifies.
     """
-    path.write_bytes(step_graph.append_step(path.read_bytes(), vocab, device=device))
+    path.write_bytes(step_graph.append_step(path.read_bytes(), vocab))
     step = step_graph.step_io(vocab)
     io = sb.io_json()
     return {"inputs": io["inputs"] + step["inputs"], "outputs": io["outputs"] + step["outputs"]}

@@ -91,16 +91,16 @@ def check_device(device: str) -> str:
 class Device:
     """Sessions and tensors on one execution provider (``cpu`` or ``cuda``, device 0)."""
 
-    def __init__(self, device: str, threads: int | None = None) -> None:
+    def __init__(self, device: str, threads: int | None = None, fp32_exact: bool = False) -> None:
         self.type = check_device(device)
         self.threads = threads
         self._cuda: dict[str, str] = {}
         if self.type == "cuda":
-            # TF32 off: the CUDA provider's TF32 matmuls round fp32 inputs to 10 mantissa bits. An
-            # fp32 artifact promises fp32 numerics (the parity policy holds logits to 1e-3), and the
-            # sampling's cumulative sum is a float32 MatMul that must add the masses it is given;
-            # fp16 and quantized decoders run no other float32 MatMul, so nothing gets slower.
-            self._cuda = {"device_id": "0", "use_tf32": "0", **cuda_options_from_env()}
+            self._cuda = {"device_id": "0", **cuda_options_from_env()}
+            if fp32_exact:
+                # An fp32 artifact promises fp32 numerics (the parity policy holds logits to 1e-3);
+                # the CUDA provider's TF32 matmuls would round inputs to 10 mantissa bits.
+                self._cuda["use_tf32"] = "0"
 
     def providers(self, cuda_graph: bool = False) -> list[Any]:
         if self.type == "cpu":

@@ -52,7 +52,7 @@ from runtime.errors import EngineClosedError, GenerationError, InvalidRequestErr
 from runtime.kv_concat import ConcatBackend
 from runtime.kv_slots import SlotsBackend
 from runtime.request import FinishReason, GenerationResult, Request, TokenEvent
-from runtime.sampler_graph import BOUNDED_CANDIDATES, MAX_CANDIDATES, MAX_ROWS
+from runtime.sampler_graph import BOUNDED_CANDIDATES, MAX_CANDIDATES
 from runtime.sampling import GREEDY, TOP_K_CANDIDATES, Plan, SamplingParams, host_values, row_arrays
 from runtime.text import check_text
 
@@ -157,8 +157,6 @@ class Engine:
                 fix="load it with runtime.Encoder.load(...) to compute embeddings",
             )
         self.max_batch = _check_int("max_batch", max_batch, 1)
-        if self.max_batch > MAX_ROWS:
-            raise InvalidRequestError("invalid max_batch", expected=f"at most {MAX_ROWS} rows", got=str(max_batch))
         self.max_queue = _check_int("max_queue", max_queue, 1)
         self.device = check_device(device)
         if self.device == "cpu":
@@ -172,7 +170,7 @@ class Engine:
         self.eos_token_ids: frozenset[int] = layout["eos"]
         pad = layout["pad"]
         self.pad_token_id = int(pad) if pad is not None else (min(self.eos_token_ids) if self.eos_token_ids else 0)
-        self._device = Device(device, threads=threads)
+        self._device = Device(device, threads=threads, fp32_exact=artifact.precision == "fp32")
         if cuda_graph is None:
             cuda_graph = slots and self.device == "cuda"
         if cuda_graph and (self.device != "cuda" or not slots):

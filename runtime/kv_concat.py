@@ -27,7 +27,7 @@ from runtime._onnx_proto import GraphBuilder
 from runtime.artifact import Artifact
 from runtime.device import NP_DTYPES, Device
 from runtime.errors import GenerationError
-from runtime.sampler_graph import HOST_INPUTS, ROW_CONSTANTS, ROW_STATE, SAMPLER_FORMAT, host_feed
+from runtime.sampler_graph import HOST_INPUTS, ROW_CONSTANTS, ROW_STATE, SAMPLER_FORMAT
 from runtime.sampling import Plan
 
 __all__ = ["ConcatBackend", "build_regroup_model"]
@@ -184,8 +184,7 @@ class ConcatBackend:
         sb.bind_ortvalue_input("attention_mask", feeds["attention_mask"])
         for name in self._row_names:
             sb.bind_ortvalue_input(name, rows[name])
-        batch = feeds["attention_mask"].shape()[0]
-        for name, value in zip(HOST_INPUTS, host_feed(plan, batch)[:len(HOST_INPUTS)]):  # no filtered_rows
+        for name, value in zip(HOST_INPUTS, plan[:len(HOST_INPUTS)]):  # the sampler has no filtered_rows
             sb.bind_cpu_input(name, np.array([value], np.int64))
         names = ["next_ids", "next_attention_mask", "next_position_ids", *(o for _, o, _ in ROW_STATE)]
         for name in names:

@@ -37,7 +37,7 @@ import onnxruntime as ort
 from runtime.artifact import Artifact
 from runtime.device import Device, RowWriter
 from runtime.errors import GenerationError
-from runtime.sampler_graph import STEP_HOST_INPUTS, host_feed
+from runtime.sampler_graph import STEP_HOST_INPUTS
 from runtime.sampling import Plan
 from runtime.step_graph import CONSTANTS, FORMAT, PREFIX, STATE, step_io
 
@@ -214,10 +214,9 @@ class SlotsBackend:
 
     # -- prefill --------------------------------------------------------------------------------
 
-    def _bind_host(self, binding: Any, plan: Plan, rows: int) -> None:
-        """Bind the host inputs (:func:`runtime.sampling.host_values`, for a run over ``rows`` rows)
-        from tensors at fixed addresses."""
-        for name, value in zip(STEP_HOST_INPUTS, host_feed(plan, rows), strict=True):
+    def _bind_host(self, binding: Any, plan: Plan) -> None:
+        """Bind the host inputs (:func:`runtime.sampling.host_values`) from tensors at fixed addresses."""
+        for name, value in zip(STEP_HOST_INPUTS, plan, strict=True):
             if value not in self._host:
                 self._host[value] = ort.OrtValue.ortvalue_from_numpy(np.array([value], np.int64))
             binding.bind_ortvalue_input(PREFIX + name, self._host[value])
@@ -280,7 +279,7 @@ class SlotsBackend:
             bind(binding, out, self.sets[into][name], first, m, output=True)
         for name, value in self.consts.items():
             bind(binding, name, value, first, m, output=False)
-        self._bind_host(binding, plan, m)
+        self._bind_host(binding, plan)
         lengths = [len(prompt) for _, prompt, _ in group]
         if m == 1 and lengths[0] > self.prefill_chunk:  # chunks: batch 1 with a past, exact lengths
             prompt = group[0][1]
@@ -341,7 +340,7 @@ class SlotsBackend:
         for name, value in self.consts.items():
             bind(binding, name, value, 0, n, output=False)
         binding.bind_ortvalue_input(TOTAL_SEQUENCE_LENGTH, self.total)
-        self._bind_host(binding, plan, n)
+        self._bind_host(binding, plan)
         bind(binding, "logits", self.logits, 0, n, output=True)
         for past, present in zip(self._past, self._present):
             bind(binding, past, self.kv[past], 0, n, output=False)

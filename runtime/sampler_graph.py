@@ -33,7 +33,8 @@ The order follows transformers' ``generate`` (processors, then warpers):
 Where a sort is needed and where not: temperature and min-p need none (a max, an exp, a sum).
 Top-k and top-p read the ``K`` largest values from one ``TopK``, where ``K`` is the
 ``candidates`` input ([1] int64 in host memory): the engine passes 1 when no row of the step
-uses top-k or top-p (greedy, temperature and min-p rows pay for no sort), and its candidate bound
+uses top-k or top-p (greedy, temperature and min-p rows pay for no sort), 64 or 256 when every
+such row sets top-k (:data:`runtime.sampling.TOP_K_CANDIDATES`), and its candidate bound
 (:data:`BOUNDED_CANDIDATES` by default, at most :data:`MAX_CANDIDATES`) otherwise; under CUDA
 graphs each value is its own captured graph. Top-k is exact for ``top_k ≤ K`` (the engine
 refuses a larger top-k), and top-p is exact whenever its nucleus lies within the K candidates —
@@ -45,21 +46,22 @@ step for ``[16, 49152]`` on an H100 (int64 is reduced in double); the row maximu
 the ``ArgMax`` instead, and the last kept token is the ``ArgMax`` of the CDF (its first maximum).
 
 Cumulative sums: onnxruntime's CUDA ``CumSum`` computes each output element from scratch
-(quadratic in the axis length), so no ``CumSum`` spans the vocabulary. On CUDA the draw
-(:func:`_draw_matmul`) sums inside blocks of :data:`_BLOCK` tokens with one ``MatMul`` by a
-triangular matrix of ones and across blocks with a ``CumSum`` of the block totals; on the CPU
-(:func:`_draw_blocks`) it picks a block by the block totals, then the token inside it. Counts are summed in float32
-(:func:`_count`): cuDNN reduces int64 in double.
+(quadratic in the axis length), so the draw runs in two levels (:func:`_draw`): a block of
+:data:`_BLOCK` tokens by the cumulative block totals, then the token within that block; no
+cumulative sum spans the vocabulary. Counts are summed in float32 (:func:`_count`): cuDNN
+reduces int64 in double.
 
-Node count is the cost that matters for a small model's step: each node is a kernel launch of a
-few microseconds with the GPU idle in between, so a branch that a host input switches off
-launches nothing, and the CUDA draw is eleven nodes.
+A branch that a host input switches off launches nothing. What a sampled step costs on an H100
+(``bench/gpu_replay.py``, SmolLM2 shape, the captured step alone): temperature +5 % over greedy,
+top-k (64 candidates) +11 %, top-p over 256 candidates +13 %, over 1,024 +33 % — onnxruntime's
+``TopK`` takes its fast path up to K = 256 and a radix select (0.25–0.34 ms) beyond; the node
+count hardly matters (a variant with ~20 fewer nodes and no device-to-device copies replayed no
+faster).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -67,15 +69,14 @@ import numpy as np
 
 from runtime._onnx_proto import GraphBuilder
 
-__all__ = ["ALL_ROWS", "BOUNDED_CANDIDATES", "DRAWS", "HOST_INPUTS", "MAX_CANDIDATES", "MAX_ROWS", "ROW_CONSTANTS",
-           "ROW_STATE", "STEP_HOST_INPUTS", "SAMPLER_FORMAT", "SAMPLER_NAME", "add_sampling", "declare_row_inputs",
-           "build_sampler_model", "draw_for", "host_feed", "write_sampler"]
+__all__ = ["ALL_ROWS", "BOUNDED_CANDIDATES", "HOST_INPUTS", "MAX_CANDIDATES", "ROW_CONSTANTS", "ROW_STATE",
+           "STEP_HOST_INPUTS", "SAMPLER_FORMAT", "SAMPLER_NAME", "add_sampling", "declare_row_inputs",
+           "build_sampler_model", "write_sampler"]
 
 SAMPLER_NAME = "sampler.onnx"  # the concat contract's sampler, in the artifact beside model.onnx
-SAMPLER_FORMAT = 2  # bumped whenever the sampler's inputs or semantics change; the runtime refuses another
+SAMPLER_FORMAT = 1  # bumped whenever the sampler's inputs or semantics change; the runtime refuses another
 
-ALL_ROWS = int(np.iinfo(np.int64).max)  # in a plan: "every row"; :func:`host_feed` turns it into the run's rows
-MAX_ROWS = 1 << 16  # the most rows one run may have (the row-index constant: 512 KiB)
+ALL_ROWS = int(np.iinfo(np.int64).max)  # a row bound meaning "every row" (Slice clamps it)
 BOUNDED_CANDIDATES = 1024
 MAX_CANDIDATES = 4096  # the candidates' cumulative sum is one-level (quadratic in K)
 _BLOCK = 256
@@ -87,22 +88,13 @@ ROW_CONSTANTS = (
     ("repetition_penalty", "float32"), ("presence_penalty", "float32"), ("frequency_penalty", "float32"),
     ("min_new_tokens", "int64"), ("stop_mask", "bool"), ("uniforms", "float32"), ("last_step", "int64"),
 )
-# [1] int64 inputs in host memory, one value per run (each value its own captured graph on CUDA); the
-# ``*_rows`` are 0 or the run's row count exactly (:func:`host_feed`)
+# [1] int64 inputs in host memory, one value per run (each value its own captured graph on CUDA)
 HOST_INPUTS = ("candidates", "sampled_rows", "penalized_rows")
 # the step model's (:mod:`runtime.step_graph`) add one: rows 0:filtered_rows run the top-k /
 # top-p / min-p threshold (0: no row of the run filters; never more than sampled_rows)
 STEP_HOST_INPUTS = (*HOST_INPUTS, "filtered_rows")
 # per-row state the sampling updates: (input, output)
 ROW_STATE = (("seen", "seen_out", "bool"), ("counts", "counts_out", "float32"), ("step", "step_out", "int64"))
-
-
-def host_feed(plan: tuple[int, ...], rows: int) -> list[int]:
-    """A plan's host-input values for a run over ``rows`` rows: ``ALL_ROWS`` becomes ``rows`` (the
-    graph gathers rows by index, and an index past the batch is an error, not a clamp)."""
-    if not 0 < rows <= MAX_ROWS:
-        raise ValueError(f"a run has 1 to {MAX_ROWS} rows, got {rows}")
-    return [rows if value == ALL_ROWS else value for value in plan]
 
 
 def _count(g: GraphBuilder, mask: str, axis: str) -> str:
@@ -112,40 +104,16 @@ def _count(g: GraphBuilder, mask: str, axis: str) -> str:
     return g.op("Cast", [total], {"to": _INT64})
 
 
-def _draw_matmul(g: GraphBuilder, w: str, u: str, length: int) -> str:
+def _draw(g: GraphBuilder, w: str, u: str, length: int) -> str:
     """Inverse-CDF draw: for ``w [b, length] ≥ 0`` and ``u [b, 1]`` in [0, 1), the first index
     ``i`` with ``cumsum(w)[i] > u · sum(w)`` (``[b, 1]`` int64), clamped to the last index with mass.
 
-    The cumulative sum is built in two levels, because onnxruntime's CUDA ``CumSum`` is quadratic
-    in the axis length: inside each block of :data:`_BLOCK` entries by one ``MatMul`` with an
-    upper-triangular matrix of ones, across blocks by a ``CumSum`` of the block totals (the
-    blocks' last columns). Eleven nodes in all: each node is a kernel a sampled step pays for,
-    and the GPU idles between them (an earlier version, which drew a block and then the entry
-    inside it, took 27). The sums are float32 (the engine turns TF32 off on CUDA, so the
-    ``MatMul`` adds exactly what it is given) and the CDF never decreases: float addition is
-    monotone, each block's end equals the next block's offset, and masses are ≥ 0.
+    In two levels, so that nothing over the whole axis is cumulative: a block of :data:`_BLOCK`
+    entries by the cumulative sum of the block totals, then the entry inside it by the cumulative
+    sum of that block alone (onnxruntime's CUDA ``CumSum`` is quadratic in the axis length).
+    A one-level draw over a ``MatMul`` with a triangular matrix of ones (11 nodes against 27)
+    replayed no faster on an H100 and cost 1 ms a step at batch 1 on a 2-core CPU.
     """
-    blocks = math.ceil(length / _BLOCK)
-    pad = blocks * _BLOCK - length
-    padded = g.op("Pad", [w, g.const(np.array([0, 0, 0, pad], np.int64)), g.const(0.0, "float32")]) if pad else w
-    tiles = g.op("Reshape", [padded, g.const(np.array([0, blocks, _BLOCK], np.int64))])
-    inner = g.op("MatMul", [tiles, g.const(np.triu(np.ones((_BLOCK, _BLOCK), np.float32)))])  # [b, blocks, B]
-    totals = g.op("Gather", [inner, g.const(_BLOCK - 1, "int64")], {"axis": 2})  # [b, blocks]
-    offsets = g.op("CumSum", [totals, g.const(np.array(1, np.int64))], {"exclusive": 1})
-    cdf = g.op("Reshape", [g.op("Add", [inner, g.op("Unsqueeze", [offsets, g.const(np.array([2], np.int64))])]),
-                           g.const(np.array([0, blocks * _BLOCK], np.int64))])
-    total = g.op("Gather", [cdf, g.const(np.array([blocks * _BLOCK - 1], np.int64))], {"axis": 1})  # [b, 1]
-    below = _count(g, g.op("LessOrEqual", [cdf, g.op("Mul", [u, total])]), g.const(np.array([1], np.int64)))
-    last = g.op("ArgMax", [cdf], {"axis": 1, "keepdims": 1, "select_last_index": 0})  # the last index with mass
-    return g.op("Min", [below, last])
-
-
-def _draw_blocks(g: GraphBuilder, w: str, u: str, length: int) -> str:
-    """:func:`_draw_matmul`'s draw for the CPU (the same index): a block of :data:`_BLOCK` entries by
-    the cumulative sum of the block totals, then the entry inside it by the cumulative sum of that
-    block alone. 27 nodes against 11, but each a pass over a few hundred numbers where the
-    ``MatMul`` is 12.6 MFLOP a row (1 ms a step at batch 1 on two cores, measured): on the CPU
-    arithmetic costs, on the GPU the launches do."""
     blocks = math.ceil(length / _BLOCK)
     pad = blocks * _BLOCK - length
     axis1, axis2 = g.const(np.array([1], np.int64)), g.const(np.array([2], np.int64))
@@ -168,26 +136,15 @@ def _draw_blocks(g: GraphBuilder, w: str, u: str, length: int) -> str:
     return g.op("Add", [g.op("Mul", [block, g.const(_BLOCK, "int64")]), position])
 
 
-DRAWS: dict[str, Callable[[GraphBuilder, str, str, int], str]] = {"matmul": _draw_matmul, "blocks": _draw_blocks}
-
-
-def draw_for(device: str) -> str:
-    """The draw an artifact for ``device`` carries: ``matmul`` (fewest nodes) on CUDA, ``blocks``
-    (least arithmetic) elsewhere."""
-    return "matmul" if device == "cuda" else "blocks"
-
-
 def add_sampling(g: GraphBuilder, logits_last: str, vocab: int, names: dict[str, str],
-                 outputs: dict[str, str] | None = None, draw: str = "blocks") -> dict[str, str]:
+                 outputs: dict[str, str] | None = None) -> dict[str, str]:
     """Append the sampling nodes; return the names of ``next_ids [b, 1]`` and the state outputs.
 
     ``logits_last`` is ``[b, vocab]`` (any float dtype; cast to float32 here). ``names`` maps
     every :data:`ROW_CONSTANTS` and :data:`ROW_STATE` input and every :data:`HOST_INPUTS` input
     to its graph name (declared by the caller). ``outputs`` names the graph outputs that
     ``next_ids``, ``seen``, ``counts`` and ``step`` are written to by the node that computes
-    them (an ``Identity`` in between would be one more device copy in every step). ``draw``
-    picks the inverse-CDF draw's nodes (:data:`DRAWS`; :func:`draw_for` a device): the same
-    index either way.
+    them (an ``Identity`` in between would be one more device copy in every step).
 
     Node count is what a step of a small model pays for (each node is a kernel launch of a few
     microseconds on an otherwise idle GPU), so every branch is sliced once and a row group that
@@ -198,31 +155,16 @@ def add_sampling(g: GraphBuilder, logits_last: str, vocab: int, names: dict[str,
     zero_f, one_f = g.const(0.0, "float32"), g.const(1.0, "float32")
     zero_i, one_i = g.const(0, "int64"), g.const(1, "int64")
     neg_inf = g.const(-np.inf, "float32")
-
-    # Row groups are taken by Gather with row indices, never by Slice: onnxruntime's CUDA Slice
-    # copies a slice that spans the whole tensor with cudaMemcpyAsync, a copy-engine node in the
-    # captured graph that left the GPU idle ~30 µs each (a sampled step had 12; measured on an
-    # H100, bench/gpu_copies.py), where a Gather is a kernel of a few. The indices are slices of
-    # one constant 0, 1, …, MAX_ROWS (never the whole of it); the run's row count is the Shape of
-    # a per-row input (host memory, as Slice's bounds must be).
-    rows_n = g.op("Shape", [names["step"]])
-    arange = g.const(np.arange(MAX_ROWS + 1, dtype=np.int64))
-    first = g.const(np.array([0], np.int64))
-    index: dict[tuple[str, bool], str] = {}
-
-    def rows_of(lo: str, hi: str) -> str:  # the indices lo:hi (host memory bounds), made once per pair
-        if (lo, hi) not in index:
-            index[lo, hi] = g.op("Slice", [arange, lo, hi, axis0])
-        return index[lo, hi]
+    start, end = g.const(np.array([0], np.int64)), g.const(np.array([ALL_ROWS], np.int64))
 
     def col(x: str) -> str:  # [b] → [b, 1]
         return g.op("Unsqueeze", [x, axis1])
 
-    def head(x: str, rows: str) -> str:  # rows 0:rows (``rows`` is a host input: 0 or the run's rows)
-        return g.op("Gather", [x, rows_of(first, rows)], {"axis": 0})
+    def head(x: str, rows: str) -> str:  # rows 0:rows (``rows`` is a host input: 0 or ALL_ROWS)
+        return g.op("Slice", [x, start, rows, axis0])
 
-    def tail(x: str, rows: str, of: str = rows_n) -> str:  # rows rows:of, the others of ``of`` rows
-        return g.op("Gather", [x, rows_of(rows, of)], {"axis": 0})
+    def tail(x: str, rows: str) -> str:  # the other rows
+        return g.op("Slice", [x, rows, end, axis0])
 
     def out(key: str, op_type: str, inputs: list[str], attrs: dict[str, Any] | None = None) -> str:
         return g.op(op_type, inputs, attrs, outputs=[outputs[key]] if key in outputs else 1)
@@ -280,13 +222,13 @@ def add_sampling(g: GraphBuilder, logits_last: str, vocab: int, names: dict[str,
     thr_m = g.op("Where", [g.op("Greater", [min_p, zero_f]), g.op("Log", [min_p]), neg_inf])
     thr = g.op("Max", [g.op("Max", [thr_k, thr_p]), thr_m])  # binary: the variadic CUDA kernel fails on 0 rows
     w_kept = g.op("Where", [g.op("GreaterOrEqual", [s_f, thr]), w_f, zero_f])
-    w = g.op("Concat", [w_kept, tail(weights, fr, of=sr)], {"axis": 0})  # weights has sampled_rows rows
+    w = g.op("Concat", [w_kept, tail(weights, fr)], {"axis": 0})
 
     # inverse-CDF draw with this step's uniform; greedy rows among the sampled keep their argmax
     step_col = col(g.op("Min", [head(n["step"], sr), head(n["last_step"], sr)]))
     u = g.op("GatherElements", [head(n["uniforms"], sr), step_col], {"axis": 1})
     greedy_row = g.op("Or", [g.op("Not", [t_pos]), g.op("Equal", [k_s, one_i])])
-    drawn = g.op("Where", [greedy_row, gs, DRAWS[draw](g, w, u, vocab)])
+    drawn = g.op("Where", [greedy_row, gs, _draw(g, w, u, vocab)])
     next_ids = out("next_ids", "Concat", [drawn, tail(greedy_id, sr)], {"axis": 0})
 
     # the penalties' state, on rows 0:penalized_rows (other rows carry theirs over)
@@ -319,7 +261,7 @@ def declare_row_inputs(g: GraphBuilder, vocab: int, prefix: str = "",
     return names
 
 
-def build_sampler_model(logits_dtype: str, vocab: int, draw: str = "blocks") -> bytes:
+def build_sampler_model(logits_dtype: str, vocab: int) -> bytes:
     """The standalone sampler of the concat backend, ModelProto bytes.
 
     inputs: ``logits [b, seq, vocab]`` (the last position is used), ``attention_mask [b, total]``
@@ -335,7 +277,7 @@ def build_sampler_model(logits_dtype: str, vocab: int, draw: str = "blocks") -> 
     mask = g.input("attention_mask", "int64", ["batch", "total"])
     names = declare_row_inputs(g, vocab)
     last = g.op("Gather", ["logits", g.const(-1, "int64")], {"axis": 1})
-    add_sampling(g, last, vocab, names, draw=draw,
+    add_sampling(g, last, vocab, names,
                  outputs={"next_ids": "next_ids", **{state: output for state, output, _ in ROW_STATE}})
     ones = g.op("Expand", [g.const(np.ones((1, 1), np.int64)), g.op("Shape", ["next_ids"])])
     next_mask = g.op("Concat", [mask, ones], {"axis": 1}, outputs=["next_attention_mask"])
@@ -350,10 +292,10 @@ def build_sampler_model(logits_dtype: str, vocab: int, draw: str = "blocks") -> 
     return g.to_bytes()
 
 
-def write_sampler(folder: Path, logits_dtype: str, vocab: int, device: str = "cpu") -> dict[str, Any]:
+def write_sampler(folder: Path, logits_dtype: str, vocab: int) -> dict[str, Any]:
     """Write the standalone sampler (:func:`build_sampler_model`) into an artifact folder being
     built; return the manifest's ``sampler`` record. ``convert`` and ``optimize`` call it for
     ``concat`` decoders, so the sampling a portable artifact serves with is the one it ships,
     hashed in its manifest (a ``shared-buffer`` artifact carries it inside its step model)."""
-    (folder / SAMPLER_NAME).write_bytes(build_sampler_model(logits_dtype, vocab, draw_for(device)))
+    (folder / SAMPLER_NAME).write_bytes(build_sampler_model(logits_dtype, vocab))
     return {"format": SAMPLER_FORMAT, "file": SAMPLER_NAME}

@@ -7,7 +7,7 @@ back once per block of steps from a ``[rows, window]`` history.
 
 **It ships in the artifact.** ``lmforge optimize`` appends the step nodes to the shared-buffer
 decoder it writes (:func:`append_step`), lists their inputs and outputs in the manifest's ``io``
-and records ``step = {"format", "prefix", "window", "draw"}`` (:func:`manifest_entry`); the runtime
+and records ``step = {"format", "prefix", "window"}`` (:func:`manifest_entry`); the runtime
 loads ``model.onnx`` as it is, so ``verify``, ``verify --layerwise`` and ``inspect`` see the graph
 that serves, hashed like every other file. Nothing in the step depends on how the engine is
 loaded: the KV capacity and the length of the uniforms are per-row inputs, not constants.
@@ -42,10 +42,8 @@ changes nothing for the real positions). The next position is ``seqlens_k + 1`` 
 inside the bucket, keeps writing its own last KV position and never past its buffer row. The
 new id is written into ``history`` at column ``step mod window``.
 
-Format 3 (this one) reads ``sampled_rows``, ``penalized_rows`` and ``filtered_rows`` as 0 or the
-run's row count exactly (format 2 took any bound ≥ the rows, and copied whole tensors to apply
-it); format 2 added sampling at ``seqlens_k``; format 1 sampled the run's last column and could
-not prefill right-padded rows together.
+Format 2 (this one) samples at ``seqlens_k``; format 1 sampled the run's last column and
+could not prefill right-padded rows together.
 """
 
 from __future__ import annotations
@@ -55,12 +53,12 @@ from typing import Any
 import numpy as np
 
 from runtime._onnx_proto import GraphBuilder, fragment_bytes
-from runtime.sampler_graph import ROW_CONSTANTS, STEP_HOST_INPUTS, add_sampling, declare_row_inputs, draw_for
+from runtime.sampler_graph import ROW_CONSTANTS, STEP_HOST_INPUTS, add_sampling, declare_row_inputs
 
 __all__ = ["FORMAT", "PREFIX", "STATE", "CONSTANTS", "WINDOW", "append_step", "manifest_entry", "neutral_feeds",
            "step_fragment", "step_io"]
 
-FORMAT = 3  # bumped whenever the step's inputs or semantics change; the runtime refuses another
+FORMAT = 2  # bumped whenever the step's inputs or semantics change; the runtime refuses another
 WINDOW = 32  # columns of the id history: the most decode steps between two host reads
 PREFIX = "lmforge_step."
 # (input, the output that becomes it next step, dtype)
@@ -85,7 +83,7 @@ def _outputs(vocab: int, window: int) -> list[tuple[str, str, list[int | str]]]:
             (p + "history_out", "int64", ["batch", window])]
 
 
-def _build(vocab: int, window: int, draw: str = "blocks") -> GraphBuilder:
+def _build(vocab: int, window: int) -> GraphBuilder:
     if window < 1:
         raise ValueError(f"window must be ≥ 1, got {window}")
     g = GraphBuilder("lmforge_step", prefix=PREFIX)
@@ -104,7 +102,7 @@ def _build(vocab: int, window: int, draw: str = "blocks") -> GraphBuilder:
     # the sampling nodes write the outputs themselves (an Identity would be a device copy a step)
     written = {"next_ids": p + "next_input_ids", "seen": p + "seen_out", "counts": p + "counts_out",
                "step": p + "step_out"}
-    out = add_sampling(g, last, vocab, names, outputs=written, draw=draw)
+    out = add_sampling(g, last, vocab, names, outputs=written)
     nxt = out["next_ids"]
     pos = g.op("Min", [g.op("Add", [seqlens, g.const(1, "int64")]), g.op("Unsqueeze", [last_position, axis1])],
                outputs=[p + "next_position_ids"])
@@ -116,15 +114,14 @@ def _build(vocab: int, window: int, draw: str = "blocks") -> GraphBuilder:
     return g
 
 
-def step_fragment(vocab: int, window: int = WINDOW, device: str = "cpu") -> bytes:
-    """The graph fragment to append to a shared-buffer decoder for ``device`` (see the module
-    docstring; the device picks the draw's nodes, :func:`runtime.sampler_graph.draw_for`)."""
-    return fragment_bytes(_build(vocab, window, draw_for(device)))
+def step_fragment(vocab: int, window: int = WINDOW) -> bytes:
+    """The graph fragment to append to a shared-buffer decoder (see the module docstring)."""
+    return fragment_bytes(_build(vocab, window))
 
 
-def append_step(decoder: bytes, vocab: int, window: int = WINDOW, device: str = "cpu") -> bytes:
+def append_step(decoder: bytes, vocab: int, window: int = WINDOW) -> bytes:
     """The decoder's ``ModelProto`` bytes with the step fragment merged in."""
-    return decoder + step_fragment(vocab, window, device)
+    return decoder + step_fragment(vocab, window)
 
 
 def step_io(vocab: int, window: int = WINDOW) -> dict[str, list[dict[str, Any]]]:
@@ -135,10 +132,9 @@ def step_io(vocab: int, window: int = WINDOW) -> dict[str, list[dict[str, Any]]]
     return {"inputs": inputs, "outputs": outputs}
 
 
-def manifest_entry(window: int = WINDOW, device: str = "cpu") -> dict[str, Any]:
-    """The manifest's ``step`` record for a step model of this module's :data:`FORMAT` built for
-    ``device`` (``draw`` names its draw's nodes; informative, both draw the same index)."""
-    return {"format": FORMAT, "prefix": PREFIX, "window": window, "draw": draw_for(device)}
+def manifest_entry(window: int = WINDOW) -> dict[str, Any]:
+    """The manifest's ``step`` record for a step model of this module's :data:`FORMAT`."""
+    return {"format": FORMAT, "prefix": PREFIX, "window": window}
 
 
 def neutral_feeds(batch: int, vocab: int, window: int = WINDOW, capacity: int = 1 << 30) -> dict[str, np.ndarray]:

@@ -11,7 +11,7 @@ import pytest
 
 from runtime._onnx_proto import GraphBuilder
 from runtime.kv_concat import build_regroup_model
-from runtime.sampler_graph import DRAWS, build_sampler_model
+from runtime.sampler_graph import _draw, build_sampler_model
 
 
 @pytest.mark.parametrize("logits_dtype", ["float32", "float16"])
@@ -29,16 +29,15 @@ def test_sampler_graph_passes_onnx_checker(logits_dtype: str) -> None:
     assert "CumSum" in {n.op_type for n in model.graph.node}
 
 
-@pytest.mark.parametrize("draw", sorted(DRAWS))
-def test_the_draw_equals_numpy_inverse_cdf(draw: str) -> None:
-    """Both draws (CUDA's MatMul of cumulative sums, the CPU's block then token) pick numpy's inverse-CDF
+def test_two_level_draw_equals_numpy_inverse_cdf() -> None:
+    """The draw (a block by the block totals, then a token inside it) picks numpy's inverse-CDF
     index — the first ``i`` with ``cumsum(w)[i] > u · sum(w)`` — including zero-mass tokens, mass
     in the padded last block only, one token with all the mass, and ``u`` near 0 and 1."""
     for length in (7, 256, 1000, 1024, 49152):
         g = GraphBuilder("draw")
         g.input("w", "float32", ["b", length])
         g.input("u", "float32", ["b", 1])
-        g.op("Identity", [DRAWS[draw](g, "w", "u", length)], outputs=["i"])
+        g.op("Identity", [_draw(g, "w", "u", length)], outputs=["i"])
         g.output("i", "int64", ["b", 1])
         sess = ort.InferenceSession(g.to_bytes(), providers=["CPUExecutionProvider"])
         rng = np.random.default_rng(length)

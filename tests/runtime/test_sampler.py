@@ -6,15 +6,15 @@ import numpy as np
 import pytest
 
 from runtime import SamplingParams
+from runtime.sampler_graph import ALL_ROWS
 from runtime.sampling import Sampler
 
 V = 64
 
 
-@pytest.fixture(scope="module", params=["blocks", "matmul"])
-def sampler(request: pytest.FixtureRequest) -> Sampler:
-    """The standalone sampler with each draw (the CPU's and the one CUDA artifacts carry)."""
-    return Sampler("float32", draw=request.param)
+@pytest.fixture(scope="module")
+def sampler() -> Sampler:
+    return Sampler("float32")
 
 
 def _seeded(n: int, **kwargs: float) -> list[SamplingParams]:
@@ -133,7 +133,7 @@ def _state_feeds(penalized_rows: int) -> dict[str, np.ndarray]:
 
 
 def test_state_is_updated_on_the_device(sampler: Sampler) -> None:
-    feeds = _state_feeds(3)  # every row of the three
+    feeds = _state_feeds(ALL_ROWS)
     ids, mask, pos, seen, counts, step = sampler.session(V).run(None, feeds)
     assert ids.shape == (3, 1)
     expected_seen = feeds["seen"].copy()
@@ -151,7 +151,7 @@ def test_a_run_without_penalized_rows_carries_the_penalty_state_over(sampler: Sa
     """``penalized_rows = 0`` (no row of the run is penalized): the same ids, the state as it was."""
     feeds = _state_feeds(0)
     ids, _, _, seen, counts, step = sampler.session(V).run(None, feeds)
-    all_rows = sampler.session(V).run(None, _state_feeds(3))
+    all_rows = sampler.session(V).run(None, _state_feeds(ALL_ROWS))
     np.testing.assert_array_equal(ids, all_rows[0])
     np.testing.assert_array_equal(seen, feeds["seen"])
     np.testing.assert_array_equal(counts, feeds["counts"])
@@ -277,7 +277,7 @@ def test_a_top_k_row_draws_the_same_from_64_candidates_as_from_all(sampler: Samp
     for step in range(25):
         feeds = stack_rows([row_arrays(p, [], [], vocab, 25) for p in params])
         feeds.update(logits=logits, attention_mask=np.ones((6, 1), np.int64), step=np.full(6, step, np.int64),
-                     sampled_rows=np.array([6], np.int64), penalized_rows=np.array([0], np.int64))
+                     sampled_rows=np.array([ALL_ROWS], np.int64), penalized_rows=np.array([0], np.int64))
         small = session.run(["next_ids"], {**feeds, "candidates": np.array([64], np.int64)})[0]
         full = session.run(["next_ids"], {**feeds, "candidates": np.array([vocab], np.int64)})[0]
         np.testing.assert_array_equal(small, full)
