@@ -1,11 +1,16 @@
 """Which onnxruntime CUDA nodes become device-to-device copies inside a captured CUDA graph, and
 what each costs a replay.
 
-The sampled decode step spent ~0.4 ms a step idle with ~12 "Memcpy DtoD" entries in its CUPTI
-profile (greedy: none). This builds one tiny graph per candidate node kind (ten of them in a
-chain), captures it, replays it ``--replays`` times, and reports the µs per replay and the CUDA
-activities (kernels and copies) per replay, so the step can avoid the node kinds that copy; and
-one ``TopK`` of each candidate bound over a SmolLM2-sized vocabulary, at 1 and 16 rows.
+The sampled decode step showed ~12 "Memcpy DtoD" entries a step in its CUPTI profile (greedy:
+none). This builds one tiny graph per candidate node kind (ten of them in a chain), captures it,
+replays it ``--replays`` times, and reports the µs per replay and the CUDA activities (kernels
+and copies) per replay; and one ``TopK`` of each candidate bound over a SmolLM2-sized
+vocabulary, at 1 and 16 rows.
+
+Found on an H100 (docs/benchmarks.md, fourth session): a ``Slice`` that spans its whole input is
+a memcpy (``Concat``, ``Gather`` and ``Unsqueeze`` are kernels or aliases), but taking the step's
+copies out changed its replay time by 1–2 %; ``TopK`` runs a fast kernel up to K = 256 and a
+radix select from 512 (0.25–0.34 ms), which is what top-p's sort costs.
 
     PYTHONPATH=/tmp/gpu-site:$PWD python3 bench/gpu_copies.py --out $OUT
 """
