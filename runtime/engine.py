@@ -18,8 +18,10 @@ Shaped like gpt-fast's ``generate.py``, built for services::
   every running request at once — greedy and sampled rows in the same batch, each with its own
   parameters — and releases finished, cancelled and expired requests at once (continuous
   batching). A request that arrives while a block runs ends it after the current step when a
-  slot is free, so it waits for one step, not a block. ``generate*``, ``stream`` and ``chat``
-  are thin callers of the same loop, so calls from many threads batch together.
+  slot is free, so it waits for one step, not a block. On CUDA the next block's first step is
+  launched before the host handles the ids just read (``launch_ahead``: text, stop checks and
+  events run while the GPU computes). ``generate*``, ``stream`` and ``chat`` are thin callers of
+  the same loop, so calls from many threads batch together.
 * KV memory lives in a backend (:mod:`runtime.kv_slots` for ``shared-buffer`` artifacts: a pool
   of fixed rows updated in place, the step captured as CUDA graphs per batch-size bucket;
   :mod:`runtime.kv_concat` for the portable contract: the batch regrouped on the device as

@@ -19,7 +19,9 @@ requests' sampling constants. A request owns one row (its *slot*) from admission
   (the step clamps positions below ``capacity``). Each step reads set ``d`` and writes set
   ``1 − d``; on CUDA each ``(n, d)`` is one captured graph (``n`` rounded up to a bucket: 1, 2,
   4, … ``max_batch``), replayed without a host sync until the last step of a block, after which
-  the host reads the ``[n, window]`` id history once.
+  the host reads the ``[n, window]`` id history once. The engine may launch the next block's
+  first step before it handles the ids just read (:meth:`SlotsBackend.launch_ahead`), so the GPU
+  is not idle while the host works.
 * Per-request sampling parameters, seeds and lengths live in buffers the step reads, never in
   shapes, so one capture per bucket serves every mix of requests.
 """

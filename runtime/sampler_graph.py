@@ -145,10 +145,6 @@ def add_sampling(g: GraphBuilder, logits_last: str, vocab: int, names: dict[str,
     to its graph name (declared by the caller). ``outputs`` names the graph outputs that
     ``next_ids``, ``seen``, ``counts`` and ``step`` are written to by the node that computes
     them (an ``Identity`` in between would be one more device copy in every step).
-
-    Node count is what a step of a small model pays for (each node is a kernel launch of a few
-    microseconds on an otherwise idle GPU), so every branch is sliced once and a row group that
-    a host input switches off launches nothing.
     """
     outputs = outputs or {}
     axis0, axis1 = g.const(np.array([0], np.int64)), g.const(np.array([1], np.int64))
@@ -200,8 +196,9 @@ def add_sampling(g: GraphBuilder, logits_last: str, vocab: int, names: dict[str,
     # launches none of these nodes and its rows keep every token.
     # ``candidates`` is read by TopK alone (a host-memory input of its kernel): a second, device
     # consumer would need a host-to-device copy node, which CUDA-graph capture refuses. The
-    # engine guarantees top_k <= K whenever K > 1 (it refuses larger top-k, and a row with top-k
-    # makes the step use its full bound), so the k-th value is at index top_k - 1.
+    # engine guarantees top_k <= K whenever K > 1 (it refuses a top-k above its bound, and a row
+    # with top-k makes the step sort at least top_k candidates), so the k-th value is at index
+    # top_k - 1.
     fr = n.get("filtered_rows", sr)
     s_f, w_f, top_k = head(s, fr), head(weights, fr), head(k_s, fr)
     top_p, min_p = col(head(n["top_p"], fr)), col(head(n["min_p"], fr))
