@@ -656,25 +656,22 @@ class Engine:
         want_logits = any(live.request.return_logits for live in self._live.values())
         left = max(live.request.max_new_tokens - len(live.new_ids) for live in self._live.values())
         steps = 1 if want_logits else max(1, min(self.read_every, left, self.backend.max_block))
+        rows, plan = max(self._live) + 1, self._plan(self._live.values())
         try:
-            ids, logits = self.backend.decode(max(self._live) + 1, steps, generated, want_logits,
-                                              self._plan(self._live.values()),
+            ids, logits = self.backend.decode(rows, steps, generated, want_logits, plan,
                                               self._admissible if self.admit_within_block else None)
+            self.steps += max(map(len, ids.values()), default=0)
+            if self.launch_ahead and self.backend.can_launch_ahead and not want_logits and not self._admissible():
+                # rows that go on after this block (a stop token among its ids is found below, and
+                # that row's step ahead is wasted): their next step runs while the host works
+                going = [slot for slot, live in self._live.items()
+                         if live.request.max_new_tokens > len(live.new_ids) + len(ids.get(slot, ()))]
+                if going:
+                    self.backend.launch_ahead(rows, plan, going)
         except LmforgeError as exc:
             self._fail(list(self._live.values()), exc)
             self.backend.reset()  # every running request failed with this step
             return
-        self.steps += max(map(len, ids.values()), default=0)
-        if self.launch_ahead and self.backend.can_launch_ahead and not want_logits and not self._admissible():
-            # rows that go on after this block (a stop token among its ids is found below, and
-            # that row's step ahead is wasted): their next step runs while the host works
-            going = [slot for slot, live in self._live.items()
-                     if live.request.max_new_tokens > len(live.new_ids) + len(ids.get(slot, ()))]
-            if going:
-                try:
-                    self.backend.launch_ahead(max(self._live) + 1, self._plan(self._live.values()), going)
-                except LmforgeError as exc:  # reported by the next block's read, as any step's failure
-                    log.debug("the step launched ahead failed at launch: %s", exc)
         for slot, live in self._live.items():
             self._accept(live, ids.get(slot, []), None if logits is None else logits[slot][None, :])
 
