@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, os.environ.get("LMFORGE_SRC", str(REPO)))  # another tree's runtime, for an A/B
 
 
 KINDS = {"greedy": {}, "temperature": {"temperature": 0.7, "seed": 1},
@@ -68,7 +68,7 @@ def profile(path: Path, batch: int, steps: int, graph: bool, kind: str = "greedy
         "gpu_busy_ms_per_step": busy_us / 1e3 / decode_steps,
         "kernels_per_step": sum(len(v) for v in kernels.values()) / decode_steps,
         "top": [
-            {"kernel": n[:120], "calls_per_step": round(c, 2), "us_per_step": round(u, 1)} for n, c, u in table[:25]
+            {"kernel": n[:120], "calls_per_step": round(c, 2), "us_per_step": round(u, 1)} for n, c, u in table[:80]
         ],
     }
 

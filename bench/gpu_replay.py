@@ -36,9 +36,12 @@ def main() -> int:
     from runtime.sampler_graph import ALL_ROWS
 
     eng = Engine.load(args.artifact, device="cuda", max_batch=16, verify_hashes=False)
-    plans = {"greedy": (1, 0, 0, 0), "temperature": (1, ALL_ROWS, 0, 0), "min-p": (1, ALL_ROWS, 0, ALL_ROWS),
-             "top-k (64)": (64, ALL_ROWS, 0, ALL_ROWS), "top-p (256)": (256, ALL_ROWS, 0, ALL_ROWS),
-             "top-p (1024)": (1024, ALL_ROWS, 0, ALL_ROWS), "penalties": (1, 0, ALL_ROWS, 0)}
+    a = ALL_ROWS  # (candidates, sampled, penalized, filtered, parted rows): runtime.sampling.host_values
+    plans = {"greedy": (1, 0, 0, 0, 0), "temperature": (1, a, 0, 0, 0), "min-p": (1, a, 0, a, 0),
+             "top-k (64)": (64, a, 0, a, 0), "top-p (256)": (256, a, 0, a, 0), "top-p (1024)": (1024, a, 0, a, a),
+             "top-p (1024), one selection": (1024, a, 0, a, 0), "penalties": (1, 0, a, 0, 0)}
+    if os.environ.get("LMFORGE_SRC"):  # a tree from before the parted selection (step format 2)
+        plans = {k: v[:4] for k, v in plans.items() if k != "top-p (1024), one selection"}
     rows_out = []
     backend = eng.backend
     for rows in [int(r) for r in args.rows.split(",")]:

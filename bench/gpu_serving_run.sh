@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call of issue #11's and #12's GPU evidence, after stage-wheels.sh (see bench/README.md):
-#   bash bench/gpu_serving_run.sh tests|smollm2|genai|genai1b|verify|http|http2|http3|burst|quick|ab|ahead|attention|buckets|llama1b
+#   bash bench/gpu_serving_run.sh tests|smollm2|genai|genai1b|verify|http|http2|http3|burst|quick|ab|ahead|attention|buckets|llama1b|topk|b1|b1old|pyspy|seg|oldnew|probe
 # Each stage writes its log and JSON under $OUT and is bounded by `timeout`. `http` needs the
 # server's wheels (.whl/, installed into /tmp/site) and the smollm2 stage's artifact.
 set -u
@@ -29,6 +29,36 @@ for stage in "$@"; do
           flag=""; [ $side = none ] && flag=--no-launch-ahead
           timeout 200 "${PY[@]}" bench/gpu_serving.py --shapes smollm2-135m --tag $side $flag --out $OUT --repeats ${REPEATS:-2} --quick 2>&1 | grep -v W:onnxruntime | tee $OUT/quick_$side.log | tail -9
         done ;;
+    topk) timeout 300 "${PY[@]}" bench/gpu_topk.py --out $OUT 2>&1 | grep -v W:onnxruntime | tee $OUT/topk.log | tail -3 ;;
+    b1) # batch-1 greedy: this tree's engine with its switches, and where its loop thread's time goes
+        timeout 400 python3 bench/gpu_b1.py --src . --tag new --variants --breakdown --out $OUT 2>&1 | grep -v W:onnxruntime | tee $OUT/b1_new.log | tail -40 ;;
+    b1old) # the same on an older tree (.oldrt/, carried: `git archive 82d064a^ runtime passes exporters lmforge parity`)
+        timeout 400 python3 bench/gpu_b1.py --src .oldrt --tag old --out $OUT 2>&1 | grep -v W:onnxruntime | tee $OUT/b1_old.log | tail -8 ;;
+    pyspy) # a host profile of batch-1 decode (py-spy from .whl/, in /tmp/site/bin); raw folded stacks
+        timeout 120 /tmp/site/bin/py-spy record --native --idle --threads -r 2000 -f raw -o $OUT/pyspy_b1.txt -- python3 bench/gpu_b1.py --src . --tag new --spin 15 2>&1 | tail -3 ;;
+    seg) # the top-k / top-p candidates selected in parts of the row (SEGMENTS_MAX 16) against one selection,
+         # after the b1 stage: the captured step alone, the engine's sampled decode, and the same seeded draws
+        timeout 200 python3 -c "from runtime import sampler_graph as s; s.SEGMENTS_MAX = 16; from passes.pipeline import optimize_artifact as o; o('/tmp/b1-new/fp32', '/tmp/b1-seg/fp16', device='cuda', precision='fp16', kv_mode='shared-buffer', force=True, progress=False)" 2>&1 | tail -2
+        for side in new seg; do
+          timeout 100 "${PY[@]}" bench/gpu_replay.py /tmp/b1-$side/fp16 --steps 240 --out $OUT/replay_$side 2>&1 | grep -v W:onnxruntime | grep -E "top|greedy|temperature" | cut -c1-120
+        done
+        timeout 150 python3 bench/gpu_b1.py --artifact /tmp/b1-seg/fp16 --tag seg --sampled --compare /tmp/b1-new/fp16 --new-tokens 128 --reps 3 --out $OUT 2>&1 | grep -v W:onnxruntime | tee $OUT/b1_seg.log | tail -9
+        timeout 120 python3 bench/gpu_b1.py --artifact /tmp/b1-new/fp16 --tag new2 --sampled --new-tokens 128 --reps 3 --out $OUT 2>&1 | grep -v W:onnxruntime | tee $OUT/b1_new2.log | tail -8 ;;
+    oldnew) # the pre-engine runtime (.oldrt/, carried) against this tree at batch 1: rates, CUPTI kernels per step,
+            # the sampling nodes alone per candidates' selection, and whether two engines draw the same ids
+        timeout 200 python3 bench/gpu_b1.py --src . --tag new --batches 1,16 --new-tokens 128 --reps 3 --out $OUT 2>&1 | grep -v W:onnxruntime | grep -E "tok/s|Error" | tail -3
+        timeout 200 python3 bench/gpu_b1.py --src .oldrt --tag old --batches 1,16 --new-tokens 128 --reps 3 --out $OUT 2>&1 | grep -v W:onnxruntime | grep -E "tok/s|Error" | tail -3
+        for side in old new; do
+          src=.; [ $side = old ] && src=.oldrt
+          mkdir -p $OUT/prof_$side; LMFORGE_SRC=$src timeout 100 python3 bench/gpu_profile.py --artifacts /tmp/b1-$side/fp16 --steps 128 --out $OUT/prof_$side 2>&1 | grep -v W:onnxruntime > $OUT/prof_$side.log; grep -A8 wall $OUT/prof_$side.log
+        done
+        timeout 150 python3 bench/gpu_sampler.py --out $OUT 2>&1 | grep -v W:onnxruntime | cut -c1-250 | tail -24
+        timeout 100 python3 bench/gpu_b1.py --artifact /tmp/b1-new/fp16 --tag det --compare /tmp/b1-new/fp16 --batches 1 --new-tokens 16 --reps 1 --out $OUT 2>&1 | grep -v W:onnxruntime | tail -1 ;;
+    probe) # this tree at batch 1 and 16: greedy and sampled rates, the backend alone over a prefilled row,
+           # seeded draws of one engine twice, the same with deterministic kernels, and the step alone per plan
+        timeout 250 python3 bench/gpu_b1.py --src . --tag new --batches 1,16 --new-tokens 128 --reps 3 --sampled --probe --compare /tmp/b1-new/fp16 --out $OUT 2>&1 | grep -v W:onnxruntime | tee $OUT/b1_probe.log | grep -E "tok/s|probe|same|Error" | cut -c1-400
+        timeout 120 python3 bench/gpu_b1.py --artifact /tmp/b1-new/fp16 --tag det --deterministic --batches 1 --new-tokens 128 --reps 3 --compare /tmp/b1-new/fp16 --out $OUT 2>&1 | grep -v W:onnxruntime | tee $OUT/b1_det.log | grep -E "tok/s|same|Error" | cut -c1-400
+        timeout 100 "${PY[@]}" bench/gpu_replay.py /tmp/b1-new/fp16 --steps 240 --out $OUT/replay 2>&1 | grep -v W:onnxruntime | grep -E "plan" | cut -c1-130 ;;
     attention) timeout 300 "${PY[@]}" bench/gpu_attention.py --artifacts /tmp/lmf-serve/smollm2-135m/serve-cuda --settings ",sdpa_kernel=1,sdpa_kernel=2,sdpa_kernel=16" --batches 1,16 --new-tokens 128 --out $OUT 2>&1 | grep -v W:onnxruntime | tee $OUT/attention.log | tail -4 ;;
     http2) for shape in ${SHAPES:-smollm2-135m llama-3.2-1b}; do
              timeout 280 python3 -c "import sys; sys.path.insert(0, 'bench'); from pathlib import Path; import gpu_serving as g; print(g.build('$shape', Path('/tmp/lmf-serve'), 'cuda'))" 2>&1 | tail -1

@@ -34,7 +34,7 @@ from passes.shared_buffer import SharedBuffer, compare_shared, share_kv_buffers,
 from runtime import step_graph
 from runtime.artifact import MANIFEST_NAME, MODEL_NAME, Artifact, KvMode, check_output, load_artifact, write_artifact
 from runtime.errors import PassError
-from runtime.sampler_graph import write_sampler
+from runtime.sampler_graph import candidate_segments, write_sampler
 
 __all__ = ["DEVICES", "PRECISIONS", "OptimizeReport", "optimize_artifact", "graph_io", "op_counts"]
 
@@ -321,7 +321,7 @@ def optimize_artifact(
                 records.append({"name": "shared-buffer-kv", "count": sb.layers, "kind": "kv"})
                 records.append({"name": "rotary-into-gqa", "count": sb.rotary_folded, "kind": "fusion"})
                 records.append({"name": "packed-qkv", "count": sb.qkv_packed, "kind": "fusion"})
-                io = _append_step_model(tmp / MODEL_NAME, sb, int(art.architecture["vocab"]))
+                io = _append_step_model(tmp / MODEL_NAME, sb, int(art.architecture["vocab"]), device)
                 records.append({"name": "step-model", "count": 1, "kind": "step"})
             final = ir.load(str(tmp / MODEL_NAME))
             _check_io(f"the {precision} conversion", _reference_io(io) if io else reference_io, final)
@@ -380,14 +380,17 @@ def optimize_artifact(
 _KV_MODES = (None, KvMode.CONCAT.value, KvMode.SHARED_BUFFER.value)
 
 
-def _append_step_model(path: Path, sb: SharedBuffer, vocab: int) -> dict[str, list[dict[str, Any]]]:
+def _append_step_model(path: Path, sb: SharedBuffer, vocab: int, device: str) -> dict[str, list[dict[str, Any]]]:
     """Write the step model (:mod:`runtime.step_graph`: decoder + on-device sampling + next inputs)
     into the shared-buffer graph at ``path``, in place; return the manifest's ``io`` for it.
 
     The nodes come from the runtime's own definition, so the graph the engine runs is byte for
-    byte the one this artifact ships, hashes and verifies.
+    byte the one this artifact ships, hashes and verifies. On CUDA the top-k / top-p candidates
+    are selected in parts of the row (:func:`runtime.sampler_graph.candidate_segments`: the same
+    values; onnxruntime's CPU ``TopK`` is faster over the whole row).
     """
-    path.write_bytes(step_graph.append_step(path.read_bytes(), vocab))
+    segments = candidate_segments(vocab) if device == "cuda" else 1
+    path.write_bytes(step_graph.append_step(path.read_bytes(), vocab, segments=segments))
     step = step_graph.step_io(vocab)
     io = sb.io_json()
     return {"inputs": io["inputs"] + step["inputs"], "outputs": io["outputs"] + step["outputs"]}

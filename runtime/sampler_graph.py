@@ -71,7 +71,7 @@ from runtime._onnx_proto import GraphBuilder
 
 __all__ = ["ALL_ROWS", "BOUNDED_CANDIDATES", "HOST_INPUTS", "MAX_CANDIDATES", "ROW_CONSTANTS", "ROW_STATE",
            "STEP_HOST_INPUTS", "SAMPLER_FORMAT", "SAMPLER_NAME", "add_sampling", "declare_row_inputs",
-           "build_sampler_model", "write_sampler"]
+           "build_sampler_model", "candidate_segments", "write_sampler"]
 
 SAMPLER_NAME = "sampler.onnx"  # the concat contract's sampler, in the artifact beside model.onnx
 SAMPLER_FORMAT = 1  # bumped whenever the sampler's inputs or semantics change; the runtime refuses another
@@ -79,6 +79,8 @@ SAMPLER_FORMAT = 1  # bumped whenever the sampler's inputs or semantics change; 
 ALL_ROWS = int(np.iinfo(np.int64).max)  # a row bound meaning "every row" (Slice clamps it)
 BOUNDED_CANDIDATES = 1024
 MAX_CANDIDATES = 4096  # the candidates' cumulative sum is one-level (quadratic in K)
+_PARTS_SORTED = 0  # whether :func:`_largest`'s first stage sorts each part (the second sorts anyway)
+SEGMENTS_MAX = 8  # the most parts a CUDA step's candidate selection splits a row into (:func:`candidate_segments`)
 _BLOCK = 256
 _FLOAT, _INT64 = 1, 7
 
@@ -90,9 +92,11 @@ ROW_CONSTANTS = (
 )
 # [1] int64 inputs in host memory, one value per run (each value its own captured graph on CUDA)
 HOST_INPUTS = ("candidates", "sampled_rows", "penalized_rows")
-# the step model's (:mod:`runtime.step_graph`) add one: rows 0:filtered_rows run the top-k /
-# top-p / min-p threshold (0: no row of the run filters; never more than sampled_rows)
-STEP_HOST_INPUTS = (*HOST_INPUTS, "filtered_rows")
+# the step model's (:mod:`runtime.step_graph`) add two: rows 0:filtered_rows run the top-k /
+# top-p / min-p threshold (0: no row of the run filters; never more than sampled_rows), and of
+# those, rows 0:parted_rows select their candidates in parts of the row (:func:`_largest`;
+# ignored by a step built with one part)
+STEP_HOST_INPUTS = (*HOST_INPUTS, "filtered_rows", "parted_rows")
 # per-row state the sampling updates: (input, output)
 ROW_STATE = (("seen", "seen_out", "bool"), ("counts", "counts_out", "float32"), ("step", "step_out", "int64"))
 
@@ -102,6 +106,36 @@ def _count(g: GraphBuilder, mask: str, axis: str) -> str:
     onnxruntime's CUDA ``ReduceSum`` reduces int64 in double through cuDNN, far slower)."""
     total = g.op("ReduceSum", [g.op("Cast", [mask], {"to": _FLOAT}), axis], {"keepdims": 1})
     return g.op("Cast", [total], {"to": _INT64})
+
+
+def candidate_segments(vocab: int) -> int:
+    """How many segments :func:`_largest` splits a row of ``vocab`` logits into: the most, up to
+    :data:`SEGMENTS_MAX`, that leave each at least :data:`MAX_CANDIDATES` wide, preferring a count
+    that divides the vocabulary (no padding)."""
+    most = max(1, min(SEGMENTS_MAX, vocab // MAX_CANDIDATES))
+    return next((n for n in range(most, 0, -1) if vocab % n == 0 and n * 2 > most), most)
+
+
+def _largest(g: GraphBuilder, s: str, k: str, vocab: int, segments: int) -> str:
+    """The ``k`` largest values of each row of ``s [b, vocab]``, sorted descending (values only).
+
+    With ``segments > 1`` in two stages that give the same values: the row split into
+    ``segments`` equal parts (the last padded with −inf), the ``k`` largest of each part, then the
+    ``k`` largest of those ``segments · k`` (every value of the row's top k is among its part's
+    top k, since a part holds at most all of them). onnxruntime's CUDA ``TopK`` selects beyond
+    K = 256 with one thread block a row; parts give it ``segments`` blocks a row over shorter
+    rows. ``k`` is the host input: read by the two ``TopK`` nodes alone (see :func:`add_sampling`).
+    """
+    if segments <= 1:
+        return g.op("TopK", [s, k], {"axis": 1, "largest": 1, "sorted": 1}, outputs=2)[0]
+    width = -(-vocab // segments)
+    if width * segments != vocab:
+        s = g.op("Pad", [s, g.const(np.array([0, 0, 0, width * segments - vocab], np.int64)),
+                         g.const(-np.inf, "float32")])
+    parts = g.op("Reshape", [s, g.const(np.array([-1, segments, width], np.int64))])
+    best = g.op("TopK", [parts, k], {"axis": 2, "largest": 1, "sorted": _PARTS_SORTED}, outputs=2)[0]
+    return g.op("TopK", [g.op("Flatten", [best], {"axis": 1}), k], {"axis": 1, "largest": 1, "sorted": 1},
+                outputs=2)[0]
 
 
 def _draw(g: GraphBuilder, w: str, u: str, length: int) -> str:
@@ -137,14 +171,16 @@ def _draw(g: GraphBuilder, w: str, u: str, length: int) -> str:
 
 
 def add_sampling(g: GraphBuilder, logits_last: str, vocab: int, names: dict[str, str],
-                 outputs: dict[str, str] | None = None) -> dict[str, str]:
+                 outputs: dict[str, str] | None = None, segments: int = 1) -> dict[str, str]:
     """Append the sampling nodes; return the names of ``next_ids [b, 1]`` and the state outputs.
 
     ``logits_last`` is ``[b, vocab]`` (any float dtype; cast to float32 here). ``names`` maps
     every :data:`ROW_CONSTANTS` and :data:`ROW_STATE` input and every :data:`HOST_INPUTS` input
     to its graph name (declared by the caller). ``outputs`` names the graph outputs that
     ``next_ids``, ``seen``, ``counts`` and ``step`` are written to by the node that computes
-    them (an ``Identity`` in between would be one more device copy in every step).
+    them (an ``Identity`` in between would be one more device copy in every step). ``segments``:
+    the candidates' selection in that many parts (:func:`_largest`; the same values) for rows
+    ``0:parted_rows`` when ``names`` has that host input, for every row otherwise.
     """
     outputs = outputs or {}
     axis0, axis1 = g.const(np.array([0], np.int64)), g.const(np.array([1], np.int64))
@@ -202,7 +238,12 @@ def add_sampling(g: GraphBuilder, logits_last: str, vocab: int, names: dict[str,
     fr = n.get("filtered_rows", sr)
     s_f, w_f, top_k = head(s, fr), head(weights, fr), head(k_s, fr)
     top_p, min_p = col(head(n["top_p"], fr)), col(head(n["min_p"], fr))
-    vals = g.op("TopK", [s_f, n["candidates"]], {"axis": 1, "largest": 1, "sorted": 1}, outputs=2)[0]
+    if segments > 1 and "parted_rows" in n:  # one TopK is faster for K ≤ 256: the host picks per run
+        parted = n["parted_rows"]
+        vals = g.op("Concat", [_largest(g, head(s_f, parted), n["candidates"], vocab, segments),
+                               _largest(g, tail(s_f, parted), n["candidates"], vocab, 1)], {"axis": 0})
+    else:
+        vals = _largest(g, s_f, n["candidates"], vocab, segments)
     has_k = g.op("Greater", [top_k, zero_i])
     k_pos = g.op("Max", [g.op("Sub", [top_k, one_i]), zero_i])
     thr_k = g.op("Where", [has_k, g.op("GatherElements", [vals, k_pos], {"axis": 1}), neg_inf])
@@ -258,7 +299,7 @@ def declare_row_inputs(g: GraphBuilder, vocab: int, prefix: str = "",
     return names
 
 
-def build_sampler_model(logits_dtype: str, vocab: int) -> bytes:
+def build_sampler_model(logits_dtype: str, vocab: int, segments: int = 1) -> bytes:
     """The standalone sampler of the concat backend, ModelProto bytes.
 
     inputs: ``logits [b, seq, vocab]`` (the last position is used), ``attention_mask [b, total]``
@@ -275,7 +316,8 @@ def build_sampler_model(logits_dtype: str, vocab: int) -> bytes:
     names = declare_row_inputs(g, vocab)
     last = g.op("Gather", ["logits", g.const(-1, "int64")], {"axis": 1})
     add_sampling(g, last, vocab, names,
-                 outputs={"next_ids": "next_ids", **{state: output for state, output, _ in ROW_STATE}})
+                 outputs={"next_ids": "next_ids", **{state: output for state, output, _ in ROW_STATE}},
+                 segments=segments)
     ones = g.op("Expand", [g.const(np.ones((1, 1), np.int64)), g.op("Shape", ["next_ids"])])
     next_mask = g.op("Concat", [mask, ones], {"axis": 1}, outputs=["next_attention_mask"])
     axis1 = g.const(np.array([1], np.int64))

@@ -18,7 +18,8 @@ import onnxruntime as ort
 from runtime.errors import InvalidRequestError
 from runtime.sampler_graph import ALL_ROWS, BOUNDED_CANDIDATES, HOST_INPUTS, build_sampler_model
 
-__all__ = ["SamplingParams", "GREEDY", "Plan", "TOP_K_CANDIDATES", "host_values", "row_arrays", "stack_rows", "Sampler"]
+__all__ = ["SamplingParams", "GREEDY", "PARTED_ABOVE", "Plan", "TOP_K_CANDIDATES", "host_values", "row_arrays",
+           "stack_rows", "Sampler"]
 
 
 def _is_int(value: object) -> bool:
@@ -120,15 +121,15 @@ class SamplingParams:
 GREEDY = SamplingParams()
 
 
-Plan = tuple[int, int, int, int]  # host_values: (candidates, sampled_rows, penalized_rows, filtered_rows)
-
+Plan = tuple[int, int, int, int, int]  # host_values: (candidates, sampled, penalized, filtered, parted rows)
 
 TOP_K_CANDIDATES = (64, 256)  # the smaller sorts a step takes when every sorted row sets top-k
+PARTED_ABOVE = TOP_K_CANDIDATES[-1]  # more candidates than this are selected in parts of the row (CUDA steps)
 
 
 def host_values(params: Sequence[SamplingParams], candidates: int) -> Plan:
     """The sampling nodes' host inputs for a run over rows with these parameters:
-    ``(candidates, sampled_rows, penalized_rows, filtered_rows)``, in the order of
+    ``(candidates, sampled_rows, penalized_rows, filtered_rows, parted_rows)``, in the order of
     :data:`runtime.sampler_graph.STEP_HOST_INPUTS` (the concat sampler reads the first three).
 
     A run where every row is greedy skips the draw (``sampled_rows = 0``), one where no row is
@@ -141,8 +142,11 @@ def host_values(params: Sequence[SamplingParams], candidates: int) -> Plan:
     within that many tokens). When every row that reads candidates sets ``top_k``, the step sorts
     only the first of :data:`TOP_K_CANDIDATES` that holds the largest ``top_k`` (64 for the usual
     top-k 40 or 50): exact, since top-p then renormalizes over the top-k survivors. onnxruntime's
-    CUDA ``TopK`` has a fast path up to K = 256 and runs a radix select beyond it (0.25–0.34 ms
-    for K = 1,024 over 49,152 logits on an H100, ``bench/gpu_copies.py``).
+    CUDA ``TopK`` has a fast path up to K = 256 and runs a radix select with one thread block a
+    row beyond it (0.25 ms for K = 1,024 over 49,152 logits on an H100, 0.65 ms over 128,256),
+    so more than :data:`PARTED_ABOVE` candidates are selected in parts of the row
+    (``parted_rows``; :func:`runtime.sampler_graph.candidate_segments`, the same values): 0.17 /
+    0.57 ms less there, ~0.05 ms more for 64 (``bench/gpu_sampler.py``).
     """
     sampled = [p for p in params if not p.greedy]
     sorting = [p for p in sampled if p.needs_candidates]
@@ -154,7 +158,7 @@ def host_values(params: Sequence[SamplingParams], candidates: int) -> Plan:
             k = min(next((b for b in TOP_K_CANDIDATES if top <= b), candidates), candidates)
     filtered = any(p.needs_candidates or p.min_p > 0 for p in sampled)
     return (k, ALL_ROWS if sampled else 0, ALL_ROWS if any(p.needs_penalties for p in params) else 0,
-            ALL_ROWS if filtered else 0)
+            ALL_ROWS if filtered else 0, ALL_ROWS if filtered and k > PARTED_ABOVE else 0)
 
 
 def row_arrays(params: SamplingParams, prompt: Sequence[int], stop_ids: Sequence[int], vocab: int,
@@ -200,8 +204,9 @@ class Sampler:
     """The sampler graph as a standalone session (CPU or CUDA), for logits already at hand."""
 
     def __init__(self, logits_dtype: str = "float32", providers: Sequence[str] = ("CPUExecutionProvider",),
-                 candidates: int = BOUNDED_CANDIDATES):
+                 candidates: int = BOUNDED_CANDIDATES, segments: int = 1):
         self.logits_dtype = logits_dtype
+        self.segments = segments  # the candidates' selection in parts (runtime.sampler_graph._largest)
         self.providers = list(providers)
         self.candidates = candidates
         self._sessions: dict[int, ort.InferenceSession] = {}
@@ -211,7 +216,7 @@ class Sampler:
         if vocab not in self._sessions:
             options = ort.SessionOptions()
             options.log_severity_level = 3
-            model = build_sampler_model(self.logits_dtype, vocab)
+            model = build_sampler_model(self.logits_dtype, vocab, segments=self.segments)
             self._sessions[vocab] = ort.InferenceSession(model, sess_options=options, providers=self.providers)
         return self._sessions[vocab]
 

@@ -30,8 +30,9 @@ constants (written once per request into its row)
 host inputs (``[1]`` int64 in host memory, :data:`runtime.sampler_graph.STEP_HOST_INPUTS`)
     ``candidates`` (how many sorted candidates top-k / top-p read), ``sampled_rows``,
     ``penalized_rows`` and ``filtered_rows`` (0: no row of the run samples / is penalized /
-    reads top-k, top-p or min-p, and those nodes run on no rows); each value is its own
-    captured graph.
+    reads top-k, top-p or min-p, and those nodes run on no rows), and ``parted_rows`` (the
+    candidates selected in parts of the row, :func:`runtime.sampler_graph.candidate_segments`:
+    on CUDA for more than 256 candidates); each value is its own captured graph.
 
 Each row's last real token is its ``seqlens_k`` (GroupQueryAttention's "total length − 1"):
 the step samples from that row's logits at column ``seqlens_k − position_ids[:, 0]``, which is
@@ -42,8 +43,8 @@ changes nothing for the real positions). The next position is ``seqlens_k + 1`` 
 inside the bucket, keeps writing its own last KV position and never past its buffer row. The
 new id is written into ``history`` at column ``step mod window``.
 
-Format 2 (this one) samples at ``seqlens_k``; format 1 sampled the run's last column and
-could not prefill right-padded rows together.
+Format 3 (this one) adds ``parted_rows``; format 2 sampled at ``seqlens_k`` already; format 1
+sampled the run's last column and could not prefill right-padded rows together.
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ from runtime.sampler_graph import ROW_CONSTANTS, STEP_HOST_INPUTS, add_sampling,
 __all__ = ["FORMAT", "PREFIX", "STATE", "CONSTANTS", "WINDOW", "append_step", "manifest_entry", "neutral_feeds",
            "step_fragment", "step_io"]
 
-FORMAT = 2  # bumped whenever the step's inputs or semantics change; the runtime refuses another
+FORMAT = 3  # bumped whenever the step's inputs or semantics change; the runtime refuses another
 WINDOW = 32  # columns of the id history: the most decode steps between two host reads
 PREFIX = "lmforge_step."
 # (input, the output that becomes it next step, dtype)
@@ -83,7 +84,7 @@ def _outputs(vocab: int, window: int) -> list[tuple[str, str, list[int | str]]]:
             (p + "history_out", "int64", ["batch", window])]
 
 
-def _build(vocab: int, window: int) -> GraphBuilder:
+def _build(vocab: int, window: int, segments: int = 1) -> GraphBuilder:
     if window < 1:
         raise ValueError(f"window must be ≥ 1, got {window}")
     g = GraphBuilder("lmforge_step", prefix=PREFIX)
@@ -102,7 +103,7 @@ def _build(vocab: int, window: int) -> GraphBuilder:
     # the sampling nodes write the outputs themselves (an Identity would be a device copy a step)
     written = {"next_ids": p + "next_input_ids", "seen": p + "seen_out", "counts": p + "counts_out",
                "step": p + "step_out"}
-    out = add_sampling(g, last, vocab, names, outputs=written)
+    out = add_sampling(g, last, vocab, names, outputs=written, segments=segments)
     nxt = out["next_ids"]
     pos = g.op("Min", [g.op("Add", [seqlens, g.const(1, "int64")]), g.op("Unsqueeze", [last_position, axis1])],
                outputs=[p + "next_position_ids"])
@@ -114,14 +115,16 @@ def _build(vocab: int, window: int) -> GraphBuilder:
     return g
 
 
-def step_fragment(vocab: int, window: int = WINDOW) -> bytes:
-    """The graph fragment to append to a shared-buffer decoder (see the module docstring)."""
-    return fragment_bytes(_build(vocab, window))
+def step_fragment(vocab: int, window: int = WINDOW, segments: int = 1) -> bytes:
+    """The graph fragment to append to a shared-buffer decoder (see the module docstring);
+    ``segments``: the top-k / top-p candidates selected in that many parts of the row
+    (:func:`runtime.sampler_graph.candidate_segments`; the same values, faster on CUDA)."""
+    return fragment_bytes(_build(vocab, window, segments))
 
 
-def append_step(decoder: bytes, vocab: int, window: int = WINDOW) -> bytes:
+def append_step(decoder: bytes, vocab: int, window: int = WINDOW, segments: int = 1) -> bytes:
     """The decoder's ``ModelProto`` bytes with the step fragment merged in."""
-    return decoder + step_fragment(vocab, window)
+    return decoder + step_fragment(vocab, window, segments)
 
 
 def step_io(vocab: int, window: int = WINDOW) -> dict[str, list[dict[str, Any]]]:

@@ -170,3 +170,24 @@ def test_fp32_shared_buffer_refused_on_cuda(artifact_cache: Callable[[str], Path
                       progress=False)
     with pytest.raises(GenerationError, match="fp32 shared-buffer artifact cannot run on CUDA"):
         Engine.load(out, device="cuda")
+
+
+def test_candidates_in_parts_draw_the_same_on_cuda() -> None:
+    """CUDA kernels of the parted selection (a full SmolLM2 vocabulary in 8 parts, 1,024 and 64
+    candidates, rows with and without a filter): the same seeded ids as one ``TopK``."""
+    from runtime.sampling import Sampler
+
+    vocab = 49152
+    rng = np.random.default_rng(3)
+    logits = (rng.standard_normal((6, vocab)) * np.array([[0.5], [1], [2], [4], [8], [16]])).astype(np.float16)
+    plans = [
+        [SamplingParams(temperature=1.0, top_p=0.95, seed=i) for i in range(6)],
+        [SamplingParams(temperature=1.0, top_k=50, top_p=0.9, seed=i) for i in range(6)],
+        [SamplingParams(temperature=0.7, seed=i) if i % 2 else SamplingParams() for i in range(6)],
+    ]
+    one = Sampler("float16", providers=["CUDAExecutionProvider"])
+    parts = Sampler("float16", providers=["CUDAExecutionProvider"], segments=8)
+    for params in plans:
+        for step in range(6):
+            want = one.sample(logits, params, step=step, steps=6)
+            np.testing.assert_array_equal(parts.sample(logits, params, step=step, steps=6), want)

@@ -282,3 +282,109 @@ def test_a_top_k_row_draws_the_same_from_64_candidates_as_from_all(sampler: Samp
         full = session.run(["next_ids"], {**feeds, "candidates": np.array([vocab], np.int64)})[0]
         np.testing.assert_array_equal(small, full)
         assert all(0 <= i < vocab for i in small.ravel())
+
+
+@pytest.mark.parametrize("segments", [1, 2, 3, 5])
+def test_the_candidates_in_segments_are_the_row_s_largest_values(segments: int) -> None:
+    """The two-stage selection (parts, then the best of the parts' best) gives exactly the row's
+    k largest values, sorted, with the last part padded (12,388 = 5 · 2,478 − 2), with ties and
+    −inf in the row, for every k the parts can hold."""
+    import onnxruntime as ort
+
+    from runtime._onnx_proto import GraphBuilder
+    from runtime.sampler_graph import _largest
+
+    vocab = 12388
+    g = GraphBuilder("largest")
+    g.input("s", "float32", ["b", vocab])
+    g.input("k", "int64", [1])
+    g.op("Identity", [_largest(g, "s", "k", vocab, segments)], outputs=["v"])
+    g.output("v", "float32", ["b", "k"])
+    session = ort.InferenceSession(g.to_bytes(), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(segments)
+    s = rng.standard_normal((4, vocab)).astype(np.float32)
+    s[1] = np.round(s[1])  # many ties
+    s[2, ::3] = -np.inf  # masked tokens
+    s[3, -2000:] += 5  # the best all in the last (padded) part
+    for k in (1, 64, 1024, 2478):
+        got = session.run(None, {"s": s, "k": np.array([k], np.int64)})[0]
+        np.testing.assert_array_equal(got, -np.sort(-s, axis=1)[:, :k])
+    assert session.run(None, {"s": s[:0], "k": np.array([64], np.int64)})[0].shape == (0, 64)  # no row
+
+
+def test_segmented_candidates_draw_the_same_tokens(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A sampler whose candidates come in segments draws, seed for seed, what one selection draws
+    (top-p alone over 1,024 candidates, top-k + top-p, min-p)."""
+    import onnx
+
+    from runtime import sampler_graph
+
+    vocab = 3 * 4096 + 101  # odd: three parts, the last padded
+    rng = np.random.default_rng(5)
+    logits = (rng.standard_normal((4, vocab)) * np.array([[0.5], [2], [4], [8]])).astype(np.float32)
+    params = [SamplingParams(temperature=1.0, top_p=0.95, seed=1), SamplingParams(temperature=0.7, top_p=0.9, seed=2),
+              SamplingParams(temperature=1.0, top_k=50, top_p=0.9, seed=3), SamplingParams(temperature=1.0, min_p=0.05,
+                                                                                           seed=4)]
+    drawn = {}
+    for most in (1, 3):
+        monkeypatch.setattr(sampler_graph, "SEGMENTS_MAX", most)
+        segments = sampler_graph.candidate_segments(vocab)
+        assert segments == most
+        sampler = Sampler("float32", segments=segments)
+        model = sampler_graph.build_sampler_model("float32", vocab, segments=segments)
+        ops = [node.op_type for node in onnx.load_from_string(model).graph.node]
+        assert ops.count("TopK") == (1 if segments == 1 else 2)
+        drawn[most] = [sampler.sample(logits, params, step=t, steps=20).tolist() for t in range(20)]
+    assert drawn[1] == drawn[3]
+    assert len({tuple(d) for d in drawn[1]}) > 5  # the rows really sample
+
+
+def test_the_step_s_parted_rows_switch_the_selection_and_change_no_draw() -> None:
+    """In a step built with parts, ``parted_rows`` picks per run between one ``TopK`` and the
+    parts (the host asks for parts above 256 candidates): the same seeded ids either way, and the
+    same as a sampler with one selection, for top-p, top-k + top-p and min-p rows."""
+    import onnxruntime as ort
+
+    from runtime._onnx_proto import GraphBuilder
+    from runtime.sampler_graph import STEP_HOST_INPUTS, add_sampling, declare_row_inputs
+    from runtime.sampling import host_values, row_arrays, stack_rows
+
+    vocab = 3 * 4096 + 101
+    g = GraphBuilder("parted")
+    names = declare_row_inputs(g, vocab, host_inputs=STEP_HOST_INPUTS)
+    g.input("logits", "float32", ["batch", vocab])
+    add_sampling(g, "logits", vocab, names, outputs={"next_ids": "next_ids"}, segments=3)
+    g.output("next_ids", "int64", ["batch", 1])
+    session = ort.InferenceSession(g.to_bytes(), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(9)
+    logits = (rng.standard_normal((4, vocab)) * np.array([[0.5], [2], [4], [8]])).astype(np.float32)
+    params = [SamplingParams(temperature=1.0, top_p=0.95, seed=1), SamplingParams(temperature=0.7, top_p=0.9, seed=2),
+              SamplingParams(temperature=1.0, top_k=50, top_p=0.9, seed=3), SamplingParams(min_p=0.05, seed=4)]
+    plan = host_values(params, 1024)
+    assert plan[0] == 1024 and plan[4] == ALL_ROWS  # top-p alone: 1,024 candidates, in parts
+    assert host_values(params[2:3], 1024)[4] == 0  # top-k 50: 64 candidates, one TopK
+    one = Sampler("float32")
+    for step in range(12):
+        feeds = stack_rows([row_arrays(p, [], [], vocab, 12) for p in params])
+        feeds.update(logits=logits, step=np.full(4, step, np.int64))
+        want = one.sample(logits, params, step=step, steps=12)
+        for parted in (0, ALL_ROWS):
+            host = dict(zip(STEP_HOST_INPUTS, (*plan[:4], parted), strict=True))
+            got = session.run(None, {**feeds, **{k: np.array([v], np.int64) for k, v in host.items()}})[0]
+            np.testing.assert_array_equal(got.ravel(), want)
+
+
+def test_candidate_segments_keep_each_part_wide_enough(monkeypatch: pytest.MonkeyPatch) -> None:
+    from runtime import sampler_graph
+    from runtime.sampler_graph import MAX_CANDIDATES, candidate_segments
+
+    assert candidate_segments(49152) == 8  # the default: SmolLM2 in 8 × 6,144
+    assert candidate_segments(128256) == 8  # Llama 3: 8 × 16,032
+    monkeypatch.setattr(sampler_graph, "SEGMENTS_MAX", 16)
+    assert candidate_segments(49152) == 12  # SmolLM2: 12 × 4,096
+    assert candidate_segments(128256) == 16  # Llama 3: 16 × 8,016
+    assert candidate_segments(32000) == 5  # Llama 2: 5 × 6,400 (7 would need padding)
+    assert candidate_segments(4095) == 1
+    for vocab in (4096, 9000, 49152, 50257, 128256, 151936, 256000):
+        n = candidate_segments(vocab)
+        assert 1 <= n <= 16 and -(-vocab // n) >= MAX_CANDIDATES
