@@ -209,6 +209,22 @@ def probe(engine: Any, prompt_len: int, blocks: int = 16) -> dict[str, Any]:
     return out
 
 
+def logits_repeat(engine: Any, prompt_len: int, new: int = 12) -> dict[str, Any]:
+    """The same greedy requests twice, at batch 1 and 8: the largest difference between the two
+    runs' step logits (0 when every kernel on the path is run-to-run deterministic)."""
+    rng = np.random.default_rng(11)
+    prompts = [rng.integers(3, engine.vocab - 1, prompt_len).tolist() for _ in range(8)]
+    out = {}
+    for batch in (1, 8):
+        runs = [engine.generate_results(prompts[:batch], new, return_logits=True) for _ in range(2)]
+        diff = max(float(np.max(np.abs(np.asarray(a.step_logits) - np.asarray(b.step_logits))))
+                   for a, b in zip(*runs))
+        out[f"b{batch}"] = {"max_abs_logit_diff": diff,
+                            "same_ids": all(a.token_ids == b.token_ids for a, b in zip(*runs))}
+    print("logits twice:", out, flush=True)
+    return out
+
+
 def spin(engine: Any, prompt_len: int, new: int, seconds: float) -> int:
     from runtime import SamplingParams
 
@@ -233,6 +249,7 @@ def main() -> int:
     parser.add_argument("--variants", action="store_true")
     parser.add_argument("--breakdown", action="store_true")
     parser.add_argument("--probe", action="store_true", help="the backend alone over a prefilled row")
+    parser.add_argument("--logits-repeat", action="store_true", help="greedy step logits of two identical runs")
     parser.add_argument("--deterministic", action="store_true",
                         help="every onnxruntime session with use_deterministic_compute")
     parser.add_argument("--sampled", action="store_true", help="sampled decode tok/s too (128 new tokens)")
@@ -296,6 +313,8 @@ def main() -> int:
                                                                        "x_greedy": round(tok_s / greedy, 3)}
                     print(f"{args.tag:4s} {kind:40s} b{batch:<3d}  128 new  {tok_s:9.1f} tok/s  "
                           f"{tok_s / greedy:.3f}x greedy ({greedy:.1f})", flush=True)
+        if label == "default" and args.logits_repeat:
+            result["logits_repeat"] = logits_repeat(eng, args.prompt_len)
         if label == "default" and args.probe:
             result["probe"] = probe(eng, args.prompt_len)
         if label == "default" and args.compare:

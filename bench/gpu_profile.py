@@ -53,7 +53,13 @@ def profile(path: Path, batch: int, steps: int, graph: bool, kind: str = "greedy
     for ev in prof.events():
         if ev.device_type.name == "CUDA" and ev.time_range.elapsed_us() > 0:
             kernels[ev.name].append(ev.time_range.elapsed_us())
-            spans.append((ev.time_range.start, ev.time_range.end))
+            spans.append((ev.time_range.start, ev.time_range.end, ev.name))
+    # idle GPU time between consecutive activities, by the pair around it (where a step waits)
+    spans.sort()
+    gaps: dict[tuple[str, str], list[float]] = defaultdict(list)
+    for (_, end, before), (start, _, after) in zip(spans, spans[1:]):
+        if start > end:
+            gaps[(before[:60], after[:60])].append(start - end)
     decode_steps = steps - 1
     busy_us = sum(sum(v) for v in kernels.values())
     table = sorted(((name, len(v) / decode_steps, sum(v) / decode_steps) for name, v in kernels.items()),
@@ -69,6 +75,12 @@ def profile(path: Path, batch: int, steps: int, graph: bool, kind: str = "greedy
         "kernels_per_step": sum(len(v) for v in kernels.values()) / decode_steps,
         "top": [
             {"kernel": n[:120], "calls_per_step": round(c, 2), "us_per_step": round(u, 1)} for n, c, u in table[:80]
+        ],
+        "idle_us_per_step": round(sum(sum(v) for v in gaps.values()) / decode_steps, 1),
+        "gaps": [
+            {"before": b, "after": a, "per_step": round(len(v) / decode_steps, 2),
+             "us_per_step": round(sum(v) / decode_steps, 1), "largest_us": round(max(v), 1)}
+            for (b, a), v in sorted(gaps.items(), key=lambda kv: -sum(kv[1]))[:30]
         ],
     }
 
@@ -106,6 +118,10 @@ def main() -> int:
             )
             for k in r["top"][:18]:
                 print(f"  {k['us_per_step']:8.1f} µs  {k['calls_per_step']:6.2f}×  {k['kernel'][:100]}")
+            print(f"  idle between activities: {r['idle_us_per_step']:.1f} µs/step; largest, by the pair around it:")
+            for gap in r["gaps"][:10]:
+                print(f"  {gap['us_per_step']:8.1f} µs  {gap['per_step']:6.2f}×  (max {gap['largest_us']:.0f})  "
+                      f"{gap['before'][:45]} → {gap['after'][:45]}")
     (args.out / "gpu_profile.json").write_text(json.dumps(rows, indent=2))
     return 0
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call of issue #11's and #12's GPU evidence, after stage-wheels.sh (see bench/README.md):
-#   bash bench/gpu_serving_run.sh tests|smollm2|genai|genai1b|verify|http|http2|http3|burst|quick|ab|ahead|attention|buckets|llama1b|topk|b1|b1old|pyspy|seg|oldnew|probe
+#   bash bench/gpu_serving_run.sh tests|smollm2|genai|genai1b|verify|http|http2|http3|burst|quick|ab|ahead|attention|buckets|llama1b|topk|b1|b1old|pyspy|seg|oldnew|probe|gaps
 # Each stage writes its log and JSON under $OUT and is bounded by `timeout`. `http` needs the
 # server's wheels (.whl/, installed into /tmp/site) and the smollm2 stage's artifact.
 set -u
@@ -59,6 +59,14 @@ for stage in "$@"; do
         timeout 250 python3 bench/gpu_b1.py --src . --tag new --batches 1,16 --new-tokens 128 --reps 3 --sampled --probe --compare /tmp/b1-new/fp16 --out $OUT 2>&1 | grep -v W:onnxruntime | tee $OUT/b1_probe.log | grep -E "tok/s|probe|same|Error" | cut -c1-400
         timeout 120 python3 bench/gpu_b1.py --artifact /tmp/b1-new/fp16 --tag det --deterministic --batches 1 --new-tokens 128 --reps 3 --compare /tmp/b1-new/fp16 --out $OUT 2>&1 | grep -v W:onnxruntime | tee $OUT/b1_det.log | grep -E "tok/s|same|Error" | cut -c1-400
         timeout 100 "${PY[@]}" bench/gpu_replay.py /tmp/b1-new/fp16 --steps 240 --out $OUT/replay 2>&1 | grep -v W:onnxruntime | grep -E "plan" | cut -c1-130 ;;
+    gaps) # where the GPU idles inside a batch-1 greedy step: CUPTI gaps by the activities around them, this tree
+          # against the pre-engine runtime (.oldrt/, carried); and whether two identical greedy runs give the same logits
+        timeout 200 python3 bench/gpu_b1.py --src . --tag new --batches 1 --new-tokens 128 --reps 2 --logits-repeat --out $OUT 2>&1 | grep -v W:onnxruntime | grep -E "tok/s|logits|Error" | cut -c1-300
+        timeout 200 python3 bench/gpu_b1.py --src .oldrt --tag old --batches 1 --new-tokens 128 --reps 2 --out $OUT 2>&1 | grep -v W:onnxruntime | grep -E "tok/s|Error" | cut -c1-300
+        for side in old new; do
+          src=.; [ $side = old ] && src=.oldrt
+          mkdir -p $OUT/gaps_$side; LMFORGE_SRC=$src timeout 100 python3 bench/gpu_profile.py --artifacts /tmp/b1-$side/fp16 --steps 128 --out $OUT/gaps_$side 2>&1 | grep -v W:onnxruntime > $OUT/gaps_$side.log; grep -A12 "idle between" $OUT/gaps_$side.log | cut -c1-160
+        done ;;
     attention) timeout 300 "${PY[@]}" bench/gpu_attention.py --artifacts /tmp/lmf-serve/smollm2-135m/serve-cuda --settings ",sdpa_kernel=1,sdpa_kernel=2,sdpa_kernel=16" --batches 1,16 --new-tokens 128 --out $OUT 2>&1 | grep -v W:onnxruntime | tee $OUT/attention.log | tail -4 ;;
     http2) for shape in ${SHAPES:-smollm2-135m llama-3.2-1b}; do
              timeout 280 python3 -c "import sys; sys.path.insert(0, 'bench'); from pathlib import Path; import gpu_serving as g; print(g.build('$shape', Path('/tmp/lmf-serve'), 'cuda'))" 2>&1 | tail -1
