@@ -248,6 +248,8 @@ def main() -> int:
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--variants", action="store_true")
     parser.add_argument("--breakdown", action="store_true")
+    parser.add_argument("--max-batch", type=int, default=None, help="the engine's (this tree only)")
+    parser.add_argument("--max-context", type=int, default=None, help="the engine's (this tree only)")
     parser.add_argument("--probe", action="store_true", help="the backend alone over a prefilled row")
     parser.add_argument("--logits-repeat", action="store_true", help="greedy step logits of two identical runs")
     parser.add_argument("--deterministic", action="store_true",
@@ -275,8 +277,9 @@ def main() -> int:
     from runtime import Engine
 
     art = args.artifact or build(args.shape, args.work or Path(f"/tmp/b1-{args.tag}"), args.device)
+    sizes = {k: v for k, v in (("max_batch", args.max_batch), ("max_context", args.max_context)) if v}
     load = functools.partial(Engine.load, art, device=args.device, verify_hashes=False,
-                             cuda_graph=args.device == "cuda")
+                             cuda_graph=args.device == "cuda", **sizes)
     if args.spin:
         eng = load()
         spin(eng, args.prompt_len, 128, 3.0)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call of issue #11's and #12's GPU evidence, after stage-wheels.sh (see bench/README.md):
-#   bash bench/gpu_serving_run.sh tests|smollm2|genai|genai1b|verify|http|http2|http3|burst|quick|ab|ahead|attention|buckets|llama1b|topk|b1|b1old|pyspy|seg|oldnew|probe|gaps
+#   bash bench/gpu_serving_run.sh tests|smollm2|genai|genai1b|verify|http|http2|http3|burst|quick|ab|ahead|attention|buckets|llama1b|topk|b1|b1old|pyspy|seg|oldnew|probe|gaps|kvsize|tail
 # Each stage writes its log and JSON under $OUT and is bounded by `timeout`. `http` needs the
 # server's wheels (.whl/, installed into /tmp/site) and the smollm2 stage's artifact.
 set -u
@@ -66,6 +66,19 @@ for stage in "$@"; do
         for side in old new; do
           src=.; [ $side = old ] && src=.oldrt
           mkdir -p $OUT/gaps_$side; LMFORGE_SRC=$src timeout 100 python3 bench/gpu_profile.py --artifacts /tmp/b1-$side/fp16 --steps 128 --out $OUT/gaps_$side 2>&1 | grep -v W:onnxruntime > $OUT/gaps_$side.log; grep -A12 "idle between" $OUT/gaps_$side.log | cut -c1-160
+        done ;;
+    kvsize) # batch-1 greedy against the KV pool's size (rows × positions): the rate and the backend alone
+        for size in "16 8192" "1 8192" "16 1024" "1 1024"; do
+          set -- $size
+          timeout 200 python3 bench/gpu_b1.py --src . --tag kv$1x$2 --work /tmp/b1-new --max-batch $1 --max-context $2 --batches 1 --new-tokens 128 --reps 3 --probe --out $OUT 2>&1 | grep -v W:onnxruntime | grep -E "tok/s|probe|Error" | cut -c1-200
+        done ;;
+    tail) # the same decoder with a bare ArgMax for its step tail (bench/gpu_greedy_tail.py) against the real step:
+          # batch-1 greedy, the backend alone, and CUPTI gaps
+        timeout 200 python3 bench/gpu_b1.py --src . --tag new --batches 1 --new-tokens 128 --reps 3 --probe --out $OUT 2>&1 | grep -v W:onnxruntime | grep -E "tok/s|probe|Error" | cut -c1-200
+        timeout 200 python3 bench/gpu_greedy_tail.py /tmp/b1-new/fp32 /tmp/b1-tail/fp16 2>&1 | tail -1
+        timeout 150 python3 bench/gpu_b1.py --artifact /tmp/b1-tail/fp16 --tag tail --batches 1 --new-tokens 128 --reps 3 --probe --out $OUT 2>&1 | grep -v W:onnxruntime | grep -E "tok/s|probe|Error" | cut -c1-200
+        for side in tail new; do
+          mkdir -p $OUT/gaps_$side; timeout 100 python3 bench/gpu_profile.py --artifacts /tmp/b1-$side/fp16 --steps 128 --out $OUT/gaps_$side 2>&1 | grep -v W:onnxruntime > $OUT/gaps_$side.log; grep -B1 -A6 "idle between" $OUT/gaps_$side.log | cut -c1-160
         done ;;
     attention) timeout 300 "${PY[@]}" bench/gpu_attention.py --artifacts /tmp/lmf-serve/smollm2-135m/serve-cuda --settings ",sdpa_kernel=1,sdpa_kernel=2,sdpa_kernel=16" --batches 1,16 --new-tokens 128 --out $OUT 2>&1 | grep -v W:onnxruntime | tee $OUT/attention.log | tail -4 ;;
     http2) for shape in ${SHAPES:-smollm2-135m llama-3.2-1b}; do
