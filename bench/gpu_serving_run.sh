@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call of issue #11's and #12's GPU evidence, after stage-wheels.sh (see bench/README.md):
-#   bash bench/gpu_serving_run.sh tests|smollm2|genai|genai1b|verify|http|http2|http3|burst|quick|ab|ahead|attention|buckets|llama1b|topk|b1|b1old|pyspy|seg|oldnew|probe|gaps|kvsize|tail
+#   bash bench/gpu_serving_run.sh tests|smollm2|genai|genai1b|verify|http|http2|http3|burst|quick|ab|ahead|attention|buckets|llama1b|topk|b1|b1old|pyspy|seg|oldnew|probe|gaps|kvsize|tail|parted1b
 # Each stage writes its log and JSON under $OUT and is bounded by `timeout`. `http` needs the
 # server's wheels (.whl/, installed into /tmp/site) and the smollm2 stage's artifact.
 set -u
@@ -80,6 +80,10 @@ for stage in "$@"; do
         for side in tail new; do
           mkdir -p $OUT/gaps_$side; timeout 100 python3 bench/gpu_profile.py --artifacts /tmp/b1-$side/fp16 --steps 128 --out $OUT/gaps_$side 2>&1 | grep -v W:onnxruntime > $OUT/gaps_$side.log; grep -B1 -A6 "idle between" $OUT/gaps_$side.log | cut -c1-160
         done ;;
+    parted1b) # the Llama-3.2-1B shape (128,256 logits): greedy and sampled decode, and the captured step alone with
+              # top-p's 1,024 candidates selected in parts against one TopK
+        timeout 330 python3 bench/gpu_b1.py --src . --tag 1b --shape llama-3.2-1b --work /tmp/b1-1b --batches 1,16 --new-tokens 128 --reps 2 --sampled --out $OUT 2>&1 | grep -v W:onnxruntime | grep -E "tok/s|Error" | cut -c1-200
+        timeout 150 "${PY[@]}" bench/gpu_replay.py /tmp/b1-1b/fp16 --steps 160 --out $OUT/replay_1b 2>&1 | grep -v W:onnxruntime | grep -E "plan" | cut -c1-130 ;;
     attention) timeout 300 "${PY[@]}" bench/gpu_attention.py --artifacts /tmp/lmf-serve/smollm2-135m/serve-cuda --settings ",sdpa_kernel=1,sdpa_kernel=2,sdpa_kernel=16" --batches 1,16 --new-tokens 128 --out $OUT 2>&1 | grep -v W:onnxruntime | tee $OUT/attention.log | tail -4 ;;
     http2) for shape in ${SHAPES:-smollm2-135m llama-3.2-1b}; do
              timeout 280 python3 -c "import sys; sys.path.insert(0, 'bench'); from pathlib import Path; import gpu_serving as g; print(g.build('$shape', Path('/tmp/lmf-serve'), 'cuda'))" 2>&1 | tail -1

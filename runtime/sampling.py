@@ -42,7 +42,11 @@ class SamplingParams:
     ``temperature == 0`` is greedy (exact argmax; ``top_k == 1`` is greedy too); ``top_k == 0``
     and ``top_p == 1`` switch those filters off; ``repetition_penalty`` follows transformers
     (a logit of a token already in the prompt or output is divided by it when positive,
-    multiplied when not). ``seed`` makes sampling reproducible (``None``: fresh entropy).
+    multiplied when not). ``seed`` makes sampling reproducible (``None``: fresh entropy): the row
+    draws the same uniforms whatever shares its batch, so its tokens repeat exactly where its
+    logits do (always on the CPU; on CUDA at batch 1, while fp16 kernels over several rows can
+    round a logit differently from run to run, up to 3e-3 on the SmolLM2 shape, which moves a
+    draw that falls where two tokens' cumulative probabilities meet).
     EOS and ``stop_token_ids`` cannot be sampled before ``min_new_tokens`` tokens. ``stop``
     strings end the request; the text is cut just before the first one (a lone string is
     accepted and wrapped in a tuple).
