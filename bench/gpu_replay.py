@@ -1,10 +1,13 @@
 """The decode step's replay time per sampling plan, without the engine's loop: where a sampled
 step's time goes (graph replay or host work around it).
 
-For each plan (the step's host inputs: greedy, temperature, top-p at each candidate bound) this
-replays the captured step ``--steps`` times over ``--rows`` rows through the slots backend: once
-launched back to back with one sync at the end (the graph's own time), and once synchronized
-after every step (as the engine runs when a request may be waiting).
+For each plan (the step's host inputs: greedy, temperature, top-p at each candidate bound, top-p's
+1,024 candidates in parts and in one ``TopK``) this replays the captured step ``--steps`` times
+over ``--rows`` rows through the slots backend: once launched back to back with one sync a block
+(the graph's own time), and once synchronized after every step (as the engine runs when a request
+may be waiting). The slots were never prefilled, so attention reads one position: compare plans
+with each other, not with the engine's tok/s (``bench/gpu_b1.py --probe`` times the step over a
+prefilled row; on the SmolLM2 shape 1.30 against 1.13 ms here).
 
     PYTHONPATH=/tmp/gpu-site:/tmp/site:$PWD python3 bench/gpu_replay.py ARTIFACT --out $OUT
 """

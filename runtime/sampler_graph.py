@@ -36,8 +36,9 @@ Top-k and top-p read the ``K`` largest values from one ``TopK``, where ``K`` is 
 uses top-k or top-p (greedy, temperature and min-p rows pay for no sort), 64 or 256 when every
 such row sets top-k (:data:`runtime.sampling.TOP_K_CANDIDATES`), and its candidate bound
 (:data:`BOUNDED_CANDIDATES` by default, at most :data:`MAX_CANDIDATES`) otherwise; under CUDA
-graphs each value is its own captured graph. Top-k is exact for ``top_k ≤ K`` (the engine
-refuses a larger top-k), and top-p is exact whenever its nucleus lies within the K candidates —
+graphs each value is its own captured graph (and so is ``parted_rows``, below). Top-k is exact
+for ``top_k ≤ K`` (the engine refuses a larger top-k), and top-p is exact whenever its nucleus
+lies within the K candidates —
 when their mass is below ``top_p`` the nucleus is cut at the last candidate (every token ``≥``
 its value kept).
 
@@ -51,12 +52,17 @@ Cumulative sums: onnxruntime's CUDA ``CumSum`` computes each output element from
 cumulative sum spans the vocabulary. Counts are summed in float32 (:func:`_count`): cuDNN
 reduces int64 in double.
 
-A branch that a host input switches off launches nothing. What a sampled step costs on an H100
-(``bench/gpu_replay.py``, SmolLM2 shape, the captured step alone): temperature +5 % over greedy,
-top-k (64 candidates) +11 %, top-p over 256 candidates +13 %, over 1,024 +33 % — onnxruntime's
-``TopK`` takes its fast path up to K = 256 and a radix select (0.25–0.34 ms) beyond; the node
-count hardly matters (a variant with ~20 fewer nodes and no device-to-device copies replayed no
-faster).
+A branch that a host input switches off launches nothing. Selecting the candidates: onnxruntime's
+CUDA ``TopK`` takes its fast path up to K = 256 and beyond it a radix select with one thread
+block a row (0.25 ms over 49,152 logits, 0.65 ms over 128,256 on an H100). A CUDA step model
+therefore selects more than 256 candidates in parts of the row (:func:`_largest`, switched on per
+run by the ``parted_rows`` host input; the same values): top-p's 1,024 candidates then cost
+0.17 / 0.57 ms less a step, while for 64 or 256 one ``TopK`` stays ~0.03–0.07 ms faster
+(``bench/gpu_sampler.py``). What a sampled step costs on an H100 (``bench/gpu_replay.py``, the
+captured step alone, SmolLM2 shape / 1B shape, batch 1): temperature +5 %, top-k (64
+candidates) +11 % / +10 %, top-p over 1,024 candidates in parts +19 % / +18 % (+33 % / +56 % in
+one ``TopK``); the node count hardly matters (a variant with ~20 fewer nodes and no
+device-to-device copies replayed no faster).
 """
 
 from __future__ import annotations

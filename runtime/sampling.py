@@ -150,7 +150,7 @@ def host_values(params: Sequence[SamplingParams], candidates: int) -> Plan:
     row beyond it (0.25 ms for K = 1,024 over 49,152 logits on an H100, 0.65 ms over 128,256),
     so more than :data:`PARTED_ABOVE` candidates are selected in parts of the row
     (``parted_rows``; :func:`runtime.sampler_graph.candidate_segments`, the same values): 0.17 /
-    0.57 ms less there, ~0.05 ms more for 64 (``bench/gpu_sampler.py``).
+    0.57 ms less there, 0.03–0.07 ms more for 64 or 256 (``bench/gpu_sampler.py``).
     """
     sampled = [p for p in params if not p.greedy]
     sorting = [p for p in sampled if p.needs_candidates]
