@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call of issue #11's and #12's GPU evidence, after stage-wheels.sh (see bench/README.md):
-#   bash bench/gpu_serving_run.sh tests|smollm2|genai|genai1b|verify|http|http2|http3|burst|quick|ab|ahead|attention|buckets|llama1b|topk|b1|b1old|pyspy|seg|oldnew|probe|gaps|kvsize|tail|parted1b
+#   bash bench/gpu_serving_run.sh tests|smollm2|genai|genai1b|verify|http|http2|http3|burst|quick|ab|ahead|attention|buckets|llama1b|topk|b1|b1old|pyspy|seg|oldnew|probe|gaps|kvsize|tail|parted1b|graphab|graphvar
 # Each stage writes its log and JSON under $OUT and is bounded by `timeout`. `http` needs the
 # server's wheels (.whl/, installed into /tmp/site) and the smollm2 stage's artifact.
 set -u
@@ -84,6 +84,16 @@ for stage in "$@"; do
               # top-p's 1,024 candidates selected in parts against one TopK
         timeout 330 python3 bench/gpu_b1.py --src . --tag 1b --shape llama-3.2-1b --work /tmp/b1-1b --batches 1,16 --new-tokens 128 --reps 2 --sampled --out $OUT 2>&1 | grep -v W:onnxruntime | grep -E "tok/s|Error" | cut -c1-200
         timeout 150 "${PY[@]}" bench/gpu_replay.py /tmp/b1-1b/fp16 --steps 160 --out $OUT/replay_1b 2>&1 | grep -v W:onnxruntime | grep -E "plan" | cut -c1-130 ;;
+    graphab) # this tree's step, the pre-engine runtime's composed step and the decoder alone (.diag/*.onnx, carried,
+             # made on the CPU machine from the two trees' artifacts) in plain onnxruntime, over one weights file
+        timeout 200 python3 bench/gpu_b1.py --src . --tag new --batches 1 --new-tokens 128 --reps 1 --out $OUT 2>&1 | grep -v W:onnxruntime | grep -E "tok/s|Error" | cut -c1-200
+        cp .diag/*.onnx /tmp/b1-new/fp16/
+        timeout 200 python3 bench/gpu_graph_ab.py /tmp/b1-new/fp16/model.onnx /tmp/b1-new/fp16/new_step.onnx /tmp/b1-new/fp16/old_step.onnx /tmp/b1-new/fp16/decoder.onnx --out $OUT 2>&1 | grep -v W:onnxruntime | cut -c1-200 ;;
+    graphvar) # what makes a captured step slower in plain onnxruntime: what ran in the process before it
+        timeout 200 python3 bench/gpu_b1.py --src . --tag new --batches 1 --new-tokens 16 --reps 1 --out $OUT 2>&1 | grep -v W:onnxruntime | grep -E "Error" | cut -c1-200
+        for v in fresh tiny-gone tiny-alive twice-alive twice-gone two-ids fresh; do
+          timeout 60 python3 bench/gpu_graph_ab.py /tmp/b1-new/fp16/model.onnx --variant $v --replays 400 --out $OUT 2>&1 | grep -v W:onnxruntime | cut -c1-220
+        done ;;
     attention) timeout 300 "${PY[@]}" bench/gpu_attention.py --artifacts /tmp/lmf-serve/smollm2-135m/serve-cuda --settings ",sdpa_kernel=1,sdpa_kernel=2,sdpa_kernel=16" --batches 1,16 --new-tokens 128 --out $OUT 2>&1 | grep -v W:onnxruntime | tee $OUT/attention.log | tail -4 ;;
     http2) for shape in ${SHAPES:-smollm2-135m llama-3.2-1b}; do
              timeout 280 python3 -c "import sys; sys.path.insert(0, 'bench'); from pathlib import Path; import gpu_serving as g; print(g.build('$shape', Path('/tmp/lmf-serve'), 'cuda'))" 2>&1 | tail -1

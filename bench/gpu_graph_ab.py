@@ -1,0 +1,212 @@
+"""Captured step graphs side by side in a neutral harness (plain onnxruntime, no lmforge runtime):
+ms a replay of each model, all with the same weights file, batch 1, attention over a fixed
+length, inputs constant between replays (no state carried), launched back to back. It tells a
+slower graph from a slower way of running one (issue #11, batch-1 greedy: this tree's step runs
+1.28–1.32 ms where the pre-engine runtime's ran 1.14 on the same kernels).
+
+Each MODEL is an ONNX graph whose initializers live in ``model.onnx.data`` beside it (a step model
+of this tree, the pre-engine runtime's composed step, or the decoder alone: the same decoder
+nodes and weights). Inputs: zeros, except the lengths (``seqlens_k``, ``position_ids``,
+``prompt_lens`` = ``--length``; ``total_sequence_length`` and positions at ``--capacity``), the
+neutral sampling values (``top_p``, ``repetition_penalty`` = 1, ``candidates`` = 1) and the host
+inputs in host memory::
+
+    PYTHONPATH=/tmp/gpu-site:$PWD python3 bench/gpu_graph_ab.py DIR/new_step.onnx DIR/old_step.onnx
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+HOST = {"total_sequence_length", "lmforge_step.candidates", "lmforge_step.sampled_rows",
+        "lmforge_step.penalized_rows", "lmforge_step.filtered_rows", "lmforge_step.parted_rows"}
+DTYPES = {"tensor(float16)": np.float16, "tensor(float)": np.float32, "tensor(int64)": np.int64,
+          "tensor(int32)": np.int32, "tensor(bool)": np.bool_}
+
+
+def feeds(sess: Any, length: int, capacity: int) -> dict[str, np.ndarray]:
+    dims = {"batch": 1, "seq": 1, "max_context": capacity, "steps": capacity}
+    out = {}
+    for spec in sess.get_inputs():
+        shape = [dims.get(d, 1) if isinstance(d, str) or d is None else d for d in spec.shape]
+        value = np.zeros(shape, DTYPES[spec.type])
+        short = spec.name.removeprefix("lmforge_step.")
+        if spec.name in ("seqlens_k", "position_ids") or short == "prompt_lens":
+            value[...] = length
+        elif spec.name == "total_sequence_length":
+            value = np.array(capacity, np.int32)
+        elif short in ("top_p", "repetition_penalty", "candidates"):
+            value[...] = 1
+        elif short == "last_position":
+            value[...] = capacity - 1
+        out[spec.name] = value
+    return out
+
+
+def time_model(path: Path, length: int, capacity: int, replays: int, device: str = "cuda") -> dict[str, Any]:
+    return time_prepared(prepare(path, length, capacity, device), replays)
+
+
+def prepare(path: Path, length: int, capacity: int, device: str = "cuda", graph_id: int = 1) -> dict[str, Any]:
+    """A session on ``path`` with every input and output bound, and its run options."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    cuda = ("CUDAExecutionProvider", {"device_id": "0", "enable_cuda_graph": "1"})
+    providers = [cuda, "CPUExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
+    sess = ort.InferenceSession(str(path), options, providers=providers)
+    values = {k: ort.OrtValue.ortvalue_from_numpy(v, "cpu" if k in HOST else device, 0)
+              for k, v in feeds(sess, length, capacity).items()}
+    binding = sess.io_binding()
+    for name, value in values.items():
+        binding.bind_ortvalue_input(name, value)
+    dims = {"batch": 1, "seq": 1, "max_context": capacity, "steps": capacity}
+    outputs = {}
+    for spec in sess.get_outputs():
+        if spec.name.startswith("present."):  # written in place into the past buffer
+            past = spec.name.replace("present.", "past_key_values.")
+            binding.bind_ortvalue_output(spec.name, values[past])
+            continue
+        shape = [dims.get(d, 1) if isinstance(d, str) or d is None else d for d in spec.shape]
+        outputs[spec.name] = ort.OrtValue.ortvalue_from_shape_and_type(shape, DTYPES[spec.type], device, 0)
+        binding.bind_ortvalue_output(spec.name, outputs[spec.name])
+    run = ort.RunOptions()
+    run.add_run_config_entry("gpu_graph_id", str(graph_id))
+    run_async = ort.RunOptions()
+    run_async.add_run_config_entry("gpu_graph_id", str(graph_id))
+    run_async.add_run_config_entry("disable_synchronize_execution_providers", "1")
+    for _ in range(5):  # regular runs, then the capture
+        sess.run_with_iobinding(binding, run)
+    return {"path": path, "sess": sess, "binding": binding, "run": run, "run_async": run_async,
+            "keep": (values, outputs)}
+
+
+def time_prepared(p: dict[str, Any], replays: int) -> dict[str, Any]:
+    sess, binding, run, run_async = p["sess"], p["binding"], p["run"], p["run_async"]
+    result: dict[str, Any] = {"model": p["path"].name}
+    for label, options_, sync_every in (("async", run_async, 8), ("synced", run, 1)):
+        t0 = time.perf_counter()
+        for i in range(replays):
+            sess.run_with_iobinding(binding, run if (i + 1) % sync_every == 0 else options_)
+        binding.synchronize_outputs()
+        result[f"ms_per_replay_{label}"] = round((time.perf_counter() - t0) / replays * 1e3, 4)
+    return result
+
+
+VARIANTS = {
+    "fresh": "the model first in a fresh process",
+    "tiny-gone": "a tiny CUDA session run once and destroyed, then the model",
+    "tiny-alive": "a tiny CUDA session run once and kept, then the model",
+    "twice-alive": "the model timed, then a second session on it timed while the first lives, then the first",
+    "twice-gone": "the model timed and destroyed, then a second session on it",
+    "two-ids": "the model timed, then a second captured graph of its session, then the first again",
+}
+
+
+def _tiny(device: str) -> Any:
+    import onnxruntime as ort
+
+    from runtime._onnx_proto import GraphBuilder
+
+    g = GraphBuilder("tiny")
+    g.input("x", "float32", [4])
+    g.op("Identity", ["x"], outputs=["y"])
+    g.output("y", "float32", [4])
+    providers = [("CUDAExecutionProvider", {"device_id": "0"})] if device == "cuda" else ["CPUExecutionProvider"]
+    sess = ort.InferenceSession(g.to_bytes(), providers=providers)
+    sess.run(None, {"x": np.ones(4, np.float32)})
+    return sess
+
+
+def variant(name: str, path: Path, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """One of :data:`VARIANTS`, in this (fresh) process."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    rows: list[dict[str, Any]] = []
+
+    def timed(p: dict[str, Any], label: str) -> None:
+        r = time_prepared(p, args.replays) | {"variant": name, "step": label}
+        rows.append(r)
+        print(json.dumps(r), flush=True)
+
+    prep = lambda graph_id=1: prepare(path, args.length, args.capacity, args.device, graph_id)  # noqa: E731
+    if name == "tiny-gone":
+        _tiny(args.device)
+    keep = _tiny(args.device) if name == "tiny-alive" else None
+    first = prep()
+    timed(first, "first")
+    if name == "twice-alive":
+        second = prep()
+        timed(second, "second, first alive")
+        timed(first, "first again")
+    elif name == "twice-gone":
+        del first
+        timed(prep(), "second, first destroyed")
+    elif name == "two-ids":
+        import onnxruntime as ort
+
+        sess, (values, outputs) = first["sess"], first["keep"]
+        binding = sess.io_binding()
+        for k, v in values.items():
+            binding.bind_ortvalue_input(k, v)
+        for spec in sess.get_outputs():
+            bound = values[spec.name.replace("present.", "past_key_values.")] if spec.name.startswith("present.") \
+                else outputs[spec.name]
+            binding.bind_ortvalue_output(spec.name, bound)
+        run, run_async = ort.RunOptions(), ort.RunOptions()
+        for o in (run, run_async):
+            o.add_run_config_entry("gpu_graph_id", "2")
+        run_async.add_run_config_entry("disable_synchronize_execution_providers", "1")
+        for _ in range(5):
+            sess.run_with_iobinding(binding, run)
+        timed(first | {"binding": binding, "run": run, "run_async": run_async}, "second graph id, same session")
+        timed(first, "first again")
+    del keep
+    return rows
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("models", nargs="+", type=Path)
+    parser.add_argument("--length", type=int, default=200)
+    parser.add_argument("--capacity", type=int, default=8192)
+    parser.add_argument("--replays", type=int, default=400)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--device", default="cuda", help="cpu: a dry run")
+    parser.add_argument("--variant", default="", help="what runs before the first model (see VARIANTS)")
+    parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "/tmp/out")))
+    args = parser.parse_args()
+    import onnxruntime as ort
+
+    if args.device == "cuda":
+        ort.preload_dlls()
+    if args.variant:
+        rows = variant(args.variant, args.models[0], args)
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / f"gpu_graph_ab-{args.variant}.json").write_text(json.dumps(rows, indent=1))
+        return 0
+    rows = []
+    for _ in range(args.rounds):
+        for path in args.models:
+            try:
+                r = time_model(path, args.length, args.capacity, args.replays, args.device)
+            except Exception as exc:  # noqa: BLE001 - reported, the next model runs
+                r = {"model": path.name, "error": f"{type(exc).__name__}: {exc}"[:400]}
+            rows.append(r)
+            print(json.dumps(r), flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "gpu_graph_ab.json").write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
