@@ -54,8 +54,10 @@ def time_model(path: Path, length: int, capacity: int, replays: int, device: str
     return time_prepared(prepare(path, length, capacity, device), replays)
 
 
-def prepare(path: Path, length: int, capacity: int, device: str = "cuda", graph_id: int = 1) -> dict[str, Any]:
-    """A session on ``path`` with every input and output bound, and its run options."""
+def prepare(path: Path, length: int, capacity: int, device: str = "cuda", graph_id: int = 1,
+            before: Any = None) -> dict[str, Any]:
+    """A session on ``path`` with every input and output bound, and its run options; ``before``
+    (session, bound inputs) runs before the first decode run."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -78,6 +80,8 @@ def prepare(path: Path, length: int, capacity: int, device: str = "cuda", graph_
         shape = [dims.get(d, 1) if isinstance(d, str) or d is None else d for d in spec.shape]
         outputs[spec.name] = ort.OrtValue.ortvalue_from_shape_and_type(shape, DTYPES[spec.type], device, 0)
         binding.bind_ortvalue_output(spec.name, outputs[spec.name])
+    if before is not None:
+        before(sess, values)
     run = ort.RunOptions()
     run.add_run_config_entry("gpu_graph_id", str(graph_id))
     run_async = ort.RunOptions()
@@ -108,7 +112,35 @@ VARIANTS = {
     "twice-alive": "the model timed, then a second session on it timed while the first lives, then the first",
     "twice-gone": "the model timed and destroyed, then a second session on it",
     "two-ids": "the model timed, then a second captured graph of its session, then the first again",
+    "prefill-first": "one eager prefill-shaped run (128 tokens) of the session before its decode capture",
 }
+
+
+def _prefill(device: str, tokens: int = 128) -> Any:
+    """An eager run of ``tokens`` positions over the bound KV buffers (what the engine does to a
+    request before its decode steps), ``gpu_graph_id`` -1: never captured."""
+    import onnxruntime as ort
+
+    def run(sess: Any, values: dict[str, Any]) -> None:
+        binding = sess.io_binding()
+        for name, value in values.items():
+            if name in ("input_ids", "position_ids"):
+                value = ort.OrtValue.ortvalue_from_numpy(np.arange(tokens, dtype=np.int64)[None, :], device, 0)
+            elif name == "seqlens_k":
+                value = ort.OrtValue.ortvalue_from_numpy(np.array([tokens - 1], np.int32), device, 0)
+            elif name == "total_sequence_length":
+                value = ort.OrtValue.ortvalue_from_numpy(np.array(tokens, np.int32))
+            binding.bind_ortvalue_input(name, value)
+        for spec in sess.get_outputs():
+            if spec.name.startswith("present."):
+                binding.bind_ortvalue_output(spec.name, values[spec.name.replace("present.", "past_key_values.")])
+            else:
+                binding.bind_output(spec.name, device)
+        options = ort.RunOptions()
+        options.add_run_config_entry("gpu_graph_id", "-1")
+        sess.run_with_iobinding(binding, options)
+
+    return run
 
 
 def _tiny(device: str) -> Any:
@@ -138,7 +170,8 @@ def variant(name: str, path: Path, args: argparse.Namespace) -> list[dict[str, A
         rows.append(r)
         print(json.dumps(r), flush=True)
 
-    prep = lambda graph_id=1: prepare(path, args.length, args.capacity, args.device, graph_id)  # noqa: E731
+    before = _prefill(args.device) if name == "prefill-first" else None
+    prep = lambda graph_id=1: prepare(path, args.length, args.capacity, args.device, graph_id, before)  # noqa: E731
     if name == "tiny-gone":
         _tiny(args.device)
     keep = _tiny(args.device) if name == "tiny-alive" else None
