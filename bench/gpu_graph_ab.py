@@ -55,16 +55,21 @@ def time_model(path: Path, length: int, capacity: int, replays: int, device: str
 
 
 def prepare(path: Path, length: int, capacity: int, device: str = "cuda", graph_id: int = 1,
-            before: Any = None) -> dict[str, Any]:
+            before: Any = None, from_bytes: bool = False) -> dict[str, Any]:
     """A session on ``path`` with every input and output bound, and its run options; ``before``
-    (session, bound inputs) runs before the first decode run."""
+    (session, bound inputs) runs before the first decode run; ``from_bytes`` opens the model as
+    the engine does (its bytes, the weights folder in the session config)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
     cuda = ("CUDAExecutionProvider", {"device_id": "0", "enable_cuda_graph": "1"})
     providers = [cuda, "CPUExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
-    sess = ort.InferenceSession(str(path), options, providers=providers)
+    model: str | bytes = str(path)
+    if from_bytes:
+        options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(path.parent))
+        model = path.read_bytes()
+    sess = ort.InferenceSession(model, options, providers=providers)
     values = {k: ort.OrtValue.ortvalue_from_numpy(v, "cpu" if k in HOST else device, 0)
               for k, v in feeds(sess, length, capacity).items()}
     binding = sess.io_binding()
@@ -113,6 +118,7 @@ VARIANTS = {
     "twice-gone": "the model timed and destroyed, then a second session on it",
     "two-ids": "the model timed, then a second captured graph of its session, then the first again",
     "prefill-first": "one eager prefill-shaped run (128 tokens) of the session before its decode capture",
+    "bytes": "the model opened from its bytes with the weights folder in the session config, as the engine does",
 }
 
 
@@ -171,7 +177,8 @@ def variant(name: str, path: Path, args: argparse.Namespace) -> list[dict[str, A
         print(json.dumps(r), flush=True)
 
     before = _prefill(args.device) if name == "prefill-first" else None
-    prep = lambda graph_id=1: prepare(path, args.length, args.capacity, args.device, graph_id, before)  # noqa: E731
+    prep = lambda graph_id=1: prepare(path, args.length, args.capacity, args.device, graph_id, before,  # noqa: E731
+                                      from_bytes=name == "bytes")
     if name == "tiny-gone":
         _tiny(args.device)
     keep = _tiny(args.device) if name == "tiny-alive" else None
