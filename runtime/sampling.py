@@ -147,10 +147,11 @@ def host_values(params: Sequence[SamplingParams], candidates: int) -> Plan:
     only the first of :data:`TOP_K_CANDIDATES` that holds the largest ``top_k`` (64 for the usual
     top-k 40 or 50): exact, since top-p then renormalizes over the top-k survivors. onnxruntime's
     CUDA ``TopK`` has a fast path up to K = 256 and runs a radix select with one thread block a
-    row beyond it (0.25 ms for K = 1,024 over 49,152 logits on an H100, 0.65 ms over 128,256),
+    row beyond it (a graph of that one node replays in 0.37 ms for K = 1,024 over 49,152 logits on
+    an H100, 0.78 ms over 128,256, against 0.13–0.14 ms for K = 256),
     so more than :data:`PARTED_ABOVE` candidates are selected in parts of the row
     (``parted_rows``; :func:`runtime.sampler_graph.candidate_segments`, the same values): 0.17 /
-    0.57 ms less there, 0.03–0.07 ms more for 64 or 256 (``bench/gpu_sampler.py``).
+    0.57 ms less there, up to 0.07 ms more for 64 or 256 (``bench/gpu_sampler.py``).
     """
     sampled = [p for p in params if not p.greedy]
     sorting = [p for p in sampled if p.needs_candidates]
