@@ -55,7 +55,7 @@ def time_model(path: Path, length: int, capacity: int, replays: int, device: str
 
 
 def prepare(path: Path, length: int, capacity: int, device: str = "cuda", graph_id: int = 1,
-            before: Any = None, from_bytes: bool = False) -> dict[str, Any]:
+            before: Any = None, from_bytes: bool = False, runs: int = 5) -> dict[str, Any]:
     """A session on ``path`` with every input and output bound, and its run options; ``before``
     (session, bound inputs) runs before the first decode run; ``from_bytes`` opens the model as
     the engine does (its bytes, the weights folder in the session config)."""
@@ -92,10 +92,16 @@ def prepare(path: Path, length: int, capacity: int, device: str = "cuda", graph_
     run_async = ort.RunOptions()
     run_async.add_run_config_entry("gpu_graph_id", str(graph_id))
     run_async.add_run_config_entry("disable_synchronize_execution_providers", "1")
-    for _ in range(5):  # regular runs, then the capture
-        sess.run_with_iobinding(binding, run)
-    return {"path": path, "sess": sess, "binding": binding, "run": run, "run_async": run_async,
-            "keep": (values, outputs)}
+    prepared = {"path": path, "sess": sess, "binding": binding, "run": run, "run_async": run_async,
+                "keep": (values, outputs)}
+    return finish(prepared, runs)
+
+
+def finish(p: dict[str, Any], runs: int = 5) -> dict[str, Any]:
+    """``runs`` regular runs of a prepared session: warm-up runs, then the capture."""
+    for _ in range(runs):
+        p["sess"].run_with_iobinding(p["binding"], p["run"])
+    return p
 
 
 def time_prepared(p: dict[str, Any], replays: int) -> dict[str, Any]:
@@ -119,6 +125,9 @@ VARIANTS = {
     "two-ids": "the model timed, then a second captured graph of its session, then the first again",
     "prefill-first": "one eager prefill-shaped run (128 tokens) of the session before its decode capture",
     "bytes": "the model opened from its bytes with the weights folder in the session config, as the engine does",
+    "thread": "the session opened in the main thread, its runs (capture included) in another, as the engine's loop does",
+    "thread-replay": "captured in the main thread, replayed in another",
+    "shapes-first": "eager runs at 6 prefill lengths (16–512 tokens), twice each, before the decode capture, as warm_up() does",
 }
 
 
@@ -145,6 +154,18 @@ def _prefill(device: str, tokens: int = 128) -> Any:
         options = ort.RunOptions()
         options.add_run_config_entry("gpu_graph_id", "-1")
         sess.run_with_iobinding(binding, options)
+
+    return run
+
+
+def _shapes(device: str) -> Any:
+    """Eager runs at 6 prefill lengths (16–512 tokens, one row), twice each, before the decode capture."""
+    runs = [_prefill(device, tokens) for tokens in (16, 32, 64, 128, 256, 512)]
+
+    def run(sess: Any, values: dict[str, Any]) -> None:
+        for one in runs:
+            one(sess, values)
+            one(sess, values)
 
     return run
 
@@ -176,12 +197,29 @@ def variant(name: str, path: Path, args: argparse.Namespace) -> list[dict[str, A
         rows.append(r)
         print(json.dumps(r), flush=True)
 
-    before = _prefill(args.device) if name == "prefill-first" else None
+    before = _prefill(args.device) if name == "prefill-first" else _shapes(args.device) if name == "shapes-first" \
+        else None
     prep = lambda graph_id=1: prepare(path, args.length, args.capacity, args.device, graph_id, before,  # noqa: E731
                                       from_bytes=name == "bytes")
     if name == "tiny-gone":
         _tiny(args.device)
     keep = _tiny(args.device) if name == "tiny-alive" else None
+    if name in ("thread", "thread-replay"):
+        import threading
+
+        if name == "thread":  # the session here, every run there
+            opened = prepare(path, args.length, args.capacity, args.device, runs=0)
+            work = lambda: timed(finish(opened), "opened here, run in a thread")  # noqa: E731
+        else:
+            captured = prep()
+            timed(captured, "captured here")
+            work = lambda: timed(captured, "replayed in a thread")  # noqa: E731
+        worker = threading.Thread(target=work)
+        worker.start()
+        worker.join()
+        if name == "thread-replay":
+            timed(captured, "here again")
+        return rows
     first = prep()
     timed(first, "first")
     if name == "twice-alive":

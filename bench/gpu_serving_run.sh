@@ -91,8 +91,11 @@ for stage in "$@"; do
         timeout 200 python3 bench/gpu_graph_ab.py /tmp/b1-new/fp16/model.onnx /tmp/b1-new/fp16/new_step.onnx /tmp/b1-new/fp16/old_step.onnx /tmp/b1-new/fp16/decoder.onnx --out $OUT 2>&1 | grep -v W:onnxruntime | cut -c1-200 ;;
     graphvar) # what makes a captured step slower in plain onnxruntime: what ran in the process before it
         timeout 200 python3 bench/gpu_b1.py --src . --tag new --batches 1 --new-tokens 16 --reps 1 --out $OUT 2>&1 | grep -v W:onnxruntime | grep -E "Error" | cut -c1-200
-        for v in ${VARIANTS:-fresh tiny-gone tiny-alive twice-alive twice-gone two-ids prefill-first bytes fresh}; do
+        for v in ${VARIANTS:-fresh thread thread-replay shapes-first prefill-first bytes twice-alive fresh}; do
           timeout 60 python3 bench/gpu_graph_ab.py /tmp/b1-new/fp16/model.onnx --variant $v --replays 400 --out $OUT 2>&1 | grep -v W:onnxruntime | cut -c1-220
+        done
+        for env in CUDA_MODULE_LOADING=EAGER; do  # a process-wide CUDA setting against the second-session slowdown
+          env $env timeout 60 python3 bench/gpu_graph_ab.py /tmp/b1-new/fp16/model.onnx --variant twice-alive --replays 400 --out $OUT 2>&1 | grep -v W:onnxruntime | sed "s/^/$env /" | cut -c1-240
         done ;;
     attention) timeout 300 "${PY[@]}" bench/gpu_attention.py --artifacts /tmp/lmf-serve/smollm2-135m/serve-cuda --settings ",sdpa_kernel=1,sdpa_kernel=2,sdpa_kernel=16" --batches 1,16 --new-tokens 128 --out $OUT 2>&1 | grep -v W:onnxruntime | tee $OUT/attention.log | tail -4 ;;
     http2) for shape in ${SHAPES:-smollm2-135m llama-3.2-1b}; do
