@@ -127,6 +127,8 @@ VARIANTS = {
     "bytes": "the model opened from its bytes with the weights folder in the session config, as the engine does",
     "thread": "the session opened in the main thread, its runs (capture included) in another, as the engine's loop does",
     "thread-replay": "captured in the main thread, replayed in another",
+    "ballast-before": "3 GiB of device memory allocated before the session opens (an engine's KV pool)",
+    "ballast-after": "the model captured and timed, then 3 GiB allocated, then timed again",
     "shapes-first": "eager runs at 6 prefill lengths (16–512 tokens), twice each, before the decode capture, as warm_up() does",
 }
 
@@ -170,6 +172,13 @@ def _shapes(device: str) -> Any:
     return run
 
 
+def _ballast(device: str, gib: int = 3) -> Any:
+    """``gib`` GiB of device memory, in 1 GiB tensors (kept while the result lives)."""
+    import onnxruntime as ort
+
+    return [ort.OrtValue.ortvalue_from_shape_and_type([2**28], np.float32, device, 0) for _ in range(gib)]
+
+
 def _tiny(device: str) -> Any:
     import onnxruntime as ort
 
@@ -204,6 +213,8 @@ def variant(name: str, path: Path, args: argparse.Namespace) -> list[dict[str, A
     if name == "tiny-gone":
         _tiny(args.device)
     keep = _tiny(args.device) if name == "tiny-alive" else None
+    if name == "ballast-before":
+        keep = _ballast(args.device)
     if name in ("thread", "thread-replay"):
         import threading
 
@@ -222,6 +233,9 @@ def variant(name: str, path: Path, args: argparse.Namespace) -> list[dict[str, A
         return rows
     first = prep()
     timed(first, "first")
+    if name == "ballast-after":
+        keep = _ballast(args.device)
+        timed(first, "first, after 3 GiB allocated")
     if name == "twice-alive":
         second = prep()
         timed(second, "second, first alive")

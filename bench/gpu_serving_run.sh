@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call of issue #11's and #12's GPU evidence, after stage-wheels.sh (see bench/README.md):
-#   bash bench/gpu_serving_run.sh tests|smollm2|genai|genai1b|verify|http|http2|http3|burst|quick|ab|ahead|attention|buckets|llama1b|topk|b1|b1old|pyspy|seg|oldnew|probe|gaps|kvsize|tail|parted1b|graphab|graphvar
+#   bash bench/gpu_serving_run.sh tests|smollm2|genai|genai1b|verify|http|http2|http3|burst|quick|ab|ahead|attention|buckets|llama1b|topk|b1|b1old|pyspy|seg|oldnew|probe|gaps|kvsize|tail|parted1b|graphab|graphvar|b1fresh
 # Each stage writes its log and JSON under $OUT and is bounded by `timeout`. `http` needs the
 # server's wheels (.whl/, installed into /tmp/site) and the smollm2 stage's artifact.
 set -u
@@ -97,6 +97,15 @@ for stage in "$@"; do
         for env in CUDA_MODULE_LOADING=EAGER; do  # a process-wide CUDA setting against the second-session slowdown
           env $env timeout 60 python3 bench/gpu_graph_ab.py /tmp/b1-new/fp16/model.onnx --variant twice-alive --replays 400 --out $OUT 2>&1 | grep -v W:onnxruntime | sed "s/^/$env /" | cut -c1-240
         done ;;
+    b1fresh) # batch-1 greedy of each tree in a process that only loads and decodes (artifacts built in another
+             # process first), against the same in the process that built them; then small KV pools
+        B="python3 bench/gpu_b1.py --batches 1 --new-tokens 128 --reps 3 --out $OUT"
+        for tree in ${TREES:-new old}; do
+          src=.; [ $tree = old ] && src=.oldrt
+          timeout 250 $B --src $src --tag $tree 2>&1 | grep -v W:onnxruntime | grep -E "tok/s|Error" | sed 's/^/built here: /'
+          timeout 100 $B --src $src --tag $tree --artifact /tmp/b1-$tree/fp16 2>&1 | grep -v W:onnxruntime | grep -E "tok/s|Error" | sed 's/^/fresh: /'
+        done
+        timeout 100 $B --src . --tag new --artifact /tmp/b1-new/fp16 --max-batch 1 --max-context 1024 2>&1 | grep -v W:onnxruntime | grep -E "tok/s|Error" | sed 's/^/fresh, 1 row x 1024: /' ;;
     attention) timeout 300 "${PY[@]}" bench/gpu_attention.py --artifacts /tmp/lmf-serve/smollm2-135m/serve-cuda --settings ",sdpa_kernel=1,sdpa_kernel=2,sdpa_kernel=16" --batches 1,16 --new-tokens 128 --out $OUT 2>&1 | grep -v W:onnxruntime | tee $OUT/attention.log | tail -4 ;;
     http2) for shape in ${SHAPES:-smollm2-135m llama-3.2-1b}; do
              timeout 280 python3 -c "import sys; sys.path.insert(0, 'bench'); from pathlib import Path; import gpu_serving as g; print(g.build('$shape', Path('/tmp/lmf-serve'), 'cuda'))" 2>&1 | tail -1
