@@ -105,6 +105,8 @@ def finish(p: dict[str, Any], runs: int = 5) -> dict[str, Any]:
 
 
 def time_prepared(p: dict[str, Any], replays: int) -> dict[str, Any]:
+    if "bindings" in p:  # the engine's way: two graphs alternating over swapped state buffers
+        return time_alternating(p, replays)
     sess, binding, run, run_async = p["sess"], p["binding"], p["run"], p["run_async"]
     result: dict[str, Any] = {"model": p["path"].name}
     for label, options_, sync_every in (("async", run_async, 8), ("synced", run, 1)):
@@ -114,6 +116,86 @@ def time_prepared(p: dict[str, Any], replays: int) -> dict[str, Any]:
         binding.synchronize_outputs()
         result[f"ms_per_replay_{label}"] = round((time.perf_counter() - t0) / replays * 1e3, 4)
     return result
+
+
+def time_alternating(p: dict[str, Any], replays: int) -> dict[str, Any]:
+    sess, bindings, runs = p["sess"], p["bindings"], p["runs"]
+    result: dict[str, Any] = {"model": p["path"].name, "rows": p["rows"], "graphs": len(bindings)}
+    for label, sync_every in (("async", 8), ("synced", 1)):
+        t0 = time.perf_counter()
+        for i in range(replays):
+            d = i % len(bindings)
+            sess.run_with_iobinding(bindings[d], runs[d][0] if (i + 1) % sync_every == 0 else runs[d][1])
+        bindings[0].synchronize_outputs()
+        result[f"ms_per_replay_{label}"] = round((time.perf_counter() - t0) / replays * 1e3, 4)
+    return result
+
+
+def prepare_like_engine(path: Path, length: int, capacity: int, device: str, rows: int, graphs: int) -> dict[str, Any]:
+    """The model as the engine's slots backend runs it: every buffer ``rows`` rows tall, row 0
+    bound by address; with ``graphs`` 2, two state sets (each step reads one and writes the
+    other) and one captured graph per direction, replayed alternately."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    cuda = ("CUDAExecutionProvider", {"device_id": "0", "enable_cuda_graph": "1"})
+    sess = ort.InferenceSession(str(path), options, providers=[cuda, "CPUExecutionProvider"] if device == "cuda"
+                                else ["CPUExecutionProvider"])
+    one = feeds(sess, length, capacity)
+    state = {o.name: o.name for o in sess.get_outputs()}  # output → the input it feeds next step
+    pairs = {"lmforge_step.next_input_ids": "input_ids", "lmforge_step.next_position_ids": "position_ids",
+             "lmforge_step.next_seqlens_k": "seqlens_k"}
+    for out in state:
+        short = out.removeprefix("lmforge_step.")
+        state[out] = pairs.get(out) or ("lmforge_step." + short[:-4] if short.endswith("_out") else "")
+
+    def tall(value: np.ndarray) -> Any:
+        big = np.zeros((rows, *value.shape[1:]), value.dtype)
+        big[:1] = value
+        return ort.OrtValue.ortvalue_from_numpy(big, device, 0)
+
+    def bind_row(binding: Any, name: str, value: Any, output: bool) -> None:
+        shape = [1, *value.shape()[1:]]
+        dtype = {"tensor(float16)": np.float16, "tensor(float)": np.float32, "tensor(int64)": np.int64,
+                 "tensor(int32)": np.int32, "tensor(bool)": np.bool_}[value.data_type()]
+        (binding.bind_output if output else binding.bind_input)(name, device, 0, dtype, shape, value.data_ptr())
+
+    state_inputs = set(state.values()) - {""}
+    shared = {k: (ort.OrtValue.ortvalue_from_numpy(v) if k in HOST else tall(v))
+              for k, v in one.items() if k not in state_inputs}
+    sets = [{k: tall(one[k]) for k in state_inputs} for _ in range(2)]
+    spec = next(o for o in sess.get_outputs() if o.name == "logits")
+    logits = tall(np.zeros([1, 1, spec.shape[-1]], DTYPES[spec.type]))
+    bindings, runs = [], []
+    for d in range(graphs):
+        binding = sess.io_binding()
+        src, dst = sets[d], sets[1 - d]  # one graph: reads set 0, writes set 1, inputs never change
+        for name, value in shared.items():
+            if name in HOST:
+                binding.bind_ortvalue_input(name, value)
+            else:
+                bind_row(binding, name, value, False)
+        for name, value in src.items():
+            bind_row(binding, name, value, False)
+        for out, feeds_next in state.items():
+            if out.startswith("present."):
+                bind_row(binding, out, shared[out.replace("present.", "past_key_values.")], True)
+            elif out == "logits":
+                bind_row(binding, out, logits, True)
+            else:
+                bind_row(binding, out, dst[feeds_next], True)
+        run, run_async = ort.RunOptions(), ort.RunOptions()
+        for o in (run, run_async):
+            o.add_run_config_entry("gpu_graph_id", str(2 + 3 * d))
+        run_async.add_run_config_entry("disable_synchronize_execution_providers", "1")
+        bindings.append(binding)
+        runs.append((run, run_async))
+    for _ in range(3):
+        for d in range(graphs):
+            sess.run_with_iobinding(bindings[d], runs[d][0])
+    return {"path": path, "sess": sess, "bindings": bindings, "runs": runs, "rows": rows,
+            "keep": (shared, sets, logits)}
 
 
 VARIANTS = {
@@ -129,6 +211,9 @@ VARIANTS = {
     "thread-replay": "captured in the main thread, replayed in another",
     "ballast-before": "3 GiB of device memory allocated before the session opens (an engine's KV pool)",
     "ballast-after": "the model captured and timed, then 3 GiB allocated, then timed again",
+    "rows16": "every buffer 16 rows tall, row 0 bound by address (the engine's slots), one graph",
+    "pingpong": "two state sets and two graphs replayed alternately (the engine's step directions), 1 row",
+    "engine-like": "both: 16-row buffers bound by address, two graphs alternating",
     "shapes-first": "eager runs at 6 prefill lengths (16–512 tokens), twice each, before the decode capture, as warm_up() does",
 }
 
@@ -215,6 +300,10 @@ def variant(name: str, path: Path, args: argparse.Namespace) -> list[dict[str, A
     keep = _tiny(args.device) if name == "tiny-alive" else None
     if name == "ballast-before":
         keep = _ballast(args.device)
+    if name in ("rows16", "pingpong", "engine-like"):
+        rows_, graphs = (16, 1) if name == "rows16" else (1, 2) if name == "pingpong" else (16, 2)
+        timed(prepare_like_engine(path, args.length, args.capacity, args.device, rows_, graphs), name)
+        return rows
     if name in ("thread", "thread-replay"):
         import threading
 

@@ -91,7 +91,7 @@ for stage in "$@"; do
         timeout 200 python3 bench/gpu_graph_ab.py /tmp/b1-new/fp16/model.onnx /tmp/b1-new/fp16/new_step.onnx /tmp/b1-new/fp16/old_step.onnx /tmp/b1-new/fp16/decoder.onnx --out $OUT 2>&1 | grep -v W:onnxruntime | cut -c1-200 ;;
     graphvar) # what makes a captured step slower in plain onnxruntime: what ran in the process before it
         timeout 200 python3 bench/gpu_b1.py --src . --tag new --batches 1 --new-tokens 16 --reps 1 --out $OUT 2>&1 | grep -v W:onnxruntime | grep -E "Error" | cut -c1-200
-        for v in ${VARIANTS:-fresh thread thread-replay shapes-first prefill-first bytes twice-alive fresh}; do
+        for v in ${VARIANTS:-fresh thread thread-replay shapes-first prefill-first bytes twice-alive rows16 pingpong engine-like fresh}; do
           timeout 60 python3 bench/gpu_graph_ab.py /tmp/b1-new/fp16/model.onnx --variant $v --replays 400 --out $OUT 2>&1 | grep -v W:onnxruntime | cut -c1-220
         done
         for env in CUDA_MODULE_LOADING=EAGER; do  # a process-wide CUDA setting against the second-session slowdown
