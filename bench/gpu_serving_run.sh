@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call of issue #11's and #12's GPU evidence, after stage-wheels.sh (see bench/README.md):
-#   bash bench/gpu_serving_run.sh tests|smollm2|genai|genai1b|verify|http|http2|http3|burst|quick|ab|ahead|attention|buckets|llama1b|topk|b1|b1old|pyspy|seg|oldnew|probe|gaps|kvsize|tail|parted1b|graphab|graphvar|b1fresh
+#   bash bench/gpu_serving_run.sh tests|smollm2|genai|genai1b|verify|http|http2|http3|burst|quick|ab|ahead|attention|buckets|llama1b|topk|b1|b1old|pyspy|seg|oldnew|probe|gaps|kvsize|tail|parted1b|graphab|graphvar|b1fresh|backendprobe
 # Each stage writes its log and JSON under $OUT and is bounded by `timeout`. `http` needs the
 # server's wheels (.whl/, installed into /tmp/site) and the smollm2 stage's artifact.
 set -u
@@ -106,6 +106,12 @@ for stage in "$@"; do
           timeout 100 $B --src $src --tag $tree --artifact /tmp/b1-$tree/fp16 2>&1 | grep -v W:onnxruntime | grep -E "tok/s|Error" | sed 's/^/fresh: /'
         done
         timeout 100 $B --src . --tag new --artifact /tmp/b1-new/fp16 --max-batch 1 --max-context 1024 2>&1 | grep -v W:onnxruntime | grep -E "tok/s|Error" | sed 's/^/fresh, 1 row x 1024: /' ;;
+    backendprobe) # the slots backend's step without the engine, piece by piece (after graphvar or b1fresh built /tmp/b1-new)
+        [ -f /tmp/b1-new/fp16/manifest.json ] || timeout 200 python3 bench/gpu_b1.py --src . --tag new --batches 1 --new-tokens 16 --reps 1 --out $OUT 2>&1 | grep -E "Error"
+        for m in ${MODES:-backend bare nowriter noprefill backend}; do
+          timeout 60 python3 bench/gpu_backend_probe.py /tmp/b1-new/fp16 --mode $m --out $OUT 2>&1 | grep -v W:onnxruntime | cut -c1-220
+        done
+        timeout 60 python3 bench/gpu_graph_ab.py /tmp/b1-new/fp16/model.onnx --variant fresh --replays 400 --out $OUT 2>&1 | grep -v W:onnxruntime | cut -c1-220 ;;
     attention) timeout 300 "${PY[@]}" bench/gpu_attention.py --artifacts /tmp/lmf-serve/smollm2-135m/serve-cuda --settings ",sdpa_kernel=1,sdpa_kernel=2,sdpa_kernel=16" --batches 1,16 --new-tokens 128 --out $OUT 2>&1 | grep -v W:onnxruntime | tee $OUT/attention.log | tail -4 ;;
     http2) for shape in ${SHAPES:-smollm2-135m llama-3.2-1b}; do
              timeout 280 python3 -c "import sys; sys.path.insert(0, 'bench'); from pathlib import Path; import gpu_serving as g; print(g.build('$shape', Path('/tmp/lmf-serve'), 'cuda'))" 2>&1 | tail -1
