@@ -207,14 +207,14 @@ VARIANTS = {
     "two-ids": "the model timed, then a second captured graph of its session, then the first again",
     "prefill-first": "one eager prefill-shaped run (128 tokens) of the session before its decode capture",
     "bytes": "the model opened from its bytes with the weights folder in the session config, as the engine does",
-    "thread": "the session opened in the main thread, its runs (capture included) in another, as the engine's loop does",
+    "thread": "the session opened in the main thread, its runs (capture included) in another (the engine loop)",
     "thread-replay": "captured in the main thread, replayed in another",
     "ballast-before": "3 GiB of device memory allocated before the session opens (an engine's KV pool)",
     "ballast-after": "the model captured and timed, then 3 GiB allocated, then timed again",
     "rows16": "every buffer 16 rows tall, row 0 bound by address (the engine's slots), one graph",
     "pingpong": "two state sets and two graphs replayed alternately (the engine's step directions), 1 row",
     "engine-like": "both: 16-row buffers bound by address, two graphs alternating",
-    "shapes-first": "eager runs at 6 prefill lengths (16–512 tokens), twice each, before the decode capture, as warm_up() does",
+    "shapes-first": "eager runs at 6 prefill lengths (16–512 tokens), twice each, before the decode capture",
 }
 
 
