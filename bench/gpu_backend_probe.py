@@ -9,7 +9,9 @@ Modes (``--mode``):
 * ``bare`` — the same backend with its row writes done by ``OrtValue.update_inplace`` (no row
   writer session) and no prefill (the row starts at a fixed length over zero KV);
 * ``nowriter`` — no row writer session, one prefill;
-* ``noprefill`` — the row writer session, no prefill.
+* ``noprefill`` — the row writer session, no prefill;
+* ``writer-after`` — ``backend`` with a second row writer opened after the decoder's session and
+  used for the prefill's row writes (the order before the backend opened its writer first).
 
 Prints and writes ms a step, steps launched back to back (one sync a block) and synchronized one
 by one::
@@ -51,7 +53,8 @@ def _inplace_writer(backend_module: Any) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("artifact", type=Path)
-    parser.add_argument("--mode", default="backend", choices=["backend", "bare", "nowriter", "noprefill"])
+    parser.add_argument("--mode", default="backend", choices=["backend", "bare", "nowriter", "noprefill",
+                                                                  "writer-after"])
     parser.add_argument("--device", default="cuda", help="cpu: a dry run")
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--blocks", type=int, default=32)
@@ -74,6 +77,10 @@ def main() -> int:
     layout = decoder_layout(artifact, None, None, 1)
     device = Device(args.device)
     backend = kv_slots.SlotsBackend(artifact, device, layout, 1, 8, args.device == "cuda")
+    shapes = backend._row_shapes()
+    dtypes = {name: dtype for name, _, dtype in kv_slots.STATE} | dict(kv_slots.CONSTANTS)
+    if args.mode == "writer-after":  # a writer session opened after the decoder's
+        backend._writer = kv_slots.RowWriter(device, {n: (dtypes[n], shapes[n]) for n in backend._writer.names})
     params = SamplingParams(min_new_tokens=10**6)
     plan = host_values([params], 4096)
     slot = backend.allocate()
@@ -88,9 +95,7 @@ def main() -> int:
                      PREFIX + "last_position": np.array([backend.capacity - 1], np.int64)})
         targets = {**backend.sets[1 - backend.current], **backend.consts}
         rows = {k: np.asarray(v).reshape([1, *targets[k].shape()[1:]]) for k, v in rows.items() if k in targets}
-        if args.mode == "noprefill":  # the backend's own row writer session
-            shapes = backend._row_shapes()
-            dtypes = {name: dtype for name, _, dtype in kv_slots.STATE} | dict(kv_slots.CONSTANTS)
+        if args.mode == "noprefill":  # a row writer session
             kv_slots.RowWriter(device, {k: (dtypes[k], shapes[k]) for k in rows}).write(slot, rows, targets)
         else:
             kv_slots.RowWriter(device, dict.fromkeys(rows)).write(slot, rows, targets)

@@ -211,6 +211,8 @@ VARIANTS = {
     "thread-replay": "captured in the main thread, replayed in another",
     "ballast-before": "3 GiB of device memory allocated before the session opens (an engine's KV pool)",
     "ballast-after": "the model captured and timed, then 3 GiB allocated, then timed again",
+    "tiny-after": "the model captured and timed, then a tiny CUDA session created and run, then the model again",
+    "tiny-before-run-after": "a tiny CUDA session created first, run only after the model is captured and timed",
     "rows16": "every buffer 16 rows tall, row 0 bound by address (the engine's slots), one graph",
     "pingpong": "two state sets and two graphs replayed alternately (the engine's step directions), 1 row",
     "engine-like": "both: 16-row buffers bound by address, two graphs alternating",
@@ -297,7 +299,7 @@ def variant(name: str, path: Path, args: argparse.Namespace) -> list[dict[str, A
                                       from_bytes=name == "bytes")
     if name == "tiny-gone":
         _tiny(args.device)
-    keep = _tiny(args.device) if name == "tiny-alive" else None
+    keep = _tiny(args.device) if name in ("tiny-alive", "tiny-before-run-after") else None
     if name == "ballast-before":
         keep = _ballast(args.device)
     if name in ("rows16", "pingpong", "engine-like"):
@@ -322,6 +324,12 @@ def variant(name: str, path: Path, args: argparse.Namespace) -> list[dict[str, A
         return rows
     first = prep()
     timed(first, "first")
+    if name == "tiny-after":
+        keep = _tiny(args.device)
+        timed(first, "first, after a tiny session was created and run")
+    if name == "tiny-before-run-after":
+        keep.run(None, {"x": np.ones(4, np.float32)})
+        timed(first, "first, after the earlier tiny session ran again")
     if name == "ballast-after":
         keep = _ballast(args.device)
         timed(first, "first, after 3 GiB allocated")

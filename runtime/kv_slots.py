@@ -153,6 +153,13 @@ class SlotsBackend:
                 got="GroupQueryAttention has no fp32 CUDA kernel (its fallback gives wrong logits)",
                 fix="optimize with --device cuda --precision fp16 (or int8/int4), or run this one on the CPU",
             )
+        shapes = self._row_shapes()
+        specs = {name: (dtype, shapes[name]) for name, _, dtype in STATE if name.startswith(PREFIX)}
+        specs.update({name: (dtype, shapes[name]) for name, dtype in CONSTANTS})
+        # The row writer's session opens before the decoder's: on CUDA, a session created after
+        # the decoder's slows every replay of its captured step by 14 % (batch 1, SmolLM2-135M
+        # fp16 on an H100: 1.287 against 1.13 ms; bench/gpu_backend_probe.py, issue #11).
+        self._writer = RowWriter(device, specs)
         self.session = device.session(artifact.model_path.read_bytes(), cuda_graph=cuda_graph,
                                       weights_dir=artifact.model_path.parent)
         self._eager: ort.RunOptions | None = None
@@ -165,13 +172,9 @@ class SlotsBackend:
         self.kv = {name: device.zeros(kv_shape, layout["kv_dtype"]) for name in self._past}
         self._logits_dtype = layout["logits_dtype"]
         self.logits = device.zeros([b, 1, v], self._logits_dtype)
-        shapes = self._row_shapes()
         self.sets = tuple({name: device.zeros([b, *shapes[name]], dtype) for name, _, dtype in STATE} for _ in range(2))
         self.consts = {name: device.zeros([b, *shapes[name]], dtype) for name, dtype in CONSTANTS}
         self.total = device.host_scalar(self.capacity)
-        specs = {name: (dtype, shapes[name]) for name, _, dtype in STATE if name.startswith(PREFIX)}
-        specs.update({name: (dtype, shapes[name]) for name, dtype in CONSTANTS})
-        self._writer = RowWriter(device, specs)
         self.current = 0  # the state set holding the next decode step's inputs
         self._free = list(range(max_batch))
         self._steps: dict[tuple[int, int, Plan], _Step] = {}
