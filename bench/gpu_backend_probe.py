@@ -4,14 +4,13 @@ bound the same way in plain onnxruntime (1.125 ms; ``bench/gpu_graph_ab.py``)? I
 
 Modes (``--mode``):
 
-* ``backend`` — :class:`runtime.kv_slots.SlotsBackend` alone in the main thread: its row writer
-  session, one prefill, then decode blocks of 8 steps (no engine, no tokenizer, no loop thread);
-* ``bare`` — the same backend with its row writes done by ``OrtValue.update_inplace`` (no row
-  writer session) and no prefill (the row starts at a fixed length over zero KV);
-* ``nowriter`` — no row writer session, one prefill;
-* ``noprefill`` — the row writer session, no prefill;
-* ``writer-after`` — ``backend`` with a second row writer opened after the decoder's session and
-  used for the prefill's row writes (the order before the backend opened its writer first).
+* ``backend`` — :class:`runtime.kv_slots.SlotsBackend` alone in the main thread: one prefill,
+  then decode blocks of 8 steps (no engine, no tokenizer, no loop thread);
+* ``rowwriter`` — the same, after one run of a small session that copies host rows into the
+  backend's buffers by address (an Identity a tensor), as the backend wrote a request's row
+  before it kept host copies of its constants: that run alone slowed every later replay of the
+  decoder's captured step (1.29 against 1.13 ms a step before the change);
+* ``bare`` — no prefill: the row starts at a fixed length over zero KV.
 
 Prints and writes ms a step, steps launched back to back (one sync a block) and synchronized one
 by one::
@@ -34,27 +33,33 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def _inplace_writer(backend_module: Any) -> None:
-    """Replace the row writer session by host copies of whole buffers (``update_inplace``)."""
+def _row_writer_run(device: Any, backend: Any, slot: int) -> None:
+    """One run of a session whose Identity nodes copy host rows into ``slot`` of the backend's
+    constant buffers (bound by address)."""
+    from runtime._onnx_proto import GraphBuilder
+    from runtime.step_graph import CONSTANTS
 
-    class HostWriter:
-        def __init__(self, device: Any, specs: Any) -> None:
-            self.names = list(specs)
-
-        def write(self, row: int, arrays: Any, buffers: Any) -> None:
-            for name in self.names:
-                whole = buffers[name].numpy()
-                whole[row] = np.asarray(arrays[name]).reshape(whole.shape[1:])
-                buffers[name].update_inplace(np.ascontiguousarray(whole))
-
-    backend_module.RowWriter = HostWriter
+    g = GraphBuilder("row_writer")
+    arrays = {}
+    for name, dtype in CONSTANTS:
+        row = [1, *backend.consts[name].shape()[1:]]
+        g.input(f"src.{name}", dtype, row)
+        g.op("Identity", [f"src.{name}"], outputs=[f"dst.{name}"])
+        g.output(f"dst.{name}", dtype, row)
+        arrays[name] = backend._consts_host[name][slot:slot + 1].copy()
+    session = device.session(g.to_bytes(), small=True)
+    binding = session.io_binding()
+    for name, value in arrays.items():
+        binding.bind_cpu_input(f"src.{name}", value)
+        device.bind_rows(binding, f"dst.{name}", backend.consts[name], slot, 1, output=True)
+    device.run(session, binding)
+    binding.synchronize_outputs()
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("artifact", type=Path)
-    parser.add_argument("--mode", default="backend", choices=["backend", "bare", "nowriter", "noprefill",
-                                                                  "writer-after"])
+    parser.add_argument("--mode", default="backend", choices=["backend", "rowwriter", "bare"])
     parser.add_argument("--device", default="cuda", help="cpu: a dry run")
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--blocks", type=int, default=32)
@@ -69,39 +74,28 @@ def main() -> int:
     from runtime.device import Device
     from runtime.engine import decoder_layout
     from runtime.sampling import host_values, row_arrays
-    from runtime.step_graph import PREFIX
 
-    if args.mode in ("bare", "nowriter"):
-        _inplace_writer(kv_slots)
     artifact = load_artifact(args.artifact, verify_hashes=False)
     layout = decoder_layout(artifact, None, None, 1)
     device = Device(args.device)
     backend = kv_slots.SlotsBackend(artifact, device, layout, 1, 8, args.device == "cuda")
-    shapes = backend._row_shapes()
-    dtypes = {name: dtype for name, _, dtype in kv_slots.STATE} | dict(kv_slots.CONSTANTS)
-    if args.mode == "writer-after":  # a writer session opened after the decoder's
-        backend._writer = kv_slots.RowWriter(device, {n: (dtypes[n], shapes[n]) for n in backend._writer.names})
     params = SamplingParams(min_new_tokens=10**6)
     plan = host_values([params], 4096)
     slot = backend.allocate()
     prompt = list(range(3, 3 + args.prompt_len))
     arrays = row_arrays(params, prompt, sorted(layout["eos"]), layout["vocab"], layout["max_context"])
-    if args.mode in ("bare", "noprefill"):  # the row's state as a prefill would leave it, KV zero
-        rows = {PREFIX + k: v for k, v in arrays.items()}
-        rows.update({"input_ids": np.array([[5]], np.int64), "position_ids": np.array([[args.prompt_len]], np.int64),
-                     kv_slots.SEQLENS_K: np.array([args.prompt_len], np.int32),
-                     PREFIX + "history": np.zeros((1, backend.window), np.int64),
-                     PREFIX + "step": np.zeros((1,), np.int64),
-                     PREFIX + "last_position": np.array([backend.capacity - 1], np.int64)})
-        targets = {**backend.sets[1 - backend.current], **backend.consts}
-        rows = {k: np.asarray(v).reshape([1, *targets[k].shape()[1:]]) for k, v in rows.items() if k in targets}
-        if args.mode == "noprefill":  # a row writer session
-            kv_slots.RowWriter(device, {k: (dtypes[k], shapes[k]) for k in rows}).write(slot, rows, targets)
-        else:
-            kv_slots.RowWriter(device, dict.fromkeys(rows)).write(slot, rows, targets)
-        backend.current = 1 - backend.current  # as after a prefill: the written set feeds the next step
+    if args.mode == "bare":  # the row's state as a prefill would leave it, KV zero
+        backend._write_constants([(slot, arrays)])
+        state = {"input_ids": [[5]], "position_ids": [[args.prompt_len]], kv_slots.SEQLENS_K: [args.prompt_len]}
+        for name, value in state.items():
+            buffer = backend.sets[backend.current][name]
+            whole = buffer.numpy()
+            whole[slot] = np.asarray(value)[0]
+            buffer.update_inplace(whole)
     else:
         backend.prefill_many([(slot, prompt, arrays)], False, plan, lambda firsts: None)
+    if args.mode == "rowwriter":
+        _row_writer_run(device, backend, slot)
     backend.decode(1, 8, {slot: 0}, False, plan)  # capture
     result: dict[str, Any] = {"mode": args.mode, "artifact": str(args.artifact)}
     for label in ("async", "synced", "async", "synced"):

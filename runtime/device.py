@@ -3,9 +3,7 @@
 :class:`Device` opens sessions on one execution provider and makes ``OrtValue`` s there. Row
 views (:meth:`Device.bind_rows`) bind rows ``start:start + n`` of a ``[rows, …]`` device buffer to
 a session input or output by address, so a batch-1 prefill writes into its slot of a pool and
-a decode step reads the first ``n`` rows, with nothing copied. :class:`RowWriter` copies host
-arrays into one row of such buffers (one small session run), which is how a request's per-row
-sampling parameters reach its slot.
+a decode step reads the first ``n`` rows, with nothing copied.
 """
 
 from __future__ import annotations
@@ -13,7 +11,7 @@ from __future__ import annotations
 import importlib.metadata
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,11 +19,10 @@ import numpy as np
 import onnxruntime as ort
 from onnxruntime.capi import onnxruntime_pybind11_state as _ort_state
 
-from runtime._onnx_proto import GraphBuilder
 from runtime.errors import GenerationError
 from runtime.text import error_line
 
-__all__ = ["Device", "RowWriter", "ORT_ERRORS", "NP_DTYPES", "ort_failure"]
+__all__ = ["Device", "ORT_ERRORS", "NP_DTYPES", "ort_failure"]
 
 log = logging.getLogger(__name__)
 
@@ -172,29 +169,3 @@ class Device:
             session.run_with_iobinding(binding, options)
         except ORT_ERRORS as exc:
             raise ort_failure(exc) from exc
-
-
-class RowWriter:
-    """Copies host arrays into row ``r`` of device buffers: one Identity per tensor, one run.
-
-    ``specs`` maps a name to ``(dtype, row_shape)``; :meth:`write` takes arrays of shape
-    ``[1, *row_shape]`` and the destination buffers (``[rows, *row_shape]``).
-    """
-
-    def __init__(self, device: Device, specs: Mapping[str, tuple[str, Sequence[int]]]) -> None:
-        g = GraphBuilder("lmforge_row_writer")
-        for name, (dtype, shape) in specs.items():
-            g.input(f"src.{name}", dtype, [1, *shape])
-            g.op("Identity", [f"src.{name}"], outputs=[f"dst.{name}"])
-            g.output(f"dst.{name}", dtype, [1, *shape])
-        self.device = device
-        self.names = list(specs)
-        self.session = device.session(g.to_bytes(), small=True)
-
-    def write(self, row: int, arrays: Mapping[str, np.ndarray], buffers: Mapping[str, ort.OrtValue]) -> None:
-        binding = self.session.io_binding()
-        for name in self.names:
-            binding.bind_cpu_input(f"src.{name}", np.ascontiguousarray(arrays[name]))
-            self.device.bind_rows(binding, f"dst.{name}", buffers[name], row, 1, output=True)
-        self.device.run(self.session, binding)
-        binding.synchronize_outputs()

@@ -37,7 +37,7 @@ import numpy as np
 import onnxruntime as ort
 
 from runtime.artifact import Artifact
-from runtime.device import Device, RowWriter
+from runtime.device import NP_DTYPES, Device
 from runtime.errors import GenerationError
 from runtime.sampler_graph import STEP_HOST_INPUTS
 from runtime.sampling import Plan
@@ -153,13 +153,6 @@ class SlotsBackend:
                 got="GroupQueryAttention has no fp32 CUDA kernel (its fallback gives wrong logits)",
                 fix="optimize with --device cuda --precision fp16 (or int8/int4), or run this one on the CPU",
             )
-        shapes = self._row_shapes()
-        specs = {name: (dtype, shapes[name]) for name, _, dtype in STATE if name.startswith(PREFIX)}
-        specs.update({name: (dtype, shapes[name]) for name, dtype in CONSTANTS})
-        # The row writer's session opens before the decoder's: on CUDA, a session created after
-        # the decoder's slows every replay of its captured step by 14 % (batch 1, SmolLM2-135M
-        # fp16 on an H100: 1.287 against 1.13 ms; bench/gpu_backend_probe.py, issue #11).
-        self._writer = RowWriter(device, specs)
         self.session = device.session(artifact.model_path.read_bytes(), cuda_graph=cuda_graph,
                                       weights_dir=artifact.model_path.parent)
         self._eager: ort.RunOptions | None = None
@@ -172,8 +165,16 @@ class SlotsBackend:
         self.kv = {name: device.zeros(kv_shape, layout["kv_dtype"]) for name in self._past}
         self._logits_dtype = layout["logits_dtype"]
         self.logits = device.zeros([b, 1, v], self._logits_dtype)
+        shapes = self._row_shapes()
         self.sets = tuple({name: device.zeros([b, *shapes[name]], dtype) for name, _, dtype in STATE} for _ in range(2))
-        self.consts = {name: device.zeros([b, *shapes[name]], dtype) for name, dtype in CONSTANTS}
+        # The requests' sampling constants: only the host writes them, so a host copy of every
+        # buffer is kept and a prefill's new rows reach the device in one whole-buffer copy per
+        # constant (``OrtValue.update_inplace``). Not a small onnxruntime session copying rows into
+        # the buffers by address, as before: on CUDA, one run of such a session made every later
+        # replay of the decoder's captured step slower (batch 1, SmolLM2-135M fp16 on an H100:
+        # 1.29 against 1.13 ms a step; bench/gpu_backend_probe.py, issue #11).
+        self._consts_host = {name: np.zeros([b, *shapes[name]], NP_DTYPES[dtype]) for name, dtype in CONSTANTS}
+        self.consts = {name: device.put(value) for name, value in self._consts_host.items()}
         self.total = device.host_scalar(self.capacity)
         self.current = 0  # the state set holding the next decode step's inputs
         self._free = list(range(max_batch))
@@ -238,6 +239,7 @@ class SlotsBackend:
         prompt longer than ``prefill_chunk`` runs alone, in chunks.
         """
         by_slot = {slot: (slot, prompt, rows) for slot, prompt, rows in admitted}
+        self._write_constants([(slot, rows) for slot, _, rows in admitted])
         groups = prefill_groups([(slot, len(prompt)) for slot, prompt, _ in admitted], self.prefill_chunk,
                                 self.padded, powers_of_two=self.device.type == "cuda")
         for group in groups:
@@ -263,24 +265,37 @@ class SlotsBackend:
             length += 1
         return shapes
 
+    def _write_constants(self, rows: list[tuple[int, dict[str, np.ndarray]]]) -> None:
+        """The sampling constants of new requests into their slots' rows (see ``__init__``)."""
+        if not rows:
+            return
+        for slot, arrays in rows:
+            for name in self._consts_host:
+                short = name[len(PREFIX):]
+                value = np.array([self.capacity - 1]) if short == "last_position" else arrays[short]
+                self._consts_host[name][slot] = value[0]
+        for name, host in self._consts_host.items():
+            self.consts[name].update_inplace(host)
+
     def _prefill_group(self, group: list[tuple[int, list[int], dict[str, np.ndarray]]], want_logits: bool,
                        plan: Plan) -> dict[int, tuple[int, np.ndarray | None]]:
-        """One prefill run over consecutive slots (or a long prompt's chunks, alone)."""
-        into, src = self.current, 1 - self.current
+        """One prefill run over consecutive slots (or a long prompt's chunks, alone): the step
+        state it starts from (prompt mask, zero counts and history) is bound from host memory,
+        the constants from the slots' rows, and it writes the state the first decode step
+        reads into the slots' rows of the current set."""
+        into = self.current
         first, m = group[0][0], len(group)
-        for slot, _, rows in group:
-            arrays = {PREFIX + k: v for k, v in rows.items()}
-            arrays[PREFIX + "history"] = np.zeros((1, self.window), np.int64)
-            arrays[PREFIX + "last_position"] = np.array([self.capacity - 1], np.int64)
-            self._writer.write(slot, arrays, {**self.sets[src], **self.consts})
         binding = self.session.io_binding()
         bind = self.device.bind_rows
         for past, present in zip(self._past, self._present):
             bind(binding, past, self.kv[past], first, m, output=False)
             bind(binding, present, self.kv[past], first, m, output=True)
-        for name, out, _dtype in STATE:
+        for name, out, dtype in STATE:
             if name.startswith(PREFIX):
-                bind(binding, name, self.sets[src][name], first, m, output=False)
+                short = name[len(PREFIX):]
+                start = [np.zeros((1, self.window), np.int64) if short == "history" else rows[short]
+                         for _, _, rows in group]
+                binding.bind_cpu_input(name, np.ascontiguousarray(np.concatenate(start).astype(NP_DTYPES[dtype])))
             bind(binding, out, self.sets[into][name], first, m, output=True)
         for name, value in self.consts.items():
             bind(binding, name, value, first, m, output=False)
