@@ -297,6 +297,36 @@ def test_slots_are_reused_and_rows_beyond_the_pool_wait(shared_path: Path) -> No
         assert engine.backend.free_slots == 2
 
 
+def test_the_slots_backend_runs_one_session_and_writes_rows_without_another(shared_path: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """The decoder's is the only onnxruntime session a slots engine opens, and a new request's
+    sampling constants land in its own row only: on CUDA, a second session writing rows into the
+    decoder's buffers slowed every replay of the captured step by 14 % (issue #11)."""
+    import onnxruntime as ort
+
+    opened: list[object] = []
+    real = ort.InferenceSession
+
+    class Counting(real):  # type: ignore[misc, valid-type]
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            opened.append(args[0] if isinstance(args[0], str) else "bytes")
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(ort, "InferenceSession", Counting)
+    with Engine.load(shared_path, max_batch=3) as engine:
+        greedy, hot = SamplingParams(), SamplingParams(temperature=0.7, top_k=5, seed=3, min_new_tokens=2)
+        engine.generate_results([[5, 6, 7], [8, 9]], 4, [greedy, hot])
+        consts = {name.removeprefix("lmforge_step."): value.numpy() for name, value in engine.backend.consts.items()}
+    assert len(opened) == 1, opened
+    hot_row = int(np.argmax(consts["temperature"]))  # slots go in prompt-length order: the sampled one is row 0
+    rows = [hot_row, 1 - hot_row, 2]
+    assert consts["temperature"][rows].tolist() == pytest.approx([0.7, 0.0, 0.0])
+    assert consts["top_k"][rows].tolist() == [5, 0, 0]
+    assert consts["min_new_tokens"][rows].tolist() == [2, 0, 0]
+    assert [bool(consts["stop_mask"][r].any()) for r in rows] == [True, False, False]
+    assert consts["last_position"][rows].tolist() == [engine.max_context - 1] * 2 + [0]  # row 2 never used
+
+
 def test_fp32_shared_buffer_refused_on_cuda_before_loading(shared_path: Path, tmp_path: Path) -> None:
     copy = tmp_path / "copy"
     shutil.copytree(shared_path, copy)
