@@ -232,7 +232,12 @@ class forced_draw:
         from runtime.sampler_graph import ALL_ROWS
 
         plan = self.engine._plan
-        self.engine._plan = lambda rows: (plan(rows)[0], ALL_ROWS, ALL_ROWS, ALL_ROWS)
+
+        def forced(rows: Any) -> tuple[int, ...]:
+            candidates, *_, parted = plan(rows)  # (see runtime.sampling.host_values)
+            return candidates, ALL_ROWS, ALL_ROWS, ALL_ROWS, parted
+
+        self.engine._plan = forced
 
     def __exit__(self, *exc: object) -> None:
         del self.engine._plan  # the instance attribute; the method is back
