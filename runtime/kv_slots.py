@@ -169,12 +169,13 @@ class SlotsBackend:
         self.sets = tuple({name: device.zeros([b, *shapes[name]], dtype) for name, _, dtype in STATE} for _ in range(2))
         # The requests' sampling constants: only the host writes them, so a host copy of every
         # buffer is kept and a prefill's new rows reach the device in one whole-buffer copy per
-        # constant (``OrtValue.update_inplace``). Not a small onnxruntime session copying rows into
+        # constant that changed (``OrtValue.update_inplace``). Not a small onnxruntime session copying rows into
         # the buffers by address, as before: on CUDA, one run of such a session made every later
         # replay of the decoder's captured step slower (batch 1, SmolLM2-135M fp16 on an H100:
         # 1.29 against 1.13 ms a step; bench/gpu_backend_probe.py, issue #11).
         self._consts_host = {name: np.zeros([b, *shapes[name]], NP_DTYPES[dtype]) for name, dtype in CONSTANTS}
-        self.consts = {name: device.put(value) for name, value in self._consts_host.items()}
+        # (own memory on the CPU too: a CPU OrtValue made from an array would share it)
+        self.consts = {name: device.put(value.copy()) for name, value in self._consts_host.items()}
         self.total = device.host_scalar(self.capacity)
         self.current = 0  # the state set holding the next decode step's inputs
         self._free = list(range(max_batch))
@@ -266,16 +267,19 @@ class SlotsBackend:
         return shapes
 
     def _write_constants(self, rows: list[tuple[int, dict[str, np.ndarray]]]) -> None:
-        """The sampling constants of new requests into their slots' rows (see ``__init__``)."""
-        if not rows:
-            return
+        """The sampling constants of new requests into their slots' rows (see ``__init__``):
+        only the buffers in which some row changed are copied (a stop mask, ``[max_batch,
+        vocab]``, is the largest and rarely differs from the row's previous request's)."""
+        changed = set()
         for slot, arrays in rows:
-            for name in self._consts_host:
+            for name, host in self._consts_host.items():
                 short = name[len(PREFIX):]
                 value = np.array([self.capacity - 1]) if short == "last_position" else arrays[short]
-                self._consts_host[name][slot] = value[0]
-        for name, host in self._consts_host.items():
-            self.consts[name].update_inplace(host)
+                if not np.array_equal(host[slot], value[0]):
+                    host[slot] = value[0]
+                    changed.add(name)
+        for name in changed:
+            self.consts[name].update_inplace(self._consts_host[name])
 
     def _prefill_group(self, group: list[tuple[int, list[int], dict[str, np.ndarray]]], want_logits: bool,
                        plan: Plan) -> dict[int, tuple[int, np.ndarray | None]]:

@@ -316,15 +316,22 @@ def test_the_slots_backend_runs_one_session_and_writes_rows_without_another(shar
     with Engine.load(shared_path, max_batch=3) as engine:
         greedy, hot = SamplingParams(), SamplingParams(temperature=0.7, top_k=5, seed=3, min_new_tokens=2)
         engine.generate_results([[5, 6, 7], [8, 9]], 4, [greedy, hot])
-        consts = {name.removeprefix("lmforge_step."): value.numpy() for name, value in engine.backend.consts.items()}
+        read = lambda: {name.removeprefix("lmforge_step."): value.numpy()  # noqa: E731
+                        for name, value in engine.backend.consts.items()}
+        consts = read()
+        hot_row = int(np.argmax(consts["temperature"]))  # slots go in prompt-length order
+        rows = [hot_row, 1 - hot_row, 2]
+        assert consts["temperature"][rows].tolist() == pytest.approx([0.7, 0.0, 0.0])
+        assert consts["top_k"][rows].tolist() == [5, 0, 0]
+        assert consts["min_new_tokens"][rows].tolist() == [2, 0, 0]
+        assert [bool(consts["stop_mask"][r].any()) for r in rows] == [True, False, False]
+        assert consts["last_position"][rows].tolist() == [engine.max_context - 1] * 2 + [0]  # row 2 never used
+        # the next request in the sampled one's row gets its own constants, none of the old ones
+        engine.generate_results([[4] * 5, [5] * 6, [6] * 7], 2, [greedy] * 3)
+        consts = read()
+        assert consts["temperature"].tolist() == [0.0] * 3 and consts["top_k"].tolist() == [0] * 3
+        assert not consts["stop_mask"].any() and consts["min_new_tokens"].tolist() == [0] * 3
     assert len(opened) == 1, opened
-    hot_row = int(np.argmax(consts["temperature"]))  # slots go in prompt-length order: the sampled one is row 0
-    rows = [hot_row, 1 - hot_row, 2]
-    assert consts["temperature"][rows].tolist() == pytest.approx([0.7, 0.0, 0.0])
-    assert consts["top_k"][rows].tolist() == [5, 0, 0]
-    assert consts["min_new_tokens"][rows].tolist() == [2, 0, 0]
-    assert [bool(consts["stop_mask"][r].any()) for r in rows] == [True, False, False]
-    assert consts["last_position"][rows].tolist() == [engine.max_context - 1] * 2 + [0]  # row 2 never used
 
 
 def test_fp32_shared_buffer_refused_on_cuda_before_loading(shared_path: Path, tmp_path: Path) -> None:
