@@ -169,10 +169,10 @@ class SlotsBackend:
         self.sets = tuple({name: device.zeros([b, *shapes[name]], dtype) for name, _, dtype in STATE} for _ in range(2))
         # The requests' sampling constants: only the host writes them, so a host copy of every
         # buffer is kept and a prefill's new rows reach the device in one whole-buffer copy per
-        # constant that changed (``OrtValue.update_inplace``). Not a small onnxruntime session copying rows into
-        # the buffers by address, as before: on CUDA, one run of such a session made every later
-        # replay of the decoder's captured step slower (batch 1, SmolLM2-135M fp16 on an H100:
-        # 1.29 against 1.13 ms a step; bench/gpu_backend_probe.py, issue #11).
+        # constant that changed (``OrtValue.update_inplace``). Not a small onnxruntime session
+        # copying rows into the buffers by address, as before: on CUDA, one run of such a
+        # session made every later replay of the decoder's captured step slower (batch 1,
+        # SmolLM2-135M fp16 on an H100: 1.29 against 1.13 ms a step; bench/gpu_backend_probe.py).
         self._consts_host = {name: np.zeros([b, *shapes[name]], NP_DTYPES[dtype]) for name, dtype in CONSTANTS}
         # (own memory on the CPU too: a CPU OrtValue made from an array would share it)
         self.consts = {name: device.put(value.copy()) for name, value in self._consts_host.items()}
