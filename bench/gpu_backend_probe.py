@@ -15,7 +15,7 @@ Modes (``--mode``):
 Prints and writes ms a step, steps launched back to back (one sync a block) and synchronized one
 by one::
 
-    PYTHONPATH=/tmp/gpu-site:$PWD python3 bench/gpu_backend_probe.py ART --mode backend
+    PYTHONPATH=$GPU_SITE:$PWD python3 bench/gpu_backend_probe.py ART --mode backend  # onnxruntime-gpu's site
 """
 
 from __future__ import annotations
