@@ -18,8 +18,20 @@ import onnxruntime as ort
 from runtime.errors import InvalidRequestError
 from runtime.sampler_graph import ALL_ROWS, BOUNDED_CANDIDATES, HOST_INPUTS, build_sampler_model
 
-__all__ = ["SamplingParams", "GREEDY", "PARTED_ABOVE", "Plan", "TOP_K_CANDIDATES", "host_values", "row_arrays",
+__all__ = ["SamplingParams", "GREEDY", "INT64_MAX", "FLOAT32_TINY", "REPETITION_PENALTY_RANGE", "PARTED_ABOVE", "Plan", "TOP_K_CANDIDATES", "host_values", "row_arrays",
            "stack_rows", "Sampler"]
+
+
+INT64_MAX = int(np.iinfo(np.int64).max)
+"""The largest integer the sampler's int64 inputs hold (``top_k``, ``min_new_tokens``, ids, seeds)."""
+FLOAT32_TINY = float(np.finfo(np.float32).tiny)
+"""The smallest normal float32 (~1.18e-38): a nonzero value below it rounds to 0 or to a subnormal."""
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+REPETITION_PENALTY_RANGE = (1e-30, 1e30)
+"""The sampler divides positive logits by the repetition penalty and multiplies negative ones by it,
+in float32: within these bounds that stays finite for any logit of magnitude up to 3.4e8 (far
+beyond real logits; fp16 logits end at 65,504), so the penalty means what it says. Beyond them a
+logit overflows to ±inf and the row's probabilities become NaN."""
 
 
 def _is_int(value: object) -> bool:
@@ -30,9 +42,26 @@ def _is_real(value: object) -> bool:
     return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
 
 
+def _float32_holds(value: float) -> bool:
+    """True when float32 keeps ``value``'s meaning: 0, or a finite magnitude in float32's normal
+    range (rounding to the nearest float32 is fine; becoming 0, a subnormal or inf is not)."""
+    return value == 0 or FLOAT32_TINY <= abs(value) <= FLOAT32_MAX
+
+
 def _check_real(name: str, value: object, low: float, high: float, expected: str) -> None:
-    if not _is_real(value) or math.isnan(value) or not low <= value <= high:  # type: ignore[arg-type]
-        raise InvalidRequestError(f"invalid {name}", expected=expected, got=repr(value))
+    """``value`` a real number in ``[low, high]`` that float32 holds (see :func:`_float32_holds`)."""
+    try:
+        number = float(value) if _is_real(value) else math.nan  # type: ignore[arg-type]
+    except OverflowError:  # an int past float64
+        number = math.inf if value > 0 else -math.inf  # type: ignore[operator]
+    if math.isnan(number) or not low <= number <= high or not _float32_holds(number):
+        raise InvalidRequestError(f"invalid {name}", expected=expected, got=repr(value)[:80])
+
+
+def _check_int(name: str, value: object, expected: str) -> None:
+    """``value`` an integer the sampler's int64 inputs hold, and not negative."""
+    if not _is_int(value) or not 0 <= value <= INT64_MAX:  # type: ignore[operator]
+        raise InvalidRequestError(f"invalid {name}", expected=expected, got=repr(value)[:80])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,42 +98,31 @@ class SamplingParams:
             object.__setattr__(self, "stop", (self.stop,))
         object.__setattr__(self, "stop", tuple(self.stop))
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
-        t = self.temperature
-        if not _is_real(t) or math.isnan(t) or t < 0 or math.isinf(t):
-            raise InvalidRequestError(
-                "invalid temperature", expected="a finite number >= 0 (0 = greedy)", got=repr(t)
-            )
-        _check_real("min_p", self.min_p, 0.0, 1.0, "a number in [0, 1] (0 = off)")
-        _check_real("presence_penalty", self.presence_penalty, -2.0, 2.0, "a number in [-2, 2] (0 = off)")
-        _check_real("frequency_penalty", self.frequency_penalty, -2.0, 2.0, "a number in [-2, 2] (0 = off)")
-        if not _is_int(self.top_k) or self.top_k < 0:
-            raise InvalidRequestError(
-                "invalid top_k", expected="an integer >= 0 (0 = off)", got=repr(self.top_k)
-            )
-        p = self.top_p
-        if not _is_real(p) or math.isnan(p) or not 0.0 < p <= 1.0:
-            raise InvalidRequestError("invalid top_p", expected="a number in (0, 1] (1 = off)", got=repr(p))
-        r = self.repetition_penalty
-        if not _is_real(r) or math.isnan(r) or math.isinf(r) or r <= 0:
-            raise InvalidRequestError(
-                "invalid repetition_penalty", expected="a finite number > 0 (1 = off)", got=repr(r)
-            )
-        if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed < 2**63):
-            raise InvalidRequestError(
-                "invalid seed", expected="None or an integer in [0, 2**63)", got=repr(self.seed)
-            )
-        if not _is_int(self.min_new_tokens) or self.min_new_tokens < 0:
-            raise InvalidRequestError(
-                "invalid min_new_tokens", expected="an integer >= 0", got=repr(self.min_new_tokens)
-            )
+        # Every value is checked against what the sampler holds, greedy or not: a value that
+        # float32 or int64 cannot hold faithfully is refused here, never rounded into another
+        # meaning (a nonzero value that would underflow to 0, an overflow to inf, an integer
+        # past int64).
+        _check_real("temperature", self.temperature, 0.0, math.inf,
+                    "a finite number >= 0 (0 = greedy) that float32 holds: 0 or in [1.2e-38, 3.4e+38]")
+        _check_real("top_p", self.top_p, FLOAT32_TINY, 1.0,
+                    "a number in (0, 1] (1 = off) that float32 holds: at least 1.2e-38")
+        _check_real("min_p", self.min_p, 0.0, 1.0, "a number in [0, 1] (0 = off) that float32 holds: 0 or at least 1.2e-38")
+        for name in ("presence_penalty", "frequency_penalty"):
+            _check_real(name, getattr(self, name), -2.0, 2.0,
+                        "a number in [-2, 2] (0 = off) that float32 holds: 0 or a magnitude of at least 1.2e-38")
+        low, high = REPETITION_PENALTY_RANGE
+        _check_real("repetition_penalty", self.repetition_penalty, low, high,
+                    f"a number in [{low:g}, {high:g}] (1 = off; float32 divides and multiplies logits by it, "
+                    "and beyond these bounds a logit overflows)")
+        _check_int("top_k", self.top_k, "an integer in [0, 2**63) (0 = off)")
+        if self.seed is not None:
+            _check_int("seed", self.seed, "None or an integer in [0, 2**63)")
+        _check_int("min_new_tokens", self.min_new_tokens, "an integer in [0, 2**63)")
         for s in self.stop:
             if not isinstance(s, str) or not s:
                 raise InvalidRequestError("invalid stop string", expected="non-empty strings", got=repr(s))
         for i in self.stop_token_ids:
-            if not _is_int(i) or i < 0:
-                raise InvalidRequestError(
-                    "invalid stop token id", expected="integers >= 0", got=repr(i)
-                )
+            _check_int("stop token id", i, "integers in [0, 2**63)")
 
     @property
     def greedy(self) -> bool:
