@@ -26,7 +26,7 @@ from exporters.specs import ModelKind
 from runtime.artifact import TensorSpec
 from runtime.errors import ExportError
 
-__all__ = ["ExportResult", "export_model", "OPSET", "MAX_IR_VERSION", "check_against_torch"]
+__all__ = ["ExportResult", "export_model", "OPSET", "MAX_IR_VERSION", "check_against_torch", "takes_position_ids"]
 
 log = logging.getLogger(__name__)
 
@@ -55,16 +55,32 @@ def _present_names(layers: int) -> list[str]:
     return [f"present.{i}.{kind}" for i in range(layers) for kind in ("key", "value")]
 
 
+def takes_position_ids(loaded: LoadedSource) -> bool:
+    """Whether the graph gets a ``position_ids`` input: not for ALiBi models, nor for a model
+    whose ``forward`` takes none (it derives positions from the mask or the cache)."""
+    import inspect
+
+    try:
+        declared = "position_ids" in inspect.signature(type(loaded.model).forward).parameters
+    except (TypeError, ValueError):
+        declared = True
+    return loaded.spec.positions != "alibi" and declared
+
+
 def _decoder_wrapper(loaded: LoadedSource, layers: int, with_positions: bool) -> Any:
     import torch
     from transformers import DynamicCache
 
     model = loaded.model
-    config = loaded.config
     cache_name = cache_argument(model)
 
     def run(input_ids: Any, attention_mask: Any, position_ids: Any, past: tuple[Any, ...]) -> tuple[Any, ...]:
-        cache = DynamicCache(config=config)
+        # Full (growing) layers for every layer, even where the config has a sliding window: the
+        # concat contract returns the whole past + new KV, and the model's own sliding-window mask
+        # (built from the config, not from the cache) keeps each layer to its window. A sliding
+        # cache layer would instead cut the KV at the window with a length guard torch.export
+        # cannot trace past (`past <= window - 1`).
+        cache = DynamicCache()
         for i in range(layers):
             cache.update(past[2 * i], past[2 * i + 1], i)
         # The cache goes in under the name the model declares (``cache`` from transformers 5.24,
@@ -173,7 +189,7 @@ def export_model(loaded: LoadedSource, out_dir: Path, layers: int, kv_heads: int
 
     model_path = out_dir / "model.onnx"
     is_decoder = loaded.spec.kind is ModelKind.DECODER
-    with_positions = loaded.spec.positions != "alibi"
+    with_positions = takes_position_ids(loaded)
     batch = torch.export.Dim("batch", min=1, max=4096)
     seq = torch.export.Dim("seq", min=1, max=1 << 20)
     if is_decoder:

@@ -29,7 +29,7 @@ import socket
 from pathlib import Path
 from typing import Any
 
-from exporters.specs import ArchSpec, ModelKind, canonical_dims, get_spec, spec_for_model_type
+from exporters.specs import ArchSpec, ModelKind, canonical_dims, get_spec, spec_for_config
 from runtime.errors import ExportError
 
 __all__ = [
@@ -326,7 +326,7 @@ def _build_random(info: SourceInfo) -> LoadedSource:
     config = AutoConfig.for_model(spec.model_types[0], **overrides)
     config._attn_implementation = "eager"
     torch.manual_seed(TINY_SEED)
-    model = _model_class(spec.kind).from_config(config, attn_implementation="eager").eval().float()
+    model = _for_export(_model_class(spec.kind).from_config(config, attn_implementation="eager").eval().float())
     if info.kind == "tiny":
         # Random init of this size gives nearly flat logits; scale them up so greedy decoding has
         # clear winners and parity tests compare real choices, not near-ties.
@@ -343,6 +343,20 @@ def _build_random(info: SourceInfo) -> LoadedSource:
     generation = {"bos_token_id": overrides.get("bos_token_id", 1), "eos_token_ids": [int(eos)],
                   "pad_token_id": overrides.get("pad_token_id", eos)}
     return LoadedSource(info, spec, config, model, tokenizer, digest.hexdigest(), generation)
+
+
+def _for_export(model: Any) -> Any:
+    """Switch a mixture-of-experts model to transformers' ``batched_mm`` experts.
+
+    The default experts code loops over the experts a batch routed to (``nonzero``, data-dependent
+    shapes) or calls a custom ``grouped_mm`` op; neither reaches ONNX. ``batched_mm`` gathers each
+    token's chosen experts' weights and runs one batched matmul: static shapes, the same numbers.
+    """
+    if getattr(model, "_can_set_experts_implementation", lambda: False)() and any(
+        "experts" in type(m).__name__.lower() for m in model.modules()
+    ):
+        model.set_experts_implementation("batched_mm")
+    return model
 
 
 def _generation_ids(model: Any, config: Any, tokenizer: Any) -> dict[str, Any]:
@@ -388,7 +402,7 @@ def load_source(source: str | SourceInfo) -> LoadedSource:
             f"cannot read the model config at {location} ({str(exc).splitlines()[0][:160]})",
             fix="check that the folder or .gguf file is a complete Hugging Face model",
         ) from exc
-    spec = spec_for_model_type(config.model_type)  # unsupported: refused before any weight is read
+    spec = spec_for_config(config)  # what cannot work is refused before any weight is read
     if not info.gguf_file and info.path is not None:
         weights = _weight_files(info.path)
         for path in weights:
@@ -405,7 +419,7 @@ def load_source(source: str | SourceInfo) -> LoadedSource:
             f"cannot load the model weights at {location} ({str(exc).splitlines()[0][:160]})",
             fix="the weights may be truncated or corrupt: download the model again",
         ) from exc
-    model = model.eval()
+    model = _for_export(model.eval())
     if any(p.dtype != torch.float32 for p in model.parameters()):
         if getattr(model, "is_quantized", False):
             raise ExportError(
@@ -422,19 +436,74 @@ def load_source(source: str | SourceInfo) -> LoadedSource:
 
 
 def describe_dims(loaded: LoadedSource) -> dict[str, Any]:
-    """The manifest's ``architecture`` block (max_context filled in by the exporter)."""
+    """The manifest's ``architecture`` block (max_context filled in by the exporter).
+
+    For decoders, KV heads and head size are read off the cache the model itself returns for a
+    two-token prompt, not from config attributes: families name and derive them differently
+    (Falcon's ``multi_query`` keeps one KV head whatever ``num_kv_heads`` says), and the graph's
+    KV inputs must have the shapes the model code produces.
+    """
     dims = canonical_dims(loaded.config)
+    kv_heads, head_dim = dims.kv_heads, dims.head_dim
+    if loaded.spec.kind is ModelKind.DECODER:
+        kv_heads, head_dim = _probe_kv_shape(loaded)
     return {
         "name": loaded.spec.name,
         "hf_model_type": loaded.config.model_type,
         "layers": dims.layers,
         "heads": dims.heads,
-        "kv_heads": dims.kv_heads,
-        "head_dim": dims.head_dim,
+        "kv_heads": kv_heads,
+        "head_dim": head_dim,
         "hidden": dims.hidden,
         "vocab": dims.vocab,
         "max_positions": dims.max_positions,
+        "features": [f.value for f in loaded.spec.features],
+        "tuned": loaded.spec.tuned,
+        **_attention_options(loaded.config),
     }
+
+
+def _probe_kv_shape(loaded: LoadedSource) -> tuple[int, int]:
+    """(kv_heads, head_dim) of the cache the model returns; refuses caches the contract cannot hold."""
+    import torch
+    from transformers import DynamicCache
+
+    from exporters.cache_compat import cache_kwargs, output_cache
+
+    ids = torch.tensor([[3, 4]], dtype=torch.int64)
+    with torch.no_grad():
+        out = loaded.model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True,
+                           **cache_kwargs(loaded.model, DynamicCache()))
+    shapes = {(tuple(layer.keys.shape), tuple(layer.values.shape)) for layer in output_cache(out).layers}
+    if len(shapes) != 1:
+        raise ExportError(
+            f"{loaded.info.ref}: its layers cache keys and values of different shapes ({sorted(shapes)})",
+            expected="one [batch, kv_heads, seq, head_dim] shape for every layer's keys and values",
+            fix="this architecture needs its own KV contract; open an issue with the model's config.json",
+        )
+    (key_shape, value_shape), = shapes
+    if len(key_shape) != 4 or key_shape != value_shape or key_shape[2] != 2:
+        raise ExportError(
+            f"{loaded.info.ref}: its cache layout {key_shape} / {value_shape} is not the decoder contract's",
+            expected="keys and values of shape [batch, kv_heads, seq, head_dim]",
+            fix="this architecture needs its own KV contract; open an issue with the model's config.json",
+        )
+    return int(key_shape[1]), int(key_shape[3])
+
+
+def _attention_options(config: Any) -> dict[str, Any]:
+    """Attention settings of the config the runtime and the passes need to know (window, caps)."""
+    window = getattr(config, "sliding_window", None)
+    if getattr(config, "use_sliding_window", True) is False:
+        window = None
+    layer_types = getattr(config, "layer_types", None)
+    options: dict[str, Any] = {"sliding_window": int(window) if window else None}
+    if window and layer_types:
+        options["layer_types"] = [str(t) for t in layer_types]
+    for key in ("attn_logit_softcapping", "final_logit_softcapping"):
+        if getattr(config, key, None):
+            options[key] = float(getattr(config, key))
+    return options
 
 
 _ST_POOLING_MODES = (("pooling_mode_cls_token", "cls"), ("pooling_mode_mean_tokens", "mean"),
