@@ -55,7 +55,15 @@ from runtime.kv_concat import ConcatBackend
 from runtime.kv_slots import SlotsBackend
 from runtime.request import FinishReason, GenerationResult, Request, TokenEvent
 from runtime.sampler_graph import BOUNDED_CANDIDATES, MAX_CANDIDATES
-from runtime.sampling import GREEDY, TOP_K_CANDIDATES, Plan, SamplingParams, host_values, row_arrays
+from runtime.sampling import (
+    GREEDY,
+    TOP_K_CANDIDATES,
+    Plan,
+    SamplingParams,
+    generation_defaults,
+    host_values,
+    row_arrays,
+)
 from runtime.text import check_text
 
 __all__ = ["Engine", "EngineStats", "GenerationResult", "FinishReason", "Prompt"]
@@ -202,6 +210,11 @@ class Engine:
                                         self.cuda_graph, prefill_chunk)
         else:
             self.backend = ConcatBackend(artifact, self._device, layout, self.max_batch)
+        self.sampling_defaults = generation_defaults(artifact.generation_config)
+        """The artifact's sampling defaults (``generation_config.json``: temperature, top-p, top-k,
+        min-p, repetition penalty, max_new_tokens where present; :func:`runtime.sampling.generation_defaults`).
+        The server uses them for fields a request leaves out, as vLLM does; ``generate*`` and
+        ``submit`` do not (their default is greedy)."""
         self.tokenizer = self._load_tokenizer(artifact.tokenizer_dir)
         self.chat_template = load_chat_template(artifact.tokenizer_dir)
         self._special_tokens = special_tokens(artifact.tokenizer_dir)
@@ -624,15 +637,22 @@ class Engine:
             return
         now = time.perf_counter()
         batch: list[_Live] = []
+        admitted: list[tuple[int, list[int], dict[str, np.ndarray]]] = []
         # slots in prompt-length order: neighbours prefill together, padded to the longer one
         for request in sorted(taken, key=lambda r: len(r.prompt_ids)):
-            p = request.sampling
-            stop_ids = frozenset(self.eos_token_ids | set(p.stop_token_ids))
-            detok = IncrementalDetokenizer(self.tokenizer, request.prompt_ids) if self.tokenizer is not None else None
-            batch.append(_Live(request, self.backend.allocate(), stop_ids, detok, StopStrings(p.stop), now))
-        admitted = [(live.slot, live.request.prompt_ids,
-                     row_arrays(live.request.sampling, live.request.prompt_ids, sorted(live.stop_ids), self.vocab,
-                                self.max_context)) for live in batch]
+            slot = self.backend.allocate()
+            try:
+                live, rows = self._prepare_row(request, slot, now)
+            except Exception as exc:  # noqa: BLE001 - this request's values fail this request only
+                self.backend.release(slot)
+                request._fail(self._request_error(request, "preparing", exc))
+                continue
+            batch.append(live)
+            admitted.append((slot, request.prompt_ids, rows))
+        plan = self._plan(batch)
+        batch = [live for live in batch if live.reason is None]  # planning may have failed some
+        if plan is None or not batch:
+            return
         want_logits = any(live.request.return_logits for live in batch)
         by_slot = {live.slot: live for live in batch}
 
@@ -645,18 +665,55 @@ class Engine:
             for slot, (token, logits) in firsts.items():
                 self._accept(self._live[slot], [token], None if logits is None else logits[None, :])
 
+        admitted = [row for row in admitted if row[0] in by_slot]
         try:
-            self.backend.prefill_many(admitted, want_logits, self._plan(batch), started)
+            self.backend.prefill_many(admitted, want_logits, plan, started)
         except LmforgeError as exc:
             self._fail(list(by_slot.values()), exc)  # the requests whose prefill did not run
+        except Exception as exc:  # noqa: BLE001 - not onnxruntime: a bug, reported; the loop serves on
+            log.exception("a prefill failed")
+            self._fail(list(by_slot.values()), GenerationError(
+                "the prefill failed", got=f"{type(exc).__name__}: {exc}",
+                fix="this is a bug in lmforge: please report it with the log above"))
+
+    def _prepare_row(self, request: Request, slot: int, now: float) -> tuple[_Live, dict[str, np.ndarray]]:
+        """One admitted request's loop state and sampling rows, staged in the backend (raises for
+        this request alone: a value that got past validation, or a bug)."""
+        p = request.sampling
+        stop_ids = frozenset(self.eos_token_ids | set(p.stop_token_ids))
+        detok = IncrementalDetokenizer(self.tokenizer, request.prompt_ids) if self.tokenizer is not None else None
+        live = _Live(request, slot, stop_ids, detok, StopStrings(p.stop), now)
+        host_values([p], self.candidates)  # its plan alone: a row that cannot be planned fails here
+        rows = row_arrays(p, request.prompt_ids, sorted(stop_ids), self.vocab, self.max_context)
+        return live, self.backend.stage(slot, rows)
+
+    def _request_error(self, request: Request, stage: str, exc: Exception) -> GenerationError:
+        """The error a request fails with when the loop raised while ``stage`` it."""
+        if isinstance(exc, GenerationError):
+            return exc
+        log.warning("request %d failed while %s it: %s: %s", request.id, stage, type(exc).__name__, exc)
+        return GenerationError(f"request {request.id} failed in the engine while {stage} it",
+                               got=f"{type(exc).__name__}: {exc}"[:300],
+                               fix="its values got past validation, a bug in lmforge: please report the request")
+
+    def _fail_one(self, live: _Live, stage: str, exc: Exception) -> None:
+        """A running request whose handling raised: it fails alone and its slot is free."""
+        with self._cv:
+            self._live.pop(live.slot, None)
+        self.backend.release(live.slot)
+        live.reason = live.reason or FinishReason.CANCELLED  # nothing more is pushed for it
+        live.request._fail(self._request_error(live.request, stage, exc))
 
     def _decode(self) -> None:
         """One block of decode steps for every running request, then the stop checks."""
+        plan = self._plan(list(self._live.values()))
+        if plan is None or not self._live:
+            return
         generated = {slot: len(live.new_ids) for slot, live in self._live.items()}
         want_logits = any(live.request.return_logits for live in self._live.values())
         left = max(live.request.max_new_tokens - len(live.new_ids) for live in self._live.values())
         steps = 1 if want_logits else max(1, min(self.read_every, left, self.backend.max_block))
-        rows, plan = max(self._live) + 1, self._plan(self._live.values())
+        rows = max(self._live) + 1
         try:
             ids, logits = self.backend.decode(rows, steps, generated, want_logits, plan,
                                               self._admissible if self.admit_within_block else None)
@@ -668,25 +725,55 @@ class Engine:
                          if live.request.max_new_tokens > len(live.new_ids) + len(ids.get(slot, ()))]
                 if going:
                     self.backend.launch_ahead(rows, plan, going)
-        except LmforgeError as exc:
+        except Exception as exc:  # noqa: BLE001 - onnxruntime's (or a bug): the step's requests fail, the loop serves on
+            if not isinstance(exc, LmforgeError):
+                log.exception("a decode step failed")
+                exc = GenerationError("a decode step failed", got=f"{type(exc).__name__}: {exc}",
+                                      fix="this is a bug in lmforge: please report it with the log above")
             self._fail(list(self._live.values()), exc)
             self.backend.reset()  # every running request failed with this step
             return
-        for slot, live in self._live.items():
+        for slot, live in list(self._live.items()):
             self._accept(live, ids.get(slot, []), None if logits is None else logits[slot][None, :])
 
-    def _plan(self, rows: Any) -> Plan:
-        """The sampling nodes' host inputs for a run over these rows (:func:`runtime.sampling.host_values`)."""
-        return host_values([live.request.sampling for live in rows], self.candidates)
+    def _plan(self, rows: list[_Live]) -> Plan | None:
+        """The sampling nodes' host inputs for a run over these rows (:func:`runtime.sampling.host_values`).
+
+        When planning raises, each row is planned alone and the rows that raise fail (their
+        requests alone); the others are planned again. None when no row is left then.
+        """
+        while True:
+            try:
+                return host_values([live.request.sampling for live in rows], self.candidates)
+            except Exception as exc:  # noqa: BLE001 - a request's values fail that request only
+                bad = []
+                for live in rows:
+                    try:
+                        host_values([live.request.sampling], self.candidates)
+                    except Exception as one:  # noqa: BLE001
+                        bad.append((live, one))
+                for live, one in bad or [(live, exc) for live in rows]:
+                    self._fail_one(live, "planning", one)
+                failed = {id(live) for live, _ in bad} if bad else {id(live) for live in rows}
+                rows = [live for live in rows if id(live) not in failed]
+                if not rows:
+                    return None
 
     def _admissible(self) -> bool:
         """Whether a waiting request could take a slot now (asked between the steps of a block)."""
         return bool(self._waiting) and self.backend.free_slots > 0
 
     def _accept(self, live: _Live, tokens: list[int], logits: np.ndarray | None) -> None:
-        """Host-side bookkeeping for a row's new ids: text, stop checks, its event."""
+        """Host-side bookkeeping for a row's new ids: text, stop checks, its event. A failure
+        there fails this request alone."""
         if live.reason is not None:
             return
+        try:
+            self._accept_tokens(live, tokens, logits)
+        except Exception as exc:  # noqa: BLE001 - this request only
+            self._fail_one(live, "accepting tokens for", exc)
+
+    def _accept_tokens(self, live: _Live, tokens: list[int], logits: np.ndarray | None) -> None:
         now = time.perf_counter()
         accepted: list[int] = []
         text = ""
@@ -737,21 +824,30 @@ class Engine:
                 done.append(slot)
         for slot in done:
             live = self._live[slot]
-            text = live.pending_text + self._finish_text(live)
-            n = len(live.new_ids)
-            decode_s = now - live.t_first
-            request = live.request
-            result = GenerationResult(
-                text=live.stops.text, token_ids=tuple(live.new_ids), prompt_tokens=len(request.prompt_ids),
-                new_tokens=n, finish_reason=live.reason, ttft_s=(live.t_first or now) - request.submitted,
-                decode_tokens_per_s=(n - 1) / decode_s if n > 1 and decode_s > 0 else 0.0,
-                total_s=now - request.submitted, queue_s=live.admitted - request.submitted,
-                step_logits=np.stack(live.logits) if live.logits else None,
-            )
+            try:
+                text, result = self._result(live, now)
+            except Exception as exc:  # noqa: BLE001 - this request only
+                self._fail_one(live, "finishing", exc)
+                continue
             with self._cv:
                 del self._live[slot]
             self.backend.release(slot)
-            request._push(TokenEvent(live.pending_ids, text, result, now))
+            live.request._push(TokenEvent(live.pending_ids, text, result, now))
+
+    def _result(self, live: _Live, now: float) -> tuple[str, GenerationResult]:
+        """A finished request's last text piece and its result."""
+        text = live.pending_text + self._finish_text(live)
+        n = len(live.new_ids)
+        decode_s = now - live.t_first
+        request = live.request
+        return text, GenerationResult(
+            text=live.stops.text, token_ids=tuple(live.new_ids), prompt_tokens=len(request.prompt_ids),
+            new_tokens=n, finish_reason=live.reason or FinishReason.CANCELLED,
+            ttft_s=(live.t_first or now) - request.submitted,
+            decode_tokens_per_s=(n - 1) / decode_s if n > 1 and decode_s > 0 else 0.0,
+            total_s=now - request.submitted, queue_s=live.admitted - request.submitted,
+            step_logits=np.stack(live.logits) if live.logits else None,
+        )
 
     def _fail(self, batch: list[_Live], exc: LmforgeError) -> None:
         """The requests of a failed step end with ``exc``; the loop keeps serving."""

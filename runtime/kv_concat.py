@@ -17,7 +17,7 @@ neighbours (up to the kernels' own batch-size-dependent rounding, which the test
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -28,7 +28,7 @@ from runtime.artifact import Artifact
 from runtime.device import NP_DTYPES, Device
 from runtime.errors import GenerationError
 from runtime.sampler_graph import HOST_INPUTS, ROW_CONSTANTS, ROW_STATE, SAMPLER_FORMAT
-from runtime.sampling import Plan
+from runtime.sampling import Plan, checked_row
 
 __all__ = ["ConcatBackend", "build_regroup_model"]
 
@@ -129,6 +129,10 @@ class ConcatBackend:
         feeds += [(n, self._kv_dtype, len(self._inputs[n].shape), self._past_axis[n]) for n in self._past]
         self._tensors = feeds + row
         self._row_names = [t[0] for t in row]
+        # what one request's row arrays must be (runtime.sampling.checked_row)
+        widths = {"stop_mask": (self.vocab,), "uniforms": (self.capacity,), "seen": (self.vocab,),
+                  "counts": (self.vocab,)}
+        self._row_layout = {name: (NP_DTYPES[dtype], widths.get(name, ())) for name, dtype, _, _ in row}
         self.regroup = device.session(build_regroup_model(self._tensors), small=True)
         self.order: list[int] = []  # slot of each batch row
         self.state: dict[str, ort.OrtValue] = {}  # every per-row tensor of the running batch, by name
@@ -162,6 +166,12 @@ class ConcatBackend:
         """Forget the running batch (after a failed step failed all of its requests)."""
         self.order, self.state, self.length, self._dropped = [], {}, {}, set()
         self._free = list(range(self.max_batch))
+
+    def stage(self, slot: int, arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """One admitted request's row arrays (:func:`runtime.sampling.row_arrays`), checked and
+        cast (:func:`runtime.sampling.checked_row`) before its prefill: a row that does not fit
+        raises for this request alone. Nothing is written: :meth:`prefill_many` uploads the rows."""
+        return checked_row(arrays, self._row_layout)
 
     # -- runs -----------------------------------------------------------------------------------
 

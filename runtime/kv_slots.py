@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import numpy as np
@@ -40,7 +40,7 @@ from runtime.artifact import Artifact
 from runtime.device import NP_DTYPES, Device
 from runtime.errors import GenerationError
 from runtime.sampler_graph import STEP_HOST_INPUTS
-from runtime.sampling import Plan
+from runtime.sampling import Plan, checked_row
 from runtime.step_graph import CONSTANTS, FORMAT, PREFIX, STATE, step_io
 
 __all__ = ["SlotsBackend", "padded_length", "prefill_groups"]
@@ -176,6 +176,13 @@ class SlotsBackend:
         self._consts_host = {name: np.zeros([b, *shapes[name]], NP_DTYPES[dtype]) for name, dtype in CONSTANTS}
         # (own memory on the CPU too: a CPU OrtValue made from an array would share it)
         self.consts = {name: device.put(value.copy()) for name, value in self._consts_host.items()}
+        self._changed: set[str] = set()  # constants whose host copy changed since the last device copy
+        # what one request's row arrays must be (runtime.sampling.checked_row): the constants
+        # and the state a prefill starts from
+        self._row_layout = {name[len(PREFIX):]: (NP_DTYPES[dtype], tuple(shapes[name])) for name, dtype in CONSTANTS
+                            if name != PREFIX + "last_position"}
+        self._row_layout.update({name[len(PREFIX):]: (NP_DTYPES[dtype], tuple(shapes[name])) for name, _, dtype in STATE
+                                 if name.startswith(PREFIX) and name != PREFIX + "history"})
         self.total = device.host_scalar(self.capacity)
         self.current = 0  # the state set holding the next decode step's inputs
         self._free = list(range(max_batch))
@@ -230,7 +237,8 @@ class SlotsBackend:
 
     def prefill_many(self, admitted: list[tuple[int, list[int], dict[str, np.ndarray]]], want_logits: bool,
                      plan: Plan, started: Callable[[dict[int, tuple[int, np.ndarray | None]]], None]) -> None:
-        """Prefill ``(slot, prompt, row arrays)`` into their slots; after each run, hand
+        """Prefill ``(slot, prompt, row arrays)`` into their slots (the engine stages each row
+        first, :meth:`stage`, so that a row that does not fit fails alone); after each run, hand
         ``started`` its slots' first tokens (and logits when asked), so that the first requests of
         a large admission need not wait for the last one's prefill.
 
@@ -266,20 +274,31 @@ class SlotsBackend:
             length += 1
         return shapes
 
-    def _write_constants(self, rows: list[tuple[int, dict[str, np.ndarray]]]) -> None:
-        """The sampling constants of new requests into their slots' rows (see ``__init__``):
-        only the buffers in which some row changed are copied (a stop mask, ``[max_batch,
-        vocab]``, is the largest and rarely differs from the row's previous request's)."""
-        changed = set()
+    def stage(self, slot: int, arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """One admitted request's row arrays (:func:`runtime.sampling.row_arrays`), checked and
+        cast (:func:`runtime.sampling.checked_row`), its sampling constants written into the
+        slot's row of the host copies; they reach the device with the next prefill
+        (:meth:`prefill_many`). A row that does not fit raises for this request alone, before
+        anything of it is written. Only the buffers in which the row changed are copied then (a
+        stop mask, ``[max_batch, vocab]``, is the largest and rarely differs from the row's
+        previous request's)."""
+        rows = checked_row(arrays, self._row_layout)
+        for name, host in self._consts_host.items():
+            short = name[len(PREFIX):]
+            value = np.array(self.capacity - 1) if short == "last_position" else rows[short][0]
+            if not np.array_equal(host[slot], value):
+                host[slot] = value
+                self._changed.add(name)
+        return rows
+
+    def _write_constants(self, rows: Iterable[tuple[int, Mapping[str, np.ndarray]]] = ()) -> None:
+        """``rows`` staged (:meth:`stage`; a row the engine staged already changes nothing), then
+        the host copies of the constants that changed onto the device."""
         for slot, arrays in rows:
-            for name, host in self._consts_host.items():
-                short = name[len(PREFIX):]
-                value = np.array([self.capacity - 1]) if short == "last_position" else arrays[short]
-                if not np.array_equal(host[slot], value[0]):
-                    host[slot] = value[0]
-                    changed.add(name)
-        for name in changed:
+            self.stage(slot, arrays)
+        for name in sorted(self._changed):
             self.consts[name].update_inplace(self._consts_host[name])
+        self._changed.clear()
 
     def _prefill_group(self, group: list[tuple[int, list[int], dict[str, np.ndarray]]], want_logits: bool,
                        plan: Plan) -> dict[int, tuple[int, np.ndarray | None]]:

@@ -9,17 +9,22 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
 
-from runtime.errors import InvalidRequestError
+from runtime.errors import GenerationError, InvalidRequestError
 from runtime.sampler_graph import ALL_ROWS, BOUNDED_CANDIDATES, HOST_INPUTS, build_sampler_model
 
-__all__ = ["SamplingParams", "GREEDY", "INT64_MAX", "FLOAT32_TINY", "REPETITION_PENALTY_RANGE", "PARTED_ABOVE", "Plan", "TOP_K_CANDIDATES", "host_values", "row_arrays",
-           "stack_rows", "Sampler"]
+__all__ = ["SamplingParams", "GREEDY", "INT64_MAX", "FLOAT32_TINY", "REPETITION_PENALTY_RANGE", "PARTED_ABOVE",
+           "GENERATION_DEFAULTS", "Plan", "TOP_K_CANDIDATES", "checked_row", "generation_defaults", "host_values",
+           "row_arrays", "stack_rows", "Sampler"]
+
+log = logging.getLogger(__name__)
 
 
 INT64_MAX = int(np.iinfo(np.int64).max)
@@ -106,7 +111,8 @@ class SamplingParams:
                     "a finite number >= 0 (0 = greedy) that float32 holds: 0 or in [1.2e-38, 3.4e+38]")
         _check_real("top_p", self.top_p, FLOAT32_TINY, 1.0,
                     "a number in (0, 1] (1 = off) that float32 holds: at least 1.2e-38")
-        _check_real("min_p", self.min_p, 0.0, 1.0, "a number in [0, 1] (0 = off) that float32 holds: 0 or at least 1.2e-38")
+        _check_real("min_p", self.min_p, 0.0, 1.0,
+                    "a number in [0, 1] (0 = off) that float32 holds: 0 or at least 1.2e-38")
         for name in ("presence_penalty", "frequency_penalty"):
             _check_real(name, getattr(self, name), -2.0, 2.0,
                         "a number in [-2, 2] (0 = off) that float32 holds: 0 or a magnitude of at least 1.2e-38")
@@ -141,6 +147,35 @@ class SamplingParams:
 
 
 GREEDY = SamplingParams()
+
+
+GENERATION_DEFAULTS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+"""The sampling fields an artifact's ``generation_config.json`` may set defaults for (vLLM's
+``--generation-config auto`` reads the same ones, and ``max_new_tokens``)."""
+
+
+def generation_defaults(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The defaults an artifact's generation config sets: those of :data:`GENERATION_DEFAULTS`
+    present in it, each checked as :class:`SamplingParams` checks it, and ``max_new_tokens`` (an
+    integer >= 1) when present. A value that fails its check is left out, with a warning: a
+    default the server cannot honour must not refuse every request that omits the field."""
+    out: dict[str, Any] = {}
+    for name in GENERATION_DEFAULTS:
+        if config.get(name) is None:
+            continue
+        try:
+            SamplingParams(**{name: config[name]})
+        except InvalidRequestError as exc:
+            log.warning("generation_config.json: %s is not used as a default (%s)", name, exc)
+            continue
+        out[name] = config[name]
+    limit = config.get("max_new_tokens")
+    if limit is not None:
+        if _is_int(limit) and 1 <= limit <= INT64_MAX:
+            out["max_new_tokens"] = int(limit)
+        else:
+            log.warning("generation_config.json: max_new_tokens %r is not used (expected an integer >= 1)", limit)
+    return out
 
 
 Plan = tuple[int, int, int, int, int]  # host_values: (candidates, sampled, penalized, filtered, parted rows)
@@ -216,6 +251,31 @@ def row_arrays(params: SamplingParams, prompt: Sequence[int], stop_ids: Sequence
         "counts": np.zeros((1, vocab), dtype=np.float32),
         "step": np.zeros(1, dtype=np.int64),
     }
+
+
+def checked_row(arrays: Mapping[str, np.ndarray],
+                layout: Mapping[str, tuple[str, tuple[int, ...]]]) -> dict[str, np.ndarray]:
+    """One request's row arrays (:func:`row_arrays`) checked against what a backend's sampler
+    reads: ``layout`` maps each input to its dtype name and the shape of one row. Each array is
+    cast to its dtype with a leading axis of 1; an input that is missing, of another shape, or a
+    float that is not finite (a value float32 could not hold) raises :class:`GenerationError`
+    for this request alone, before anything of it is written to the device."""
+    out = {}
+    for name, (dtype, shape) in layout.items():
+        value = arrays.get(name)
+        if value is None or tuple(np.shape(value)) != (1, *shape):
+            raise GenerationError(f"the sampling input {name!r} does not fit the sampler",
+                                  expected=f"shape {[1, *shape]}", got=repr(None if value is None else np.shape(value)))
+        with np.errstate(over="ignore", invalid="ignore"):
+            cast = np.asarray(value).astype(dtype, copy=False)
+        if cast.dtype.kind == "f" and not np.isfinite(cast).all():
+            raise GenerationError(f"the sampling input {name!r} is not finite in {dtype}",
+                                  got=repr(np.asarray(value).reshape(-1)[:4].tolist()))
+        if cast.dtype.kind in "iu" and not np.array_equal(cast, value):
+            raise GenerationError(f"the sampling input {name!r} does not fit {dtype}",
+                                  got=repr(np.asarray(value).reshape(-1)[:4].tolist()))
+        out[name] = cast
+    return out
 
 
 def stack_rows(rows: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:

@@ -15,11 +15,13 @@ from runtime.sampling import row_arrays
     ("kwargs", "message"),
     [
         ({"temperature": -0.1}, "invalid temperature | expected a finite number >= 0 (0 = greedy) that float32 holds"),
-        ({"temperature": math.nan}, "invalid temperature | expected a finite number >= 0 (0 = greedy) that float32 holds"),
+        ({"temperature": math.nan}, "invalid temperature"
+                                    " | expected a finite number >= 0 (0 = greedy) that float32 holds"),
         ({"temperature": math.inf}, "invalid temperature"),
         ({"temperature": "1"}, "invalid temperature"),
         ({"top_p": 0.0}, "invalid top_p | expected a number in (0, 1] (1 = off) that float32 holds"),
-        ({"top_p": 1.5}, "invalid top_p | expected a number in (0, 1] (1 = off) that float32 holds: at least 1.2e-38 | got 1.5"),
+        ({"top_p": 1.5}, "invalid top_p"
+                         " | expected a number in (0, 1] (1 = off) that float32 holds: at least 1.2e-38 | got 1.5"),
         ({"top_p": math.nan}, "invalid top_p"),
         ({"top_k": -1}, "invalid top_k | expected an integer in [0, 2**63) (0 = off) | got -1"),
         ({"top_k": 2.5}, "invalid top_k"),
@@ -85,15 +87,19 @@ FLT_TINY = float(np.finfo(np.float32).tiny)  # the smallest normal float32, ~1.1
     ("kwargs", "message"),
     [
         # nonzero values that float32 would round to 0 or to a subnormal
-        ({"temperature": 1e-46}, "invalid temperature | expected a finite number >= 0 (0 = greedy) that float32 holds: 0 or in [1.2e-38, 3.4e+38]"),
+        ({"temperature": 1e-46}, "invalid temperature | expected a finite number >= 0 (0 = greedy) "
+                                 "that float32 holds: 0 or in [1.2e-38, 3.4e+38]"),
         ({"temperature": 1e-40}, "invalid temperature"),
         ({"temperature": 1e308}, "invalid temperature"),
         ({"temperature": 2**2000}, "invalid temperature"),  # past float64 too
         ({"frequency_penalty": -(2**2000)}, "invalid frequency_penalty"),
-        ({"top_p": 1e-46}, "invalid top_p | expected a number in (0, 1] (1 = off) that float32 holds: at least 1.2e-38"),
+        ({"top_p": 1e-46}, "invalid top_p"
+                           " | expected a number in (0, 1] (1 = off) that float32 holds: at least 1.2e-38"),
         ({"top_p": 1e-39}, "invalid top_p"),
-        ({"min_p": 1e-46}, "invalid min_p | expected a number in [0, 1] (0 = off) that float32 holds: 0 or at least 1.2e-38"),
-        ({"presence_penalty": 1e-46}, "invalid presence_penalty | expected a number in [-2, 2] (0 = off) that float32 holds: 0 or a magnitude of at least 1.2e-38"),
+        ({"min_p": 1e-46}, "invalid min_p"
+                           " | expected a number in [0, 1] (0 = off) that float32 holds: 0 or at least 1.2e-38"),
+        ({"presence_penalty": 1e-46}, "invalid presence_penalty | expected a number in [-2, 2] (0 = off) "
+                                      "that float32 holds: 0 or a magnitude of at least 1.2e-38"),
         ({"presence_penalty": -1e-300}, "invalid presence_penalty"),
         ({"frequency_penalty": -1e-46}, "invalid frequency_penalty"),
         # the penalty divides and multiplies logits in float32: bounded where that stays finite
