@@ -29,6 +29,7 @@ import dataclasses
 import hmac
 import json
 import logging
+import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -76,6 +77,11 @@ class ServeLimits:
     max_stop_chars: int = 256  # characters per stop string
     max_choices: int = 16  # prompts × n per request
     completion_default_max_tokens: int = 16  # OpenAI's default for /v1/completions
+    # /v1/chat/completions without max_tokens: the rest of the context (vLLM's default), capped by
+    # the artifact's max_new_tokens (generation_config.json) where it has one and by this (None:
+    # no cap). A small model that never emits EOS would otherwise run to the end of its context.
+    chat_default_max_tokens: int | None = 1024
+    header_timeout_s: float = 10.0  # a request's headers must arrive within this (runtime.serve.server)
     retry_after_s: float = 5.0  # the Retry-After of a 503 while draining
     max_embedding_inputs: int = 2048  # inputs per /v1/embeddings request (OpenAI's limit)
     embedding_batch_size: int = 32  # rows per onnxruntime run inside one embeddings request
@@ -194,10 +200,64 @@ async def _read_json(request: HTTPRequest, limit: int) -> Any:
         if size > limit:
             raise too_big
         chunks.append(chunk)
+    raw = b"".join(chunks)
     try:
-        return json.loads(b"".join(chunks), parse_constant=_no_constant)
+        body = json.loads(raw, parse_constant=_no_constant)
+    except RecursionError:
+        raise _too_deep() from None
     except (ValueError, UnicodeDecodeError) as exc:
         raise APIError(400, f"the request body is not valid JSON | {exc}", code="invalid_json") from None
+    _check_json(body, surrogates=_SURROGATE_ESCAPE.search(raw) is not None)
+    return body
+
+
+MAX_JSON_DEPTH = 64
+"""Nesting levels of arrays and objects a request body may have (the API's own bodies use fewer
+than ten); deeper ones are refused before anything walks them recursively."""
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def _too_deep() -> APIError:
+    return APIError(400, f"the request body is nested too deeply | expected at most {MAX_JSON_DEPTH} levels of "
+                         "arrays and objects", code="invalid_json")
+
+
+def _check_json(body: Any, surrogates: bool) -> None:
+    """Refuse a parsed body nested deeper than :data:`MAX_JSON_DEPTH`, or (when the raw body had
+    a ``\\uD800``-``\\uDFFF`` escape) holding a lone surrogate: JSON allows the escape, but the
+    text is not Unicode and cannot be tokenized or even encoded into an error message. Iterative,
+    so a deep body cannot exhaust the stack here either."""
+    stack: list[tuple[Any, int, str | None]] = [(body, 0, None)]
+    while stack:
+        item, depth, top = stack.pop()
+        if isinstance(item, str):
+            if surrogates and _has_surrogate(item):
+                raise APIError(400, f"invalid '{top or 'body'}' | a lone UTF-16 surrogate "
+                                    f"({_escaped(item)[:40]}) is not valid Unicode text | expected text whose "
+                                    "\\uD800-\\uDFFF escapes come in pairs", param=top, code="invalid_value")
+            continue
+        if not isinstance(item, (dict, list)):
+            continue
+        if depth >= MAX_JSON_DEPTH:
+            raise _too_deep()
+        if isinstance(item, dict):
+            for key, value in item.items():
+                stack.append((key, depth + 1, top or key))
+                stack.append((value, depth + 1, top or key))
+        else:
+            stack.extend((value, depth + 1, top) for value in item if isinstance(value, (str, dict, list)))
+
+
+def _has_surrogate(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def _escaped(text: str) -> str:
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _no_constant(name: str) -> Any:
@@ -254,8 +314,8 @@ def create_app(engine: Any, *, served_model_name: str | None = None, api_key: st
     _install_error_handlers(app)
     server = _Handlers(state)
 
-    app.add_api_route("/health", server.health, methods=["GET"])
-    app.add_api_route("/ready", server.ready, methods=["GET"])
+    app.add_api_route("/health", server.health, methods=["GET", "HEAD"])
+    app.add_api_route("/ready", server.ready, methods=["GET", "HEAD"])
     app.add_api_route("/metrics", server.metrics, methods=["GET"])
     app.add_api_route("/v1/models", server.models, methods=["GET"])
     app.add_api_route("/v1/models/{model_id:path}", server.model, methods=["GET"])
@@ -291,11 +351,22 @@ def _install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(Exception, unexpected)
 
 
+def _internal_error(exc: Exception) -> APIError:
+    """The 500 a route answers for an unexpected exception (a bug), logged with its traceback. Raised
+    as an :class:`APIError`, it is answered like any other error: counted by the route, and the
+    connection stays open (an exception left to Starlette's last handler is re-raised to uvicorn,
+    which drops the keep-alive connection)."""
+    log.error("unexpected server error", exc_info=exc)
+    return APIError(500, f"internal server error | {type(exc).__name__} | this is a bug in lmforge: please report "
+                         "it with the server's log", type="server_error", code="internal_error")
+
+
 class _Handlers:
     def __init__(self, state: ServeState) -> None:
         self.state = state
         self.engine = state.engine
         self.m = state.metrics
+        self.defaults: dict[str, Any] = dict(getattr(state.engine, "sampling_defaults", None) or {})
 
     # -- plain routes --------------------------------------------------------------------------
 
@@ -379,6 +450,9 @@ class _Handlers:
         except APIError as exc:
             self.m.requests.labels("embeddings", outcome_of(exc.status)).inc()
             raise
+        except Exception as exc:  # noqa: BLE001 - a bug: a counted 500 on a connection kept open
+            self.m.requests.labels("embeddings", "error").inc()
+            raise _internal_error(exc) from None
         self.m.requests.labels("embeddings", "ok").inc()
         self.m.embedding_inputs.inc(len(inputs))
         self.m.embedding_tokens.inc(tokens)
@@ -409,9 +483,7 @@ class _Handlers:
             prompts = await self._prompt_ids(req, endpoint)
             limit = req.token_limit() if endpoint == "chat" else req.max_tokens
             plan = [(ids, self._max_new(len(ids), limit, endpoint)) for ids in prompts]
-            if len(plan) * req.n > self.state.limits.max_choices:
-                raise APIError(400, f"too many choices | expected prompts × n <= {self.state.limits.max_choices} "
-                                    f"| got {len(plan)} × {req.n}", param="n", code="invalid_value")
+            self._check_choices(len(plan), req.n)
             samplings = [self._sampling(req, stops, j) for j in range(req.n)]
             if self.state.draining:
                 raise self._draining_error()
@@ -419,10 +491,33 @@ class _Handlers:
         except APIError as exc:
             self.m.requests.labels(endpoint, outcome_of(exc.status)).inc()
             raise
+        except Exception as exc:  # noqa: BLE001 - a bug: a counted 500 on a connection kept open
+            self.m.requests.labels(endpoint, "error").inc()
+            raise _internal_error(exc) from None
         rid = new_id("chatcmpl" if endpoint == "chat" else "cmpl")
-        if req.stream:
-            return await self._stream(http, endpoint, req, rid, choices, t0)
-        return await self._complete(http, endpoint, rid, choices, t0)
+        try:
+            if req.stream:
+                return await self._stream(http, endpoint, req, rid, choices, t0)
+            return await self._complete(http, endpoint, rid, choices, t0)
+        except APIError:
+            raise  # counted where it was raised
+        except Exception as exc:  # noqa: BLE001 - as above
+            self.m.requests.labels(endpoint, "error").inc()
+            raise _internal_error(exc) from None
+
+    def _check_choices(self, prompts: int, n: int) -> None:
+        """prompts × n within the server's limit, and within the engine's queue: the choices of one
+        request are queued together, so more than ``max_queue`` of them could never be admitted
+        (a 400 that says so, not a 429 whose retry can never succeed)."""
+        limit = self.state.limits.max_choices
+        if prompts * n > limit:
+            raise APIError(400, f"too many choices | expected prompts × n <= {limit} | got {prompts} × {n}",
+                           param="n", code="invalid_value")
+        queue = getattr(self.engine, "max_queue", None)
+        if isinstance(queue, int) and prompts * n > queue:
+            raise APIError(400, f"too many choices for this server's queue | expected prompts × n <= {queue} (the "
+                                f"server's --max-queue) | got {prompts} × {n} | lower n, or serve with a larger "
+                                "--max-queue", param="n", code="invalid_value")
 
     def _stops(self, stops: tuple[str, ...]) -> tuple[str, ...]:
         lim = self.state.limits
@@ -461,7 +556,7 @@ class _Handlers:
     def _max_new(self, prompt_len: int, limit: int | None, endpoint: str) -> int:
         ctx = int(self.engine.max_context)
         if limit is None:
-            limit = ctx - prompt_len if endpoint == "chat" else self.state.limits.completion_default_max_tokens
+            limit = self._default_max_tokens(prompt_len, endpoint)
         if prompt_len + max(limit, 1) > ctx:
             raise APIError(400, f"this model's maximum context length is {ctx} tokens | expected prompt + "
                                 f"max_tokens <= {ctx} | got {prompt_len} prompt tokens + {max(limit, 1)} max_tokens "
@@ -469,16 +564,40 @@ class _Handlers:
                            else "prompt", code="context_length_exceeded")
         return limit
 
+    def _default_max_tokens(self, prompt_len: int, endpoint: str) -> int:
+        """max_tokens for a request that sets none: OpenAI's 16 on /v1/completions; on chat the
+        rest of the context (as vLLM), capped by the artifact's ``max_new_tokens`` and by
+        :attr:`ServeLimits.chat_default_max_tokens`. A prompt that fills the context gets 1 (and
+        the context-length error)."""
+        if endpoint != "chat":
+            return self.state.limits.completion_default_max_tokens
+        caps = [int(self.engine.max_context) - prompt_len]
+        if "max_new_tokens" in self.defaults:
+            caps.append(int(self.defaults["max_new_tokens"]))
+        if self.state.limits.chat_default_max_tokens:
+            caps.append(self.state.limits.chat_default_max_tokens)
+        return max(1, min(caps))
+
     def _sampling(self, req: Any, stops: tuple[str, ...], j: int) -> SamplingParams:
+        """Choice ``j``'s parameters: the request's, and for a sampling field it left out the
+        artifact's default (:attr:`runtime.Engine.sampling_defaults`), else OpenAI's."""
         seed = None if req.seed is None else (req.seed + j) % 2**63
+        given = req.model_fields_set
+        values = {name: getattr(req, name) for name in ("temperature", "top_p", "top_k", "min_p",
+                                                         "repetition_penalty")}
+        values.update({k: v for k, v in self.defaults.items() if k in values and k not in given})
         try:
             return SamplingParams(
-                temperature=req.temperature, top_k=max(req.top_k, 0), top_p=req.top_p, min_p=req.min_p,
-                repetition_penalty=req.repetition_penalty, presence_penalty=req.presence_penalty,
-                frequency_penalty=req.frequency_penalty, seed=seed, min_new_tokens=req.min_tokens, stop=stops,
+                temperature=values["temperature"], top_k=max(values["top_k"], 0), top_p=values["top_p"],
+                min_p=values["min_p"], repetition_penalty=values["repetition_penalty"],
+                presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty, seed=seed,
+                min_new_tokens=req.min_tokens, stop=stops,
             )
         except GenerationError as exc:
-            raise APIError(400, str(exc), code="invalid_value") from None
+            field = exc.what.removeprefix("invalid ")
+            param = {"min_new_tokens": "min_tokens", "stop string": "stop"}.get(field, field)
+            raise APIError(400, str(exc), param=param if param in type(req).model_fields else None,
+                           code="invalid_value") from None
 
     def _submit(self, plan: list[tuple[list[int], int]], samplings: list[SamplingParams]) -> list[_Choice]:
         choices: list[_Choice] = []

@@ -54,8 +54,14 @@ class APIError(Exception):
 
 def error_body(message: str, type: str = "invalid_request_error", param: str | None = None,
                code: str | None = None) -> dict[str, Any]:
-    """OpenAI's error object."""
-    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+    """OpenAI's error object. Text that UTF-8 cannot encode (a lone surrogate a request sent) is
+    written as ``\\udXXX`` escapes, so that the error itself can always be sent."""
+    return {"error": {"message": _encodable(message), "type": type,
+                      "param": None if param is None else _encodable(param), "code": code}}
+
+
+def _encodable(text: str) -> str:
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _retry_after(seconds: float) -> dict[str, str]:

@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from runtime.serve.errors import APIError
 
 __all__ = [
+    "INT64_MAX",
     "ChatCompletionRequest",
     "ChatMessage",
     "CompletionRequest",
@@ -42,22 +43,28 @@ class StreamOptions(_Body):
     include_usage: bool = False
 
 
+INT64_MAX = 2**63 - 1  # every integer field is bounded by what the engine's int64 inputs hold
+
+
 class _Sampling(_Body):
-    """The fields both endpoints share."""
+    """The fields both endpoints share. Floats refuse NaN and infinity; the finer checks (values
+    float32 cannot hold) are :class:`runtime.sampling.SamplingParams`'s, whose errors name the
+    field. A sampling field left out of the request takes the artifact's default
+    (``generation_config.json``, as vLLM's ``--generation-config auto``), else OpenAI's."""
 
     model: str | None = None
-    max_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(0, ge=-1)  # extension; 0 or -1 = off
-    min_p: float = Field(0.0, ge=0.0, le=1.0)  # extension
-    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    repetition_penalty: float = Field(1.0, gt=0.0)  # extension
-    min_tokens: int = Field(0, ge=0)  # extension: no EOS / stop token before this many tokens
+    max_tokens: int | None = Field(None, ge=1, le=INT64_MAX)
+    temperature: float = Field(1.0, ge=0.0, le=2.0, allow_inf_nan=False)
+    top_p: float = Field(1.0, gt=0.0, le=1.0, allow_inf_nan=False)
+    top_k: int = Field(0, ge=-1, le=INT64_MAX)  # extension; 0 or -1 = off
+    min_p: float = Field(0.0, ge=0.0, le=1.0, allow_inf_nan=False)  # extension
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0, allow_inf_nan=False)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0, allow_inf_nan=False)
+    repetition_penalty: float = Field(1.0, gt=0.0, allow_inf_nan=False)  # extension
+    min_tokens: int = Field(0, ge=0, le=INT64_MAX)  # extension: no EOS / stop token before this many tokens
     stop: str | list[str] | None = None
     seed: int | None = Field(None, ge=0, lt=2**63)
-    n: int = Field(1, ge=1)
+    n: int = Field(1, ge=1, le=INT64_MAX)
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
@@ -78,8 +85,8 @@ class CompletionRequest(_Sampling):
     prompt: str | list[str] | list[int] | list[list[int]]
     echo: bool = False
     suffix: str | None = None
-    best_of: int | None = None
-    logprobs: int | None = None
+    best_of: int | None = Field(None, le=INT64_MAX)
+    logprobs: int | None = Field(None, le=INT64_MAX)
 
     def unsupported(self) -> str | None:
         """The first field set to something this server cannot do, or None."""
@@ -108,31 +115,45 @@ class CompletionRequest(_Sampling):
         return list(p)  # type: ignore[arg-type]
 
 
-class _TextPart(_Body):
-    type: Literal["text"]
-    text: str
+class _ContentPart(_Body):
+    """One part of a message's content; only ``{"type": "text", "text": ...}`` can be served
+    (:meth:`ChatMessage.text` refuses the others by their type)."""
+
+    type: str
+    text: str | None = None
 
 
 class ChatMessage(_Body):
     role: str
-    content: str | list[_TextPart] | None = None
+    content: str | list[_ContentPart] | None = None
     name: str | None = None
 
-    def text(self) -> str:
+    def text(self, index: int) -> str:
+        """The message's text; a content part that is not text is a 400 naming its type."""
         if self.content is None:
             return ""
         if isinstance(self.content, str):
             return self.content
-        return "".join(part.text for part in self.content)
+        for j, part in enumerate(self.content):
+            where = f"messages[{index}].content[{j}]"
+            if part.type != "text":
+                raise APIError(400, f"{where}: {part.type[:40]!r} content parts are not supported by this server "
+                                    "(a text-only model) | expected text parts: "
+                                    '{"type": "text", "text": "..."} | send the text alone',
+                               param="messages", code="unsupported_content")
+            if part.text is None:
+                raise APIError(400, f"{where}: a text part without its text | expected "
+                                    '{"type": "text", "text": "..."}', param="messages", code="invalid_value")
+        return "".join(part.text or "" for part in self.content)
 
 
 class ChatCompletionRequest(_Sampling):
     """``POST /v1/chat/completions``."""
 
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1, le=INT64_MAX)
     logprobs: bool = False
-    top_logprobs: int | None = None
+    top_logprobs: int | None = Field(None, le=INT64_MAX)
     tools: list[Any] | None = None
     tool_choice: Any = None
     response_format: dict[str, Any] | None = None
@@ -154,7 +175,7 @@ class ChatCompletionRequest(_Sampling):
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
     def engine_messages(self) -> list[dict[str, str]]:
-        return [{"role": m.role, "content": m.text()} for m in self.messages]
+        return [{"role": m.role, "content": m.text(i)} for i, m in enumerate(self.messages)]
 
 
 class EmbeddingRequest(_Body):
@@ -164,7 +185,7 @@ class EmbeddingRequest(_Body):
     model: str | None = None
     input: Any
     encoding_format: Literal["float", "base64"] = "float"
-    dimensions: int | None = Field(None, ge=1)
+    dimensions: int | None = Field(None, ge=1, le=INT64_MAX)
     user: str | None = None
 
 

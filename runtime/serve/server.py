@@ -24,12 +24,14 @@ from collections.abc import Callable
 from types import FrameType
 from typing import Any, Self
 
+import h11
 import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from runtime.errors import LmforgeError
 from runtime.serve.app import ServeLimits, ServeState, create_app
 
-__all__ = ["BackgroundServer", "bind", "serve"]
+__all__ = ["BackgroundServer", "HeaderTimeoutH11Protocol", "bind", "header_timeout_protocol", "serve"]
 
 log = logging.getLogger(__name__)
 
@@ -104,9 +106,70 @@ class _Server(uvicorn.Server):
         self.should_exit = True
 
 
-def _config(app: Any, drain_timeout_s: float, log_level: str) -> uvicorn.Config:
+class HeaderTimeoutH11Protocol(H11Protocol):
+    """uvicorn's h11 protocol with a header-read timeout.
+
+    uvicorn has none (0.30 to 0.55 at least): ``timeout_keep_alive`` closes a connection only
+    while it sits idle between requests, and the first byte of the next request cancels it;
+    ``h11_max_incomplete_event_size`` bounds how large the headers may be, not how long they may
+    take. So a client that connects and sends nothing, or sends its headers one byte a second
+    (slowloris), held its connection, and one of the server's file descriptors, for as long as
+    it liked. Here a request's headers must be complete within ``header_timeout_s`` of the
+    connection opening or of the previous response ending, else the connection is closed (no
+    response: nothing was asked yet). The request's body and its response are not timed here.
+
+    The server runs this class whatever else is installed (uvicorn's ``auto`` would pick
+    httptools when present): one protocol, with the timeout, everywhere.
+    """
+
+    header_timeout_s = 10.0
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        self._header_timer: asyncio.TimerHandle | None = None
+        super().connection_made(transport)
+        self._arm_header_timer()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm_header_timer()
+        super().connection_lost(exc)
+
+    def handle_events(self) -> None:
+        super().handle_events()
+        if self.conn.their_state is not h11.IDLE:  # the request's headers are in
+            self._disarm_header_timer()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if not self.transport.is_closing() and self.conn.their_state is h11.IDLE:
+            self._arm_header_timer()  # the next request's headers
+
+    def _arm_header_timer(self) -> None:
+        self._disarm_header_timer()
+        self._header_timer = self.loop.call_later(self.header_timeout_s, self._header_timeout)
+
+    def _disarm_header_timer(self) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+
+    def _header_timeout(self) -> None:
+        self._header_timer = None
+        if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+            log.info("closing a connection whose request headers took over %.1f s", self.header_timeout_s)
+            self.transport.close()
+
+
+def header_timeout_protocol(seconds: float) -> type[HeaderTimeoutH11Protocol]:
+    """:class:`HeaderTimeoutH11Protocol` with its timeout set to ``seconds``."""
+    if not seconds > 0:
+        raise LmforgeError("invalid header timeout", expected="seconds > 0", got=repr(seconds))
+    return type("HeaderTimeoutH11Protocol", (HeaderTimeoutH11Protocol,), {"header_timeout_s": float(seconds)})
+
+
+def _config(app: Any, drain_timeout_s: float, log_level: str, header_timeout_s: float = 10.0) -> uvicorn.Config:
     return uvicorn.Config(app, log_level=log_level, lifespan="off", access_log=False,
-                          timeout_graceful_shutdown=max(1, int(drain_timeout_s)), timeout_keep_alive=5)
+                          timeout_graceful_shutdown=max(1, int(drain_timeout_s)), timeout_keep_alive=5,
+                          http=header_timeout_protocol(header_timeout_s))
 
 
 def serve(engine: Any, *, host: str = "127.0.0.1", port: int = 8000, served_model_name: str | None = None,
@@ -117,7 +180,8 @@ def serve(engine: Any, *, host: str = "127.0.0.1", port: int = 8000, served_mode
     sock = bind(host, port)
     app = create_app(engine, served_model_name=served_model_name, api_key=api_key, limits=limits)
     url = _url(sock)
-    server = _Server(_config(app, drain_timeout_s, log_level), app.state.lmforge, drain_timeout_s,
+    header_timeout_s = app.state.lmforge.limits.header_timeout_s
+    server = _Server(_config(app, drain_timeout_s, log_level, header_timeout_s), app.state.lmforge, drain_timeout_s,
                      on_listen=(lambda: on_listen(url)) if on_listen else None)
     try:
         server.run(sockets=[sock])
@@ -142,7 +206,8 @@ class BackgroundServer:
         self.app = create_app(engine, served_model_name=served_model_name, api_key=api_key, limits=limits)
         self.state: ServeState = self.app.state.lmforge
         self._listening = threading.Event()
-        self.server = _Server(_config(self.app, drain_timeout_s, log_level), self.state, drain_timeout_s,
+        self.server = _Server(_config(self.app, drain_timeout_s, log_level, self.state.limits.header_timeout_s),
+                              self.state, drain_timeout_s,
                               on_listen=self._listening.set)
         self._thread = threading.Thread(target=self._run, name="lmforge-serve", daemon=True)
         self._error: BaseException | None = None
