@@ -41,13 +41,18 @@ def _tool_versions() -> dict[str, str]:
 
 
 class _Stages:
-    """A progress bar over named stages (tqdm on a terminal, log lines otherwise)."""
+    """Progress over named stages: a tqdm bar on a terminal; otherwise (a pipe, a log file, CI) one
+    line when a stage starts and one with its elapsed time when it ends, on the ``lmforge.progress``
+    logger, which the command line prints at its default verbosity (``lmforge.cli``)."""
 
     def __init__(self, names: list[str], enabled: bool) -> None:
         from tqdm import tqdm
 
         self._bar = tqdm(total=len(names), unit="step", disable=not enabled, file=sys.stderr,
                          bar_format="{desc:<34} {bar:20} {n_fmt}/{total_fmt} [{elapsed}]")
+        self._lines = logging.getLogger("lmforge.progress") if not enabled else None
+        self._total = len(names)
+        self._index = 0
         self._started = time.perf_counter()
         self.timings: dict[str, float] = {}
         self._current: str | None = None
@@ -55,14 +60,21 @@ class _Stages:
     def start(self, name: str) -> None:
         self._finish_current()
         self._current = name
+        self._index += 1
         self._t0 = time.perf_counter()
         self._bar.set_description_str(name)
-        log.info("%s …", name)
+        if self._lines is not None:
+            self._lines.info("[%d/%d] %s …", self._index, self._total, name)
+        else:
+            log.info("%s …", name)
 
     def _finish_current(self) -> None:
         if self._current is not None:
-            self.timings[self._current] = round(time.perf_counter() - self._t0, 2)
+            elapsed = time.perf_counter() - self._t0
+            self.timings[self._current] = round(elapsed, 2)
             self._bar.update(1)
+            if self._lines is not None:
+                self._lines.info("[%d/%d] %s: %.1f s", self._index, self._total, self._current, elapsed)
             self._current = None
 
     def close(self) -> None:

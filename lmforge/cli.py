@@ -7,6 +7,12 @@ is shown only with ``--debug``. A command that needs an optional part of lmforge
 installed (torch for ``convert``, fastapi for ``serve``) says which extra to install, also as one
 line with exit code 2: the commands import their toolchain lazily, so the ``ModuleNotFoundError``
 is caught here once rather than in every command.
+
+Logging: lmforge's libraries log to their module loggers, shown from ``-v`` (INFO) or ``--debug``
+on. One logger is for the person waiting: ``lmforge.progress`` carries the stages of a long step
+with their elapsed time and the expected duration of a long run (convert's stages when stderr is
+not a terminal, verify's PyTorch reference). The command line prints it as plain lines on stderr at
+the default verbosity; ``-q`` hides it.
 """
 
 from __future__ import annotations
@@ -20,7 +26,9 @@ import warnings
 
 from runtime.errors import LmforgeError, format_message
 
-__all__ = ["main", "build_parser", "EXTRA_OF_MODULE", "missing_extra"]
+__all__ = ["main", "build_parser", "EXTRA_OF_MODULE", "PROGRESS_LOGGER", "missing_extra"]
+
+PROGRESS_LOGGER = "lmforge.progress"
 
 COMMANDS = ("convert", "optimize", "verify", "generate", "bench", "inspect", "serve", "bench-serve", "tune")
 
@@ -40,6 +48,33 @@ def missing_extra(exc: ModuleNotFoundError) -> str | None:
     """The extra that provides the module ``exc`` could not import, or None when it is not ours."""
     name = (exc.name or "").split(".")[0]
     return EXTRA_OF_MODULE.get(name)
+
+
+class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to whatever ``sys.stderr`` is at the time of the record (as logging's last resort does),
+    so that a handler installed by one ``main()`` call never writes to a stream replaced since."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property  # type: ignore[override]
+    def stream(self) -> object:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: object) -> None:
+        pass
+
+
+def _show_progress(level: int) -> None:
+    """Print ``lmforge.progress`` records from ``level`` on as plain lines on stderr (installed once)."""
+    logger = logging.getLogger(PROGRESS_LOGGER)
+    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+    logger.propagate = False  # not twice, with the root handler's "INFO name:" prefix, under -v
+    logger.setLevel(level)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -76,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.debug:
             logging.getLogger(noisy).setLevel(logging.ERROR)
     quiet = args.quiet and not args.debug
+    _show_progress(logging.WARNING if quiet else logging.DEBUG if args.debug else logging.INFO)
     # transformers sets its own logger's level when it is imported (inside the command), from
     # TRANSFORMERS_VERBOSITY; under -q its warning_once lines would print anyway. Restored after.
     verbosity = os.environ.get("TRANSFORMERS_VERBOSITY")

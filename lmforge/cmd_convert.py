@@ -27,7 +27,9 @@ def run(args: argparse.Namespace) -> int:
     from lmforge.cmd_inspect import render
     from runtime.artifact import load_artifact
 
-    out = convert(args.source, args.output, force=args.force, max_context=args.max_context)
+    # a bar on a terminal, else one line per stage (lmforge.progress); -q: neither
+    progress = False if args.quiet else None
+    out = convert(args.source, args.output, force=args.force, max_context=args.max_context, progress=progress)
     if not args.quiet:
         print(render(load_artifact(out, verify_hashes=False)))
     return 0

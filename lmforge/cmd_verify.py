@@ -42,6 +42,10 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--report", metavar="DIR", default=None, help="write report.md and a logit-difference chart")
     parser.add_argument("--reference", metavar="PATH", default=None,
                         help="source model for the reference (HF folder or .gguf), when the recorded one moved")
+    parser.add_argument("--no-cache", action="store_true",
+                        help="compute the PyTorch reference afresh, reading and writing no cached references "
+                        "(ARTIFACT/parity/reference.jsonl and the shared cache in $LMFORGE_CACHE_DIR, "
+                        "else $XDG_CACHE_HOME/lmforge, else ~/.cache/lmforge)")
     parser.add_argument("--batch-size", type=int, default=8, metavar="N",
                         help="batch parity: rows per left-padded batch (default 8; 0 skips it)")
     parser.add_argument("--layerwise", action="store_true",
@@ -87,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
 
     result = verify_artifact(
         args.artifact, args.prompts, max_new_tokens=args.max_new_tokens, device=args.device,
-        reference=args.reference, progress=not args.quiet, batch_size=args.batch_size,
+        reference=args.reference, progress=not args.quiet, batch_size=args.batch_size, use_cache=not args.no_cache,
     )
     print(format_table(result.comparisons, result.verdict, precision=result.precision, decode=result.decode))
     document = to_json(result.verdict, result.comparisons, result.precision, result.policy)
@@ -121,12 +125,13 @@ def run(args: argparse.Namespace) -> int:
 
     if args.json:
         _write_json(args.json, document)
+        print(f"json written to {args.json}")
     if args.report:
         report = write_markdown_report(args.report, result.verdict, result.comparisons, result.precision,
                                        result.policy, decode=result.decode)
         if finding is not None:
             with open(report, "a", encoding="utf-8") as fh:
                 fh.write("\n## Layer-wise comparison\n\n```\n" + finding.describe() + "\n```\n")
-        log.info("report: %s", report)
+        print(f"report written to {report}")
     sys.stdout.flush()
     return 0 if result.passed else 1

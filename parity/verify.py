@@ -10,10 +10,11 @@ One verify run, in order:
    and listed in the report, never dropped silently.
 2. **Reference**: PyTorch eager fp32 greedy generation on the artifact's recorded source model
    (``manifest["source"]``; for an optimized artifact that is the model its fp32 input was
-   exported from), from the cache ``ARTIFACT/parity/reference.jsonl`` where its key matches
-   (:mod:`parity.reference`). When the artifact's own cache is absent and the manifest records
-   the artifact it was made from (``optimize.from.path``, see :func:`recorded_input_artifact`), that
-   artifact's cache seeds it, so verifying a new precision does not recompute the references.
+   exported from), from the cache ``ARTIFACT/parity/reference.jsonl`` or the shared one under
+   ``~/.cache/lmforge`` where its key matches (:mod:`parity.reference`). When the artifact's own
+   cache is absent and the manifest records the artifact it was made from (``optimize.from.path``,
+   see :func:`recorded_input_artifact`), that artifact's cache seeds it, so verifying a new
+   precision does not recompute the references. ``use_cache=False`` computes them afresh.
 3. **Candidate**: the runtime :class:`~runtime.Engine`, greedy, one prompt at a time, with the
    last-position logits of every step copied to the host.
 4. **Compare** per prompt (:func:`parity.compare.compare_prompt`) and **judge** with the policy of
@@ -68,6 +69,7 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+progress_log = logging.getLogger("lmforge.progress")  # what a person waiting sees (lmforge.cli prints it)
 
 DEFAULT_MAX_NEW_TOKENS = 32
 DEFAULT_BATCH_SIZE = 8
@@ -285,12 +287,14 @@ def verify_artifact(
     progress: bool = True,
     *,
     batch_size: int = DEFAULT_BATCH_SIZE,
+    use_cache: bool = True,
 ) -> VerifyResult:
     """Verify an artifact against its source model on a prompt set; see the module docstring.
 
     ``prompts_path`` defaults to the committed full set; ``reference`` overrides the source model
     recorded in the manifest (a Hugging Face folder or .gguf file); ``batch_size`` 0 skips batch
-    parity. Raises :class:`ParityError` (or another :class:`LmforgeError`) on bad input.
+    parity; ``use_cache=False`` computes the reference afresh and caches nothing. Raises
+    :class:`ParityError` (or another :class:`LmforgeError`) on bad input.
     """
     from tqdm.auto import tqdm
 
@@ -326,10 +330,11 @@ def verify_artifact(
     t0 = time.perf_counter()
     references: dict[str, ReferenceRun] = {}
     if run:
-        _seed_reference_cache(artifact.path, manifest)
+        if use_cache:
+            _seed_reference_cache(artifact.path, manifest)
         references = reference_runs(
             artifact.path, manifest, run, input_ids, max_new_tokens,
-            eos_token_ids=sorted(engine.eos_token_ids), reference=reference, progress=progress,
+            eos_token_ids=sorted(engine.eos_token_ids), reference=reference, progress=progress, use_cache=use_cache,
         )
     timings["reference"] = time.perf_counter() - t0
 
@@ -361,7 +366,7 @@ def verify_artifact(
                   for m in mismatches]
     verdict = _with_batch_reason(verdict, mismatches, strict=policy.min_exact_fraction >= 1.0)
     timings["total"] = time.perf_counter() - started
-    log.info("verify %s: %s in %.1f s (%s)", artifact.path, "passed" if verdict.passed else "FAILED",
+    progress_log.info("verify %s: %s in %.1f s (%s)", artifact.path, "passed" if verdict.passed else "FAILED",
              timings["total"], ", ".join(f"{k} {v:.1f} s" for k, v in timings.items() if k != "total"))
 
     def decode(token: int) -> str:

@@ -12,6 +12,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+@pytest.fixture(autouse=True)
+def _own_lmforge_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Each test gets an empty lmforge cache folder (verify's shared reference cache), never the
+    user's ~/.cache/lmforge, so no test is answered from another's references."""
+    folder = tmp_path_factory.mktemp("lmforge-cache")
+    monkeypatch.setenv("LMFORGE_CACHE_DIR", str(folder))
+    return folder
+
+
 @pytest.fixture(scope="session")
 def artifact_cache(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
     """``artifact_cache("tiny:llama")`` → path of that source's fp32 artifact, converted once."""

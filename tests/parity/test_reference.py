@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,6 +21,8 @@ from parity.reference import (
     library_versions,
     load_reference_source,
     reference_runs,
+    shared_cache_path,
+    user_cache_dir,
 )
 from runtime.errors import ParityError
 
@@ -136,7 +141,7 @@ def test_cache_entry_of_another_format_is_ignored(tmp_path):
     path.parent.mkdir(parents=True)
     path.write_text(json.dumps({"key": {"format": 999, "prompt_id": "raw"}, "run": {}}) + "\n", encoding="utf-8")
     key = ReferenceKey.build("s", PROMPTS[0], [1, 2], 4, 4, [2], library_versions())
-    assert ReferenceCache(tmp_path).get(key) is None
+    assert ReferenceCache(path).get(key) is None
 
 
 def test_source_with_other_weights_is_refused(tiny, manifest, monkeypatch):
@@ -151,3 +156,72 @@ def test_source_that_cannot_be_found_names_the_reference_flag(tmp_path):
     manifest = {"source": {"kind": "hf", "ref": "./gone", "path": str(tmp_path / "gone"), "sha256": "0" * 64}}
     with pytest.raises(ParityError, match=r"source model .*gone cannot be loaded .*pass --reference PATH"):
         load_reference_source(manifest)
+
+
+# --------------------------------------------------------------------------------------------
+# The shared cache (under LMFORGE_CACHE_DIR; tests/conftest.py gives each test its own)
+
+
+def test_the_shared_cache_serves_another_artifact_of_the_same_source(tmp_path, tiny, manifest):
+    loader = CountingLoader(tiny)
+    first = reference_runs(tmp_path / "a", manifest, PROMPTS, ids_of(tiny), 8, top_k=4, loader=loader, progress=False)
+    # a re-converted artifact (no parity/ folder) of the same source: nothing is recomputed …
+    again = reference_runs(tmp_path / "b", manifest, PROMPTS, ids_of(tiny), 8, top_k=4, loader=loader, progress=False)
+    assert loader.calls == 1
+    assert all(again[p].tokens == first[p].tokens and np.array_equal(again[p].top_values, first[p].top_values)
+               for p in ("raw", "chat"))
+    # … and the new artifact carries the references from then on, without the shared cache
+    assert (tmp_path / "b" / CACHE_RELATIVE_PATH).read_text() == (tmp_path / "a" / CACHE_RELATIVE_PATH).read_text()
+
+
+def test_other_settings_have_their_own_shared_file_and_do_not_evict(tmp_path, tiny, manifest, _own_lmforge_cache):
+    loader = CountingLoader(tiny)
+    for n, folder in ((6, "a"), (7, "b"), (6, "c")):  # smoke at 6 tokens, 7, then 6 again elsewhere
+        reference_runs(tmp_path / folder, manifest, PROMPTS, ids_of(tiny), n, top_k=4, loader=loader, progress=False)
+    assert loader.calls == 2
+    files = sorted((_own_lmforge_cache / "references").iterdir())
+    assert len(files) == 2 and all(f.name.startswith(tiny.sha256[:16] + "-") for f in files)
+
+
+def test_no_cache_computes_everything_and_writes_nothing(tmp_path, tiny, manifest, _own_lmforge_cache):
+    loader = CountingLoader(tiny)
+    cached = reference_runs(tmp_path / "a", manifest, PROMPTS, ids_of(tiny), 6, top_k=4, loader=loader,
+                            progress=False)
+    fresh = reference_runs(tmp_path / "b", manifest, PROMPTS, ids_of(tiny), 6, top_k=4, loader=loader,
+                           progress=False, use_cache=False)
+    assert loader.calls == 2
+    assert fresh["raw"].tokens == cached["raw"].tokens
+    assert not (tmp_path / "b").exists()
+    assert len(list((_own_lmforge_cache / "references").iterdir())) == 1  # the first run's file only
+
+
+@pytest.mark.parametrize(
+    "env, expected",
+    [
+        ({"LMFORGE_CACHE_DIR": "{tmp}/mine", "XDG_CACHE_HOME": "{tmp}/xdg"}, "{tmp}/mine"),
+        ({"LMFORGE_CACHE_DIR": "", "XDG_CACHE_HOME": "{tmp}/xdg"}, "{tmp}/xdg/lmforge"),
+        ({"LMFORGE_CACHE_DIR": "", "XDG_CACHE_HOME": ""}, "{tmp}/home/.cache/lmforge"),
+    ],
+)
+def test_cache_folder_follows_the_environment(tmp_path, monkeypatch, env, expected):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    for name, value in env.items():
+        monkeypatch.setenv(name, value.format(tmp=tmp_path))
+    assert user_cache_dir() == Path(expected.format(tmp=tmp_path))
+    key = ReferenceKey.build("ab" * 32, PROMPTS[0], [1, 2], 4, 4, [2], library_versions())
+    assert shared_cache_path(key).parent == Path(expected.format(tmp=tmp_path)) / "references"
+
+
+def test_the_expected_time_is_stated_after_the_first_prompt(tmp_path, tiny, manifest, caplog):
+    prompts = PROMPTS + [Prompt("third", "One, two,", False)]
+    ids = {**ids_of(tiny), "third": encode_prompt(tiny.tokenizer, prompts[2])}
+    with caplog.at_level(logging.INFO, logger="lmforge.progress"):
+        reference_runs(tmp_path, manifest, prompts, ids, 4, loader=CountingLoader(tiny), progress=False)
+    lines = [r.getMessage() for r in caplog.records if r.name == "lmforge.progress"]
+    assert lines[0].startswith("reference: 3 prompt(s) to run with PyTorch fp32")
+    assert re.fullmatch(r"reference: the first prompt took \d+\.\d s; expect about \d+ s for the other 2", lines[1])
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="lmforge.progress"):
+        reference_runs(tmp_path, manifest, prompts, ids, 4, loader=CountingLoader(tiny), progress=False)
+    assert [r.getMessage() for r in caplog.records if r.name == "lmforge.progress"] == [
+        "reference: all 3 prompt(s) cached"]

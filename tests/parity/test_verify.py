@@ -55,11 +55,13 @@ def test_cli_exits_0_and_prints_the_table(tiny_llama: Path, capsys: pytest.Captu
     assert "parity fp32: PASSED" in out and "en-capital" in out and "6 exact" in out
 
 
-def test_json_schema_and_markdown_report(tiny_llama: Path, tmp_path: Path) -> None:
+def test_json_schema_and_markdown_report(tiny_llama: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     json_path, report_dir = tmp_path / "out" / "verify.json", tmp_path / "report"
     code = main(["-q", "verify", str(tiny_llama), "--prompts", SMOKE, "--max-new-tokens", "8",
                  "--json", str(json_path), "--report", str(report_dir)])
     assert code == 0
+    out = capsys.readouterr().out.splitlines()  # the command says where it wrote them, under -q too
+    assert f"json written to {json_path}" in out and f"report written to {report_dir / 'report.md'}" in out
     doc = json.loads(json_path.read_text(encoding="utf-8"))
     assert doc["passed"] is True and doc["precision"] == "fp32"
     assert doc["policy"]["max_logit_diff"] == POLICIES["fp32"].max_logit_diff
@@ -234,6 +236,27 @@ def test_missing_source_model_exits_2_and_names_reference(tiny_llama: Path, tmp_
     assert main(["-q", "verify", str(copy), "--prompts", SMOKE, "--max-new-tokens", "4"]) == 2
     err = capsys.readouterr().err
     assert "cannot be loaded for the reference" in err and "--reference" in err
+
+
+def test_a_reconverted_artifact_is_verified_from_the_shared_cache(tiny_llama: Path, tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """`make export` re-converts with --force, which drops ARTIFACT/parity/: the shared cache (under
+    LMFORGE_CACHE_DIR) still has the references, so the source model is not even loaded; --no-cache
+    computes them again (here: fails, since the source is gone)."""
+    assert main(["-q", "verify", str(tiny_llama), "--prompts", SMOKE, "--max-new-tokens", "5"]) == 0
+    copy = tmp_path / "reconverted"
+    shutil.copytree(tiny_llama, copy, ignore=shutil.ignore_patterns("parity"))
+    manifest_path = copy / "manifest.json"
+    manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    manifest["source"] = dict(manifest["source"], kind="hf", ref=None, path=str(tmp_path / "gone"))
+    manifest_path.write_text(json.dumps(manifest), encoding="utf-8")
+    capsys.readouterr()
+    assert main(["verify", str(copy), "--prompts", SMOKE, "--max-new-tokens", "5", "--batch-size", "0"]) == 0
+    err = capsys.readouterr().err
+    assert "reference: all 6 prompt(s) cached" in err and "Traceback" not in err
+    assert (copy / "parity" / "reference.jsonl").is_file()  # and the artifact carries them from now on
+    assert main(["-q", "verify", str(copy), "--prompts", SMOKE, "--max-new-tokens", "5", "--no-cache"]) == 2
+    assert "cannot be loaded for the reference" in capsys.readouterr().err
 
 
 def test_layerwise_without_an_fp32_artifact_to_compare_exits_2(broken: tuple[Path, str],
