@@ -52,6 +52,12 @@ def register(subparsers: Any) -> None:
                              "(default $LMFORGE_API_KEY; none if unset)")
     parser.add_argument("--served-model-name", default=None, metavar="NAME",
                         help="the model id clients send (default: the artifact folder's name)")
+    parser.add_argument("--header-timeout", type=float, default=10.0, metavar="S",
+                        help="seconds a client has to send a request's headers, from connecting or from the previous "
+                             "response; slower connections are closed (default 10)")
+    parser.add_argument("--chat-default-max-tokens", type=int, default=1024, metavar="N",
+                        help="max_tokens of a chat request that sets none: the rest of the context, capped by the "
+                             "artifact's max_new_tokens and by N (default 1024; 0: no cap, as vLLM)")
     parser.add_argument("--drain-timeout", type=float, default=30.0, metavar="S",
                         help="seconds requests in flight get to finish after SIGTERM (default 30)")
     parser.add_argument("--no-verify-hashes", action="store_true", help="skip hashing the artifact's files at load")
@@ -84,6 +90,11 @@ def run(args: argparse.Namespace) -> int:
             raise LmforgeError(f"invalid {flag}", expected="an integer >= 1", got=str(value))
     if not 0 <= args.port < 65536:
         raise LmforgeError("invalid --port", expected="0..65535", got=str(args.port))
+    if not 0 < args.header_timeout < float("inf"):
+        raise LmforgeError("invalid --header-timeout", expected="seconds > 0", got=str(args.header_timeout))
+    if args.chat_default_max_tokens < 0:
+        raise LmforgeError("invalid --chat-default-max-tokens", expected="an integer >= 0 (0: no cap)",
+                           got=str(args.chat_default_max_tokens))
     slices = _slices(args.instances, args.device, args.threads)
     if args.device == "cuda":
         _preload_cuda_dlls()
@@ -99,7 +110,9 @@ def run(args: argparse.Namespace) -> int:
     options = ModelOptions(artifact=args.artifact, device=args.device, verify_hashes=not args.no_verify_hashes,
                            max_batch=args.max_batch, max_queue=args.max_queue, prefill_tokens=args.prefill_tokens,
                            served_model_name=args.served_model_name, api_key=api_key,
-                           drain_timeout_s=args.drain_timeout, log_level=log_level, warm_up=not args.no_warm_up)
+                           drain_timeout_s=args.drain_timeout, log_level=log_level, warm_up=not args.no_warm_up,
+                           header_timeout_s=args.header_timeout,
+                           chat_default_max_tokens=args.chat_default_max_tokens or None)
     name = args.served_model_name or os.path.basename(os.path.normpath(args.artifact))
     auth = ", API key required" if api_key else ""
 
@@ -110,7 +123,7 @@ def run(args: argparse.Namespace) -> int:
 
         serve(load_model(options, args.threads), host=args.host, port=args.port,
               served_model_name=args.served_model_name, api_key=api_key, drain_timeout_s=args.drain_timeout,
-              log_level=log_level, on_listen=listening)
+              log_level=log_level, on_listen=listening, limits=options.limits())
         print("lmforge serve: stopped", file=sys.stderr)
         return 0
 

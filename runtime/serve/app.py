@@ -734,11 +734,12 @@ class _Handlers:
             yield "data: [DONE]\n\n"
             done = True
             self._finished(endpoint, events.choices, t0)
-        except GenerationError as exc:  # mid-stream: the status is sent already; an error event ends it
+        except Exception as exc:  # noqa: BLE001 - mid-stream: the status is sent already; an error event ends it
             events.cancel()
             done = True
             self.m.requests.labels(endpoint, "error").inc()
-            yield _sse(from_generation_error(exc).body())
+            error = from_generation_error(exc) if isinstance(exc, GenerationError) else _internal_error(exc)
+            yield _sse(error.body())
             yield "data: [DONE]\n\n"
         finally:
             if not done:  # the client went away (task cancelled or iterator closed)

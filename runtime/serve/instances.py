@@ -67,6 +67,14 @@ class ModelOptions:
     drain_timeout_s: float = 30.0
     log_level: str = "warning"
     warm_up: bool = True  # decoders with CUDA graphs: capture every bucket before listening
+    header_timeout_s: float = 10.0  # a request's headers must arrive within this (runtime.serve.server)
+    chat_default_max_tokens: int | None = 1024  # runtime.serve.app.ServeLimits
+
+    def limits(self) -> Any:
+        """The :class:`runtime.serve.app.ServeLimits` these options set."""
+        from runtime.serve.app import ServeLimits
+
+        return ServeLimits(header_timeout_s=self.header_timeout_s, chat_default_max_tokens=self.chat_default_max_tokens)
 
 
 def load_model(options: ModelOptions, threads: int | None) -> Any:
@@ -130,7 +138,8 @@ def _worker(index: int, listen: socket.socket | tuple[str, int], cpus: list[int]
         sock = bind(*listen, reuse_port=True) if isinstance(listen, tuple) else listen
         pin_cpus(cpus)
         model = load_model(options, threads)
-        app = create_app(model, served_model_name=options.served_model_name, api_key=options.api_key)
+        app = create_app(model, served_model_name=options.served_model_name, api_key=options.api_key,
+                         limits=options.limits())
     except Exception as exc:  # noqa: BLE001 - any startup failure is reported to the parent as one line
         log.debug("worker %d failed to start", index, exc_info=True)
         first = (str(exc).splitlines() or [""])[0]
@@ -141,7 +150,8 @@ def _worker(index: int, listen: socket.socket | tuple[str, int], cpus: list[int]
         raise SystemExit(2) from None
     state = app.state.lmforge
     state.metrics.set_worker(index)
-    server = _Server(_config(_WorkerHeader(app, index), options.drain_timeout_s, options.log_level), state,
+    server = _Server(_config(_WorkerHeader(app, index), options.drain_timeout_s, options.log_level,
+                             options.header_timeout_s), state,
                      options.drain_timeout_s, on_listen=lambda: events.put(("ready", index, os.getpid())))
     threading.Thread(target=_watch_parent, args=(parent, server), name="lmforge-parent-watch", daemon=True).start()
     try:

@@ -497,3 +497,22 @@ def test_a_slot_freed_after_a_step_ahead_serves_its_next_request(pair, ahead) ->
     # a wrong count of the step ahead makes the loop read behind the device; fail, do not hang
     assert list(ahead.submit(prompts[0], 80).result(timeout=120).token_ids) == long[0]
     assert ahead.backend.replays - before == 79  # one step a token after the first, none wasted
+
+
+def test_a_request_that_exactly_fills_the_context_runs(pair) -> None:  # type: ignore[no-untyped-def]
+    """prompt + max_new_tokens == the context is accepted and runs to its last token on both
+    backends, with the same tokens (the slots backend's last positions are its buffers' last
+    rows); one token more is refused before it takes a slot."""
+    tokens = []
+    for engine in pair:
+        ctx = engine.max_context
+        prompt = _prompts(1, seed=5)[0] * ctx
+        prompt = prompt[:ctx - 12]
+        result = engine.submit(prompt, 12, SamplingParams(min_new_tokens=12)).result(timeout=60)
+        assert result.new_tokens == 12 and result.prompt_tokens + result.new_tokens == ctx
+        tokens.append(result.token_ids)
+        with pytest.raises(GenerationError, match="prompt \\+ max_new_tokens exceeds the context"):
+            engine.submit(prompt, 13)
+        with pytest.raises(GenerationError, match="exceeds the context"):
+            engine.submit(prompt + [5], 12)
+    assert tokens[0] == tokens[1]

@@ -20,7 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 openai = pytest.importorskip("openai")
 
-from runtime import Engine  # noqa: E402
+from runtime import Engine, SamplingParams  # noqa: E402
 from runtime.serve import BackgroundServer  # noqa: E402
 
 if not hasattr(Engine, "submit"):
@@ -109,6 +109,37 @@ def test_prompt_longer_than_the_context_is_400_naming_both(served: tuple[Backgro
     err = r.json()["error"]
     assert err["code"] == "context_length_exceeded" and str(ctx) in err["message"]
     assert str(len(engine.encode("a" * (ctx - 4)))) in err["message"] and "10" in err["message"]
+
+
+def test_a_request_that_exactly_fills_the_context_is_served(served: tuple[BackgroundServer, Engine]) -> None:
+    """prompt + max_tokens == the context: 200 with every token; one more: the context-length 400."""
+    server, engine = served
+    ctx = engine.max_context
+    prompt = [(7 * i) % 300 + 3 for i in range(ctx - 10)]
+    body = {"prompt": prompt, "max_tokens": 10, "min_tokens": 10, "temperature": 0}
+    r = httpx.post(server.url + "/v1/completions", json=body, timeout=60)
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"] == {"prompt_tokens": ctx - 10, "completion_tokens": 10, "total_tokens": ctx}
+    r = httpx.post(server.url + "/v1/completions", json={**body, "max_tokens": 11}, timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+
+
+def test_chat_without_max_tokens_runs_to_the_end_of_the_context(served: tuple[BackgroundServer, Engine]) -> None:
+    """A chat request without max_tokens gets the rest of the context (below the server's default
+    cap here): prompt + default == the context exactly, which the engine must accept."""
+    server, engine = served
+    messages = [{"role": "user", "content": "Tell me everything."}]
+    prompt = len(engine.chat_ids(messages))
+    assert engine.max_context - prompt < server.state.limits.chat_default_max_tokens  # type: ignore[operator]
+    r = httpx.post(server.url + "/v1/chat/completions",
+                   json={"messages": messages, "min_tokens": engine.max_context, "temperature": 0}, timeout=120)
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert out["usage"]["completion_tokens"] == engine.max_context - prompt
+    assert out["choices"][0]["finish_reason"] == "length"
+    want = engine.submit(engine.chat_ids(messages), engine.max_context - prompt,
+                         SamplingParams(min_new_tokens=engine.max_context)).result(timeout=120).text
+    assert out["choices"][0]["message"]["content"] == want
 
 
 def test_disconnect_mid_stream_cancels_and_metrics_show_it(tiny_llama: Path) -> None:
