@@ -373,7 +373,19 @@ def _generation_ids(model: Any, config: Any, tokenizer: Any) -> dict[str, Any]:
         pad = tokenizer.pad_token_id
     if pad is None and eos_ids:
         pad = eos_ids[0]
-    return {"bos_token_id": bos, "eos_token_ids": eos_ids, "pad_token_id": pad}
+    out: dict[str, Any] = {"bos_token_id": bos, "eos_token_ids": eos_ids, "pad_token_id": pad}
+    # The sampling defaults the model's own generation config sets (what differs from transformers'
+    # defaults, as vLLM's --generation-config auto reads them): `lmforge serve` uses them for a
+    # request that leaves the field out (runtime.sampling.generation_defaults checks them there).
+    try:
+        diff = gen.to_diff_dict() if gen is not None else {}
+    except Exception:  # noqa: BLE001 - a config transformers cannot diff sets no defaults
+        diff = {}
+    for key in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "max_new_tokens"):
+        value = diff.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[key] = value
+    return out
 
 
 def load_source(source: str | SourceInfo) -> LoadedSource:
