@@ -253,6 +253,7 @@ _SMALL = dict(_IDS, hidden_size=64, intermediate_size=128, num_hidden_layers=2, 
 TINY_WINDOW = 16  # the sliding window of tiny configs whose family has one (the real ones: 4,096)
 
 _RMS_FUSIONS = ("SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization", "GroupQueryAttention")
+_GEMMA_FUSIONS = (*_RMS_FUSIONS, "FastGelu")
 _LN_GELU_FUSIONS = ("LayerNormalization", "SkipLayerNormalization", "FastGelu", "MultiHeadAttention")
 
 # Llama-shaped: rotary, RMSNorm, SiLU-gated MLP, grouped-query attention.
@@ -382,6 +383,7 @@ def _olmo2() -> ArchSpec:
 def _gemma() -> ArchSpec:
     return dataclasses.replace(
         _LLAMA_LIKE, name="gemma", model_types=("gemma",), activation="gelu-tanh-gate",
+        expected_fusions=_GEMMA_FUSIONS,
         features=(Feature.EMBEDDING_SCALE,), default_max_context=8192,
         tiny_reference="google/gemma-2b ((1 + w) RMSNorm, √hidden embedding scale, GELU-tanh gate)",
         tiny_config=dict(_SMALL, head_dim=16),
@@ -392,6 +394,7 @@ def _gemma() -> ArchSpec:
 def _gemma2() -> ArchSpec:
     return dataclasses.replace(
         _LLAMA_LIKE, name="gemma2", model_types=("gemma2",), activation="gelu-tanh-gate",
+        expected_fusions=_GEMMA_FUSIONS,
         features=(Feature.EMBEDDING_SCALE, Feature.SOFTCAP, Feature.ALTERNATING_WINDOW, Feature.SANDWICH_NORM),
         default_max_context=8192,
         tiny_reference="google/gemma-2-2b (soft-capping 50/30, local/global layers, query_pre_attn_scalar)",
@@ -403,6 +406,7 @@ def _gemma2() -> ArchSpec:
 def _gemma3_text() -> ArchSpec:
     return dataclasses.replace(
         _LLAMA_LIKE, name="gemma3_text", model_types=("gemma3_text",), activation="gelu-tanh-gate",
+        expected_fusions=_GEMMA_FUSIONS,
         features=(Feature.EMBEDDING_SCALE, Feature.QK_NORM, Feature.ALTERNATING_WINDOW, Feature.SANDWICH_NORM),
         default_max_context=8192,
         tiny_reference="google/gemma-3-1b-it (q/k norm, local layers at rope 1e4, global at 1e6)",
@@ -415,7 +419,7 @@ def _gemma3_text() -> ArchSpec:
 def _starcoder2() -> ArchSpec:
     return dataclasses.replace(
         _LLAMA_LIKE, name="starcoder2", model_types=("starcoder2",), norm="layernorm", activation="gelu-tanh",
-        expected_fusions=("LayerNormalization", "SkipLayerNormalization", "GroupQueryAttention"),
+        expected_fusions=("LayerNormalization", "SkipLayerNormalization", "FastGelu", "GroupQueryAttention"),
         tiny_reference="bigcode/starcoder2-3b (LayerNorm with bias, GELU MLP, GQA)",
         tiny_config=dict(_SMALL),
     )
@@ -425,7 +429,7 @@ def _starcoder2() -> ArchSpec:
 def _cohere() -> ArchSpec:
     return dataclasses.replace(
         _LLAMA_LIKE, name="cohere", model_types=("cohere",), norm="layernorm",
-        features=(Feature.PARALLEL_RESIDUAL,), expected_fusions=("LayerNormalization", "GroupQueryAttention"),
+        features=(Feature.PARALLEL_RESIDUAL,), expected_fusions=("SimplifiedLayerNormalization", "GroupQueryAttention"),
         tiny_reference="CohereForAI/c4ai-command-r-v01 (bias-free LayerNorm, parallel block, logit scale)",
         tiny_config=dict(_SMALL),
     )
@@ -435,7 +439,8 @@ def _cohere() -> ArchSpec:
 def _stablelm() -> ArchSpec:
     return dataclasses.replace(
         _LLAMA_LIKE, name="stablelm", model_types=("stablelm",), norm="layernorm",
-        features=(Feature.PARTIAL_ROTARY,), expected_fusions=("LayerNormalization", "SkipLayerNormalization"),
+        features=(Feature.PARTIAL_ROTARY,),
+        expected_fusions=("LayerNormalization", "SkipLayerNormalization", "GroupQueryAttention"),
         tiny_reference="stabilityai/stablelm-2-1_6b (LayerNorm, 1/4 rotary)",
         tiny_config=dict(_SMALL),
     )
@@ -446,7 +451,7 @@ def _phi() -> ArchSpec:
     return dataclasses.replace(
         _GPT_LIKE, name="phi", model_types=("phi",), positions="rotary",
         features=(Feature.PARTIAL_ROTARY, Feature.PARALLEL_RESIDUAL),
-        expected_fusions=("LayerNormalization", "FastGelu"),
+        expected_fusions=("LayerNormalization", "SkipLayerNormalization", "FastGelu", "MultiHeadAttention"),
         tiny_reference="microsoft/phi-2 (parallel attention + MLP, 1/2 rotary, gelu_new)",
         tiny_config=dict(_SMALL, num_key_value_heads=4),
     )
@@ -457,7 +462,7 @@ def _gpt_neox() -> ArchSpec:
     return dataclasses.replace(
         _GPT_LIKE, name="gpt_neox", model_types=("gpt_neox",), positions="rotary", activation="gelu-erf",
         features=(Feature.PARTIAL_ROTARY, Feature.PARALLEL_RESIDUAL, Feature.PACKED_QKV),
-        expected_fusions=("LayerNormalization", "Gelu"),
+        expected_fusions=("LayerNormalization", "SkipLayerNormalization", "BiasGelu", "MultiHeadAttention"),
         tiny_reference="EleutherAI/pythia-160m (packed QKV, 1/4 rotary, parallel residual)",
         tiny_config=dict(_IDS, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                          max_position_embeddings=512),
@@ -469,7 +474,7 @@ def _falcon() -> ArchSpec:
     return dataclasses.replace(
         _GPT_LIKE, name="falcon", model_types=("falcon",), positions="rotary", activation="gelu-erf",
         features=(Feature.MULTI_QUERY, Feature.PARALLEL_RESIDUAL, Feature.PACKED_QKV),
-        expected_fusions=("LayerNormalization", "Gelu"),
+        expected_fusions=("LayerNormalization", "SkipLayerNormalization", "Gelu", "MultiHeadAttention"),
         tiny_reference="tiiuae/falcon-7b (multi-query, parallel attention, one LayerNorm a block)",
         tiny_config=dict(_IDS, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, ffn_hidden_size=128,
                          max_position_embeddings=512),
@@ -493,7 +498,7 @@ def _gpt2() -> ArchSpec:
 def _gpt_bigcode() -> ArchSpec:
     return dataclasses.replace(
         _GPT_LIKE, name="gpt_bigcode", model_types=("gpt_bigcode",), features=(Feature.MULTI_QUERY,),
-        expected_fusions=("LayerNormalization", "SkipLayerNormalization", "FastGelu"),
+        expected_fusions=("LayerNormalization", "SkipLayerNormalization", "FastGelu", "MultiHeadAttention"),
         tiny_reference="bigcode/gpt_bigcode-santacoder (multi-query, learned positions)",
         tiny_config=dict(_IDS, n_embd=64, n_layer=2, n_head=4, n_positions=256),
     )
@@ -503,7 +508,7 @@ def _gpt_bigcode() -> ArchSpec:
 def _opt() -> ArchSpec:
     return dataclasses.replace(
         _GPT_LIKE, name="opt", model_types=("opt",), activation="relu",
-        expected_fusions=("LayerNormalization", "SkipLayerNormalization"),
+        expected_fusions=("LayerNormalization", "SkipLayerNormalization", "MultiHeadAttention"),
         tiny_reference="facebook/opt-125m (learned positions offset by 2, ReLU)",
         tiny_config=dict(_IDS, hidden_size=64, word_embed_proj_dim=64, ffn_dim=128, num_hidden_layers=2,
                          num_attention_heads=4, max_position_embeddings=256),

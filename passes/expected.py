@@ -1,26 +1,20 @@
 """Fusions each architecture should end with, by contrib op name.
 
-The same data as ``exporters.specs.ArchSpec.expected_fusions`` (a test keeps the two equal);
-copied because ``passes`` may not import ``exporters`` (DESIGN.md, layout), which would pull torch
-into ``lmforge optimize``.
+Read from the architecture specs (``exporters.specs``, a data-only module that imports neither
+torch nor transformers, so ``lmforge optimize`` stays light). A family without a tuned spec (one
+``convert`` exported through the generic path) expects nothing: ``optimize`` fuses what its rules
+match and the report lists it under "other fused ops".
 """
 
 from __future__ import annotations
 
-__all__ = ["EXPECTED_FUSIONS", "expected_fusions"]
+from exporters.specs import all_specs
 
-_LLAMA = ("SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization", "GroupQueryAttention")
-_GPT = ("LayerNormalization", "SkipLayerNormalization", "FastGelu", "MultiHeadAttention")
-
-EXPECTED_FUSIONS: dict[str, tuple[str, ...]] = {
-    "llama": _LLAMA,
-    "mistral": _LLAMA,
-    "qwen2": _LLAMA,
-    "gpt2": _GPT,
-    "bloom": _GPT,
-    "bert": ("LayerNormalization", "SkipLayerNormalization", "Gelu", "Attention"),
-}
+__all__ = ["expected_fusions"]
 
 
 def expected_fusions(architecture: str) -> tuple[str, ...]:
-    return EXPECTED_FUSIONS.get(architecture, ())
+    for spec in all_specs():
+        if spec.name == architecture:
+            return spec.expected_fusions
+    return ()

@@ -47,9 +47,10 @@ class _LeftPaddedGQA(GroupQueryAttention):
               query_BSHDh_normalized=None, query_BHSDh_normalized=None,
               key_BSHkvDh_normalized=None, key_BHkvSDh_normalized=None, **_):
         result = pattern.MatchResult()
-        if any(v is not None for v in (query_BSHDh_normalized, query_BHSDh_normalized,
-                                       key_BSHkvDh_normalized, key_BHkvSDh_normalized)):
-            return result.fail("query/key normalisation (Qwen3/Gemma) is not handled by this rule")
+        if query_BSHDh_normalized is not None and query_BHSDh_normalized is not None:
+            return result.fail("query normalised twice", [query_BSHDh_normalized, query_BHSDh_normalized])
+        if key_BSHkvDh_normalized is not None and key_BHkvSDh_normalized is not None:
+            return result.fail("key normalised twice", [key_BSHkvDh_normalized, key_BHkvSDh_normalized])
         bindings: dict[str, object] = {}
         for value, dims in ((query_BSD, ["B", "S", "D"]), (key_BSDkv, ["B", "S", "Dkv"]),
                             (value_BSDkv, ["B", "S", "Dkv"])):
@@ -79,7 +80,13 @@ class _LeftPaddedGQA(GroupQueryAttention):
         return result
 
     def rewrite(self, op, query_BSD, key_BSDkv, value_BSDkv, past_key, past_value,  # type: ignore[no-untyped-def,override]
-                position_ids, cos, sin, mask, **_):
+                position_ids, cos, sin, mask, query_BSHDh, key_BSHkvDh,
+                query_BSHDh_normalized=None, query_BHSDh_normalized=None,
+                key_BSHkvDh_normalized=None, key_BHkvSDh_normalized=None, **_):
+        # q/k norms (Qwen3, Gemma 3, OLMo 2): the per-head RMSNorm runs on [B, S, H, Dh], before
+        # the transpose GQA absorbs, and its output is flattened back to the [B, S, H·Dh] GQA reads.
+        query_BSD = _renormed(op, query_BSD, query_BSHDh, query_BHSDh_normalized or query_BSHDh_normalized)
+        key_BSDkv = _renormed(op, key_BSDkv, key_BSHkvDh, key_BHkvSDh_normalized or key_BSHkvDh_normalized)
         rotary = dict(interleaved=self._interleaved, _domain="com.microsoft")
         query = op.RotaryEmbedding(query_BSD, position_ids, cos, sin, num_heads=self.num_heads, **rotary)
         key = op.RotaryEmbedding(key_BSDkv, position_ids, cos, sin, num_heads=self.kv_num_heads, **rotary)
@@ -95,6 +102,16 @@ class _LeftPaddedGQA(GroupQueryAttention):
             query, key, value_BSDkv, past_key, past_value, seqlens_k, total_len,
             None, None, None, mask, **attrs, _domain="com.microsoft", _outputs=3,
         )
+
+
+def _renormed(op, flat, per_head, normalized):  # type: ignore[no-untyped-def]
+    """``flat`` as it was, or the norm that produced ``normalized`` applied to ``per_head`` [B, S, H, Dh]
+    and reshaped to [B, S, H·Dh] (the norm is over the last axis, so the transpose may go)."""
+    if normalized is None:
+        return flat
+    norm = normalized.producer()
+    again = op.SimplifiedLayerNormalization(per_head, norm.inputs[1], **norm.attributes)
+    return op.Reshape(again, op.Constant(value_ints=[0, 0, -1]))
 
 
 def gqa_rules() -> pattern.RewriteRuleSet:

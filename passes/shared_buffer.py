@@ -117,6 +117,41 @@ def shared_buffer_blockers(model: ir.Model, layers: int) -> list[str]:
     return reasons
 
 
+def _local_window(arch: dict[str, Any], layer: int) -> int | None:
+    """GroupQueryAttention's ``local_window_size`` for ``layer``, or None for a global layer.
+
+    With the concat contract the window lives in ``attention_bias`` (the model's own mask); the
+    shared-buffer contract drops that input, so the window must move into the op, as
+    ``local_window_size = sliding_window`` (what onnxruntime-genai's builder writes too; the test
+    of greedy ids against transformers past the window fails with ``sliding_window − 1``). A layer
+    is windowed when the manifest records ``sliding_window`` and its ``layer_types`` entry (if any)
+    is ``sliding_attention``.
+    """
+    window = arch.get("sliding_window")
+    layer_types = arch.get("layer_types")
+    if not window or (layer_types and layer_types[layer] != "sliding_attention"):
+        return None
+    return int(window)
+
+
+def _batch_from_input_ids(past: ir.Value, input_ids: ir.Value) -> int:
+    """Point ``Shape(past)[0:1]`` readers at ``input_ids`` instead; returns how many.
+
+    torch.export materialises the symbolic batch size from whichever input carries it, and for
+    some families (Mixtral, Qwen3, Gemma 3) that is a past KV tensor. Its batch axis is the call's
+    batch in both contracts, but the past must have no reader besides its GroupQueryAttention
+    (the checks below), so the batch is read from ``input_ids``, which has the same batch axis.
+    """
+    moved = 0
+    for use in list(past.uses()):
+        node = use.node
+        if node.op_type == "Shape" and node.domain == "" and node.attributes.get_int("start", 0) == 0 \
+                and node.attributes.get_int("end", -1) == 1:
+            node.replace_input_with(use.idx, input_ids)
+            moved += 1
+    return moved
+
+
 def _cast_between(value: ir.Value) -> ir.Node | None:
     """The Cast node that is ``value``'s only consumer (fp16 keep_io_types wrapping), if any."""
     uses = list(value.uses())
@@ -395,8 +430,12 @@ def rewrite_shared_buffer(model: ir.Model, arch: dict[str, Any], kv: dict[str, s
                 raise PassError(f"shared-buffer: {present_name} is not produced by a GroupQueryAttention",
                                 fix="this graph's attention is not fused; optimize with --kv-mode concat")
             node = producer
+            window = _local_window(arch, i)
+            if window is not None:
+                node.attributes["local_window_size"] = ir.AttrInt64("local_window_size", window)
             # past: GQA input (3 or 4), possibly through one Cast; nothing else may read it
             common_passes.RemoveUnusedNodesPass()(model)
+            _batch_from_input_ids(past, inputs["input_ids"])
             cast = _cast_between(past)
             fed = cast.outputs[0] if cast is not None else past
             uses = list(fed.uses())
