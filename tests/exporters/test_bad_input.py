@@ -81,7 +81,7 @@ def test_unsupported_architecture(tmp_path: Path, capsys: pytest.CaptureFixture[
     T5Config(d_model=32, num_layers=1, num_heads=2, d_ff=64, vocab_size=100).save_pretrained(folder)
     (folder / "model.safetensors").write_bytes(b"")
     code, err = run_cli(capsys, "convert", str(folder), "-o", str(tmp_path / "out"))
-    assert_one_line_error(code, err, "unsupported architecture 't5'", "llama", "gpt2", "bloom", "bert")
+    assert_one_line_error(code, err, "'t5' is an encoder-decoder model", "decoder-only", "bert")
     assert leftovers(tmp_path, "out") == []
 
 
