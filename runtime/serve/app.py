@@ -4,7 +4,7 @@
 Routes: ``POST /v1/completions``, ``POST /v1/chat/completions`` (both streaming with server-sent
 events, ``data: [DONE]`` and ``stream_options.include_usage``), ``POST /v1/embeddings`` (an
 encoder; :mod:`runtime.serve.embeddings`), ``GET /v1/models``,
-``GET /v1/models/{id}``, ``GET /health`` (live), ``GET /ready`` (engine ready and not draining),
+``GET /v1/models/{id}``, ``GET|HEAD /health`` (live), ``GET|HEAD /ready`` (engine ready and not draining),
 ``GET /metrics`` (Prometheus text). Each HTTP request submits one engine request per choice
 (``n`` choices per prompt, a list of prompts for completions) and reads their events with
 ``async for``; nothing here blocks the event loop but tokenization, which runs in a thread.
@@ -16,7 +16,18 @@ encoder, ``/v1/embeddings`` on a decoder.
 A client that goes away cancels its requests: while a response has not started, a task watches
 the ASGI ``receive`` channel for ``http.disconnect``; once it streams, Starlette cancels the body
 iterator, whose cleanup cancels them. With ``n > 1`` and a seed, choice ``j`` uses ``seed + j``
-(reproducible, and the choices differ). ``temperature`` defaults to 1, as OpenAI's does.
+(reproducible, and the choices differ). A sampling field a request leaves out (temperature,
+top_p, top_k, min_p, repetition_penalty) takes the artifact's default from its
+``generation_config.json`` (:attr:`runtime.Engine.sampling_defaults`, as vLLM's
+``--generation-config auto``), else OpenAI's (``temperature`` 1). ``max_tokens`` left out is 16
+on ``/v1/completions`` (OpenAI's) and on chat the rest of the context, capped by the artifact's
+``max_new_tokens`` and :attr:`ServeLimits.chat_default_max_tokens`.
+
+Hostile input fails its own request only: every integer is bounded by int64 and every float
+checked against what float32 holds (:class:`runtime.sampling.SamplingParams`), a body nested
+deeper than :data:`MAX_JSON_DEPTH` or holding a lone surrogate is a 400, ``n`` past the engine's
+queue is a 400 (it could never be admitted), and an unexpected exception is a 500 that is counted
+in ``lmforge_requests_total{outcome="error"}`` and keeps the connection open.
 
 The app does not own the engine: whoever made it closes it (``runtime.serve.server`` does, after
 draining). See :mod:`runtime.serve.errors` for the status of each refusal.

@@ -8,12 +8,15 @@ Every refusal the server sends has OpenAI's body, ``{"error": {"message", "type"
 cause                                      status  headers
 =========================================  ======  ===========================================
 bad JSON, wrong types, bad values           400
+(int64 / float32 bounds, deep nesting,
+lone surrogates, ``n`` past the queue)
 :class:`~runtime.errors.InvalidRequestError` 400
 missing or wrong API key                    401     ``WWW-Authenticate: Bearer``
 unknown model / route                       404
 request body over the limit                 413
 :class:`~runtime.errors.QueueFullError`      429     ``Retry-After`` (whole seconds, >= 1)
 other :class:`~runtime.errors.GenerationError` 500 (that request only)
+an unexpected exception (a bug)             500     counted; the connection stays open
 :class:`~runtime.errors.EngineClosedError`,  503     ``Retry-After``
 draining after SIGTERM
 =========================================  ======  ===========================================
