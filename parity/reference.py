@@ -451,9 +451,13 @@ def reference_runs(
                 runs[prompt.id] = generate_reference(loaded.model, prompt.id, input_ids[prompt.id], max_new_tokens,
                                                      top_k=top_k, eos_token_ids=eos_token_ids)
                 if index == 0 and len(todo) > 1:
-                    took = time.perf_counter() - t0
-                    progress_log.info("reference: the first prompt took %.1f s; expect about %s for the other %d",
-                                      took, _duration(took * (len(todo) - 1)), len(todo) - 1)
+                    # Per token, since a prompt may stop early at an end-of-sequence token: an upper
+                    # bound at the first prompt's pace (which includes torch's warm-up).
+                    took, steps = time.perf_counter() - t0, max(1, runs[prompt.id].steps)
+                    bound = took / steps * max_new_tokens * (len(todo) - 1)
+                    progress_log.info("reference: the first prompt took %.1f s for %d token(s); the other %d "
+                                      "(up to %d tokens each) should take up to about %s",
+                                      took, steps, len(todo) - 1, max_new_tokens, _duration(bound))
     elif caches:
         progress_log.info("reference: all %d prompt(s) cached", len(runs))
     for cache in caches:

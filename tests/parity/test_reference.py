@@ -219,7 +219,8 @@ def test_the_expected_time_is_stated_after_the_first_prompt(tmp_path, tiny, mani
         reference_runs(tmp_path, manifest, prompts, ids, 4, loader=CountingLoader(tiny), progress=False)
     lines = [r.getMessage() for r in caplog.records if r.name == "lmforge.progress"]
     assert lines[0].startswith("reference: 3 prompt(s) to run with PyTorch fp32")
-    assert re.fullmatch(r"reference: the first prompt took \d+\.\d s; expect about \d+ s for the other 2", lines[1])
+    assert re.fullmatch(r"reference: the first prompt took \d+\.\d s for 4 token\(s\); the other 2 "
+                        r"\(up to 4 tokens each\) should take up to about \d+ s", lines[1]), lines[1]
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="lmforge.progress"):
         reference_runs(tmp_path, manifest, prompts, ids, 4, loader=CountingLoader(tiny), progress=False)
