@@ -28,7 +28,6 @@ from onnxscript.rewriter.ort_fusions import (
     erfgelu,
     fused_matmul_rule_sets,
     gelu,
-    mha,
     mha_bias,
     mha_scale,
     rms_normalization,
@@ -44,6 +43,7 @@ from passes.rule_bloom_attention import bloom_attention_rules
 from passes.rule_fast_gelu import fast_gelu_rules
 from passes.rule_gemm_matmul import gemm_matmul_rules
 from passes.rule_gqa import gqa_rules
+from passes.rule_mha_rotary import mha_rules
 from passes.rule_rotary_cache import rotary_cache_rules
 
 __all__ = ["GraphPass", "PassContext", "cleanup_passes", "fusion_passes", "final_passes", "node_count"]
@@ -179,12 +179,15 @@ def fusion_passes() -> list[GraphPass]:
         _rules_pass("rotary-cos-sin-cache", "fusion",
                     lambda ctx: [cos_sin_cache.cos_sin_cache_rules, rotary_cache_rules(ctx.max_positions)],
                     ("RotaryEmbedding",)),
+        # partial rotary (Phi-3/4-mini, StableLM, GPT-NeoX): Concat(RotaryEmbedding(x[..., :d]), x[..., d:])
+        # becomes one RotaryEmbedding with rotary_embedding_dim = d. Its rule matches the contrib op the
+        # cos/sin-cache pass emits, so it runs after it, as in onnxscript's fuse_xformers.
+        _rules_pass("partial-rotary-embedding", "fusion", _onnxscript(rotary_embedding.partial_embedding_rules)),
         GraphPass("common-subexpressions-2", "cleanup", _delta(_cse)),
         _rules_pass("sdpa", "fusion", _onnxscript(sdpa.sdpa_rules),
                     ("GroupQueryAttention", "MultiHeadAttention", "Attention"), shape_inference=True),
         _rules_pass("group-query-attention", "fusion", lambda ctx: [gqa_rules()], ("GroupQueryAttention",)),
-        _rules_pass("multi-head-attention", "fusion",
-                    lambda ctx: [mha.mha_rules_with_past, mha.mha_rules_no_past], ("MultiHeadAttention",)),
+        _rules_pass("multi-head-attention", "fusion", lambda ctx: mha_rules(), ("MultiHeadAttention",)),
         # BLOOM's 3-D ALiBi scores never reach an SDPA; the pass after it shares the per-layer bias.
         _rules_pass("bloom-attention", "fusion", lambda ctx: [bloom_attention_rules()], ("MultiHeadAttention",)),
         GraphPass("common-subexpressions-3", "cleanup", _delta(_cse)),

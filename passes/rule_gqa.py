@@ -69,12 +69,13 @@ class _LeftPaddedGQA(GroupQueryAttention):
             return result.fail("head counts are not static", query_BSHDh)
         self.num_heads, self.kv_num_heads = num_heads, kv_heads
         q_rope, k_rope = query_BHSDh_rope.producer(), key_BHkvSDh_rope.producer()
-        for attr in ("interleaved",):
+        for attr in ("interleaved", "rotary_embedding_dim"):
             if q_rope.attributes.get_int(attr, 0) != k_rope.attributes.get_int(attr, 0):
                 return result.fail("query/key rotary attributes differ", [q_rope, k_rope])
         if q_rope.inputs[2] is not k_rope.inputs[2] or q_rope.inputs[3] is not k_rope.inputs[3]:
             return result.fail("query and key use different cos/sin caches", [q_rope, k_rope])
         self._interleaved = q_rope.attributes.get_int("interleaved", 0)
+        self._rotary_dim = q_rope.attributes.get_int("rotary_embedding_dim", 0)  # partial rotary: > 0
         sdpa = [n for n in context.nodes if n.op_type == "SDPA"]
         self._scale = sdpa[0].attributes.get_float("scale", None) if sdpa else None
         return result
@@ -87,7 +88,9 @@ class _LeftPaddedGQA(GroupQueryAttention):
         # the transpose GQA absorbs, and its output is flattened back to the [B, S, H·Dh] GQA reads.
         query_BSD = _renormed(op, query_BSD, query_BSHDh, query_BHSDh_normalized or query_BSHDh_normalized)
         key_BSDkv = _renormed(op, key_BSDkv, key_BSHkvDh, key_BHkvSDh_normalized or key_BSHkvDh_normalized)
-        rotary = dict(interleaved=self._interleaved, _domain="com.microsoft")
+        rotary: dict[str, object] = dict(interleaved=self._interleaved, _domain="com.microsoft")
+        if self._rotary_dim:
+            rotary["rotary_embedding_dim"] = self._rotary_dim
         query = op.RotaryEmbedding(query_BSD, position_ids, cos, sin, num_heads=self.num_heads, **rotary)
         key = op.RotaryEmbedding(key_BSDkv, position_ids, cos, sin, num_heads=self.kv_num_heads, **rotary)
         total = op.Shape(mask, start=3, end=4)  # [1] int64: past + seq

@@ -184,7 +184,7 @@ def test_mask_reader_refused() -> None:
 # The families on the full fast path: every attention fused to GroupQueryAttention, the shared-buffer
 # KV contract and the step model.
 FAST_PATH = ["llama", "mistral", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "mixtral", "gemma", "gemma3_text",
-             "granite", "olmo2", "starcoder2"]
+             "granite", "olmo2", "starcoder2", "phi3", "stablelm"]
 
 
 @pytest.mark.parametrize("arch", FAST_PATH)
