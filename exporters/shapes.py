@@ -27,4 +27,11 @@ SHAPES: dict[str, tuple[str, dict[str, Any]]] = {
         rms_norm_eps=1e-5, rope_theta=500000.0, tie_word_embeddings=True, hidden_act="silu",
         bos_token_id=128000, eos_token_id=128001, pad_token_id=128001,
     )),
+    # Qwen/Qwen3-0.6B (q/k RMSNorm, head_dim 128 with hidden 1024)
+    "qwen3-0.6b": ("qwen3", dict(
+        vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
+        num_attention_heads=16, num_key_value_heads=8, head_dim=128, max_position_embeddings=40960,
+        rms_norm_eps=1e-6, rope_theta=1000000.0, tie_word_embeddings=True, hidden_act="silu",
+        bos_token_id=151643, eos_token_id=151645, pad_token_id=151643,
+    )),
 }
