@@ -103,6 +103,11 @@ def convert(
     if max_context is not None and max_context < 2:
         raise ExportError("--max-context must be at least 2", got=str(max_context))
     info = resolve_source(source)  # cheap checks first: bad paths fail before torch is imported
+    # The export extra, before any progress line: without it the CLI's one-line "needs the 'export'
+    # extra" error is all a user sees.
+    import torch  # noqa: F401
+    import transformers  # noqa: F401
+
     show = sys.stderr.isatty() if progress is None else progress
     stages = _Stages(["load", "export", "check", "write"], enabled=show)
     started = time.perf_counter()

@@ -354,9 +354,9 @@ def _phi3() -> ArchSpec:
     return dataclasses.replace(
         _LLAMA_LIKE, name="phi3", model_types=("phi3",),
         features=(Feature.PACKED_QKV, Feature.PACKED_GATE_UP, Feature.PARTIAL_ROTARY),
-        tiny_reference="microsoft/Phi-4-mini-instruct (packed qkv and gate/up, 3/4 rotary)",
-        tiny_config=dict(_SMALL, rope_parameters=dict(rope_type="default", rope_theta=10000.0,
-                                                      partial_rotary_factor=0.75)),
+        tiny_reference="microsoft/Phi-4-mini-instruct (packed qkv and gate/up, 3/4 rotary of 64-wide heads)",
+        tiny_config=dict(_SMALL, hidden_size=256, intermediate_size=256,
+                         rope_parameters=dict(rope_type="default", rope_theta=10000.0, partial_rotary_factor=0.75)),
     )
 
 
@@ -441,8 +441,8 @@ def _stablelm() -> ArchSpec:
         _LLAMA_LIKE, name="stablelm", model_types=("stablelm",), norm="layernorm",
         features=(Feature.PARTIAL_ROTARY,),
         expected_fusions=("LayerNormalization", "SkipLayerNormalization", "GroupQueryAttention"),
-        tiny_reference="stabilityai/stablelm-2-1_6b (LayerNorm, 1/4 rotary)",
-        tiny_config=dict(_SMALL),
+        tiny_reference="stabilityai/stablelm-2-1_6b (LayerNorm, 1/4 rotary of 64-wide heads)",
+        tiny_config=dict(_SMALL, hidden_size=256, intermediate_size=256),
     )
 
 

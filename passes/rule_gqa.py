@@ -76,6 +76,13 @@ class _LeftPaddedGQA(GroupQueryAttention):
             return result.fail("query and key use different cos/sin caches", [q_rope, k_rope])
         self._interleaved = q_rope.attributes.get_int("interleaved", 0)
         self._rotary_dim = q_rope.attributes.get_int("rotary_embedding_dim", 0)  # partial rotary: > 0
+        if self._rotary_dim % 16:
+            # onnxruntime's CUDA session folds a RotaryEmbedding into the GroupQueryAttention it feeds
+            # and then requires cos/sin caches of a multiple of 8 columns (group_query_attention_helper.h):
+            # a 4-wide partial rotary failed there at run time ("cos_cache dimension 1 must be … a
+            # multiple of 8"), so such a graph keeps unfused attention on every device.
+            return result.fail(f"partial rotary of {self._rotary_dim} dims (GQA on CUDA needs a multiple of 16)",
+                               q_rope)
         sdpa = [n for n in context.nodes if n.op_type == "SDPA"]
         self._scale = sdpa[0].attributes.get_float("scale", None) if sdpa else None
         return result

@@ -135,7 +135,8 @@ def _local_window(arch: dict[str, Any], layer: int) -> int | None:
 
 
 def _batch_from_input_ids(past: ir.Value, input_ids: ir.Value) -> int:
-    """Point ``Shape(past)[0:1]`` readers at ``input_ids`` instead; returns how many.
+    """Point ``Shape(past)[0:1]`` readers (of the past, or of its fp16 ``Cast``) at ``input_ids``
+    instead; returns how many.
 
     torch.export materialises the symbolic batch size from whichever input carries it, and for
     some families (Mixtral, Qwen3, Gemma 3) that is a past KV tensor. Its batch axis is the call's
@@ -438,6 +439,7 @@ def rewrite_shared_buffer(model: ir.Model, arch: dict[str, Any], kv: dict[str, s
             _batch_from_input_ids(past, inputs["input_ids"])
             cast = _cast_between(past)
             fed = cast.outputs[0] if cast is not None else past
+            _batch_from_input_ids(fed, inputs["input_ids"])  # fp16: the batch may be read after the Cast
             uses = list(fed.uses())
             if len(uses) != 1 or uses[0].node is not node or uses[0].idx != 3 + slot or len(list(past.uses())) != 1:
                 readers = sorted({f"{u.node.op_type}" for u in past.uses()})

@@ -86,9 +86,13 @@ def test_gqa_check_refuses_a_mask_that_is_not_b1st() -> None:
     assert not result and "[B, 1, S, T]" in result.reason
 
 
-def test_gqa_check_refuses_query_key_normalisation() -> None:
-    result = _gqa_check(**_gqa_bindings(), query_BSHDh_normalized=_val("qn", ["B", "S", 6, 16]))
-    assert not result and "normalisation" in result.reason
+def test_gqa_check_takes_one_query_key_normalisation_and_refuses_two() -> None:
+    """Qwen3 normalises q/k per head before the transpose, Gemma 3 after it: either is fused (the
+    rewrite re-applies the norm on [B, S, H, Dh]); both at once is not a graph the rule knows."""
+    assert _gqa_check(**_gqa_bindings(), query_BSHDh_normalized=_val("qn", ["B", "S", 6, 16]))
+    result = _gqa_check(**_gqa_bindings(), query_BSHDh_normalized=_val("qn", ["B", "S", 6, 16]),
+                        query_BHSDh_normalized=_val("qn2", ["B", 6, "S", 16]))
+    assert not result and "normalised twice" in result.reason
 
 
 # --------------------------------------------------------------------------------------------

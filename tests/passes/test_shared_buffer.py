@@ -222,3 +222,17 @@ def test_full_fast_path_gives_transformers_greedy_ids(arch: str, artifact_cache,
     finally:
         engine.close()
     assert got[0] == ref.tolist()
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen3"])
+def test_fp16_cuda_graph_reads_the_batch_from_input_ids(arch: str, artifact_cache, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """torch.export took these graphs' batch size from the last past KV tensor; in the fp16 graph
+    that read sits behind the precision pass's Cast. The rewrite points it at input_ids, so the
+    past feeds its GroupQueryAttention alone and the CUDA artifact gets the shared-buffer contract."""
+    out = tmp_path / arch
+    report = optimize_artifact(artifact_cache(f"tiny:{arch}"), out, "cuda", "fp16", progress=False)
+    assert {p["name"]: p["count"] for p in report.passes}["shared-buffer-kv"] == 2
+    model = ir.load(str(out / "model.onnx"))
+    for value in model.graph.inputs:
+        if value.name.startswith("past_key_values."):
+            assert [u.node.op_type for u in value.uses()] == ["GroupQueryAttention"]
