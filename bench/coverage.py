@@ -7,7 +7,10 @@ Per family (``tiny:<family>``: the family's real config class, defaults on, size
   ``generate`` for a prompt 2.5 tiny sliding windows long (40 tokens), 12 new tokens;
 * **fusions**: what ``optimize --precision fp32`` fused, and the expected fusions it missed;
 * **fast path**: ``optimize --kv-mode shared-buffer`` (fused GroupQueryAttention, shared KV
-  buffers, the step model) and its greedy ids against transformers, where every attention fuses.
+  buffers, the step model) and its greedy ids against transformers, where every attention fuses;
+* **verify**: ``lmforge verify`` (the smoke prompts, 12 new tokens, batch parity at 4) of the fp32
+  artifact and of the fused CPU fp16 and int8 artifacts, each judged by its precision's policy:
+  exact / near-tie / drift counts.
 
 Writes the markdown table (with date, versions and this command) to ``--out`` and prints it::
 
@@ -28,6 +31,8 @@ from typing import Any
 from exporters.convert import convert
 from exporters.sources import load_source
 from exporters.specs import ModelKind, all_specs
+from parity.prompts import smoke_prompts_path
+from parity.verify import verify_artifact
 from passes.pipeline import optimize_artifact
 from runtime.artifact import load_artifact
 from runtime.engine import Engine
@@ -42,6 +47,12 @@ def _greedy(artifact: Path, prompt: list[int]) -> list[int]:
         return engine.generate_ids([prompt], max_new_tokens=NEW_TOKENS)[0]
     finally:
         engine.close()
+
+
+def _verify(artifact: Path) -> str:
+    result = verify_artifact(artifact, smoke_prompts_path(), max_new_tokens=NEW_TOKENS, progress=False, batch_size=4)
+    s = result.verdict.summary
+    return f"{'pass' if result.passed else '**FAIL**'} {s.exact}/{s.near_tie}/{s.drift}"
 
 
 def measure(family: str, work: Path) -> dict[str, Any]:
@@ -63,6 +74,11 @@ def measure(family: str, work: Path) -> dict[str, Any]:
         report = optimize_artifact(src, work / f"{family}-fused", "cpu", "fp32", check=True, progress=False)
         row["fused"] = {k: v for k, v in report.ops.items() if k != "FusedMatMul"}
         row["missed"] = sorted(report.missing)
+        verified = {"fp32": src}
+        for precision in ("fp16", "int8"):
+            verified[precision] = work / f"{family}-{precision}"
+            optimize_artifact(src, verified[precision], "cpu", precision, force=True, progress=False)
+        row["verify"] = {p: _verify(path) for p, path in verified.items()}
         if report.ops.get("GroupQueryAttention", 0) == art.architecture["layers"]:
             fast = work / f"{family}-fast"
             optimize_artifact(src, fast, "cpu", "fp32", kv_mode="shared-buffer", check=True, progress=False)
@@ -95,21 +111,24 @@ def render(rows: list[dict[str, Any]], command: str) -> str:
         "--device cuda` builds), checked the same way on the CPU.",
         "",
         "| family | features | export check max abs diff | greedy = transformers | fused (fp32) | "
-        "expected, not fused | fast path |",
-        "|---|---|---|---|---|---|---|",
+        "expected, not fused | fast path | verify fp32 · fp16 · int8 (exact/near-tie/drift) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['family']} | | **failed**: {r['error']} | | | | |")
+            lines.append(f"| {r['family']} | | **failed**: {r['error']} | | | | | |")
             continue
         fused = ", ".join(f"{k}×{v}" for k, v in sorted(r["fused"].items()))
+        verify = " · ".join(r["verify"][p] for p in ("fp32", "fp16", "int8"))
         lines.append(f"| {r['family']} | {r['features']} | {r['check']:.1e} | {_mark(r['greedy'])} | {fused} | "
-                     f"{', '.join(r['missed']) or '—'} | {_mark(r['fast'])} |")
+                     f"{', '.join(r['missed']) or '—'} | {_mark(r['fast'])} | {verify} |")
     converted = sum(1 for r in rows if "error" not in r)
     greedy = sum(1 for r in rows if r.get("greedy"))
     fast = sum(1 for r in rows if r.get("fast"))
+    verified = sum(1 for r in rows if "verify" in r and all(v.startswith("pass") for v in r["verify"].values()))
     lines += ["", f"{converted} of {len(rows)} convert; {greedy} give transformers' greedy ids; "
-              f"{fast} run the full fast path with transformers' greedy ids.", ""]
+              f"{fast} run the full fast path with transformers' greedy ids; {verified} pass verify at "
+              "fp32, fp16 and int8.", ""]
     return "\n".join(lines)
 
 

@@ -121,7 +121,12 @@ def _renormed(op, flat, per_head, normalized):  # type: ignore[no-untyped-def]
         return flat
     norm = normalized.producer()
     again = op.SimplifiedLayerNormalization(per_head, norm.inputs[1], **norm.attributes)
-    return op.Reshape(again, op.Constant(value_ints=[0, 0, -1]))
+    out = op.Reshape(again, op.Constant(value_ints=[0, 0, -1]))
+    # Typed, so the fp16 pass (run without shape inference) sees a float tensor leave a norm it
+    # keeps in fp32 and casts it back for the RotaryEmbedding; untyped, the cast was missing.
+    again.dtype, again.shape = per_head.dtype, per_head.shape
+    out.dtype, out.shape = flat.dtype, flat.shape
+    return out
 
 
 def gqa_rules() -> pattern.RewriteRuleSet:

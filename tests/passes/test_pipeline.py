@@ -238,3 +238,14 @@ def test_cli_prints_report(artifact_cache, tmp_path: Path, capsys) -> None:  # t
     assert _cli("optimize", str(artifact_cache("tiny:gpt2")), "-o", str(tmp_path / "o"), "--json") == 0
     report = json.loads(capsys.readouterr().out)
     assert report["expected"]["FastGelu"] == 2 and report["missing"] == {}
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "gemma3_text"])
+def test_fp16_cpu_with_query_key_norms_runs_and_checks(arch: str, artifact_cache, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """The GQA rule re-applies q/k norms on [B, S, H, Dh]; the fp16 pass keeps norms in fp32 on the
+    CPU and must cast their outputs back before the fp16 RotaryEmbedding. Untyped rewritten values
+    hid that from it, and onnxruntime refused the graph (T bound to float and float16)."""
+    report = optimize_artifact(artifact_cache(f"tiny:{arch}"), tmp_path / arch, "cpu", "fp16", check=True,
+                               force=True, progress=False)
+    assert report.ops.get("GroupQueryAttention") == 2
+    assert report.check is not None and report.check["ok"]
