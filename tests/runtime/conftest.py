@@ -26,3 +26,13 @@ def tiny_gpt2(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session", params=["llama", "gpt2"])
 def tiny_artifact(request: pytest.FixtureRequest) -> Path:
     return request.getfixturevalue(f"tiny_{request.param}")
+
+
+@pytest.fixture(scope="session")
+def shared_path(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """tiny:llama optimized to the shared-buffer contract for the CPU (the slots backend's artifact)."""
+    from passes.pipeline import optimize_artifact
+
+    out = tmp_path_factory.mktemp("shared") / "llama-sb"
+    optimize_artifact(tiny_llama, out, device="cpu", precision="fp32", kv_mode="shared-buffer", progress=False)
+    return out

@@ -22,16 +22,6 @@ from runtime.sampling import host_values
 
 
 @pytest.fixture(scope="module")
-def shared_path(artifact_cache: Callable[[str], Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from passes.pipeline import optimize_artifact
-
-    out = tmp_path_factory.mktemp("shared") / "llama-sb"
-    optimize_artifact(artifact_cache("tiny:llama"), out, device="cpu", precision="fp32", kv_mode="shared-buffer",
-                      progress=False)
-    return out
-
-
-@pytest.fixture(scope="module")
 def pair(artifact_cache: Callable[[str], Path], shared_path: Path):  # type: ignore[no-untyped-def]
     concat, slots = Engine.load(artifact_cache("tiny:llama")), Engine.load(shared_path)
     yield concat, slots

@@ -6,7 +6,7 @@ validation would."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -16,16 +16,6 @@ from runtime import engine as engine_module
 from runtime.sampling import host_values
 
 PROMPT = "hello world"
-
-
-@pytest.fixture(scope="module")
-def shared_path(artifact_cache: Callable[[str], Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from passes.pipeline import optimize_artifact
-
-    out = tmp_path_factory.mktemp("shared") / "llama-sb"
-    optimize_artifact(artifact_cache("tiny:llama"), out, device="cpu", precision="fp32", kv_mode="shared-buffer",
-                      progress=False)
-    return out
 
 
 @pytest.fixture(scope="module", params=["concat", "slots"])

@@ -31,16 +31,6 @@ from runtime import (
 )
 
 
-@pytest.fixture(scope="module")
-def shared_path(artifact_cache: Callable[[str], Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from passes.pipeline import optimize_artifact
-
-    out = tmp_path_factory.mktemp("sched") / "llama-sb"
-    optimize_artifact(artifact_cache("tiny:llama"), out, device="cpu", precision="fp32", kv_mode="shared-buffer",
-                      progress=False)
-    return out
-
-
 @pytest.fixture(scope="module", params=["concat", "slots"])
 def path(request: pytest.FixtureRequest, artifact_cache: Callable[[str], Path]) -> Path:
     if request.param == "concat":
