@@ -108,7 +108,11 @@ def render(rows: list[dict[str, Any]], command: str) -> str:
         "each family is its `tiny:` source (the family's own config class, default options on, "
         f"2 layers). Greedy: {NEW_TOKENS} ids after a {PROMPT_LEN}-token prompt, through `runtime.Engine`, "
         "equal to transformers' `generate`. Fast path: shared-buffer KV + step model (what `optimize "
-        "--device cuda` builds), checked the same way on the CPU.",
+        "--device cuda` builds), checked the same way on the CPU. Verify: `lmforge verify` on the six smoke "
+        f"prompts, {NEW_TOKENS} new tokens, batch parity at 4, of the fp32 artifact and of the fused CPU fp16 "
+        "and int8 artifacts, each judged by its precision's policy. The same families in fp16 on CUDA: "
+        "[benchmarks](benchmarks.md#gpu-every-decoder-family-in-fp16-on-cuda-and-the-qwen3-06b-shape-against-"
+        "onnxruntime-genai-h100-2026-12-06).",
         "",
         "| family | features | export check max abs diff | greedy = transformers | fused (fp32) | "
         "expected, not fused | fast path | verify fp32 · fp16 · int8 (exact/near-tie/drift) |",
