@@ -34,4 +34,12 @@ SHAPES: dict[str, tuple[str, dict[str, Any]]] = {
         rms_norm_eps=1e-6, rope_theta=1000000.0, tie_word_embeddings=True, hidden_act="silu",
         bos_token_id=151643, eos_token_id=151645, pad_token_id=151643,
     )),
+    # google/gemma-3-1b-it (q/k norm, 5 local layers of window 512 to 1 global, head_dim 256, one KV
+    # head; its rotary bases, 1e4 local and 1e6 global, are the config class's defaults)
+    "gemma-3-1b": ("gemma3_text", dict(
+        vocab_size=262144, hidden_size=1152, intermediate_size=6912, num_hidden_layers=26,
+        num_attention_heads=4, num_key_value_heads=1, head_dim=256, max_position_embeddings=32768,
+        rms_norm_eps=1e-6, sliding_window=512, query_pre_attn_scalar=256, tie_word_embeddings=True,
+        bos_token_id=2, eos_token_id=1, pad_token_id=0,
+    )),
 }
