@@ -24,7 +24,16 @@ from runtime.errors import (
 )
 from runtime.request import FinishReason, GenerationResult, Request, TokenEvent
 
-__all__ = ["FakeEngine", "FakeStats", "expected_text"]
+__all__ = ["FakeEngine", "FakeStats", "expected_text", "openai_error"]
+
+
+def openai_error(r: Any, status: int) -> dict[str, Any]:
+    """The ``error`` object of an OpenAI-shaped error response with ``status`` (asserted)."""
+    assert r.status_code == status, r.text
+    body = r.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}
+    assert body["error"]["message"]
+    return body["error"]
 
 
 def expected_text(prompt_ids: list[int], n: int) -> str:

@@ -12,6 +12,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from runtime.serve import ServeLimits
 from tests.serve.fake_engine import expected_text
+from tests.serve.fake_engine import openai_error as _error
 
 openai = pytest.importorskip("openai")
 
@@ -145,14 +146,6 @@ def test_eight_concurrent_streams(fake_server) -> None:  # type: ignore[no-untyp
         t.join(60)
     assert not errors
     assert results == {i: expected_text(_ids(f"prompt {i}"), 10 + i) for i in range(8)}
-
-
-def _error(r: httpx.Response, status: int) -> dict:  # type: ignore[type-arg]
-    assert r.status_code == status, r.text
-    body = r.json()
-    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}
-    assert body["error"]["message"]
-    return body["error"]
 
 
 def test_request_errors_are_openai_shaped(fake_server) -> None:  # type: ignore[no-untyped-def]

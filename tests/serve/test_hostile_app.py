@@ -13,16 +13,9 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from runtime.serve import ServeLimits
+from tests.serve.fake_engine import openai_error as _error
 
 CHAT = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3}
-
-
-def _error(r: httpx.Response, status: int) -> dict:  # type: ignore[type-arg]
-    assert r.status_code == status, r.text
-    body = r.json()
-    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}
-    assert body["error"]["message"]
-    return body["error"]
 
 
 def _count(server, endpoint: str, outcome: str) -> float:  # type: ignore[no-untyped-def]
