@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from exporters.encoder_specs import encoder_max_positions
 from exporters.export import check_against_torch, export_model
 from exporters.sources import describe_dims, load_source, resolve_source, sentence_transformers_config
 from exporters.specs import ModelKind
@@ -116,6 +117,9 @@ def convert(
             stages.start(f"loading {source}")
             loaded = load_source(info)
             arch = describe_dims(loaded)
+            if loaded.spec.kind is ModelKind.ENCODER:  # RoBERTa-style positions start past the pad id
+                arch["max_positions"] = encoder_max_positions(loaded.spec.positions, arch["max_positions"],
+                                                              getattr(loaded.config, "pad_token_id", None))
             arch["max_context"] = _max_context(loaded, arch, max_context)
             layers, kv_heads, head_dim = arch["layers"], arch["kv_heads"], arch["head_dim"]
 
@@ -186,7 +190,7 @@ def _max_context(loaded: Any, arch: dict[str, Any], requested: int | None) -> in
     default = min(limit, loaded.spec.default_max_context) if limit else loaded.spec.default_max_context
     if requested is None:
         return int(default)
-    if limit and requested > limit and loaded.spec.positions == "learned":
+    if limit and requested > limit and loaded.spec.positions.startswith("learned"):
         raise ExportError(
             f"--max-context {requested} is longer than {loaded.spec.name}'s learned positions",
             expected=f"≤ {limit}",

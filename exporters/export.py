@@ -26,7 +26,8 @@ from exporters.specs import ModelKind
 from runtime.artifact import TensorSpec
 from runtime.errors import ExportError
 
-__all__ = ["ExportResult", "export_model", "OPSET", "MAX_IR_VERSION", "check_against_torch", "takes_position_ids"]
+__all__ = ["ExportResult", "export_model", "OPSET", "MAX_IR_VERSION", "check_against_torch", "takes_position_ids",
+           "encoder_input_names", "is_classifier"]
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,11 @@ def _past_names(layers: int) -> list[str]:
 
 def _present_names(layers: int) -> list[str]:
     return [f"present.{i}.{kind}" for i in range(layers) for kind in ("key", "value")]
+
+
+def is_classifier(loaded: LoadedSource) -> bool:
+    """An encoder with a sequence-classification head (cross-encoder, re-ranker, NLI/sentiment)."""
+    return loaded.spec.kind is ModelKind.ENCODER and type(loaded.model).__name__.endswith("ForSequenceClassification")
 
 
 def takes_position_ids(loaded: LoadedSource) -> bool:
@@ -119,23 +125,62 @@ def _decoder_wrapper(loaded: LoadedSource, layers: int, with_positions: bool) ->
     return DecoderWithPast().eval()
 
 
+def encoder_input_names(loaded: LoadedSource) -> list[str]:
+    """The encoder graph's inputs: ``input_ids``, ``attention_mask`` and, only where the model has
+    more than one token type, ``token_type_ids`` (BERT, ELECTRA). RoBERTa-style checkpoints
+    (``type_vocab_size`` 1), DeBERTa-v3 (0), and models whose ``forward`` takes none (DistilBERT,
+    MPNet, ModernBERT) get no ``token_type_ids`` input: a constant input would be a trap."""
+    import inspect
+
+    try:
+        declared = "token_type_ids" in inspect.signature(type(loaded.model).forward).parameters
+    except (TypeError, ValueError):
+        declared = False
+    types = int(getattr(loaded.config, "type_vocab_size", 0) or 0)
+    return ["input_ids", "attention_mask"] + (["token_type_ids"] if declared and types > 1 else [])
+
+
+def _encoder_outputs(out: Any) -> tuple[Any, ...]:
+    """``logits`` for a sequence-classification head; else ``last_hidden_state`` (+ ``pooler_output``)."""
+    if getattr(out, "logits", None) is not None:
+        return (out.logits,)
+    if getattr(out, "pooler_output", None) is not None:
+        return out.last_hidden_state, out.pooler_output
+    return (out.last_hidden_state,)
+
+
 def _encoder_wrapper(loaded: LoadedSource) -> Any:
     import torch
 
     model = loaded.model
 
-    class Encoder(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.model = model
+    if "token_type_ids" in encoder_input_names(loaded):
 
-        def forward(self, input_ids: Any, attention_mask: Any, token_type_ids: Any) -> tuple[Any, ...]:
-            out = model(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)
-            if getattr(out, "pooler_output", None) is not None:
-                return out.last_hidden_state, out.pooler_output
-            return (out.last_hidden_state,)
+        class Encoder(torch.nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.model = model
+
+            def forward(self, input_ids: Any, attention_mask: Any, token_type_ids: Any) -> tuple[Any, ...]:
+                return _encoder_outputs(model(input_ids=input_ids, attention_mask=attention_mask,
+                                              token_type_ids=token_type_ids))
+    else:
+
+        class Encoder(torch.nn.Module):  # type: ignore[no-redef]
+            """One token type (RoBERTa, DeBERTa-v3) or none in ``forward`` (DistilBERT, MPNet, ModernBERT)."""
+
+            def __init__(self) -> None:
+                super().__init__()
+                self.model = model
+
+            def forward(self, input_ids: Any, attention_mask: Any) -> tuple[Any, ...]:
+                return _encoder_outputs(model(input_ids=input_ids, attention_mask=attention_mask))
 
     return Encoder().eval()
+
+
+def encoder_output_names(n_outputs: int, classifier: bool) -> list[str]:
+    return ["logits"] if classifier else ["last_hidden_state", "pooler_output"][:n_outputs]
 
 
 def dummy_decoder_inputs(
@@ -217,15 +262,16 @@ def export_model(loaded: LoadedSource, out_dir: Path, layers: int, kv_heads: int
         ids = torch.randint(3, int(loaded.config.vocab_size), (2, 7), generator=gen)
         mask = torch.ones(2, 7, dtype=torch.int64)
         mask[0, -2:] = 0
-        names = ["input_ids", "attention_mask", "token_type_ids"]
-        values = (ids, mask, torch.zeros_like(ids))
+        names = encoder_input_names(loaded)
+        values = (ids, mask, torch.zeros_like(ids))[:len(names)]
         dynamic_shapes = tuple({0: batch, 1: seq} for _ in names)
         with torch.no_grad():
             n_out = len(wrapper(*values))
-        output_names = ["last_hidden_state", "pooler_output"][:n_out]
+        output_names = encoder_output_names(n_out, is_classifier(loaded))
         axes = {n: {0: "batch", 1: "seq"} for n in names}
         axes["last_hidden_state"] = {0: "batch", 1: "seq"}
         axes["pooler_output"] = {0: "batch"}
+        axes["logits"] = {0: "batch"}
 
     quiet = not log.isEnabledFor(logging.DEBUG)
     if quiet:
@@ -293,12 +339,16 @@ def check_against_torch(
         ids = torch.randint(3, int(loaded.config.vocab_size), (2, 9), generator=gen)
         mask = torch.ones_like(ids)
         mask[1, -3:] = 0
-        tti = torch.zeros_like(ids)
+        values = (ids, mask, torch.zeros_like(ids))[:len(input_names)]
+        output = "logits" if is_classifier(loaded) else "last_hidden_state"
         with torch.no_grad():
-            ref = loaded.model(input_ids=ids, attention_mask=mask, token_type_ids=tti).last_hidden_state.numpy()
-        feed = {"input_ids": ids.numpy(), "attention_mask": mask.numpy(), "token_type_ids": tti.numpy()}
-        got = session.run(["last_hidden_state"], feed)[0]
-        return float(np.abs(got - ref).max())
+            ref = _encoder_wrapper(loaded)(*values)[0].numpy()
+        feed = {n: v.numpy() for n, v in zip(encoder_input_names(loaded), values)}
+        got = session.run([output], feed)[0]
+        if output == "logits":
+            return float(np.abs(got - ref).max())
+        real = mask.numpy().astype(bool)  # padded rows' hidden states are not used by any pooling
+        return float(np.abs(got - ref)[real].max())
 
     with_positions = "position_ids" in input_names
     worst = 0.0

@@ -528,22 +528,6 @@ def _bloom() -> ArchSpec:
     )
 
 
-@register
-def _bert() -> ArchSpec:
-    return ArchSpec(
-        name="bert",
-        model_types=("bert",),
-        kind=ModelKind.ENCODER,
-        positions="learned",
-        norm="layernorm",
-        activation="gelu-erf",
-        attention="mha",
-        expected_fusions=("LayerNormalization", "SkipLayerNormalization", "Gelu", "Attention"),
-        tiny_reference="sentence-transformers/all-MiniLM-L6-v2 (post-norm BERT, erf GELU)",
-        tiny_config=dict(
-            vocab_size=_TINY_VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-            intermediate_size=128, max_position_embeddings=128, type_vocab_size=2,
-            hidden_act="gelu", layer_norm_eps=1e-12, pad_token_id=0,
-        ),
-        default_max_context=512,
-    )
+# The encoder families (BERT, RoBERTa, XLM-RoBERTa, DistilBERT, MPNet, DeBERTa-v2, ELECTRA, ModernBERT)
+# live in their own module, registered into this table.
+from exporters import encoder_specs  # noqa: E402,F401

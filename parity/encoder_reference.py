@@ -45,14 +45,17 @@ def reference_embeddings(loaded: Any, texts: Sequence[str], pooling: str, normal
     import torch
     from tqdm import tqdm
 
+    from exporters.export import encoder_input_names
+
     model, tokenizer = loaded.model, loaded.tokenizer
+    names = encoder_input_names(loaded)  # what the artifact's graph takes (no token types for RoBERTa …)
     out: list[np.ndarray] = []
     starts = range(0, len(texts), batch_size)
     with torch.inference_mode():
         for start in tqdm(starts, desc="PyTorch reference", unit="batch", disable=not progress, file=sys.stderr):
             batch = list(texts[start:start + batch_size])
             enc = tokenizer(batch, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
-            hidden = model(**enc).last_hidden_state
+            hidden = model(**{k: v for k, v in enc.items() if k in names}).last_hidden_state
             pooled = torch_pool(hidden, enc["attention_mask"], pooling)
             if normalize:
                 pooled = torch.nn.functional.normalize(pooled, p=2, dim=1)
