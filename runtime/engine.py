@@ -22,10 +22,12 @@ Shaped like gpt-fast's ``generate.py``, built for services::
   launched before the host handles the ids just read (``launch_ahead``: text, stop checks and
   events run while the GPU computes). ``generate*``, ``stream`` and ``chat`` are thin callers of
   the same loop, so calls from many threads batch together.
-* KV memory lives in a backend (:mod:`runtime.kv_slots` for ``shared-buffer`` artifacts: a pool
-  of fixed rows updated in place, the step captured as CUDA graphs per batch-size bucket;
-  :mod:`runtime.kv_concat` for the portable contract: the batch regrouped on the device as
-  requests come and go). The loop never branches on which one it has.
+* KV memory lives in a backend, typed as :class:`runtime.kv_backend.KvBackend` and chosen by the
+  artifact's ``kv_mode`` from that module's registry (:mod:`runtime.kv_slots` for
+  ``shared-buffer`` artifacts: a pool of fixed rows updated in place, the step captured as CUDA
+  graphs per batch-size bucket; :mod:`runtime.kv_concat` for the portable contract: the batch
+  regrouped on the device as requests come and go). The loop never branches on which one it has.
+  The decoder's IO is read once from the manifest (:class:`runtime.decoder_io.DecoderIO`).
 * A failure inside onnxruntime fails the requests of that step with a clear error and the loop
   keeps serving; :meth:`Engine.close` (or leaving a ``with`` block) finishes or cancels what is
   in flight and joins the thread.
@@ -48,11 +50,11 @@ import numpy as np
 from runtime.artifact import Artifact, KvMode, load_artifact
 from runtime.chat import load_chat_template, render_chat, special_tokens
 from runtime.cpu import intra_op_threads
+from runtime.decoder_io import DecoderIO
 from runtime.detokenize import IncrementalDetokenizer, StopStrings
 from runtime.device import Device, check_device
 from runtime.errors import EngineClosedError, GenerationError, InvalidRequestError, LmforgeError, QueueFullError
-from runtime.kv_concat import ConcatBackend
-from runtime.kv_slots import SlotsBackend
+from runtime.kv_backend import BackendOptions, KvBackend, backend_class, open_backend
 from runtime.request import FinishReason, GenerationResult, Request, TokenEvent
 from runtime.sampler_graph import BOUNDED_CANDIDATES, MAX_CANDIDATES
 from runtime.sampling import (
@@ -105,48 +107,6 @@ class _Live:
     pending_text: str = ""
 
 
-def decoder_layout(artifact: Artifact, max_context: int | None, kv_memory_gb: float | None = None,
-                   rows: int = 1) -> dict[str, Any]:
-    """Everything a backend needs from a decoder manifest (dims, KV names and dtypes, EOS); the
-    context is the manifest's, capped by ``max_context`` and by what ``rows`` rows of KV fit in
-    ``kv_memory_gb``."""
-    manifest, arch = artifact.manifest, artifact.architecture
-    generation = manifest.get("generation", {})
-    eos = frozenset(int(i) for i in generation.get("eos_token_ids") or [])
-    kv = manifest.get("kv", {})
-    try:
-        layers, vocab = int(arch["layers"]), int(arch["vocab"])
-        past = [kv[k].format(i=i) for i in range(layers) for k in ("past_key", "past_value")]
-        present = [kv[k].format(i=i) for i in range(layers) for k in ("present_key", "present_value")]
-        context = int(kv.get("max_context") or arch["max_context"])
-        kv_heads, head_dim = int(arch.get("kv_heads", 0)), int(arch.get("head_dim", 0))
-    except (KeyError, AttributeError, TypeError, ValueError) as exc:
-        raise GenerationError(f"artifact {artifact.path}: the manifest lacks the decoder's dims or KV names",
-                              got=repr(exc), fix="re-export the artifact") from exc
-    kv_dtype = str(kv.get("dtype", "float32"))
-    if kv_dtype not in ("float32", "float16"):
-        raise GenerationError(f"artifact {artifact.path}: unsupported KV dtype", expected="float32 or float16",
-                              got=kv_dtype, fix="re-export the artifact")
-    outputs = {t.name: t for t in artifact.outputs}
-    if "logits" not in outputs:
-        raise GenerationError(f"artifact {artifact.path}: io.outputs has no 'logits'", fix="re-export the artifact")
-    if max_context is not None:
-        if isinstance(max_context, bool) or not isinstance(max_context, int) or max_context < 2:
-            raise InvalidRequestError("invalid max_context", expected="an integer ≥ 2", got=repr(max_context))
-        context = min(context, max_context)
-    if kv_memory_gb is not None:
-        per_position = layers * 2 * kv_heads * head_dim * (2 if kv_dtype == "float16" else 4) * rows
-        fits = int(float(kv_memory_gb) * 2**30 // max(per_position, 1))
-        if fits < 2:
-            raise InvalidRequestError("kv_memory_gb is too small for one position of every row",
-                                      expected=f"at least {2 * per_position / 2**30:.4f} GB for {rows} rows",
-                                      got=str(kv_memory_gb), fix="raise kv_memory_gb or lower max_batch")
-        context = min(context, fits)
-    return {"eos": eos, "pad": generation.get("pad_token_id"), "vocab": vocab, "layers": layers, "past": past,
-            "present": present, "max_context": context, "kv_heads": kv_heads, "head_dim": head_dim,
-            "kv_dtype": kv_dtype, "logits_dtype": outputs["logits"].dtype}
-
-
 def _check_int(name: str, value: object, low: int) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
         raise InvalidRequestError(f"invalid {name}", expected=f"an integer ≥ {low}", got=repr(value))
@@ -174,16 +134,16 @@ class Engine:
         elif threads is not None:
             threads = _check_int("threads", threads, 1)
         self.artifact = artifact
-        slots = artifact.kv_mode is KvMode.SHARED_BUFFER
-        layout = decoder_layout(artifact, max_context, kv_memory_gb if slots else None, self.max_batch)
-        self.vocab, self.max_context = layout["vocab"], layout["max_context"]
-        self.eos_token_ids: frozenset[int] = layout["eos"]
-        pad = layout["pad"]
-        self.pad_token_id = int(pad) if pad is not None else (min(self.eos_token_ids) if self.eos_token_ids else 0)
+        self.io = DecoderIO.from_artifact(artifact)
+        kind = backend_class(artifact.kv_mode)
+        self.vocab = self.io.vocab
+        self.max_context = self.io.capacity(max_context, kv_memory_gb if kind.preallocates else None, self.max_batch)
+        self.eos_token_ids: frozenset[int] = self.io.eos
+        self.pad_token_id = self.io.pad_token_id
         self._device = Device(device, threads=threads, fp32_exact=artifact.precision == "fp32")
         if cuda_graph is None:
-            cuda_graph = slots and self.device == "cuda"
-        if cuda_graph and (self.device != "cuda" or not slots):
+            cuda_graph = kind.captures and self.device == "cuda"
+        if cuda_graph and (self.device != "cuda" or not kind.captures):
             raise GenerationError(
                 "cuda_graph=True needs device='cuda' and a kv_mode 'shared-buffer' artifact (fixed-size KV buffers)",
                 got=f"device={device!r}, kv_mode {artifact.kv_mode.value!r}",
@@ -204,12 +164,9 @@ class Engine:
         if self.candidates > MAX_CANDIDATES:
             raise InvalidRequestError("invalid candidates", expected=f"at most {MAX_CANDIDATES}", got=str(candidates),
                                       fix="top-k / top-p read at most that many sorted candidates a step")
-        self.backend: SlotsBackend | ConcatBackend
-        if slots:
-            self.backend = SlotsBackend(artifact, self._device, layout, self.max_batch, self.read_every,
-                                        self.cuda_graph, prefill_chunk)
-        else:
-            self.backend = ConcatBackend(artifact, self._device, layout, self.max_batch)
+        self.backend: KvBackend = open_backend(artifact, self._device, self.io, BackendOptions(
+            max_batch=self.max_batch, capacity=self.max_context, read_every=self.read_every,
+            cuda_graph=self.cuda_graph, prefill_chunk=prefill_chunk))
         self.sampling_defaults = generation_defaults(artifact.generation_config)
         """The artifact's sampling defaults (``generation_config.json``: temperature, top-p, top-k,
         min-p, repetition penalty, max_new_tokens where present; :func:`runtime.sampling.generation_defaults`).
@@ -715,8 +672,8 @@ class Engine:
         steps = 1 if want_logits else max(1, min(self.read_every, left, self.backend.max_block))
         rows = max(self._live) + 1
         try:
-            ids, logits = self.backend.decode(rows, steps, generated, want_logits, plan,
-                                              self._admissible if self.admit_within_block else None)
+            ids, logits = self.backend.decode_block(rows, steps, generated, want_logits, plan,
+                                                    self._admissible if self.admit_within_block else None)
             self.steps += max(map(len, ids.values()), default=0)
             if self.launch_ahead and self.backend.can_launch_ahead and not want_logits and not self._admissible():
                 # rows that go on after this block (a stop token among its ids is found below, and
@@ -724,7 +681,7 @@ class Engine:
                 going = [slot for slot, live in self._live.items()
                          if live.request.max_new_tokens > len(live.new_ids) + len(ids.get(slot, ()))]
                 if going:
-                    self.backend.launch_ahead(rows, plan, going)
+                    self.backend.launch_next(rows, plan, going)
         except Exception as exc:  # noqa: BLE001 - onnxruntime's (or a bug): the step's requests fail, the loop serves on
             if not isinstance(exc, LmforgeError):
                 log.exception("a decode step failed")

@@ -17,16 +17,17 @@ neighbours (up to the kernels' own batch-size-dependent rounding, which the test
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping
 
 import numpy as np
 import onnxruntime as ort
 
 from runtime._onnx_proto import GraphBuilder
-from runtime.artifact import Artifact
+from runtime.artifact import Artifact, KvMode
+from runtime.decoder_io import DecoderIO
 from runtime.device import NP_DTYPES, Device
 from runtime.errors import GenerationError
+from runtime.kv_backend import BackendOptions, Started, register_backend
 from runtime.sampler_graph import HOST_INPUTS, ROW_CONSTANTS, ROW_STATE, SAMPLER_FORMAT
 from runtime.sampling import Plan, checked_row
 
@@ -81,21 +82,25 @@ def build_regroup_model(tensors: list[tuple[str, str, int, int | None]]) -> byte
     return g.to_bytes()
 
 
+@register_backend(KvMode.CONCAT)
 class ConcatBackend:
     """The running batch as concat-contract tensors, regrouped at step boundaries."""
 
     kind = "concat"
-    max_block = 1  # decode steps per call: the host read after a step is what regroups the batch
+    preallocates = False  # the batch's KV grows with its longest row
+    captures = False
     can_launch_ahead = False  # the next step's rows are regrouped from this one's on the host
+    max_block = 1  # decode steps per call: the host read after a step is what regroups the batch
 
-    def __init__(self, artifact: Artifact, device: Device, layout: dict[str, Any], max_batch: int) -> None:
+    def __init__(self, artifact: Artifact, device: Device, io: DecoderIO, options: BackendOptions) -> None:
         self.device = device
-        self.max_batch = max_batch
-        self.vocab = layout["vocab"]
-        self.capacity = layout["max_context"]
-        self._past, self._present = layout["past"], layout["present"]
-        self._kv_dtype = layout["kv_dtype"]
-        self._inputs = {t.name: t for t in artifact.inputs}
+        self.io = io
+        self.max_batch = options.max_batch
+        self.vocab = io.vocab
+        self.capacity = options.capacity
+        self._past, self._present = list(io.past), list(io.present)
+        self._kv_dtype = io.kv_dtype
+        self._inputs = dict(io.inputs)
         known = {"input_ids", "attention_mask", "position_ids", *self._past}
         unknown = sorted(set(self._inputs) - known)
         missing = [n for n in ("input_ids", "attention_mask", *self._past) if n not in self._inputs]
@@ -105,14 +110,8 @@ class ConcatBackend:
                 expected="input_ids, attention_mask, [position_ids], " + ", ".join(self._past[:2]) + ", …",
                 got=f"unknown {unknown}, missing {missing}", fix="re-export the artifact",
             )
-        self._positions = "position_ids" in self._inputs
-        self._past_axis = {}
-        for name in self._past:
-            shape = self._inputs[name].shape
-            if "past" not in shape:
-                raise GenerationError(f"artifact {artifact.path}: {name} has no 'past' axis", got=str(shape),
-                                      fix="re-export the artifact")
-            self._past_axis[name] = shape.index("past")
+        self._positions = io.takes_positions
+        self._past_axis = {name: io.past_axis(name) for name in self._past}
         self.session = device.session(str(artifact.model_path))
         graph_inputs = {i.name for i in self.session.get_inputs()}
         if graph_inputs != set(self._inputs):
@@ -138,7 +137,7 @@ class ConcatBackend:
         self.state: dict[str, ort.OrtValue] = {}  # every per-row tensor of the running batch, by name
         self.length: dict[int, int] = {}  # slot → valid KV entries
         self._dropped: set[int] = set()
-        self._free = list(range(max_batch))
+        self._free = list(range(self.max_batch))
         self.replays = 0
 
     # -- slots ----------------------------------------------------------------------------------
@@ -211,7 +210,7 @@ class ConcatBackend:
         return nxt, ids, logits
 
     def prefill_many(self, admitted: list[tuple[int, list[int], dict[str, np.ndarray]]], want_logits: bool,
-                     plan: Plan, started: Callable[[dict[int, tuple[int, np.ndarray | None]]], None]) -> None:
+                     plan: Plan, started: Started) -> None:
         """Prefill ``(slot, prompt, row arrays)`` as one left-padded batch, then merge it into
         the running batch (dropping released rows in the same run); hand ``started`` each slot's
         first token (and logits when asked)."""
@@ -221,13 +220,7 @@ class ConcatBackend:
         for r, (_, prompt, _) in enumerate(admitted):
             ids[r, longest - len(prompt):] = prompt
             mask[r, longest - len(prompt):] = 1
-        host = {"input_ids": ids, "attention_mask": mask}
-        if self._positions:
-            host["position_ids"] = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
-        for name in self._past:
-            shape = [m if d == "batch" else 0 if d == "past" else d for d in self._inputs[name].shape]
-            host[name] = np.zeros(shape, dtype=NP_DTYPES[self._kv_dtype])
-        feeds = {k: self.device.put(v) for k, v in host.items()}
+        feeds = {k: self.device.put(v) for k, v in self.io.concat_feeds(ids, mask).items()}
         rows_np = {name: np.concatenate([a[name] for _, _, a in admitted], axis=0) for name in admitted[0][2]}
         rows = {k: self.device.put(v) for k, v in rows_np.items()}
         new, first, logits = self._forward(feeds, rows, want_logits, plan)
@@ -282,13 +275,17 @@ class ConcatBackend:
             out[name] = self.device.zeros(shape, dtype)
         return out
 
+    def launch_next(self, rows: int, plan: Plan, slots: Iterable[int]) -> None:
+        """Not supported (``can_launch_ahead`` is False): the engine never calls it."""
+        raise NotImplementedError("the concat backend regroups each step's rows on the host")
+
     def prefill_shapes(self) -> list[tuple[int, int]]:
         """Prefill shapes to plan at warm-up: none (this backend serves the CPU and portable EPs)."""
         return []
 
-    def decode(self, rows: int, steps: int, generated: dict[int, int], want_logits: bool,
-               plan: Plan, interrupt: Callable[[], bool] | None = None,
-               ) -> tuple[dict[int, list[int]], np.ndarray | None]:
+    def decode_block(self, rows: int, steps: int, generated: dict[int, int], want_logits: bool,
+                     plan: Plan, interrupt: Callable[[], bool] | None = None,
+                     ) -> tuple[dict[int, list[int]], np.ndarray | None]:
         """One step for every running row (``steps`` is 1 for this backend: the host read after
         a step costs nothing on CPU, and the stop checks need it)."""
         if self._dropped:

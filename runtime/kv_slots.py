@@ -20,7 +20,7 @@ requests' sampling constants. A request owns one row (its *slot*) from admission
   ``1 − d``; on CUDA each ``(n, d)`` is one captured graph (``n`` rounded up to a bucket: 1, 2,
   4, … ``max_batch``), replayed without a host sync until the last step of a block, after which
   the host reads the ``[n, window]`` id history once. The engine may launch the next block's
-  first step before it handles the ids just read (:meth:`SlotsBackend.launch_ahead`), so the GPU
+  first step before it handles the ids just read (:meth:`SlotsBackend.launch_next`), so the GPU
   is not idle while the host works.
 * Per-request sampling parameters, seeds and lengths live in buffers the step reads, never in
   shapes, so one capture per bucket serves every mix of requests.
@@ -36,9 +36,11 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from runtime.artifact import Artifact
+from runtime.artifact import Artifact, KvMode
+from runtime.decoder_io import SEQLENS_K, TOTAL_SEQUENCE_LENGTH, DecoderIO
 from runtime.device import NP_DTYPES, Device
 from runtime.errors import GenerationError
+from runtime.kv_backend import BackendOptions, Started, register_backend
 from runtime.sampler_graph import STEP_HOST_INPUTS
 from runtime.sampling import Plan, checked_row
 from runtime.step_graph import CONSTANTS, FORMAT, PREFIX, STATE, step_io
@@ -46,9 +48,6 @@ from runtime.step_graph import CONSTANTS, FORMAT, PREFIX, STATE, step_io
 __all__ = ["SlotsBackend", "padded_length", "prefill_groups"]
 
 log = logging.getLogger(__name__)
-
-SEQLENS_K = "seqlens_k"
-TOTAL_SEQUENCE_LENGTH = "total_sequence_length"
 
 
 def padded_length(n: int) -> int:
@@ -104,20 +103,23 @@ class _Step:
     run_async: ort.RunOptions | None
 
 
+@register_backend(KvMode.SHARED_BUFFER)
 class SlotsBackend:
     """Fixed per-request KV rows updated in place; see the module docstring."""
 
     kind = "slots"
-    can_launch_ahead = True  # launch_ahead(): the next block's first step while the host reads this one
+    preallocates = True  # max_batch rows × capacity positions, allocated at load
+    captures = True  # one CUDA graph per (bucket, state set)
+    can_launch_ahead = True  # launch_next(): the next block's first step while the host reads this one
 
-    def __init__(self, artifact: Artifact, device: Device, layout: dict[str, Any], max_batch: int,
-                 read_every: int, cuda_graph: bool, prefill_chunk: int = 1024) -> None:
+    def __init__(self, artifact: Artifact, device: Device, io: DecoderIO, options: BackendOptions) -> None:
         self.device = device
-        self.max_batch = max_batch
+        self.io = io
+        self.max_batch = max_batch = options.max_batch
+        read_every, cuda_graph, prefill_chunk = options.read_every, options.cuda_graph, options.prefill_chunk
         step = artifact.manifest.get("step")
-        window = step.get("window") if isinstance(step, dict) else None
-        if (not isinstance(step, dict) or step.get("format") != FORMAT or step.get("prefix") != PREFIX
-                or not isinstance(window, int) or isinstance(window, bool) or window < 1):
+        window = io.step_window
+        if io.step_format != FORMAT or window is None:
             got = "no step model" if not isinstance(step, dict) else f"step model {step!r}"
             raise GenerationError(
                 f"artifact {artifact.path}: its graph carries {got}; this lmforge serves format {FORMAT}",
@@ -132,10 +134,10 @@ class SlotsBackend:
             )
         self.cuda_graph = cuda_graph
         self.prefill_chunk = max(1, prefill_chunk)
-        self.vocab = layout["vocab"]
-        self.capacity = layout["max_context"]
-        self._past, self._present = layout["past"], layout["present"]
-        inputs = {t.name for t in artifact.inputs}
+        self.vocab = io.vocab
+        self.capacity = options.capacity
+        self._past, self._present = list(io.past), list(io.present)
+        inputs = set(io.inputs)
         own = {t["name"] for t in step_io(self.vocab, self.window)["inputs"]}
         expected = {"input_ids", "position_ids", SEQLENS_K, TOTAL_SEQUENCE_LENGTH, *self._past} | own
         if inputs != expected:
@@ -147,7 +149,7 @@ class SlotsBackend:
                 got=str(sorted(inputs)),
                 fix="re-run `lmforge optimize`",
             )
-        if device.type == "cuda" and layout["kv_dtype"] == "float32":
+        if device.type == "cuda" and io.kv_dtype == "float32":
             raise GenerationError(
                 f"artifact {artifact.path}: an fp32 shared-buffer artifact cannot run on CUDA",
                 got="GroupQueryAttention has no fp32 CUDA kernel (its fallback gives wrong logits)",
@@ -161,9 +163,9 @@ class SlotsBackend:
             self._eager.add_run_config_entry("gpu_graph_id", "-1")  # onnxruntime's "do not capture"
 
         b, v = max_batch, self.vocab
-        kv_shape = [b, layout["kv_heads"], self.capacity, layout["head_dim"]]
-        self.kv = {name: device.zeros(kv_shape, layout["kv_dtype"]) for name in self._past}
-        self._logits_dtype = layout["logits_dtype"]
+        kv_shape = [b, io.kv_heads, self.capacity, io.head_dim]
+        self.kv = {name: device.zeros(kv_shape, io.kv_dtype) for name in self._past}
+        self._logits_dtype = io.logits_dtype
         self.logits = device.zeros([b, 1, v], self._logits_dtype)
         shapes = self._row_shapes()
         self.sets = tuple({name: device.zeros([b, *shapes[name]], dtype) for name, _, dtype in STATE} for _ in range(2))
@@ -192,7 +194,7 @@ class SlotsBackend:
         self.replays = 0
         self.prefill_runs = 0
         self.prefill_seen: set[tuple[int, int]] = set()  # (rows, length) of the one-run prefills so far
-        mib = sum(int(np.prod(kv_shape)) for _ in self._past) * np.dtype(layout["kv_dtype"]).itemsize / 2**20
+        mib = sum(int(np.prod(kv_shape)) for _ in self._past) * np.dtype(io.kv_dtype).itemsize / 2**20
         log.info("slots backend: %d rows × %d positions, KV %.0f MiB%s", b, self.capacity, mib,
                  ", CUDA graphs" if cuda_graph else "")
 
@@ -236,7 +238,7 @@ class SlotsBackend:
             binding.bind_ortvalue_input(PREFIX + name, self._host[value])
 
     def prefill_many(self, admitted: list[tuple[int, list[int], dict[str, np.ndarray]]], want_logits: bool,
-                     plan: Plan, started: Callable[[dict[int, tuple[int, np.ndarray | None]]], None]) -> None:
+                     plan: Plan, started: Started) -> None:
         """Prefill ``(slot, prompt, row arrays)`` into their slots (the engine stages each row
         first, :meth:`stage`, so that a row that does not fit fails alone); after each run, hand
         ``started`` its slots' first tokens (and logits when asked), so that the first requests of
@@ -398,10 +400,10 @@ class SlotsBackend:
         self._steps[key] = _Step(binding, run, run_async)
         return self._steps[key]
 
-    def launch_ahead(self, rows: int, plan: Plan, slots: Iterable[int]) -> None:
+    def launch_next(self, rows: int, plan: Plan, slots: Iterable[int]) -> None:
         """Launch the next block's first step over rows ``0:rows`` now, without waiting for it:
         the GPU runs it while the host handles the block just read (text, stop checks, events),
-        which otherwise leaves the GPU idle between blocks. The next :meth:`decode` counts it as
+        which otherwise leaves the GPU idle between blocks. The next :meth:`decode_block` counts it as
         its first step for ``slots`` (the requests running now); a slot released before then
         (its request stopped inside the block just read) ignores its token, and a request
         admitted before then takes one step fewer in that block."""
@@ -411,9 +413,9 @@ class SlotsBackend:
         self.replays += 1
         self._ahead = frozenset(slots)
 
-    def decode(self, rows: int, steps: int, generated: dict[int, int], want_logits: bool,
-               plan: Plan, interrupt: Callable[[], bool] | None = None,
-               ) -> tuple[dict[int, list[int]], np.ndarray | None]:
+    def decode_block(self, rows: int, steps: int, generated: dict[int, int], want_logits: bool,
+                     plan: Plan, interrupt: Callable[[], bool] | None = None,
+                     ) -> tuple[dict[int, list[int]], np.ndarray | None]:
         """Up to ``steps`` decode steps over rows ``0:rows`` (a step launched ahead among them);
         the new ids of every slot in ``generated`` (slot → tokens it had before the block), and
         the last step's logits ``[rows, vocab]`` when asked (then ``steps`` must be 1 and no step

@@ -362,8 +362,8 @@ def test_an_interrupted_block_returns_the_steps_it_ran(pair) -> None:  # type: i
             backend.prefill_many([(slot, prompt, _rows(slots, prompt))], False, plan, firsts.update)
             (first, _), = firsts.values()
             calls = []
-            ids, _ = backend.decode(slot + 1, 8, {slot: 1}, False, plan,
-                                    interrupt=lambda: calls.append(1) or len(calls) == 3)
+            ids, _ = backend.decode_block(slot + 1, 8, {slot: 1}, False, plan,
+                                          interrupt=lambda: calls.append(1) or len(calls) == 3)
         finally:
             backend.release(slot)
     assert len(calls) == 3 and len(ids[slot]) == 3
