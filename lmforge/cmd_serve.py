@@ -1,7 +1,11 @@
-"""``lmforge serve ARTIFACT [--instances N]``: the OpenAI-compatible HTTP server (``runtime.serve``).
+"""``lmforge serve ARTIFACT [--api-workers N] [--instances N] [--in-process]``: the OpenAI-compatible
+HTTP server (``runtime.serve``).
 
 A decoder artifact gets an ``Engine`` (completions, chat), an encoder artifact an ``Encoder``
-(``/v1/embeddings``), as the manifest says. ``--instances N`` runs N worker processes on one port,
+(``/v1/embeddings``), as the manifest says. A decoder is served by default as separate processes
+(``runtime.serve.split``): one engine core that owns the engine and its loop, and ``--api-workers N``
+HTTP front-ends on one port; ``--in-process`` runs the app and the engine in this one process (as
+encoders always are). ``--instances N`` runs N whole servers (each its own engine) on one port,
 each pinned to its own slice of the usable cores (``runtime.serve.instances``).
 """
 
@@ -47,6 +51,14 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--instances", type=int, default=1, metavar="N",
                         help="worker processes behind the one port, each pinned to its own equal slice of the "
                              "usable cores ($LMFORGE_CPUS, else the process's affinity); CPU only (default 1)")
+    parser.add_argument("--api-workers", type=int, default=1, metavar="N",
+                        help="HTTP front-end processes (tokenization, detokenization, SSE) on the one port, in front "
+                             "of one engine core process (default 1)")
+    parser.add_argument("--in-process", action="store_true",
+                        help="run the HTTP app and the engine in this one process (no engine core process; "
+                             "encoders and --instances always do)")
+    parser.add_argument("--max-core-restarts", type=int, default=3, metavar="N",
+                        help="times a dead engine core is restarted before the server exits 1 (default 3)")
     parser.add_argument("--api-key", default=None, metavar="KEY",
                         help="require 'Authorization: Bearer KEY' on every route but /health "
                              "(default $LMFORGE_API_KEY; none if unset)")
@@ -68,8 +80,9 @@ def register(subparsers: Any) -> None:
 
 
 def require_serve_extra(command: str) -> None:
-    """One clear error when FastAPI, uvicorn or prometheus-client is missing."""
-    missing = [m for m in ("fastapi", "uvicorn", "prometheus_client", "httpx") if importlib.util.find_spec(m) is None]
+    """One clear error when a package of the serve extra is missing."""
+    missing = [m for m in ("fastapi", "uvicorn", "prometheus_client", "httpx", "zmq", "msgpack")
+               if importlib.util.find_spec(m) is None]
     if missing:
         raise LmforgeError(f"`lmforge {command}` needs the serve extra", got=f"missing {', '.join(missing)}",
                            fix="pip install 'lmforge[serve]'")
@@ -96,6 +109,15 @@ def run(args: argparse.Namespace) -> int:
         raise LmforgeError("invalid --chat-default-max-tokens", expected="an integer >= 0 (0: no cap)",
                            got=str(args.chat_default_max_tokens))
     slices = _slices(args.instances, args.device, args.threads)
+    if args.api_workers < 1:
+        raise LmforgeError("invalid --api-workers", expected="an integer >= 1", got=str(args.api_workers))
+    if args.max_core_restarts < 0:
+        raise LmforgeError("invalid --max-core-restarts", expected="an integer >= 0", got=str(args.max_core_restarts))
+    if args.api_workers > 1 and (slices is not None or args.in_process):
+        other = "--in-process" if args.in_process else "--instances"
+        raise LmforgeError(f"--api-workers {args.api_workers} with {other}",
+                           expected="--api-workers with the engine core (the default)",
+                           fix="drop --in-process / --instances, or --api-workers")
     if args.device == "cuda":
         _preload_cuda_dlls()
 
@@ -115,6 +137,21 @@ def run(args: argparse.Namespace) -> int:
                            chat_default_max_tokens=args.chat_default_max_tokens or None)
     name = args.served_model_name or os.path.basename(os.path.normpath(args.artifact))
     auth = ", API key required" if api_key else ""
+
+    if slices is None and not args.in_process and _is_decoder(args.artifact):
+        from runtime.serve.split import SplitOptions, serve_split
+
+        def listening_split(url: str, pids: list[int], core: int) -> None:
+            workers = f"{len(pids)} front-ends, pids {', '.join(map(str, pids))}" if len(pids) > 1 else f"pid {pids[0]}"
+            print(f"lmforge serve: {name} on {url} (OpenAI API at {url}/v1{auth}; engine core pid {core}, HTTP "
+                  f"{workers}; Ctrl-C or SIGTERM drains and stops)", flush=True)
+
+        split = SplitOptions(api_workers=args.api_workers, threads=args.threads,
+                             max_core_restarts=args.max_core_restarts)
+        code = serve_split(options, split, host=args.host, port=args.port, on_listen=listening_split)
+        print("lmforge serve: stopped" if code == 0 else "lmforge serve: the server could not go on (see the log); "
+              "stopped", file=sys.stderr)
+        return code
 
     if slices is None:
         def listening(url: str) -> None:
@@ -139,6 +176,12 @@ def run(args: argparse.Namespace) -> int:
     print("lmforge serve: stopped" if code == 0 else "lmforge serve: a worker died; stopped the others",
           file=sys.stderr)
     return code
+
+
+def _is_decoder(artifact: str) -> bool:
+    from runtime.artifact import load_artifact
+
+    return bool(load_artifact(artifact, verify_hashes=False).is_decoder)
 
 
 def _preload_cuda_dlls() -> None:

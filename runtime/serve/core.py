@@ -1,0 +1,272 @@
+"""The engine core: one process that owns the :class:`runtime.Engine` and its scheduling loop and
+talks to the HTTP front-end(s) over :mod:`runtime.serve.transport` (vLLM V1's ``EngineCore``).
+
+It does no HTTP work, no tokenization and no detokenization: the front-ends send token ids and
+get token ids back (the engine's tokenizer is dropped here, so its loop does not detokenize;
+stop strings are the front-end's). Three threads share the process, and none waits on another's
+work: the engine's loop (onnxruntime, which releases the GIL while it computes), the **input**
+thread (this process's main thread: submits and cancels from the ``PULL`` socket, straight into
+``Engine.submit`` / ``Request.cancel``), and the **output** thread, which wakes when requests
+got tokens and sends each front-end **one message with every request's new ids since its last
+message** — a whole block per request, not one message per token — plus a heartbeat with the
+engine's stats while idle.
+
+The output thread learns that a request has events the way an ``async for`` over it does: it
+registers a waiter with the request, and the loop thread's wake-up puts the request on a queue
+(:class:`_Wakeup` stands in for the asyncio loop that :class:`runtime.request.Request` calls).
+
+SIGTERM drains: the engine finishes what is in flight (``drain_timeout_s``), the last outputs go
+out, and the process exits 0. A core whose parent is gone drains and exits too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import queue
+import signal
+import threading
+import time
+from typing import Any
+
+import zmq
+
+from runtime.request import Request
+from runtime.serve.transport import (
+    CANCEL,
+    HEARTBEAT_S,
+    HELLO,
+    OUTPUT,
+    SUBMIT,
+    Addresses,
+    error_to_wire,
+    pack,
+    sampling_from_wire,
+    unpack,
+)
+
+__all__ = ["EngineCore", "run_core"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(eq=False)
+class _Tracked:
+    frontend: int
+    rid: int
+    request: Request | None
+    error: BaseException | None = None  # refused at submit
+    done: bool = False
+
+
+class _Wakeup:
+    """What :meth:`runtime.request.Request._wake` calls for a registered waiter (in asyncio, the
+    event loop): here it queues the tracked request for the output thread."""
+
+    def __init__(self, ready: queue.SimpleQueue[_Tracked]) -> None:
+        self.ready = ready
+
+    def call_soon_threadsafe(self, _callback: Any, tracked: _Tracked) -> None:
+        self.ready.put(tracked)
+
+
+class EngineCore:
+    """Serve ``engine`` to the front-ends at ``addresses`` until :meth:`stop` (call :meth:`run`)."""
+
+    def __init__(self, engine: Any, addresses: Addresses, drain_timeout_s: float = 30.0) -> None:
+        self.engine = engine
+        engine.tokenizer = None  # the front-ends detokenize; the loop then only moves ids
+        self.addresses = addresses
+        self.drain_timeout_s = drain_timeout_s
+        self.epoch = int.from_bytes(os.urandom(6), "little")
+        self.info = {"vocab": int(engine.vocab), "max_context": int(engine.max_context),
+                     "max_batch": int(engine.max_batch), "max_queue": int(engine.max_queue),
+                     "eos_token_ids": sorted(int(i) for i in engine.eos_token_ids),
+                     "sampling_defaults": dict(engine.sampling_defaults or {}),
+                     "backend": str(engine.stats().backend), "pid": os.getpid()}
+        self._ctx = zmq.Context()
+        self._pull = self._ctx.socket(zmq.PULL)
+        self._pull.bind(addresses.inbound)
+        self._push = []
+        for i in range(addresses.frontends):
+            s = self._ctx.socket(zmq.PUSH)
+            s.setsockopt(zmq.LINGER, 0)
+            s.setsockopt(zmq.SNDHWM, 100_000)
+            s.bind(addresses.outbound(i))
+            self._push.append(s)
+        self._ready: queue.SimpleQueue[_Tracked] = queue.SimpleQueue()
+        self._wakeup = _Wakeup(self._ready)
+        self._live: dict[tuple[int, int], _Tracked] = {}
+        self._stopping = threading.Event()
+        self._outputs_done = threading.Event()
+
+    # -- input (the main thread) ------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Drain and stop (from a signal handler or another thread)."""
+        self._stopping.set()
+
+    def run(self) -> None:
+        out = threading.Thread(target=self._output_loop, name="lmforge-core-out", daemon=True)
+        out.start()
+        poller = zmq.Poller()
+        poller.register(self._pull, zmq.POLLIN)
+        try:
+            while not self._stopping.is_set():
+                if not poller.poll(int(HEARTBEAT_S * 1000)):
+                    continue
+                while True:
+                    try:
+                        frame = self._pull.recv(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    self._handle(unpack(frame))
+        finally:
+            log.info("engine core: draining")
+            try:
+                self.engine.close(drain=True, timeout=self.drain_timeout_s)
+            finally:
+                self._outputs_done.set()
+                out.join(5)
+                self._ctx.destroy(linger=0)
+
+    def _handle(self, msg: list[Any]) -> None:
+        kind, epoch = msg[0], msg[1]
+        if epoch != self.epoch:
+            return  # queued for a core that is gone
+        if kind == SUBMIT:
+            _, _, frontend, rid, ids, max_new, sampling, deadline_s = msg
+            try:
+                request = self.engine.submit(ids, max_new_tokens=max_new, sampling=sampling_from_wire(sampling),
+                                             deadline_s=deadline_s)
+            except Exception as exc:  # noqa: BLE001 - refused: the front-end gets the error
+                self._ready.put(_Tracked(frontend, rid, None, exc))
+                return
+            tracked = _Tracked(frontend, rid, request)
+            self._live[(frontend, rid)] = tracked
+            self._arm(tracked)
+        elif kind == CANCEL:
+            _, _, frontend, rids = msg
+            for rid in rids:
+                tracked = self._live.get((frontend, rid))
+                if tracked is not None and tracked.request is not None:
+                    tracked.request.cancel()
+
+    def _arm(self, tracked: _Tracked) -> None:
+        request = tracked.request
+        assert request is not None
+        with request._cond:
+            if request._events or request._error is not None or request._result is not None:
+                self._ready.put(tracked)
+            else:
+                request._waiters.append((self._wakeup, tracked))  # type: ignore[arg-type]
+
+    # -- output (its own thread) ------------------------------------------------------------------
+
+    def _take(self, tracked: _Tracked) -> list[Any] | None:
+        """[rid, ids, finish, queue_s, error] of what ``tracked`` got since it was last taken."""
+        if tracked.done:
+            return None
+        if tracked.request is None:
+            tracked.done = True
+            return [tracked.rid, [], None, 0.0, error_to_wire(tracked.error or RuntimeError("refused"))]
+        request = tracked.request
+        with request._cond:
+            events = list(request._events)
+            request._events.clear()
+            error = request._error
+            finished = error is not None or any(e.result is not None for e in events)
+            if not finished:
+                request._waiters.append((self._wakeup, tracked))  # type: ignore[arg-type]
+        ids: list[int] = []
+        finish, queue_s = None, 0.0
+        for event in events:
+            ids.extend(event.token_ids)
+            if event.result is not None:
+                finish, queue_s = event.result.finish_reason.value, event.result.queue_s
+        if finished:
+            tracked.done = True
+            self._live.pop((tracked.frontend, tracked.rid), None)
+        if not ids and not finished:
+            return None
+        return [tracked.rid, ids, finish, queue_s, None if error is None else error_to_wire(error)]
+
+    def _stats(self) -> list[int]:
+        s = self.engine.stats()
+        return [s.queued, s.running, s.max_batch, s.max_queue, s.steps]
+
+    def _send(self, frontend: int, message: list[Any]) -> None:
+        if not 0 <= frontend < len(self._push):
+            return
+        try:
+            self._push[frontend].send(pack(message), zmq.NOBLOCK)
+        except zmq.Again:
+            log.debug("front-end %d is not reading: dropped a message", frontend)
+
+    def _output_loop(self) -> None:
+        last_hello = 0.0
+        while True:
+            final = self._outputs_done.is_set()
+            batch: list[_Tracked] = []
+            try:
+                batch.append(self._ready.get(timeout=HEARTBEAT_S if not final else 0.01))
+                while True:
+                    batch.append(self._ready.get_nowait())
+            except queue.Empty:
+                pass
+            try:
+                per: dict[int, list[Any]] = {}
+                for tracked in batch:
+                    item = self._take(tracked)
+                    if item is not None:
+                        per.setdefault(tracked.frontend, []).append(item)
+                if per:
+                    stats = self._stats()
+                    for frontend, items in per.items():
+                        self._send(frontend, [OUTPUT, self.epoch, stats, items])
+                now = time.monotonic()
+                if now - last_hello >= HEARTBEAT_S:
+                    last_hello = now
+                    hello = [HELLO, self.epoch, {**self.info, "stats": self._stats()}]
+                    for i in range(len(self._push)):
+                        self._send(i, hello)
+            except Exception:  # noqa: BLE001 - the output thread must keep running
+                log.exception("engine core: the output thread failed a pass")
+            if final and not batch:
+                return
+
+
+def _watch_parent(parent: int, core: EngineCore) -> None:
+    while os.getppid() == parent:
+        time.sleep(0.5)
+    log.warning("engine core: the parent process %d is gone: draining", parent)
+    core.stop()
+
+
+def run_core(options: Any, addresses: Addresses, threads: int | None, events: Any, parent: int) -> None:
+    """The core process's entry (spawned): load the model, say ready on ``events``, serve until SIGTERM."""
+    os.setpgrp()  # a terminal's Ctrl-C goes to the parent, which stops the front-ends first
+    logging.basicConfig(level=options.log_level.upper(), format="%(levelname)s core %(name)s: %(message)s")
+    from runtime.errors import LmforgeError
+    from runtime.serve.instances import load_model
+
+    engine = None
+    try:
+        engine = load_model(options, threads)
+        if not hasattr(engine, "submit"):
+            raise LmforgeError("the engine core serves decoder artifacts", got="an encoder artifact",
+                               fix="serve an encoder with --in-process")
+        core = EngineCore(engine, addresses, options.drain_timeout_s)
+    except Exception as exc:  # noqa: BLE001 - reported to the parent as one line
+        log.debug("the engine core failed to start", exc_info=True)
+        first = (str(exc).splitlines() or [""])[0]
+        events.put(("failed", "core", str(exc) if isinstance(exc, LmforgeError) else f"{type(exc).__name__}: {first}"))
+        if engine is not None:
+            engine.close(drain=False)
+        raise SystemExit(2) from None
+    signal.signal(signal.SIGTERM, lambda *_: core.stop())
+    signal.signal(signal.SIGINT, lambda *_: core.stop())
+    threading.Thread(target=_watch_parent, args=(parent, core), name="lmforge-parent-watch", daemon=True).start()
+    events.put(("ready", "core", os.getpid()))
+    core.run()
