@@ -224,19 +224,135 @@ def _check_safetensors(path: Path) -> None:
         )
 
 
-def _check_gguf(path: Path) -> None:
+def _check_gguf(path: Path) -> _GgufHeader:
+    """Read a GGUF file's metadata and tensor names; a truncated or corrupt file is one clear line."""
     try:
-        from gguf import GGUFReader
+        from gguf import GGUFReader, GGUFValueType
 
         reader = GGUFReader(str(path))
         if not reader.tensors:
             raise ValueError("no tensors")
+        metadata: dict[str, Any] = {}
+        for key, field in reader.fields.items():
+            if field.types and field.types[0] is GGUFValueType.ARRAY and key.startswith("tokenizer."):
+                continue  # vocabularies: transformers reads them; the checks here do not need them
+            metadata[key] = field.contents()
+        tensors = tuple(t.name for t in reader.tensors)
     except Exception as exc:  # noqa: BLE001 - gguf raises ValueError/IndexError/struct.error
         raise ExportError(
             f"GGUF file {path} is truncated or corrupt "
             f"({str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__})",
             fix="download the .gguf file again",
         ) from exc
+    return _GgufHeader(path, str(metadata.get("general.architecture", "")), metadata, tensors)
+
+
+# ------------------------------------------------------------------------------------------------
+# GGUF: what transformers' loader maps, what it drops (restored here from the file, or refused)
+
+
+@dataclasses.dataclass(frozen=True)
+class _GgufHeader:
+    path: Path
+    arch: str  # llama.cpp's general.architecture
+    metadata: dict[str, Any]  # scalar keys and non-tokenizer arrays
+    tensors: tuple[str, ...]
+
+    def get(self, key: str) -> Any:
+        """``{arch}.{key}`` from the metadata, or None."""
+        return self.metadata.get(f"{self.arch}.{key}")
+
+
+# Tensors llama.cpp writes for rotary scaling that transformers' GGUF loader never reads: a model
+# loaded without them is not the file's model (Llama 3.1+ ``rope_freqs``, Phi-3 LongRoPE factors).
+_GGUF_DROPPED_TENSORS = ("rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight")
+# Gemma 2 / 3 scale queries by 1/sqrt(head_dim), except the 27B models (by their layer count, as
+# llama.cpp tells them apart), which use 1/sqrt(hidden / heads); a GGUF does not store the scalar.
+_GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3_text": 62}
+
+
+def _gguf_architectures() -> list[str]:
+    from transformers.integrations.gguf import GGUF_CONFIG_ARCHS
+    from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+
+    return sorted({*GGUF_SUPPORTED_ARCHITECTURES, *GGUF_CONFIG_ARCHS} - {"tokenizer", "general"})
+
+
+def _refuse_gguf(header: _GgufHeader, what: str, expected: str | None = None) -> ExportError:
+    return ExportError(
+        f"GGUF file {header.path.name}: {what}", expected=expected,
+        fix="convert the model's Hugging Face folder (config.json + safetensors) instead of its .gguf",
+    )
+
+
+def _check_gguf_loadable(header: _GgufHeader) -> None:
+    """Refuse, before transformers reads it, a GGUF whose model its loader would not rebuild."""
+    # llama.cpp writes Qwen2/3-MoE as qwen2moe/qwen3moe; transformers maps both names.
+    names = {header.arch, header.arch.replace("moe", "_moe")}
+    if not names & set(_gguf_architectures()):
+        raise _refuse_gguf(header, f"architecture {header.arch!r} is not one transformers' GGUF loader maps",
+                           expected="one of " + ", ".join(_gguf_architectures()))
+    dropped = [name for name in header.tensors if name in _GGUF_DROPPED_TENSORS]
+    if dropped:
+        raise _refuse_gguf(header, f"its rotary frequency factors ({', '.join(dropped)}) are dropped by "
+                                   "transformers' GGUF loader, so the loaded model would not be the file's")
+    scaling = header.get("rope.scaling.type")
+    if scaling not in (None, "none", "linear"):
+        raise _refuse_gguf(header, f"its rope scaling {scaling!r} is dropped by transformers' GGUF loader",
+                           expected="no rope scaling, or linear")
+
+
+def _gguf_config(config: Any, header: _GgufHeader) -> Any:
+    """Restore what a GGUF's metadata says and transformers' GGUF config mapping leaves out.
+
+    transformers (5.24) maps a fixed set of keys per architecture and takes the config class's
+    defaults for the rest, which are one checkpoint's values: Qwen3's 128-wide heads, Phi-3's full
+    rotary, Gemma's 256 query scalar and unscaled global rotary. llama.cpp reads these from the file
+    (or derives them), so lmforge does too, and logs each value it changes.
+    """
+    from transformers import AutoConfig
+
+    changes: dict[str, Any] = {}
+    if header.arch == "llama" and config.model_type == "mistral":
+        # transformers reads a Llama file named exactly "mistral" as Mistral and then has no tensor map
+        # for it; llama.cpp writes Mistral as Llama and runs it without a window, so load it as Llama.
+        values = {k: v for k, v in config.to_dict().items() if k not in ("model_type", "sliding_window")}
+        config = AutoConfig.for_model("llama", **values)
+        changes["model_type"] = "llama"
+    heads = int(config.num_attention_heads)
+    key_length = header.get("attention.key_length")
+    if key_length and hasattr(config, "head_dim") and config.head_dim != key_length:
+        changes["head_dim"] = int(key_length)
+    head_dim = int(changes.get("head_dim") or getattr(config, "head_dim", None) or config.hidden_size // heads)
+    for key, attr in (("attention.sliding_window", "sliding_window"),
+                      ("attn_logit_softcapping", "attn_logit_softcapping"),
+                      ("final_logit_softcapping", "final_logit_softcapping")):
+        value = header.get(key)
+        if value is not None and hasattr(config, attr) and getattr(config, attr) != value:
+            changes[attr] = value
+    if config.model_type in _GEMMA_27B_LAYERS:
+        big = config.num_hidden_layers == _GEMMA_27B_LAYERS[config.model_type]
+        scalar = config.hidden_size // heads if big else head_dim
+        if config.query_pre_attn_scalar != scalar:
+            changes["query_pre_attn_scalar"] = scalar
+    for attr, value in changes.items():
+        if attr != "model_type":
+            setattr(config, attr, value)
+    rope = getattr(config, "rope_parameters", None)
+    if isinstance(rope, dict):
+        rope = {k: dict(v) if isinstance(v, dict) else v for k, v in rope.items()}
+        target = rope.get("full_attention", rope)  # Gemma 3: per layer type; scaling is the global layers'
+        rotary = header.get("rope.dimension_count")
+        if rotary and rotary < head_dim and "full_attention" not in rope:
+            rope["partial_rotary_factor"] = rotary / head_dim
+            changes["partial_rotary_factor"] = rope["partial_rotary_factor"]
+        if header.get("rope.scaling.type") == "linear":
+            target.update(rope_type="linear", factor=float(header.get("rope.scaling.factor")))
+            changes["rope_scaling"] = f"linear x{target['factor']}"
+        config.rope_parameters = rope
+    if changes:
+        log.info("%s: restored from the GGUF metadata: %s", header.path.name, changes)
+    return config
 
 
 def _hash_files(paths: list[Path]) -> str:
@@ -401,9 +517,11 @@ def load_source(source: str | SourceInfo) -> LoadedSource:
     gguf_kwargs: dict[str, Any] = {"gguf_file": info.gguf_file} if info.gguf_file else {}
     offline = info.kind != "hub"
     weights: list[Path] = []
+    header: _GgufHeader | None = None
     if info.gguf_file and info.path is not None:
         weights = [info.path / info.gguf_file]
-        _check_gguf(weights[0])  # the config of a GGUF lives in the file itself
+        header = _check_gguf(weights[0])  # the config of a GGUF lives in the file itself
+        _check_gguf_loadable(header)
 
     try:
         config = AutoConfig.from_pretrained(location, local_files_only=offline, **gguf_kwargs)
@@ -414,6 +532,10 @@ def load_source(source: str | SourceInfo) -> LoadedSource:
             f"cannot read the model config at {location} ({str(exc).splitlines()[0][:160]})",
             fix="check that the folder or .gguf file is a complete Hugging Face model",
         ) from exc
+    model_kwargs = dict(gguf_kwargs)
+    if header is not None:
+        config = _gguf_config(config, header)
+        model_kwargs["config"] = config
     spec = spec_for_config(config)  # what cannot work is refused before any weight is read
     if not info.gguf_file and info.path is not None:
         weights = _weight_files(info.path)
@@ -423,10 +545,13 @@ def load_source(source: str | SourceInfo) -> LoadedSource:
     log.info("loading %s (%s) from %s", info.ref, config.model_type, location)
     try:
         model = _model_class(spec.kind).from_pretrained(
-            location, local_files_only=offline, dtype=torch.float32, attn_implementation="eager", **gguf_kwargs
+            location, local_files_only=offline, dtype=torch.float32, attn_implementation="eager", **model_kwargs
         )
         tokenizer = AutoTokenizer.from_pretrained(location, local_files_only=offline, **gguf_kwargs)
     except Exception as exc:  # noqa: BLE001 - corrupt weights surface as many exception types
+        if header is not None and "mismatch" in str(exc):
+            raise _refuse_gguf(header, "transformers rebuilds a model its tensors do not fit "
+                                       f"({str(exc).splitlines()[0][:120]})") from exc
         raise ExportError(
             f"cannot load the model weights at {location} ({str(exc).splitlines()[0][:160]})",
             fix="the weights may be truncated or corrupt: download the model again",

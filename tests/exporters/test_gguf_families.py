@@ -1,0 +1,127 @@
+"""GGUF files of the families llama.cpp and transformers' GGUF loader share convert, and give the
+greedy ids and logits of the model they were written from.
+
+Each file is written by :mod:`tests.exporters.gguf_fixtures` from a ``tiny:<family>`` model the way
+llama.cpp's converter writes that family. Some of what a GGUF says is left out by transformers'
+GGUF config mapping (Qwen3's head size, Phi-3's partial rotary, Gemma's query scalar); lmforge
+restores it from the file's metadata, and without that these tests fail. What transformers cannot
+load is refused in one line that says to convert the Hugging Face folder instead.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+from exporters.convert import convert
+from exporters.sources import load_source
+from runtime.artifact import load_artifact
+from runtime.decoder_io import DecoderIO
+from runtime.engine import Engine
+from runtime.errors import ExportError
+from tests.exporters.gguf_fixtures import tiny_gguf
+
+# Longer than the tiny window (16 tokens, one a byte) so Gemma's local layers mask something.
+PROMPTS = ("The capital of France is", "def fib(n):\n    return fib(n - 1) +")
+NEW_TOKENS = 8
+LOGIT_TOL = 1e-3  # fp32 file, fp32 graph: float reordering only
+
+# family -> the spec the GGUF converts with (llama.cpp writes Mistral as Llama, and so it loads)
+FAMILIES = {"qwen2": "qwen2", "qwen3": "qwen3", "mistral": "llama", "phi3": "phi3", "gemma2": "gemma2",
+            "gemma3_text": "gemma3_text"}
+
+
+def _reference(model: torch.nn.Module, ids: list[int]) -> tuple[list[int], np.ndarray]:
+    prompt = torch.tensor([ids])
+    with torch.no_grad():
+        logits = model(prompt).logits[0].numpy()
+        out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=NEW_TOKENS,
+                             do_sample=False)
+    return out[0, len(ids):].tolist(), logits
+
+
+def _prefill_logits(artifact_dir: Path, ids: list[int]) -> np.ndarray:
+    io = DecoderIO.from_artifact(load_artifact(artifact_dir))
+    session = ort.InferenceSession(str(artifact_dir / "model.onnx"), providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    outputs = session.run(None, io.prompt_feeds(ids))
+    return outputs[names.index("logits")][0]
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_a_gguf_converts_to_its_source_models_greedy_ids_and_logits(tmp_path: Path, family: str) -> None:
+    fixture = tiny_gguf(family, tmp_path / "gguf")
+    out = convert(str(fixture.path), tmp_path / "art", progress=False)
+    artifact = load_artifact(out)
+    source = artifact.manifest["source"]
+    assert source["kind"] == "gguf" and source["gguf_file"] == fixture.path.name
+    assert source["sha256"] == hashlib.sha256(fixture.path.name.encode() + fixture.path.read_bytes()).hexdigest()
+    assert artifact.architecture["name"] == FAMILIES[family]
+    engine = Engine.load(out, "cpu")
+    try:
+        for text in PROMPTS:
+            ids = fixture.tokenizer.encode(text)
+            assert engine.encode(text) == ids  # the artifact's tokenizer, rebuilt from the file's vocabulary
+            expected_ids, expected_logits = _reference(fixture.model, ids)
+            assert engine.generate_ids([ids], max_new_tokens=NEW_TOKENS)[0] == expected_ids
+            np.testing.assert_allclose(_prefill_logits(out, ids), expected_logits, atol=LOGIT_TOL, rtol=0)
+    finally:
+        engine.close()
+
+
+def test_what_transformers_leaves_out_is_restored_from_the_metadata(tmp_path: Path) -> None:
+    """Each family's config attribute that transformers' GGUF mapping drops comes back from the file."""
+    cases = {"qwen3": ("head_dim", 16), "gemma2": ("query_pre_attn_scalar", 16)}
+    for family, (attr, value) in cases.items():
+        loaded = load_source(str(tiny_gguf(family, tmp_path / family).path))
+        assert getattr(loaded.config, attr) == value
+    phi3 = load_source(str(tiny_gguf("phi3", tmp_path / "phi3").path))
+    assert phi3.config.rope_parameters["partial_rotary_factor"] == 0.75
+    # Gemma 3 4B and larger scale the global layers' rotary linearly (factor 8); llama.cpp writes it
+    # to the metadata, transformers' mapping drops it.
+    scaled = {"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+              "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1000000.0}}
+    fixture = tiny_gguf("gemma3_text", tmp_path / "gemma3", rope_parameters=scaled)
+    loaded = load_source(str(fixture.path))
+    assert loaded.config.rope_parameters["full_attention"] == scaled["full_attention"]
+    ids = torch.tensor([fixture.tokenizer.encode(PROMPTS[0])])
+    with torch.no_grad():
+        assert torch.equal(loaded.model(ids).logits, fixture.model(ids).logits)
+
+
+def test_a_llama_file_named_mistral_loads_as_llama(tmp_path: Path) -> None:
+    """transformers reads a Llama-architecture file named exactly "mistral" as Mistral, then finds no
+    tensor map for it; lmforge loads it as the Llama that llama.cpp runs."""
+    fixture = tiny_gguf("mistral", tmp_path, name="mistral")
+    loaded = load_source(str(fixture.path))
+    assert loaded.config.model_type == "llama" and loaded.spec.name == "llama"
+    ids = torch.tensor([fixture.tokenizer.encode(PROMPTS[1])])
+    with torch.no_grad():
+        assert torch.equal(loaded.model(ids).logits, fixture.model(ids).logits)
+
+
+def _assert_refused(path: Path, *fragments: str) -> None:
+    with pytest.raises(ExportError) as info:
+        load_source(str(path))
+    message = str(info.value)
+    assert "\n" not in message and "Hugging Face folder" in message
+    for fragment in fragments:
+        assert fragment in message
+
+
+def test_an_architecture_transformers_cannot_load_from_gguf_is_refused(tmp_path: Path) -> None:
+    """Gemma (1) is in llama.cpp's GGUF and not in transformers' GGUF mapping."""
+    _assert_refused(tiny_gguf("gemma", tmp_path).path, "architecture 'gemma'", "gemma2")
+
+
+@pytest.mark.parametrize("family,tensor", [("llama", "rope_freqs.weight"), ("phi3", "rope_factors_long.weight")])
+def test_rotary_factors_transformers_would_drop_are_refused(tmp_path: Path, family: str, tensor: str) -> None:
+    """Llama 3.1+ files carry ``rope_freqs``, Phi-3 LongRoPE ones ``rope_factors_long/short``:
+    transformers loads such a file without them, a different model, so lmforge refuses it."""
+    fixture = tiny_gguf(family, tmp_path, extra_tensors={tensor: np.ones(8, dtype=np.float32)})
+    _assert_refused(fixture.path, tensor, "dropped")
