@@ -1,4 +1,4 @@
-"""Serving load on the lent GPU (issue #11): lmforge's one-loop Engine under many independent callers.
+"""The engine under concurrent load on the lent GPU: lmforge's one-loop Engine under many independent callers.
 
 Per shape (``random:<shape>`` weights, converted and optimized for CUDA fp16 on the machine) it
 measures, on one warm engine (CUDA graphs per bucket, ``max_batch`` 64), output tokens/s of:
@@ -9,18 +9,18 @@ measures, on one warm engine (CUDA graphs per bucket, ``max_batch`` 64), output 
   and 16, in one call, and half greedy / half sampled from N threads;
 * a request arriving while 15 others decode: its time to first token, and the others'
   inter-token latency before and during its prefill (p50/p99), with the engine's admission
-  inside a block on (the default) and off (admission at block boundaries, as before);
-* what the step's host inputs save: greedy decode with the draw and the penalties forced onto
-  every row (what every step paid before they existed), and top-p rows with 256 candidates
-  against the default 1,024;
-* with ``--burst`` only: N requests from N threads at once, with the batched prefill and with
-  each request prefilled alone (:func:`burst`);
+  inside a block on (the default) and off (admission at block boundaries);
+* top-p rows with 256 candidates against the default 1,024;
+* with ``--burst`` only: N requests from N threads at once (:func:`burst`; the peer is
+  ``bench/genai_engine.py``);
+* with ``--buckets`` only: greedy decode per batch-size bucket for each precision (:func:`buckets`);
 * memory over ``--memory-requests`` requests of mixed lengths and kinds (some cancelled) from
   64 threads: process RSS and device memory before and after.
 
 Every request generates exactly ``--new-tokens`` tokens (``min_new_tokens``), prompts are
 ``--prompt-len`` random ids, and every number is the median of ``--repeats`` runs after a
-warm-up that captures every bucket. Results: ``OUT/gpu_serving-<shape>.json`` and a table.
+warm-up that captures every bucket. Results: ``OUT/gpu_serving-<shape>.json`` and a table
+(docs/benchmarks.md, "GPU: the engine under concurrent load").
 
     export PYTHONPATH=/tmp/gpu-site:/tmp/site:$PWD HF_HUB_OFFLINE=1
     python3 bench/gpu_serving.py --shapes smollm2-135m --out $OUT
@@ -134,34 +134,23 @@ def threads(engine: Any, prompts: list[list[int]], new: int, kws: list[dict[str,
     return sum(r.new_tokens for r in thread_results(engine, prompts, new, kws))
 
 
-def burst(engine: Any, prompts: list[list[int]], new: int, repeats: int, batched_only: bool = False) -> dict[str, Any]:
-    """N requests from N threads at once (N = 16, 64; greedy, and half greedy / half sampled):
+def burst(engine: Any, prompts: list[list[int]], new: int, repeats: int) -> dict[str, Any]:
+    """N requests from N threads at once (N = 16, 64; greedy, half greedy / half sampled, sampled):
     output tok/s over the wall time, prefill included (``bench/genai_engine.py``'s measure), and
-    time to first token p50/p99; with the slots backend's batched prefill (requests admitted
-    together prefill in one right-padded run) and with each request prefilled alone."""
-    import runtime.kv_slots as kv_slots
-
-    batched = kv_slots.prefill_groups
+    time to first token p50/p99."""
     out: dict[str, Any] = {}
-    try:
-        for mode in ("batched prefill",) if batched_only else ("batched prefill", "prefill one at a time"):
-            if mode != "batched prefill":
-                kv_slots.prefill_groups = lambda items, *a, **k: [[slot] for slot, _ in sorted(items)]
-            for n in (16, 64):
-                top_p = SAMPLED["temperature 0.7 + top-p 0.9"]
-                mixes = (("greedy", [GREEDY]), ("half sampled", [GREEDY, top_p]), ("sampled", [top_p]))
-                for label, kws in mixes:
-                    rates, ttft = [], []
-                    for _ in range(repeats):
-                        t0 = time.perf_counter()
-                        results = thread_results(engine, prompts[:n], new, kws)
-                        rates.append(sum(r.new_tokens for r in results) / (time.perf_counter() - t0))
-                        ttft += [r.ttft_s * 1e3 for r in results]
-                    out[f"{mode}, {n} threads, {label}"] = {
-                        "tok_s": _median(rates), "runs": rates, "ttft_ms_p50": float(np.percentile(ttft, 50)),
-                        "ttft_ms_p99": float(np.percentile(ttft, 99))}
-    finally:
-        kv_slots.prefill_groups = batched
+    top_p = SAMPLED["temperature 0.7 + top-p 0.9"]
+    for n in (16, 64):
+        for label, kws in (("greedy", [GREEDY]), ("half sampled", [GREEDY, top_p]), ("sampled", [top_p])):
+            rates, ttft = [], []
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                results = thread_results(engine, prompts[:n], new, kws)
+                rates.append(sum(r.new_tokens for r in results) / (time.perf_counter() - t0))
+                ttft += [r.ttft_s * 1e3 for r in results]
+            out[f"{n} threads, {label}"] = {
+                "tok_s": _median(rates), "runs": rates, "ttft_ms_p50": float(np.percentile(ttft, 50)),
+                "ttft_ms_p99": float(np.percentile(ttft, 99))}
     return out
 
 
@@ -219,28 +208,6 @@ def arrival(engine: Any, prompts: list[list[int]], new: int) -> dict[str, Any]:
             "itl_before_p50_ms": pct(before, 50), "itl_before_p99_ms": pct(before, 99),
             "itl_during_p50_ms": pct(during, 50), "itl_during_p99_ms": pct(during, 99),
             "itl_during_max_ms": max(during) * 1e3 if during else float("nan")}
-
-
-class forced_draw:
-    """Within the block, every run takes the draw and the penalties on every row (``sampled_rows`` and
-    ``penalized_rows`` = all): the step as it ran before its host inputs skipped them."""
-
-    def __init__(self, engine: Any) -> None:
-        self.engine = engine
-
-    def __enter__(self) -> None:
-        from runtime.sampler_graph import ALL_ROWS
-
-        plan = self.engine._plan
-
-        def forced(rows: Any) -> tuple[int, ...]:
-            candidates, *_, parted = plan(rows)  # (see runtime.sampling.host_values)
-            return candidates, ALL_ROWS, ALL_ROWS, ALL_ROWS, parted
-
-        self.engine._plan = forced
-
-    def __exit__(self, *exc: object) -> None:
-        del self.engine._plan  # the instance attribute; the method is back
 
 
 def _device_mib() -> float:
@@ -317,14 +284,11 @@ def memory(engine: Any, vocab: int, total: int) -> dict[str, Any]:
 
 
 def sampling_table(engine: Any, prompts: list[list[int]], new: int, rep: int) -> dict[str, Any]:
-    """Whole-batch decode tok/s at batch 1 and 16: greedy, each sampled kind, greedy with the
-    draw forced onto every row, and the top-p kinds with 256 candidates."""
+    """Whole-batch decode tok/s at batch 1 and 16: greedy, each sampled kind, and the top-p kinds
+    with 256 candidates."""
     samp: dict[str, Any] = {}
     for label, kw in [("greedy", GREEDY), *SAMPLED.items()]:
         samp[label] = {f"batch {b}": decode_rate(engine, prompts[:b], new, kw, rep) for b in (1, 16)}
-    with forced_draw(engine):
-        samp["greedy, draw and penalties on every row"] = {
-            f"batch {b}": decode_rate(engine, prompts[:b], new, GREEDY, rep) for b in (1, 16)}
     bound = engine.candidates
     engine.candidates = 256
     for label in ("temperature 0.7 + top-p 0.9", "top-k 50 + top-p 0.9"):
@@ -356,7 +320,7 @@ def bench_shape(shape: str, args: argparse.Namespace) -> dict[str, Any]:
         engine.launch_ahead = not args.no_launch_ahead
         if args.burst:
             out["engine_warm_up_s"] = engine.warm_up()
-            out["burst"] = burst(engine, prompts, new, rep, args.burst_batched_only)
+            out["burst"] = burst(engine, prompts, new, rep)
             return out
         if args.quick:
             out["sampling_decode_tok_s"] = sampling_table(engine, prompts, new, rep)
@@ -418,11 +382,10 @@ def main() -> None:
     parser.add_argument("--memory-requests", type=int, default=10000, help="0 skips the memory run")
     parser.add_argument("--quick", action="store_true", help="only the sampling table (and greedy without "
                         "admission inside a block)")
-    parser.add_argument("--burst", action="store_true", help="only N requests at once from N threads, batched "
-                        "prefill against one at a time (after Engine.warm_up)")
+    parser.add_argument("--burst", action="store_true", help="only N requests at once from N threads "
+                        "(after Engine.warm_up)")
     parser.add_argument("--prefill-tokens", type=int, default=None, metavar="N",
                         help="Engine(prefill_tokens=N): a prompt-token budget per step boundary (default none)")
-    parser.add_argument("--burst-batched-only", action="store_true", help="--burst without the one-at-a-time runs")
     parser.add_argument("--artifact", default="", metavar="DIR",
                         help="serve this artifact instead of building one (e.g. a baseline build); one shape")
     parser.add_argument("--tag", default="", help="appended to the JSON file name")
@@ -432,6 +395,10 @@ def main() -> None:
                         help="instead: greedy decode per batch bucket for these precisions (e.g. fp16,int4,int8)")
     args = parser.parse_args()
     Path(args.out).mkdir(parents=True, exist_ok=True)
+    import onnxruntime
+
+    if hasattr(onnxruntime, "preload_dlls"):  # the CUDA libraries of a pip-staged onnxruntime-gpu
+        onnxruntime.preload_dlls()
     if args.buckets:
         for shape in args.shapes.split(","):
             tag = "-fpa" if os.environ.get("ORT_FPA_INTB_GEMM") == "1" else ""
@@ -443,7 +410,7 @@ def main() -> None:
             result = bench_shape(shape, args)
         except Exception as exc:  # noqa: BLE001 - recorded, the next shape still runs
             result = {"shape": shape, "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
-        tag = ("-burst-batched" if args.burst_batched_only else "-burst") if args.burst else ""
+        tag = "-burst" if args.burst else ""
         tag += f"-budget{args.prefill_tokens}" if args.prefill_tokens else ""
         tag += f"-{args.tag}" if args.tag else ""
         (Path(args.out) / f"gpu_serving-{shape.replace(':', '-')}{tag}.json").write_text(json.dumps(result, indent=1))
