@@ -14,6 +14,7 @@ from exporters.export import check_against_torch, export_model
 from exporters.sources import describe_dims, load_source, resolve_source, sentence_transformers_config
 from exporters.specs import ModelKind
 from runtime.artifact import FORMAT_VERSION, MANIFEST_NAME, KvMode, lmforge_version, write_artifact
+from runtime.decoder_io import kv_record
 from runtime.errors import ExportError
 from runtime.sampler_graph import write_sampler
 
@@ -167,13 +168,7 @@ def convert(
             if is_decoder:
                 logits = next(t for t in result.outputs if t.name == "logits")
                 manifest["sampler"] = write_sampler(tmp, logits.dtype, int(arch["vocab"]))
-                manifest["kv"] = {
-                    "dtype": result.kv_dtype,
-                    "past_key": "past_key_values.{i}.key",
-                    "past_value": "past_key_values.{i}.value",
-                    "present_key": "present.{i}.key",
-                    "present_value": "present.{i}.value",
-                }
+                manifest["kv"] = kv_record(str(result.kv_dtype))
             with open(tmp / "generation_config.json", "w", encoding="utf-8") as fh:
                 json.dump(loaded.generation, fh, indent=2)
             with open(tmp / MANIFEST_NAME, "w", encoding="utf-8") as fh:

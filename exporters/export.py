@@ -24,6 +24,7 @@ from exporters.cache_compat import cache_argument, output_cache
 from exporters.sources import LoadedSource
 from exporters.specs import ModelKind
 from runtime.artifact import TensorSpec
+from runtime.decoder_io import kv_names
 from runtime.errors import ExportError
 
 __all__ = ["ExportResult", "export_model", "OPSET", "MAX_IR_VERSION", "check_against_torch", "takes_position_ids",
@@ -49,11 +50,11 @@ class ExportResult:
 
 
 def _past_names(layers: int) -> list[str]:
-    return [f"past_key_values.{i}.{kind}" for i in range(layers) for kind in ("key", "value")]
+    return kv_names(layers, "past")
 
 
 def _present_names(layers: int) -> list[str]:
-    return [f"present.{i}.{kind}" for i in range(layers) for kind in ("key", "value")]
+    return kv_names(layers, "present")
 
 
 def is_classifier(loaded: LoadedSource) -> bool:

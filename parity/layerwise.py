@@ -173,35 +173,12 @@ def resolve_against(artifact_dir: str | os.PathLike[str], against: str | os.Path
 
 
 def build_feeds(artifact: Artifact, input_ids: Sequence[int]) -> dict[str, np.ndarray]:
-    """One prefill over ``input_ids`` with an empty past, in the artifact's IO contract.
+    """One prefill over ``input_ids`` with an empty past, in the artifact's IO contract
+    (:meth:`runtime.decoder_io.DecoderIO.prompt_feeds`: a shared-buffer artifact runs its whole
+    step model, the graph that serves, with KV buffers of the prompt's length)."""
+    from runtime.decoder_io import DecoderIO
 
-    A shared-buffer artifact runs its whole step model (the graph that serves): KV buffers of
-    the prompt's length, and the step's own inputs for one greedy row
-    (:func:`runtime.step_graph.neutral_feeds`).
-    """
-    n = len(input_ids)
-    feeds: dict[str, np.ndarray] = {}
-    if artifact.kv_mode is KvMode.SHARED_BUFFER:
-        from runtime.step_graph import neutral_feeds
-
-        feeds.update(neutral_feeds(1, int(artifact.architecture["vocab"]), int(artifact.manifest["step"]["window"]),
-                                   capacity=n))
-        feeds["seqlens_k"] = np.array([n - 1], np.int32)
-        feeds["total_sequence_length"] = np.array(n, np.int32)
-    for spec in artifact.inputs:
-        if spec.name in feeds:
-            continue
-        if spec.name == "input_ids":
-            feeds[spec.name] = np.asarray([list(input_ids)], dtype=np.int64)
-        elif spec.name == "attention_mask":
-            feeds[spec.name] = np.ones((1, n), dtype=np.int64)
-        elif spec.name == "position_ids":
-            feeds[spec.name] = np.arange(n, dtype=np.int64)[None, :]
-        else:  # past KV: [batch, kv_heads, past, head_dim], empty (concat) or n positions (shared buffer)
-            past = n if artifact.kv_mode is KvMode.SHARED_BUFFER else 0
-            shape = [1 if d == "batch" else d if isinstance(d, int) else past for d in spec.shape]
-            feeds[spec.name] = np.zeros(shape, dtype=np.dtype(spec.dtype))
-    return feeds
+    return DecoderIO.from_artifact(artifact).prompt_feeds(input_ids)
 
 
 def _run_all_outputs(

@@ -21,13 +21,13 @@ from typing import Any
 import numpy as np
 
 from runtime.artifact import Artifact
+from runtime.decoder_io import DecoderIO
 from runtime.errors import PassError
 
 __all__ = ["Tolerance", "TOLERANCES", "CheckResult", "compare_artifacts", "judge"]
 
 log = logging.getLogger(__name__)
 
-_ORT_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,40 +99,24 @@ def _decoder_cases(art: Artifact) -> list[tuple[str, dict[str, np.ndarray], np.n
     return [("prefill", {"input_ids": ids, "attention_mask": mask}, mask.astype(bool))]
 
 
-def _position_ids(mask: np.ndarray, seq: int) -> np.ndarray:
-    pos = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
-    return pos[:, -seq:].astype(np.int64)
-
-
 def _run_decoder(art: Artifact, model: Path) -> dict[str, np.ndarray]:
+    """The check batch's prefill, then one decode step, through the artifact's concat contract."""
     session = _session(model)
-    names = {i.name: i for i in session.get_inputs()}
-    kv = art.manifest["kv"]
-    layers = int(art.architecture["layers"])
-    kv_heads, head_dim = int(art.architecture["kv_heads"]), int(art.architecture["head_dim"])
-    kv_dtype = _ORT_DTYPES[kv.get("dtype", "float32")]
+    names = {i.name for i in session.get_inputs()}
+    io = DecoderIO.from_artifact(art)
     (_, feeds, _), = _decoder_cases(art)
     ids, mask = feeds["input_ids"], feeds["attention_mask"]
     batch = ids.shape[0]
-    past = {}
-    for i in range(layers):
-        for tmpl in (kv["past_key"], kv["past_value"]):
-            past[tmpl.format(i=i)] = np.zeros((batch, kv_heads, 0, head_dim), dtype=kv_dtype)
+    past = io.empty_kv(batch)
     outputs: dict[str, np.ndarray] = {}
     next_ids = np.array([[7], [11]], dtype=np.int64)
-    for case, step_ids, step_mask in (("prefill", ids, mask), ("decode", next_ids, None)):
-        if step_mask is None:
-            step_mask = np.concatenate([mask, np.ones((batch, 1), dtype=np.int64)], axis=1)
-        feed: dict[str, np.ndarray] = {"input_ids": step_ids, "attention_mask": step_mask, **past}
-        feed["position_ids"] = _position_ids(step_mask, step_ids.shape[1])
-        feed = {k: v for k, v in feed.items() if k in names}
-        result = dict(zip([o.name for o in session.get_outputs()], session.run(None, feed)))
+    step_mask = np.concatenate([mask, np.ones((batch, 1), dtype=np.int64)], axis=1)
+    for case, step_ids, case_mask in (("prefill", ids, mask), ("decode", next_ids, step_mask)):
+        feed = io.concat_feeds(step_ids, case_mask, past)
+        result = dict(zip([o.name for o in session.get_outputs()],
+                          session.run(None, {k: v for k, v in feed.items() if k in names})))
         outputs[case] = result["logits"].astype(np.float32)
-        past = {
-            kv[p].format(i=i): result[kv[q].format(i=i)]
-            for i in range(layers)
-            for p, q in (("past_key", "present_key"), ("past_value", "present_value"))
-        }
+        past = io.carry(result)
     return outputs
 
 

@@ -59,6 +59,7 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
 from runtime.artifact import Artifact, TensorSpec
+from runtime.decoder_io import SEQLENS_K, TOTAL_SEQUENCE_LENGTH, DecoderIO
 from runtime.errors import PassError
 
 __all__ = ["SharedBuffer", "SEQLENS_K", "TOTAL_SEQUENCE_LENGTH", "shared_buffer_blockers", "share_kv_buffers",
@@ -66,8 +67,6 @@ __all__ = ["SharedBuffer", "SEQLENS_K", "TOTAL_SEQUENCE_LENGTH", "shared_buffer_
 
 log = logging.getLogger(__name__)
 
-SEQLENS_K = "seqlens_k"
-TOTAL_SEQUENCE_LENGTH = "total_sequence_length"
 _ATTENTION_OPS = ("GroupQueryAttention", "MultiHeadAttention", "Attention", "PackedAttention",
                   "PackedMultiHeadAttention", "DecoderMaskedMultiHeadAttention")
 _GQA_SEQLENS, _GQA_TOTAL, _GQA_BIAS = 5, 6, 10
@@ -563,39 +562,28 @@ def _run_shared(art: Artifact, model: Path) -> dict[str, np.ndarray]:
     import onnxruntime as ort
 
     from passes.check import _decoder_cases, _session
-    from runtime.step_graph import neutral_feeds
 
     session: ort.InferenceSession = _session(model)
-    kv = art.manifest["kv"]
-    layers = int(art.architecture["layers"])
-    kv_heads, head_dim = int(art.architecture["kv_heads"]), int(art.architecture["head_dim"])
-    kv_dtype = {"float32": np.float32, "float16": np.float16}[kv.get("dtype", "float32")]
+    io = DecoderIO.from_artifact(art)
     (_, feeds, valid), = _decoder_cases(art)
     ids, mask = feeds["input_ids"], feeds["attention_mask"]
     batch, seq = ids.shape
     capacity = seq + 4
-    names = [kv[t].format(i=i) for i in range(layers) for t in ("past_key", "past_value")]
-    presents = [kv[t].format(i=i) for i in range(layers) for t in ("present_key", "present_value")]
-    vocab = int(art.architecture["vocab"])
-    window = int(art.manifest.get("step", {}).get("window", 1))
-    prefill = np.zeros((batch, seq, vocab), dtype=np.float32)
-    buffers = {n: np.zeros((batch, kv_heads, capacity, head_dim), dtype=kv_dtype) for n in names}
+    outputs = [o.name for o in session.get_outputs()]
+    prefill = np.zeros((batch, seq, io.vocab), dtype=np.float32)
+    buffers = io.empty_kv(batch, capacity)
     lengths = mask.sum(axis=1)
     for b in range(batch):
         n = int(lengths[b])
-        row = {k: v[b:b + 1] for k, v in buffers.items()}
-        feed = {"input_ids": ids[b:b + 1, seq - n:], "position_ids": np.arange(n, dtype=np.int64)[None],
-                SEQLENS_K: np.array([n - 1], np.int32), TOTAL_SEQUENCE_LENGTH: np.array(n, np.int32), **row,
-                **neutral_feeds(1, vocab, window, capacity)}
-        out = dict(zip([o.name for o in session.get_outputs()], session.run(None, feed)))
+        feed = io.shared_feeds(ids[b:b + 1, seq - n:], np.arange(n, dtype=np.int64)[None], np.array([n - 1]), n,
+                               {k: v[b:b + 1] for k, v in buffers.items()}, capacity=capacity)
+        out = dict(zip(outputs, session.run(None, feed)))
         prefill[b, seq - n:] = out["logits"][0].astype(np.float32)
-        for p, q in zip(names, presents):
+        for p, q in io.kv_pairs:
             buffers[p][b] = out[q][0]
     next_ids = np.array([[7], [11]], dtype=np.int64)
-    feed = {"input_ids": next_ids, "position_ids": lengths[:, None].astype(np.int64),
-            SEQLENS_K: lengths.astype(np.int32), TOTAL_SEQUENCE_LENGTH: np.array(capacity, np.int32), **buffers,
-            **neutral_feeds(batch, vocab, window, capacity)}
-    out = dict(zip([o.name for o in session.get_outputs()], session.run(None, feed)))
+    feed = io.shared_feeds(next_ids, lengths[:, None], lengths, capacity, buffers)
+    out = dict(zip(outputs, session.run(None, feed)))
     return {"prefill": prefill, "decode": out["logits"].astype(np.float32)}
 
 
