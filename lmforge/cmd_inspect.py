@@ -54,8 +54,8 @@ def _io_rows(tensors: list[dict[str, Any]], step_prefix: str | None = None) -> l
     return rows
 
 
-# Where a weight-only precision pays off on CUDA, by batch size (H100, Llama-3.2-1B shape,
-# greedy decode per batch bucket; docs/benchmarks.md, "Quantized artifacts per batch bucket").
+# Where a weight-only precision pays off on CUDA, by batch size (docs/benchmarks.md, "Quantized
+# artifacts per batch bucket" and "Weight-only int8 and int4").
 BATCH_GUIDANCE = {
     "int4": "on CUDA is faster than fp16 up to batch 4 and slower from batch 8; a server that runs "
             "large batches is faster on fp16",

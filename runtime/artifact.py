@@ -68,7 +68,7 @@ BUILD_MARKER = ".lmforge-build"
 
 
 class KvMode(str, enum.Enum):
-    """How the decoder graph carries its KV cache (see DESIGN.md, IO contract)."""
+    """How the decoder graph carries its KV cache (docs/architecture.md, "The decoder's IO contract")."""
 
     CONCAT = "concat"
     SHARED_BUFFER = "shared-buffer"

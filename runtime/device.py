@@ -116,8 +116,8 @@ class Device:
             options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(weights_dir))
         if self.type == "cpu":
             # Spinning intra-op threads wait on each other at every op when another process holds a
-            # core: measured on the 2-core dev machine, fused SmolLM2 fp32 decoded 9.5 tok/s spinning
-            # vs 14.3 without under load, and was no slower without on the quiet machine.
+            # core, and not spinning costs nothing on a quiet machine (docs/benchmarks.md, "CPU:
+            # fused, shared-buffer, int8 and int4 artifacts").
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
             if small:
                 options.intra_op_num_threads = 1  # helper graphs: thread wake-ups cost more than they save

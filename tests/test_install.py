@@ -2,7 +2,7 @@
 
 The fast tests read pyproject.toml and drive the CLI with the toolchain hidden. The slow test
 builds the wheel, installs it with only its four runtime dependencies into a fresh venv, and
-generates from the tiny-llama artifact there: the promise DESIGN.md makes to services.
+generates from the tiny-llama artifact there: the promise docs/architecture.md makes to services.
 """
 
 from __future__ import annotations
