@@ -97,10 +97,10 @@ margin, so they do not pin the numbers.
     so ``tie_threshold = 1.0`` (a probability ratio of 2.7), ``min_exact_fraction = 0.25``, no real
     drift in the first ``8`` tokens (an int4 model that cannot follow fp32 for eight greedy tokens
     is broken, not merely lossy), and real drifts on at most ``0.6`` of prompts. Logits recorded,
-    not bounded. Measured on SmolLM2-135M (61 × 32, CUDA; docs/benchmarks.md, "GPU: parity"): int4 on the source's Q4_1 grid
-    (``passes/grid_int4.py``) 56 exact / 5 near-tie / 0 drift, passing; round-to-nearest int4 of
-    the same weights 3 / 23 / 35 with 33 drifts in the first 8 tokens, failing — any threshold
-    between those would do, so the numbers stay marked provisional.
+    not bounded. Measured on SmolLM2-135M (61 × 32, CUDA; docs/benchmarks.md, "GPU: parity"): int4
+    on the source's Q4_1 grid (``passes/grid_int4.py``) 56 exact / 5 near-tie / 0 drift, passing;
+    round-to-nearest int4 of the same weights 3 / 23 / 35 with 33 drifts in the first 8 tokens,
+    failing — any threshold between those would do, so the numbers stay marked provisional.
 
 Fractions rather than counts, so one policy serves the 40-prompt default set and the six-prompt
 smoke set alike; a fraction is rounded up to whole prompts (0.75 of 6 requires 5 exact). A field

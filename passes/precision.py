@@ -17,23 +17,10 @@ converted, with what settings, and what was left in higher precision.
 The lm head (the ``MatMul``/``Gemm`` producing ``logits``) stays fp32 for int8/int4 when
 ``keep_lm_head`` is set: on SmolLM2 it is a third of the weights but most of the logit error.
 
-Why this int8 recipe on CPU (measured 2026-11-22, SmolLM2-135M real weights, onnxruntime 1.31.1,
-2-core Xeon with AVX512-VNNI/AMX, fused graph, lm head fp32 in every variant). "err" is the
-teacher-forced error of the reference's top-1/top-2 logit margin (mean |Δ| over 604 generated
-positions of 20 default prompts); tok/s are batch-1 decode medians timed alternately in one run
-(the machine was shared, so ratios matter more than absolute numbers):
-
-=============================================  ======  ========================  ==============
-int8 variant                                   err     smoke verify (6)          × fused fp32
-=============================================  ======  ========================  ==============
-``quantize_dynamic`` per-channel (old default)  1.43   0 exact, FAILED           1.5–2.0×
-MatMulNBits 8-bit b32, acc. level 0 (fp32)      0.072  4 exact, 2 near-tie       0.16× (6× slower)
-MatMulNBits 8-bit b32, acc. level 2             —      —                         0.17×
-MatMulNBits 8-bit b32, acc. level 4             0.119  2 exact, 4 near-tie       1.7–1.9×
-MatMulNBits 8-bit b128, acc. level 4            0.204  1 exact, 5 near-tie       1.8×
-MatMulNBits 8-bit b32 asymmetric, acc. 4        0.119  (more flips: 15 vs 5)     —
-**MatMulNBits 8-bit b16, acc. level 4**         0.092  3 exact, 3 near-tie, PASS 1.5–1.6×
-=============================================  ======  ========================  ==============
+Why this int8 recipe on CPU (8-bit ``MatMulNBits``, blocks of 16, accuracy level 4: int8
+activations per row and block): of the variants measured on SmolLM2-135M — their error against
+the reference, smoke verify and speed are in docs/benchmarks.md, "CPU: fused, shared-buffer, int8
+and int4 artifacts" — it is the one that passes the int8 policy at a speed-up over fp32:
 
 * ``quantize_dynamic`` quantizes each activation tensor with *one* uint8 scale per call, so the
   largest value anywhere in the tensor sets the step for every channel and token (12× the error
@@ -43,12 +30,12 @@ MatMulNBits 8-bit b32 asymmetric, acc. 4        0.119  (more flips: 15 vs 5)    
   the b32 error only from 0.119 to 0.10–0.117: no projection is the sensitive one, the error is
   spread evenly, so excluding layers costs speed without buying parity.
 * Weight-only 8-bit (accuracy level 0–2) is the most accurate but MLAS has no fast kernel for it
-  on x64: it dequantizes the weights on every call.
+  on x64: it dequantizes the weights on every call, slower than fp32.
 * Blocks of 16 instead of 32 halve the span of each activation (and weight) scale; that costs
-  ~10–15 % of the speed and cuts the error by a quarter. On the 61 default prompts: b16 39 exact,
+  some speed and cuts the error by a quarter. On the 61 default prompts: b16 39 exact,
   22 near-ties, 0 drift; b32 34 / 27 / 0 (``docs/benchmarks.md`` has both runs).
 * Quantizing the lm head too (8-bit b16, after untying it from the embedding) raised the error
-  from 0.092 to 0.101 for ~8 % more speed; the head stays fp32.
+  from 0.092 to 0.101 for a little speed; the head stays fp32.
 
 Activation quantization is a discontinuous function, so even a row-independent kernel does not
 make the *model* batch-independent: the fp32 ``GroupQueryAttention`` result of a left-padded row
