@@ -14,7 +14,7 @@ import dataclasses
 
 from exporters.specs import ArchSpec, Feature, ModelKind, register
 
-__all__ = ["ENCODER_TINY_WINDOW", "ENCODER_FAMILIES", "PADDING_OFFSET", "encoder_max_positions"]
+__all__ = ["ENCODER_TINY_WINDOW", "ENCODER_FAMILIES", "NOT_FUSABLE", "PADDING_OFFSET", "encoder_max_positions"]
 
 _TINY_VOCAB = 320  # the byte-level test tokenizer's vocabulary (as exporters.specs)
 # Every tiny encoder: 4 heads of 16, 2 layers (ModernBERT: 3, for one local layer between globals).
@@ -102,12 +102,12 @@ def _distilbert() -> ArchSpec:
 def _mpnet() -> ArchSpec:
     return dataclasses.replace(
         _BERT_LIKE, name="mpnet", model_types=("mpnet",), positions=PADDING_OFFSET,
-        expected_fusions=("LayerNormalization", "SkipLayerNormalization", "Gelu", "MultiHeadAttention"),
         tiny_reference="sentence-transformers/all-mpnet-base-v2 (relative position bias, padding-offset positions)",
         tiny_config=dict(_SMALL, max_position_embeddings=130, relative_attention_num_buckets=32, pad_token_id=1,
                          bos_token_id=0, eos_token_id=2, layer_norm_eps=1e-5, hidden_act="gelu"),
-        notes="the relative position bias (one [heads, seq, seq] tensor shared by all layers) is added to the "
-              "scores: an attention bias input, which MultiHeadAttention takes and Attention's packed QKV does not",
+        notes="the relative position bias (one [batch, heads, seq, seq] tensor shared by all layers) and the "
+              "padding mask are added to the scores one after the other; passes.rule_encoder sums them first, "
+              "so Attention takes them as one attention_bias (int8: MultiHeadAttention after an int8 projection)",
     )
 
 
@@ -144,15 +144,32 @@ def _modernbert() -> ArchSpec:
         _BERT_LIKE, name="modernbert", model_types=("modernbert",), positions="rotary",
         activation="gelu-glu", default_max_context=8192,
         features=(Feature.ALTERNATING_WINDOW, Feature.PACKED_QKV, Feature.PACKED_GATE_UP),
-        expected_fusions=("LayerNormalization", "SkipLayerNormalization", "RotaryEmbedding", "MultiHeadAttention"),
+        expected_fusions=("LayerNormalization", "SkipLayerNormalization", "Gelu", "MultiHeadAttention"),
         tiny_reference="answerdotai/ModernBERT-base, Alibaba-NLP/gte-modernbert-base, nomic-ai/modernbert-embed-base "
                        "(rotary 1.6e5 global / 1e4 local, a global layer every third, 128-token local window, "
                        "GLU MLP, packed Wqkv, bias-free LayerNorm)",
         tiny_config=dict(_SMALL, num_hidden_layers=3, intermediate_size=96, max_position_embeddings=256,
                          global_attn_every_n_layers=3, local_attention=ENCODER_TINY_WINDOW,
                          pad_token_id=0, bos_token_id=1, eos_token_id=2, cls_token_id=1, sep_token_id=2),
-        notes="runs padded (transformers' eager path), the local window is a mask",
+        notes="runs padded (transformers' eager path: the local window is a mask, no unpadding); the bias-free "
+              "LayerNorm fuses through passes.rule_encoder",
     )
 
+
+# Fusions onnxruntime has for a block like the family's that cannot fire on it, and why. The fusion
+# report prints them beside the expected ones, so a user reads "cannot", not "missed".
+NOT_FUSABLE: dict[str, dict[str, str]] = {
+    "deberta-v2": {
+        "Attention": "disentangled attention adds content-to-position and position-to-content scores gathered "
+                     "from a relative-position table by a [seq, seq] index; no onnxruntime attention kernel "
+                     "computes them",
+        "MultiHeadAttention": "the same disentangled scores: they are not an additive bias known before q·kᵀ",
+    },
+    "modernbert": {
+        "RotaryEmbedding": "ModernBERT computes its positions inside the model (arange over the sequence), so "
+                           "the graph has no position_ids [batch, seq] for onnxscript's cos/sin-cache rule; "
+                           "the rotary stays as Mul/Add/Slice ops inside the fused attention's inputs",
+    },
+}
 
 ENCODER_FAMILIES = ("bert", "roberta", "xlm-roberta", "distilbert", "mpnet", "deberta-v2", "electra", "modernbert")

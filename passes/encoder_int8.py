@@ -83,15 +83,22 @@ def _attrs(node: onnx.NodeProto) -> dict[str, Any]:
 
 
 def _depends_only_on(model: onnx.ModelProto, value: str, allowed_input: str) -> bool:
-    """Whether ``value``'s *values* are computed from graph input ``allowed_input`` and constants alone
-    (other inputs may contribute their shapes)."""
+    """Whether ``value``'s *values* are computed from graph input ``allowed_input`` and scalar constants
+    alone (other inputs may contribute their shapes). A float table on the way (a learned relative
+    position bias gathered by distance, as MPNet adds to its mask) makes it more than a padding mask."""
     producer = {o: n for n in model.graph.node for o in n.output}
-    constants = {t.name for t in model.graph.initializer}
+    constants = {t.name: t for t in model.graph.initializer}
     graph_inputs = {i.name for i in model.graph.input}
     stack, seen = [value], set()
     while stack:
         name = stack.pop()
-        if name in seen or not name or name in constants or name == allowed_input:
+        if name in constants:
+            tensor = constants[name]
+            size = int(np.prod(tensor.dims)) if tensor.dims else 1
+            if tensor.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16) and size > 1:
+                return False  # a learned table (MPNet's relative position bias), not a mask constant
+            continue
+        if name in seen or not name or name == allowed_input:
             continue
         seen.add(name)
         if name in graph_inputs:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from exporters.specs import all_specs
 
-__all__ = ["expected_fusions"]
+__all__ = ["expected_fusions", "not_fusable"]
 
 
 def expected_fusions(architecture: str) -> tuple[str, ...]:
@@ -18,3 +18,11 @@ def expected_fusions(architecture: str) -> tuple[str, ...]:
         if spec.name == architecture:
             return spec.expected_fusions
     return ()
+
+
+def not_fusable(architecture: str) -> dict[str, str]:
+    """Fusions onnxruntime has for a block like this family's that cannot fire on it → why
+    (``exporters.encoder_specs.NOT_FUSABLE``); empty for a family without such entries."""
+    from exporters.encoder_specs import NOT_FUSABLE
+
+    return dict(NOT_FUSABLE.get(architecture, {}))

@@ -26,8 +26,16 @@ from typing import Any
 import onnx_ir as ir
 
 from passes.check import CheckResult, compare_artifacts
-from passes.expected import expected_fusions
-from passes.graph_passes import GraphPass, PassContext, cleanup_passes, final_passes, fusion_passes, node_count
+from passes.expected import expected_fusions, not_fusable
+from passes.graph_passes import (
+    GraphPass,
+    PassContext,
+    _rules_pass,
+    cleanup_passes,
+    final_passes,
+    fusion_passes,
+    node_count,
+)
 from passes.precision import PRECISIONS, Quantized, quantize_file
 from passes.rule_gqa import GQA_CONSTRAINT
 from passes.shared_buffer import SharedBuffer, compare_shared, share_kv_buffers, shared_buffer_blockers
@@ -62,6 +70,7 @@ class OptimizeReport:
     nodes_after: int
     seconds: float
     output: str | None = None
+    not_fusable: dict[str, str] = dataclasses.field(default_factory=dict)  # op → why it cannot fire here
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -80,6 +89,8 @@ class OptimizeReport:
         for op, reasons in self.missing.items():
             lines.append(f"  why no {op}:")
             lines.extend(f"    - {r}" for r in (reasons or ["no rule got a partial match"]))
+        for op, reason in self.not_fusable.items():
+            lines.append(f"  cannot fuse {op}: {reason}")
         other = {k: v for k, v in self.ops.items() if k not in self.expected}
         if other:
             lines.append("  other fused ops: " + ", ".join(f"{k}×{v}" for k, v in sorted(other.items())))
@@ -287,7 +298,8 @@ def optimize_artifact(
     _check_manifest_io(art, reference_io)
     nodes_before = node_count(model)
     ctx = PassContext(max_positions=int(art.architecture.get("max_context") or 2048))
-    passes = cleanup_passes() + (fusion_passes() if fuse else []) + final_passes()
+    passes = cleanup_passes() + (_encoder_passes() if fuse and not art.is_decoder else []) \
+        + (fusion_passes() if fuse else []) + final_passes()
     records = _run_passes(model, passes, ctx, show)
     _check_io("the graph passes", reference_io, model)
     leftovers = sorted({n.domain for n in model.graph.all_nodes() if n.domain.startswith("ai.onnxruntime._fusion")})
@@ -372,9 +384,21 @@ def optimize_artifact(
         check=check_result.to_json() if check_result else None,
         nodes_before=nodes_before, nodes_after=nodes_after,
         seconds=round(time.perf_counter() - started, 2), output=str(out),
+        not_fusable=not_fusable(arch) if fuse else {},
     )
     log.info("optimized %s → %s in %.1f s", art.path, out, report.seconds)
     return report
+
+
+def _encoder_passes() -> list[GraphPass]:
+    """Encoder-only rewrites that let onnxscript's fusions match (:mod:`passes.rule_encoder`)."""
+    from passes.rule_encoder import skip_layer_norm_no_bias_rules, two_bias_softmax_rules
+
+    return [
+        _rules_pass("encoder-two-bias-softmax", "fusion", lambda ctx: [two_bias_softmax_rules()]),
+        _rules_pass("encoder-skip-layer-norm-no-bias", "fusion", lambda ctx: [skip_layer_norm_no_bias_rules()],
+                    ("SkipLayerNormalization",)),
+    ]
 
 
 _KV_MODES = (None, KvMode.CONCAT.value, KvMode.SHARED_BUFFER.value)

@@ -76,9 +76,10 @@ def optimized(artifact_cache: Callable[[str], Path], tmp_path_factory: pytest.Te
 
 
 def test_every_tuned_family_has_measured_counts() -> None:
+    from exporters.encoder_specs import ENCODER_FAMILIES  # their counts: tests/encoders/test_families.py
     from exporters.specs import all_specs
 
-    assert {s.name for s in all_specs()} == set(EXPECTED_OPS)
+    assert {s.name for s in all_specs() if s.name not in ENCODER_FAMILIES} | {"bert"} == set(EXPECTED_OPS)
     assert expected_fusions("qwen3") == ("SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization",
                                          "GroupQueryAttention")
     assert expected_fusions("some_untuned_family") == ()  # the generic path expects nothing
