@@ -28,7 +28,7 @@ from runtime.decoder_io import DecoderIO
 from runtime.device import NP_DTYPES, Device
 from runtime.errors import GenerationError
 from runtime.kv_backend import BackendOptions, Started, register_backend
-from runtime.sampler_graph import HOST_INPUTS, ROW_CONSTANTS, ROW_STATE, SAMPLER_FORMAT
+from runtime.sampler_graph import HOST_INPUTS, ROW_CONSTANTS, ROW_INPUTS, ROW_STATE, SAMPLER_FORMAT
 from runtime.sampling import Plan, checked_row
 
 __all__ = ["ConcatBackend", "build_regroup_model"]
@@ -120,8 +120,7 @@ class ConcatBackend:
                 expected=str(sorted(self._inputs)), got=str(sorted(graph_inputs)), fix="re-export the artifact",
             )
         self.sampler = device.session(_sampler_bytes(artifact), small=True)
-        row = [(n, d, 2 if n in ("stop_mask", "uniforms") else 1, None) for n, d in ROW_CONSTANTS]
-        row += [(n, d, 1 if n == "step" else 2, None) for n, _, d in ROW_STATE]
+        row = [(r.name, r.dtype, 1 + len(r.dims(self.vocab, self.capacity)), None) for r in ROW_INPUTS]
         feeds = [("input_ids", "int64", 2, None), ("attention_mask", "int64", 2, 1)]
         if self._positions:
             feeds.append(("position_ids", "int64", 2, None))
@@ -129,9 +128,8 @@ class ConcatBackend:
         self._tensors = feeds + row
         self._row_names = [t[0] for t in row]
         # what one request's row arrays must be (runtime.sampling.checked_row)
-        widths = {"stop_mask": (self.vocab,), "uniforms": (self.capacity,), "seen": (self.vocab,),
-                  "counts": (self.vocab,)}
-        self._row_layout = {name: (NP_DTYPES[dtype], widths.get(name, ())) for name, dtype, _, _ in row}
+        self._row_layout = {r.name: (NP_DTYPES[r.dtype], tuple(r.dims(self.vocab, self.capacity)))
+                            for r in ROW_INPUTS}
         self.regroup = device.session(build_regroup_model(self._tensors), small=True)
         self.order: list[int] = []  # slot of each batch row
         self.state: dict[str, ort.OrtValue] = {}  # every per-row tensor of the running batch, by name

@@ -41,7 +41,7 @@ from runtime.decoder_io import SEQLENS_K, TOTAL_SEQUENCE_LENGTH, DecoderIO
 from runtime.device import NP_DTYPES, Device
 from runtime.errors import GenerationError
 from runtime.kv_backend import BackendOptions, Started, register_backend
-from runtime.sampler_graph import STEP_HOST_INPUTS
+from runtime.sampler_graph import ROW_INPUTS, STEP_HOST_INPUTS
 from runtime.sampling import Plan, checked_row
 from runtime.step_graph import CONSTANTS, FORMAT, PREFIX, STATE, step_io
 
@@ -199,12 +199,10 @@ class SlotsBackend:
                  ", CUDA graphs" if cuda_graph else "")
 
     def _row_shapes(self) -> dict[str, list[int]]:
-        v = self.vocab
-        shapes = {"input_ids": [1], "position_ids": [1], SEQLENS_K: [], PREFIX + "seen": [v],
-                  PREFIX + "counts": [v], PREFIX + "step": [], PREFIX + "history": [self.window]}
-        for name, _dtype in CONSTANTS:
-            short = name[len(PREFIX):]
-            shapes[name] = [v] if short == "stop_mask" else [self.capacity] if short == "uniforms" else []
+        """One row's shape of every per-row tensor of the step model (sampling rows: :data:`ROW_INPUTS`)."""
+        shapes: dict[str, list[int]] = {"input_ids": [1], "position_ids": [1], SEQLENS_K: [],
+                                        PREFIX + "history": [self.window], PREFIX + "last_position": []}
+        shapes.update({PREFIX + r.name: [int(d) for d in r.dims(self.vocab, self.capacity)] for r in ROW_INPUTS})
         return shapes
 
     # -- slots ----------------------------------------------------------------------------------

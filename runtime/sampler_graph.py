@@ -42,9 +42,10 @@ lies within the K candidates —
 when their mass is below ``top_p`` the nucleus is cut at the last candidate (every token ``≥``
 its value kept).
 
-No ``ReduceMax`` anywhere: onnxruntime's CUDA ReduceMax goes through cuDNN and took 3–3.5 ms a
-step for ``[16, 49152]`` on an H100 (int64 is reduced in double); the row maximum is gathered at
-the ``ArgMax`` instead, and the last kept token is the ``ArgMax`` of the CDF (its first maximum).
+No ``ReduceMax`` anywhere: onnxruntime's CUDA ReduceMax goes through cuDNN, which is slow over a
+row of logits (and reduces int64 in double; docs/benchmarks.md, "GPU: what sampling costs"); the
+row maximum is gathered at the ``ArgMax`` instead, and the last kept token is the ``ArgMax`` of the
+CDF (its first maximum).
 
 Cumulative sums: onnxruntime's CUDA ``CumSum`` computes each output element from scratch
 (quadratic in the axis length), so the draw runs in two levels (:func:`_draw`): a block of
@@ -54,20 +55,16 @@ reduces int64 in double.
 
 A branch that a host input switches off launches nothing. Selecting the candidates: onnxruntime's
 CUDA ``TopK`` takes its fast path up to K = 256 and beyond it a radix select with one thread
-block a row (an H100 replays a graph of that one node in 0.37 ms over 49,152 logits and 0.78 ms
-over 128,256, against 0.13–0.14 ms for K = 256). A CUDA step model therefore selects more than
-256 candidates in parts of the row (:func:`_largest`, switched on per
-run by the ``parted_rows`` host input; the same values): top-p's 1,024 candidates then cost
-0.17 / 0.57 ms less a step, while for 64 or 256 one ``TopK`` stays up to 0.07 ms faster
-(``bench/gpu_sampler.py``). What a sampled step costs on an H100 (``bench/gpu_replay.py``, the
-captured step alone, SmolLM2 shape / 1B shape, batch 1): temperature +5 %, top-k (64
-candidates) +11 % / +10 %, top-p over 1,024 candidates in parts +19 % / +18 % (+33 % / +56 % in
-one ``TopK``); the node count hardly matters (a variant with ~20 fewer nodes and no
-device-to-device copies replayed no faster).
+block a row. A CUDA step model therefore selects more than 256 candidates in parts of the row
+(:func:`_largest`, switched on per run by the ``parted_rows`` host input; the same values), which
+is faster for top-p's 1,024 candidates, while for 64 or 256 one ``TopK`` stays faster. What each
+sampling plan costs a step is in docs/benchmarks.md, "GPU: what sampling costs"; the node count
+hardly matters (a variant with ~20 fewer nodes and no device-to-device copies replayed no faster).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 from typing import Any
@@ -76,7 +73,8 @@ import numpy as np
 
 from runtime._onnx_proto import GraphBuilder
 
-__all__ = ["ALL_ROWS", "BOUNDED_CANDIDATES", "HOST_INPUTS", "MAX_CANDIDATES", "ROW_CONSTANTS", "ROW_STATE",
+__all__ = ["ALL_ROWS", "BOUNDED_CANDIDATES", "HOST_INPUTS", "MAX_CANDIDATES", "ROWS", "ROW_CONSTANTS", "ROW_INPUTS",
+           "ROW_STATE", "RowInput",
            "STEP_HOST_INPUTS", "SAMPLER_FORMAT", "SAMPLER_NAME", "add_sampling", "declare_row_inputs",
            "build_sampler_model", "candidate_segments", "write_sampler"]
 
@@ -91,12 +89,52 @@ SEGMENTS_MAX = 8  # the most parts a CUDA step's candidate selection splits a ro
 _BLOCK = 256
 _FLOAT, _INT64 = 1, 7
 
-# per-row inputs written once at admission: (name, dtype, has a vocab axis / steps axis)
-ROW_CONSTANTS = (
-    ("temperature", "float32"), ("top_k", "int64"), ("top_p", "float32"), ("min_p", "float32"),
-    ("repetition_penalty", "float32"), ("presence_penalty", "float32"), ("frequency_penalty", "float32"),
-    ("min_new_tokens", "int64"), ("stop_mask", "bool"), ("uniforms", "float32"), ("last_step", "int64"),
+@dataclasses.dataclass(frozen=True)
+class RowInput:
+    """One per-row sampling input: the graph declares it ``[batch, *width]``, the backends keep
+    a buffer of it per slot, :func:`runtime.sampling.row_arrays` fills a request's row, and a row
+    of ``neutral`` values samples greedily with no penalties.
+
+    A new sampling option is one row here (and its field in
+    :class:`runtime.sampling.SamplingParams`, named by ``param``) plus its nodes in
+    :func:`add_sampling`; bump :data:`SAMPLER_FORMAT` and :data:`runtime.step_graph.FORMAT`.
+    """
+
+    name: str
+    dtype: str
+    width: str = ""  # "": one value per row; "vocab": one per token; "steps": one per decode step
+    state_output: str | None = None  # state the sampling updates: the output that becomes it next step
+    param: str | None = None  # the SamplingParams field a request's value comes from
+    neutral: float = 0.0
+
+    def dims(self, vocab: int, steps: int | str) -> list[int | str]:
+        """One row's shape (without the batch axis)."""
+        return {"": [], "vocab": [vocab], "steps": [steps]}[self.width]
+
+
+# Every per-row input, in the graphs' declaration order: constants written once at admission,
+# then the state the sampling updates each step.
+ROW_INPUTS: tuple[RowInput, ...] = (
+    RowInput("temperature", "float32", param="temperature"),
+    RowInput("top_k", "int64", param="top_k"),
+    RowInput("top_p", "float32", param="top_p", neutral=1.0),
+    RowInput("min_p", "float32", param="min_p"),
+    RowInput("repetition_penalty", "float32", param="repetition_penalty", neutral=1.0),
+    RowInput("presence_penalty", "float32", param="presence_penalty"),
+    RowInput("frequency_penalty", "float32", param="frequency_penalty"),
+    RowInput("min_new_tokens", "int64", param="min_new_tokens"),
+    RowInput("stop_mask", "bool", "vocab"),  # EOS and stop ids, masked while step < min_new_tokens
+    RowInput("uniforms", "float32", "steps"),  # the row's seeded draws, one per step
+    RowInput("last_step", "int64"),  # the last column of uniforms
+    RowInput("seen", "bool", "vocab", state_output="seen_out"),  # prompt + generated (repetition penalty)
+    RowInput("counts", "float32", "vocab", state_output="counts_out"),  # generated (presence/frequency)
+    RowInput("step", "int64", state_output="step_out"),  # tokens generated so far
 )
+ROWS = {row.name: row for row in ROW_INPUTS}
+# per-row inputs written once at admission: (name, dtype)
+ROW_CONSTANTS = tuple((row.name, row.dtype) for row in ROW_INPUTS if row.state_output is None)
+# per-row state the sampling updates: (input, output, dtype)
+ROW_STATE = tuple((row.name, row.state_output, row.dtype) for row in ROW_INPUTS if row.state_output is not None)
 # [1] int64 inputs in host memory, one value per run (each value its own captured graph on CUDA)
 HOST_INPUTS = ("candidates", "sampled_rows", "penalized_rows")
 # the step model's (:mod:`runtime.step_graph`) add two: rows 0:filtered_rows run the top-k /
@@ -104,8 +142,6 @@ HOST_INPUTS = ("candidates", "sampled_rows", "penalized_rows")
 # those, rows 0:parted_rows select their candidates in parts of the row (:func:`_largest`;
 # ignored by a step built with one part)
 STEP_HOST_INPUTS = (*HOST_INPUTS, "filtered_rows", "parted_rows")
-# per-row state the sampling updates: (input, output)
-ROW_STATE = (("seen", "seen_out", "bool"), ("counts", "counts_out", "float32"), ("step", "step_out", "int64"))
 
 
 def _count(g: GraphBuilder, mask: str, axis: str) -> str:
@@ -152,8 +188,8 @@ def _draw(g: GraphBuilder, w: str, u: str, length: int) -> str:
     In two levels, so that nothing over the whole axis is cumulative: a block of :data:`_BLOCK`
     entries by the cumulative sum of the block totals, then the entry inside it by the cumulative
     sum of that block alone (onnxruntime's CUDA ``CumSum`` is quadratic in the axis length).
-    A one-level draw over a ``MatMul`` with a triangular matrix of ones (11 nodes against 27)
-    replayed no faster on an H100 and cost 1 ms a step at batch 1 on a 2-core CPU.
+    A one-level draw over a ``MatMul`` with a triangular matrix of ones (11 nodes against 27) was
+    no faster on CUDA and slower on the CPU.
     """
     blocks = math.ceil(length / _BLOCK)
     pad = blocks * _BLOCK - length
@@ -291,16 +327,8 @@ def add_sampling(g: GraphBuilder, logits_last: str, vocab: int, names: dict[str,
 def declare_row_inputs(g: GraphBuilder, vocab: int, prefix: str = "",
                        host_inputs: tuple[str, ...] = HOST_INPUTS) -> dict[str, str]:
     """Declare every per-row sampling input, and the host inputs, as graph inputs ``prefix + name``."""
-    names = {}
-    for name, dtype in ROW_CONSTANTS:
-        shape: list[int | str] = ["batch"]
-        if name == "stop_mask":
-            shape.append(vocab)
-        elif name == "uniforms":
-            shape.append("steps")
-        names[name] = g.input(prefix + name, dtype, shape)
-    for name, _, dtype in ROW_STATE:
-        names[name] = g.input(prefix + name, dtype, ["batch", vocab] if name != "step" else ["batch"])
+    names = {row.name: g.input(prefix + row.name, row.dtype, ["batch", *row.dims(vocab, "steps")])
+             for row in ROW_INPUTS}
     for name in host_inputs:
         names[name] = g.input(prefix + name, "int64", [1])
     return names
@@ -334,7 +362,7 @@ def build_sampler_model(logits_dtype: str, vocab: int, segments: int = 1) -> byt
     g.output("next_attention_mask", "int64", ["batch", "total_next"])
     g.output("next_position_ids", "int64", ["batch", 1])
     for name, out_name, dtype in ROW_STATE:
-        g.output(out_name, dtype, ["batch", vocab] if name != "step" else ["batch"])
+        g.output(out_name, dtype, ["batch", *ROWS[name].dims(vocab, "steps")])
     return g.to_bytes()
 
 

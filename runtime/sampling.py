@@ -18,7 +18,7 @@ import numpy as np
 import onnxruntime as ort
 
 from runtime.errors import GenerationError, InvalidRequestError
-from runtime.sampler_graph import ALL_ROWS, BOUNDED_CANDIDATES, HOST_INPUTS, build_sampler_model
+from runtime.sampler_graph import ALL_ROWS, BOUNDED_CANDIDATES, HOST_INPUTS, ROW_INPUTS, build_sampler_model
 
 __all__ = ["SamplingParams", "GREEDY", "INT64_MAX", "FLOAT32_TINY", "REPETITION_PENALTY_RANGE", "PARTED_ABOVE",
            "GENERATION_DEFAULTS", "Plan", "TOP_K_CANDIDATES", "checked_row", "generation_defaults", "host_values",
@@ -200,11 +200,9 @@ def host_values(params: Sequence[SamplingParams], candidates: int) -> Plan:
     only the first of :data:`TOP_K_CANDIDATES` that holds the largest ``top_k`` (64 for the usual
     top-k 40 or 50): exact, since top-p then renormalizes over the top-k survivors. onnxruntime's
     CUDA ``TopK`` has a fast path up to K = 256 and runs a radix select with one thread block a
-    row beyond it (a graph of that one node replays in 0.37 ms for K = 1,024 over 49,152 logits on
-    an H100, 0.78 ms over 128,256, against 0.13–0.14 ms for K = 256),
-    so more than :data:`PARTED_ABOVE` candidates are selected in parts of the row
-    (``parted_rows``; :func:`runtime.sampler_graph.candidate_segments`, the same values): 0.17 /
-    0.57 ms less there, up to 0.07 ms more for 64 or 256 (``bench/gpu_sampler.py``).
+    row beyond it, so more than :data:`PARTED_ABOVE` candidates are selected in parts of the row
+    (``parted_rows``; :func:`runtime.sampler_graph.candidate_segments`, the same values): faster
+    there, slower for 64 or 256 (docs/benchmarks.md, "GPU: what sampling costs").
     """
     sampled = [p for p in params if not p.greedy]
     sorting = [p for p in sampled if p.needs_candidates]
@@ -229,28 +227,15 @@ def row_arrays(params: SamplingParams, prompt: Sequence[int], stop_ids: Sequence
     drawn from the row's own ``numpy.random.default_rng(seed)`` stream, so a row's samples do
     not depend on which rows share its batch.
     """
-    seen = np.zeros((1, vocab), dtype=np.bool_)
+    rows = {row.name: np.full((1, *row.dims(vocab, steps)), getattr(params, row.param) if row.param else row.neutral,
+                              dtype=np.dtype(row.dtype)) for row in ROW_INPUTS}
     if params.repetition_penalty != 1.0:
-        seen[0, np.asarray(prompt, dtype=np.int64)] = True
-    stop_mask = np.zeros((1, vocab), dtype=np.bool_)
+        rows["seen"][0, np.asarray(prompt, dtype=np.int64)] = True
     if params.min_new_tokens > 0 and len(stop_ids):
-        stop_mask[0, np.asarray(list(stop_ids), dtype=np.int64)] = True
-    return {
-        "temperature": np.array([params.temperature], dtype=np.float32),
-        "top_k": np.array([params.top_k], dtype=np.int64),
-        "top_p": np.array([params.top_p], dtype=np.float32),
-        "min_p": np.array([params.min_p], dtype=np.float32),
-        "repetition_penalty": np.array([params.repetition_penalty], dtype=np.float32),
-        "presence_penalty": np.array([params.presence_penalty], dtype=np.float32),
-        "frequency_penalty": np.array([params.frequency_penalty], dtype=np.float32),
-        "min_new_tokens": np.array([params.min_new_tokens], dtype=np.int64),
-        "stop_mask": stop_mask,
-        "uniforms": np.random.default_rng(params.seed).random((1, steps), dtype=np.float32),
-        "last_step": np.array([steps - 1], dtype=np.int64),
-        "seen": seen,
-        "counts": np.zeros((1, vocab), dtype=np.float32),
-        "step": np.zeros(1, dtype=np.int64),
-    }
+        rows["stop_mask"][0, np.asarray(list(stop_ids), dtype=np.int64)] = True
+    rows["uniforms"] = np.random.default_rng(params.seed).random((1, steps), dtype=np.float32)
+    rows["last_step"][0] = steps - 1
+    return rows
 
 
 def checked_row(arrays: Mapping[str, np.ndarray],

@@ -54,7 +54,7 @@ from typing import Any
 import numpy as np
 
 from runtime._onnx_proto import GraphBuilder, fragment_bytes
-from runtime.sampler_graph import ROW_CONSTANTS, STEP_HOST_INPUTS, add_sampling, declare_row_inputs
+from runtime.sampler_graph import ROW_CONSTANTS, ROW_INPUTS, STEP_HOST_INPUTS, add_sampling, declare_row_inputs
 
 __all__ = ["FORMAT", "PREFIX", "STATE", "CONSTANTS", "WINDOW", "append_step", "manifest_entry", "neutral_feeds",
            "step_fragment", "step_io"]
@@ -146,7 +146,7 @@ def neutral_feeds(batch: int, vocab: int, window: int = WINDOW, capacity: int = 
     The decoder's own inputs are not included; the draw and the penalties run on no rows.
     """
     feeds: dict[str, np.ndarray] = {}
-    ones = {"repetition_penalty": 1, "top_p": 1, "candidates": 1, "last_position": capacity - 1}
+    ones = {**{row.name: row.neutral for row in ROW_INPUTS}, "candidates": 1, "last_position": capacity - 1}
     for spec in step_io(vocab, window)["inputs"]:  # all under PREFIX: the decoder's own are the caller's
         name = spec["name"]
         dims = [batch if d == "batch" else 1 if d == "steps" else d for d in spec["shape"]]
