@@ -442,8 +442,8 @@ def _want_shared_buffer(art: Artifact, model: ir.Model, device: str, kv_mode: st
         return False
     blockers = shared_buffer_blockers(model, int(art.architecture["layers"])) if fuse else ["--no-fuse"]
     if not blockers and device == "cuda" and precision == "fp32":
-        # onnxruntime's GroupQueryAttention has fp16/bf16 CUDA kernels only; measured on an H100
-        # (onnxruntime-gpu 1.31.1), an fp32 shared-buffer graph on CUDA gives logits off by ~1
+        # onnxruntime's GroupQueryAttention has fp16/bf16 CUDA kernels only; with onnxruntime-gpu
+        # 1.31.1 an fp32 shared-buffer graph on CUDA gives logits off by ~1
         # while the same graph on the CPU and the fp32 concat graph on CUDA agree to 1e-6.
         if kv_mode is None:
             log.info("kv_mode stays concat for fp32 on CUDA (GroupQueryAttention has no fp32 CUDA kernel)")
