@@ -1,4 +1,4 @@
-"""CPU: 8 concurrent callers against the same 8 prompts in one call (issue #11's CPU target).
+"""CPU: N concurrent callers against the same N prompts in one call, and one after another.
 
     PYTHONPATH=. python bench/cpu_serving.py ARTIFACT [--callers 8] [--prompt-len 32] [--new-tokens 32]
 
