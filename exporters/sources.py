@@ -325,6 +325,8 @@ def _gguf_config(config: Any, header: _GgufHeader) -> Any:
         changes["head_dim"] = int(key_length)
     head_dim = int(changes.get("head_dim") or getattr(config, "head_dim", None) or config.hidden_size // heads)
     for key, attr in (("attention.sliding_window", "sliding_window"),
+                      ("expert_feed_forward_length", "moe_intermediate_size"),
+                      ("expert_shared_feed_forward_length", "shared_expert_intermediate_size"),
                       ("attn_logit_softcapping", "attn_logit_softcapping"),
                       ("final_logit_softcapping", "final_logit_softcapping")):
         value = header.get(key)
@@ -346,6 +348,10 @@ def _gguf_config(config: Any, header: _GgufHeader) -> Any:
         if rotary and rotary < head_dim and "full_attention" not in rope:
             rope["partial_rotary_factor"] = rotary / head_dim
             changes["partial_rotary_factor"] = rope["partial_rotary_factor"]
+        base = header.get("rope.freq_base")  # StarCoder2 and StableLM: not in transformers' mapping
+        if base is not None and target.get("rope_theta") != base:
+            target["rope_theta"] = float(base)
+            changes["rope_theta"] = target["rope_theta"]
         if header.get("rope.scaling.type") == "linear":
             target.update(rope_type="linear", factor=float(header.get("rope.scaling.factor")))
             changes["rope_scaling"] = f"linear x{target['factor']}"
@@ -644,43 +650,77 @@ def _attention_options(config: Any) -> dict[str, Any]:
 
 
 _ST_POOLING_MODES = (("pooling_mode_cls_token", "cls"), ("pooling_mode_mean_tokens", "mean"),
-                     ("pooling_mode_max_tokens", "max"), ("pooling_mode_mean_sqrt_len_tokens", "mean_sqrt_len"))
+                     ("pooling_mode_max_tokens", "max"), ("pooling_mode_mean_sqrt_len_tokens", "mean_sqrt_len"),
+                     ("pooling_mode_lasttoken", "lasttoken"), ("pooling_mode_weightedmean_tokens", "weightedmean"))
+_ST_SUPPORTED = ("cls", "mean", "max", "mean_sqrt_len", "lasttoken")
+# sentence-transformers modules the runtime reproduces; anything else (Dense, LayerNorm, a CNN …)
+# changes the vector, so an artifact without it would not embed like SentenceTransformer.
+_ST_MODULES = {"Transformer", "Pooling", "Normalize"}
+
+
+def _st_refuse(folder: Path, what: str, expected: str) -> ExportError:
+    return ExportError(f"{folder}: {what}", expected=expected,
+                       fix="edit the sentence-transformers files, or remove modules.json to export the plain "
+                           "encoder (mean pooling)")
 
 
 def sentence_transformers_config(folder: Path | None) -> dict[str, Any]:
-    """The manifest's ``encoder`` block: pooling, normalization and maximum length of an encoder.
+    """The manifest's ``encoder`` block: pooling, normalization, maximum length and prompts of an encoder.
 
-    Read from the source folder's sentence-transformers files (``modules.json``, the Pooling
-    module's ``config.json``, a Normalize module, ``sentence_bert_config.json``); a folder without
-    them (and ``tiny:``/``random:`` sources) gets mean pooling without normalization, recorded as
-    the default so the runtime can say so.
+    Read from the source folder's sentence-transformers files, as ``SentenceTransformer(folder)``
+    reads them: ``modules.json`` (Transformer → Pooling → optional Normalize), the Pooling module's
+    ``config.json`` (``pooling_mode_*``: cls, mean, max, mean_sqrt_len, lasttoken; and
+    ``include_prompt``), ``sentence_bert_config.json`` (``max_seq_length``), and
+    ``config_sentence_transformers.json`` (``prompts`` such as ``{"query": "query: "}`` and
+    ``default_prompt_name``). A module the runtime cannot reproduce (Dense, weighted-mean pooling,
+    several pooling modes at once) is refused rather than silently dropped. A folder without
+    ``modules.json`` (and ``tiny:``/``random:`` sources) gets mean pooling without normalization,
+    recorded as the default so the runtime can say so.
     """
     import json
 
     default: dict[str, Any] = {"pooling": "mean", "normalize": False, "max_seq_length": None,
-                               "from": "default (no sentence-transformers modules.json)"}
+                               "from": "default (no sentence-transformers modules.json)", "prompts": {},
+                               "default_prompt_name": None, "include_prompt": True}
     modules_path = folder / "modules.json" if folder is not None else None
-    if modules_path is None or not modules_path.is_file():
+    if folder is None or modules_path is None or not modules_path.is_file():
         return default
     try:
         modules = json.loads(modules_path.read_text(encoding="utf-8"))
         types = {str(m.get("type", "")).rsplit(".", 1)[-1]: str(m.get("path", "")) for m in modules}
-        pooling = "mean"
+        pooling, include_prompt = "mean", True
         if "Pooling" in types:
             pool_cfg = json.loads((folder / types["Pooling"] / "config.json").read_text(encoding="utf-8"))
             chosen = [name for key, name in _ST_POOLING_MODES if pool_cfg.get(key)]
-            if len(chosen) != 1:
-                raise ExportError(f"{folder}: sentence-transformers pooling {chosen or 'none'} is not supported",
-                                  expected="exactly one of cls, mean, max, mean_sqrt_len",
-                                  fix="edit 1_Pooling/config.json, or remove modules.json for mean pooling")
+            if len(chosen) != 1 or chosen[0] not in _ST_SUPPORTED:
+                raise _st_refuse(folder, f"sentence-transformers pooling {chosen or 'none'} is not supported",
+                                 "exactly one of " + ", ".join(_ST_SUPPORTED))
             pooling = chosen[0]
+            include_prompt = bool(pool_cfg.get("include_prompt", True))
+        other = sorted(set(types) - _ST_MODULES)
+        if other:
+            raise _st_refuse(folder, f"sentence-transformers module(s) {', '.join(other)} are not supported",
+                             "Transformer, Pooling and Normalize modules only")
         max_len = None
         bert_cfg = folder / "sentence_bert_config.json"
         if bert_cfg.is_file():
             max_len = json.loads(bert_cfg.read_text(encoding="utf-8")).get("max_seq_length")
+        prompts: dict[str, str] = {}
+        default_prompt = None
+        st_cfg = folder / "config_sentence_transformers.json"
+        if st_cfg.is_file():
+            st = json.loads(st_cfg.read_text(encoding="utf-8"))
+            prompts = {str(k): str(v) for k, v in (st.get("prompts") or {}).items()}
+            default_prompt = st.get("default_prompt_name") or None
+            if default_prompt is not None and default_prompt not in prompts:
+                raise _st_refuse(folder, f"default_prompt_name {default_prompt!r} is not among the prompts",
+                                 "one of " + (", ".join(prompts) or "(no prompts)"))
+    except ExportError:
+        raise
     except (OSError, ValueError, AttributeError, TypeError) as exc:
         raise ExportError(f"{folder}: the sentence-transformers configuration cannot be read ({exc})",
                           fix="repair modules.json / 1_Pooling/config.json, "
                               "or remove modules.json for mean pooling") from exc
     return {"pooling": pooling, "normalize": "Normalize" in types,
-            "max_seq_length": int(max_len) if max_len else None, "from": "sentence-transformers modules.json"}
+            "max_seq_length": int(max_len) if max_len else None, "from": "sentence-transformers modules.json",
+            "prompts": prompts, "default_prompt_name": default_prompt, "include_prompt": include_prompt}

@@ -43,6 +43,8 @@ GGUF_OVERRIDES: dict[str, dict[str, Any]] = {
     "gemma2": {"query_pre_attn_scalar": 16},  # = head_dim: llama.cpp scales queries by 1/sqrt(head_dim)
     # llama.cpp fixes Gemma 3's pattern (five local layers, then a global one): six layers show it.
     "gemma3_text": {"query_pre_attn_scalar": 16, "layer_types": DEFAULT, "num_hidden_layers": 6},
+    # llama.cpp normalizes Qwen3-MoE's top-k routing weights (as Qwen3-30B-A3B's config says)
+    "qwen3_moe": {"norm_topk_prob": True},
 }
 
 
@@ -116,7 +118,10 @@ def _write_hparams(writer: Any, arch: str, config: Any, name: str) -> None:
     writer.add_feed_forward_length(config.intermediate_size)
     writer.add_head_count(heads)
     writer.add_head_count_kv(getattr(config, "num_key_value_heads", None) or heads)
-    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    if hasattr(config, "rms_norm_eps"):
+        writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    else:  # LayerNorm families (StarCoder2, StableLM)
+        writer.add_layer_norm_eps(getattr(config, "norm_epsilon", None) or config.layer_norm_eps)
     rope = dict(getattr(config, "rope_parameters", None) or {})
     if "full_attention" in rope:  # per layer type (Gemma 3): the global layers' base is the file's
         rope = rope["full_attention"]
@@ -135,6 +140,12 @@ def _write_hparams(writer: Any, arch: str, config: Any, name: str) -> None:
     if arch == "gemma2":
         writer.add_attn_logit_softcapping(config.attn_logit_softcapping)
         writer.add_final_logit_softcapping(config.final_logit_softcapping)
+    if getattr(config, "num_experts", None):  # Qwen2/3-MoE
+        writer.add_expert_count(config.num_experts)
+        writer.add_expert_used_count(config.num_experts_per_tok)
+        writer.add_expert_feed_forward_length(config.moe_intermediate_size)
+        if getattr(config, "shared_expert_intermediate_size", None):
+            writer.add_expert_shared_feed_forward_length(config.shared_expert_intermediate_size)
     writer.add_file_type(0)  # ALL_F32
 
 
@@ -156,10 +167,20 @@ def write_gguf(model: Any, tokenizer: Any, path: Path, family: str, name: str | 
     for hf_name, tensor in model.state_dict().items():
         if tied and hf_name == "lm_head.weight":
             continue  # llama.cpp writes the output projection only when it is not the embedding
+        data = tensor.detach().float().numpy().copy()
+        if hf_name.endswith("mlp.experts.gate_up_proj"):  # [experts, 2 x ffn, hidden]: llama.cpp splits it
+            block = hf_name.split(".")[2]
+            gate, up = np.split(data, 2, axis=1)
+            writer.add_tensor(f"blk.{block}.ffn_gate_exps.weight", np.ascontiguousarray(gate))
+            writer.add_tensor(f"blk.{block}.ffn_up_exps.weight", np.ascontiguousarray(up))
+            continue
+        if hf_name.endswith("mlp.experts.down_proj"):
+            hf_name += ".weight"
+        if hf_name.endswith("shared_expert_gate.weight"):
+            data = data.reshape(-1)  # llama.cpp stores the [1, hidden] gate as a vector
         gguf_name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if gguf_name is None:
             raise KeyError(f"{hf_name} has no GGUF name for {arch}")
-        data = tensor.detach().float().numpy().copy()
         if arch == "llama" and hf_name.endswith("q_proj.weight"):
             data = _llama_permute(data, heads, heads)
         elif arch == "llama" and hf_name.endswith("k_proj.weight"):

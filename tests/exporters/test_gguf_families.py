@@ -94,6 +94,26 @@ def test_what_transformers_leaves_out_is_restored_from_the_metadata(tmp_path: Pa
         assert torch.equal(loaded.model(ids).logits, fixture.model(ids).logits)
 
 
+# Families whose conversion the tiny: tests cover: here only that the GGUF loads as the model it was
+# written from (exact logits), with a rotary base transformers' mapping drops for the first two.
+_ROPE = {"rope_type": "default", "rope_theta": 999999.0}
+
+
+@pytest.mark.parametrize("family,overrides", [
+    ("starcoder2", {"rope_parameters": _ROPE}),
+    ("stablelm", {"rope_parameters": {**_ROPE, "partial_rotary_factor": 0.25}}),
+    ("qwen2_moe", {}), ("qwen3_moe", {}), ("llama", {}),
+])
+def test_more_families_load_from_gguf_as_the_model_they_were_written_from(
+        tmp_path: Path, family: str, overrides: dict[str, object]) -> None:
+    fixture = tiny_gguf(family, tmp_path, **overrides)
+    loaded = load_source(str(fixture.path))
+    assert loaded.spec.name == family and loaded.info.kind == "gguf"
+    ids = torch.tensor([fixture.tokenizer.encode(PROMPTS[1])])
+    with torch.no_grad():
+        assert torch.equal(loaded.model(ids).logits, fixture.model(ids).logits)
+
+
 def test_a_llama_file_named_mistral_loads_as_llama(tmp_path: Path) -> None:
     """transformers reads a Llama-architecture file named exactly "mistral" as Mistral, then finds no
     tensor map for it; lmforge loads it as the Llama that llama.cpp runs."""
