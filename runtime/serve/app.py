@@ -677,10 +677,11 @@ class _Handlers:
         try:
             while (item := await events.next()) is not None:
                 self._observe(*item)
-        except GenerationError as exc:
+        except GenerationError as exc:  # a split server's refusals arrive here (queue full: 429)
             events.cancel()
-            self.m.requests.labels(endpoint, "error").inc()
-            raise from_generation_error(exc) from None
+            error = from_generation_error(exc)
+            self.m.requests.labels(endpoint, outcome_of(error.status)).inc()
+            raise error from None
         except BaseException:
             events.cancel()
             raise
@@ -699,10 +700,11 @@ class _Handlers:
         watcher = asyncio.create_task(self._watch(http.receive, events))
         try:  # the first event before the headers: a failure before any token is still a plain 500
             first = await events.next()
-        except GenerationError as exc:
+        except GenerationError as exc:  # a split server's refusals arrive here (queue full: 429)
             events.cancel()
-            self.m.requests.labels(endpoint, "error").inc()
-            raise from_generation_error(exc) from None
+            error = from_generation_error(exc)
+            self.m.requests.labels(endpoint, outcome_of(error.status)).inc()
+            raise error from None
         except BaseException:
             events.cancel()
             raise

@@ -163,6 +163,8 @@ class RemoteRequest:
                     await self._waiter
                     self._waiter = None
                 event = self._events.popleft()
+                if self._events:  # the reader fell behind: one event (one SSE chunk) for all it missed
+                    event = _merge(event, self._events)
                 yield event
                 if event.result is not None:
                     finished = True
@@ -170,6 +172,17 @@ class RemoteRequest:
         finally:
             if not finished:
                 self.cancel()
+
+
+def _merge(first: TokenEvent, rest: collections.deque[TokenEvent]) -> TokenEvent:
+    """``first`` and every event queued after it as one (ids and text joined; the last one's result)."""
+    ids, parts = list(first.token_ids), [first.text]
+    last = first
+    while rest:
+        last = rest.popleft()
+        ids.extend(last.token_ids)
+        parts.append(last.text)
+    return TokenEvent(tuple(ids), "".join(parts), last.result, last.time)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -31,13 +31,28 @@ CHATS = [[{"role": "user", "content": "Hi there!"}],
          [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "Name a colour."}]]
 
 
-@pytest.fixture(scope="module")
-def served(tiny_llama: Path) -> Iterator[tuple[BackgroundServer, Engine]]:
+@pytest.fixture(scope="module", params=["in-process", "split"])
+def served(tiny_llama: Path, request: pytest.FixtureRequest) -> Iterator[tuple[BackgroundServer, Engine]]:
+    """The app over the engine in this process, and over an engine core process (the engine
+    returned then is a second one, in this process, that the tests take their references from)."""
     engine = Engine.load(tiny_llama, max_batch=4, max_queue=32)
-    server = BackgroundServer(engine, served_model_name="tiny").start()
-    yield server, engine
-    server.stop()
-    engine.close(drain=False)
+    if request.param == "in-process":
+        server = BackgroundServer(engine, served_model_name="tiny").start()
+        yield server, engine
+        server.stop()
+        engine.close(drain=False)
+        return
+    from runtime.serve.client import CoreClient
+    from runtime.serve.instances import ModelOptions
+    from runtime.serve.split import CoreProcess
+
+    with CoreProcess(ModelOptions(str(tiny_llama), max_batch=4, max_queue=32, verify_hashes=False)) as core:
+        client = CoreClient(core.addresses, str(tiny_llama))
+        server = BackgroundServer(client, served_model_name="tiny").start()
+        yield server, engine
+        server.stop()
+        client.close(drain=False)
+        engine.close(drain=False)
 
 
 def _client(server: BackgroundServer) -> openai.OpenAI:
