@@ -1,4 +1,4 @@
-"""torch → ONNX export with the KV cache, following DESIGN.md's IO contract.
+"""torch → ONNX export with the KV cache, following the decoder IO contract (docs/architecture.md).
 
 The model is wrapped in a module whose forward takes flat tensors — ``input_ids``,
 ``attention_mask``, ``position_ids`` and one ``past_key_values.{i}.key|value`` per layer — builds

@@ -39,7 +39,7 @@ class Tolerance:
 
 
 # fp32: fusions reorder float arithmetic only (1e-5 on logits of ~10); 1e-3 is the export check's
-# bound too. fp16/int8/int4: measured on tiny:* and SmolLM2-135M (see the notes of issue 4); the
+# bound too. fp16/int8/int4: measured on tiny:* and SmolLM2-135M; the
 # arg-max floor is what catches a broken graph, the absolute bound a catastrophic one.
 TOLERANCES: dict[str, Tolerance] = {
     "fp32": Tolerance(max_abs=1e-3, min_argmax_agreement=1.0),

@@ -316,7 +316,7 @@ def _pack_qkv(graph: ir.Graph, gqa_nodes: list[ir.Node]) -> int:
     (or the same with ``MatMulNBits``, equal ``K``/``bits``/``block_size``/``accuracy_level``), and
     rewrites it to ``GQA(MatMul(x, [Wq | Wk | Wv]) [+ [bq | bk | bv]], key=∅, value=∅)``: GQA's
     packed-QKV form, the one onnxruntime-genai builds. Two fewer GEMM launches a layer, which at
-    batch 1 are launch-bound (a 576×192 GEMV is ~3 µs of a ~1 ms token on an H200). MatMulNBits
+    batch 1 are launch-bound (a small GEMV costs a launch, not its arithmetic). MatMulNBits
     stores ``B``, ``scales`` and packed ``zero_points`` N-major, so they concatenate by rows.
     onnxscript's ``ort_fusions`` has no such rule for GQA (its packed-QKV handling is for
     ``MultiHeadAttention`` inputs); the columns are computed exactly as before.

@@ -8,7 +8,7 @@ the KV backends (:mod:`runtime.kv_concat`, :mod:`runtime.kv_slots`), ``optimize 
 builds its feeds and reads its outputs through it; the exporter writes the KV names from
 :data:`KV_NAMES` and :func:`kv_record`.
 
-The two contracts (DESIGN.md, "IO contract of the decoder graph"):
+The two contracts (docs/architecture.md, "The decoder's IO contract"):
 
 * ``concat``: ``input_ids [batch, seq]``, ``attention_mask [batch, past+seq]``, optionally
   ``position_ids [batch, seq]``, ``past_key_values.{i}.key|value [batch, kv_heads, past, head_dim]``

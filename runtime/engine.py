@@ -207,10 +207,8 @@ class Engine:
         together prefill in one run, padded to one length; a longer prompt runs alone, in
         chunks of that size on a shared-buffer artifact); ``prefill_tokens`` bounds the prompt
         tokens admitted at one step boundary (default: every waiting request a free slot takes).
-        A budget trades throughput for the running requests' inter-token latency under bursts:
-        SmolLM2 shape, 64 HTTP clients, ITL p99 55–67 ms with 1,024 tokens against 154–168 ms
-        without (two H100s, one run each); on one H100 it cost 2–8 % of the output tokens/s of
-        64 requests arriving at once (docs/benchmarks.md).
+        A budget trades throughput for the running requests' inter-token latency under bursts
+        (docs/benchmarks.md, "GPU: the server under load").
         """
         check_device(device)  # a wrong device fails before hashing gigabytes
         artifact = load_artifact(path, verify_hashes=verify_hashes)

@@ -54,8 +54,9 @@ def padded_length(n: int) -> int:
     """The prefill length bucket for an ``n``-token prompt on CUDA: 16, 32, 64, then powers of two
     and their halves (96, 128, 192, 256, 384, …), so padding adds at most a third.
 
-    The attention kernels plan per shape (measured on an H100, SmolLM2 shape: a prompt length
-    seen for the first time prefilled in 55 ms, a repeated one in 7.3 ms).
+    The attention kernels plan per shape, and a prompt length seen for the first time prefills
+    several times slower than a repeated one (docs/benchmarks.md, "GPU: the engine under
+    concurrent load").
     """
     size = 16
     while size < n:
@@ -172,9 +173,9 @@ class SlotsBackend:
         # The requests' sampling constants: only the host writes them, so a host copy of every
         # buffer is kept and a prefill's new rows reach the device in one whole-buffer copy per
         # constant that changed (``OrtValue.update_inplace``). Not a small onnxruntime session
-        # copying rows into the buffers by address, as before: on CUDA, one run of such a
-        # session made every later replay of the decoder's captured step slower (batch 1,
-        # SmolLM2-135M fp16 on an H100: 1.29 against 1.13 ms a step; bench/gpu_backend_probe.py).
+        # copying rows into the buffers by address: on CUDA, one run of such a session made every
+        # later replay of the decoder's captured step slower (docs/benchmarks.md, "GPU: batch-1
+        # greedy decode, and why the step is one CUDA graph").
         self._consts_host = {name: np.zeros([b, *shapes[name]], NP_DTYPES[dtype]) for name, dtype in CONSTANTS}
         # (own memory on the CPU too: a CPU OrtValue made from an array would share it)
         self.consts = {name: device.put(value.copy()) for name, value in self._consts_host.items()}
