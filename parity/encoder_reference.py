@@ -28,6 +28,11 @@ def torch_pool(hidden: Any, mask: Any, pooling: str) -> Any:
     m = mask.unsqueeze(-1).to(hidden.dtype)
     if pooling == "cls":
         return hidden[:, 0]
+    if pooling == "lasttoken":  # sentence-transformers: flip the mask, the first 1 from the end
+        values, indices = mask.flip(1).max(1)
+        indices = torch.where(values == 0, mask.shape[1] - 1, indices)
+        last = mask.shape[1] - indices - 1
+        return hidden[torch.arange(hidden.shape[0]), last]
     if pooling == "max":
         return torch.where(m > 0, hidden, torch.full_like(hidden, -1e9)).max(dim=1).values
     summed = (hidden * m).sum(dim=1)

@@ -269,7 +269,7 @@ def verify_encoder(artifact: str | Path, sentences: str | Path | None = None, pa
                                progress=progress)
     timings["reference"] = time.perf_counter() - started
     started = time.perf_counter()
-    cand = encoder.encode(all_texts, batch_size=16)
+    cand = encoder.encode(all_texts, batch_size=16, prompt="")  # the reference embeds the texts as they are
     timings["candidate"] = time.perf_counter() - started
     lengths = [len(e.ids) for e in encoder.tokenizer.encode_batch(all_texts)]
 

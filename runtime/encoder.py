@@ -59,7 +59,7 @@ __all__ = ["Encoder", "EncodeStats", "EncodeResult", "POOLINGS", "POOLED_OUTPUT"
 
 log = logging.getLogger(__name__)
 
-POOLINGS = ("mean", "cls", "max", "mean_sqrt_len")
+POOLINGS = ("mean", "cls", "max", "mean_sqrt_len", "lasttoken")
 POOLED_OUTPUT = "lmforge_pooled"
 _MAX_FRAGMENT_MODEL_BYTES = 1 << 30  # the graph is read into memory to append the pooling head
 _ORT_ERRORS = (RuntimeError, ValueError, getattr(ort.capi.onnxruntime_pybind11_state, "Fail", RuntimeError))
@@ -99,6 +99,9 @@ def pool(hidden: np.ndarray, mask: np.ndarray, pooling: str) -> np.ndarray:
     m = mask.astype(np.float32)[:, :, None]
     if pooling == "cls":
         return h[:, 0].copy()
+    if pooling == "lasttoken":  # the last position the mask keeps (sentence-transformers' lasttoken)
+        last = np.where(mask.any(axis=1), mask.shape[1] - 1 - np.argmax(mask[:, ::-1] > 0, axis=1), mask.shape[1] - 1)
+        return h[np.arange(h.shape[0]), last].copy()
     if pooling == "max":
         return np.where(m > 0, h, np.float32(-1e9)).max(axis=1)
     summed = (h * m).sum(axis=1)
@@ -130,6 +133,11 @@ def pooling_fragment(pooling: str, normalize: bool, mask_input: str = "attention
     mask = g.op("Unsqueeze", [g.op("Cast", [mask_input], {"to": 1}), g.const(np.array([-1], dtype=np.int64))])
     if pooling == "cls":
         pooled = g.op("Gather", [hidden, g.const(np.array(0, dtype=np.int64))], {"axis": 1})
+    elif pooling == "lasttoken":  # the runtime right-pads: the last kept position is sum(mask) - 1
+        count = g.op("ReduceSum", [g.op("Cast", [mask_input], {"to": 7}), axis1], {"keepdims": 1})
+        last = g.op("Max", [g.op("Sub", [count, g.const(np.array(1, dtype=np.int64))]),
+                            g.const(np.array(0, dtype=np.int64))])
+        pooled = g.op("GatherND", [hidden, last], {"batch_dims": 1})
     elif pooling == "max":
         keep = g.op("Greater", [mask, g.const(np.array(0.0, dtype=np.float32))])
         masked = g.op("Where", [keep, hidden, g.const(np.array(-1e9, dtype=np.float32))])
@@ -200,8 +208,12 @@ class Encoder:
             self.normalize = bool(block.get("normalize", False))
             self.pooling_from = str(block.get("from", "manifest"))
             max_len = block.get("max_seq_length")
+            self.prompts = {str(k): str(v) for k, v in (block.get("prompts") or {}).items()}
+            self.default_prompt_name = block.get("default_prompt_name") or None
+            self.include_prompt = bool(block.get("include_prompt", True))
         else:
             self.pooling, self.normalize, max_len = "mean", False, None
+            self.prompts, self.default_prompt_name, self.include_prompt = {}, None, True
             self.pooling_from = "default: the manifest records no sentence-transformers configuration"
             log.info("%s: mean pooling without normalization (%s)", artifact.path, self.pooling_from)
         limit = int(artifact.architecture.get("max_context") or artifact.architecture.get("max_positions") or 512)
@@ -279,13 +291,43 @@ class Encoder:
     # Public calls
 
     def encode(self, texts: Sequence[str] | str, batch_size: int = 32, normalize: bool | None = None,
-               pooling: str | None = None, truncate: bool | None = None) -> np.ndarray:
-        """Pooled embeddings ``float32 [n, dim]``, one row per text, in the given order."""
-        return self.encode_with_stats(texts, batch_size, normalize, pooling, truncate).embeddings
+               pooling: str | None = None, truncate: bool | None = None, prompt_name: str | None = None,
+               prompt: str | None = None) -> np.ndarray:
+        """Pooled embeddings ``float32 [n, dim]``, one row per text, in the given order.
+
+        ``prompt_name`` picks one of the model's prompts (``config_sentence_transformers.json``, e.g.
+        ``"query"`` → ``"query: "``), ``prompt`` gives the text itself; with neither, the model's
+        ``default_prompt_name`` applies, as in ``SentenceTransformer.encode`` (``prompt=""``: none).
+        """
+        return self.encode_with_stats(texts, batch_size, normalize, pooling, truncate, prompt_name,
+                                      prompt).embeddings
+
+    def resolve_prompt(self, prompt_name: str | None = None, prompt: str | None = None) -> str:
+        """The text prepended to every input (sentence-transformers' rules; ``""`` for none)."""
+        if prompt is not None:
+            if not isinstance(prompt, str):
+                raise InvalidRequestError("prompt must be a string", got=type(prompt).__name__)
+            return prompt
+        if prompt_name is not None:
+            if prompt_name not in self.prompts:
+                raise InvalidRequestError(f"unknown prompt name {prompt_name!r}",
+                                          expected="one of " + (", ".join(sorted(self.prompts)) or "(none: "
+                                                                "this model defines no prompts)"),
+                                          got=repr(prompt_name), fix="pass one of the model's prompt names, or prompt=")
+            return self.prompts[prompt_name]
+        return self.prompts.get(self.default_prompt_name, "") if self.default_prompt_name else ""
 
     def encode_with_stats(self, texts: Sequence[str] | str, batch_size: int = 32, normalize: bool | None = None,
-                          pooling: str | None = None, truncate: bool | None = None) -> EncodeResult:
+                          pooling: str | None = None, truncate: bool | None = None, prompt_name: str | None = None,
+                          prompt: str | None = None) -> EncodeResult:
         """:meth:`encode` plus the call's :class:`EncodeStats` (padding saved, truncations, time)."""
+        prefix = self.resolve_prompt(prompt_name, prompt)
+        skip = 0
+        if prefix and not isinstance(texts, _TokenIds):
+            items = self._check_texts(texts, batch_size)
+            texts = [prefix + t for t in items]
+            if not self.include_prompt:  # sentence-transformers: the prompt's tokens, less one, leave the pool
+                skip = max(len(self.tokenizer.encode(prefix).ids) - 1, 0)
         pooling = self.pooling if pooling is None else pooling
         if pooling not in POOLINGS:
             raise InvalidRequestError("unknown pooling", expected=", ".join(POOLINGS), got=repr(pooling),
@@ -293,9 +335,9 @@ class Encoder:
         normalize = self.normalize if normalize is None else bool(normalize)
         out = np.empty((0, self.dim), dtype=np.float32)
         started = time.perf_counter()
-        on_device = self._device_pooling and pooling == self.pooling and normalize == self.normalize
+        on_device = self._device_pooling and pooling == self.pooling and normalize == self.normalize and not skip
         rows, stats_parts = self._run(texts, batch_size, truncate, keep_tokens=False,
-                                      pooling=None if on_device else pooling)
+                                      pooling=None if on_device else pooling, skip=skip)
         if rows:
             out = np.stack(rows).astype(np.float32, copy=False)
             if normalize and not on_device:
@@ -370,7 +412,7 @@ class Encoder:
         return rows
 
     def _run(self, texts: Sequence[str] | str, batch_size: int, truncate: bool | None, keep_tokens: bool,
-             pooling: str | None) -> tuple[list[np.ndarray], EncodeStats]:
+             pooling: str | None, skip: int = 0) -> tuple[list[np.ndarray], EncodeStats]:
         items = self._check_texts(texts, batch_size)
         truncate = self.truncate if truncate is None else truncate
         if isinstance(texts, _TokenIds):
@@ -413,6 +455,9 @@ class Encoder:
                 for r, i in enumerate(index):
                     rows[i] = hidden[r, : lengths[i]].astype(np.float32, copy=True)
             else:
+                if skip:  # include_prompt false: the prompt's positions do not enter the pooling
+                    mask = mask.copy()
+                    mask[:, :skip] = 0
                 pooled = hidden if output == POOLED_OUTPUT else pool(hidden, mask, pooling or self.pooling)
                 for r, i in enumerate(index):
                     rows[i] = pooled[r]
