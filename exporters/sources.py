@@ -14,7 +14,9 @@ Source strings:
 
 Weights are checked before ``transformers`` sees them (a truncated safetensors or GGUF file gives
 one clear line, not a deep traceback), and an unsupported architecture is refused from its config,
-before any weight is read.
+before any weight is read. A GGUF file loads through transformers' GGUF reader; what its metadata
+states and transformers' config mapping leaves out is restored from the file (:func:`_gguf_config`),
+and what that reader cannot rebuild is refused (:func:`_check_gguf_loadable`).
 """
 
 from __future__ import annotations
@@ -288,7 +290,7 @@ def _refuse_gguf(header: _GgufHeader, what: str, expected: str | None = None) ->
 def _check_gguf_loadable(header: _GgufHeader) -> None:
     """Refuse, before transformers reads it, a GGUF whose model its loader would not rebuild."""
     # llama.cpp writes Qwen2/3-MoE as qwen2moe/qwen3moe; transformers maps both names.
-    names = {header.arch, header.arch.replace("moe", "_moe")}
+    names = {header.arch, header.arch.replace("moe", "_moe"), header.arch.replace("-", "_")}
     if not names & set(_gguf_architectures()):
         raise _refuse_gguf(header, f"architecture {header.arch!r} is not one transformers' GGUF loader maps",
                            expected="one of " + ", ".join(_gguf_architectures()))

@@ -25,6 +25,7 @@ from runtime.decoder_io import DecoderIO
 from runtime.engine import Engine
 from runtime.errors import ExportError
 from tests.exporters.gguf_fixtures import tiny_gguf
+from tests.exporters.test_bad_input import assert_one_line_error, run_cli
 
 # Longer than the tiny window (16 tokens, one a byte) so Gemma's local layers mask something.
 PROMPTS = ("The capital of France is", "def fib(n):\n    return fib(n - 1) +")
@@ -134,9 +135,16 @@ def _assert_refused(path: Path, *fragments: str) -> None:
         assert fragment in message
 
 
-def test_an_architecture_transformers_cannot_load_from_gguf_is_refused(tmp_path: Path) -> None:
-    """Gemma (1) is in llama.cpp's GGUF and not in transformers' GGUF mapping."""
-    _assert_refused(tiny_gguf("gemma", tmp_path).path, "architecture 'gemma'", "gemma2")
+def test_an_architecture_transformers_cannot_load_from_gguf_is_refused(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Gemma (1) is in llama.cpp's GGUF and not in transformers' GGUF mapping: `lmforge convert`
+    says so in one line, exit code 2, and writes nothing."""
+    path = tiny_gguf("gemma", tmp_path / "src").path
+    _assert_refused(path, "architecture 'gemma'", "gemma2")
+    code, err = run_cli(capsys, "convert", str(path), "-o", str(tmp_path / "out"))
+    assert_one_line_error(code, err, "architecture 'gemma' is not one transformers' GGUF loader maps",
+                          "Hugging Face folder")
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("family,tensor", [("llama", "rope_freqs.weight"), ("phi3", "rope_factors_long.weight")])
