@@ -43,6 +43,7 @@ __all__ = [
     "tiny_tokenizer",
     "TINY_SEED",
     "sentence_transformers_config",
+    "is_sequence_classifier",
 ]
 
 log = logging.getLogger(__name__)
@@ -140,7 +141,7 @@ def resolve_source(ref: str) -> SourceInfo:
         return SourceInfo(ref=ref, kind="builtin", path=path)
     if ref.startswith("tiny:"):
         arch = ref.split(":", 1)[1]
-        get_spec(arch)  # raises with the list of architectures
+        get_spec(_tiny_head(arch)[0])  # raises with the list of architectures
         return SourceInfo(ref=ref, kind="tiny", path=None, tiny_arch=arch)
     if ref.startswith("random:"):
         from exporters.shapes import SHAPES
@@ -266,8 +267,12 @@ class _GgufHeader:
 
 
 # Tensors llama.cpp writes for rotary scaling that transformers' GGUF loader never reads: a model
-# loaded without them is not the file's model (Llama 3.1+ ``rope_freqs``, Phi-3 LongRoPE factors).
-_GGUF_DROPPED_TENSORS = ("rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight")
+# loaded without them is not the file's model. Llama 3.1+ ``rope_freqs`` (one divisor per rotary
+# frequency) is applied here (:func:`_apply_rope_freqs`); Phi-3 LongRoPE's factors, which switch
+# with the context length, are refused.
+_GGUF_ROPE_FREQS = "rope_freqs.weight"
+_GGUF_ROPE_FREQS_ARCHS = ("llama",)
+_GGUF_DROPPED_TENSORS = ("rope_factors_long.weight", "rope_factors_short.weight")
 # Gemma 2 / 3 scale queries by 1/sqrt(head_dim), except the 27B models (by their layer count, as
 # llama.cpp tells them apart), which use 1/sqrt(hidden / heads); a GGUF does not store the scalar.
 _GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3_text": 62}
@@ -294,7 +299,8 @@ def _check_gguf_loadable(header: _GgufHeader) -> None:
     if not names & set(_gguf_architectures()):
         raise _refuse_gguf(header, f"architecture {header.arch!r} is not one transformers' GGUF loader maps",
                            expected="one of " + ", ".join(_gguf_architectures()))
-    dropped = [name for name in header.tensors if name in _GGUF_DROPPED_TENSORS]
+    dropped = [name for name in header.tensors if name in _GGUF_DROPPED_TENSORS or
+               (name == _GGUF_ROPE_FREQS and header.arch not in _GGUF_ROPE_FREQS_ARCHS)]
     if dropped:
         raise _refuse_gguf(header, f"its rotary frequency factors ({', '.join(dropped)}) are dropped by "
                                    "transformers' GGUF loader, so the loaded model would not be the file's")
@@ -302,6 +308,30 @@ def _check_gguf_loadable(header: _GgufHeader) -> None:
     if scaling not in (None, "none", "linear"):
         raise _refuse_gguf(header, f"its rope scaling {scaling!r} is dropped by transformers' GGUF loader",
                            expected="no rope scaling, or linear")
+
+
+def _apply_rope_freqs(model: Any, header: _GgufHeader) -> None:
+    """Divide the rotary frequencies by the file's ``rope_freqs`` factors, as llama.cpp does.
+
+    llama.cpp writes Llama 3.1+'s ``llama3`` rope scaling as one factor per frequency (the scaling's
+    parameters are not in the metadata); transformers' GGUF loader drops the tensor and builds plain
+    rotary. The factors are exact, so applying them to the model's ``inv_freq`` gives the file's model.
+    """
+    import numpy as np
+    import torch
+    from gguf import GGUFReader
+
+    tensor = next(t for t in GGUFReader(str(header.path)).tensors if t.name == _GGUF_ROPE_FREQS)
+    factors = torch.from_numpy(np.asarray(tensor.data, dtype=np.float32).reshape(-1).copy())
+    rotaries = [m for m in model.modules() if isinstance(getattr(m, "inv_freq", None), torch.Tensor)]
+    if not rotaries or any(m.inv_freq.shape != factors.shape for m in rotaries):
+        raise _refuse_gguf(header, f"its {_GGUF_ROPE_FREQS} ({tuple(factors.shape)}) does not fit the model's "
+                                   "rotary frequencies")
+    for module in rotaries:
+        module.inv_freq = module.inv_freq / factors
+        if isinstance(getattr(module, "original_inv_freq", None), torch.Tensor):
+            module.original_inv_freq = module.original_inv_freq / factors
+    log.info("%s: rotary frequencies divided by the file's %s", header.path.name, _GGUF_ROPE_FREQS)
 
 
 def _gguf_config(config: Any, header: _GgufHeader) -> Any:
@@ -426,12 +456,42 @@ def tiny_tokenizer(vocab_size: int, fill: bool = False) -> Any:
     return fast
 
 
-def _model_class(kind: ModelKind) -> Any:
-    """The transformers auto class for a model kind, through optimum's task table."""
+def _model_class(kind: ModelKind, config: Any = None) -> Any:
+    """The transformers auto class for a model kind (and an encoder's head), through optimum's task table."""
     from optimum.exporters.tasks import TasksManager
 
-    task = "text-generation" if kind is ModelKind.DECODER else "feature-extraction"
+    if kind is ModelKind.DECODER:
+        task = "text-generation"
+    else:
+        task = "text-classification" if is_sequence_classifier(config) else "feature-extraction"
     return TasksManager.get_model_class_for_task(task, framework="pt")
+
+
+# tiny:<encoder>-reranker (one relevance logit, a cross-encoder) and tiny:<encoder>-classifier (three
+# labels, an NLI/sentiment head): the family's tiny config with a sequence-classification head.
+_TINY_HEADS: dict[str, dict[str, Any]] = {
+    "reranker": {"num_labels": 1, "id2label": {0: "LABEL_0"}, "label2id": {"LABEL_0": 0}},
+    "classifier": {"num_labels": 3, "id2label": {0: "negative", 1: "neutral", 2: "positive"},
+                   "label2id": {"negative": 0, "neutral": 1, "positive": 2}},
+}
+
+
+def _tiny_head(name: str) -> tuple[str, dict[str, Any] | None]:
+    """``"bert-reranker"`` → ``("bert", head overrides)``; a plain family name → ``(name, None)``."""
+    base, _, suffix = name.rpartition("-")
+    if base and suffix in _TINY_HEADS:
+        spec = get_spec(base)
+        if spec.kind is ModelKind.ENCODER:
+            from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
+
+            arch = MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES[spec.model_types[0]]
+            return base, {**_TINY_HEADS[suffix], "architectures": [arch]}
+    return name, None
+
+
+def is_sequence_classifier(config: Any) -> bool:
+    """A config whose checkpoint is ``*ForSequenceClassification`` (cross-encoder, re-ranker, classifier)."""
+    return any(str(a).endswith("ForSequenceClassification") for a in (getattr(config, "architectures", None) or []))
 
 
 def _build_random(info: SourceInfo) -> LoadedSource:
@@ -439,18 +499,21 @@ def _build_random(info: SourceInfo) -> LoadedSource:
     import torch
     from transformers import AutoConfig
 
+    head = None
     if info.kind == "random":
         from exporters.shapes import SHAPES
 
         spec_name, overrides = SHAPES[info.tiny_arch or ""]
         spec = get_spec(spec_name)
     else:
-        spec = get_spec(info.tiny_arch or "")
-        overrides = spec.tiny_config
+        base, head = _tiny_head(info.tiny_arch or "")
+        spec = get_spec(base)
+        overrides = {**spec.tiny_config, **(head or {})}
     config = AutoConfig.for_model(spec.model_types[0], **overrides)
     config._attn_implementation = "eager"
     torch.manual_seed(TINY_SEED)
-    model = _for_export(_model_class(spec.kind).from_config(config, attn_implementation="eager").eval().float())
+    model = _model_class(spec.kind, config).from_config(config, attn_implementation="eager").eval().float()
+    model = _for_export(model)
     if info.kind == "tiny":
         # Random init of this size gives nearly flat logits; scale them up so greedy decoding has
         # clear winners and parity tests compare real choices, not near-ties.
@@ -458,6 +521,8 @@ def _build_random(info: SourceInfo) -> LoadedSource:
             for name, param in model.named_parameters():
                 if param.dim() >= 2 and "embed" not in name and "wte" not in name and "wpe" not in name:
                     param.mul_(2.0)
+                if head and name.startswith(("classifier", "pre_classifier", "pooler", "head")):
+                    param.mul_(25.0)  # a random head's logits are near-equal: spread them so rankings differ
     digest = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
         digest.update(name.encode())
@@ -552,7 +617,7 @@ def load_source(source: str | SourceInfo) -> LoadedSource:
                 _check_safetensors(path)
     log.info("loading %s (%s) from %s", info.ref, config.model_type, location)
     try:
-        model = _model_class(spec.kind).from_pretrained(
+        model = _model_class(spec.kind, config).from_pretrained(
             location, local_files_only=offline, dtype=torch.float32, attn_implementation="eager", **model_kwargs
         )
         tokenizer = AutoTokenizer.from_pretrained(location, local_files_only=offline, **gguf_kwargs)
@@ -565,6 +630,8 @@ def load_source(source: str | SourceInfo) -> LoadedSource:
             fix="the weights may be truncated or corrupt: download the model again",
         ) from exc
     model = _for_export(model.eval())
+    if header is not None and _GGUF_ROPE_FREQS in header.tensors:
+        _apply_rope_freqs(model, header)
     if any(p.dtype != torch.float32 for p in model.parameters()):
         if getattr(model, "is_quantized", False):
             raise ExportError(

@@ -79,6 +79,32 @@ def _llama_permute(weights: np.ndarray, n_head: int, n_head_kv: int | None) -> n
             .swapaxes(1, 2).reshape(weights.shape))
 
 
+def _llama3_rope_freqs(config: Any) -> np.ndarray | None:
+    """llama.cpp's ``rope_freqs`` for a ``llama3`` rope scaling: one divisor per rotary frequency,
+    computed as its converter does (``LlamaModel.generate_extra_tensors``)."""
+    import math
+
+    rope = dict(getattr(config, "rope_parameters", None) or {})
+    if rope.get("rope_type") != "llama3":
+        return None
+    dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    freqs = 1.0 / (rope["rope_theta"] ** (np.arange(0, dim, 2, dtype=np.float32) / dim))
+    factor, low, high = rope["factor"], rope["low_freq_factor"], rope["high_freq_factor"]
+    old_context = rope["original_max_position_embeddings"]
+    low_wavelen, high_wavelen = old_context / low, old_context / high
+    out = []
+    for freq in freqs:
+        wavelen = 2 * math.pi / freq
+        if wavelen < high_wavelen:
+            out.append(1.0)
+        elif wavelen > low_wavelen:
+            out.append(factor)
+        else:
+            smooth = (old_context / wavelen - low) / (high - low)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return np.asarray(out, dtype=np.float32)
+
+
 def _write_vocab(writer: Any, tokenizer: Any, vocab_size: int) -> None:
     """A byte-level BPE vocabulary (``tokenizer.ggml.model = gpt2``), padded to the model's size."""
     import gguf
@@ -188,6 +214,9 @@ def write_gguf(model: Any, tokenizer: Any, path: Path, family: str, name: str | 
         elif arch in ("gemma", "gemma2", "gemma3") and gguf_name.endswith("norm.weight"):
             data = data + 1.0  # llama.cpp stores Gemma's (1 + w) RMSNorm weights as 1 + w
         writer.add_tensor(gguf_name, np.ascontiguousarray(data, dtype=np.float32))
+    rope_freqs = _llama3_rope_freqs(config) if arch == "llama" else None
+    if rope_freqs is not None:
+        writer.add_tensor("rope_freqs.weight", rope_freqs)
     for extra_name, data in (extra_tensors or {}).items():
         writer.add_tensor(extra_name, np.ascontiguousarray(data, dtype=np.float32))
     writer.write_header_to_file()

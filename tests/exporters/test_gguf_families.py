@@ -24,7 +24,7 @@ from runtime.artifact import load_artifact
 from runtime.decoder_io import DecoderIO
 from runtime.engine import Engine
 from runtime.errors import ExportError
-from tests.exporters.gguf_fixtures import tiny_gguf
+from tests.exporters.gguf_fixtures import tiny_gguf, tiny_model
 from tests.exporters.test_bad_input import assert_one_line_error, run_cli
 
 # Longer than the tiny window (16 tokens, one a byte) so Gemma's local layers mask something.
@@ -32,9 +32,15 @@ PROMPTS = ("The capital of France is", "def fib(n):\n    return fib(n - 1) +")
 NEW_TOKENS = 8
 LOGIT_TOL = 1e-3  # fp32 file, fp32 graph: float reordering only
 
-# family -> the spec the GGUF converts with (llama.cpp writes Mistral as Llama, and so it loads)
-FAMILIES = {"qwen2": "qwen2", "qwen3": "qwen3", "mistral": "llama", "phi3": "phi3", "gemma2": "gemma2",
-            "gemma3_text": "gemma3_text"}
+LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}  # Llama 3.2's
+# case -> (family, config overrides, the spec the GGUF converts with). llama.cpp writes Mistral as
+# Llama, and so it loads; Llama 3.1+ files carry their rope scaling as a rope_freqs tensor.
+CASES: dict[str, tuple[str, dict[str, object], str]] = {
+    "qwen2": ("qwen2", {}, "qwen2"), "qwen3": ("qwen3", {}, "qwen3"), "mistral": ("mistral", {}, "llama"),
+    "phi3": ("phi3", {}, "phi3"), "gemma2": ("gemma2", {}, "gemma2"), "gemma3": ("gemma3_text", {}, "gemma3_text"),
+    "llama3": ("llama", {"rope_parameters": LLAMA3_ROPE}, "llama"),
+}
 
 
 def _reference(model: torch.nn.Module, ids: list[int]) -> tuple[list[int], np.ndarray]:
@@ -54,15 +60,16 @@ def _prefill_logits(artifact_dir: Path, ids: list[int]) -> np.ndarray:
     return outputs[names.index("logits")][0]
 
 
-@pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_a_gguf_converts_to_its_source_models_greedy_ids_and_logits(tmp_path: Path, family: str) -> None:
-    fixture = tiny_gguf(family, tmp_path / "gguf")
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_a_gguf_converts_to_its_source_models_greedy_ids_and_logits(tmp_path: Path, case: str) -> None:
+    family, overrides, spec_name = CASES[case]
+    fixture = tiny_gguf(family, tmp_path / "gguf", **overrides)
     out = convert(str(fixture.path), tmp_path / "art", progress=False)
     artifact = load_artifact(out)
     source = artifact.manifest["source"]
     assert source["kind"] == "gguf" and source["gguf_file"] == fixture.path.name
     assert source["sha256"] == hashlib.sha256(fixture.path.name.encode() + fixture.path.read_bytes()).hexdigest()
-    assert artifact.architecture["name"] == FAMILIES[family]
+    assert artifact.architecture["name"] == spec_name
     engine = Engine.load(out, "cpu")
     try:
         for text in PROMPTS:
@@ -147,9 +154,23 @@ def test_an_architecture_transformers_cannot_load_from_gguf_is_refused(
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("family,tensor", [("llama", "rope_freqs.weight"), ("phi3", "rope_factors_long.weight")])
+def test_llama3_rope_scaling_is_applied_from_the_files_rope_freqs(tmp_path: Path) -> None:
+    """Llama 3.1+ files carry their ``llama3`` rope scaling as ``rope_freqs`` only; transformers'
+    GGUF loader drops it and builds plain rotary. lmforge applies the factors, as llama.cpp does."""
+    fixture = tiny_gguf("llama", tmp_path, rope_parameters=LLAMA3_ROPE)
+    loaded = load_source(str(fixture.path))
+    ids = torch.tensor([fixture.tokenizer.encode(PROMPTS[1] * 4)])
+    with torch.no_grad():
+        got, want = loaded.model(ids).logits, fixture.model(ids).logits
+        plain = tiny_model("llama", rope_parameters={"rope_type": "default", "rope_theta": 500000.0})(ids).logits
+    assert (plain - want).abs().max() > 1e-3  # the scaling matters at this length, so the test can fail
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("family,tensor", [("qwen2", "rope_freqs.weight"), ("phi3", "rope_factors_long.weight")])
 def test_rotary_factors_transformers_would_drop_are_refused(tmp_path: Path, family: str, tensor: str) -> None:
-    """Llama 3.1+ files carry ``rope_freqs``, Phi-3 LongRoPE ones ``rope_factors_long/short``:
-    transformers loads such a file without them, a different model, so lmforge refuses it."""
+    """Phi-3 LongRoPE files carry ``rope_factors_long/short``, which switch with the context length;
+    ``rope_freqs`` is applied for Llama only. transformers would load such a file without them, a
+    different model, so lmforge refuses it."""
     fixture = tiny_gguf(family, tmp_path, extra_tensors={tensor: np.ones(8, dtype=np.float32)})
     _assert_refused(fixture.path, tensor, "dropped")
