@@ -321,6 +321,9 @@ def _apply_rope_freqs(model: Any, header: _GgufHeader) -> None:
     import torch
     from gguf import GGUFReader
 
+    rope_type = (getattr(model.config, "rope_parameters", None) or {}).get("rope_type", "default")
+    if rope_type != "default":  # the factors are the whole scaling; on top of another they would be twice
+        raise _refuse_gguf(header, f"it has both {_GGUF_ROPE_FREQS} and a {rope_type!r} rope scaling")
     tensor = next(t for t in GGUFReader(str(header.path)).tensors if t.name == _GGUF_ROPE_FREQS)
     factors = torch.from_numpy(np.asarray(tensor.data, dtype=np.float32).reshape(-1).copy())
     rotaries = [m for m in model.modules() if isinstance(getattr(m, "inv_freq", None), torch.Tensor)]
