@@ -150,20 +150,30 @@ class GraphBuilder:
         op_type: str,
         inputs: Sequence[str],
         attrs: dict[str, int | float | Sequence[int] | np.ndarray] | None = None,
-        outputs: Sequence[str] | int = 1,
-    ) -> str | tuple[str, ...]:
-        """Add a node; return its output name (or names, when ``outputs`` asks for several).
+        outputs: Sequence[str] | None = None,
+    ) -> str:
+        """Add a one-output node; return its output name (``outputs``: the explicit name, for a
+        graph output). An empty string in ``inputs`` marks an omitted optional input."""
+        names = self.ops(op_type, inputs, attrs, outputs if outputs is not None else 1)
+        if len(names) != 1:
+            raise ValueError(f"{op_type}: op() adds one-output nodes; use ops() for {len(names)} outputs")
+        return names[0]
 
-        ``outputs`` is either a count of fresh names or the explicit names (graph outputs).
-        An empty string in ``inputs`` marks an omitted optional input.
-        """
+    def ops(
+        self,
+        op_type: str,
+        inputs: Sequence[str],
+        attrs: dict[str, int | float | Sequence[int] | np.ndarray] | None = None,
+        outputs: Sequence[str] | int = 1,
+    ) -> tuple[str, ...]:
+        """Add a node; return its output names (``outputs``: a count of fresh names, or the names)."""
         names = (
             tuple(self._fresh(op_type.lower()) for _ in range(outputs))
             if isinstance(outputs, int)
             else tuple(outputs)
         )
         self._nodes.append(_Node(op_type, tuple(inputs), names, dict(attrs or {})))
-        return names[0] if len(names) == 1 else names
+        return names
 
     def to_bytes(self, opset: int = 18, ir_version: int = 8, producer: str = "lmforge.runtime") -> bytes:
         return encode_model(self, opset=opset, ir_version=ir_version, producer=producer)

@@ -43,7 +43,7 @@ import threading
 import time
 import weakref
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any, Union
+from typing import Any, Union, cast
 
 import numpy as np
 
@@ -357,13 +357,14 @@ class Engine:
                     sampling: SamplingParams | Sequence[SamplingParams] | None, return_logits: bool) -> list[Request]:
         if isinstance(prompts, np.ndarray):
             prompts = prompts.tolist()
-        if isinstance(prompts, str) or (
-            isinstance(prompts, Sequence) and prompts and all(isinstance(t, (int, np.integer)) for t in prompts)
-        ):
-            prompts = [prompts]  # type: ignore[list-item]
-        if isinstance(prompts, (bytes, Mapping)) or not isinstance(prompts, Sequence) or len(prompts) == 0:
+        single = isinstance(prompts, str) or (
+            isinstance(prompts, Sequence) and bool(prompts) and all(isinstance(t, (int, np.integer)) for t in prompts)
+        )
+        if not single and (isinstance(prompts, (bytes, Mapping)) or not isinstance(prompts, Sequence)
+                           or len(prompts) == 0):
             raise InvalidRequestError("no prompts", expected="a prompt or a non-empty list of prompts",
                                       got=repr(prompts)[:80])
+        prompts = cast("list[Prompt]", [prompts] if single else list(prompts))
         if sampling is None or isinstance(sampling, SamplingParams):
             params = [sampling] * len(prompts)
         elif isinstance(sampling, (str, bytes, Mapping)) or not isinstance(sampling, Sequence):
@@ -705,10 +706,10 @@ class Engine:
                 for live in rows:
                     try:
                         host_values([live.request.sampling], self.candidates)
-                    except Exception as one:  # noqa: BLE001
-                        bad.append((live, one))
-                for live, one in bad or [(live, exc) for live in rows]:
-                    self._fail_one(live, "planning", one)
+                    except Exception as own:  # noqa: BLE001
+                        bad.append((live, own))
+                for live, error in bad or [(live, exc) for live in rows]:
+                    self._fail_one(live, "planning", error)
                 failed = {id(live) for live, _ in bad} if bad else {id(live) for live in rows}
                 rows = [live for live in rows if id(live) not in failed]
                 if not rows:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Iterable, Mapping
-from typing import ClassVar, Protocol
+from typing import ClassVar, Protocol, TypeVar
 
 import numpy as np
 
@@ -25,7 +25,7 @@ from runtime.device import Device
 from runtime.errors import GenerationError
 from runtime.sampling import Plan
 
-__all__ = ["BackendOptions", "KvBackend", "KvBackendClass", "Started", "register_backend", "backend_class",
+__all__ = ["BackendOptions", "KvBackend", "Started", "register_backend", "backend_class",
            "open_backend"]
 
 Started = Callable[[dict[int, tuple[int, "np.ndarray | None"]]], None]
@@ -96,15 +96,15 @@ class KvBackend(Protocol):
         ...
 
 
-KvBackendClass = Callable[[Artifact, Device, DecoderIO, BackendOptions], KvBackend]
+_REGISTRY: dict[KvMode, type[KvBackend]] = {}
+_B = TypeVar("_B", bound=type)
 
-_REGISTRY: dict[KvMode, type] = {}
 
+def register_backend(mode: KvMode) -> Callable[[_B], _B]:
+    """Class decorator: the backend that serves artifacts of ``mode`` (constructed as
+    ``cls(artifact, device, io, options)``)."""
 
-def register_backend(mode: KvMode) -> Callable[[type], type]:
-    """Class decorator: the backend that serves artifacts of ``mode``."""
-
-    def add(cls: type) -> type:
+    def add(cls: _B) -> _B:
         if mode in _REGISTRY and _REGISTRY[mode] is not cls:
             raise ValueError(f"a KV backend for {mode.value!r} is already registered: {_REGISTRY[mode].__name__}")
         _REGISTRY[mode] = cls
@@ -113,7 +113,7 @@ def register_backend(mode: KvMode) -> Callable[[type], type]:
     return add
 
 
-def backend_class(mode: KvMode) -> type:
+def backend_class(mode: KvMode) -> type[KvBackend]:
     """The registered backend class for ``mode`` (the shipped ones register on first use)."""
     import runtime.kv_concat  # noqa: F401 - registers "concat"
     import runtime.kv_slots  # noqa: F401 - registers "shared-buffer"
@@ -128,5 +128,5 @@ def backend_class(mode: KvMode) -> type:
 
 def open_backend(artifact: Artifact, device: Device, io: DecoderIO, options: BackendOptions) -> KvBackend:
     """The backend for ``artifact``'s ``kv_mode``, loaded on ``device``."""
-    cls: KvBackendClass = backend_class(artifact.kv_mode)
+    cls: Callable[[Artifact, Device, DecoderIO, BackendOptions], KvBackend] = backend_class(artifact.kv_mode)
     return cls(artifact, device, io, options)

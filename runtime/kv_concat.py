@@ -43,7 +43,8 @@ def _sampler_bytes(artifact: Artifact) -> bytes:
     record = artifact.manifest.get("sampler")
     name = record.get("file") if isinstance(record, dict) else None
     shipped = name in artifact.manifest.get("files", {})
-    if not isinstance(record, dict) or record.get("format") != SAMPLER_FORMAT or not shipped:
+    if (not isinstance(record, dict) or record.get("format") != SAMPLER_FORMAT or not shipped
+            or not isinstance(name, str)):
         got = "no sampler" if not isinstance(record, dict) else f"sampler {record!r}"
         raise GenerationError(
             f"artifact {artifact.path}: it carries {got}; this lmforge samples with format {SAMPLER_FORMAT}",
@@ -63,10 +64,10 @@ def build_regroup_model(tensors: list[tuple[str, str, int, int | None]]) -> byte
     g = GraphBuilder("lmforge_regroup")
     keep = g.input("keep", "int64", ["kept"])
     trim = g.input("trim", "int64", [1])
-    pads = {}
-    for key in sorted({(r, axis) for _, _, r, axis in tensors if axis is not None}):
-        rank, axis = key
-        pads[key] = tuple(g.input(f"pads_{side}{rank}_{axis}", "int64", [2 * rank]) for side in "ab")
+    pads: dict[tuple[int, int], tuple[str, ...]] = {}
+    for rank, past_axis in sorted({(r, int(axis)) for _, _, r, axis in tensors if axis is not None}):
+        pads[(rank, past_axis)] = tuple(g.input(f"pads_{side}{rank}_{past_axis}", "int64", [2 * rank])
+                                        for side in "ab")
     for name, dtype, rank, axis in tensors:
         dims: list[int | str] = [f"{name}_d{i}" for i in range(rank)]
         a = g.input(f"a.{name}", dtype, dims)
@@ -120,15 +121,17 @@ class ConcatBackend:
                 expected=str(sorted(self._inputs)), got=str(sorted(graph_inputs)), fix="re-export the artifact",
             )
         self.sampler = device.session(_sampler_bytes(artifact), small=True)
-        row = [(r.name, r.dtype, 1 + len(r.dims(self.vocab, self.capacity)), None) for r in ROW_INPUTS]
-        feeds = [("input_ids", "int64", 2, None), ("attention_mask", "int64", 2, 1)]
+        row: list[tuple[str, str, int, int | None]] = [
+            (r.name, r.dtype, 1 + len(r.dims(self.vocab, self.capacity)), None) for r in ROW_INPUTS]
+        feeds: list[tuple[str, str, int, int | None]] = [("input_ids", "int64", 2, None),
+                                                         ("attention_mask", "int64", 2, 1)]
         if self._positions:
             feeds.append(("position_ids", "int64", 2, None))
         feeds += [(n, self._kv_dtype, len(self._inputs[n].shape), self._past_axis[n]) for n in self._past]
         self._tensors = feeds + row
         self._row_names = [t[0] for t in row]
         # what one request's row arrays must be (runtime.sampling.checked_row)
-        self._row_layout = {r.name: (NP_DTYPES[r.dtype], tuple(r.dims(self.vocab, self.capacity)))
+        self._row_layout = {r.name: (NP_DTYPES[r.dtype], tuple(int(d) for d in r.dims(self.vocab, self.capacity)))
                             for r in ROW_INPUTS}
         self.regroup = device.session(build_regroup_model(self._tensors), small=True)
         self.order: list[int] = []  # slot of each batch row

@@ -328,18 +328,18 @@ class SlotsBackend:
         if m == 1 and lengths[0] > self.prefill_chunk:  # chunks: batch 1 with a past, exact lengths
             prompt = group[0][1]
             spans = [(s, min(len(prompt), s + self.prefill_chunk)) for s in range(0, len(prompt), self.prefill_chunk)]
-            for start, end in spans:
-                ids = np.array([prompt[start:end]], np.int64)
-                out = self._run_prefill(binding, ids, start, [end - 1], end, want_logits and end == len(prompt))
-            logits = None if out is None else [out[0, -1]]
+            for begin, end in spans:
+                ids = np.array([prompt[begin:end]], np.int64)
+                last = self._run_prefill(binding, ids, begin, [end - 1], end, want_logits and end == len(prompt))
+            logits = None if last is None else [last[0, -1]]
         else:  # one run, every row right-padded to the same length (its first prompt)
             width = self.padded(max(lengths))
             self.prefill_seen.add((m, width))
             ids = np.zeros((m, width), np.int64)
             for r, (_, prompt, _) in enumerate(group):
                 ids[r, :len(prompt)] = prompt
-            out = self._run_prefill(binding, ids, 0, [n - 1 for n in lengths], width, want_logits)
-            logits = None if out is None else [out[r, n - 1] for r, n in enumerate(lengths)]
+            full = self._run_prefill(binding, ids, 0, [n - 1 for n in lengths], width, want_logits)
+            logits = None if full is None else [full[r, n - 1] for r, n in enumerate(lengths)]
         history = self.sets[into][PREFIX + "history"].numpy()  # the one host read
         return {slot: (int(history[slot, 0]), None if logits is None else np.array(logits[r], dtype=np.float32))
                 for r, (slot, _, _) in enumerate(group)}

@@ -109,7 +109,9 @@ class RowInput:
 
     def dims(self, vocab: int, steps: int | str) -> list[int | str]:
         """One row's shape (without the batch axis)."""
-        return {"": [], "vocab": [vocab], "steps": [steps]}[self.width]
+        if self.width == "vocab":
+            return [vocab]
+        return [steps] if self.width == "steps" else []
 
 
 # Every per-row input, in the graphs' declaration order: constants written once at admission,
@@ -170,15 +172,15 @@ def _largest(g: GraphBuilder, s: str, k: str, vocab: int, segments: int) -> str:
     rows. ``k`` is the host input: read by the two ``TopK`` nodes alone (see :func:`add_sampling`).
     """
     if segments <= 1:
-        return g.op("TopK", [s, k], {"axis": 1, "largest": 1, "sorted": 1}, outputs=2)[0]
+        return g.ops("TopK", [s, k], {"axis": 1, "largest": 1, "sorted": 1}, outputs=2)[0]
     width = -(-vocab // segments)
     if width * segments != vocab:
         s = g.op("Pad", [s, g.const(np.array([0, 0, 0, width * segments - vocab], np.int64)),
                          g.const(-np.inf, "float32")])
     parts = g.op("Reshape", [s, g.const(np.array([-1, segments, width], np.int64))])
-    best = g.op("TopK", [parts, k], {"axis": 2, "largest": 1, "sorted": _PARTS_SORTED}, outputs=2)[0]
-    return g.op("TopK", [g.op("Flatten", [best], {"axis": 1}), k], {"axis": 1, "largest": 1, "sorted": 1},
-                outputs=2)[0]
+    best = g.ops("TopK", [parts, k], {"axis": 2, "largest": 1, "sorted": _PARTS_SORTED}, outputs=2)[0]
+    return g.ops("TopK", [g.op("Flatten", [best], {"axis": 1}), k], {"axis": 1, "largest": 1, "sorted": 1},
+                 outputs=2)[0]
 
 
 def _draw(g: GraphBuilder, w: str, u: str, length: int) -> str:
@@ -242,7 +244,7 @@ def add_sampling(g: GraphBuilder, logits_last: str, vocab: int, names: dict[str,
         return g.op("Slice", [x, rows, end, axis0])
 
     def out(key: str, op_type: str, inputs: list[str], attrs: dict[str, Any] | None = None) -> str:
-        return g.op(op_type, inputs, attrs, outputs=[outputs[key]] if key in outputs else 1)
+        return g.op(op_type, inputs, attrs, outputs=[outputs[key]] if key in outputs else None)
 
     n = names
     x = g.op("Cast", [logits_last], {"to": _FLOAT})

@@ -227,8 +227,9 @@ def row_arrays(params: SamplingParams, prompt: Sequence[int], stop_ids: Sequence
     drawn from the row's own ``numpy.random.default_rng(seed)`` stream, so a row's samples do
     not depend on which rows share its batch.
     """
-    rows = {row.name: np.full((1, *row.dims(vocab, steps)), getattr(params, row.param) if row.param else row.neutral,
-                              dtype=np.dtype(row.dtype)) for row in ROW_INPUTS}
+    rows = {row.name: np.full([1, *(int(d) for d in row.dims(vocab, steps))],
+                              getattr(params, row.param) if row.param else row.neutral, dtype=np.dtype(row.dtype))
+            for row in ROW_INPUTS}
     if params.repetition_penalty != 1.0:
         rows["seen"][0, np.asarray(prompt, dtype=np.int64)] = True
     if params.min_new_tokens > 0 and len(stop_ids):
