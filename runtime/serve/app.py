@@ -121,7 +121,8 @@ class ServeState:
         if self.embeddings is not None:
             self.metrics = ServeMetrics(None, lambda: self.draining, endpoints=("embeddings",))
         else:
-            self.metrics = ServeMetrics(engine.stats, lambda: self.draining)
+            self.metrics = ServeMetrics(engine.stats, lambda: self.draining,
+                                        core_pid=(lambda: engine.core_pid) if hasattr(engine, "core_pid") else None)
 
     def start_drain(self) -> None:
         """From now on, generation requests get 503 and ``/ready`` says draining."""
@@ -333,6 +334,10 @@ def create_app(engine: Any, *, served_model_name: str | None = None, api_key: st
     app.add_api_route("/v1/completions", server.completions, methods=["POST"])
     app.add_api_route("/v1/chat/completions", server.chat, methods=["POST"])
     app.add_api_route("/v1/embeddings", server.embeddings, methods=["POST"])
+    from runtime.serve.rerank import rerank_routes  # re-rankers / classifiers: /v1/rerank, /rerank, /v1/score, /predict
+
+    for path, handler in rerank_routes(state, _read_json):
+        app.add_api_route(path, handler, methods=["POST"])
     return app
 
 

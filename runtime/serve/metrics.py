@@ -7,10 +7,13 @@ Read from ``engine.stats()`` at scrape time: queue depth, running batch size, th
 (decoders only: an encoder has no queue). For ``/v1/embeddings``: requests by outcome (endpoint
 ``embeddings``), inputs and tokens embedded, and a request latency histogram.
 
-With ``lmforge serve --instances N`` every worker process has its own registry, and ``/metrics``
-reports **the worker that answers the scrape** (not a sum): ``lmforge_worker_info{worker, pid}``
-says which. Scrape each worker (or sum rates over scrapes); prometheus_client's multiprocess mode
-was not used because the engine gauges are read live at scrape time, which that mode cannot do.
+With ``lmforge serve --instances N`` (N whole servers) every worker process has its own registry,
+and ``/metrics`` reports **the worker that answers the scrape** (not a sum):
+``lmforge_worker_info{worker, pid}`` says which. With ``--api-workers N`` (N front-ends of one
+engine core) the counters and histograms are **summed over the front-ends**: the server sets
+``PROMETHEUS_MULTIPROC_DIR`` before they start, each writes its values there, and a scrape
+renders prometheus-client's ``MultiProcessCollector`` over that folder, beside the gauges read
+live (the core's queue, batch and steps, which every front-end sees alike; ``lmforge_core_pid``).
 """
 
 from __future__ import annotations
@@ -24,7 +27,6 @@ from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
     Counter,
-    Gauge,
     Histogram,
     generate_latest,
 )
@@ -47,15 +49,27 @@ _E2E = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 60.0, 120.0, 300.
 
 
 class _EngineCollector(Collector):
-    """Gauges read from the engine when Prometheus scrapes."""
+    """Gauges read from the engine (and this process) when Prometheus scrapes."""
 
-    def __init__(self, stats: Callable[[], Any] | None, draining: Callable[[], bool]) -> None:
+    def __init__(self, stats: Callable[[], Any] | None, draining: Callable[[], bool],
+                 core_pid: Callable[[], int | None] | None = None) -> None:
         self._stats = stats
         self._draining = draining
+        self._core_pid = core_pid
+        self.worker: int | None = None
 
     def collect(self) -> Iterator[Any]:
         yield GaugeMetricFamily("lmforge_draining", "1 while the server drains (new requests get 503).",
                                 value=1.0 if self._draining() else 0.0)
+        if self.worker is not None:
+            info = GaugeMetricFamily("lmforge_worker_info", "The worker process answering (lmforge serve "
+                                     "--instances / --api-workers).", labels=["worker", "pid"])
+            info.add_metric([str(self.worker), str(os.getpid())], 1.0)
+            yield info
+        pid = self._core_pid() if self._core_pid is not None else None
+        if pid is not None:
+            yield GaugeMetricFamily("lmforge_core_pid", "The engine core process's pid (a new one after a restart).",
+                                    value=float(pid))
         if self._stats is None:  # an encoder: no queue, no running batch
             return
         try:
@@ -75,8 +89,19 @@ class ServeMetrics:
     """The server's metrics; ``render()`` is the ``/metrics`` body and content type."""
 
     def __init__(self, stats: Callable[[], Any] | None, draining: Callable[[], bool],
-                 endpoints: tuple[str, ...] = ("completions", "chat")) -> None:
+                 endpoints: tuple[str, ...] = ("completions", "chat"),
+                 core_pid: Callable[[], int | None] | None = None) -> None:
         r = self.registry = CollectorRegistry()
+        self._live = _EngineCollector(stats, draining, core_pid)
+        self._shared = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
+        if self._shared:  # --api-workers: counters summed over the front-ends' files, gauges live
+            from prometheus_client.multiprocess import MultiProcessCollector
+
+            self.render_registry = CollectorRegistry()
+            MultiProcessCollector(self.render_registry, path=self._shared)
+            self.render_registry.register(self._live)
+        else:
+            self.render_registry = r
         self.requests = Counter("lmforge_requests", "HTTP generation requests by endpoint and outcome.",
                                 ["endpoint", "outcome"], registry=r)
         self.prompt_tokens = Counter("lmforge_prompt_tokens", "Prompt tokens admitted.", registry=r)
@@ -98,16 +123,15 @@ class ServeMetrics:
         self.embedding_latency = Histogram("lmforge_embedding_request_latency_seconds",
                                            "HTTP request arrival to its embeddings, per /v1/embeddings request.",
                                            buckets=_LATENCY, registry=r)
-        self.worker = Gauge("lmforge_worker_info", "The worker process answering (lmforge serve --instances).",
-                            ["worker", "pid"], registry=r)
-        r.register(_EngineCollector(stats, draining))
+        if not self._shared:
+            r.register(self._live)
         for endpoint in endpoints:  # every series exists from the start (rates work at 0)
             for outcome in OUTCOMES:
                 self.requests.labels(endpoint, outcome)
 
     def set_worker(self, index: int) -> None:
         """Label this registry's scrapes with the worker index and this process's pid."""
-        self.worker.labels(str(index), str(os.getpid())).set(1)
+        self._live.worker = index
 
     def render(self) -> tuple[bytes, str]:
-        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+        return generate_latest(self.render_registry), CONTENT_TYPE_LATEST
