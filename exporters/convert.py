@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from exporters.encoder_specs import encoder_max_positions
-from exporters.export import check_against_torch, export_model
+from exporters.export import check_against_torch, export_model, is_classifier
 from exporters.sources import describe_dims, load_source, resolve_source, sentence_transformers_config
 from exporters.specs import ModelKind
 from runtime.artifact import FORMAT_VERSION, MANIFEST_NAME, KvMode, lmforge_version, write_artifact
@@ -18,7 +18,7 @@ from runtime.decoder_io import kv_record
 from runtime.errors import ExportError
 from runtime.sampler_graph import write_sampler
 
-__all__ = ["convert", "EXPORT_TOLERANCE"]
+__all__ = ["convert", "EXPORT_TOLERANCE", "classifier_head"]
 
 log = logging.getLogger(__name__)
 
@@ -165,6 +165,8 @@ def convert(
             }
             if not is_decoder:  # pooling / normalization / max length, read by runtime.Encoder
                 manifest["encoder"] = sentence_transformers_config(info.path)
+                if is_classifier(loaded):
+                    manifest["encoder"].update(classifier_head(loaded.config))
             if is_decoder:
                 logits = next(t for t in result.outputs if t.name == "logits")
                 manifest["sampler"] = write_sampler(tmp, logits.dtype, int(arch["vocab"]))
@@ -194,6 +196,29 @@ def _max_context(loaded: Any, arch: dict[str, Any], requested: int | None) -> in
     if limit and requested > limit:
         log.warning("max context %d exceeds the model's trained %d positions", requested, limit)
     return int(requested)
+
+
+_ACTIVATIONS = {"Sigmoid": "sigmoid", "Identity": "identity", "Softmax": "softmax", "Tanh": "tanh"}
+
+
+def classifier_head(config: Any) -> dict[str, Any]:
+    """The manifest's record of a sequence-classification head: labels and the score activation.
+
+    The activation is the one sentence-transformers' ``CrossEncoder`` applies: ``activation_fn``
+    (or ``sbert_ce_default_activation_function``) from the config's ``sentence_transformers`` block
+    where the checkpoint names one, else sigmoid for one label (a re-ranker's relevance) and softmax
+    over several (a classifier's label probabilities), as TEI's ``/rerank`` and ``/predict`` do.
+    """
+    labels_map = getattr(config, "id2label", None) or {}
+    count = int(getattr(config, "num_labels", None) or len(labels_map) or 1)
+    labels = [str(labels_map.get(i, labels_map.get(str(i), f"LABEL_{i}"))) for i in range(count)]
+    st = getattr(config, "sentence_transformers", None) or {}
+    named = st.get("activation_fn") if isinstance(st, dict) else None
+    named = named or getattr(config, "sbert_ce_default_activation_function", None)
+    activation = _ACTIVATIONS.get(str(named).rsplit(".", 1)[-1]) if named else None
+    return {"head": "sequence-classification", "labels": labels,
+            "activation": activation or ("sigmoid" if count == 1 else "softmax"),
+            "activation_from": "the checkpoint's sentence-transformers config" if activation else "default"}
 
 
 def _write_tokenizer(loaded: Any, tmp: Path) -> None:

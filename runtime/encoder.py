@@ -55,7 +55,7 @@ from runtime.errors import GenerationError, InvalidRequestError
 from runtime.text import error_line
 
 __all__ = ["Encoder", "EncodeStats", "EncodeResult", "POOLINGS", "POOLED_OUTPUT", "pool", "l2_normalize",
-           "pooling_fragment"]
+           "pooling_fragment", "activate"]
 
 log = logging.getLogger(__name__)
 
@@ -176,6 +176,23 @@ class _TokenIds(list):  # type: ignore[type-arg]
     """Marks pre-tokenized input on its way through :meth:`Encoder.encode_with_stats`."""
 
 
+class _Pairs(list):  # type: ignore[type-arg]
+    """Marks a classifier's inputs (texts or ``(text, text_pair)``) on their way through ``_run``."""
+
+
+def activate(logits: np.ndarray, activation: str) -> np.ndarray:
+    """A classifier head's activation on ``logits [n, labels]``: sigmoid, softmax, tanh or identity."""
+    x = logits.astype(np.float32, copy=False)
+    if activation == "sigmoid":
+        return (1.0 / (1.0 + np.exp(-x))).astype(np.float32)
+    if activation == "softmax":
+        e = np.exp(x - x.max(axis=1, keepdims=True))
+        return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
+    if activation == "tanh":
+        return np.tanh(x).astype(np.float32)
+    return x
+
+
 class _Tokens:
     """The ids and token types of one text (the fields of a ``tokenizers.Encoding`` the loop reads)."""
 
@@ -219,10 +236,14 @@ class Encoder:
         limit = int(artifact.architecture.get("max_context") or artifact.architecture.get("max_positions") or 512)
         self.max_length = min(int(max_len), limit) if max_len else limit
         self.dim = int(artifact.architecture.get("hidden") or 0)
+        head = block if isinstance(block, dict) and block.get("head") == "sequence-classification" else {}
+        self.labels: list[str] = [str(x) for x in head.get("labels") or []]
+        self.activation = str(head.get("activation") or "identity")
         self._input_names = [t.name for t in artifact.inputs]
-        if "input_ids" not in self._input_names or "last_hidden_state" not in {t.name for t in artifact.outputs}:
+        wanted = "logits" if self.is_classifier else "last_hidden_state"
+        if "input_ids" not in self._input_names or wanted not in {t.name for t in artifact.outputs}:
             raise GenerationError(f"artifact {artifact.path}: io does not follow the encoder contract",
-                                  expected="input_ids, attention_mask[, token_type_ids] → last_hidden_state",
+                                  expected=f"input_ids, attention_mask[, token_type_ids] → {wanted}",
                                   got=f"{self._input_names} → {[t.name for t in artifact.outputs]}",
                                   fix="re-export the artifact with `lmforge convert`")
         self.tokenizer = self._load_tokenizer(artifact.tokenizer_dir)
@@ -269,7 +290,7 @@ class Encoder:
         """The session: the artifact's graph plus the pooling head (:func:`pooling_fragment`)."""
         self._device_pooling = False
         path = self.artifact.model_path
-        if path.stat().st_size < _MAX_FRAGMENT_MODEL_BYTES:
+        if path.stat().st_size < _MAX_FRAGMENT_MODEL_BYTES and not self.is_classifier:
             options = self._options()
             options.add_session_config_entry("session.model_external_initializers_file_folder_path",
                                              str(self.artifact.path))
@@ -351,6 +372,47 @@ class Encoder:
         included; token type 0) — OpenAI's embeddings API accepts token arrays too."""
         return self.encode_with_stats(_TokenIds(ids), batch_size, normalize, pooling, truncate).embeddings
 
+    @property
+    def is_classifier(self) -> bool:
+        """A sequence-classification artifact (cross-encoder, re-ranker, classifier): ``score`` and
+        ``classify``, no embeddings."""
+        return bool(self.labels)
+
+    def predict(self, inputs: Sequence[str | tuple[str, str]], batch_size: int = 32, raw: bool = False,
+                truncate: bool | None = None) -> tuple[np.ndarray, EncodeStats]:
+        """A classifier's scores ``float32 [n, labels]`` for texts or ``(text, text_pair)`` pairs, in
+        order, after the head's activation (``raw``: the logits) — and the call's stats."""
+        if not self.is_classifier:
+            raise InvalidRequestError(f"{self.artifact.path.name} is an embedding model, not a classifier",
+                                      expected="an artifact converted from a *ForSequenceClassification checkpoint",
+                                      fix="use encode() for embeddings, or convert a re-ranker / classifier")
+        started = time.perf_counter()
+        rows, stats = self._run(_Pairs(inputs), batch_size, truncate, keep_tokens=False, pooling=None)
+        logits = np.stack(rows).astype(np.float32, copy=False)
+        scores = logits if raw else activate(logits, self.activation)
+        return scores, dataclasses.replace(stats, seconds=round(time.perf_counter() - started, 6))
+
+    def score(self, query: str, passages: Sequence[str], batch_size: int = 32, raw: bool = False) -> np.ndarray:
+        """A re-ranker's relevance of each passage to ``query``: ``float32 [n]`` (sigmoid of the
+        one logit unless the checkpoint names another activation; ``raw``: the logit), as
+        sentence-transformers' ``CrossEncoder.predict([(query, p) for p in passages])``."""
+        if not isinstance(query, str) or not query.strip():
+            raise InvalidRequestError("query must be a non-empty string", got=repr(query)[:60])
+        if isinstance(passages, str) or not isinstance(passages, (list, tuple)):
+            raise InvalidRequestError("passages must be a list of strings", got=type(passages).__name__)
+        if len(self.labels) != 1:
+            raise InvalidRequestError(f"{self.artifact.path.name} has {len(self.labels)} labels, not one relevance "
+                                      "score", expected="a re-ranker (num_labels 1)",
+                                      fix="use classify() for a multi-label classifier")
+        scores, _ = self.predict([(query, p) for p in passages], batch_size=batch_size, raw=raw)
+        return scores[:, 0]
+
+    def classify(self, texts: Sequence[str] | str, batch_size: int = 32) -> list[dict[str, float]]:
+        """Each text's label probabilities (``{label: score}``, the head's activation applied)."""
+        items = [texts] if isinstance(texts, str) else texts
+        scores, _ = self.predict(items, batch_size=batch_size)
+        return [dict(zip(self.labels, map(float, row))) for row in scores]
+
     def encode_tokens(self, texts: Sequence[str] | str, batch_size: int = 32,
                       truncate: bool | None = None) -> list[np.ndarray]:
         """Token-level hidden states: one ``float32 [tokens_i, hidden]`` per text (no padding rows)."""
@@ -378,6 +440,12 @@ class Encoder:
             raise InvalidRequestError("invalid batch_size", expected="an integer >= 1", got=repr(batch_size))
         if isinstance(texts, _TokenIds):
             return self._check_ids(texts)
+        if isinstance(texts, _Pairs):
+            return self._check_pairs(texts)
+        if self.is_classifier:
+            raise InvalidRequestError(f"{self.artifact.path.name} is a classifier / re-ranker and has no embeddings",
+                                      expected="an embedding model for encode()",
+                                      fix="use score(query, passages) or classify(texts)")
         items = [texts] if isinstance(texts, str) else texts
         if not isinstance(items, (list, tuple)):
             raise InvalidRequestError("texts must be a string or a list of strings",
@@ -392,6 +460,19 @@ class Encoder:
                 raise InvalidRequestError(f"texts[{i}] is empty", expected="a non-empty string", got=repr(text),
                                           fix="drop empty strings before encoding")
         return list(items)
+
+    def _check_pairs(self, inputs: _Pairs) -> list[Any]:
+        if not inputs:
+            raise InvalidRequestError("no inputs to score", expected="at least one text or pair", got="an empty list")
+        out: list[Any] = []
+        for i, item in enumerate(inputs):
+            parts = [item] if isinstance(item, str) else item
+            if not isinstance(parts, (list, tuple)) or len(parts) not in (1, 2) \
+                    or not all(isinstance(p, str) and p.strip() for p in parts):
+                raise InvalidRequestError(f"inputs[{i}] is not a non-empty text or a pair of non-empty texts",
+                                          got=repr(item)[:80], fix="pass a string or [text, text_pair]")
+            out.append(parts[0] if len(parts) == 1 else (parts[0], parts[1]))
+        return out
 
     def _check_ids(self, ids: _TokenIds) -> list[np.ndarray]:
         if not ids:
@@ -448,6 +529,8 @@ class Encoder:
             feeds = {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
             # pooling None: the graph's own pooling head (the model's configuration), on the device
             output = POOLED_OUTPUT if pooling is None and not keep_tokens else "last_hidden_state"
+            if self.is_classifier:
+                output = "logits"
             hidden = self._infer({k: v for k, v in feeds.items() if k in self._input_names}, output)
             padded += ids.size
             batches += 1
@@ -458,7 +541,7 @@ class Encoder:
                 if skip:  # include_prompt false: the prompt's positions do not enter the pooling
                     mask = mask.copy()
                     mask[:, :skip] = 0
-                pooled = hidden if output == POOLED_OUTPUT else pool(hidden, mask, pooling or self.pooling)
+                pooled = hidden if output != "last_hidden_state" else pool(hidden, mask, pooling or self.pooling)
                 for r, i in enumerate(index):
                     rows[i] = pooled[r]
         unsorted = sum(int(lengths[s:s + batch_size].max()) * len(lengths[s:s + batch_size])

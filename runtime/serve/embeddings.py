@@ -25,7 +25,8 @@ import base64
 import logging
 import threading
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -36,6 +37,7 @@ from runtime.serve.errors import APIError
 __all__ = ["EmbeddingService", "embedding_inputs", "embeddings_response", "encode_vector"]
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class EmbeddingService:
@@ -56,9 +58,26 @@ class EmbeddingService:
     def ready(self) -> bool:
         return not self._closed
 
+    def run(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)`` counted as a call in flight (the drain waits for it); blocking."""
+        with self._cond:
+            if self._closed:
+                raise EngineClosedError("the encoder is closed", fix="retry on another replica")
+            self._in_flight += 1
+        try:
+            return fn(*args)
+        finally:
+            with self._cond:
+                self._in_flight -= 1
+                self._cond.notify_all()
+
     def embed(self, inputs: list[str] | list[list[int]]) -> tuple[np.ndarray, int]:
         """Pooled embeddings ``[n, dim]`` of ``inputs`` in order and the tokens they had (blocking:
         call it from a worker thread)."""
+        if self.encoder.is_classifier:
+            raise APIError(404, f"the model '{self.artifact.path.name}' is a re-ranker / classifier and has no "
+                                "embeddings | expected an embedding model on /v1/embeddings | use POST /v1/rerank, "
+                                "/v1/score or /predict with this model", param="model", code="model_not_supported")
         with self._cond:
             if self._closed:
                 raise EngineClosedError("the encoder is closed", fix="retry on another replica")
