@@ -42,9 +42,12 @@ log = logging.getLogger(__name__)
 
 
 def is_encoder_graph(model: onnx.ModelProto) -> bool:
-    """An encoder graph (``last_hidden_state`` out, no ``logits``), per the IO contract."""
+    """An encoder graph, per the IO contract: ``last_hidden_state`` out (an embedding model), or
+    ``logits`` out with no KV inputs (a sequence classifier: a re-ranker's or classifier's head)."""
     names = {o.name for o in model.graph.output}
-    return "last_hidden_state" in names and "logits" not in names
+    if "last_hidden_state" in names and "logits" not in names:
+        return True
+    return "logits" in names and not any(i.name.startswith("past_key_values") for i in model.graph.input)
 
 
 def fold_constant_concats(model: onnx.ModelProto) -> int:
@@ -218,12 +221,15 @@ def quantize_encoder_int8(model: onnx.ModelProto, dst: Path, per_channel: bool =
 
     masked = mask_bias_to_mask_index(model)  # → QAttention (int8 projection inside the fused attention)
     split = split_attention_projection(model)  # the Attention nodes that could not take a mask index
+    # onnxruntime.quantization re-runs onnx's shape inference, which refuses a value_info the fusions
+    # left stale (a classifier head's [hidden] → [labels] Gemm rewritten to MatMul): drop them all.
+    del model.graph.value_info[:]
     tmp = dst.with_name(dst.stem + ".split.onnx")
     onnx.save(model, str(tmp), save_as_external_data=True, location=tmp.name + ".data")
     try:
         quantize_dynamic(tmp, dst, op_types_to_quantize=["MatMul", "Attention"], per_channel=per_channel,
                          reduce_range=False, weight_type=QuantType.QInt8, use_external_data_format=True,
-                         extra_options={"MatMulConstBOnly": True})
+                         extra_options={"MatMulConstBOnly": True, "DefaultTensorType": onnx.TensorProto.FLOAT})
     finally:
         tmp.unlink(missing_ok=True)
         (tmp.parent / (tmp.name + ".data")).unlink(missing_ok=True)
