@@ -38,7 +38,10 @@ LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0, "l
 # Llama, and so it loads; Llama 3.1+ files carry their rope scaling as a rope_freqs tensor.
 CASES: dict[str, tuple[str, dict[str, object], str]] = {
     "qwen2": ("qwen2", {}, "qwen2"), "qwen3": ("qwen3", {}, "qwen3"), "mistral": ("mistral", {}, "llama"),
-    "phi3": ("phi3", {}, "phi3"), "gemma2": ("gemma2", {}, "gemma2"), "gemma3": ("gemma3_text", {}, "gemma3_text"),
+    "phi3": ("phi3", {}, "phi3"), "gemma2": ("gemma2", {}, "gemma2"),
+    # two local layers (llama.cpp's pattern puts the global one sixth: six layers load below, and the
+    # tiny: tests convert the alternating pattern)
+    "gemma3": ("gemma3_text", {"num_hidden_layers": 2}, "gemma3_text"),
     "llama3": ("llama", {"rope_parameters": LLAMA3_ROPE}, "llama"),
 }
 
@@ -91,7 +94,7 @@ def test_what_transformers_leaves_out_is_restored_from_the_metadata(tmp_path: Pa
     phi3 = load_source(str(tiny_gguf("phi3", tmp_path / "phi3").path))
     assert phi3.config.rope_parameters["partial_rotary_factor"] == 0.75
     # Gemma 3 4B and larger scale the global layers' rotary linearly (factor 8); llama.cpp writes it
-    # to the metadata, transformers' mapping drops it.
+    # to the metadata, transformers' mapping drops it. Six layers: five local, then a global one.
     scaled = {"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
               "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1000000.0}}
     fixture = tiny_gguf("gemma3_text", tmp_path / "gemma3", rope_parameters=scaled)
