@@ -176,9 +176,10 @@ def _write_hparams(writer: Any, arch: str, config: Any, name: str) -> None:
 
 
 def write_gguf(model: Any, tokenizer: Any, path: Path, family: str, name: str | None = None,
-               extra_tensors: dict[str, np.ndarray] | None = None) -> Path:
+               extra_tensors: dict[str, np.ndarray] | None = None, q8_0: bool = False) -> Path:
     """Write ``model`` as llama.cpp would for its family, with fp32 tensors (and ``extra_tensors``,
-    written as named: what llama.cpp adds for some checkpoints, such as ``rope_freqs.weight``)."""
+    written as named: what llama.cpp adds for some checkpoints, such as ``rope_freqs.weight``).
+    ``q8_0``: the matrices in llama.cpp's Q8_0 blocks (norms and biases stay fp32, as it keeps them)."""
     import gguf
 
     arch = GGUF_ARCH[family]
@@ -213,7 +214,12 @@ def write_gguf(model: Any, tokenizer: Any, path: Path, family: str, name: str | 
             data = _llama_permute(data, heads, kv_heads)
         elif arch in ("gemma", "gemma2", "gemma3") and gguf_name.endswith("norm.weight"):
             data = data + 1.0  # llama.cpp stores Gemma's (1 + w) RMSNorm weights as 1 + w
-        writer.add_tensor(gguf_name, np.ascontiguousarray(data, dtype=np.float32))
+        data = np.ascontiguousarray(data, dtype=np.float32)
+        if q8_0 and data.ndim == 2 and data.shape[-1] % 32 == 0:
+            q8 = gguf.GGMLQuantizationType.Q8_0
+            writer.add_tensor(gguf_name, gguf.quants.quantize(data, q8), raw_dtype=q8)
+        else:
+            writer.add_tensor(gguf_name, data)
     rope_freqs = _llama3_rope_freqs(config) if arch == "llama" else None
     if rope_freqs is not None:
         writer.add_tensor("rope_freqs.weight", rope_freqs)
@@ -227,11 +233,11 @@ def write_gguf(model: Any, tokenizer: Any, path: Path, family: str, name: str | 
 
 
 def tiny_gguf(family: str, folder: Path, name: str | None = None, extra_tensors: dict[str, np.ndarray] | None = None,
-              **overrides: Any) -> GgufFixture:
+              q8_0: bool = False, **overrides: Any) -> GgufFixture:
     """Build the tiny model of ``family`` (config ``overrides`` on top of the tiny spec's) and write it
     to ``folder/tiny-<family>.gguf``."""
     model = tiny_model(family, **overrides)
     tokenizer = tiny_tokenizer(int(model.config.vocab_size))
     folder.mkdir(parents=True, exist_ok=True)
-    path = write_gguf(model, tokenizer, folder / f"tiny-{family}.gguf", family, name, extra_tensors)
+    path = write_gguf(model, tokenizer, folder / f"tiny-{family}.gguf", family, name, extra_tensors, q8_0)
     return GgufFixture(path, model, tokenizer)

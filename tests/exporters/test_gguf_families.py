@@ -125,6 +125,21 @@ def test_more_families_load_from_gguf_as_the_model_they_were_written_from(
         assert torch.equal(loaded.model(ids).logits, fixture.model(ids).logits)
 
 
+@pytest.mark.parametrize("family", ["qwen3", "gemma2", "phi3"])
+def test_a_q8_0_file_loads_dequantized_near_its_source_model(tmp_path: Path, family: str) -> None:
+    """Real GGUF files are quantized: a Q8_0 file loads as fp32, within Q8_0's rounding of the source."""
+    fixture = tiny_gguf(family, tmp_path, q8_0=True)
+    loaded = load_source(str(fixture.path))
+    assert all(p.dtype == torch.float32 for p in loaded.model.parameters())
+    ids = torch.tensor([fixture.tokenizer.encode(PROMPTS[0])])
+    with torch.no_grad():
+        got, want = loaded.model(ids).logits, fixture.model(ids).logits
+    diff = (got - want).abs().max().item()
+    # quantized (not fp32), and close: Q8_0's rounding, not a wrong tensor (those differ by the
+    # logits' own size); the argmax can flip where these random logits nearly tie
+    assert 0 < diff < 0.05 * want.abs().max().item()
+
+
 def test_a_llama_file_named_mistral_loads_as_llama(tmp_path: Path) -> None:
     """transformers reads a Llama-architecture file named exactly "mistral" as Mistral, then finds no
     tensor map for it; lmforge loads it as the Llama that llama.cpp runs."""
