@@ -524,7 +524,7 @@ def _build_random(info: SourceInfo) -> LoadedSource:
             for name, param in model.named_parameters():
                 if param.dim() >= 2 and "embed" not in name and "wte" not in name and "wpe" not in name:
                     param.mul_(2.0)
-                if head and name.startswith(("classifier", "pre_classifier", "pooler", "head")):
+                if head and name.startswith("classifier") and param.shape[0] == head["num_labels"]:
                     param.mul_(25.0)  # a random head's logits are near-equal: spread them so rankings differ
     digest = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):

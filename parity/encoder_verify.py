@@ -335,6 +335,11 @@ def run_cli(args: Any) -> int:
     """
     if getattr(args, "layerwise", False):
         log.warning("--layerwise compares decoder steps; it is ignored for an encoder")
+    from parity.encoder_classifier_verify import is_classifier_artifact, run_classifier_cli
+    from runtime.artifact import load_artifact
+
+    if is_classifier_artifact(load_artifact(args.artifact, verify_hashes=False).manifest):
+        return run_classifier_cli(args)  # re-rankers and classifiers: logits of query × passage pairs
     result = verify_encoder(args.artifact, sentences=args.prompts, device=args.device, reference=args.reference,
                             progress=not getattr(args, "quiet", False))
     print(format_encoder_table(result))
