@@ -5,10 +5,13 @@ as its own process on a port the OS picks, and stops after), runs open-loop swee
 Poisson arrivals; ``inf`` = all at once) and closed-loop sweeps (``--concurrency``: N clients
 back to back), streaming every request, and reports per point request throughput, output
 tokens/s, TTFT / ITL / end-to-end latency at p50/p90/p99, errors by kind and goodput at
-``--slo``. ``--compare-engine`` (artifacts only) runs the same schedule against the same engine
-in-process, without HTTP: what the HTTP layer costs, and the way to compare with runtimes that
-have no HTTP server (onnxruntime-genai has none). It loads the engine only after the server
-process has stopped, so the two never hold the device together.
+``--slo``. ``--compare-engine`` (artifacts only) runs the same schedule, the same prompts and
+parameters, against the same engine in-process at its best — each request submitted and read by
+a thread of its own, no HTTP and no asyncio relay (:class:`lmforge.benchmark.serve_load.EngineTarget`)
+— and reports HTTP/engine per point (output tok/s, TTFT and ITL p50/p99): what the server costs,
+and the way to compare with runtimes that have no HTTP server (onnxruntime-genai has none). It
+loads the engine only after the server process has stopped, so the two never hold the device
+together.
 
 The server is a process of its own, not a thread of this one: in one process the load generator,
 uvicorn and the engine's loop share one GIL, and an H100 measured 3,237 tok/s there against 4,737
@@ -210,6 +213,27 @@ async def _run_target(spec: str, args: argparse.Namespace, plan: _Plan, mix: Any
         engine.close(drain=False)
 
 
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return None if a is None or not b else round(a / b, 3)
+
+
+def _http_over_engine(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each HTTP point over the in-process engine's point of the same schedule (``--compare-engine``)."""
+    engine = {(p["mode"], str(p["value"])): p for p in results if p["kind"] == "engine (in-process)"}
+    out = []
+    for p in results:
+        e = engine.get((p["mode"], str(p["value"]))) if p["kind"] == "http" else None
+        if e is None:
+            continue
+        out.append({"mode": p["mode"], "value": p["value"],
+                    "output_tok_s": _ratio(p["output_tok_s"], e["output_tok_s"]),
+                    "ttft_p50": _ratio(p["ttft_ms"]["p50"], e["ttft_ms"]["p50"]),
+                    "ttft_p99": _ratio(p["ttft_ms"]["p99"], e["ttft_ms"]["p99"]),
+                    "itl_p50": _ratio(p["itl_ms"]["p50"], e["itl_ms"]["p50"]),
+                    "itl_p99": _ratio(p["itl_ms"]["p99"], e["itl_ms"]["p99"])})
+    return out
+
+
 def run(args: argparse.Namespace) -> int:
     from lmforge.benchmark import serve_load
     from lmforge.cmd_serve import require_serve_extra
@@ -238,6 +262,11 @@ def run(args: argparse.Namespace) -> int:
 
     started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     targets, results = asyncio.run(main())
+    comparison = _http_over_engine(results)
+    for c in comparison:
+        print(f"  HTTP/engine {c['mode']:>11} {c['value']!s:>5}  tok/s {c['output_tok_s']:.2f}×  "
+              f"ttft p50 {c['ttft_p50']}×  p99 {c['ttft_p99']}×  itl p50 {c['itl_p50']}×  p99 {c['itl_p99']}×",
+              flush=True)
     report = {
         "command": " ".join(getattr(args, "argv", ["lmforge", "bench-serve"])),
         "started": started,
@@ -247,11 +276,14 @@ def run(args: argparse.Namespace) -> int:
                      "max_seconds": args.max_seconds, "seed": args.seed},
         "notes": ["TTFT: send to first text chunk; ITL: gaps between text chunks; latencies in ms.",
                   "goodput counts requests within every --slo bound (itl: the request's mean gap).",
-                  "onnxruntime-genai has no HTTP server: --compare-engine runs the same schedule in-process.",
+                  "tpot: per request, (e2e - ttft) / (tokens - 1); itl: per chunk.",
+                  "onnxruntime-genai has no HTTP server: --compare-engine runs the same schedule in-process, a "
+                  "thread per request (the engine at its best); http_over_engine: HTTP point / engine point.",
                   "an ARTIFACT target is served by `lmforge serve` as its own process (targets: pid, command); "
                   "the load generator shares the machine's cores with it."],
         "targets": targets,
         "results": results,
+        "http_over_engine": comparison,
     }
     if args.json_path:
         path = Path(args.json_path)

@@ -301,8 +301,12 @@ class CoreClient:
         if params.stop and self.tokenizer is None:
             self._need_tokenizer("stop strings")
         ids = self.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
-        if self._loop is None:
-            self._loop = asyncio.get_running_loop()
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop:  # the first request, or a new loop after the last one closed
+            if self._requests and self._loop is not None and not self._loop.is_closed():
+                raise GenerationError("a CoreClient serves one asyncio event loop at a time",
+                                      fix="submit from the loop that reads the requests already in flight")
+            self._loop = loop
         rid = next(self._ids)
         request = RemoteRequest(self, rid, ids, int(max_new_tokens), params)
         self._requests[rid] = request
