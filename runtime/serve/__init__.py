@@ -10,7 +10,20 @@
 
     app = create_app(Encoder.load("artifacts/minilm"))                     # an encoder: /v1/embeddings
 
-``lmforge serve --instances N`` runs N pinned worker processes on one port
+``lmforge serve`` runs a decoder as separate processes (:mod:`runtime.serve.split`): an engine
+core that owns the engine and its loop (:mod:`runtime.serve.core`) and ``--api-workers N`` HTTP
+front-ends, each the same app over a :class:`runtime.serve.client.CoreClient`, talking over
+pyzmq + msgpack (:mod:`runtime.serve.transport`). The engine in its own process, for a service
+of your own::
+
+    from runtime.serve.client import CoreClient
+    from runtime.serve.instances import ModelOptions
+    from runtime.serve.split import CoreProcess
+
+    core = CoreProcess(ModelOptions("artifacts/smollm2-135m")).start()
+    app = create_app(CoreClient(core.addresses, "artifacts/smollm2-135m"))   # core.stop() at the end
+
+``lmforge serve --instances N`` runs N whole servers (each its own engine) on one port
 (:mod:`runtime.serve.instances`).
 """
 
