@@ -325,10 +325,12 @@ class CoreClient:
         if self._requests:
             self._on_loop(self._abandon, EngineClosedError("the server stopped before this request finished"))
             self._cancel_all()
-        self._closed.set()
+        with self._send_lock:  # no send is under way on a socket destroyed here
+            self._closed.set()
         if threading.current_thread() is not self._thread:
             self._thread.join(2)
-        self._ctx.destroy(linger=0)
+        with self._send_lock:
+            self._ctx.destroy(linger=0)
 
     def core_lost(self, why: str = "the engine core process died") -> None:
         """The core is gone (its parent saw it exit): fail what is in flight, report not ready."""
