@@ -34,6 +34,14 @@ SHAPES: dict[str, tuple[str, dict[str, Any]]] = {
         rms_norm_eps=1e-6, rope_theta=1000000.0, tie_word_embeddings=True, hidden_act="silu",
         bos_token_id=151643, eos_token_id=151645, pad_token_id=151643,
     )),
+    # microsoft/Phi-3-mini-4k-instruct (packed qkv_proj and gate_up_proj, 32 KV heads, sliding
+    # window 2047)
+    "phi-3-mini": ("phi3", dict(
+        vocab_size=32064, hidden_size=3072, intermediate_size=8192, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096,
+        original_max_position_embeddings=4096, rms_norm_eps=1e-5, rope_theta=10000.0, sliding_window=2047,
+        tie_word_embeddings=False, hidden_act="silu", bos_token_id=1, eos_token_id=32000, pad_token_id=32000,
+    )),
     # google/gemma-3-1b-it (q/k norm, 5 local layers of window 512 to 1 global, head_dim 256, one KV
     # head; its rotary bases, 1e4 local and 1e6 global, are the config class's defaults)
     "gemma-3-1b": ("gemma3_text", dict(

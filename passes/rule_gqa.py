@@ -129,5 +129,70 @@ def _renormed(op, flat, per_head, normalized):  # type: ignore[no-untyped-def]
     return out
 
 
+class _LeftPaddedSharedHeadsGQA(_LeftPaddedGQA):
+    """The same attention with as many KV heads as query heads (Phi-3-mini, Llama 2, OLMo …):
+    transformers' ``repeat_kv`` is then the identity and leaves no ``Unsqueeze → Expand →
+    Reshape`` on the keys and values, so onnxscript's pattern (and :class:`_LeftPaddedGQA`) does
+    not match, and the attention would fuse to ``MultiHeadAttention`` — which has no shared-buffer
+    form. ``GroupQueryAttention`` takes ``kv_num_heads == num_heads``, as onnxruntime-genai's
+    builder emits for these models; the match and the rewrite are the parent's."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.name = "LeftPaddedSharedHeadsGQA"
+
+    def pattern(self, op, query_BSD, key_BSDkv, value_BSDkv, past_key, past_value,  # type: ignore[no-untyped-def,override]
+                position_ids, cos, sin, mask):
+        def per_head(x, name):  # [B, S, H·Dh] → [B, S, H, Dh], optionally normalised there
+            split = op.Reshape(x, pattern.ANY_VALUE, _outputs=[f"{name}_BSHDh"])
+            normed = op.SimplifiedLayerNormalization(split, pattern.ANY_VALUE, axis=-1,
+                                                     _outputs=[f"{name}_BSHDh_normalized"])
+            return pattern.OrValue([split, normed])
+
+        def heads_first(x, name):  # → [B, H, S, Dh], optionally normalised there
+            moved = op.Transpose(x, perm=[0, 2, 1, 3])
+            normed = op.SimplifiedLayerNormalization(moved, pattern.ANY_VALUE, axis=-1,
+                                                     _outputs=[f"{name}_BHSDh_normalized"])
+            return pattern.OrValue([moved, normed])
+
+        query = heads_first(per_head(query_BSD, "query"), "query")
+        key = op.Transpose(per_head(key_BSDkv, "key"), perm=[0, 2, 1, 3])
+        key_normed = op.SimplifiedLayerNormalization(key, pattern.ANY_VALUE, axis=-1,
+                                                     _outputs=["key_BHkvSDh_normalized"])
+        key = pattern.OrValue([key, key_normed])
+        value = op.Transpose(op.Reshape(value_BSDkv, pattern.ANY_VALUE), perm=[0, 2, 1, 3])
+        query_rope = op.RotaryEmbedding(query, position_ids, cos, sin, _domain="com.microsoft",
+                                        _outputs=["query_BHSDh_rope"])
+        key_rope = op.RotaryEmbedding(key, position_ids, cos, sin, _domain="com.microsoft",
+                                      _outputs=["key_BHkvSDh_rope"])
+        key_all = pattern.OrValue([op.Concat(past_key, key_rope, axis=-2), key_rope])
+        value_all = pattern.OrValue([op.Concat(past_value, value, axis=-2), value])
+        attention = op.SDPA(query_rope, key_all, value_all, mask, key_format="BHSd",
+                            _domain="ai.onnxruntime._fusion")
+        out = op.Reshape(op.Transpose(attention, perm=[0, 2, 1, 3]), pattern.ANY_VALUE, _outputs=["attention_BSD"])
+        return out, key_all, value_all
+
+    def check(self, context, query_BSD, key_BSDkv, value_BSDkv, past_key, past_value,  # type: ignore[no-untyped-def,override]
+              query_BHSDh_rope, key_BHkvSDh_rope, query_BSHDh, mask, key_BSHDh=None, **rest):
+        result = super().check(context, query_BSD, key_BSDkv, value_BSDkv, past_key, past_value,
+                               query_BHSDh_rope, key_BHkvSDh_rope, query_BSHDh, key_BSHDh, mask,
+                               query_BSHDh_normalized=rest.get("query_BSHDh_normalized"),
+                               query_BHSDh_normalized=rest.get("query_BHSDh_normalized"),
+                               key_BSHkvDh_normalized=rest.get("key_BSHDh_normalized"),
+                               key_BHkvSDh_normalized=rest.get("key_BHkvSDh_normalized"))
+        if result and self.num_heads != self.kv_num_heads:
+            return pattern.MatchResult().fail("fewer KV heads than query heads without repeat_kv", query_BSD)
+        return result
+
+    def rewrite(self, op, query_BSD, key_BSDkv, value_BSDkv, past_key, past_value,  # type: ignore[no-untyped-def,override]
+                position_ids, cos, sin, mask, query_BSHDh, key_BSHDh=None, **rest):
+        return super().rewrite(op, query_BSD, key_BSDkv, value_BSDkv, past_key, past_value, position_ids, cos, sin,
+                               mask, query_BSHDh, key_BSHDh,
+                               query_BSHDh_normalized=rest.get("query_BSHDh_normalized"),
+                               query_BHSDh_normalized=rest.get("query_BHSDh_normalized"),
+                               key_BSHkvDh_normalized=rest.get("key_BSHDh_normalized"),
+                               key_BHkvSDh_normalized=rest.get("key_BHkvSDh_normalized"))
+
+
 def gqa_rules() -> pattern.RewriteRuleSet:
-    return pattern.RewriteRuleSet([_LeftPaddedGQA.rule()])
+    return pattern.RewriteRuleSet([_LeftPaddedGQA.rule(), _LeftPaddedSharedHeadsGQA.rule()])

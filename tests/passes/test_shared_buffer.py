@@ -236,3 +236,45 @@ def test_fp16_cuda_graph_reads_the_batch_from_input_ids(arch: str, artifact_cach
     for value in model.graph.inputs:
         if value.name.startswith("past_key_values."):
             assert [u.node.op_type for u in value.uses()] == ["GroupQueryAttention"]
+
+
+def test_as_many_kv_heads_as_query_heads_fuses_to_gqa_and_serves(monkeypatch: pytest.MonkeyPatch,
+                                                                  tmp_path: Path) -> None:
+    """Llama 2 / Phi-3-mini attention (KV heads = query heads, so transformers' repeat_kv is the
+    identity) fuses to GroupQueryAttention with kv_num_heads = num_heads, not to
+    MultiHeadAttention, so it gets the shared-buffer fast path; the slots engine then gives
+    transformers' greedy ids."""
+    import dataclasses
+
+    import torch
+
+    import exporters.sources as sources
+    from exporters.convert import convert
+    from exporters.sources import load_source
+    from exporters.specs import get_spec
+    from runtime.engine import Engine
+
+    llama = get_spec("llama")
+    heads = int(llama.tiny_config["num_attention_heads"])
+    mha = dataclasses.replace(llama, tiny_config={**llama.tiny_config, "num_key_value_heads": heads})
+    monkeypatch.setattr(sources, "get_spec", lambda name: mha if name == "llama" else get_spec(name))
+    src = convert("tiny:llama", tmp_path / "fp32", progress=False)
+    out = tmp_path / "sb"
+    report = optimize_artifact(src, out, "cpu", "fp32", kv_mode="shared-buffer", check=True, progress=False)
+    assert report.check is not None and report.check["ok"]
+    model = ir.load(str(out / "model.onnx"))
+    ops = [n.op_type for n in model.graph.all_nodes()]
+    assert "MultiHeadAttention" not in ops
+    gqa = [n for n in model.graph.all_nodes() if n.op_type == "GroupQueryAttention"]
+    assert len(gqa) == 2
+    assert {(n.attributes.get_int("num_heads"), n.attributes.get_int("kv_num_heads")) for n in gqa} == {(heads, heads)}
+    prompt = torch.randint(3, 300, (1, 24), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        ref = load_source("tiny:llama").model.generate(
+            prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=12, do_sample=False)[0, prompt.shape[1]:]
+    engine = Engine.load(out, "cpu")
+    try:
+        got = engine.generate_ids([prompt[0].tolist()], max_new_tokens=12)
+    finally:
+        engine.close()
+    assert got[0] == ref.tolist()
