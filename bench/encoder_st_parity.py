@@ -82,6 +82,14 @@ def build(out: Path) -> None:
     folder = out / "bert-reranker" / "model"
     loaded.model.save_pretrained(folder)
     loaded.tokenizer.save_pretrained(folder)
+    # A cross-encoder's tokenizer has no chat template; the tiny one carries ChatML, and
+    # sentence-transformers 6's CrossEncoder renders a (query, document) pair through a tokenizer's
+    # chat template when it has one (instruction re-rankers), which is not what this checks.
+    (folder / "chat_template.jinja").unlink(missing_ok=True)
+    config_path = folder / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config.pop("chat_template", None)
+    config_path.write_text(json.dumps(config))
     convert(str(folder), out / "bert-reranker" / "artifact", progress=False)
     print("built bert-reranker", flush=True)
 

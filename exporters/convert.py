@@ -165,6 +165,10 @@ def convert(
             }
             if not is_decoder:  # pooling / normalization / max length, read by runtime.Encoder
                 manifest["encoder"] = sentence_transformers_config(info.path)
+                # does the tokenizer hand the model token types? (a tokenizer whose model_input_names
+                # lacks them — no token type ids for a pair — means the model saw zeros)
+                names = getattr(loaded.tokenizer, "model_input_names", None) or ["token_type_ids"]
+                manifest["encoder"]["token_type_ids"] = "token_type_ids" in names
                 if is_classifier(loaded):
                     manifest["encoder"].update(classifier_head(loaded.config))
             if is_decoder:

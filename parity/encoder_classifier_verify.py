@@ -92,8 +92,7 @@ def _reference_logits(loaded: Any, queries: list[str], passages: list[str], max_
     with torch.inference_mode():
         for query in queries:
             enc = loaded.tokenizer([query] * len(passages), passages, padding=True, truncation=True,
-                                   max_length=max_length, return_tensors="pt",
-                                   return_token_type_ids="token_type_ids" in names)
+                                   max_length=max_length, return_tensors="pt")
             rows.append(loaded.model(**{k: v for k, v in enc.items() if k in names}).logits.float().numpy())
     return np.stack(rows)  # [queries, passages, labels]
 

@@ -228,9 +228,13 @@ class Encoder:
             self.prompts = {str(k): str(v) for k, v in (block.get("prompts") or {}).items()}
             self.default_prompt_name = block.get("default_prompt_name") or None
             self.include_prompt = bool(block.get("include_prompt", True))
+            # whether the source's tokenizer hands token types to the model (transformers'
+            # model_input_names); where it does not, the model saw zeros, and so does this graph
+            self._type_ids = bool(block.get("token_type_ids", True))
         else:
             self.pooling, self.normalize, max_len = "mean", False, None
             self.prompts, self.default_prompt_name, self.include_prompt = {}, None, True
+            self._type_ids = True
             self.pooling_from = "default: the manifest records no sentence-transformers configuration"
             log.info("%s: mean pooling without normalization (%s)", artifact.path, self.pooling_from)
         limit = int(artifact.architecture.get("max_context") or artifact.architecture.get("max_positions") or 512)
@@ -347,8 +351,10 @@ class Encoder:
         if prefix and not isinstance(texts, _TokenIds):
             items = self._check_texts(texts, batch_size)
             texts = [prefix + t for t in items]
-            if not self.include_prompt:  # sentence-transformers: the prompt's tokens, less one, leave the pool
-                skip = max(len(self.tokenizer.encode(prefix).ids) - 1, 0)
+            if not self.include_prompt:  # sentence-transformers: the prompt's tokens (less a trailing [SEP]/EOS)
+                prompt = self.tokenizer.encode(prefix)
+                trailing = bool(prompt.special_tokens_mask and prompt.special_tokens_mask[-1])
+                skip = len(prompt.ids) - (1 if trailing else 0)
         pooling = self.pooling if pooling is None else pooling
         if pooling not in POOLINGS:
             raise InvalidRequestError("unknown pooling", expected=", ".join(POOLINGS), got=repr(pooling),
@@ -525,7 +531,8 @@ class Encoder:
                 n = len(e.ids)
                 ids[r, :n] = e.ids
                 mask[r, :n] = 1
-                types[r, :n] = e.type_ids
+                if self._type_ids:
+                    types[r, :n] = e.type_ids
             feeds = {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
             # pooling None: the graph's own pooling head (the model's configuration), on the device
             output = POOLED_OUTPUT if pooling is None and not keep_tokens else "last_hidden_state"

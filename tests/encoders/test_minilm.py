@@ -26,7 +26,7 @@ def test_manifest_records_the_sentence_transformers_configuration(minilm: Path) 
     block = load_artifact(minilm).manifest["encoder"]
     assert block == {"pooling": "mean", "normalize": True, "max_seq_length": 256,
                      "from": "sentence-transformers modules.json", "prompts": {}, "default_prompt_name": None,
-                     "include_prompt": True}
+                     "include_prompt": True, "token_type_ids": True}
 
 
 def test_fp32_matches_pytorch_within_1e4_per_element(minilm: Path) -> None:

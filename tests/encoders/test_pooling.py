@@ -78,7 +78,10 @@ def _by_hand(loaded, texts: list[str], pooling: str, normalize: bool, prompt: st
     import torch
 
     rows = []
-    prompt_length = len(loaded.tokenizer(prompt)["input_ids"]) - 1 if prompt else 0
+    # sentence-transformers 6: the prompt's tokens, less one only where the last is special ([SEP], EOS)
+    prompt_ids = loaded.tokenizer(prompt)["input_ids"] if prompt else []
+    trailing = bool(prompt_ids) and prompt_ids[-1] in loaded.tokenizer.all_special_ids
+    prompt_length = len(prompt_ids) - (1 if trailing else 0)
     for text in texts:
         ids = torch.tensor([loaded.tokenizer(prompt + text)["input_ids"]])
         with torch.no_grad():
@@ -99,7 +102,7 @@ def test_convert_records_the_sentence_transformers_files(artifact: Path) -> None
     block = load_artifact(artifact).manifest["encoder"]
     assert block == {"pooling": "lasttoken", "normalize": True, "max_seq_length": 96,
                      "from": "sentence-transformers modules.json", "prompts": PROMPTS,
-                     "default_prompt_name": "query", "include_prompt": True}
+                     "default_prompt_name": "query", "include_prompt": True, "token_type_ids": False}
 
 
 def test_lasttoken_normalize_and_the_default_prompt_equal_the_hand_computation(artifact: Path, tiny_folder) -> None:  # type: ignore[no-untyped-def]

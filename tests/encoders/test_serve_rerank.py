@@ -35,7 +35,7 @@ def _torch_logits(source: str, pairs: list[tuple[str, str]] | list[str]) -> np.n
     rows = []
     for item in pairs:
         args = item if isinstance(item, tuple) else (item,)
-        enc = loaded.tokenizer(*args, return_tensors="pt", return_token_type_ids="token_type_ids" in names)
+        enc = loaded.tokenizer(*args, return_tensors="pt")  # token types as the tokenizer gives them
         with torch.no_grad():
             rows.append(loaded.model(**{k: v for k, v in enc.items() if k in names}).logits[0].numpy())
     return np.stack(rows)
