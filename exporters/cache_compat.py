@@ -23,7 +23,7 @@ _OLD = "past_key_values"
 
 
 @functools.cache
-def _forward_parameters(model_type: type) -> frozenset[str]:
+def _forward_parameters(model_type: Any) -> frozenset[str]:
     try:
         return frozenset(inspect.signature(model_type.forward).parameters)
     except (TypeError, ValueError):  # a C-implemented or wrapped forward without a signature
@@ -32,7 +32,8 @@ def _forward_parameters(model_type: type) -> frozenset[str]:
 
 def cache_argument(model: Any) -> str:
     """``"cache"`` when ``model.forward`` declares it (transformers ≥ 5.24), else ``"past_key_values"``."""
-    return _NEW if _NEW in _forward_parameters(type(model)) else _OLD
+    model_type: Any = type(model)  # a class is hashable; typeshed's cache wrapper asks for Hashable
+    return _NEW if _NEW in _forward_parameters(model_type) else _OLD
 
 
 def cache_kwargs(model: Any, cache: Any) -> dict[str, Any]:

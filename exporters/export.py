@@ -298,10 +298,12 @@ def export_model(loaded: LoadedSource, out_dir: Path, layers: int, kv_heads: int
                 optimize=True,
                 verbose=False,
             )
+        if program is None:  # torch returns None only when asked to write the file itself
+            raise ExportError("torch.onnx.export returned no program", fix="report this with your torch version")
         program.save(str(model_path), external_data=True)
     except ExportError:
         raise
-    except Exception as exc:  # noqa: BLE001 - torch.export raises many types
+    except Exception as exc:
         first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
         raise ExportError(
             f"torch.onnx.export failed for {loaded.info.ref} ({first})",
@@ -359,9 +361,9 @@ def check_against_torch(
         )
         wrapper = _decoder_wrapper(loaded, layers, with_positions)
         with torch.no_grad():
-            ref = wrapper(*values)[0].numpy()
+            want = wrapper(*values)[0].numpy()
         feed = {n: v.numpy() for n, v in zip(names, values)}
         got = session.run(["logits"], feed)[0]
-        mask = feed["attention_mask"][:, past:].astype(bool)  # compare real (non-pad) positions only
-        worst = max(worst, float(np.abs(got - ref)[mask].max()))
+        valid = feed["attention_mask"][:, past:].astype(bool)  # compare real (non-pad) positions only
+        worst = max(worst, float(np.abs(got - want)[valid].max()))
     return worst

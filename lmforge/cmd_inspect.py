@@ -50,7 +50,7 @@ def _io_rows(tensors: list[dict[str, Any]], step_prefix: str | None = None) -> l
         first = group[0]
         rows.append(f"    {pattern:<28} {first['dtype']:<8} {_shape(first['shape'])}  × {len(group)} layers")
     if step:
-        rows.append(f"    {step_prefix + '*':<28} {len(step)} tensors of the step model (`--json` lists them)")
+        rows.append(f"    {(step_prefix or '') + '*':<28} {len(step)} tensors of the step model (`--json` lists them)")
     return rows
 
 
@@ -78,7 +78,7 @@ def render(artifact: Artifact) -> str:
         lines.append(f"batch sizes   {m['precision']} {BATCH_GUIDANCE[m['precision']]}")
     step = m.get("step")
     prefix = step.get("prefix") if isinstance(step, dict) else None
-    if prefix:
+    if prefix and isinstance(step, dict):
         lines.append(f"step model    format {step.get('format')}, id history of {step.get('window')} steps: "
                      "the decoder, then per-row sampling (temperature, top-k/p, min-p, penalties, "
                      "min-new-tokens, stops, seeds) and the next step's inputs, in model.onnx")

@@ -105,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
     document["timings_s"] = {k: round(v, 3) for k, v in result.timings.items()}
 
     finding = None
-    if args.layerwise and not result.passed:
+    if args.layerwise and against is not None and not result.passed:
         target = failing_prompt(result)
         if target is None:
             log.warning("--layerwise: the verdict failed but no prompt or step can be pointed at")

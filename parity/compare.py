@@ -94,7 +94,7 @@ class Outcome(str, enum.Enum):
 
 def _frozen_array(value: Any, dtype: type, name: str, prompt_id: str) -> np.ndarray:
     try:
-        array = np.array(value, dtype=dtype, copy=True)
+        array: np.ndarray = np.array(value, dtype=dtype, copy=True)
     except (TypeError, ValueError) as exc:
         raise ParityError(f"prompt {prompt_id!r}: {name} is not numeric ({exc})") from exc
     array.flags.writeable = False

@@ -337,6 +337,7 @@ def load_reference_source(manifest: Mapping[str, Any], override: str | None = No
     from exporters.sources import load_source
 
     source = manifest.get("source") or {}
+    ref: str | None
     if override is not None:
         ref = override
     elif source.get("kind") in ("hf", "gguf") and source.get("path"):

@@ -137,8 +137,8 @@ def judge_batch_mismatch(mismatch: BatchMismatch, reference: Any, comparison: Pr
         gap = _gap(ids, [float(v) for v in reference.top_values[step]], token)
         return dataclasses.replace(mismatch, ref_gap=gap, near_tie=gap < tie_threshold, judged_by="reference")
     if not agreed and step < len(alone_top):
-        ids, values = alone_top[step]
-        gap = _gap(ids, values, token)
+        alone_ids, values = alone_top[step]
+        gap = _gap(list(alone_ids), values, token)
         return dataclasses.replace(mismatch, ref_gap=gap, near_tie=gap < tie_threshold, judged_by="candidate")
     return mismatch
 

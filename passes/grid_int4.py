@@ -71,7 +71,7 @@ def grid_quantize(model: onnx.ModelProto, source: dict[str, np.ndarray], exclude
         grid = None
         if weight is not None and node.name not in exclude and weight.ndim == 2 and weight_name in initializers:
             grid = on_grid(weight, block_size)
-        if grid is None:
+        if grid is None or weight is None:
             keep_nodes.append(node)
             continue
         q, step, low = grid

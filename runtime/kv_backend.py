@@ -14,6 +14,7 @@ and registers its class for its ``kv_mode`` with :func:`register_backend`.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 from collections.abc import Callable, Iterable, Mapping
 from typing import ClassVar, Protocol, TypeVar
 
@@ -115,8 +116,8 @@ def register_backend(mode: KvMode) -> Callable[[_B], _B]:
 
 def backend_class(mode: KvMode) -> type[KvBackend]:
     """The registered backend class for ``mode`` (the shipped ones register on first use)."""
-    import runtime.kv_concat  # noqa: F401 - registers "concat"
-    import runtime.kv_slots  # noqa: F401 - registers "shared-buffer"
+    for module in ("runtime.kv_concat", "runtime.kv_slots"):  # importing one registers its backend
+        importlib.import_module(module)
 
     try:
         return _REGISTRY[mode]

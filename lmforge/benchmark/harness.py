@@ -241,7 +241,7 @@ def _timed_run(runner: Runner, prompts: list[list[int]], config: BenchConfig, sa
     level = sampler.mark()
     try:
         timing = runner.run(prompts, config.new_tokens)
-    except Exception as exc:  # noqa: BLE001 - a failing runner is reported, the bench goes on
+    except Exception as exc:
         log.debug("%s at batch %d failed", runner.name, len(prompts), exc_info=True)
         cell.reason = _reason(exc)
         log.warning("%s at batch %d: not run: %s", runner.name, len(prompts), cell.reason)
@@ -297,7 +297,7 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
             log.info("preparing %s …", runner.name)
             try:
                 runner.prepare()
-            except Exception as exc:  # noqa: BLE001 - NotRun or any failure: reported, never dropped
+            except Exception as exc:
                 log.debug("%s: prepare failed", runner.name, exc_info=True)
                 entry.update(status="not run", reason=_reason(exc))
                 log.warning("%s: not run: %s", runner.name, entry["reason"])
@@ -391,7 +391,7 @@ def _fmt(value: Any, spec: str) -> str:
 def render_table(report: dict[str, Any]) -> str:
     """The terminal table: one line per runner and batch size; not-run lines keep their reason."""
     head = ("runtime", "batch", "decode tok/s", "per row", "TTFT ms", "e2e tok/s", "mem MB", "bw util")
-    lines = []
+    lines: list[tuple[str, ...]] = []
     for r in report["results"]:
         if r["status"] != "ok":
             lines.append((r["runner"], str(r["batch"]), f"not run: {r['reason']}"))

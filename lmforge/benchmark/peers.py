@@ -162,7 +162,8 @@ class HfCompileRunner(HfEagerRunner):
 
         config = CompileConfig(mode="reduce-overhead" if self.device == "cuda" else "default")
         if self.device != "cuda":
-            config._compile_all_devices = True  # transformers compiles on CUDA only unless told
+            # transformers compiles on CUDA only unless told; it declares this private flag as None
+            config._compile_all_devices = True  # type: ignore[assignment]
         self.model.generation_config.cache_implementation = "static"
         self.model.generation_config.compile_config = config
         self.info.update({"cache": "static", "compile_mode": config.mode})

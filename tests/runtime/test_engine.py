@@ -179,10 +179,10 @@ class _FailingOnce:
     def __init__(self, session: ort.InferenceSession) -> None:
         self._session, self.failed = session, False
 
-    def io_binding(self):  # noqa: ANN201
+    def io_binding(self):
         return self._session.io_binding()
 
-    def run_with_iobinding(self, binding, options=None) -> None:  # noqa: ANN001
+    def run_with_iobinding(self, binding, options=None) -> None:
         if not self.failed:
             self.failed = True
             raise RuntimeError("[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : Failed to allocate memory")
@@ -234,7 +234,7 @@ def test_a_failed_request_leaves_the_engine_usable(tiny_llama: Path) -> None:
     ],
 )
 def test_bad_requests_fail_before_allocation(
-    llama: Engine, call, message: str, monkeypatch: pytest.MonkeyPatch  # noqa: ANN001
+    llama: Engine, call, message: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     def no_alloc(*_args: object) -> None:
         raise AssertionError("allocated before validating")

@@ -169,13 +169,13 @@ def test_a_too_long_prompt_is_refused_before_it_takes_a_slot(engine: Engine) -> 
 class _FailOnRun:
     """Wraps a session; runs fail while ``failing`` is set, like onnxruntime on out-of-memory."""
 
-    def __init__(self, session) -> None:  # noqa: ANN001
+    def __init__(self, session) -> None:
         self._session, self.failing = session, False
 
-    def __getattr__(self, name: str):  # noqa: ANN204
+    def __getattr__(self, name: str):
         return getattr(self._session, name)
 
-    def run_with_iobinding(self, binding, options=None) -> None:  # noqa: ANN001
+    def run_with_iobinding(self, binding, options=None) -> None:
         if self.failing:
             raise RuntimeError("[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : CUDA failure 2: out of memory")
         self._session.run_with_iobinding(binding, options)
