@@ -94,6 +94,9 @@ def main() -> int:
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--max-context", type=int, default=2048)
+    parser.add_argument("--layers", type=int, default=None,
+                        help="keep only the first N layers of each shape (named <shape>-<N>l): per-layer speed "
+                             "of a model too large to convert within one device call")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--work", type=Path, default=Path("/tmp/lmf-bench"))
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "/tmp/out")))
@@ -127,7 +130,15 @@ def main() -> int:
     def stamp() -> str:
         return f"[{time.perf_counter() - t_start:6.0f}s]"
 
-    for shape in [s for s in args.shapes.split(",") if s]:
+    shapes = [s for s in args.shapes.split(",") if s]
+    if args.layers:
+        from exporters.shapes import SHAPES
+
+        for i, shape in enumerate(shapes):
+            spec, overrides = SHAPES[shape]
+            shapes[i] = f"{shape}-{args.layers}l"
+            SHAPES[shapes[i]] = (spec, {**overrides, "num_hidden_layers": args.layers})
+    for shape in shapes:
         log: dict[str, Any] = {"shape": shape, "source": _source(shape), "stages": {}}
         json_path = args.out / f"gpu_bench-{_slug(shape)}.json"
 
