@@ -33,12 +33,14 @@ from runtime.errors import (
     PassError,
     QueueFullError,
 )
+from runtime.options import EngineOptions
 from runtime.request import FinishReason, GenerationResult, Request, TokenEvent
 from runtime.sampling import SamplingParams
 
 __all__ = [
     "Engine",
     "EngineStats",
+    "EngineOptions",
     "Encoder",
     "SamplingParams",
     "Request",

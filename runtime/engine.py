@@ -55,8 +55,9 @@ from runtime.detokenize import IncrementalDetokenizer, StopStrings
 from runtime.device import Device, check_device
 from runtime.errors import EngineClosedError, GenerationError, InvalidRequestError, LmforgeError, QueueFullError
 from runtime.kv_backend import BackendOptions, KvBackend, backend_class, open_backend
+from runtime.options import DEFAULTS, EngineOptions
 from runtime.request import FinishReason, GenerationResult, Request, TokenEvent
-from runtime.sampler_graph import BOUNDED_CANDIDATES, MAX_CANDIDATES
+from runtime.sampler_graph import MAX_CANDIDATES
 from runtime.sampling import (
     GREEDY,
     TOP_K_CANDIDATES,
@@ -116,11 +117,18 @@ def _check_int(name: str, value: object, low: int) -> int:
 class Engine:
     """A loaded decoder artifact, its KV backend and its scheduling loop; see the module docstring."""
 
-    def __init__(self, artifact: Artifact, device: str = "cpu", *, cuda_graph: bool | None = None,
-                 max_batch: int = 16, max_queue: int = 256, read_every: int | None = None,
-                 threads: int | None = None, max_context: int | None = None, kv_memory_gb: float | None = None,
-                 candidates: int = BOUNDED_CANDIDATES, prefill_chunk: int = 1024,
-                 prefill_tokens: int | None = None) -> None:
+    def __init__(self, artifact: Artifact, device: str = "cpu", options: EngineOptions = DEFAULTS) -> None:
+        """Start the loop over a loaded artifact (:meth:`load` validates a folder first);
+        ``options``: :class:`runtime.options.EngineOptions`."""
+        if not isinstance(options, EngineOptions):
+            raise InvalidRequestError("options must be a runtime.EngineOptions", got=type(options).__name__,
+                                      fix="Engine(artifact, device, EngineOptions(max_batch=…)), "
+                                          "or Engine.load(path, max_batch=…)")
+        self.options = options
+        max_batch, max_queue, threads = options.max_batch, options.max_queue, options.threads
+        max_context, kv_memory_gb, cuda_graph = options.max_context, options.kv_memory_gb, options.cuda_graph
+        read_every, candidates, prefill_tokens = options.read_every, options.candidates, options.prefill_tokens
+        prefill_chunk = _check_int("prefill_chunk", options.prefill_chunk, 1)
         if not artifact.is_decoder or artifact.kv_mode is KvMode.NONE:
             raise GenerationError(
                 f"artifact {artifact.path} is an encoder; Engine generates with decoders only",
@@ -190,31 +198,16 @@ class Engine:
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], device: str = "cpu", *, verify_hashes: bool = True,
-             cuda_graph: bool | None = None, max_batch: int = 16, max_queue: int = 256,
-             read_every: int | None = None, threads: int | None = None, max_context: int | None = None,
-             kv_memory_gb: float | None = None, candidates: int = BOUNDED_CANDIDATES,
-             prefill_chunk: int = 1024, prefill_tokens: int | None = None) -> Engine:
+             options: EngineOptions = DEFAULTS, **overrides: Any) -> Engine:
         """Validate the artifact folder (:func:`runtime.artifact.load_artifact`) and start its loop.
 
-        ``cuda_graph`` (default: on for a shared-buffer artifact on CUDA) captures the decode
-        step per batch-size bucket; ``max_batch`` is how many requests decode together (for a
-        shared-buffer artifact the KV pool is allocated once: ``max_batch`` rows of
-        ``max_context`` positions, the manifest's by default, fewer when ``kv_memory_gb`` caps it);
-        ``max_queue`` bounds the waiting requests; ``read_every`` is how many steps run between
-        reads of the new ids on CUDA (default 8; 1 on the CPU); ``candidates`` bounds the sorted
-        set that top-k / top-p read (:mod:`runtime.sampler_graph`; a request with a larger top-k
-        is refused); ``prefill_chunk`` bounds the tokens of one prefill run (requests admitted
-        together prefill in one run, padded to one length; a longer prompt runs alone, in
-        chunks of that size on a shared-buffer artifact); ``prefill_tokens`` bounds the prompt
-        tokens admitted at one step boundary (default: every waiting request a free slot takes).
-        A budget trades throughput for the running requests' inter-token latency under bursts
-        (docs/benchmarks.md, "GPU: the server under load").
+        ``options`` (:class:`runtime.options.EngineOptions`, which documents each) with
+        ``overrides`` applied: ``Engine.load(path, "cuda", max_batch=64)``.
         """
-        check_device(device)  # a wrong device fails before hashing gigabytes
+        options = options.with_overrides(**overrides)  # an unknown option fails before hashing gigabytes
+        check_device(device)  # and so does a wrong device
         artifact = load_artifact(path, verify_hashes=verify_hashes)
-        return cls(artifact, device=device, cuda_graph=cuda_graph, max_batch=max_batch, max_queue=max_queue,
-                   read_every=read_every, threads=threads, max_context=max_context, kv_memory_gb=kv_memory_gb,
-                   candidates=candidates, prefill_chunk=prefill_chunk, prefill_tokens=prefill_tokens)
+        return cls(artifact, device=device, options=options)
 
     @staticmethod
     def _load_tokenizer(folder: Any) -> Any:

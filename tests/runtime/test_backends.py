@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from runtime import Engine, SamplingParams
+from runtime import Engine, EngineOptions, SamplingParams
 from runtime.errors import GenerationError
 from runtime.kv_concat import ConcatBackend
 from runtime.kv_slots import SlotsBackend, padded_length, prefill_groups
@@ -127,7 +127,7 @@ def test_chunked_prefill_equals_one_run(pair, shared_path: Path) -> None:  # typ
     prompts = _prompts(3, seed=4) + [list(range(10, 47))]
     want = slots.generate_results(prompts, 8, return_logits=True)
     artifact = slots.artifact
-    engine = Engine(artifact, prefill_chunk=5)
+    engine = Engine(artifact, options=EngineOptions(prefill_chunk=5))
     try:
         got = engine.generate_results(prompts, 8, return_logits=True)
     finally:

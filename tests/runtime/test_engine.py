@@ -370,3 +370,18 @@ def test_cuda_provider_options_from_the_environment(monkeypatch: pytest.MonkeyPa
     monkeypatch.setenv("LMFORGE_CUDA_PROVIDER_OPTIONS", "sdpa_kernel")
     with pytest.raises(GenerationError, match="LMFORGE_CUDA_PROVIDER_OPTIONS is malformed"):
         _cuda_options_from_env()
+
+
+def test_engine_options_are_one_object_with_load_shorthand(tiny_llama) -> None:  # type: ignore[no-untyped-def]
+    """``Engine.load(path, max_batch=…)`` is ``EngineOptions`` with that field replaced; an unknown
+    option is refused before anything loads, naming the fields."""
+    import runtime
+    from runtime import EngineOptions, InvalidRequestError
+
+    with pytest.raises(InvalidRequestError, match="unknown engine option 'max_batches'"):
+        Engine.load(tiny_llama, max_batches=4)
+    with Engine.load(tiny_llama, options=EngineOptions(max_queue=7), max_batch=3) as engine:
+        assert (engine.max_batch, engine.max_queue) == (3, 7)
+        assert engine.options == EngineOptions(max_batch=3, max_queue=7)
+    with pytest.raises(InvalidRequestError, match="options must be a runtime.EngineOptions"):
+        Engine(runtime.load_artifact(tiny_llama), "cpu", {"max_batch": 3})  # type: ignore[arg-type]
