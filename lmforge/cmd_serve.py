@@ -32,8 +32,9 @@ def register(subparsers: Any) -> None:
         help="serve an artifact over the OpenAI HTTP API (completions, chat, streaming, embeddings, metrics)",
         description="Serve an lmforge artifact on FastAPI + uvicorn: a decoder on /v1/completions and "
                     "/v1/chat/completions (server-sent events when stream=true), an encoder on /v1/embeddings; "
-                    "/v1/models, /health, /ready, /metrics for both. SIGTERM or Ctrl-C drains: requests in "
-                    "flight finish, new ones get 503.",
+                    "/v1/models, /health, /ready, /metrics for both. A decoder runs as an engine core process and "
+                    "--api-workers HTTP front-end processes (--in-process: one process). SIGTERM or Ctrl-C "
+                    "drains: requests in flight finish, new ones get 503.",
     )
     parser.add_argument("artifact", metavar="ARTIFACT", help="decoder or encoder artifact folder")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")

@@ -6,7 +6,11 @@ app answers new generation requests with 503 and ``/ready`` with 503 while
 uvicorn stops listening and waits for the open responses to end (bounded by the same timeout).
 A second signal exits at once.
 
-:mod:`runtime.serve.instances` runs the same server in N pinned processes on one port
+This runs the app and the engine in one process (``lmforge serve --in-process``, encoders, and
+``create_app(engine)`` users). ``lmforge serve`` runs a decoder split instead — an engine core
+process and HTTP front-end processes, each front-end this same server over a
+:class:`runtime.serve.client.CoreClient` (:mod:`runtime.serve.split`).
+:mod:`runtime.serve.instances` runs N whole servers in N pinned processes on one port
 (``lmforge serve --instances N``). :class:`BackgroundServer` runs it in a thread on a port the OS
 picks (``port=0``), for tests and for services that mount it beside their own code
 (``lmforge bench-serve ARTIFACT`` starts ``lmforge serve`` as its own process instead).
