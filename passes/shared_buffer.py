@@ -167,8 +167,8 @@ def _inv_freq(value: ir.Value) -> np.ndarray | None:
     for _ in range(8):
         if node is None or node.op_type not in ("Cast", "Cos", "Sin"):
             break
-        value = node.inputs[0]
-        node = value.producer() if value is not None else None
+        upstream = node.inputs[0]
+        node = upstream.producer() if upstream is not None else None
     if node is None or node.op_type not in ("MatMul", "Mul"):
         return None
     for operand in node.inputs:
@@ -179,7 +179,7 @@ def _inv_freq(value: ir.Value) -> np.ndarray | None:
     return None
 
 
-def _constant_rotary_cache(graph: ir.Graph, cos: ir.Value, sin: ir.Value, rows: int,
+def _constant_rotary_cache(graph: ir.Graph, cos: ir.Value | None, sin: ir.Value | None, rows: int,
                            made: dict[int, tuple[ir.Value, ir.Value]]) -> tuple[ir.Value, ir.Value] | None:
     """cos/sin caches with at least ``rows`` positions as initializers.
 
@@ -189,6 +189,8 @@ def _constant_rotary_cache(graph: ir.Graph, cos: ir.Value, sin: ir.Value, rows: 
     ``cos_cache`` rows ≥ ``total_sequence_length`` (the buffer length in decode), and the Range /
     ReduceMax on int64 would also pin nodes to the CPU and rule out CUDA-graph capture.
     """
+    if cos is None or sin is None:
+        return None
     if cos.const_value is not None and sin.const_value is not None and cos.shape is not None \
             and isinstance(cos.shape[0], int) and cos.shape[0] >= rows:
         return cos, sin
@@ -250,7 +252,8 @@ def _fold_rotary_into_gqa(graph: ir.Graph, gqa_nodes: list[ir.Node], position_id
         if cache is None:
             continue
         cos_cache, sin_cache = cache
-        if cos_cache.shape is None or cos_cache.shape.rank() != 2 or (2 * int(cos_cache.shape[1])) % 16:
+        half = cos_cache.shape[1] if cos_cache.shape is not None and cos_cache.shape.rank() == 2 else None
+        if not isinstance(half, int) or (2 * half) % 16:
             continue  # GQA's rotary needs head_size % 16 == 0
         if len(node.inputs) < 9:
             node.resize_inputs(9)
@@ -332,6 +335,8 @@ def _pack_qkv(graph: ir.Graph, gqa_nodes: list[ir.Node]) -> int:
         projections = [f[0] for f in found]  # type: ignore[index]
         biases = [f[1] for f in found]  # type: ignore[index]
         x = projections[0].inputs[0]
+        if x is None:
+            continue
         kinds = {(p.op_type, tuple(sorted((k, str(a.value)) for k, a in p.attributes.items() if k != "N")))
                  for p in projections}
         if len(kinds) != 1 or any(p.inputs[0] is not x for p in projections) \
@@ -340,11 +345,13 @@ def _pack_qkv(graph: ir.Graph, gqa_nodes: list[ir.Node]) -> int:
         tag = f"qkv_{packed}_{node.name}"
         if projections[0].op_type == "MatMul":
             weights = [p.inputs[1] for p in projections]
-            counts = [int(w.shape[1]) for w in weights]  # type: ignore[union-attr]
-            arrays = [w.const_value.numpy() for w in weights]  # type: ignore[union-attr]
+            if any(w is None or w.const_value is None or w.dtype is None for w in weights):
+                continue
+            arrays = [w.const_value.numpy() for w in weights if w is not None and w.const_value is not None]
+            counts = [int(a.shape[1]) for a in arrays]
             joined = np.concatenate(arrays, axis=1)
-            w_value = ir.Value(name=f"{tag}_weight", shape=ir.Shape(joined.shape), type=ir.TensorType(weights[0].dtype),  # type: ignore[arg-type]
-                               const_value=ir.tensor(joined))
+            w_value = ir.Value(name=f"{tag}_weight", shape=ir.Shape(joined.shape),
+                               type=ir.TensorType(ir.DataType.from_numpy(joined.dtype)), const_value=ir.tensor(joined))
             graph.register_initializer(w_value)
             fused = ir.node("MatMul", [x, w_value], name=f"{tag}_matmul")
         else:
@@ -358,7 +365,7 @@ def _pack_qkv(graph: ir.Graph, gqa_nodes: list[ir.Node]) -> int:
             )
         graph.insert_before(projections[0], fused)
         out = fused.outputs[0]
-        out.dtype = projections[0].outputs[0].dtype
+        out.dtype = projections[0].outputs[0].dtype  # type: ignore[assignment]  # onnx-ir's setter takes None
         if x.shape is not None:
             out.shape = ir.Shape([*list(x.shape)[:-1], sum(counts)])
         if biases[0] is not None:
@@ -366,7 +373,7 @@ def _pack_qkv(graph: ir.Graph, gqa_nodes: list[ir.Node]) -> int:
             bias = _concat_rows(graph, consts, counts, f"{tag}_bias")
             add = ir.node("Add", [out, bias], name=f"{tag}_bias_add")
             graph.insert_before(projections[0], add)
-            add.outputs[0].dtype, add.outputs[0].shape = out.dtype, out.shape
+            add.outputs[0].dtype, add.outputs[0].shape = out.dtype, out.shape  # type: ignore[assignment]
             out = add.outputs[0]
         node.replace_input_with(0, out)
         node.replace_input_with(1, None)
@@ -418,12 +425,13 @@ def rewrite_shared_buffer(model: ir.Model, arch: dict[str, Any], kv: dict[str, s
                                 fix="optimize the artifact `lmforge convert` wrote")
             # present: GQA output (1 or 2), possibly through one Cast
             producer = present.producer()
-            gqa_out = present
+            gqa_out: ir.Value | None = present
             if producer is not None and producer.op_type == "Cast":
                 gqa_out = producer.inputs[0]
                 producer = gqa_out.producer() if gqa_out is not None else None
             if (
                 producer is None
+                or gqa_out is None
                 or producer.op_type != "GroupQueryAttention"
                 or gqa_out is not producer.outputs[1 + slot]
             ):
@@ -458,7 +466,7 @@ def rewrite_shared_buffer(model: ir.Model, arch: dict[str, Any], kv: dict[str, s
                 graph.outputs[idx] = gqa_out
                 gqa_out.name = present_name
                 casts_removed += 1
-            past.dtype = dtype
+            past.dtype = dtype  # type: ignore[assignment]  # onnx-ir's setter takes None
             shape = ir.Shape(["batch", kv_heads, "max_context", head_dim])
             past.shape = shape
             gqa_out.shape = ir.Shape(["batch", kv_heads, "max_context", head_dim])
@@ -490,7 +498,7 @@ def rewrite_shared_buffer(model: ir.Model, arch: dict[str, Any], kv: dict[str, s
 
     def spec(v: ir.Value) -> TensorSpec:
         dims = tuple(d if isinstance(d, int) else str(d) for d in (v.shape or ir.Shape([])))
-        return TensorSpec(v.name, _DTYPE_NAMES[v.dtype], dims)  # type: ignore[index]
+        return TensorSpec(str(v.name), _DTYPE_NAMES[v.dtype], dims)  # type: ignore[index]
 
     result = SharedBuffer(layers=layers, kv_dtype=_DTYPE_NAMES[kv_dtype],  # type: ignore[index]
                           inputs=[spec(v) for v in graph.inputs], outputs=[spec(v) for v in graph.outputs],
