@@ -36,7 +36,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 __all__ = ["is_encoder_graph", "fold_constant_concats", "mask_bias_to_mask_index", "split_attention_projection",
-           "quantize_encoder_int8"]
+           "classifier_head_matmuls", "quantize_encoder_int8"]
 
 log = logging.getLogger(__name__)
 
@@ -212,6 +212,49 @@ def split_attention_projection(model: onnx.ModelProto) -> int:
     return count
 
 
+_POOLING_OPS = {"Gather", "GatherElements", "GatherND", "Slice", "ReduceMean", "ReduceSum"}
+_ATTENTION_OPS = {"Attention", "MultiHeadAttention", "QAttention", "Softmax"}
+_DATA_FIRST = {"Reshape", "Expand", "Squeeze", "Unsqueeze", "Transpose", "Tile"}  # the rest is shape
+
+
+def classifier_head_matmuls(model: onnx.ModelProto, output: str = "logits", limit: int = 64) -> list[str]:
+    """Names of the ``MatMul``/``Gemm`` nodes of a sequence classifier's head (pooler, dense, classifier).
+
+    Walks back from ``output`` to the pooling step (the ``Gather``/``Slice`` that picks the CLS row,
+    or the ``Reduce*`` of a mean); the matrix products met on the way are the head. They run once
+    per row on one pooled vector, so int8 saves nothing there, and one activation scale for that
+    vector moves every score: on the tiny ModernBERT re-ranker the int8 head alone moved logits of
+    ~10 by up to 0.7. An attention op on the way, or more than ``limit`` nodes, means no clear
+    head: nothing is returned. A ``Gemm`` is named as ``quantize_dynamic`` renames it when it turns
+    it into a ``MatMul`` (``<name>_MatMul``); nodes without a name get one.
+    """
+    if output not in {o.name for o in model.graph.output}:
+        return []
+    producer = {o: n for n in model.graph.node for o in n.output}
+    inits = {t.name for t in model.graph.initializer}
+    found: list[onnx.NodeProto] = []
+    stack, seen = [output], set()
+    while stack:
+        node = producer.get(stack.pop())
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        if len(seen) > limit or node.op_type in _ATTENTION_OPS:
+            return []
+        if node.op_type in _POOLING_OPS or node.op_type in ("Shape", "Size"):
+            continue
+        if node.op_type in ("MatMul", "Gemm"):
+            found.append(node)
+        data = node.input[:1] if node.op_type in _DATA_FIRST else node.input
+        stack.extend(i for i in data if i and i not in inits)
+    names = []
+    for index, node in enumerate(found):
+        if not node.name:
+            node.name = f"lmforge_head_{index}"
+        names += [node.name, node.name + "_MatMul"] if node.op_type == "Gemm" else [node.name]
+    return names
+
+
 def quantize_encoder_int8(model: onnx.ModelProto, dst: Path, per_channel: bool = True) -> dict[str, Any]:
     """Split the attention projections, then ``quantize_dynamic`` every weight ``MatMul``; write ``dst``.
 
@@ -224,11 +267,13 @@ def quantize_encoder_int8(model: onnx.ModelProto, dst: Path, per_channel: bool =
     # onnxruntime.quantization re-runs onnx's shape inference, which refuses a value_info the fusions
     # left stale (a classifier head's [hidden] → [labels] Gemm rewritten to MatMul): drop them all.
     del model.graph.value_info[:]
+    head = classifier_head_matmuls(model)  # a classifier's head stays fp32 (see its docstring)
     tmp = dst.with_name(dst.stem + ".split.onnx")
     onnx.save(model, str(tmp), save_as_external_data=True, location=tmp.name + ".data")
     try:
         quantize_dynamic(tmp, dst, op_types_to_quantize=["MatMul", "Attention"], per_channel=per_channel,
                          reduce_range=False, weight_type=QuantType.QInt8, use_external_data_format=True,
+                         nodes_to_exclude=head,
                          extra_options={"MatMulConstBOnly": True, "DefaultTensorType": onnx.TensorProto.FLOAT})
     finally:
         tmp.unlink(missing_ok=True)
@@ -243,6 +288,8 @@ def quantize_encoder_int8(model: onnx.ModelProto, dst: Path, per_channel: bool =
                      "activations": "uint8, one scale per tensor, quantized on each call (DynamicQuantizeLinear)",
                      "attention_mask_index": masked, "attention_projections_split": split,
                      "attention": (f"{ops.count('QAttention')} QAttention (int8 QKV projection, fp32 attention), "
-                                   f"{split} MultiHeadAttention after an int8 projection")},
+                                   f"{split} MultiHeadAttention after an int8 projection"),
+                     "classifier_head": "fp32 (one pooled vector a row; int8 would only move the scores)"
+                                        if head else "none"},
         "converted_nodes": converted,
     }
