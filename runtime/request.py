@@ -18,7 +18,7 @@ import enum
 import itertools
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -112,6 +112,7 @@ class Request:
         self._result: GenerationResult | None = None
         self._cancelled = False
         self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
+        self._callbacks: list[Callable[[], None]] = []
         self._owner: object = None  # the engine, held while the request is in flight
 
     # -- the loop's side ------------------------------------------------------------------------
@@ -136,6 +137,9 @@ class Request:
         for loop, future in self._waiters:
             loop.call_soon_threadsafe(_set_done, future)
         self._waiters.clear()
+        callbacks, self._callbacks = self._callbacks, []
+        for callback in callbacks:
+            callback()
 
     @property
     def cancelled(self) -> bool:
@@ -153,6 +157,24 @@ class Request:
     def cancel(self) -> None:
         """Stop generating; the request ends with ``FinishReason.CANCELLED`` (idempotent)."""
         self._cancelled = True
+
+    def take(self) -> tuple[list[TokenEvent], GenerationError | None]:
+        """Every event waiting (removed from the stream) and the request's error, if it failed;
+        never blocks. For a consumer that multiplexes many requests (the server's engine core)."""
+        with self._cond:
+            events = list(self._events)
+            self._events.clear()
+            return events, self._error
+
+    def notify(self, callback: Callable[[], None]) -> bool:
+        """Call ``callback`` once, from the engine's loop thread, at this request's next event or
+        its end. Returns False, registering nothing, when events are already waiting or the
+        request has ended: :meth:`take` them now. ``callback`` must be quick and must not block."""
+        with self._cond:
+            if self._events or self._error is not None or self._result is not None:
+                return False
+            self._callbacks.append(callback)
+            return True
 
     def _next(self, timeout: float | None) -> TokenEvent | None:
         """The next event, or None at the end; raises the request's error."""

@@ -60,17 +60,6 @@ class _Tracked:
     done: bool = False
 
 
-class _Wakeup:
-    """What :meth:`runtime.request.Request._wake` calls for a registered waiter (in asyncio, the
-    event loop): here it queues the tracked request for the output thread."""
-
-    def __init__(self, ready: queue.SimpleQueue[_Tracked]) -> None:
-        self.ready = ready
-
-    def call_soon_threadsafe(self, _callback: Any, tracked: _Tracked) -> None:
-        self.ready.put(tracked)
-
-
 class EngineCore:
     """Serve ``engine`` to the front-ends at ``addresses`` until :meth:`stop` (call :meth:`run`)."""
 
@@ -96,7 +85,6 @@ class EngineCore:
             s.bind(addresses.outbound(i))
             self._push.append(s)
         self._ready: queue.SimpleQueue[_Tracked] = queue.SimpleQueue()
-        self._wakeup = _Wakeup(self._ready)
         self._live: dict[tuple[int, int], _Tracked] = {}
         self._stopping = threading.Event()
         self._outputs_done = threading.Event()
@@ -149,18 +137,15 @@ class EngineCore:
         elif kind == CANCEL:
             _, _, frontend, rids = msg
             for rid in rids:
-                tracked = self._live.get((frontend, rid))
-                if tracked is not None and tracked.request is not None:
-                    tracked.request.cancel()
+                live = self._live.get((frontend, rid))
+                if live is not None and live.request is not None:
+                    live.request.cancel()
 
     def _arm(self, tracked: _Tracked) -> None:
         request = tracked.request
         assert request is not None
-        with request._cond:
-            if request._events or request._error is not None or request._result is not None:
-                self._ready.put(tracked)
-            else:
-                request._waiters.append((self._wakeup, tracked))  # type: ignore[arg-type]
+        if not request.notify(lambda: self._ready.put(tracked)):  # events already waiting
+            self._ready.put(tracked)
 
     # -- output (its own thread) ------------------------------------------------------------------
 
@@ -171,14 +156,10 @@ class EngineCore:
         if tracked.request is None:
             tracked.done = True
             return [tracked.rid, [], None, 0.0, error_to_wire(tracked.error or RuntimeError("refused"))]
-        request = tracked.request
-        with request._cond:
-            events = list(request._events)
-            request._events.clear()
-            error = request._error
-            finished = error is not None or any(e.result is not None for e in events)
-            if not finished:
-                request._waiters.append((self._wakeup, tracked))  # type: ignore[arg-type]
+        events, error = tracked.request.take()
+        finished = error is not None or any(e.result is not None for e in events)
+        if not finished:
+            self._arm(tracked)  # the next event wakes the output thread (or it is queued now)
         ids: list[int] = []
         finish, queue_s = None, 0.0
         for event in events:

@@ -385,3 +385,32 @@ def test_engine_options_are_one_object_with_load_shorthand(tiny_llama) -> None: 
         assert engine.options == EngineOptions(max_batch=3, max_queue=7)
     with pytest.raises(InvalidRequestError, match="options must be a runtime.EngineOptions"):
         Engine(runtime.load_artifact(tiny_llama), "cpu", {"max_batch": 3})  # type: ignore[arg-type]
+
+
+def test_request_take_and_notify_deliver_every_token_once(tiny_llama) -> None:  # type: ignore[no-untyped-def]
+    """A consumer that multiplexes requests (the server's engine core) reads with take() and is
+    woken by notify(): it gets exactly the tokens a plain reader gets, and nothing is lost
+    between a take and the next notify."""
+    import queue
+
+    with Engine.load(tiny_llama) as engine:
+        expected = engine.generate_ids([[5, 6, 7, 8]], max_new_tokens=24)[0]
+        ready: queue.SimpleQueue[int] = queue.SimpleQueue()
+        requests = [engine.submit([5, 6, 7, 8], max_new_tokens=24) for _ in range(4)]
+        got: dict[int, list[int]] = {i: [] for i in range(4)}
+        done: set[int] = set()
+        for i, request in enumerate(requests):
+            if not request.notify(lambda i=i: ready.put(i)):
+                ready.put(i)
+        while len(done) < 4:
+            i = ready.get(timeout=30)
+            events, error = requests[i].take()
+            assert error is None
+            for event in events:
+                got[i].extend(event.token_ids)
+            if any(e.result is not None for e in events):
+                done.add(i)
+                assert not requests[i].notify(lambda: None)  # ended: nothing registered
+            elif not requests[i].notify(lambda i=i: ready.put(i)):
+                ready.put(i)
+    assert all(ids == expected for ids in got.values())
