@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from runtime.errors import GenerationError
+from runtime.options import DEFAULTS
 
 __all__ = ["register", "run"]
 
@@ -72,8 +73,10 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--api-key", default=None, metavar="KEY", help="bearer key for the URL targets")
     parser.add_argument("--model", default=None, metavar="NAME", help="model id to send (default: the server's)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="for ARTIFACT targets")
-    parser.add_argument("--max-batch", type=int, default=16, metavar="N", help="for ARTIFACT targets (default 16)")
-    parser.add_argument("--max-queue", type=int, default=256, metavar="N", help="for ARTIFACT targets (default 256)")
+    parser.add_argument("--max-batch", type=int, default=DEFAULTS.max_batch, metavar="N",
+                        help=f"for ARTIFACT targets (default {DEFAULTS.max_batch})")
+    parser.add_argument("--max-queue", type=int, default=DEFAULTS.max_queue, metavar="N",
+                        help=f"for ARTIFACT targets (default {DEFAULTS.max_queue})")
     parser.add_argument("--threads", type=int, default=None, metavar="N", help="for ARTIFACT targets")
     parser.add_argument("--start-timeout", type=float, default=120.0, metavar="S",
                         help="ARTIFACT targets: seconds the server process gets to answer /ready (default 120)")

@@ -20,6 +20,7 @@ import sys
 from typing import Any
 
 from runtime.errors import LmforgeError
+from runtime.options import DEFAULTS
 
 __all__ = ["register", "require_serve_extra", "run"]
 
@@ -40,9 +41,10 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", type=int, default=8000, help="default 8000 (0 = any free port)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="default cpu")
-    parser.add_argument("--max-batch", type=int, default=16, metavar="N", help="running batch limit (default 16)")
-    parser.add_argument("--max-queue", type=int, default=256, metavar="N",
-                        help="waiting requests before 429 (default 256)")
+    parser.add_argument("--max-batch", type=int, default=DEFAULTS.max_batch, metavar="N",
+                        help=f"running batch limit (default {DEFAULTS.max_batch})")
+    parser.add_argument("--max-queue", type=int, default=DEFAULTS.max_queue, metavar="N",
+                        help=f"waiting requests before 429 (default {DEFAULTS.max_queue})")
     parser.add_argument("--prefill-tokens", type=int, default=None, metavar="N",
                         help="admit at most N prompt tokens per decode step (running streams then wait for one "
                              "budget of prefill, not for every new request; default: no budget)")

@@ -43,6 +43,7 @@ from typing import Any
 import numpy as np
 
 from runtime.errors import GenerationError
+from runtime.options import DEFAULTS
 
 log = logging.getLogger(__name__)
 
@@ -417,7 +418,8 @@ class ServerProcess:
     lmforge) and without ``LMFORGE_API_KEY`` (the load goes out without a key).
     """
 
-    def __init__(self, artifact: str | Path, *, device: str = "cpu", max_batch: int = 16, max_queue: int = 256,
+    def __init__(self, artifact: str | Path, *, device: str = "cpu", max_batch: int = DEFAULTS.max_batch,
+                 max_queue: int = DEFAULTS.max_queue,
                  threads: int | None = None, start_timeout_s: float = 120.0, stop_timeout_s: float = 60.0) -> None:
         self.artifact = str(artifact)
         self.command = [sys.executable, "-m", "lmforge", "serve", self.artifact, "--host", "127.0.0.1",

@@ -42,6 +42,7 @@ from types import FrameType
 from typing import Any
 
 from runtime.errors import LmforgeError
+from runtime.options import DEFAULTS
 from runtime.serve.server import _config, _Server, _url, bind
 
 __all__ = ["WORKER_HEADER", "ModelOptions", "load_model", "serve_instances"]
@@ -59,8 +60,8 @@ class ModelOptions:
     artifact: str
     device: str = "cpu"
     verify_hashes: bool = True
-    max_batch: int = 16  # decoders only
-    max_queue: int = 256  # decoders only
+    max_batch: int = DEFAULTS.max_batch  # decoders only
+    max_queue: int = DEFAULTS.max_queue  # decoders only
     prefill_tokens: int | None = None  # decoders only: prompt tokens admitted per step boundary
     served_model_name: str | None = None
     api_key: str | None = None
