@@ -36,7 +36,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -533,7 +533,7 @@ class ServerProcess:
         self.stop()
 
 
-Send = Callable[[int], Awaitable[RequestRecord]]
+Send = Callable[[int], Coroutine[Any, Any, RequestRecord]]
 """``send(i)`` sends the ``i``-th request of a point."""
 
 
@@ -546,7 +546,7 @@ async def run_open_loop(send: Send, count: int, rate: float, seed: int = 0,
     the duration from the first send to the last end. Arrivals stop after ``max_seconds``."""
     rng = np.random.default_rng(seed)
     t0 = time.perf_counter()
-    tasks = []
+    tasks: list[asyncio.Task[RequestRecord]] = []
     at = 0.0
     for i in range(count):
         if max_seconds is not None and at > max_seconds:

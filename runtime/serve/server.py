@@ -223,7 +223,7 @@ class BackgroundServer:
             self._error = exc
             self._listening.set()
 
-    def start(self, timeout: float = 30.0) -> BackgroundServer:
+    def start(self, timeout: float = 30.0) -> Self:
         self._thread.start()
         if not self._listening.wait(timeout) or self._error is not None:
             raise LmforgeError("the background server did not start", got=repr(self._error),

@@ -68,7 +68,8 @@ def sampling_to_wire(params: SamplingParams) -> list[Any]:
 
 def sampling_from_wire(values: list[Any]) -> SamplingParams:
     names = [f.name for f in dataclasses.fields(SamplingParams)]
-    return SamplingParams(**{k: tuple(v) if isinstance(v, list) else v for k, v in zip(names, values)})
+    fields: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in zip(names, values)}
+    return SamplingParams(**fields)
 
 
 def error_to_wire(exc: BaseException) -> list[Any]:
