@@ -50,14 +50,14 @@ def missing_extra(exc: ModuleNotFoundError) -> str | None:
     return EXTRA_OF_MODULE.get(name)
 
 
-class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+class _StderrHandler(logging.StreamHandler):
     """Writes to whatever ``sys.stderr`` is at the time of the record (as logging's last resort does),
     so that a handler installed by one ``main()`` call never writes to a stream replaced since."""
 
     def __init__(self) -> None:
         super().__init__(sys.stderr)
 
-    @property  # type: ignore[override]
+    @property
     def stream(self) -> object:
         return sys.stderr
 

@@ -7,7 +7,7 @@ import argparse
 __all__ = ["register", "run"]
 
 
-def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser(
         "convert",
         help="export a model (HF folder, .gguf, builtin:NAME, tiny:ARCH) to an ONNX artifact",

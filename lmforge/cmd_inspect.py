@@ -11,7 +11,7 @@ from runtime.artifact import Artifact
 __all__ = ["register", "run", "render"]
 
 
-def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser("inspect", help="show an artifact's manifest as a table")
     parser.add_argument("artifact", help="artifact folder")
     parser.add_argument("--json", action="store_true", help="print the raw manifest")

@@ -8,7 +8,7 @@ import json
 __all__ = ["register", "run"]
 
 
-def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser(
         "optimize",
         help="fuse an fp32 artifact's graph and convert it to fp16/int8/int4 for a device",

@@ -51,7 +51,7 @@ def _same(got: object, want: object) -> bool:
 
 
 class _BloomAlibiAttention(pattern.RewriteRuleClassBase):
-    def pattern(self, op, qkv, q_index, k_index, v_index,  # type: ignore[no-untyped-def]
+    def pattern(self, op, qkv, q_index, k_index, v_index,
                 past_key, past_value, scale, alibi, mask):
         query = op.Transpose(op.Gather(qkv, q_index, axis=3), perm=[0, 2, 1, 3])
         key = op.Transpose(op.Gather(qkv, k_index, axis=3), perm=[0, 2, 1, 3])
@@ -72,7 +72,7 @@ class _BloomAlibiAttention(pattern.RewriteRuleClassBase):
                                _outputs=["attention"])
         return attention, present_key, present_value
 
-    def check(self, context, qkv, q_index, k_index, v_index,  # type: ignore[no-untyped-def]
+    def check(self, context, qkv, q_index, k_index, v_index,
               past_key, past_value, scale, alibi, mask,
               query_3d, key_3d, value_3d, scores_4d, probs_3d, context_4d, attention, **_):
         result = pattern.MatchResult()
@@ -116,7 +116,7 @@ class _BloomAlibiAttention(pattern.RewriteRuleClassBase):
         self._heads, self._head_dim, self._scale = heads, head_dim, alpha
         return result
 
-    def rewrite(self, op, qkv, q_index, k_index, v_index,  # type: ignore[no-untyped-def]
+    def rewrite(self, op, qkv, q_index, k_index, v_index,
                 past_key, past_value, alibi, mask, **_):
         flat = op.Constant(value=ir.tensor([0, 0, self._heads * self._head_dim], dtype=ir.DataType.INT64))
         query = op.Reshape(op.Gather(qkv, q_index, axis=3), flat)

@@ -30,25 +30,25 @@ _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 
 
 class _ExportedTanhGelu(pattern.RewriteRuleClassBase):
-    def pattern(self, op, x):  # type: ignore[no-untyped-def]
+    def pattern(self, op, x):
         half_x = op.Mul(x, 0.5)
         cube = op.Pow(x, 3.0)
         inner = op.Add(x, op.Mul(cube, 0.044715))
         tanh = op.Tanh(op.Mul(inner, _SQRT_2_OVER_PI))
         return op.Mul(half_x, op.Add(tanh, 1.0))
 
-    def rewrite(self, op, x):  # type: ignore[no-untyped-def]
+    def rewrite(self, op, x):
         return op.FastGelu(x, _domain="com.microsoft")
 
 
 class _BloomTanhGelu(pattern.RewriteRuleClassBase):
-    def pattern(self, op, x):  # type: ignore[no-untyped-def]
+    def pattern(self, op, x):
         half_x = op.Mul(x, 0.5)
         inner = op.Add(op.Mul(op.Mul(x, 0.044715), x), 1.0)
         tanh = op.Tanh(op.Mul(op.Mul(x, _SQRT_2_OVER_PI), inner))
         return op.Mul(half_x, op.Add(tanh, 1.0))
 
-    def rewrite(self, op, x):  # type: ignore[no-untyped-def]
+    def rewrite(self, op, x):
         return op.FastGelu(x, _domain="com.microsoft")
 
 

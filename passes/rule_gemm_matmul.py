@@ -26,13 +26,13 @@ class _ReshapeGemmReshape(pattern.RewriteRuleClassBase):
         super().__init__(name)
         self._has_bias = has_bias
 
-    def pattern(self, op, x, w, b, shape_in, shape_out):  # type: ignore[no-untyped-def]
+    def pattern(self, op, x, w, b, shape_in, shape_out):
         flat = op.Reshape(x, shape_in, _allow_other_attributes=True)
         args = (flat, w, b) if self._has_bias else (flat, w)
         gemm = op.Gemm(*args, _allow_other_attributes=True, _outputs=["gemm"])
         return op.Reshape(gemm, shape_out, _allow_other_attributes=True, _outputs=["y"])
 
-    def check(self, context, x, w, gemm, y, b=None, **_):  # type: ignore[no-untyped-def]
+    def check(self, context, x, w, gemm, y, b=None, **_):
         result = pattern.MatchResult()
         attrs = gemm.producer().attributes
         if attrs.get_float("alpha", 1.0) != 1.0 or attrs.get_float("beta", 1.0) != 1.0:
@@ -49,7 +49,7 @@ class _ReshapeGemmReshape(pattern.RewriteRuleClassBase):
         self._merge = x.shape.rank() - y.shape.rank()
         return result
 
-    def rewrite(self, op, x, w, b=None, **_):  # type: ignore[no-untyped-def]
+    def rewrite(self, op, x, w, b=None, **_):
         if self._merge:
             x = op.Reshape(x, op.Constant(value_ints=[0] * (x.shape.rank() - self._merge - 1) + [-1]))
         y = op.MatMul(x, w)

@@ -42,7 +42,7 @@ class _LeftPaddedGQA(GroupQueryAttention):
         super().__init__()
         self.name = "LeftPaddedGQA"
 
-    def check(self, context, query_BSD, key_BSDkv, value_BSDkv, past_key, past_value,  # type: ignore[no-untyped-def,override]
+    def check(self, context, query_BSD, key_BSDkv, value_BSDkv, past_key, past_value,
               query_BHSDh_rope, key_BHkvSDh_rope, query_BSHDh, key_BSHkvDh, mask,
               query_BSHDh_normalized=None, query_BHSDh_normalized=None,
               key_BSHkvDh_normalized=None, key_BHkvSDh_normalized=None, **_):
@@ -54,10 +54,10 @@ class _LeftPaddedGQA(GroupQueryAttention):
         bindings: dict[str, object] = {}
         for value, dims in ((query_BSD, ["B", "S", "D"]), (key_BSDkv, ["B", "S", "Dkv"]),
                             (value_BSDkv, ["B", "S", "Dkv"])):
-            if not _fusion_utils.check_shape_bool(bindings, value, dims):  # type: ignore[arg-type]
+            if not _fusion_utils.check_shape_bool(bindings, value, dims):
                 return result.fail(f"{value.name} is not [B, S, hidden]", value)
         for value in (past_key, past_value):
-            if value is None or not _fusion_utils.check_shape_bool(bindings, value, ["B", "Hkv", "P", "Dh"]):  # type: ignore[arg-type]
+            if value is None or not _fusion_utils.check_shape_bool(bindings, value, ["B", "Hkv", "P", "Dh"]):
                 return result.fail("no [B, Hkv, past, Dh] past KV (the concat contract)", value)
         if mask is None or mask.shape is None or mask.shape.rank() != 4 or mask.shape[1] != 1:
             return result.fail("attention mask is not an additive [B, 1, S, T] tensor", mask)
@@ -87,7 +87,7 @@ class _LeftPaddedGQA(GroupQueryAttention):
         self._scale = sdpa[0].attributes.get_float("scale", None) if sdpa else None
         return result
 
-    def rewrite(self, op, query_BSD, key_BSDkv, value_BSDkv, past_key, past_value,  # type: ignore[no-untyped-def,override]
+    def rewrite(self, op, query_BSD, key_BSDkv, value_BSDkv, past_key, past_value,
                 position_ids, cos, sin, mask, query_BSHDh, key_BSHkvDh,
                 query_BSHDh_normalized=None, query_BHSDh_normalized=None,
                 key_BSHkvDh_normalized=None, key_BHkvSDh_normalized=None, **_):
@@ -114,7 +114,7 @@ class _LeftPaddedGQA(GroupQueryAttention):
         )
 
 
-def _renormed(op, flat, per_head, normalized):  # type: ignore[no-untyped-def]
+def _renormed(op, flat, per_head, normalized):
     """``flat`` as it was, or the norm that produced ``normalized`` applied to ``per_head`` [B, S, H, Dh]
     and reshaped to [B, S, H·Dh] (the norm is over the last axis, so the transpose may go)."""
     if normalized is None:
@@ -141,7 +141,7 @@ class _LeftPaddedSharedHeadsGQA(_LeftPaddedGQA):
         super().__init__()
         self.name = "LeftPaddedSharedHeadsGQA"
 
-    def pattern(self, op, query_BSD, key_BSDkv, value_BSDkv, past_key, past_value,  # type: ignore[no-untyped-def,override]
+    def pattern(self, op, query_BSD, key_BSDkv, value_BSDkv, past_key, past_value,
                 position_ids, cos, sin, mask):
         def per_head(x, name):  # [B, S, H·Dh] → [B, S, H, Dh], optionally normalised there
             split = op.Reshape(x, pattern.ANY_VALUE, _outputs=[f"{name}_BSHDh"])
@@ -172,7 +172,7 @@ class _LeftPaddedSharedHeadsGQA(_LeftPaddedGQA):
         out = op.Reshape(op.Transpose(attention, perm=[0, 2, 1, 3]), pattern.ANY_VALUE, _outputs=["attention_BSD"])
         return out, key_all, value_all
 
-    def check(self, context, query_BSD, key_BSDkv, value_BSDkv, past_key, past_value,  # type: ignore[no-untyped-def,override]
+    def check(self, context, query_BSD, key_BSDkv, value_BSDkv, past_key, past_value,
               query_BHSDh_rope, key_BHkvSDh_rope, query_BSHDh, mask, key_BSHDh=None, **rest):
         result = super().check(context, query_BSD, key_BSDkv, value_BSDkv, past_key, past_value,
                                query_BHSDh_rope, key_BHkvSDh_rope, query_BSHDh, key_BSHDh, mask,
@@ -184,7 +184,7 @@ class _LeftPaddedSharedHeadsGQA(_LeftPaddedGQA):
             return pattern.MatchResult().fail("fewer KV heads than query heads without repeat_kv", query_BSD)
         return result
 
-    def rewrite(self, op, query_BSD, key_BSDkv, value_BSDkv, past_key, past_value,  # type: ignore[no-untyped-def,override]
+    def rewrite(self, op, query_BSD, key_BSDkv, value_BSDkv, past_key, past_value,
                 position_ids, cos, sin, mask, query_BSHDh, key_BSHDh=None, **rest):
         return super().rewrite(op, query_BSD, key_BSDkv, value_BSDkv, past_key, past_value, position_ids, cos, sin,
                                mask, query_BSHDh, key_BSHDh,

@@ -20,7 +20,7 @@ __all__ = ["mha_rules"]
 
 
 class _RotaryAttrsMHA(MultiHeadAttention):
-    def check(self, context, query_BSHDh, **kwargs):  # type: ignore[no-untyped-def,override]
+    def check(self, context, query_BSHDh, **kwargs):
         result = super().check(context, query_BSHDh=query_BSHDh, **kwargs)
         self._rotary_attrs: dict[str, int] = {}
         if not result:
@@ -40,7 +40,7 @@ class _RotaryAttrsMHA(MultiHeadAttention):
                 self._rotary_attrs["rotary_embedding_dim"] = dim
         return result
 
-    def rewrite(self, op, **kwargs: Any):  # type: ignore[no-untyped-def,override]
+    def rewrite(self, op, **kwargs: Any):  # type: ignore[override]
         out = super().rewrite(op, **kwargs)
         if out is None or not self._rotary_attrs:
             return out

@@ -32,7 +32,7 @@ class _MulFormRotaryCache(pattern.RewriteRuleClassBase):
         self._freq_first = freq_first
         self._cache: dict[ir.Value, tuple[ir.Value, ir.Value]] = {}
 
-    def pattern(self, op, x, position_ids, axes, inv_freq, interleaved, num_heads):  # type: ignore[no-untyped-def]
+    def pattern(self, op, x, position_ids, axes, inv_freq, interleaved, num_heads):
         pos = op.Cast(op.Unsqueeze(position_ids, axes), to=ir.DataType.FLOAT)
         freqs = op.Mul(inv_freq, pos) if self._freq_first else op.Mul(pos, inv_freq)
         emb = op.Concat(freqs, freqs, axis=-1)
@@ -42,7 +42,7 @@ class _MulFormRotaryCache(pattern.RewriteRuleClassBase):
             x, cos, sin, interleaved=interleaved, num_heads=num_heads, _domain="ai.onnxruntime._fusion"
         )
 
-    def check(self, context, x, position_ids, axes, inv_freq, **_):  # type: ignore[no-untyped-def]
+    def check(self, context, x, position_ids, axes, inv_freq, **_):
         result = pattern.MatchResult()
         if not _ir_utils.has_rank(position_ids, 2):
             return result.fail("position_ids is not [batch, seq]", position_ids)
@@ -58,7 +58,7 @@ class _MulFormRotaryCache(pattern.RewriteRuleClassBase):
             return result.fail("x is not [B, H, S, 2·E]", x)
         return result
 
-    def rewrite(self, op, x, position_ids, inv_freq, interleaved, num_heads, **_):  # type: ignore[no-untyped-def]
+    def rewrite(self, op, x, position_ids, inv_freq, interleaved, num_heads, **_):
         if inv_freq not in self._cache:
             freq = inv_freq.const_value.numpy().reshape(1, -1).astype(np.float64)
             angles = np.arange(self._max_positions, dtype=np.float64).reshape(-1, 1) @ freq

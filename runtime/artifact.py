@@ -364,9 +364,9 @@ def _tensor_locations(tensor: bytes, out: set[str]) -> None:
             key = loc = None
             for f2, _w2, v2 in _fields(value):  # type: ignore[arg-type]
                 if f2 == 1:
-                    key = bytes(v2).decode("utf-8", "replace")  # type: ignore[arg-type]
+                    key = bytes(v2).decode("utf-8", "replace")
                 elif f2 == 2:
-                    loc = bytes(v2).decode("utf-8", "replace")  # type: ignore[arg-type]
+                    loc = bytes(v2).decode("utf-8", "replace")
             if key == "location" and loc is not None:
                 out.add(loc)
 
