@@ -23,11 +23,11 @@ from prometheus_client.parser import text_string_to_metric_families
 pytest.importorskip("zmq")
 pytest.importorskip("msgpack")
 
-from runtime import Engine, SamplingParams  # noqa: E402
-from runtime.serve import BackgroundServer  # noqa: E402
-from runtime.serve.client import CoreClient  # noqa: E402
-from runtime.serve.instances import ModelOptions  # noqa: E402
-from runtime.serve.split import CoreProcess  # noqa: E402
+from runtime import Engine, SamplingParams
+from runtime.serve import BackgroundServer
+from runtime.serve.client import CoreClient
+from runtime.serve.instances import ModelOptions
+from runtime.serve.split import CoreProcess
 
 
 @pytest.fixture(scope="module")
