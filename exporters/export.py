@@ -303,7 +303,7 @@ def export_model(loaded: LoadedSource, out_dir: Path, layers: int, kv_heads: int
         program.save(str(model_path), external_data=True)
     except ExportError:
         raise
-    except Exception as exc:
+    except Exception as exc:  # torch.export raises many types
         first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
         raise ExportError(
             f"torch.onnx.export failed for {loaded.info.ref} ({first})",

@@ -205,7 +205,7 @@ def _check_safetensors(path: Path) -> None:
             keys = list(fh.keys())
             if keys:
                 fh.get_slice(keys[-1])
-    except Exception as exc:
+    except Exception as exc:  # safetensors raises several unrelated types
         raise ExportError(
             f"weights file {path} is truncated or corrupt ({str(exc).splitlines()[0][:120]})",
             fix="download the model again",
@@ -241,7 +241,7 @@ def _check_gguf(path: Path) -> _GgufHeader:
                 continue  # vocabularies: transformers reads them; the checks here do not need them
             metadata[key] = field.contents()
         tensors = tuple(t.name for t in reader.tensors)
-    except Exception as exc:
+    except Exception as exc:  # gguf raises ValueError/IndexError/struct.error
         raise ExportError(
             f"GGUF file {path} is truncated or corrupt "
             f"({str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__})",
@@ -603,7 +603,7 @@ def load_source(source: str | SourceInfo) -> LoadedSource:
         config = AutoConfig.from_pretrained(location, local_files_only=offline, **gguf_kwargs)
     except ExportError:
         raise
-    except Exception as exc:
+    except Exception as exc:  # transformers raises many types for a bad config
         raise ExportError(
             f"cannot read the model config at {location} ({str(exc).splitlines()[0][:160]})",
             fix="check that the folder or .gguf file is a complete Hugging Face model",
@@ -624,7 +624,7 @@ def load_source(source: str | SourceInfo) -> LoadedSource:
             location, local_files_only=offline, dtype=torch.float32, attn_implementation="eager", **model_kwargs
         )
         tokenizer = AutoTokenizer.from_pretrained(location, local_files_only=offline, **gguf_kwargs)
-    except Exception as exc:
+    except Exception as exc:  # corrupt weights surface as many exception types
         if header is not None and "mismatch" in str(exc):
             raise _refuse_gguf(header, "transformers rebuilds a model its tensors do not fit "
                                        f"({str(exc).splitlines()[0][:120]})") from exc

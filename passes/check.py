@@ -149,7 +149,7 @@ def compare_artifacts(reference: Artifact, candidate: Artifact, candidate_model:
     try:
         ref = runner(reference, reference.model_path)
         got = runner(candidate, candidate_model)
-    except Exception as exc:
+    except Exception as exc:  # any ORT failure means the optimized graph is unusable
         raise PassError(
             f"--check: the optimized graph does not run in onnxruntime ({type(exc).__name__}: {exc})",
             fix="re-run with --no-fuse to isolate a fusion, and report it; nothing was written",

@@ -602,7 +602,7 @@ def compare_shared(reference: Artifact, candidate: Artifact, candidate_model: Pa
     try:
         ref = check._run_decoder(reference, reference.model_path)
         got = _run_shared(candidate, candidate_model)
-    except Exception as exc:
+    except Exception as exc:  # any ORT failure means the optimized graph is unusable
         raise PassError(
             f"--check: the shared-buffer graph does not run in onnxruntime ({type(exc).__name__}: {exc})",
             fix="optimize with --kv-mode concat to isolate it, and report it; nothing was written",

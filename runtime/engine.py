@@ -619,7 +619,7 @@ class Engine:
             self.backend.prefill_many(admitted, want_logits, plan, started)
         except LmforgeError as exc:
             self._fail(list(by_slot.values()), exc)  # the requests whose prefill did not run
-        except Exception as exc:
+        except Exception as exc:  # not onnxruntime: a bug, reported; the loop serves on
             log.exception("a prefill failed")
             self._fail(list(by_slot.values()), GenerationError(
                 "the prefill failed", got=f"{type(exc).__name__}: {exc}",
@@ -674,7 +674,7 @@ class Engine:
                          if live.request.max_new_tokens > len(live.new_ids) + len(ids.get(slot, ()))]
                 if going:
                     self.backend.launch_next(rows, plan, going)
-        except Exception as exc:
+        except Exception as exc:  # onnxruntime's (or a bug): the step's requests fail, the loop serves on
             if not isinstance(exc, LmforgeError):
                 log.exception("a decode step failed")
                 exc = GenerationError("a decode step failed", got=f"{type(exc).__name__}: {exc}",

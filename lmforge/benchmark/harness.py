@@ -241,7 +241,7 @@ def _timed_run(runner: Runner, prompts: list[list[int]], config: BenchConfig, sa
     level = sampler.mark()
     try:
         timing = runner.run(prompts, config.new_tokens)
-    except Exception as exc:
+    except Exception as exc:  # a failing runner is reported, the bench goes on
         log.debug("%s at batch %d failed", runner.name, len(prompts), exc_info=True)
         cell.reason = _reason(exc)
         log.warning("%s at batch %d: not run: %s", runner.name, len(prompts), cell.reason)
@@ -297,7 +297,7 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
             log.info("preparing %s …", runner.name)
             try:
                 runner.prepare()
-            except Exception as exc:
+            except Exception as exc:  # NotRun or any failure: reported, never dropped
                 log.debug("%s: prepare failed", runner.name, exc_info=True)
                 entry.update(status="not run", reason=_reason(exc))
                 log.warning("%s: not run: %s", runner.name, entry["reason"])

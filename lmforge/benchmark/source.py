@@ -85,7 +85,7 @@ class SharedSource:
                 log.info("loading the peers' model from %s", self.ref)
                 try:
                     self._loaded = load_source(self.ref)
-                except Exception as exc:
+                except Exception as exc:  # remembered: every peer gets the same reason, once
                     self._error = exc
                     raise
                 if self.sha256 and self._loaded.sha256 != self.sha256:
@@ -102,7 +102,7 @@ class SharedSource:
                 raise self._folder_error
         try:
             return self._make_folder()
-        except Exception as exc:
+        except Exception as exc:  # remembered: one attempt, the same reason for every peer
             self._folder_error = exc
             raise
 

@@ -212,7 +212,7 @@ class EngineCore:
                     hello = [HELLO, self.epoch, {**self.info, "stats": self._stats()}]
                     for i in range(len(self._push)):
                         self._send(i, hello)
-            except Exception:
+            except Exception:  # the output thread must keep running
                 log.exception("engine core: the output thread failed a pass")
             if final and not batch:
                 return
@@ -239,7 +239,7 @@ def run_core(options: Any, addresses: Addresses, threads: int | None, events: An
             raise LmforgeError("the engine core serves decoder artifacts", got="an encoder artifact",
                                fix="serve an encoder with --in-process")
         core = EngineCore(engine, addresses, options.drain_timeout_s)
-    except Exception as exc:
+    except Exception as exc:  # reported to the parent as one line
         log.debug("the engine core failed to start", exc_info=True)
         first = (str(exc).splitlines() or [""])[0]
         events.put(("failed", "core", str(exc) if isinstance(exc, LmforgeError) else f"{type(exc).__name__}: {first}"))

@@ -141,7 +141,7 @@ def _worker(index: int, listen: socket.socket | tuple[str, int], cpus: list[int]
         model = load_model(options, threads)
         app = create_app(model, served_model_name=options.served_model_name, api_key=options.api_key,
                          limits=options.limits())
-    except Exception as exc:
+    except Exception as exc:  # any startup failure is reported to the parent as one line
         log.debug("worker %d failed to start", index, exc_info=True)
         first = (str(exc).splitlines() or [""])[0]
         text = str(exc) if isinstance(exc, LmforgeError) else f"{type(exc).__name__}: {first}"

@@ -143,7 +143,7 @@ def _frontend(index: int, listen: socket.socket | tuple[str, int], addresses: Ad
         client = CoreClient(addresses, options.artifact, frontend=index, core_timeout_s=split.core_timeout_s)
         app = create_app(client, served_model_name=options.served_model_name, api_key=options.api_key,
                          limits=options.limits())
-    except Exception as exc:
+    except Exception as exc:  # reported to the parent as one line
         log.debug("front-end %d failed to start", index, exc_info=True)
         first = (str(exc).splitlines() or [""])[0]
         events.put(("failed", index, str(exc) if isinstance(exc, LmforgeError) else f"{type(exc).__name__}: {first}"))
