@@ -68,10 +68,12 @@ export: setup
 
 test: setup
 	$(BIN)/ruff check .
+	$(BIN)/python -m mypy
 	$(BIN)/python -m pytest -q
 
 test-fast: setup
 	$(BIN)/ruff check .
+	$(BIN)/python -m mypy
 	$(BIN)/python -m pytest -q -m "not slow"
 
 # The export tests against another transformers (the pin's upper bound is the newest minor they

@@ -123,7 +123,7 @@ def verify_classifier(artifact: str | Path, pairs: str | Path | None = None, dev
     got = got.reshape(ref.shape)
     timings["candidate"] = time.perf_counter() - started
     worst = float(np.abs(got - ref).max())
-    results = []
+    results: list[dict[str, Any]] = []
     for row, query_id in enumerate(ids):
         order = np.argsort(-ref[row, :, 0])
         margin = float(ref[row, order[0], 0] - ref[row, order[1], 0]) if len(order) > 1 else float("inf")

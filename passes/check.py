@@ -24,7 +24,7 @@ from runtime.artifact import Artifact
 from runtime.decoder_io import DecoderIO
 from runtime.errors import PassError
 
-__all__ = ["Tolerance", "TOLERANCES", "CheckResult", "compare_artifacts", "judge"]
+__all__ = ["Tolerance", "TOLERANCES", "CheckResult", "check_session", "compare_artifacts", "decoder_cases", "judge"]
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ class CheckResult:
         return "; ".join(parts)
 
 
-def _session(model: Path) -> Any:
+def check_session(model: Path) -> Any:
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -86,7 +86,7 @@ def _session(model: Path) -> Any:
     return ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
 
 
-def _decoder_cases(art: Artifact) -> list[tuple[str, dict[str, np.ndarray], np.ndarray]]:
+def decoder_cases(art: Artifact) -> list[tuple[str, dict[str, np.ndarray], np.ndarray]]:
     """(name, feeds without KV, mask of real query positions [batch, seq]) for prefill; decode follows."""
     vocab = int(art.architecture["vocab"])
     rng = np.random.default_rng(1234)
@@ -101,10 +101,10 @@ def _decoder_cases(art: Artifact) -> list[tuple[str, dict[str, np.ndarray], np.n
 
 def _run_decoder(art: Artifact, model: Path) -> dict[str, np.ndarray]:
     """The check batch's prefill, then one decode step, through the artifact's concat contract."""
-    session = _session(model)
+    session = check_session(model)
     names = {i.name for i in session.get_inputs()}
     io = DecoderIO.from_artifact(art)
-    (_, feeds, _), = _decoder_cases(art)
+    (_, feeds, _), = decoder_cases(art)
     ids, mask = feeds["input_ids"], feeds["attention_mask"]
     batch = ids.shape[0]
     past = io.empty_kv(batch)
@@ -121,7 +121,7 @@ def _run_decoder(art: Artifact, model: Path) -> dict[str, np.ndarray]:
 
 
 def _run_encoder(art: Artifact, model: Path) -> dict[str, np.ndarray]:
-    session = _session(model)
+    session = check_session(model)
     names = {i.name for i in session.get_inputs()}
     vocab = int(art.architecture["vocab"])
     rng = np.random.default_rng(1234)
@@ -139,7 +139,7 @@ def _valid_positions(case: str, art: Artifact, shape: tuple[int, ...]) -> np.nda
         mask[1, 7:] = False
         return mask
     if case == "prefill":
-        return _decoder_cases(art)[0][2]
+        return decoder_cases(art)[0][2]
     return np.ones(shape[:2], dtype=bool)
 
 

@@ -29,10 +29,10 @@ __all__ = ["encoder_prefusion_rules", "two_bias_softmax_rules", "skip_layer_norm
 
 
 class _TwoBiasSoftmax(pattern.RewriteRuleClassBase):
-    def pattern(self, op, scores, bias, mask):  # type: ignore[no-untyped-def]
+    def pattern(self, op, scores, bias, mask):
         return op.Softmax(op.Add(op.Add(scores, bias), mask), _allow_other_attributes=True, _outputs=["probs"])
 
-    def check(self, op, scores, bias, mask, probs, **_):  # type: ignore[no-untyped-def]
+    def check(self, op, scores, bias, mask, probs, **_):
         result = pattern.MatchResult()
         producer = scores.producer()
         # the scores are a q·kᵀ product, optionally scaled: not a bias that happens to sit first
@@ -43,19 +43,19 @@ class _TwoBiasSoftmax(pattern.RewriteRuleClassBase):
             return result.fail(f"scores of rank {rank}, expected [batch, heads, seq, seq]", scores)
         return result
 
-    def rewrite(self, op, scores, bias, mask, probs, **_):  # type: ignore[no-untyped-def]
+    def rewrite(self, op, scores, bias, mask, probs, **_):
         axis = probs.producer().attributes.get_int("axis", -1)
         return op.Softmax(op.Add(scores, op.Add(bias, mask)), axis=axis)
 
 
 class _SkipLayerNormNoBias(pattern.RewriteRuleClassBase):
-    def pattern(self, op, x, skip, gamma):  # type: ignore[no-untyped-def]
+    def pattern(self, op, x, skip, gamma):
         skip_sum = op.Add(x, skip)
         normalized = op.LayerNormalization(skip_sum, gamma, axis=-1, _allow_other_attributes=True,
                                            _outputs=["layer_norm"])
         return normalized, skip_sum
 
-    def check(self, op, x, skip, gamma, layer_norm, **_):  # type: ignore[no-untyped-def]
+    def check(self, op, x, skip, gamma, layer_norm, **_):
         result = pattern.MatchResult()
         for value in (x, skip):
             if value.shape is None or value.shape.rank() != 3:
@@ -68,7 +68,7 @@ class _SkipLayerNormNoBias(pattern.RewriteRuleClassBase):
             return result.fail("stash_type other than 1 is not supported by SkipLayerNormalization")
         return result
 
-    def rewrite(self, op, x, skip, gamma, layer_norm, **_):  # type: ignore[no-untyped-def]
+    def rewrite(self, op, x, skip, gamma, layer_norm, **_):
         epsilon = layer_norm.producer().attributes.get_float("epsilon", 1e-5)
         normalized, _mean, _inv_std, skip_sum = op.SkipLayerNormalization(
             x, skip, gamma, epsilon=epsilon, _outputs=4, _domain="com.microsoft")

@@ -569,11 +569,11 @@ def _run_shared(art: Artifact, model: Path) -> dict[str, np.ndarray]:
     """
     import onnxruntime as ort
 
-    from passes.check import _decoder_cases, _session
+    from passes.check import check_session, decoder_cases
 
-    session: ort.InferenceSession = _session(model)
+    session: ort.InferenceSession = check_session(model)
     io = DecoderIO.from_artifact(art)
-    (_, feeds, valid), = _decoder_cases(art)
+    (_, feeds, valid), = decoder_cases(art)
     ids, mask = feeds["input_ids"], feeds["attention_mask"]
     batch, seq = ids.shape
     capacity = seq + 4

@@ -172,11 +172,11 @@ def _providers(device: str) -> list[Any]:
     raise GenerationError("unknown device", expected="'cpu' or 'cuda'", got=repr(device))
 
 
-class _TokenIds(list):  # type: ignore[type-arg]
+class _TokenIds(list):
     """Marks pre-tokenized input on its way through :meth:`Encoder.encode_with_stats`."""
 
 
-class _Pairs(list):  # type: ignore[type-arg]
+class _Pairs(list):
     """Marks a classifier's inputs (texts or ``(text, text_pair)``) on their way through ``_run``."""
 
 
@@ -352,9 +352,9 @@ class Encoder:
             items = self._check_texts(texts, batch_size)
             texts = [prefix + t for t in items]
             if not self.include_prompt:  # sentence-transformers: the prompt's tokens (less a trailing [SEP]/EOS)
-                prompt = self.tokenizer.encode(prefix)
-                trailing = bool(prompt.special_tokens_mask and prompt.special_tokens_mask[-1])
-                skip = len(prompt.ids) - (1 if trailing else 0)
+                encoded = self.tokenizer.encode(prefix)
+                trailing = bool(encoded.special_tokens_mask and encoded.special_tokens_mask[-1])
+                skip = len(encoded.ids) - (1 if trailing else 0)
         pooling = self.pooling if pooling is None else pooling
         if pooling not in POOLINGS:
             raise InvalidRequestError("unknown pooling", expected=", ".join(POOLINGS), got=repr(pooling),
@@ -428,7 +428,7 @@ class Encoder:
     def close(self) -> None:
         """Release the session (idempotent); later calls raise."""
         self._closed = True
-        self._session = None  # type: ignore[assignment]
+        self._session = None
 
     def __enter__(self) -> Encoder:
         return self

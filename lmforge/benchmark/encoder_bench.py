@@ -66,7 +66,7 @@ def _open(name: str, label: str, path: Path | None, why: str | None, threads: in
         runner.fn = open_runner(name, str(path), threads)
     except ModuleNotFoundError as exc:
         runner.error = f"skipped: {exc.name} is not installed (pip install 'lmforge[export]')"
-    except Exception as exc:  # noqa: BLE001 - a peer that cannot open is reported, the bench goes on
+    except Exception as exc:  # a peer that cannot open is reported, the bench goes on
         if name == "lmforge":
             raise
         first = str(exc).splitlines()[0][:200] if str(exc) else ""

@@ -6,7 +6,7 @@ process group, pins itself to slice ``i`` of the usable cores (:func:`runtime.cp
 the slicing ``lmforge tune`` measures with) *before* loading anything — so onnxruntime's threads
 and the weights' first touch land on its cores — loads its own ``Engine`` or ``Encoder`` with one
 intra-op thread per core of its slice, and runs the same uvicorn server as one instance
-(:class:`runtime.serve.server._Server`, with its drain). Where the OS has ``SO_REUSEPORT``
+(:class:`runtime.serve.server.DrainingServer`, with its drain). Where the OS has ``SO_REUSEPORT``
 (Linux), the parent's socket only reserves the port (bound, not listening) and each worker listens
 on its own socket bound to the same port: the kernel spreads new connections over the workers by
 hash. Without it the workers share the parent's listening socket, and whichever worker's event
@@ -43,9 +43,9 @@ from typing import Any
 
 from runtime.errors import LmforgeError
 from runtime.options import DEFAULTS
-from runtime.serve.server import _config, _Server, _url, bind
+from runtime.serve.server import DrainingServer, bind, url_of, uvicorn_config
 
-__all__ = ["WORKER_HEADER", "ModelOptions", "load_model", "serve_instances"]
+__all__ = ["WORKER_HEADER", "ModelOptions", "WorkerHeader", "load_model", "serve_instances"]
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +97,7 @@ def load_model(options: ModelOptions, threads: int | None) -> Any:
     return Encoder(artifact, device=options.device, threads=threads)
 
 
-class _WorkerHeader:
+class WorkerHeader:
     """ASGI middleware: ``x-lmforge-worker: i`` on every response."""
 
     def __init__(self, app: Any, index: int) -> None:
@@ -117,7 +117,7 @@ class _WorkerHeader:
         await self.app(scope, receive, send_with_header)
 
 
-def _watch_parent(parent: int, server: _Server) -> None:
+def _watch_parent(parent: int, server: DrainingServer) -> None:
     while os.getppid() == parent:
         time.sleep(0.5)
     log.warning("the parent process %d is gone: draining", parent)
@@ -151,7 +151,7 @@ def _worker(index: int, listen: socket.socket | tuple[str, int], cpus: list[int]
         raise SystemExit(2) from None
     state = app.state.lmforge
     state.metrics.set_worker(index)
-    server = _Server(_config(_WorkerHeader(app, index), options.drain_timeout_s, options.log_level,
+    server = DrainingServer(uvicorn_config(WorkerHeader(app, index), options.drain_timeout_s, options.log_level,
                              options.header_timeout_s), state,
                      options.drain_timeout_s, on_listen=lambda: events.put(("ready", index, os.getpid())))
     threading.Thread(target=_watch_parent, args=(parent, server), name="lmforge-parent-watch", daemon=True).start()
@@ -210,7 +210,7 @@ def serve_instances(options: ModelOptions, slices: list[list[int]], *, host: str
     listen: socket.socket | tuple[str, int] = (host, int(sock.getsockname()[1])) if reuse else sock
     if not reuse:
         sock.listen(2048)  # shared: connections wait in the backlog until a worker accepts
-    url = _url(sock)
+    url = url_of(sock)
     ctx = mp.get_context("spawn")
     events = ctx.Queue()
     procs = [ctx.Process(target=_worker, name=f"lmforge-serve-{i}",

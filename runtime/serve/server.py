@@ -35,7 +35,8 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from runtime.errors import LmforgeError
 from runtime.serve.app import ServeLimits, ServeState, create_app
 
-__all__ = ["BackgroundServer", "HeaderTimeoutH11Protocol", "bind", "header_timeout_protocol", "serve"]
+__all__ = ["BackgroundServer", "DrainingServer", "HeaderTimeoutH11Protocol", "bind", "header_timeout_protocol",
+           "serve", "url_of", "uvicorn_config"]
 
 log = logging.getLogger(__name__)
 
@@ -63,12 +64,12 @@ def bind(host: str, port: int, reuse_port: bool = False) -> socket.socket:
     return sock
 
 
-def _url(sock: socket.socket) -> str:
+def url_of(sock: socket.socket) -> str:
     host, port = sock.getsockname()[:2]
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
-class _Server(uvicorn.Server):
+class DrainingServer(uvicorn.Server):
     """uvicorn's server with a drain before it stops listening, and a callback once it listens."""
 
     def __init__(self, config: uvicorn.Config, state: ServeState, drain_timeout_s: float,
@@ -170,7 +171,7 @@ def header_timeout_protocol(seconds: float) -> type[HeaderTimeoutH11Protocol]:
     return type("HeaderTimeoutH11Protocol", (HeaderTimeoutH11Protocol,), {"header_timeout_s": float(seconds)})
 
 
-def _config(app: Any, drain_timeout_s: float, log_level: str, header_timeout_s: float = 10.0) -> uvicorn.Config:
+def uvicorn_config(app: Any, drain_timeout_s: float, log_level: str, header_timeout_s: float = 10.0) -> uvicorn.Config:
     return uvicorn.Config(app, log_level=log_level, lifespan="off", access_log=False,
                           timeout_graceful_shutdown=max(1, int(drain_timeout_s)), timeout_keep_alive=5,
                           http=header_timeout_protocol(header_timeout_s))
@@ -183,10 +184,10 @@ def serve(engine: Any, *, host: str = "127.0.0.1", port: int = 8000, served_mode
     it. Blocks (main thread). Several pinned processes: :func:`runtime.serve.instances.serve_instances`."""
     sock = bind(host, port)
     app = create_app(engine, served_model_name=served_model_name, api_key=api_key, limits=limits)
-    url = _url(sock)
+    url = url_of(sock)
     header_timeout_s = app.state.lmforge.limits.header_timeout_s
-    server = _Server(_config(app, drain_timeout_s, log_level, header_timeout_s), app.state.lmforge, drain_timeout_s,
-                     on_listen=(lambda: on_listen(url)) if on_listen else None)
+    server = DrainingServer(uvicorn_config(app, drain_timeout_s, log_level, header_timeout_s), app.state.lmforge,
+                            drain_timeout_s, on_listen=(lambda: on_listen(url)) if on_listen else None)
     try:
         server.run(sockets=[sock])
     finally:
@@ -205,14 +206,13 @@ class BackgroundServer:
                  api_key: str | None = None, limits: ServeLimits | None = None, drain_timeout_s: float = 30.0,
                  log_level: str = "warning") -> None:
         self._sock = bind(host, port)
-        self.url = _url(self._sock)
+        self.url = url_of(self._sock)
         self.port = int(self._sock.getsockname()[1])
         self.app = create_app(engine, served_model_name=served_model_name, api_key=api_key, limits=limits)
         self.state: ServeState = self.app.state.lmforge
         self._listening = threading.Event()
-        self.server = _Server(_config(self.app, drain_timeout_s, log_level, self.state.limits.header_timeout_s),
-                              self.state, drain_timeout_s,
-                              on_listen=self._listening.set)
+        config = uvicorn_config(self.app, drain_timeout_s, log_level, self.state.limits.header_timeout_s)
+        self.server = DrainingServer(config, self.state, drain_timeout_s, on_listen=self._listening.set)
         self._thread = threading.Thread(target=self._run, name="lmforge-serve", daemon=True)
         self._error: BaseException | None = None
 
@@ -245,4 +245,4 @@ class BackgroundServer:
         self.stop()
 
 
-_ = signal  # SIGTERM/SIGINT reach _Server.handle_exit through uvicorn's capture_signals
+_ = signal  # SIGTERM/SIGINT reach DrainingServer.handle_exit through uvicorn's capture_signals

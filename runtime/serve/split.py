@@ -134,8 +134,8 @@ def _frontend(index: int, listen: socket.socket | tuple[str, int], addresses: Ad
                         format=f"%(levelname)s front-end {index} %(name)s: %(message)s")
     from runtime.serve.app import create_app
     from runtime.serve.client import CoreClient
-    from runtime.serve.instances import _WorkerHeader
-    from runtime.serve.server import _config, _Server, bind
+    from runtime.serve.instances import WorkerHeader
+    from runtime.serve.server import DrainingServer, bind, uvicorn_config
 
     client = None
     try:
@@ -152,9 +152,10 @@ def _frontend(index: int, listen: socket.socket | tuple[str, int], addresses: Ad
         raise SystemExit(2) from None
     state = app.state.lmforge
     state.metrics.set_worker(index)
-    asgi = _WorkerHeader(app, index) if split.api_workers > 1 else app
-    server = _Server(_config(asgi, options.drain_timeout_s, options.log_level, options.header_timeout_s), state,
-                     options.drain_timeout_s, on_listen=lambda: events.put(("ready", index, os.getpid())))
+    asgi = WorkerHeader(app, index) if split.api_workers > 1 else app
+    config = uvicorn_config(asgi, options.drain_timeout_s, options.log_level, options.header_timeout_s)
+    server = DrainingServer(config, state, options.drain_timeout_s,
+                            on_listen=lambda: events.put(("ready", index, os.getpid())))
     signal.signal(signal.SIGUSR1, lambda *_: client.core_lost())
 
     def watch_parent() -> None:
@@ -211,7 +212,7 @@ def serve_split(options: Any, split: SplitOptions, *, host: str = "127.0.0.1", p
     one fails to start.
     """
     from runtime.artifact import load_artifact
-    from runtime.serve.server import _url, bind
+    from runtime.serve.server import bind, url_of
 
     load_artifact(options.artifact, verify_hashes=options.verify_hashes)  # once here, not in each process
     child = dataclasses.replace(options, verify_hashes=False)
@@ -228,7 +229,7 @@ def serve_split(options: Any, split: SplitOptions, *, host: str = "127.0.0.1", p
     listen: socket.socket | tuple[str, int] = (host, int(sock.getsockname()[1])) if reuse else sock
     if not reuse:
         sock.listen(2048)
-    url = _url(sock)
+    url = url_of(sock)
     ctx = mp.get_context("spawn")
     events = ctx.Queue()
     previous = {s: signal.signal(s, sup.forward) for s in (signal.SIGTERM, signal.SIGINT)}
