@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def main() -> int:
-    from lmforge.benchmark.tune import _open_runner, _peer_artifact, fixed_ids
+    from lmforge.benchmark.encoder_peers import fixed_ids, open_runner, peer_artifact
     from runtime.artifact import load_artifact
     from runtime.encoder import Encoder
 
@@ -53,13 +53,13 @@ def main() -> int:
     runners: dict[str, object] = {}
     for path in args.artifacts:
         art = load_artifact(path)
-        runners[f"lmforge {art.precision} ({Path(path).name})"] = _open_runner("lmforge", path, args.threads)
-    base, why = _peer_artifact(first, "ort")
+        runners[f"lmforge {art.precision} ({Path(path).name})"] = open_runner("lmforge", path, args.threads)
+    base, why = peer_artifact(first, "ort")
     if base is None:
         print(f"ort default: skipped ({why})", file=sys.stderr)
     else:
-        runners["ort default (unoptimized export)"] = _open_runner("ort", str(base), args.threads)
-    runners["pytorch fp32"] = _open_runner("pytorch", str(first.path), args.threads)
+        runners["ort default (unoptimized export)"] = open_runner("ort", str(base), args.threads)
+    runners["pytorch fp32"] = open_runner("pytorch", str(first.path), args.threads)
 
     names = list(runners)
     times: dict[str, list[float]] = {n: [] for n in names}

@@ -36,8 +36,6 @@ from runtime.errors import GenerationError
 
 __all__ = ["TuneConfig", "TuneRow", "PEERS", "fixed_ids", "run_tune", "recommend", "render_tune"]
 
-_open_runner = open_runner  # the names bench/encoder_cpu.py imports
-_peer_artifact = peer_artifact
 
 log = logging.getLogger(__name__)
 
