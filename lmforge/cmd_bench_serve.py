@@ -14,8 +14,8 @@ loads the engine only after the server process has stopped, so the two never hol
 together.
 
 The server is a process of its own, not a thread of this one: in one process the load generator,
-uvicorn and the engine's loop share one GIL, and an H100 measured 3,237 tok/s there against 4,737
-tok/s for the same server as its own process (16 streaming clients, SmolLM2).
+uvicorn and the engine's loop would share one GIL and the load would slow the server it measures
+(docs/benchmarks.md, "GPU: the server under load").
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ Two rewrites make it quantizable, tried in this order per ``Attention`` node:
    projection, the fused fp32 attention kernel).
 2. :func:`split_attention_projection` — otherwise, ``MatMul(x, W_qkv) → Split →
    MultiHeadAttention(q, k, v, bias, attention_bias)``, so the projection is a plain ``MatMul``
-   (measured ~9 % slower than 1 on MiniLM: the split copies and MHA's bias/transpose steps).
+   (slower than 1 on MiniLM, docs/encoders.md: the split copies and MHA's bias/transpose steps).
 
 :func:`quantize_encoder_int8` then applies ``quantize_dynamic``: int8 weights per output channel,
 activations quantized per tensor on each call (``MatMulInteger`` / ``DynamicQuantizeMatMul``,
@@ -121,8 +121,8 @@ def mask_bias_to_mask_index(model: onnx.ModelProto, mask_input: str = "attention
     ``attention_mask`` alone (``Where(mask == 0, -inf, 0)``, broadcast over heads and queries): a
     key padding mask. ``QAttention`` has no ``attention_bias`` input but takes the same mask as a
     2-D ``mask_index`` (masked keys get ``mask_filter_value``; exp of it is 0 either way), so the
-    rewrite lets ``quantize_dynamic`` make the fused attention's QKV projection int8 — measured
-    ~9 % faster on MiniLM than splitting the projection out. Only nodes whose bias depends on
+    rewrite lets ``quantize_dynamic`` make the fused attention's QKV projection int8, which is
+    faster on MiniLM than splitting the projection out (docs/encoders.md). Only nodes whose bias depends on
     ``attention_mask`` and constants alone, with no ``mask_index`` and no past, are rewritten;
     equal ``qkv_hidden_sizes`` (which ``QAttention`` refuses) are dropped. Returns the count.
     """

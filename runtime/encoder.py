@@ -486,7 +486,7 @@ class Encoder:
                                       got="an empty list")
         vocab = int(self.artifact.architecture.get("vocab") or 0)
         rows: list[np.ndarray] = []
-        for i, row in enumerate(ids):  # vectorized per row: a batch of 128 × 128 ids checks in ~0.3 ms
+        for i, row in enumerate(ids):  # vectorized per row, not per id
             values = np.asarray(row) if isinstance(row, (list, tuple, np.ndarray)) else None
             if values is None or values.ndim != 1 or not values.size or values.dtype.kind not in "iu":
                 raise InvalidRequestError(f"ids[{i}] is not a non-empty list of integers", got=repr(row)[:80],
