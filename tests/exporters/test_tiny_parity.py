@@ -22,7 +22,8 @@ from exporters.specs import TINY_WINDOW, Feature, ModelKind, all_specs
 from runtime.artifact import load_artifact
 
 DECODERS = [s.name for s in all_specs() if s.kind is ModelKind.DECODER]
-WINDOWED = [s.name for s in all_specs() if {Feature.SLIDING_WINDOW, Feature.ALTERNATING_WINDOW} & set(s.features)]
+WINDOWED = [s.name for s in all_specs()
+            if s.kind is ModelKind.DECODER and {Feature.SLIDING_WINDOW, Feature.ALTERNATING_WINDOW} & set(s.features)]
 TOL = 1e-4
 
 
