@@ -39,7 +39,8 @@ EXTRA_OF_MODULE: dict[str, str] = {
          "onnx_graphsurgeon", "gguf", "accelerate", "safetensors", "tqdm", "matplotlib", "huggingface_hub"),
         "export",
     ),
-    **dict.fromkeys(("fastapi", "uvicorn", "prometheus_client", "httpx", "starlette"), "serve"),
+    **dict.fromkeys(("fastapi", "uvicorn", "prometheus_client", "httpx", "starlette", "aiohttp", "zmq", "msgpack"),
+                    "serve"),
     "onnxruntime_genai": "bench",
 }
 

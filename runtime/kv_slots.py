@@ -28,6 +28,7 @@ requests' sampling constants. A request owns one row (its *slot*) from admission
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
 from collections.abc import Callable, Iterable, Mapping
@@ -48,6 +49,8 @@ from runtime.step_graph import CONSTANTS, FORMAT, PREFIX, STATE, step_io
 __all__ = ["SlotsBackend", "padded_length", "prefill_groups"]
 
 log = logging.getLogger(__name__)
+
+_PREFILL_BINDINGS = 256  # cached prefill bindings (rows × first slot × state set), least recently used out
 
 
 def padded_length(n: int) -> int:
@@ -156,7 +159,8 @@ class SlotsBackend:
                 got="GroupQueryAttention has no fp32 CUDA kernel (its fallback gives wrong logits)",
                 fix="optimize with --device cuda --precision fp16 (or int8/int4), or run this one on the CPU",
             )
-        self.session = device.session(artifact.model_path.read_bytes(), cuda_graph=cuda_graph,
+        self.session = device.session(device.step_model(artifact.model_path.read_bytes(), self.vocab, self.window),
+                                      cuda_graph=cuda_graph,
                                       weights_dir=artifact.model_path.parent)
         self._eager: ort.RunOptions | None = None
         if cuda_graph:
@@ -192,6 +196,12 @@ class SlotsBackend:
         self._steps: dict[tuple[int, int, Plan], _Step] = {}
         self._ahead: frozenset[int] | None = None  # the slots of a step launched ahead of its block
         self._host: dict[int, ort.OrtValue] = {}  # value → a host tensor at a fixed address
+        # A prefill's bindings of what lives at fixed addresses (KV rows, state outputs, constants)
+        # per (first slot, rows, state set): made once, then only the prompt and the start state
+        # are bound per run. Binding ~60 tensors by address cost more host time than a short
+        # prompt's whole prefill on a fast GPU (docs/benchmarks.md, "GPU: time to first token").
+        self._prefill_bindings: collections.OrderedDict[tuple[int, int, int], Any] = collections.OrderedDict()
+        self._staged: dict[int, dict[str, np.ndarray]] = {}  # slot → the rows stage() returned, not yet uploaded
         self.replays = 0
         self.prefill_runs = 0
         self.prefill_seen: set[tuple[int, int]] = set()  # (rows, length) of the one-run prefills so far
@@ -226,6 +236,7 @@ class SlotsBackend:
         """Every slot free (after a failed step failed all of its requests; rows are independent)."""
         self._free = list(range(self.max_batch))
         self._ahead = None
+        self._staged.clear()
 
     # -- prefill --------------------------------------------------------------------------------
 
@@ -290,13 +301,16 @@ class SlotsBackend:
             if not np.array_equal(host[slot], value):
                 host[slot] = value
                 self._changed.add(name)
+        self._staged[slot] = rows
         return rows
 
     def _write_constants(self, rows: Iterable[tuple[int, Mapping[str, np.ndarray]]] = ()) -> None:
         """``rows`` staged (:meth:`stage`; a row the engine staged already changes nothing), then
         the host copies of the constants that changed onto the device."""
         for slot, arrays in rows:
-            self.stage(slot, arrays)
+            if self._staged.pop(slot, None) is not arrays:  # not the rows stage() returned for it
+                self.stage(slot, arrays)
+                self._staged.pop(slot, None)
         for name in sorted(self._changed):
             self.consts[name].update_inplace(self._consts_host[name])
         self._changed.clear()
@@ -309,23 +323,19 @@ class SlotsBackend:
         reads into the slots' rows of the current set."""
         into = self.current
         first, m = group[0][0], len(group)
-        binding = self.session.io_binding()
-        bind = self.device.bind_rows
-        for past, present in zip(self._past, self._present):
-            bind(binding, past, self.kv[past], first, m, output=False)
-            bind(binding, present, self.kv[past], first, m, output=True)
-        for name, out, dtype in STATE:
+        lengths = [len(prompt) for _, prompt, _ in group]
+        chunked = m == 1 and lengths[0] > self.prefill_chunk
+        # a cached binding leaves the logits unbound (onnxruntime computes and drops them); one
+        # that keeps logits, or a chunked prompt, gets a binding of its own
+        binding = self._fixed_binding(first, m, into, cached=not want_logits and not chunked)
+        for name, _, dtype in STATE:
             if name.startswith(PREFIX):
                 short = name[len(PREFIX):]
                 start = [np.zeros((1, self.window), np.int64) if short == "history" else rows[short]
                          for _, _, rows in group]
                 binding.bind_cpu_input(name, np.ascontiguousarray(np.concatenate(start).astype(NP_DTYPES[dtype])))
-            bind(binding, out, self.sets[into][name], first, m, output=True)
-        for name, value in self.consts.items():
-            bind(binding, name, value, first, m, output=False)
         self._bind_host(binding, plan)
-        lengths = [len(prompt) for _, prompt, _ in group]
-        if m == 1 and lengths[0] > self.prefill_chunk:  # chunks: batch 1 with a past, exact lengths
+        if chunked:  # chunks: batch 1 with a past, exact lengths
             prompt = group[0][1]
             spans = [(s, min(len(prompt), s + self.prefill_chunk)) for s in range(0, len(prompt), self.prefill_chunk)]
             for begin, end in spans:
@@ -344,6 +354,29 @@ class SlotsBackend:
         return {slot: (int(history[slot, 0]), None if logits is None else np.array(logits[r], dtype=np.float32))
                 for r, (slot, _, _) in enumerate(group)}
 
+    def _fixed_binding(self, first: int, m: int, into: int, cached: bool) -> Any:
+        """A prefill binding of rows ``first:first + m`` with the KV rows, the state outputs of set
+        ``into`` and the constants bound by address (kept for the next prefill of the same rows
+        when ``cached``; at most :data:`_PREFILL_BINDINGS` kept)."""
+        key = (first, m, into)
+        if cached and (binding := self._prefill_bindings.get(key)) is not None:
+            self._prefill_bindings.move_to_end(key)
+            return binding
+        binding = self.session.io_binding()
+        bind = self.device.bind_rows
+        for past, present in zip(self._past, self._present):
+            bind(binding, past, self.kv[past], first, m, output=False)
+            bind(binding, present, self.kv[past], first, m, output=True)
+        for name, out, _ in STATE:
+            bind(binding, out, self.sets[into][name], first, m, output=True)
+        for name, value in self.consts.items():
+            bind(binding, name, value, first, m, output=False)
+        if cached:
+            self._prefill_bindings[key] = binding
+            if len(self._prefill_bindings) > _PREFILL_BINDINGS:
+                self._prefill_bindings.popitem(last=False)
+        return binding
+
     def _run_prefill(self, binding: Any, ids: np.ndarray, start: int, last: list[int], total: int,
                      keep_logits: bool) -> np.ndarray | None:
         """One prefill run: ``ids [m, seq]`` at positions ``start…``, rows ending at ``last``."""
@@ -356,8 +389,6 @@ class SlotsBackend:
         out = self.device.zeros([m, seq, self.vocab], self._logits_dtype) if keep_logits else None
         if out is not None:
             binding.bind_ortvalue_output("logits", out)
-        else:
-            binding.bind_output("logits", self.device.type, 0)  # onnxruntime's memory, dropped after
         self.device.run(self.session, binding, self._eager)
         return None if out is None else out.numpy()
 
