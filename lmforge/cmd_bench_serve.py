@@ -78,6 +78,10 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--max-queue", type=int, default=DEFAULTS.max_queue, metavar="N",
                         help=f"for ARTIFACT targets (default {DEFAULTS.max_queue})")
     parser.add_argument("--threads", type=int, default=None, metavar="N", help="for ARTIFACT targets")
+    parser.add_argument("--api-workers", type=int, default=1, metavar="N",
+                        help="HTTP front-end processes of the server started for an ARTIFACT target (default 1)")
+    parser.add_argument("--in-process", action="store_true",
+                        help="serve an ARTIFACT target with `lmforge serve --in-process` (one process)")
     parser.add_argument("--start-timeout", type=float, default=120.0, metavar="S",
                         help="ARTIFACT targets: seconds the server process gets to answer /ready (default 120)")
     parser.add_argument("--compare-engine", action="store_true",
@@ -189,7 +193,8 @@ async def _run_target(spec: str, args: argparse.Namespace, plan: _Plan, mix: Any
         return [{**info, "served": "already running (not started by bench-serve)", "url": spec}], results
 
     server = ServerProcess(spec, device=args.device, max_batch=args.max_batch, max_queue=args.max_queue,
-                           threads=args.threads, start_timeout_s=args.start_timeout)
+                           threads=args.threads, api_workers=args.api_workers, in_process=args.in_process,
+                           start_timeout_s=args.start_timeout)
     try:
         server.start()
         print(f"{spec}: `lmforge serve` as its own process (pid {server.pid}, max batch {args.max_batch}) "

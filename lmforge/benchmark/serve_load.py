@@ -436,13 +436,18 @@ class ServerProcess:
 
     def __init__(self, artifact: str | Path, *, device: str = "cpu", max_batch: int = DEFAULTS.max_batch,
                  max_queue: int = DEFAULTS.max_queue,
-                 threads: int | None = None, start_timeout_s: float = 120.0, stop_timeout_s: float = 60.0) -> None:
+                 threads: int | None = None, api_workers: int = 1, in_process: bool = False,
+                 start_timeout_s: float = 120.0, stop_timeout_s: float = 60.0) -> None:
         self.artifact = str(artifact)
         self.command = [sys.executable, "-m", "lmforge", "serve", self.artifact, "--host", "127.0.0.1",
                         "--port", "0", "--device", device, "--max-batch", str(max_batch),
                         "--max-queue", str(max_queue)]
         if threads is not None:
             self.command += ["--threads", str(threads)]
+        if in_process:
+            self.command += ["--in-process"]
+        elif api_workers != 1:
+            self.command += ["--api-workers", str(api_workers)]
         self.start_timeout_s = start_timeout_s
         self.stop_timeout_s = stop_timeout_s
         self.proc: subprocess.Popen[bytes] | None = None

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# The server against its own engine on the lent GPU, and time to first token against onnxruntime-genai.
+#
+# Run from the repo root on the GPU machine after staging onnxruntime-gpu (+ genai) into
+# /tmp/gpu-site and the server's wheels (.whl/, carried) into /tmp/site:
+#
+#   bash bench/gpu_http.sh build      # the 1B-shape fp16 shared-buffer artifact, then bench/gpu_ttft.py
+#   bash bench/gpu_http.sh serve      # lmforge bench-serve --compare-engine: greedy, then half sampled
+#
+# Each step writes under $OUT (the tables docs/serving.md and docs/benchmarks.md show).
+set -uo pipefail
+export PYTHONPATH=/tmp/gpu-site:/tmp/site:$PWD HF_HUB_OFFLINE=1
+OUT=${OUT:-/tmp/out}
+SHAPE=${SHAPE:-llama-3.2-1b}
+ART=/tmp/lmf-serve/$SHAPE/serve-cuda
+mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
+python3 -c "import onnxruntime as o; o.preload_dlls(); print('onnxruntime', o.__version__, o.get_available_providers())"
+
+case "${1:-}" in
+  build)
+    python3 -c "import sys; sys.path.insert(0, 'bench'); from pathlib import Path; from gpu_serving import build; \
+print(build('$SHAPE', Path('/tmp/lmf-serve'), 'cuda'))" 2>&1 | tail -3
+    python3 bench/gpu_ttft.py --artifact "$ART" --shape "$SHAPE" --genai --profile --out "$OUT" 2>&1 \
+      | grep -v -E "^(WARNING|INFO)" | tail -45
+    ;;
+  serve)
+    for mix in greedy:1 greedy:1,sampled:1; do
+      name=$(echo "$mix" | tr ':,' '__')
+      python3 -m lmforge bench-serve "$ART" --device cuda --max-batch 64 --max-queue 1024 \
+        --concurrency 16,64 --requests 256 --warmup 64 --new-tokens 128 --prompt-len 128 --mix "$mix" \
+        --api-workers "${API_WORKERS:-1}" --compare-engine --json "$OUT/http_$name.json" 2>&1 \
+        | grep -E "tok/s|HTTP/engine|Error|error" | tail -12
+    done
+    ;;
+  *)
+    echo "usage: bash bench/gpu_http.sh build|serve" >&2
+    exit 2
+    ;;
+esac
