@@ -48,7 +48,6 @@ from typing import Any, Union, cast
 import numpy as np
 
 from runtime.artifact import Artifact, KvMode, load_artifact
-from runtime.chat import load_chat_template, render_chat, special_tokens
 from runtime.cpu import intra_op_threads
 from runtime.decoder_io import DecoderIO
 from runtime.detokenize import IncrementalDetokenizer, StopStrings
@@ -67,7 +66,7 @@ from runtime.sampling import (
     host_values,
     row_arrays,
 )
-from runtime.text import check_text
+from runtime.tokenizer import TextHelpers
 
 __all__ = ["Engine", "EngineStats", "GenerationResult", "FinishReason", "Prompt"]
 
@@ -114,7 +113,7 @@ def _check_int(name: str, value: object, low: int) -> int:
     return int(value)
 
 
-class Engine:
+class Engine(TextHelpers):
     """A loaded decoder artifact, its KV backend and its scheduling loop; see the module docstring."""
 
     def __init__(self, artifact: Artifact, device: str = "cpu", options: EngineOptions = DEFAULTS) -> None:
@@ -180,9 +179,7 @@ class Engine:
         min-p, repetition penalty, max_new_tokens where present; :func:`runtime.sampling.generation_defaults`).
         The server uses them for fields a request leaves out, as vLLM does; ``generate*`` and
         ``submit`` do not (their default is greedy)."""
-        self.tokenizer = self._load_tokenizer(artifact.tokenizer_dir)
-        self.chat_template = load_chat_template(artifact.tokenizer_dir)
-        self._special_tokens = special_tokens(artifact.tokenizer_dir)
+        self._load_text(artifact.path, artifact.tokenizer_dir)
 
         self._cv = threading.Condition()
         self._waiting: collections.deque[Request] = collections.deque()
@@ -208,54 +205,6 @@ class Engine:
         check_device(device)  # and so does a wrong device
         artifact = load_artifact(path, verify_hashes=verify_hashes)
         return cls(artifact, device=device, options=options)
-
-    @staticmethod
-    def _load_tokenizer(folder: Any) -> Any:
-        path = folder / "tokenizer.json"
-        if not path.is_file():
-            log.info("no tokenizer.json in %s: only token-id prompts will work", folder)
-            return None
-        from tokenizers import Tokenizer
-
-        return Tokenizer.from_file(str(path))
-
-    # ----------------------------------------------------------------------------------------
-    # Text helpers
-
-    def _need_tokenizer(self, what: str) -> Any:
-        if self.tokenizer is None:
-            raise InvalidRequestError(
-                f"{what} needs the artifact's tokenizer, and {self.artifact.tokenizer_dir}/tokenizer.json is missing",
-                fix="pass token ids, or re-export the artifact with its tokenizer",
-            )
-        return self.tokenizer
-
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        """Token ids of ``text`` with the artifact's tokenizer."""
-        check_text(text, "the prompt")
-        return list(self._need_tokenizer("text prompts").encode(text, add_special_tokens=add_special_tokens).ids)
-
-    def decode(self, ids: Sequence[int]) -> str:
-        return str(self._need_tokenizer("decoding").decode(list(ids), skip_special_tokens=True))
-
-    def apply_chat_template(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True) -> str:
-        """The prompt text for ``messages``, rendered with the artifact's template in the sandbox."""
-        if self.chat_template is None:
-            raise InvalidRequestError(
-                f"artifact {self.artifact.path} has no chat template",
-                expected="tokenizer/chat_template.jinja or chat_template in tokenizer_config.json",
-                fix="use generate() with a plain prompt, or export an instruct model",
-            )
-        try:
-            return render_chat(self.chat_template, messages, self._special_tokens, add_generation_prompt)
-        except InvalidRequestError:
-            raise
-        except GenerationError as exc:
-            raise InvalidRequestError(exc.what, exc.expected, exc.got, exc.fix) from None
-
-    def chat_ids(self, messages: Sequence[Mapping[str, Any]]) -> list[int]:
-        """Token ids of the chat prompt (the template writes the special tokens itself)."""
-        return self.encode(self.apply_chat_template(messages), add_special_tokens=False)
 
     # ----------------------------------------------------------------------------------------
     # Submitting

@@ -28,14 +28,14 @@ import itertools
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import zmq
 
 from runtime.detokenize import IncrementalDetokenizer, StopStrings
 from runtime.engine import EngineStats
-from runtime.errors import EngineClosedError, GenerationError, InvalidRequestError, LmforgeError
+from runtime.errors import EngineClosedError, GenerationError, LmforgeError
 from runtime.request import FinishReason, GenerationResult, TokenEvent
 from runtime.sampling import SamplingParams
 from runtime.serve.transport import (
@@ -49,6 +49,7 @@ from runtime.serve.transport import (
     sampling_to_wire,
     unpack,
 )
+from runtime.tokenizer import TextHelpers
 
 __all__ = ["CoreClient", "RemoteRequest"]
 
@@ -190,7 +191,7 @@ class _Artifact:
     path: str
 
 
-class CoreClient:
+class CoreClient(TextHelpers):
     """An engine core process reached at ``addresses`` as front-end number ``frontend``.
 
     Blocks until the core answers (``connect_timeout_s``; it may still be loading). The
@@ -200,14 +201,10 @@ class CoreClient:
     def __init__(self, addresses: Addresses, artifact: str, *, frontend: int = 0, core_timeout_s: float = 5.0,
                  connect_timeout_s: float = 600.0) -> None:
         from runtime.artifact import load_artifact
-        from runtime.chat import load_chat_template, special_tokens
 
         loaded = load_artifact(artifact, verify_hashes=False)
         self.artifact = _Artifact(str(loaded.path))
-        self.tokenizer = _load_tokenizer(loaded.tokenizer_dir)
-        self.chat_template = load_chat_template(loaded.tokenizer_dir)
-        self._special_tokens = special_tokens(loaded.tokenizer_dir)
-        self._tokenizer_dir = loaded.tokenizer_dir
+        self._load_text(loaded.path, loaded.tokenizer_dir)
         self.frontend = frontend
         self.core_timeout_s = core_timeout_s
         self._ctx = zmq.Context()
@@ -259,33 +256,6 @@ class CoreClient:
         queued, running, max_batch, max_queue, steps = self._stats[:5]
         return EngineStats(queued=queued, running=running, max_batch=max_batch, max_queue=max_queue, steps=steps,
                            closed=not self.ready, backend=str(self.info.get("backend", "")))
-
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        from runtime.text import check_text
-
-        check_text(text, "the prompt")
-        return list(self._need_tokenizer("text prompts").encode(text, add_special_tokens=add_special_tokens).ids)
-
-    def decode(self, ids: Sequence[int]) -> str:
-        return str(self._need_tokenizer("decoding").decode(list(ids), skip_special_tokens=True))
-
-    def apply_chat_template(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True) -> str:
-        from runtime.chat import render_chat
-
-        if self.chat_template is None:
-            raise InvalidRequestError(f"artifact {self.artifact.path} has no chat template",
-                                      expected="tokenizer/chat_template.jinja or chat_template in "
-                                               "tokenizer_config.json",
-                                      fix="use generate() with a plain prompt, or export an instruct model")
-        try:
-            return render_chat(self.chat_template, messages, self._special_tokens, add_generation_prompt)
-        except InvalidRequestError:
-            raise
-        except GenerationError as exc:
-            raise InvalidRequestError(exc.what, exc.expected, exc.got, exc.fix) from None
-
-    def chat_ids(self, messages: Sequence[Mapping[str, Any]]) -> list[int]:
-        return self.encode(self.apply_chat_template(messages), add_special_tokens=False)
 
     def submit(self, prompt: str | Sequence[int], max_new_tokens: int = 128, sampling: SamplingParams | None = None,
                *, deadline_s: float | None = None) -> RemoteRequest:
@@ -340,13 +310,6 @@ class CoreClient:
             fix="retry: the server restarts its core (GET /ready says when it is back)"))
 
     # -- internals -------------------------------------------------------------------------------
-
-    def _need_tokenizer(self, what: str) -> Any:
-        if self.tokenizer is None:
-            raise InvalidRequestError(f"{what} needs the artifact's tokenizer, and {self._tokenizer_dir}/"
-                                      "tokenizer.json is missing",
-                                      fix="pass token ids, or re-export the artifact with its tokenizer")
-        return self.tokenizer
 
     def _send(self, message: list[Any]) -> None:
         frame = pack(message)
@@ -423,12 +386,3 @@ class CoreClient:
                 self._stats = msg[2]
                 self._alive = True
                 self._on_loop(self._dispatch, msg[3], time.perf_counter())
-
-
-def _load_tokenizer(folder: Any) -> Any:
-    path = folder / "tokenizer.json"
-    if not path.is_file():
-        return None
-    from tokenizers import Tokenizer
-
-    return Tokenizer.from_file(str(path))
