@@ -30,7 +30,7 @@ __all__ = ["main", "build_parser", "EXTRA_OF_MODULE", "PROGRESS_LOGGER", "missin
 
 PROGRESS_LOGGER = "lmforge.progress"
 
-COMMANDS = ("convert", "optimize", "verify", "generate", "bench", "inspect", "serve", "bench-serve", "tune")
+COMMANDS = ("convert", "optimize", "verify", "generate", "bench", "inspect", "serve", "bench-serve", "tune", "kernels")
 
 # Top-level import name → the pyproject extra that installs it (pyproject.toml, docs/install.md).
 EXTRA_OF_MODULE: dict[str, str] = {

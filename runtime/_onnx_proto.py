@@ -111,6 +111,7 @@ class _Node:
     inputs: tuple[str, ...]
     outputs: tuple[str, ...]
     attrs: dict[str, int | float | Sequence[int] | np.ndarray]
+    domain: str = ""
 
 
 class GraphBuilder:
@@ -125,6 +126,7 @@ class GraphBuilder:
         self._outputs: list[bytes] = []
         self._initializers: list[bytes] = []
         self._count = 0
+        self.domains: set[str] = set()  # custom operator domains of the nodes (opset version 1 each)
 
     def _fresh(self, hint: str) -> str:
         self._count += 1
@@ -165,14 +167,18 @@ class GraphBuilder:
         inputs: Sequence[str],
         attrs: dict[str, int | float | Sequence[int] | np.ndarray] | None = None,
         outputs: Sequence[str] | int = 1,
+        domain: str = "",
     ) -> tuple[str, ...]:
-        """Add a node; return its output names (``outputs``: a count of fresh names, or the names)."""
+        """Add a node; return its output names (``outputs``: a count of fresh names, or the names;
+        ``domain``: a custom operator's domain, imported at opset version 1)."""
         names = (
             tuple(self._fresh(op_type.lower()) for _ in range(outputs))
             if isinstance(outputs, int)
             else tuple(outputs)
         )
-        self._nodes.append(_Node(op_type, tuple(inputs), names, dict(attrs or {})))
+        self._nodes.append(_Node(op_type, tuple(inputs), names, dict(attrs or {}), domain))
+        if domain:
+            self.domains.add(domain)
         return names
 
     def to_bytes(self, opset: int = 18, ir_version: int = 8, producer: str = "lmforge.runtime") -> bytes:
@@ -180,35 +186,46 @@ class GraphBuilder:
 
 
 def _node(index: int, node: _Node, prefix: str = "") -> bytes:
-    """NodeProto: input=1, output=2, name=3, op_type=4, attribute=5."""
+    """NodeProto: input=1, output=2, name=3, op_type=4, attribute=5, domain=7."""
     out = b"".join(_str(1, i) for i in node.inputs) + b"".join(_str(2, o) for o in node.outputs)
     out += _str(3, f"{prefix}{node.op_type}_{index}") + _str(4, node.op_type)
-    return out + b"".join(_bytes(5, _attribute(k, v)) for k, v in node.attrs.items())
+    out += b"".join(_bytes(5, _attribute(k, v)) for k, v in node.attrs.items())
+    return out + (_str(7, node.domain) if node.domain else b"")
 
 
-def _graph_body(graph: GraphBuilder, name: bool = True) -> bytes:
+def _graph_body(graph: GraphBuilder, name: bool = True, io: bool = True) -> bytes:
     """GraphProto fields: node=1, name=2, initializer=5, input=11, output=12."""
     body = b"".join(_bytes(1, _node(i, n, graph.prefix)) for i, n in enumerate(graph._nodes))
     if name:
         body += _str(2, graph.name)
     body += b"".join(_bytes(5, t) for t in graph._initializers)
+    if not io:
+        return body
     body += b"".join(_bytes(11, v) for v in graph._inputs)
     return body + b"".join(_bytes(12, v) for v in graph._outputs)
+
+
+def _custom_opsets(graph: GraphBuilder) -> bytes:
+    """ModelProto.opset_import=8 entries for the graph's custom domains (version 1)."""
+    return b"".join(_bytes(8, _str(1, domain) + _int(2, 1)) for domain in sorted(graph.domains))
 
 
 def encode_model(graph: GraphBuilder, opset: int = 18, ir_version: int = 8, producer: str = "") -> bytes:
     """ModelProto bytes: ir_version=1, producer_name=2, graph=7, opset_import=8."""
     opset_id = _str(1, "") + _int(2, opset)  # OperatorSetIdProto{domain=1, version=2}
-    return _int(1, ir_version) + _str(2, producer) + _bytes(7, _graph_body(graph)) + _bytes(8, opset_id)
+    return (_int(1, ir_version) + _str(2, producer) + _bytes(7, _graph_body(graph)) + _bytes(8, opset_id)
+            + _custom_opsets(graph))
 
 
-def fragment_bytes(graph: GraphBuilder) -> bytes:
+def fragment_bytes(graph: GraphBuilder, io: bool = True) -> bytes:
     """A ``ModelProto`` holding only ``graph``'s nodes, initializers, inputs and outputs.
 
     Appended to another model's serialized bytes it *merges* into that model's graph (protobuf
     parsers merge a repeated embedded message field: repeated fields append), so the result is
     the other model plus these nodes, with its inputs/outputs followed by these. No name, IR
     version or opset is written (they would override or duplicate the host model's). Names must
-    not collide with the host graph's: give the builder a ``prefix``.
+    not collide with the host graph's: give the builder a ``prefix``. ``io=False`` leaves out the
+    graph's inputs and outputs (nodes replacing others of a host graph that declares them);
+    custom domains are imported (``opset_import``, version 1).
     """
-    return _bytes(7, _graph_body(graph, name=False))
+    return _bytes(7, _graph_body(graph, name=False, io=io)) + _custom_opsets(graph)

@@ -20,6 +20,7 @@ import onnxruntime as ort
 from onnxruntime.capi import onnxruntime_pybind11_state as _ort_state
 
 from runtime.errors import GenerationError
+from runtime.kernels import kernel_library
 from runtime.text import error_line
 
 __all__ = ["Device", "ORT_ERRORS", "NP_DTYPES", "ort_failure"]
@@ -92,6 +93,8 @@ class Device:
         self.type = check_device(device)
         self.threads = threads
         self._cuda: dict[str, str] = {}
+        # lmforge's custom CUDA ops (runtime.kernels), registered in every CUDA session when built
+        self.kernels: Path | None = kernel_library() if self.type == "cuda" else None
         if self.type == "cuda":
             self._cuda = {"device_id": "0", **cuda_options_from_env()}
             if fp32_exact:
@@ -112,6 +115,14 @@ class Device:
         """A session on ``model`` (a path, or bytes whose external data lives in ``weights_dir``)."""
         options = ort.SessionOptions()
         options.log_severity_level = 3
+        if self.kernels is not None:
+            try:
+                options.register_custom_ops_library(str(self.kernels))
+            except ORT_ERRORS as exc:
+                raise GenerationError(
+                    "onnxruntime cannot load lmforge's kernels library", got=error_line(exc),
+                    fix="rebuild it with `lmforge kernels build --force`, or set LMFORGE_KERNELS=0 to run without it",
+                ) from exc
         if weights_dir is not None:
             options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(weights_dir))
         if self.type == "cpu":
@@ -136,6 +147,16 @@ class Device:
                 "onnxruntime cannot open the model", got=error_line(exc),
                 fix="re-export the artifact, or check the onnxruntime version",
             ) from exc
+
+    def step_model(self, model: bytes, vocab: int, window: int) -> bytes:
+        """The slots step model to open: with its sampling nodes swapped for the fused kernel when
+        the kernels library is present (:func:`runtime.kernels.graph.fuse_step`), else as shipped."""
+        if self.kernels is None:
+            return model
+        from runtime.kernels.graph import fuse_step
+
+        log.info("sampling with lmforge's fused kernel (%s)", self.kernels)
+        return fuse_step(model, vocab, window)
 
     def put(self, array: np.ndarray) -> ort.OrtValue:
         """A device copy of a host array."""

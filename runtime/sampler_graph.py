@@ -75,7 +75,8 @@ from runtime._onnx_proto import GraphBuilder
 
 __all__ = ["ALL_ROWS", "BOUNDED_CANDIDATES", "HOST_INPUTS", "MAX_CANDIDATES", "ROWS", "ROW_CONSTANTS", "ROW_INPUTS",
            "ROW_STATE", "RowInput",
-           "STEP_HOST_INPUTS", "SAMPLER_FORMAT", "SAMPLER_NAME", "add_sampling", "declare_row_inputs",
+           "STEP_HOST_INPUTS", "SAMPLER_FORMAT", "SAMPLER_NAME", "add_fused_sampling", "add_sampling",
+           "declare_row_inputs",
            "build_sampler_model", "candidate_segments", "write_sampler"]
 
 SAMPLER_NAME = "sampler.onnx"  # the concat contract's sampler, in the artifact beside model.onnx
@@ -215,8 +216,22 @@ def _draw(g: GraphBuilder, w: str, u: str, length: int) -> str:
     return g.op("Add", [g.op("Mul", [block, g.const(_BLOCK, "int64")]), position])
 
 
+def add_fused_sampling(g: GraphBuilder, logits_last: str, names: dict[str, str],
+                       outputs: dict[str, str] | None = None) -> dict[str, str]:
+    """The same contract as :func:`add_sampling` as one ``lmforge.FusedSample`` node (the CUDA
+    kernel of :mod:`runtime.kernels`, ``runtime/kernels/sampling.cu``): ``logits_last`` (float16
+    or float32) and every :data:`ROW_INPUTS` input in the table's order; ``next_ids`` and the
+    state outputs. The host inputs are not read: the kernel decides per row what the ONNX nodes
+    decide per run (greedy, penalized, filtered), with the same results."""
+    outputs = outputs or {}
+    keys = ("next_ids", *(row.name for row in ROW_INPUTS if row.state_output))
+    names_out = g.ops("FusedSample", [logits_last, *(names[row.name] for row in ROW_INPUTS)],
+                      outputs=[outputs.get(key) or f"{g.prefix}fused_{key}" for key in keys], domain="lmforge")
+    return dict(zip(keys, names_out, strict=True))
+
+
 def add_sampling(g: GraphBuilder, logits_last: str, vocab: int, names: dict[str, str],
-                 outputs: dict[str, str] | None = None, segments: int = 1) -> dict[str, str]:
+                 outputs: dict[str, str] | None = None, segments: int = 1, fused: bool = False) -> dict[str, str]:
     """Append the sampling nodes; return the names of ``next_ids [b, 1]`` and the state outputs.
 
     ``logits_last`` is ``[b, vocab]`` (any float dtype; cast to float32 here). ``names`` maps
@@ -225,8 +240,11 @@ def add_sampling(g: GraphBuilder, logits_last: str, vocab: int, names: dict[str,
     ``next_ids``, ``seen``, ``counts`` and ``step`` are written to by the node that computes
     them (an ``Identity`` in between would be one more device copy in every step). ``segments``:
     the candidates' selection in that many parts (:func:`_largest`; the same values) for rows
-    ``0:parted_rows`` when ``names`` has that host input, for every row otherwise.
+    ``0:parted_rows`` when ``names`` has that host input, for every row otherwise. ``fused``: the
+    whole block as one custom node instead (:func:`add_fused_sampling`).
     """
+    if fused:
+        return add_fused_sampling(g, logits_last, names, outputs)
     outputs = outputs or {}
     axis0, axis1 = g.const(np.array([0], np.int64)), g.const(np.array([1], np.int64))
     zero_f, one_f = g.const(0.0, "float32"), g.const(1.0, "float32")
@@ -336,14 +354,15 @@ def declare_row_inputs(g: GraphBuilder, vocab: int, prefix: str = "",
     return names
 
 
-def build_sampler_model(logits_dtype: str, vocab: int, segments: int = 1) -> bytes:
+def build_sampler_model(logits_dtype: str, vocab: int, segments: int = 1, fused: bool = False) -> bytes:
     """The standalone sampler of the concat backend, ModelProto bytes.
 
     inputs: ``logits [b, seq, vocab]`` (the last position is used), ``attention_mask [b, total]``
     int64, and the per-row and host inputs of :func:`add_sampling`. outputs:
     ``next_ids [b, 1]``, ``next_attention_mask [b, total + 1]``, ``next_position_ids [b, 1]``
     (= row length − 1, so left padding needs no host bookkeeping), ``seen_out``, ``counts_out``,
-    ``step_out``.
+    ``step_out``. ``fused``: the sampling as the ``lmforge.FusedSample`` node (a CUDA session
+    with the kernels library registered runs it; :mod:`runtime.kernels`).
     """
     if logits_dtype not in ("float32", "float16"):
         raise ValueError(f"sampler: logits dtype {logits_dtype!r} is not float32 or float16")
@@ -354,7 +373,7 @@ def build_sampler_model(logits_dtype: str, vocab: int, segments: int = 1) -> byt
     last = g.op("Gather", ["logits", g.const(-1, "int64")], {"axis": 1})
     add_sampling(g, last, vocab, names,
                  outputs={"next_ids": "next_ids", **{state: output for state, output, _ in ROW_STATE}},
-                 segments=segments)
+                 segments=segments, fused=fused)
     ones = g.op("Expand", [g.const(np.ones((1, 1), np.int64)), g.op("Shape", ["next_ids"])])
     next_mask = g.op("Concat", [mask, ones], {"axis": 1}, outputs=["next_attention_mask"])
     axis1 = g.const(np.array([1], np.int64))

@@ -1,0 +1,343 @@
+"""lmforge's CUDA kernels (``runtime/kernels``): the fused sampling op and its fallback.
+
+On every machine: without a built library the runtime finds none and serves with the ONNX
+sampler, ``lmforge kernels build`` without a GPU or nvcc fails in one line with exit code 2, and
+the step model's sampling nodes are swapped for the one fused node with the graph's inputs and
+outputs unchanged. On the lent GPU (``pytest -m gpu tests/runtime/test_kernels.py``; skipped where
+onnxruntime has no CUDA provider): the library builds, the sampler tests of ``test_sampler.py``
+pass with the fused op in place of the ONNX nodes (distributions against transformers' warpers,
+the top-p boundary, penalties, seeded determinism, greedy bit for bit), fp16 and fp32 logits, rows
+independent of each other, and the op runs inside a captured CUDA graph.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from runtime import SamplingParams
+from runtime._onnx_proto import GraphBuilder
+from runtime.sampler_graph import ROW_INPUTS, build_sampler_model
+from runtime.sampling import Sampler, row_arrays, stack_rows
+from runtime.step_graph import PREFIX, append_step, neutral_feeds, step_io
+
+HAS_CUDA = "CUDAExecutionProvider" in ort.get_available_providers()
+V = 64
+
+
+# -- every machine ---------------------------------------------------------------------------------
+
+
+def test_no_library_means_the_onnx_sampler(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from runtime import kernels
+    from runtime.device import Device
+
+    monkeypatch.setenv("LMFORGE_CACHE", str(tmp_path))  # an empty cache: nothing built
+    monkeypatch.delenv("LMFORGE_KERNELS_LIB", raising=False)
+    kernels.kernel_library.cache_clear()
+    try:
+        if not HAS_CUDA:
+            monkeypatch.setenv("PATH", str(tmp_path))  # no nvidia-smi either
+        assert kernels.kernel_library() is None
+        monkeypatch.setenv("LMFORGE_KERNELS_LIB", str(tmp_path / "missing.so"))
+        kernels.kernel_library.cache_clear()
+        assert kernels.kernel_library() is None  # a named library that is not there: a warning, no error
+        monkeypatch.setenv("LMFORGE_KERNELS", "0")
+        kernels.kernel_library.cache_clear()
+        assert kernels.kernel_library() is None
+    finally:
+        kernels.kernel_library.cache_clear()
+    cpu = Device("cpu")
+    assert cpu.kernels is None
+    model = b"not even a model"
+    assert cpu.step_model(model, V, 4) is model  # unchanged: the step model as shipped
+
+
+def test_kernels_build_without_gpu_or_nvcc_is_one_line_exit_2(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    from lmforge.cli import main
+    from runtime.kernels import build
+
+    monkeypatch.setenv("LMFORGE_CACHE", str(tmp_path))
+    monkeypatch.setattr(build, "detect_arch", lambda: None)
+    assert main(["kernels", "build"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and "no NVIDIA GPU found" in err[-1] and "--arch sm_90" in err[-1]  # progress, then error
+    monkeypatch.setattr(build, "find_nvcc", lambda: None)
+    assert main(["kernels", "build", "--arch", "sm_90"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "nvcc (the CUDA compiler) not found" in err and "lmforge[kernels]" in err
+    assert main(["kernels", "build", "--arch", "gfx90a"]) == 2
+    assert "unknown GPU architecture" in capsys.readouterr().err
+    assert main(["kernels", "status"]) == 0
+    assert "cache" in capsys.readouterr().out
+
+
+def test_the_cache_folder_follows_sources_and_architecture(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from runtime.kernels import build
+
+    monkeypatch.setenv("LMFORGE_CACHE", str(tmp_path))
+    assert build.library_path("sm_90").parent.parent == tmp_path / "kernels"
+    assert build.library_path("sm_90") != build.library_path("sm_89")
+    assert build.library_path("sm_90") == build.library_path("sm_90")
+    assert build.ort_api_version() >= 21  # the vendored headers (onnxruntime 1.21's C API)
+    for header in ("onnxruntime_c_api.h", "onnxruntime_cxx_api.h", "onnxruntime_cxx_inline.h",
+                   "onnxruntime_float16.h", "onnxruntime_lite_custom_op.h", "LICENSE"):
+        assert (build.INCLUDE / header).is_file()
+
+
+def _toy_decoder(vocab: int) -> bytes:
+    """A stand-in for a shared-buffer decoder: logits [b, s, vocab] from an embedding of the ids,
+    with the inputs the step nodes read (position_ids, seqlens_k)."""
+    g = GraphBuilder("toy_decoder")
+    g.input("input_ids", "int64", ["batch", "seq"])
+    g.input("position_ids", "int64", ["batch", "seq"])
+    g.input("seqlens_k", "int32", ["batch"])
+    table = np.random.default_rng(0).standard_normal((vocab, vocab)).astype(np.float32) * 3
+    g.op("Gather", [g.const(table), "input_ids"], {"axis": 0}, outputs=["logits"])
+    g.output("logits", "float32", ["batch", "seq", vocab])
+    return g.to_bytes()
+
+
+def test_fuse_step_swaps_the_sampling_nodes_for_one_node() -> None:
+    onnx = pytest.importorskip("onnx")
+    from runtime.kernels.graph import fuse_step, step_node_names
+
+    window = 4
+    model = append_step(_toy_decoder(V), V, window)
+    fused = fuse_step(model, V, window)
+    before, after = onnx.load_from_string(model), onnx.load_from_string(fused)
+    assert [i.name for i in after.graph.input] == [i.name for i in before.graph.input]
+    assert [o.name for o in after.graph.output] == [o.name for o in before.graph.output]
+    kinds = [(n.domain, n.op_type) for n in after.graph.node]
+    assert kinds.count(("lmforge", "FusedSample")) == 1
+    assert ("", "TopK") not in kinds and ("", "CumSum") not in kinds
+    assert len(after.graph.node) < len(before.graph.node) / 4
+    assert any(o.domain == "lmforge" and o.version == 1 for o in after.opset_import)
+    assert len(step_node_names(fused)) == len(after.graph.node) - 1  # all but the toy decoder's Gather
+    node = next(n for n in after.graph.node if n.op_type == "FusedSample")
+    assert list(node.input)[1:] == [PREFIX + row.name for row in ROW_INPUTS]  # the table's order
+    assert list(node.output) == [PREFIX + "next_input_ids", PREFIX + "seen_out", PREFIX + "counts_out",
+                                 PREFIX + "step_out"]
+    with pytest.raises(ValueError, match="no step nodes"):
+        fuse_step(_toy_decoder(V), V, window)
+    # the unfused step model still runs as shipped on the CPU
+    session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
+    feeds = neutral_feeds(2, V, window)
+    feeds.update(input_ids=np.array([[3], [5]], np.int64), position_ids=np.array([[0], [0]], np.int64),
+                 seqlens_k=np.array([0, 0], np.int32))
+    ids = session.run([PREFIX + "next_input_ids"], feeds)[0]
+    assert step_io(V, window)["inputs"]
+    assert ids.shape == (2, 1)
+
+
+# -- the lent GPU ----------------------------------------------------------------------------------
+
+gpu = pytest.mark.gpu
+needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="onnxruntime has no CUDA provider here")
+
+
+@pytest.fixture(scope="module")
+def library() -> Path:
+    if not HAS_CUDA:
+        pytest.skip("onnxruntime has no CUDA provider here")
+    from runtime.kernels.build import build_library, detect_arch
+
+    if detect_arch() is None:
+        pytest.skip("no NVIDIA GPU (nvidia-smi) here")
+    return build_library().path  # on a GPU machine a failed build fails the tests
+
+
+def _options(library: Path) -> ort.SessionOptions:
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.register_custom_ops_library(str(library))
+    return options
+
+
+class FusedSampler(Sampler):
+    """:class:`runtime.sampling.Sampler` with the fused op in place of the ONNX sampling nodes."""
+
+    def __init__(self, library: Path, logits_dtype: str = "float32") -> None:
+        super().__init__(logits_dtype, providers=("CUDAExecutionProvider",))
+        self.library = library
+
+    def session(self, vocab: int) -> ort.InferenceSession:
+        if vocab not in self._sessions:
+            model = build_sampler_model(self.logits_dtype, vocab, fused=True)
+            self._sessions[vocab] = ort.InferenceSession(model, sess_options=_options(self.library),
+                                                         providers=["CUDAExecutionProvider"])
+        return self._sessions[vocab]
+
+
+@pytest.fixture(scope="module")
+def sampler(library: Path) -> Sampler:
+    """The fixture the imported sampler tests below run with: the fused op on the GPU."""
+    return FusedSampler(library)
+
+
+# The ONNX sampler's own tests, collected here again with this module's ``sampler`` (the fused op;
+# skipped without a GPU); one that checks the ONNX sampler's host inputs does not apply (the
+# fused op always updates the state, which changes no token).
+from tests.runtime.test_sampler import (  # noqa: E402, F401
+    test_a_top_k_row_draws_the_same_from_64_candidates_as_from_all,
+    test_draws_follow_transformers_processed_probabilities,
+    test_follows_the_softmax_distribution,
+    test_greedy_is_argmax_exactly_first_index_on_ties,
+    test_min_new_tokens_masks_stop_ids_until_reached,
+    test_presence_and_frequency_penalties_follow_openai,
+    test_repetition_penalty_follows_transformers,
+    test_seeded_sampling_is_reproducible,
+    test_state_is_updated_on_the_device,
+    test_temperature_to_zero_approaches_greedy,
+    test_the_draw_on_all_rows_equals_greedy_rows_alone,
+    test_top_k_1_equals_greedy_and_greedy_rows_mix_with_sampled_rows,
+    test_top_k_only_picks_the_k_best,
+    test_top_p_boundary_is_exclusive_like_transformers,
+    test_top_p_only_picks_the_nucleus,
+)
+
+
+def _params_mix() -> list[SamplingParams]:
+    return [SamplingParams(), SamplingParams(temperature=0.7, seed=1),
+            SamplingParams(temperature=0.7, top_p=0.9, seed=2),
+            SamplingParams(temperature=1.0, top_k=50, top_p=0.9, seed=3),
+            SamplingParams(temperature=1.0, min_p=0.05, seed=4),
+            SamplingParams(temperature=0.8, top_k=20, repetition_penalty=1.3, presence_penalty=0.5, seed=5)]
+
+
+@gpu
+@pytest.mark.parametrize("vocab", [V, 49152, 128256])
+def test_greedy_is_bit_exact_with_the_onnx_sampler_fp16_and_fp32(library: Path, vocab: int) -> None:
+    """Greedy rows pick exactly the ONNX sampler's argmax (the processed logits bit for bit), with
+    penalties, from fp16 and fp32 logits, for a vocabulary cached in shared memory and one not."""
+    rng = np.random.default_rng(vocab)
+    for dtype in ("float32", "float16"):
+        logits = (rng.standard_normal((8, vocab)) * 4).astype(dtype)
+        logits[0, [5, 9]] = logits[0].max() + 1  # a tie: the first index
+        seen = rng.random((8, vocab)) < 0.2
+        counts = rng.integers(0, 3, (8, vocab)).astype(np.float32)
+        params = [SamplingParams(repetition_penalty=1.3, presence_penalty=0.3, frequency_penalty=0.2)] * 4 + \
+                 [SamplingParams()] * 4
+        fused = FusedSampler(library, dtype).sample(logits, params, seen=seen, counts=counts)
+        onnx_ids = Sampler(dtype).sample(logits, params, seen=seen, counts=counts)
+        np.testing.assert_array_equal(fused, onnx_ids)
+        assert fused[4:].tolist() == np.argmax(logits[4:].astype(np.float32), axis=-1).tolist()
+
+
+@gpu
+@pytest.mark.parametrize("vocab", [49152, 128256])
+def test_large_vocabulary_draws_are_seeded_and_rows_independent(library: Path, vocab: int) -> None:
+    """Real vocabulary sizes (one cached in shared memory, one worked in global memory): the same
+    seeds draw the same tokens again, a row draws the same alone as in any batch, every id is in
+    range and kept by its row's filters."""
+    rng = np.random.default_rng(1)
+    params = _params_mix()
+    logits = (rng.standard_normal((len(params), vocab)) * 3).astype(np.float16)
+    sampler = FusedSampler(library, "float16")
+    runs = [[sampler.sample(logits, params, step=s, steps=8).tolist() for s in range(8)] for _ in range(2)]
+    assert runs[0] == runs[1]
+    for r, p in enumerate(params):
+        alone = [sampler.sample(logits[r:r + 1], [p], step=s, steps=8)[0] for s in range(8)]
+        assert alone == [run[r] for run in runs[0]]
+    top_k = [run[3] for run in runs[0]]
+    best50 = set(np.argsort(-logits[3].astype(np.float32))[:50].tolist())
+    assert set(top_k) <= best50
+    assert len({tuple(run) for run in runs[0]}) > 1
+
+
+@gpu
+def test_top_p_matches_the_onnx_sampler_on_a_whole_row(library: Path) -> None:
+    """Where the nucleus lies within the ONNX sampler's 1,024 candidates, both keep the same
+    tokens: over 4,000 seeded draws each, the same support and close frequencies."""
+    vocab = 49152
+    rng = np.random.default_rng(3)
+    row = (rng.standard_normal(vocab) * 4).astype(np.float32)
+    n = 4000
+    params = [SamplingParams(temperature=0.7, top_p=0.9, seed=s) for s in range(n)]
+    fused = FusedSampler(library).sample(np.tile(row, (n, 1)), params)
+    onnx_ids = Sampler("float32").sample(np.tile(row, (n, 1)), params)
+    a, b = np.bincount(fused, minlength=vocab) / n, np.bincount(onnx_ids, minlength=vocab) / n
+    assert 0.5 * np.abs(a - b).sum() < 0.06
+    assert set(np.flatnonzero(a)) <= set(np.argsort(-row)[:1024].tolist())
+
+
+@gpu
+def test_the_op_runs_inside_a_captured_cuda_graph(library: Path) -> None:
+    """One FusedSample node, CUDA-graph capture on, inputs bound by address: replays read the
+    buffers as they are at each replay (new uniforms, new logits), and give the eager results."""
+    vocab, rows, steps = 49152, 4, 8
+    g = GraphBuilder("fused_only")
+    names = {row.name: g.input(row.name, row.dtype, ["batch", *row.dims(vocab, steps)]) for row in ROW_INPUTS}
+    g.input("logits", "float16", ["batch", vocab])
+    outputs = {"next_ids": "next_ids", "seen": "seen_out", "counts": "counts_out", "step": "step_out"}
+    from runtime.sampler_graph import add_fused_sampling
+
+    add_fused_sampling(g, "logits", names, outputs)
+    g.output("next_ids", "int64", ["batch", 1])
+    g.output("seen_out", "bool", ["batch", vocab])
+    g.output("counts_out", "float32", ["batch", vocab])
+    g.output("step_out", "int64", ["batch"])
+    model = g.to_bytes()
+    params = _params_mix()[:rows]
+    rng = np.random.default_rng(7)
+    host = stack_rows([row_arrays(p, [], [], vocab, steps) for p in params])
+    eager = ort.InferenceSession(model, sess_options=_options(library), providers=["CUDAExecutionProvider"])
+    captured = ort.InferenceSession(model, sess_options=_options(library),
+                                    providers=[("CUDAExecutionProvider", {"enable_cuda_graph": "1"})])
+    values = {name: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a), "cuda", 0) for name, a in host.items()}
+    logits0 = (rng.standard_normal((rows, vocab)) * 3).astype(np.float16)
+    values["logits"] = ort.OrtValue.ortvalue_from_numpy(logits0, "cuda", 0)
+    outs = {"next_ids": ort.OrtValue.ortvalue_from_shape_and_type([rows, 1], np.int64, "cuda", 0),
+            "seen_out": ort.OrtValue.ortvalue_from_shape_and_type([rows, vocab], np.bool_, "cuda", 0),
+            "counts_out": ort.OrtValue.ortvalue_from_shape_and_type([rows, vocab], np.float32, "cuda", 0),
+            "step_out": ort.OrtValue.ortvalue_from_shape_and_type([rows], np.int64, "cuda", 0)}
+    binding = captured.io_binding()
+    for name, value in values.items():
+        binding.bind_ortvalue_input(name, value)
+    for name, value in outs.items():
+        binding.bind_ortvalue_output(name, value)
+    for step in range(steps):
+        logits = (rng.standard_normal((rows, vocab)) * 3).astype(np.float16)
+        values["logits"].update_inplace(logits)
+        step_now = np.full(rows, step, np.int64)
+        values["step"].update_inplace(step_now)
+        captured.run_with_iobinding(binding)
+        want = eager.run(["next_ids", "step_out"], {**host, "logits": logits, "step": step_now})
+        np.testing.assert_array_equal(outs["next_ids"].numpy(), want[0])
+        np.testing.assert_array_equal(outs["step_out"].numpy(), want[1])
+
+
+@gpu
+def test_the_engine_uses_the_fused_step_and_decodes_greedy_like_the_onnx_sampler(
+        library: Path, artifact_cache, tmp_path_factory: pytest.TempPathFactory,  # type: ignore[no-untyped-def]
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The slots engine on CUDA (captured steps) with the library: the step model it opens holds
+    the fused node, and its greedy tokens are the ONNX sampler's; seeded sampled runs repeat."""
+    from passes.pipeline import optimize_artifact
+    from runtime import Engine, device
+
+    out = tmp_path_factory.mktemp("kernels") / "llama-fp16-cuda"
+    optimize_artifact(artifact_cache("tiny:llama"), out, device="cuda", precision="fp16", progress=False)
+    rng = np.random.default_rng(5)
+    prompts = [rng.integers(3, 300, int(k)).tolist() for k in rng.integers(2, 20, 5)]
+    monkeypatch.setattr(device, "kernel_library", lambda: None)
+    plain = Engine.load(out, device="cuda", max_batch=8)
+    try:
+        assert plain.backend.device.kernels is None
+        want = plain.generate_ids(prompts, 24)
+    finally:
+        plain.close()
+    monkeypatch.setattr(device, "kernel_library", lambda: library)
+    fused = Engine.load(out, device="cuda", max_batch=8)
+    try:
+        assert fused.backend.device.kernels == library
+        assert fused.generate_ids(prompts, 24) == want
+        params = [SamplingParams(temperature=0.8, top_k=40, top_p=0.9, seed=i) for i in range(5)]
+        first = fused.generate_ids(prompts, 16, params)
+        assert fused.generate_ids(prompts, 16, params) == first
+    finally:
+        fused.close()
