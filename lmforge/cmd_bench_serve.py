@@ -80,6 +80,8 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--threads", type=int, default=None, metavar="N", help="for ARTIFACT targets")
     parser.add_argument("--api-workers", type=int, default=1, metavar="N",
                         help="HTTP front-end processes of the server started for an ARTIFACT target (default 1)")
+    parser.add_argument("--stream-interval", type=int, default=1, metavar="N",
+                        help="the started server's tokens per streamed chunk (lmforge serve --stream-interval)")
     parser.add_argument("--in-process", action="store_true",
                         help="serve an ARTIFACT target with `lmforge serve --in-process` (one process)")
     parser.add_argument("--start-timeout", type=float, default=120.0, metavar="S",
@@ -194,6 +196,7 @@ async def _run_target(spec: str, args: argparse.Namespace, plan: _Plan, mix: Any
 
     server = ServerProcess(spec, device=args.device, max_batch=args.max_batch, max_queue=args.max_queue,
                            threads=args.threads, api_workers=args.api_workers, in_process=args.in_process,
+                           stream_interval=args.stream_interval,
                            start_timeout_s=args.start_timeout)
     try:
         server.start()

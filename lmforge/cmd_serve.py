@@ -73,6 +73,10 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--chat-default-max-tokens", type=int, default=1024, metavar="N",
                         help="max_tokens of a chat request that sets none: the rest of the context, capped by the "
                              "artifact's max_new_tokens and by N (default 1024; 0: no cap, as vLLM)")
+    parser.add_argument("--stream-interval", type=int, default=1, metavar="N",
+                        help="tokens per streamed chunk: hold a request's text until N new tokens (its first "
+                             "and last go out at once); fewer, larger chunks cost the server and its clients "
+                             "less CPU (default 1: every token as it comes)")
     parser.add_argument("--drain-timeout", type=float, default=30.0, metavar="S",
                         help="seconds requests in flight get to finish after SIGTERM (default 30)")
     parser.add_argument("--no-verify-hashes", action="store_true", help="skip hashing the artifact's files at load")
@@ -108,6 +112,9 @@ def run(args: argparse.Namespace) -> int:
         raise LmforgeError("invalid --port", expected="0..65535", got=str(args.port))
     if not 0 < args.header_timeout < float("inf"):
         raise LmforgeError("invalid --header-timeout", expected="seconds > 0", got=str(args.header_timeout))
+    if args.stream_interval < 1:
+        raise LmforgeError("invalid --stream-interval", expected="an integer >= 1 (tokens per streamed chunk)",
+                           got=str(args.stream_interval))
     if args.chat_default_max_tokens < 0:
         raise LmforgeError("invalid --chat-default-max-tokens", expected="an integer >= 0 (0: no cap)",
                            got=str(args.chat_default_max_tokens))
@@ -137,7 +144,8 @@ def run(args: argparse.Namespace) -> int:
                            served_model_name=args.served_model_name, api_key=api_key,
                            drain_timeout_s=args.drain_timeout, log_level=log_level, warm_up=not args.no_warm_up,
                            header_timeout_s=args.header_timeout,
-                           chat_default_max_tokens=args.chat_default_max_tokens or None)
+                           chat_default_max_tokens=args.chat_default_max_tokens or None,
+                           stream_interval=args.stream_interval)
     name = args.served_model_name or os.path.basename(os.path.normpath(args.artifact))
     auth = ", API key required" if api_key else ""
 

@@ -437,7 +437,7 @@ class ServerProcess:
     def __init__(self, artifact: str | Path, *, device: str = "cpu", max_batch: int = DEFAULTS.max_batch,
                  max_queue: int = DEFAULTS.max_queue,
                  threads: int | None = None, api_workers: int = 1, in_process: bool = False,
-                 start_timeout_s: float = 120.0, stop_timeout_s: float = 60.0) -> None:
+                 stream_interval: int = 1, start_timeout_s: float = 120.0, stop_timeout_s: float = 60.0) -> None:
         self.artifact = str(artifact)
         self.command = [sys.executable, "-m", "lmforge", "serve", self.artifact, "--host", "127.0.0.1",
                         "--port", "0", "--device", device, "--max-batch", str(max_batch),
@@ -448,6 +448,8 @@ class ServerProcess:
             self.command += ["--in-process"]
         elif api_workers != 1:
             self.command += ["--api-workers", str(api_workers)]
+        if stream_interval != 1:
+            self.command += ["--stream-interval", str(stream_interval)]
         self.start_timeout_s = start_timeout_s
         self.stop_timeout_s = stop_timeout_s
         self.proc: subprocess.Popen[bytes] | None = None

@@ -93,6 +93,12 @@ class ServeLimits:
     # no cap). A small model that never emits EOS would otherwise run to the end of its context.
     chat_default_max_tokens: int | None = 1024
     header_timeout_s: float = 10.0  # a request's headers must arrive within this (runtime.serve.server)
+    # Tokens per SSE chunk of a stream (vLLM's --stream-interval): a choice's text is held until
+    # this many new tokens arrived, except its first tokens and its last, which go out at once.
+    # Each chunk costs the server and the client the same whatever it holds, so on a small CPU,
+    # where a step of many requests costs less than streaming each token, holding a few tokens
+    # per chunk is what lets HTTP keep up with the engine (docs/serving.md). 1: every event.
+    stream_interval: int = 1
     retry_after_s: float = 5.0  # the Retry-After of a 503 while draining
     max_embedding_inputs: int = 2048  # inputs per /v1/embeddings request (OpenAI's limit)
     embedding_batch_size: int = 32  # rows per onnxruntime run inside one embeddings request
@@ -728,15 +734,25 @@ class _Handlers:
                 for c in events.choices:
                     yield _sse(chat_chunk(rid, model, created, c.index, {"role": "assistant", "content": ""},
                                           with_usage=with_usage))
+            interval = self.state.limits.stream_interval
+            held: dict[int, tuple[list[str], int]] = {}  # choice → text held back, its token count
+            sent: set[int] = set()  # choices whose first text went out
             item = first
             while item is not None:
                 choice, event = item
                 self._observe(choice, event)
+                parts, tokens = held.pop(choice.index, ([], 0))
                 if event.text:
-                    yield _sse(chat_chunk(rid, model, created, choice.index, {"content": event.text},
+                    parts.append(event.text)
+                tokens += len(event.token_ids)
+                if not parts or (choice.index in sent and tokens < interval and choice.finish is None):
+                    held[choice.index] = (parts, tokens)  # more tokens into this chunk
+                else:
+                    sent.add(choice.index)
+                    text = "".join(parts)
+                    yield _sse(chat_chunk(rid, model, created, choice.index, {"content": text},
                                           with_usage=with_usage) if chat else
-                               completion_chunk(rid, model, created, choice.index, event.text,
-                                                with_usage=with_usage))
+                               completion_chunk(rid, model, created, choice.index, text, with_usage=with_usage))
                 if choice.finish is not None:
                     reason = choice.finish.openai
                     yield _sse(chat_chunk(rid, model, created, choice.index, {}, reason, with_usage=with_usage)

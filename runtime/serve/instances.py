@@ -70,12 +70,14 @@ class ModelOptions:
     warm_up: bool = True  # decoders with CUDA graphs: capture every bucket before listening
     header_timeout_s: float = 10.0  # a request's headers must arrive within this (runtime.serve.server)
     chat_default_max_tokens: int | None = 1024  # runtime.serve.app.ServeLimits
+    stream_interval: int = 1  # runtime.serve.app.ServeLimits: tokens per SSE chunk
 
     def limits(self) -> Any:
         """The :class:`runtime.serve.app.ServeLimits` these options set."""
         from runtime.serve.app import ServeLimits
 
-        return ServeLimits(header_timeout_s=self.header_timeout_s, chat_default_max_tokens=self.chat_default_max_tokens)
+        return ServeLimits(header_timeout_s=self.header_timeout_s, chat_default_max_tokens=self.chat_default_max_tokens,
+                           stream_interval=self.stream_interval)
 
 
 def load_model(options: ModelOptions, threads: int | None) -> Any:

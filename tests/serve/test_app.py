@@ -125,6 +125,33 @@ def test_n_choices_streamed_and_not(fake_server) -> None:  # type: ignore[no-unt
     assert texts == {0: want, 1: want} and finished == {0, 1}
 
 
+@pytest.mark.parametrize("interval", [1, 4])
+def test_stream_interval_holds_tokens_per_chunk(fake_server, interval: int) -> None:  # type: ignore[no-untyped-def]
+    """--stream-interval N: the first token goes out alone, then chunks of N tokens, then the rest
+    with the finish; the text is the same as unstreamed, for every choice."""
+    server, engine = fake_server(limits=ServeLimits(stream_interval=interval))
+    body = {"model": "fake-model", "prompt": "ab", "max_tokens": 11, "stream": True, "temperature": 0, "n": 2}
+    with httpx.stream("POST", server.url + "/v1/completions", json=body) as r:
+        assert r.status_code == 200
+        events = _sse(list(r.iter_lines()))
+    assert events[-1] == "[DONE]"
+    texts: dict[int, list[str]] = {0: [], 1: []}
+    for e in events[:-1]:
+        assert isinstance(e, dict)
+        for c in e["choices"]:
+            if c["text"]:
+                texts[c["index"]].append(c["text"])
+    want = expected_text(_ids("ab"), 11)
+    for parts in texts.values():
+        assert "".join(parts) == want
+        # the first token alone (the fake engine emits one a step), then chunks of at least
+        # `interval` (more when the reader fell behind), the remainder with the finish
+        sizes = [len(p) for p in parts]
+        assert sizes[0] == 1 and all(n >= interval for n in sizes[1:-1]), sizes
+        if interval > 1:
+            assert len(sizes) <= 1 + -(-10 // interval), sizes
+
+
 def test_eight_concurrent_streams(fake_server) -> None:  # type: ignore[no-untyped-def]
     server, _ = fake_server(max_batch=4, max_queue=8, step_s=0.005)
     client = _client(server)
