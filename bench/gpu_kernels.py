@@ -105,6 +105,43 @@ def op_timing(vocab: int, calls: int = 200) -> dict[str, Any]:
     return result
 
 
+def probe() -> None:
+    """A first look, step by step with a watchdog: one fused session, a greedy and a sampled call
+    at a small and a real vocabulary, each timed (a hang dumps every thread's stack)."""
+    import faulthandler
+
+    faulthandler.dump_traceback_later(60, exit=True)
+    _preload()
+    import onnxruntime as ort
+
+    from runtime import SamplingParams
+    from runtime.kernels import kernel_library
+    from runtime.sampler_graph import build_sampler_model
+    from runtime.sampling import Sampler
+
+    library = kernel_library()
+    print("probe: library", library, flush=True)
+    for vocab in (64, 4096, 49152, 128256):
+        options = ort.SessionOptions()
+        options.register_custom_ops_library(str(library))
+        t0 = time.perf_counter()
+        session = ort.InferenceSession(build_sampler_model("float32", vocab, fused=True), sess_options=options,
+                                       providers=["CUDAExecutionProvider"])
+        fused = Sampler("float32", providers=("CUDAExecutionProvider",))
+        fused._sessions[vocab] = session  # the probe reuses the Sampler feeds
+        print(f"probe: vocab {vocab}: session {time.perf_counter() - t0:.2f}s", flush=True)
+        logits = (np.random.default_rng(0).standard_normal((4, vocab)) * 3).astype(np.float32)
+        for label, params in (("greedy", [SamplingParams()] * 4),
+                              ("top-k 50 + top-p 0.9", [SamplingParams(temperature=1.0, top_k=50, top_p=0.9, seed=i)
+                                                        for i in range(4)]),
+                              ("top-p 0.9", [SamplingParams(temperature=0.7, top_p=0.9, seed=i) for i in range(4)])):
+            t0 = time.perf_counter()
+            ids = fused.sample(logits, params)
+            print(f"probe: vocab {vocab} {label}: {ids.tolist()} in {time.perf_counter() - t0:.3f}s "
+                  f"(onnx: {Sampler('float32').sample(logits, params).tolist()})", flush=True)
+    faulthandler.cancel_dump_traceback_later()
+
+
 def child(args: argparse.Namespace) -> None:
     """One process, one sampler: decode tok/s per kind and batch, as one JSON line."""
     _preload()
@@ -162,7 +199,11 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "/tmp/out")))
     parser.add_argument("--child", choices=("onnx", "fused"), default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--probe", action="store_true", help="only a first look at the op (watchdog on)")
     args = parser.parse_args()
+    if args.probe:
+        probe()
+        return 0
     if args.child:
         child(args)
         return 0
