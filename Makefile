@@ -9,7 +9,7 @@ STAMP := $(VENV)/.lmforge-installed
 LMFORGE := $(BIN)/lmforge
 # Everything for the demo and the tests. The package asks for torch as a range; the CPU wheel is
 # chosen here, by a constraints file, so lmforge installs next to any other torch elsewhere.
-EXTRAS := export,serve,bench,dev
+EXTRAS := export,serve,bench,ray,dev
 CONSTRAINTS := constraints/cpu.txt
 
 MODEL ?= builtin:smollm2-135m

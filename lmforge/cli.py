@@ -42,6 +42,7 @@ EXTRA_OF_MODULE: dict[str, str] = {
     **dict.fromkeys(("fastapi", "uvicorn", "prometheus_client", "httpx", "starlette", "aiohttp", "zmq", "msgpack"),
                     "serve"),
     "onnxruntime_genai": "bench",
+    "ray": "ray",
 }
 
 

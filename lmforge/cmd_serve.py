@@ -1,12 +1,14 @@
-"""``lmforge serve ARTIFACT [--api-workers N] [--instances N] [--in-process]``: the OpenAI-compatible
-HTTP server (``runtime.serve``).
+"""``lmforge serve ARTIFACT [--api-workers N] [--instances N] [--in-process] [--replicas N] [--ray ADDRESS]``:
+the OpenAI-compatible HTTP server (``runtime.serve``).
 
 A decoder artifact gets an ``Engine`` (completions, chat), an encoder artifact an ``Encoder``
 (``/v1/embeddings``), as the manifest says. A decoder is served by default as separate processes
 (``runtime.serve.split``): one engine core that owns the engine and its loop, and ``--api-workers N``
 HTTP front-ends on one port; ``--in-process`` runs the app and the engine in this one process (as
 encoders always are). ``--instances N`` runs N whole servers (each its own engine) on one port,
-each pinned to its own slice of the usable cores (``runtime.serve.instances``).
+each pinned to its own slice of the usable cores (``runtime.serve.instances``). ``--replicas N`` (or
+``--ray ADDRESS``) runs N replicas on Ray Serve, on a local Ray cluster or an existing one, behind
+the same app (``runtime.serve.ray_serve``, the ray extra).
 """
 
 from __future__ import annotations
@@ -60,6 +62,22 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--in-process", action="store_true",
                         help="run the HTTP app and the engine in this one process (no engine core process; "
                              "encoders and --instances always do)")
+    ray = parser.add_argument_group("replicas on Ray Serve (the ray extra; docs/ray.md)")
+    ray.add_argument("--replicas", type=int, default=None, metavar="N",
+                     help="serve N replicas on Ray Serve behind the one port: one per GPU with --device cuda, one "
+                          "per --cpus-per-replica cores (pinned) on the CPU; each loads the artifact; a local Ray "
+                          "cluster is started unless --ray names one")
+    ray.add_argument("--ray", default=None, metavar="ADDRESS",
+                     help="run the replicas on the Ray cluster at ADDRESS ('auto', or HEAD_IP:6379 from "
+                          "`ray start --head`) instead of a local one (default replicas: 1)")
+    ray.add_argument("--max-replicas", type=int, default=None, metavar="M",
+                     help="autoscale between --replicas and M replicas, keeping --target-ongoing-requests per "
+                          "replica")
+    ray.add_argument("--target-ongoing-requests", type=float, default=None, metavar="T",
+                     help="the autoscaler's requests in flight per replica (default: --max-batch)")
+    ray.add_argument("--cpus-per-replica", type=int, default=None, metavar="K",
+                     help="CPU replicas: cores reserved for and pinned by each (default: this machine's usable "
+                          "cores / --replicas, at least 1)")
     parser.add_argument("--max-core-restarts", type=int, default=3, metavar="N",
                         help="times a dead engine core is restarted before the server exits 1 (default 3)")
     parser.add_argument("--api-key", default=None, metavar="KEY",
@@ -118,6 +136,12 @@ def run(args: argparse.Namespace) -> int:
     if args.chat_default_max_tokens < 0:
         raise LmforgeError("invalid --chat-default-max-tokens", expected="an integer >= 0 (0: no cap)",
                            got=str(args.chat_default_max_tokens))
+    if args.replicas is not None or args.ray is not None:
+        return _run_on_ray(args)
+    for flag in ("max_replicas", "target_ongoing_requests", "cpus_per_replica"):
+        if getattr(args, flag) is not None:
+            raise LmforgeError(f"--{flag.replace('_', '-')} without --replicas or --ray",
+                               expected="--replicas N (or --ray ADDRESS) with it", fix="add --replicas N, or drop it")
     slices = _slices(args.instances, args.device, args.threads)
     if args.api_workers < 1:
         raise LmforgeError("invalid --api-workers", expected="an integer >= 1", got=str(args.api_workers))
@@ -186,6 +210,67 @@ def run(args: argparse.Namespace) -> int:
                            on_listen=listening_n)
     print("lmforge serve: stopped" if code == 0 else "lmforge serve: a worker died; stopped the others",
           file=sys.stderr)
+    return code
+
+
+def _run_on_ray(args: argparse.Namespace) -> int:
+    """``--replicas N`` / ``--ray ADDRESS``: the replicas on Ray Serve (runtime.serve.ray_serve)."""
+    if importlib.util.find_spec("ray") is None:
+        raise LmforgeError("`lmforge serve --replicas` / `--ray` needs the ray extra", got="missing ray",
+                           fix="pip install 'lmforge[ray]'")
+    replicas = 1 if args.replicas is None else args.replicas
+    if replicas < 1:
+        raise LmforgeError("invalid --replicas", expected="an integer >= 1", got=str(replicas))
+    if args.max_replicas is not None and args.max_replicas < replicas:
+        raise LmforgeError("invalid --max-replicas", expected=f"an integer >= --replicas ({replicas})",
+                           got=str(args.max_replicas))
+    if args.target_ongoing_requests is not None and not args.target_ongoing_requests > 0:
+        raise LmforgeError("invalid --target-ongoing-requests", expected="a number > 0",
+                           got=str(args.target_ongoing_requests))
+    clash = [flag for flag, on in (("--instances", args.instances != 1), ("--api-workers", args.api_workers != 1),
+                                   ("--in-process", args.in_process), ("--threads", args.threads is not None))
+             if on]
+    if clash:
+        raise LmforgeError(f"--replicas / --ray with {clash[0]}",
+                           expected="Ray Serve replicas alone (each is one process with its own engine, pinned to "
+                                    "its --cpus-per-replica cores, one thread per core)",
+                           fix=f"drop {clash[0]}, or drop --replicas / --ray")
+    from runtime.cpu import available_cores
+
+    cpus = args.cpus_per_replica or max(1, len(available_cores()) // replicas)
+    if cpus < 1:
+        raise LmforgeError("invalid --cpus-per-replica", expected="an integer >= 1", got=str(cpus))
+    api_key = args.api_key or os.environ.get("LMFORGE_API_KEY") or None
+    if not _is_loopback(args.host) and not api_key:
+        log.warning("listening on %s without an API key: anyone who can reach it can generate "
+                    "(pass --api-key or set LMFORGE_API_KEY)", args.host)
+    from runtime.serve.instances import ModelOptions
+    from runtime.serve.ray_serve import RayOptions, serve_on_ray
+
+    options = ModelOptions(artifact=os.path.abspath(args.artifact), device=args.device,
+                           verify_hashes=not args.no_verify_hashes, max_batch=args.max_batch,
+                           max_queue=args.max_queue, prefill_tokens=args.prefill_tokens,
+                           served_model_name=args.served_model_name,
+                           api_key=api_key, drain_timeout_s=args.drain_timeout,
+                           log_level="info" if args.verbose or args.debug else "warning",
+                           warm_up=not args.no_warm_up, header_timeout_s=args.header_timeout,
+                           chat_default_max_tokens=args.chat_default_max_tokens or None)
+    ray_options = RayOptions(replicas=replicas, max_replicas=args.max_replicas,
+                             target_ongoing_requests=args.target_ongoing_requests, cpus_per_replica=cpus)
+    name = args.served_model_name or os.path.basename(os.path.normpath(args.artifact))
+    auth = ", API key required" if api_key else ""
+
+    def listening(url: str, cluster: dict[str, Any]) -> None:
+        scale = (f"{replicas} to {args.max_replicas} replicas (autoscaling)" if args.max_replicas
+                 and args.max_replicas > replicas else f"{replicas} replica{'s' if replicas > 1 else ''}")
+        each = "1 GPU" if args.device == "cuda" else f"{cpus} CPU core{'s' if cpus > 1 else ''}"
+        print(f"lmforge serve: {name} on {url} ({scale} on Ray Serve, {each} each; Ray cluster "
+              f"{cluster['cluster']}, {cluster['nodes']} node(s); OpenAI API at {url}/v1{auth}; Ctrl-C or SIGTERM "
+              "drains and stops)", flush=True)
+
+    code = serve_on_ray(options, ray_options, address=args.ray, host=args.host, port=args.port,
+                        on_listen=listening)
+    print("lmforge serve: stopped", file=sys.stderr)
     return code
 
 

@@ -1,0 +1,233 @@
+"""Replicas on Ray Serve (runtime/serve/ray_serve.py), on a one-node Ray cluster of this machine: two
+CPU replicas of the tiny artifact behind one port answer the `openai` client with the engine's
+greedy text; 32 concurrent requests spread over both (response headers and the deployment's
+/metrics, labelled by replica); a replica killed mid-load fails only its own streams, each with
+an error event that says so, while the other finishes its own, and Serve brings it back; and
+scaling 1 → 2 replicas (and 2 → 1) under load fails no request."""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+ray = pytest.importorskip("ray", reason="Ray Serve replicas need the ray extra: pip install 'lmforge[ray]'")
+openai = pytest.importorskip("openai")
+from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
+from ray import serve  # noqa: E402
+
+from runtime import Engine, SamplingParams  # noqa: E402
+from runtime.serve.instances import ModelOptions  # noqa: E402
+from runtime.serve.ray_serve import PROXY_CALLBACK, PUBLISH_S, REPLICA_HEADER, RayOptions, build_app  # noqa: E402
+
+PROMPT = "Once upon a time"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Cluster:
+    def __init__(self, artifact: Path, url: str) -> None:
+        self.model = ModelOptions(str(artifact), max_batch=16, verify_hashes=False, drain_timeout_s=30)
+        self.url = url
+        self.client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=120)
+
+    def deploy(self, replicas: int, max_replicas: int | None = None) -> None:
+        autoscale = dict(target_ongoing_requests=2.0, upscale_delay_s=0.5, downscale_delay_s=600.0,
+                         look_back_period_s=1.0) if max_replicas else {}
+        serve.run(build_app(self.model, RayOptions(replicas=replicas, max_replicas=max_replicas, **autoscale)),
+                  name="lmforge")
+
+    def replicas(self) -> set[str]:
+        return {a["name"].rsplit("#", 1)[1] for a in ray.util.list_named_actors(all_namespaces=True)
+                if a["name"].startswith("SERVE_REPLICA::lmforge#")}
+
+    def running(self) -> int:
+        status = serve.status().applications["lmforge"].deployments["lmforge"]
+        return int(status.replica_states.get("RUNNING", 0))
+
+
+@pytest.fixture(scope="module")
+def cluster(tiny_llama: Path) -> Iterator[Cluster]:
+    port = _free_port()
+    previous = os.environ.get("RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH")
+    os.environ["RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"] = PROXY_CALLBACK  # Serve's proxy inherits it
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        c = Cluster(tiny_llama, f"http://127.0.0.1:{port}")
+        c.deploy(2)
+        yield c
+    finally:
+        try:
+            serve.shutdown()
+        finally:
+            ray.shutdown()
+            if previous is None:
+                os.environ.pop("RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH", None)
+            else:
+                os.environ["RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"] = previous
+
+
+@pytest.fixture(scope="module")
+def greedy(tiny_llama: Path) -> dict[int, str]:
+    """The engine's own greedy text (in this process) for PROMPT, by max_tokens."""
+    with Engine.load(tiny_llama, max_batch=1) as engine:
+        return {n: engine.submit(PROMPT, n, SamplingParams(temperature=0.0)).result(timeout=60).text
+                for n in (12, 24)}
+
+
+def _completion(client: Any, max_tokens: int = 12) -> tuple[str, str]:
+    raw = client.completions.with_raw_response.create(model="tiny-llama", prompt=PROMPT, max_tokens=max_tokens,
+                                                      temperature=0)
+    return raw.parse().choices[0].text, raw.headers[REPLICA_HEADER]
+
+
+def _ok_requests(url: str) -> dict[str, float]:
+    """lmforge_requests_total{endpoint="completions", outcome="ok"} by replica, from /metrics."""
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(httpx.get(url + "/metrics", timeout=30).text):
+        for s in family.samples:
+            if (s.name == "lmforge_requests_total" and s.labels.get("endpoint") == "completions"
+                    and s.labels.get("outcome") == "ok"):
+                out[s.labels["replica"]] = s.value
+    return out
+
+
+def test_two_replicas_answer_the_openai_client_with_the_engines_greedy_text(cluster: Cluster,
+                                                                           greedy: dict[int, str]) -> None:
+    assert cluster.running() == 2
+    text, replica = _completion(cluster.client, 12)
+    assert text == greedy[12] and len(text) > 0
+    assert replica in cluster.replicas()
+    chunks = list(cluster.client.completions.create(model="tiny-llama", prompt=PROMPT, max_tokens=24,
+                                                    temperature=0, stream=True))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == greedy[24]  # SSE through Serve's proxy
+    assert httpx.get(cluster.url + "/ready").status_code == 200
+    assert cluster.client.models.list().data[0].id == "tiny-llama"
+
+
+def test_32_concurrent_requests_spread_over_both_replicas(cluster: Cluster, greedy: dict[int, str]) -> None:
+    deadline = time.monotonic() + 30
+    while len(before := _ok_requests(cluster.url)) < 2:  # until both replicas are on the metrics board
+        assert time.monotonic() < deadline, before
+        time.sleep(0.5)
+    time.sleep(2 * PUBLISH_S + 0.5)  # the board holds every request the first test made, and was read back
+    before = _ok_requests(cluster.url)
+    with ThreadPoolExecutor(32) as pool:
+        results = list(pool.map(lambda _: _completion(cluster.client, 24), range(32)))
+    assert {text for text, _ in results} == {greedy[24]}
+    by_header = collections.Counter(replica for _, replica in results)
+    assert len(by_header) == 2 and min(by_header.values()) >= 4, by_header
+    deadline = time.monotonic() + 10
+    while True:  # the answering replica's counters are live, the other's at most PUBLISH_S old
+        after = _ok_requests(cluster.url)
+        delta = {r: after[r] - before.get(r, 0.0) for r in after}
+        if sum(delta.values()) == 32 or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert {r: int(v) for r, v in delta.items() if v} == dict(by_header), (before, after)
+
+
+def _stream(client: Any, max_tokens: int, started: threading.Barrier | None = None) -> tuple[str | None, str, int]:
+    """(replica, "done" or the error's message, chunks) of one streamed completion."""
+    raw = client.completions.with_raw_response.create(model="tiny-llama", prompt=PROMPT, max_tokens=max_tokens,
+                                                      extra_body={"min_tokens": max_tokens}, temperature=0, stream=True)
+    replica = raw.headers.get(REPLICA_HEADER)
+    if started is not None:
+        started.wait(timeout=60)
+    n = 0
+    try:
+        for chunk in raw.parse():
+            n += len(chunk.choices)
+    except openai.APIError as exc:
+        return replica, str(exc.message), n
+    return replica, "done", n
+
+
+def test_a_killed_replica_fails_only_its_own_requests_and_comes_back(cluster: Cluster) -> None:
+    before = cluster.replicas()
+    assert len(before) == 2
+    streams = 16
+    started = threading.Barrier(streams + 1)
+    with ThreadPoolExecutor(streams) as pool:
+        futures = [pool.submit(_stream, cluster.client, 480, started) for _ in range(streams)]
+        started.wait(timeout=60)  # every stream has its first token, and its replica's name
+        time.sleep(0.2)
+        results_so_far = [f for f in futures if f.done()]
+        assert not results_so_far, "the streams finished before the kill: make them longer"
+        on: collections.Counter[str | None] = collections.Counter()
+        victim = sorted(before)[0]
+        ray.kill(ray.get_actor(f"SERVE_REPLICA::lmforge#lmforge#{victim}", namespace="serve"), no_restart=True)
+        results = [f.result(timeout=120) for f in futures]
+    for replica, outcome, _ in results:
+        on[replica] += 1
+        if replica == victim:
+            assert "replica serving this request stopped" in outcome, outcome
+        else:
+            assert outcome == "done", outcome
+    assert set(on) == before and min(on.values()) >= 1, on
+    survivor = (before - {victim}).pop()
+    assert _completion(cluster.client)[1] in {survivor} | (cluster.replicas() - before)  # the other keeps serving
+    deadline = time.monotonic() + 90
+    while cluster.running() < 2 or len(cluster.replicas() - before) != 1:
+        assert time.monotonic() < deadline, "Serve did not bring the killed replica back"
+        time.sleep(0.5)
+    assert cluster.replicas() - before and survivor in cluster.replicas() and victim not in cluster.replicas()
+    seen = {_completion(cluster.client)[1] for _ in range(24)}
+    assert seen <= cluster.replicas()
+
+
+def test_scaling_from_1_to_2_replicas_under_load_fails_no_request(cluster: Cluster, greedy: dict[int, str]) -> None:
+    stop = threading.Event()
+    failures: list[str] = []
+    answered: collections.Counter[str] = collections.Counter()
+
+    def load() -> None:
+        while not stop.is_set():
+            try:
+                text, replica = _completion(cluster.client, 24)
+            except Exception as exc:  # noqa: BLE001 — every failure is the test's finding
+                failures.append(repr(exc))
+                continue
+            if text != greedy[24]:
+                failures.append(f"wrong text {text!r}")
+            answered[replica] += 1
+
+    threads = [threading.Thread(target=load) for _ in range(8)]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(1.0)
+        # a new deployment, autoscaling from 1 replica: Serve replaces the two (draining them) by one
+        cluster.deploy(1, max_replicas=2)
+        assert cluster.running() == 1
+        one = cluster.replicas()
+        deadline = time.monotonic() + 60
+        while cluster.running() < 2:  # 8 clients against a target of 2 per replica: up to 2
+            assert time.monotonic() < deadline, "Serve did not scale up"
+            time.sleep(0.2)
+        new = cluster.replicas() - one
+        while not set(answered) & new and time.monotonic() < deadline:
+            time.sleep(0.2)  # until the new replica has answered
+        time.sleep(1.0)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=120)
+    assert not failures, failures[:3]
+    assert cluster.running() == 2 and len(new) == 1 and one <= cluster.replicas()  # added one, kept the first
+    assert (one | new) <= set(answered), answered
