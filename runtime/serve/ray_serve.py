@@ -33,7 +33,9 @@ import dataclasses
 import json
 import logging
 import os
+import shutil
 import signal
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -421,6 +423,37 @@ def _typed(cls: type, name: str, value: Any) -> Any:
     return value
 
 
+def _local_gpus() -> int | None:
+    """The GPUs this machine shows (``CUDA_VISIBLE_DEVICES``, else ``nvidia-smi -L``), for a local
+    cluster (Ray detects them itself too; this makes a container where it does not still work)."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return len([d for d in visible.split(",") if d.strip() and d.strip() != "-1"])
+    exe = shutil.which("nvidia-smi")
+    if exe is None:
+        return None
+    try:
+        out = subprocess.run([exe, "-L"], capture_output=True, text=True, timeout=30, check=False).stdout
+    except (OSError, subprocess.SubprocessError) as exc:
+        log.debug("nvidia-smi -L failed: %s", exc)
+        return None
+    return sum(1 for line in out.splitlines() if line.startswith("GPU ")) or None
+
+
+def _check_resources(model: ModelOptions, options: RayOptions) -> None:
+    """Refuse at once a deployment the cluster cannot place (Serve would wait for it forever)."""
+    kind, each = ("GPU", options.gpus_per_replica) if model.device == "cuda" else ("CPU", options.cpus_per_replica)
+    need = options.replicas * each
+    have = float(ray.cluster_resources().get(kind, 0.0))
+    if have < need:
+        raise LmforgeError(f"the Ray cluster cannot place {options.replicas} replica(s)",
+                           expected=f"{need:g} {kind}(s) ({each:g} per replica)", got=f"{have:g} in the cluster",
+                           fix="lower --replicas" + (" or --cpus-per-replica" if kind == "CPU" else "")
+                               + ", or add nodes (`ray start --address=HEAD:6379` on each, then --ray HEAD:6379)"
+                               + ("; a GPU Ray did not detect: `ray start --head --num-gpus N`, then --ray auto"
+                                  if kind == "GPU" else ""))
+
+
 def serve_on_ray(model: ModelOptions, options: RayOptions, *, address: str | None = None, host: str = "127.0.0.1",
                  port: int = 8000, on_listen: Callable[[str, dict[str, Any]], None] | None = None) -> int:
     """Run the deployment on a local Ray cluster (``address`` None: started here, stopped at the end)
@@ -432,8 +465,9 @@ def serve_on_ray(model: ModelOptions, options: RayOptions, *, address: str | Non
     started = not ray.is_initialized()
     if started:
         os.environ.setdefault("RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH", PROXY_CALLBACK)  # the proxies inherit it
+        gpus = _local_gpus() if address is None and model.device == "cuda" else None
         ray.init(address=address, include_dashboard=False, log_to_driver=model.log_level != "warning",
-                 logging_level=logging.WARNING if model.log_level == "warning" else logging.INFO)
+                 logging_level=logging.WARNING if model.log_level == "warning" else logging.INFO, num_gpus=gpus)
     stop = threading.Event()
     signals = 0
 
@@ -448,6 +482,7 @@ def serve_on_ray(model: ModelOptions, options: RayOptions, *, address: str | Non
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
+        _check_resources(model, options)
         serve.start(http_options={"host": host, "port": port})
         app = build_app(model, options)
         try:

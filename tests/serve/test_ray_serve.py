@@ -231,3 +231,58 @@ def test_scaling_from_1_to_2_replicas_under_load_fails_no_request(cluster: Clust
     assert not failures, failures[:3]
     assert cluster.running() == 2 and len(new) == 1 and one <= cluster.replicas()  # added one, kept the first
     assert (one | new) <= set(answered), answered
+
+
+# -- the command line and the app builder (no cluster) ------------------------------------------
+
+
+def test_missing_ray_extra_is_one_line(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    import importlib.util
+
+    from lmforge.cli import main
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "ray" else real(name, *a))
+    assert main(["serve", "artifacts/none", "--replicas", "2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "pip install 'lmforge[ray]'" in err
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--replicas", "0"], "--replicas"),
+    (["--replicas", "2", "--instances", "2"], "--instances"),
+    (["--replicas", "2", "--api-workers", "2"], "--api-workers"),
+    (["--ray", "auto", "--in-process"], "--in-process"),
+    (["--replicas", "2", "--threads", "1"], "--threads"),
+    (["--replicas", "2", "--max-replicas", "1"], "--max-replicas"),
+    (["--replicas", "1", "--target-ongoing-requests", "0"], "--target-ongoing-requests"),
+    (["--max-replicas", "3"], "--max-replicas without --replicas"),
+    (["--cpus-per-replica", "2"], "--cpus-per-replica without --replicas"),
+])
+def test_bad_replica_flags_are_one_line_errors(argv: list[str], says: str, capsys: pytest.CaptureFixture[str]) -> None:
+    from lmforge.cli import main
+
+    assert main(["serve", "artifacts/none", *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and says in err, err
+
+
+def test_app_builder_args_and_deployment_options(tiny_llama: Path) -> None:
+    from runtime.errors import LmforgeError
+    from runtime.serve.ray_serve import _typed, app_builder
+
+    assert _typed(ModelOptions, "max_batch", "8") == 8
+    assert _typed(ModelOptions, "verify_hashes", "false") is False
+    assert _typed(ModelOptions, "prefill_tokens", "none") is None
+    assert _typed(RayOptions, "target_ongoing_requests", "4") == 4.0
+    with pytest.raises(LmforgeError, match="max_batchh"):
+        app_builder({"artifact": str(tiny_llama), "max_batchh": "8"})
+    model = ModelOptions(str(tiny_llama), max_batch=8, device="cuda")
+    fixed = RayOptions(replicas=3).deployment_options(model)
+    assert fixed["num_replicas"] == 3 and fixed["ray_actor_options"] == {"num_cpus": 1, "num_gpus": 1.0}
+    assert fixed["max_ongoing_requests"] == 16 and "autoscaling_config" not in fixed
+    auto = RayOptions(replicas=1, max_replicas=4, cpus_per_replica=2).deployment_options(
+        ModelOptions(str(tiny_llama), max_batch=8))
+    assert auto["autoscaling_config"] == {"min_replicas": 1, "initial_replicas": 1, "max_replicas": 4,
+                                          "target_ongoing_requests": 8.0}
+    assert auto["ray_actor_options"] == {"num_cpus": 2} and "num_replicas" not in auto
