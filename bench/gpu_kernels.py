@@ -110,7 +110,7 @@ def probe() -> None:
     at a small and a real vocabulary, each timed (a hang dumps every thread's stack)."""
     import faulthandler
 
-    faulthandler.dump_traceback_later(60, exit=True)
+    faulthandler.dump_traceback_later(float(os.environ.get("PROBE_WATCHDOG_S", "40")), exit=True)
     _preload()
     import onnxruntime as ort
 
@@ -140,6 +140,7 @@ def probe() -> None:
             print(f"probe: vocab {vocab} {label}: {ids.tolist()} in {time.perf_counter() - t0:.3f}s "
                   f"(onnx: {Sampler('float32').sample(logits, params).tolist()})", flush=True)
     faulthandler.cancel_dump_traceback_later()
+    print("PROBE OK", flush=True)
 
 
 def child(args: argparse.Namespace) -> None:

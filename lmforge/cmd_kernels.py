@@ -27,10 +27,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     build.set_defaults(func=run)
     status = actions.add_parser("status", help="show the built kernels and whether sessions will use them")
     status.set_defaults(func=run)
+    selftest = actions.add_parser("selftest", help="run the kernels on this GPU without onnxruntime (checks, timings)")
+    selftest.add_argument("--arch", default=None, help="GPU architecture (default: the installed GPU's)")
+    selftest.add_argument("--timeout", type=float, default=120.0, help="seconds before a hang is reported")
+    selftest.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from runtime.kernels.build import build_library, cache_root, detect_arch, find_nvcc, library_path
+    from runtime.kernels.build import build_library, cache_root, detect_arch, find_nvcc, library_path, run_selftest
 
     if args.action == "build":
         progress.info("compiling the lmforge kernels for %s (about 10-30 s) …", args.arch or "this GPU")
@@ -38,6 +42,11 @@ def run(args: argparse.Namespace) -> int:
         state = "cached" if built.cached else f"built in {built.seconds:.1f} s with {built.nvcc}"
         print(f"lmforge kernels for {built.arch}: {built.path} ({state})")
         return 0
+    if args.action == "selftest":
+        progress.info("compiling and running the kernels' selftest (about 30 s) …")
+        code, output = run_selftest(args.arch, args.timeout)
+        print(output.rstrip())
+        return 0 if code == 0 else 1
     arch = detect_arch()
     nvcc = find_nvcc()
     print(f"cache      {cache_root()}")
@@ -48,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     path = library_path(arch)
     if path.is_file():
-        print(f"kernels    {path} (CUDA sessions register it; LMFORGE_KERNELS=0 turns it off)")
+        print(f"kernels    {path} (CUDA sessions register it with LMFORGE_KERNELS=1; opt-in for now)")
     else:
         print(f"kernels    not built for {arch}: run `lmforge kernels build` (the ONNX sampler serves until then)")
     return 0

@@ -31,12 +31,13 @@ from pathlib import Path
 from runtime.errors import LmforgeError
 
 __all__ = ["KernelBuildError", "Build", "LIBRARY_NAME", "SOURCES", "build_library", "cache_root", "detect_arch",
-           "find_nvcc", "library_path", "ort_api_version"]
+           "find_nvcc", "library_path", "ort_api_version", "run_selftest"]
 
 log = logging.getLogger(__name__)
 
 HERE = Path(__file__).resolve().parent
 SOURCES = ("sampling.cu",)
+SELFTEST = "selftest.cu"  # the kernel alone, without onnxruntime (:func:`run_selftest`)
 INCLUDE = HERE / "include"
 LIBRARY_NAME = "liblmforge_kernels.so"
 _ARCH = re.compile(r"^sm_(\d{2,3})a?$")
@@ -134,18 +135,22 @@ def find_nvcc() -> Path | None:
     return next((c for c in candidates if c.is_file() and os.access(c, os.X_OK)), None)
 
 
-_FLAGS = ("-std=c++17", "-O3", "-shared", "-Xcompiler", "-fPIC,-fvisibility=hidden", "-cudart", "static")
+# LMFORGE_KERNELS_CUDART=shared links the CUDA runtime dynamically (the libcudart.so.13 that
+# onnxruntime-gpu loads) instead of statically: a second variant, cached under its own digest.
+_CUDART = "shared" if os.environ.get("LMFORGE_KERNELS_CUDART", "").strip() == "shared" else "static"
+_FLAGS = ("-std=c++17", "-O3", "-shared", "-Xcompiler", "-fPIC,-fvisibility=hidden", "-cudart", _CUDART)
 
 
-def _command(nvcc: Path, arch: str, out: Path) -> list[str]:
+def _command(nvcc: Path, arch: str, out: Path, sources: tuple[str, ...] = SOURCES,
+             flags: tuple[str, ...] = _FLAGS) -> list[str]:
     number = arch[len("sm_"):]
-    command = [str(nvcc), *_FLAGS, f"-gencode=arch=compute_{number},code={arch}", f"-I{INCLUDE}"]
+    command = [str(nvcc), *flags, f"-gencode=arch=compute_{number},code={arch}", f"-I{INCLUDE}"]
     for root in [nvcc.parent.parent, *_pip_cuda_roots()]:  # a pip nvcc's headers and static cudart
         if (root / "include").is_dir():
             command.append(f"-I{root / 'include'}")
         if (root / "lib").is_dir():
             command.append(f"-L{root / 'lib'}")
-    return [*command, "-o", str(out), *(str(HERE / name) for name in SOURCES)]
+    return [*command, "-o", str(out), *(str(HERE / name) for name in sources)]
 
 
 def build_library(arch: str | None = None, force: bool = False) -> Build:
@@ -184,3 +189,26 @@ def build_library(arch: str | None = None, force: bool = False) -> Build:
     record = {"arch": arch, "nvcc": str(nvcc), "ort_api_version": ort_api_version(), "sources": list(SOURCES)}
     (target.parent / "build.json").write_text(json.dumps(record, indent=1) + "\n")
     return Build(target, arch, str(nvcc), False, time.perf_counter() - started)
+
+
+def run_selftest(arch: str | None = None, timeout: float = 120.0) -> tuple[int, str]:
+    """Compile ``selftest.cu`` (the kernel without onnxruntime) and run it on this GPU; its exit
+    code and output. A hang past ``timeout`` seconds is reported as exit code 124."""
+    arch = check_arch(arch or detect_arch() or "")
+    nvcc = find_nvcc()
+    if nvcc is None:
+        raise KernelBuildError("nvcc (the CUDA compiler) not found", fix="pip install 'lmforge[kernels]'")
+    with tempfile.TemporaryDirectory() as tmp:
+        exe = Path(tmp) / "lmforge_kernels_selftest"
+        flags = ("-std=c++17", "-O3", "-cudart", "static")
+        done = subprocess.run(_command(nvcc, arch, exe, (SELFTEST,), flags), capture_output=True, text=True,
+                              timeout=600, check=False)
+        if done.returncode != 0:
+            raise KernelBuildError("nvcc failed to build the selftest", got=(done.stderr or done.stdout)[-300:])
+        wrap = os.environ.get("LMFORGE_SELFTEST_WRAP", "").split()  # e.g. "compute-sanitizer --tool synccheck"
+        try:
+            ran = subprocess.run([*wrap, str(exe)], capture_output=True, text=True, timeout=timeout, check=False)
+        except subprocess.TimeoutExpired as exc:
+            out = exc.stdout.decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
+            return 124, out + f"\nTIMEOUT after {timeout:.0f} s (the last line names the launch that hung)"
+        return ran.returncode, ran.stdout + ran.stderr

@@ -36,6 +36,7 @@ def test_no_library_means_the_onnx_sampler(monkeypatch: pytest.MonkeyPatch, tmp_
     from runtime.device import Device
 
     monkeypatch.setenv("LMFORGE_CACHE", str(tmp_path))  # an empty cache: nothing built
+    monkeypatch.setenv("LMFORGE_KERNELS", "1")
     monkeypatch.delenv("LMFORGE_KERNELS_LIB", raising=False)
     kernels.kernel_library.cache_clear()
     try:
@@ -48,6 +49,13 @@ def test_no_library_means_the_onnx_sampler(monkeypatch: pytest.MonkeyPatch, tmp_
         monkeypatch.setenv("LMFORGE_KERNELS", "0")
         kernels.kernel_library.cache_clear()
         assert kernels.kernel_library() is None
+        monkeypatch.delenv("LMFORGE_KERNELS")  # opt-in: unset means off, even with a library named
+        monkeypatch.setenv("LMFORGE_KERNELS_LIB", __file__)
+        kernels.kernel_library.cache_clear()
+        assert kernels.kernel_library() is None
+        monkeypatch.setenv("LMFORGE_KERNELS", "1")
+        kernels.kernel_library.cache_clear()
+        assert kernels.kernel_library() == Path(__file__)
     finally:
         kernels.kernel_library.cache_clear()
     cpu = Device("cpu")
