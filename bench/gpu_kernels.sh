@@ -8,9 +8,9 @@
 # 1. `lmforge kernels build` with the machine's nvcc (a library built elsewhere for sm_90, carried
 #    in .kernels-carry/, is the fallback when that build fails);
 # 2. `lmforge kernels selftest`: the kernel alone, without onnxruntime (checks, then µs a launch);
-# 3. a probe of the op inside onnxruntime with a watchdog; when it does not finish, the same with
-#    the CUDA runtime linked dynamically (LMFORGE_KERNELS_CUDART=shared), and the variant that
-#    passes serves the rest;
+# 3. a probe of the op inside onnxruntime with a watchdog; when it does not finish, again with
+#    CUDA_MODULE_LOADING=EAGER, then with the CUDA runtime linked dynamically
+#    (LMFORGE_KERNELS_CUDART=shared); the variant that passes serves the rest;
 # 4. the kernel tests (test_kernels.py, the sampler tests against the fused op, the op in a
 #    captured CUDA graph, the engine); 5. bench/gpu_kernels.py (decode tok/s, fused vs ONNX).
 # Each stage has its own time limit and the next runs whatever the last did.
@@ -42,15 +42,23 @@ timeout "${SELFTEST_S:-90}" python3 -m lmforge kernels selftest --timeout "${SEL
 tail -2 "$OUT/selftest.log" | grep -q "TIMEOUT" && tail -4 "$OUT/selftest.log"
 
 stamp "probe (the op inside onnxruntime)"
-PROBE_WATCHDOG_S=${PROBE_S:-40} timeout $(( ${PROBE_S:-40} + 15 )) python3 bench/gpu_kernels.py --probe 2>&1 \
+PROBE_WATCHDOG_S=${PROBE_S:-30} timeout $(( ${PROBE_S:-30} + 15 )) python3 bench/gpu_kernels.py --probe 2>&1 \
   | tee "$OUT/probe.log" | tail -14
+if ! grep -q "PROBE OK" "$OUT/probe.log"; then
+  stamp "probe again, CUDA modules loaded eagerly"
+  CUDA_MODULE_LOADING=EAGER PROBE_WATCHDOG_S=${PROBE_S:-30} timeout $(( ${PROBE_S:-30} + 15 )) \
+    python3 bench/gpu_kernels.py --probe 2>&1 | tee /tmp/probe-eager.log | tail -14
+  { echo "== CUDA_MODULE_LOADING=EAGER"; cat /tmp/probe-eager.log; } >> "$OUT/probe.log"
+  grep -q "PROBE OK" /tmp/probe-eager.log && export CUDA_MODULE_LOADING=EAGER
+fi
 if ! grep -q "PROBE OK" "$OUT/probe.log"; then
   stamp "probe again, CUDA runtime linked dynamically"
   LMFORGE_KERNELS_CUDART=shared timeout 120 python3 -m lmforge kernels build 2>&1 | tee -a "$OUT/build.log"
   export LMFORGE_KERNELS_CUDART=shared
-  PROBE_WATCHDOG_S=${PROBE_S:-40} timeout $(( ${PROBE_S:-40} + 15 )) python3 bench/gpu_kernels.py --probe 2>&1 \
-    | tee "$OUT/probe-shared.log" | tail -14
-  grep -q "PROBE OK" "$OUT/probe-shared.log" || { stamp "the op does not finish inside onnxruntime either way"; }
+  PROBE_WATCHDOG_S=${PROBE_S:-30} timeout $(( ${PROBE_S:-30} + 15 )) python3 bench/gpu_kernels.py --probe 2>&1 \
+    | tee /tmp/probe-shared.log | tail -14
+  { echo "== LMFORGE_KERNELS_CUDART=shared"; cat /tmp/probe-shared.log; } >> "$OUT/probe.log"
+  grep -q "PROBE OK" /tmp/probe-shared.log || stamp "the op does not finish inside onnxruntime either way"
 fi
 
 stamp "GPU tests"
