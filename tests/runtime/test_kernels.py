@@ -258,19 +258,20 @@ def test_large_vocabulary_draws_are_seeded_and_rows_independent(library: Path, v
 
 
 @gpu
-def test_top_p_matches_the_onnx_sampler_on_a_whole_row(library: Path) -> None:
-    """Where the nucleus lies within the ONNX sampler's 1,024 candidates, both keep the same
-    tokens: over 4,000 seeded draws each, the same support and close frequencies."""
-    vocab = 49152
+def test_top_p_draws_the_onnx_sampler_s_tokens(library: Path) -> None:
+    """Where the nucleus lies within the ONNX sampler's 1,024 candidates, both keep the same tokens
+    and draw by inverse CDF with the same seeded uniforms: the same token for (nearly) every seed
+    (a uniform that lands where two cumulative sums, summed in another order, meet may differ)."""
+    vocab, n = 8192, 2000
     rng = np.random.default_rng(3)
     row = (rng.standard_normal(vocab) * 4).astype(np.float32)
-    n = 4000
-    params = [SamplingParams(temperature=0.7, top_p=0.9, seed=s) for s in range(n)]
-    fused = FusedSampler(library).sample(np.tile(row, (n, 1)), params)
-    onnx_ids = Sampler("float32").sample(np.tile(row, (n, 1)), params)
-    a, b = np.bincount(fused, minlength=vocab) / n, np.bincount(onnx_ids, minlength=vocab) / n
-    assert 0.5 * np.abs(a - b).sum() < 0.06
-    assert set(np.flatnonzero(a)) <= set(np.argsort(-row)[:1024].tolist())
+    for kw in ({"temperature": 0.7, "top_p": 0.9}, {"temperature": 1.0, "top_k": 50, "top_p": 0.9},
+               {"temperature": 1.0, "min_p": 0.05}):
+        params = [SamplingParams(seed=s, **kw) for s in range(n)]  # type: ignore[arg-type]
+        fused = FusedSampler(library).sample(np.tile(row, (n, 1)), params)
+        onnx_ids = Sampler("float32").sample(np.tile(row, (n, 1)), params)
+        assert np.mean(fused == onnx_ids) > 0.99, kw
+        assert len(set(fused.tolist())) > 3  # the rows really sample
 
 
 @gpu
