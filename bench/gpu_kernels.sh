@@ -41,6 +41,7 @@ timeout "${SELFTEST_S:-90}" python3 -m lmforge kernels selftest --timeout "${SEL
   | tee "$OUT/selftest.log" | grep -v "^  launch" | tail -25
 tail -2 "$OUT/selftest.log" | grep -q "TIMEOUT" && tail -4 "$OUT/selftest.log"
 
+export LMFORGE_KERNELS_TRACE=1  # the op says on stderr how far each call got (probes only)
 stamp "probe (the op inside onnxruntime)"
 PROBE_WATCHDOG_S=${PROBE_S:-30} timeout $(( ${PROBE_S:-30} + 15 )) python3 bench/gpu_kernels.py --probe 2>&1 \
   | tee "$OUT/probe.log" | tail -14
@@ -61,6 +62,7 @@ if ! grep -q "PROBE OK" "$OUT/probe.log"; then
   grep -q "PROBE OK" /tmp/probe-shared.log || stamp "the op does not finish inside onnxruntime either way"
 fi
 
+unset LMFORGE_KERNELS_TRACE
 stamp "GPU tests"
 timeout "${TESTS_S:-200}" python3 -m pytest -v -p no:cacheprovider -rs --maxfail=3 --timeout=60 --durations=15 \
   tests/runtime/test_kernels.py 2>&1 | tee "$OUT/tests.log" | grep -v "^SKIPPED\|PASSED" | tail -40

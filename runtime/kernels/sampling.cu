@@ -35,6 +35,8 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
+#include <cstdlib>
 #include <mutex>
 #include <string>
 #include <vector>
@@ -319,6 +321,20 @@ __global__ void __launch_bounds__(kThreads, 1)
 constexpr size_t kInputs = 15;
 constexpr size_t kOutputs = 4;
 
+// LMFORGE_KERNELS_TRACE=1: a line on stderr at each stage of a call, and the stream synchronized
+// after the launch (so a call that does not return names its stage). Never under graph capture.
+bool tracing() {
+  static const bool on = std::getenv("LMFORGE_KERNELS_TRACE") != nullptr;
+  return on;
+}
+
+void trace(const char* what, const void* pointer = nullptr) {
+  if (tracing()) {
+    std::fprintf(stderr, "lmforge FusedSample: %s %p\n", what, pointer);
+    std::fflush(stderr);
+  }
+}
+
 void check_cuda(cudaError_t status, const char* what) {
   if (status != cudaSuccess)
     ORT_CXX_API_THROW(std::string("lmforge FusedSample: ") + what + ": " + cudaGetErrorString(status), ORT_FAIL);
@@ -341,6 +357,7 @@ void launch(Ort::KernelContext& ctx, int64_t batch, int64_t vocab, int64_t steps
   auto seen_out = ctx.GetOutput(1, row_shape);
   auto counts_out = ctx.GetOutput(2, row_shape);
   auto step_out = ctx.GetOutput(3, one);
+  trace("outputs allocated, stream", stream);
   if (batch == 0) return;
   const bool cached = vocab * static_cast<int64_t>(sizeof(float)) <= kMaxSharedBytes;
   const size_t shared = cached ? static_cast<size_t>(vocab) * sizeof(float) : 0;
@@ -353,7 +370,12 @@ void launch(Ort::KernelContext& ctx, int64_t batch, int64_t vocab, int64_t steps
       input<float>(ctx, 13), input<int64_t>(ctx, 14), output<int64_t>(next_ids),
       output<bool>(seen_out), output<float>(counts_out),
       output<int64_t>(step_out), cached);
+  trace("launched");
   check_cuda(cudaGetLastError(), "kernel launch");
+  if (tracing()) {
+    check_cuda(cudaStreamSynchronize(stream), "stream synchronize (trace)");
+    trace("kernel done");
+  }
 }
 
 struct FusedSampleKernel {
@@ -377,6 +399,7 @@ struct FusedSampleKernel {
   }
 
   void Compute(OrtKernelContext* context) {
+    trace("compute entered");
     Ort::KernelContext ctx(context);
     auto logits = ctx.GetInput(0);
     auto info = logits.GetTensorTypeAndShapeInfo();

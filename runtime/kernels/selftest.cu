@@ -150,7 +150,21 @@ int run(int rows, int vocab, const Kind& kind, bool check, bool time_it, std::mt
 
 }  // namespace
 
+__global__ void empty_kernel(int* out) {
+  if (threadIdx.x == 0) *out = 1;
+}
+
 int main() {
+  {  // the CUDA runtime and a trivial launch first: a problem here is not the sampling kernel's
+    int* flag = nullptr;
+    CHECK(cudaMalloc(&flag, sizeof(int)));
+    empty_kernel<<<1, 32>>>(flag);
+    CHECK(cudaGetLastError());
+    CHECK(cudaDeviceSynchronize());
+    CHECK(cudaFree(flag));
+    std::printf("selftest: a trivial kernel ran\n");
+    std::fflush(stdout);
+  }
   CHECK(cudaFuncSetAttribute(fused_sample<float>, cudaFuncAttributeMaxDynamicSharedMemorySize, kMaxSharedBytes));
   CHECK(cudaFuncSetAttribute(fused_sample<__half>, cudaFuncAttributeMaxDynamicSharedMemorySize, kMaxSharedBytes));
   std::mt19937 rng(0);
