@@ -4,7 +4,8 @@
 # Run from the repo root on the GPU machine after staging onnxruntime-gpu (+ genai) into
 # /tmp/gpu-site and the server's wheels (.whl/, carried) into /tmp/site:
 #
-#   bash bench/gpu_http.sh build      # the 1B-shape fp16 shared-buffer artifact, then bench/gpu_ttft.py
+#   bash bench/gpu_http.sh build      # the 1B-shape fp16 shared-buffer artifact
+#   bash bench/gpu_http.sh ttft       # bench/gpu_ttft.py: batch-1 TTFT in phases, against genai
 #   bash bench/gpu_http.sh serve      # lmforge bench-serve --compare-engine: greedy, then half sampled
 #
 # Each step writes under $OUT (the tables docs/serving.md and docs/benchmarks.md show).
@@ -21,6 +22,8 @@ case "${1:-}" in
   build)
     python3 -c "import sys; sys.path.insert(0, 'bench'); from pathlib import Path; from gpu_serving import build; \
 print(build('$SHAPE', Path('/tmp/lmf-serve'), 'cuda'))" 2>&1 | tail -3
+    ;;
+  ttft)
     python3 bench/gpu_ttft.py --artifact "$ART" --shape "$SHAPE" --genai --profile --out "$OUT" 2>&1 \
       | grep -v -E "^(WARNING|INFO)" | tail -45
     ;;
@@ -34,7 +37,7 @@ print(build('$SHAPE', Path('/tmp/lmf-serve'), 'cuda'))" 2>&1 | tail -3
     done
     ;;
   *)
-    echo "usage: bash bench/gpu_http.sh build|serve" >&2
+    echo "usage: bash bench/gpu_http.sh build|ttft|serve" >&2
     exit 2
     ;;
 esac
