@@ -8,6 +8,7 @@
 #   bash bench/gpu_http.sh ttft       # bench/gpu_ttft.py: batch-1 TTFT in phases, against genai
 #   bash bench/gpu_http.sh serve      # lmforge bench-serve --compare-engine: greedy, then half sampled
 #
+# GENAI= (empty) skips genai in ttft; MIXES, REQUESTS, WARMUP shorten serve.
 # Each step writes under $OUT (the tables docs/serving.md and docs/benchmarks.md show).
 set -uo pipefail
 export PYTHONPATH=/tmp/gpu-site:/tmp/site:$PWD HF_HUB_OFFLINE=1
@@ -24,14 +25,14 @@ case "${1:-}" in
 print(build('$SHAPE', Path('/tmp/lmf-serve'), 'cuda'))" 2>&1 | tail -3
     ;;
   ttft)
-    python3 bench/gpu_ttft.py --artifact "$ART" --shape "$SHAPE" --genai --profile --out "$OUT" 2>&1 \
+    python3 bench/gpu_ttft.py --artifact "$ART" --shape "$SHAPE" ${GENAI---genai} --profile --out "$OUT" 2>&1 \
       | grep -v -E "^(WARNING|INFO)" | tail -45
     ;;
   serve)
-    for mix in greedy:1 greedy:1,sampled:1; do
+    for mix in ${MIXES:-greedy:1 greedy:1,sampled:1}; do
       name=$(echo "$mix" | tr ':,' '__')
       python3 -m lmforge bench-serve "$ART" --device cuda --max-batch 64 --max-queue 1024 \
-        --concurrency 16,64 --requests 256 --warmup 64 --new-tokens 128 --prompt-len 128 --mix "$mix" \
+        --concurrency 16,64 --requests "${REQUESTS:-256}" --warmup "${WARMUP:-64}" --new-tokens 128 --prompt-len 128 --mix "$mix" \
         --api-workers "${API_WORKERS:-1}" --compare-engine --json "$OUT/http_$name.json" 2>&1 \
         | grep -E "tok/s|HTTP/engine|Error|error" | tail -12
     done
