@@ -26,8 +26,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--no-fuse", dest="fuse", action="store_false", help="skip the fusion passes")
     parser.add_argument("--block-size", type=int, default=None,
                         help="int8/int4: MatMulNBits block along K, 16/32/64/128 (default 16 for CPU int8, else 32)")
-    parser.add_argument("--quantize-lm-head", action="store_true",
-                        help="int8/int4: quantize the lm head too (default: it keeps the base precision)")
+    parser.add_argument("--quantize-lm-head", action=argparse.BooleanOptionalAction, default=None,
+                        help="int8/int4: quantize the lm head too (default: yes for --device cpu, 8-bit; "
+                             "no for cuda, where it keeps the base precision)")
     parser.add_argument("--check", action="store_true",
                         help="compare logits with the input artifact on fixed inputs; refuse to write past tolerance")
     parser.add_argument("--force", action="store_true", help="replace OUT; allow fp16 on CPU")

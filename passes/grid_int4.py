@@ -30,7 +30,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-__all__ = ["grid_quantize", "on_grid"]
+__all__ = ["grid_quantize", "grid_quantize_cpu", "on_grid"]
 
 log = logging.getLogger(__name__)
 
@@ -104,4 +104,91 @@ def grid_quantize(model: onnx.ModelProto, source: dict[str, np.ndarray], exclude
         if not any(o.domain == "com.microsoft" for o in model.opset_import):
             model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
         log.info("int4 on the source's grid (exact): %d MatMul node(s)", len(replaced))
+    return replaced
+
+
+def grid_quantize_cpu(model: onnx.ModelProto, exclude: set[str], block_size: int = 32,
+                      accuracy_level: int | None = 4) -> list[str]:
+    """The source's 4-bit grid, exactly, on the CPU kernel's fast path (no float zero points).
+
+    A weight on a Q4_1 grid is ``W[k, n] = m[b, n] + q[k, n]·d[b, n]`` for ``k`` in block ``b``.
+    Split it as ``(q − 8)·d + c`` with ``c = m + 8·d``: the first term is a *symmetric*
+    ``MatMulNBits`` (no zero-point input, so the kernel's implied zero point 8 — MLAS' fast int8
+    path at accuracy level 4), and the second is ``Σ_b S_b(x)·c[b, n]`` with ``S_b(x)`` the sum of
+    the input over block ``b``: a ``[…, K/block] × [K/block, N]`` fp32 ``MatMul``, 1/block of the
+    weight's size. So every MatMul on the grid becomes::
+
+        x ── MatMulNBits(q, d) ─────────────────────────────── Add ── y
+        x ── Reshape[…, K/block, block] ── ReduceSum(−1) ── MatMul(c) ─┘
+
+    whose weights equal the source's (the scale ``d`` and ``c`` in fp32, ``m`` and ``d`` being
+    fp16 in the file); only the kernel's int8 activations round. The block sums of one input are
+    computed once for all the MatMuls that read it. The input must be ``[batch, seq, K]`` (a
+    decoder's hidden states). Weights that are not on a grid are left for the ordinary quantizer.
+    Returns the replaced node names.
+    """
+    initializers = {t.name: t for t in model.graph.initializer}
+    replaced: list[str] = []
+    new_nodes: list[onnx.NodeProto] = []
+    drop_inits: set[str] = set()
+    sums: dict[tuple[str, int], str] = {}
+    for node in model.graph.node:
+        weight_name = node.input[1] if node.op_type == "MatMul" and node.domain in ("", "ai.onnx") \
+            and len(node.input) == 2 else ""
+        init = initializers.get(weight_name)
+        grid = None
+        weight = None
+        if init is not None and node.name not in exclude and len(init.dims) == 2 \
+                and init.data_type == onnx.TensorProto.FLOAT:
+            weight = numpy_helper.to_array(init)
+            grid = on_grid(weight, block_size)
+        if grid is None or weight is None:
+            new_nodes.append(node)
+            continue
+        q, step, low = grid
+        k, n = weight.shape
+        blocks = k // block_size
+        packed = (q[:, :, 0::2] | (q[:, :, 1::2] << 4)).astype(np.uint8)  # low nibble first
+        correction = (low + 8.0 * step).astype(np.float32).T  # [blocks, N]
+        prefix = f"{weight_name}__grid4"
+        model.graph.initializer.extend([
+            numpy_helper.from_array(packed, f"{prefix}_B"),
+            numpy_helper.from_array(step.astype(np.float32).reshape(-1), f"{prefix}_scales"),
+            numpy_helper.from_array(np.ascontiguousarray(correction), f"{prefix}_offsets"),
+        ])
+        x = node.input[0]
+        key = (x, block_size)
+        if key not in sums:
+            shape = f"{x}__blocks{block_size}_shape"
+            model.graph.initializer.append(numpy_helper.from_array(
+                np.array([0, 0, blocks, block_size], dtype=np.int64), shape))
+            axes = f"{x}__blocks{block_size}_axes"
+            model.graph.initializer.append(numpy_helper.from_array(np.array([-1], dtype=np.int64), axes))
+            sums[key] = f"{x}__block_sums{block_size}"
+            new_nodes.append(helper.make_node("Reshape", [x, shape], [f"{x}__blocks{block_size}"],
+                                              name=f"{node.name}_blocks"))
+            new_nodes.append(helper.make_node("ReduceSum", [f"{x}__blocks{block_size}", axes], [sums[key]],
+                                              name=f"{node.name}_block_sums", keepdims=0))
+        attrs = {"K": k, "N": n, "bits": 4, "block_size": block_size}
+        if accuracy_level is not None:
+            attrs["accuracy_level"] = accuracy_level
+        new_nodes.append(helper.make_node("MatMulNBits", [x, f"{prefix}_B", f"{prefix}_scales"],
+                                          [f"{prefix}_centred"], name=node.name, domain="com.microsoft", **attrs))
+        new_nodes.append(helper.make_node("MatMul", [sums[key], f"{prefix}_offsets"], [f"{prefix}_offset"],
+                                          name=f"{node.name}_offsets"))
+        new_nodes.append(helper.make_node("Add", [f"{prefix}_centred", f"{prefix}_offset"], list(node.output),
+                                          name=f"{node.name}_grid_add"))
+        drop_inits.add(weight_name)
+        replaced.append(node.name)
+    if replaced:
+        still_used = {i for node in new_nodes for i in node.input}
+        kept_inits = [t for t in model.graph.initializer if t.name not in drop_inits or t.name in still_used]
+        del model.graph.initializer[:]
+        model.graph.initializer.extend(kept_inits)
+        del model.graph.node[:]
+        model.graph.node.extend(new_nodes)
+        if not any(o.domain == "com.microsoft" for o in model.opset_import):
+            model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+        log.info("int4 on the source's grid (exact, symmetric kernel + block-sum offsets): %d MatMul node(s)",
+                 len(replaced))
     return replaced

@@ -264,7 +264,7 @@ def optimize_artifact(
     force: bool = False,
     progress: bool | None = None,
     kv_mode: str | None = None,
-    quantize_lm_head: bool = False,
+    quantize_lm_head: bool | None = None,
     block_size: int | None = None,
 ) -> OptimizeReport:
     """Optimize the artifact at ``src`` into a new artifact at ``out``; return the report.
@@ -275,7 +275,11 @@ def optimize_artifact(
     graph cannot take it); ``"concat"`` keeps the input's contract.
 
     ``quantize_lm_head`` (int8/int4): quantize the lm head too (a tied head gets its own copy,
-    :mod:`passes.lm_head`); by default it keeps the base precision, the parity-safe choice.
+    :mod:`passes.lm_head`); ``None`` quantizes it on the CPU (8-bit, :data:`passes.precision.CPU_HEAD_BITS`:
+    its fp32 GEMV was the largest single cost of a CPU decode step) and keeps it in the base
+    precision on CUDA. On the CPU with the ``concat`` contract, projections that share an input
+    (q/k/v, gate/up) are fused first (:mod:`passes.fuse_projections`). The measurements behind
+    both: docs/benchmarks.md, "CPU: decode against the peers".
     ``block_size`` (int8/int4): the MatMulNBits block along K (16, 32, 64 or 128); ``None`` is the
     precision's default (16 for CPU int8, 32 otherwise).
 
@@ -324,8 +328,10 @@ def optimize_artifact(
                 shutil.move(str(fused), tmp / MODEL_NAME)
                 shutil.move(str(work / (fused.name + ".data")), tmp / _DATA_NAME)
             else:
+                head = quantize_lm_head if quantize_lm_head is not None else device == "cpu"
                 quantized = quantize_file(fused, tmp / MODEL_NAME, precision, device,
-                                          keep_lm_head=not quantize_lm_head, block_size=block_size)
+                                          keep_lm_head=not head, block_size=block_size,
+                                          fuse_projections=fuse and device == "cpu" and not shared)
             sb: SharedBuffer | None = None
             io: dict[str, list[dict[str, Any]]] | None = None
             if shared:

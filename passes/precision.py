@@ -55,11 +55,12 @@ from typing import Any
 import onnx
 
 from passes.encoder_int8 import is_encoder_graph, quantize_encoder_int8
-from passes.grid_int4 import grid_quantize
+from passes.fuse_projections import fuse_shared_input_matmuls
+from passes.grid_int4 import grid_quantize, grid_quantize_cpu
 from passes.lm_head import untie_lm_head
 
-__all__ = ["Quantized", "PRECISIONS", "INT8_CPU_METHODS", "INT8_CPU_BLOCK_SIZE", "quantize_file", "lm_head_nodes",
-           "drop_duplicate_nodes"]
+__all__ = ["Quantized", "PRECISIONS", "INT8_CPU_METHODS", "INT8_CPU_BLOCK_SIZE", "CPU_HEAD_BITS",
+           "CPU_HEAD_BLOCK_SIZE", "quantize_file", "lm_head_nodes", "drop_duplicate_nodes"]
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +70,8 @@ PRECISIONS = ("fp32", "fp16", "int8", "int4")
 _MIN_WEIGHT_ROWS = 16
 INT8_CPU_METHODS = ("nbits", "dynamic")
 INT8_CPU_BLOCK_SIZE = 16
+CPU_HEAD_BITS = 8
+CPU_HEAD_BLOCK_SIZE = 32
 
 # Ops kept in fp32 by the fp16 conversion: statistics of norms, softmax, and rotary/attention
 # kernels whose fp16 CPU variants do not exist.
@@ -188,11 +191,15 @@ def _quantize_dynamic_int8(model: onnx.ModelProto, dst: Path, head: list[str]) -
 
 def quantize_file(src: Path, dst: Path, precision: str, device: str, keep_lm_head: bool = True,
                   block_size: int | None = None, symmetric: bool = True,
-                  int8_cpu_method: str = "nbits") -> Quantized | None:
+                  int8_cpu_method: str = "nbits", fuse_projections: bool = False) -> Quantized | None:
     """Write ``dst`` (+ ``dst.name + '.data'``) from ``src`` at ``precision``; ``None`` for fp32.
 
     ``block_size`` defaults to :data:`INT8_CPU_BLOCK_SIZE` for int8 on CPU and to 32 otherwise;
     ``int8_cpu_method="dynamic"`` builds the former ``quantize_dynamic`` int8 (for comparisons).
+    ``fuse_projections`` (int8/int4): projections that read one input become one weight and a
+    ``Split`` before quantizing (:mod:`passes.fuse_projections`; for the ``concat`` contract).
+    A quantized lm head on the CPU is 8-bit in blocks of :data:`CPU_HEAD_BLOCK_SIZE` whatever the
+    precision (:data:`CPU_HEAD_BITS`).
     """
     if precision == "fp32":
         return None
@@ -249,28 +256,56 @@ def quantize_file(src: Path, dst: Path, precision: str, device: str, keep_lm_hea
         small = [n.name for n in model.graph.node if n.op_type == "MatMul" and len(n.input) > 1
                  and len(initializers.get(n.input[1], (block_size,))) == 2
                  and initializers.get(n.input[1], (block_size,))[0] < _MIN_WEIGHT_ROWS]
-        head = head + small
-        # A 4-bit source (Q4_1 GGUF) keeps its own grid exactly (passes.grid_int4); CUDA only,
-        # since float zero points take the CPU kernel off its fast path.
-        grid = grid_quantize(model, source_weights, set(head), block_size, accuracy_level) if source_weights else []
+        # The head quantized on the CPU: 8-bit whatever the precision (its error goes straight to
+        # the logits, and a tied head is on no source grid), in blocks of 32 (the faster kernel for
+        # the largest GEMV of the step).
+        head_separately = not keep_lm_head and device == "cpu" \
+            and (bits, block_size) != (CPU_HEAD_BITS, CPU_HEAD_BLOCK_SIZE)
+        quantized_head = lm_head_nodes(model) if head_separately else []
+        head = head + small + quantized_head
+        fused = fuse_shared_input_matmuls(model, set(head)) if fuse_projections else 0
+        # A 4-bit source (Q4_1 GGUF) keeps its own grid exactly (passes.grid_int4): on CUDA with
+        # float zero points; on the CPU, whose fast kernel takes none, as a symmetric kernel plus
+        # per-block offsets.
+        offsets: list[str] = []
+        if bits == 4 and device == "cpu":
+            grid = grid_quantize_cpu(model, set(head), 32, accuracy_level)
+            offsets = [f"{name}_offsets" for name in grid]  # the fp32 offset MatMuls stay fp32
+            head = head + offsets
+        else:
+            grid = grid_quantize(model, source_weights, set(head), block_size, accuracy_level) if source_weights else []
         source_weights.clear()
         quant = MatMulNBitsQuantizer(model, bits=bits, block_size=block_size, is_symmetric=symmetric,
                                      accuracy_level=accuracy_level, nodes_to_exclude=head,
                                      op_types_to_quantize=("MatMul",))
         quant.process()
         out = quant.model.model
+        if quantized_head:
+            others = [n.name for n in out.graph.node if n.op_type == "MatMul" and n.name not in quantized_head]
+            quant = MatMulNBitsQuantizer(out, bits=CPU_HEAD_BITS, block_size=CPU_HEAD_BLOCK_SIZE, is_symmetric=True,
+                                         accuracy_level=accuracy_level, nodes_to_exclude=others,
+                                         op_types_to_quantize=("MatMul",))  # (nodes_to_include adds, not limits)
+            quant.process()
+            out = quant.model.model
         head_names = set(lm_head_nodes(out))
         head_ops = {n.op_type for n in out.graph.node if n.name in head_names}
-        head_note = ("quantized" + (" (tied: its own transposed copy)" if untied else "")
-                     if head_ops == {"MatMulNBits"} else f"kept in the base precision ({', '.join(sorted(head_ops))})")
+        head_bits = CPU_HEAD_BITS if quantized_head else bits
+        head_block = CPU_HEAD_BLOCK_SIZE if quantized_head else block_size
+        tied_note = " (tied: its own transposed copy)" if untied else ""
+        head_note = (f"quantized, {head_bits}-bit blocks of {head_block}{tied_note}" if head_ops == {"MatMulNBits"}
+                     else f"kept in the base precision ({', '.join(sorted(head_ops))})")
         onnx.save(out, str(dst), save_as_external_data=True, location=dst.name + ".data")
         converted = _count(out, ("MatMulNBits",))
         settings: dict[str, Any] = {"bits": bits, "block_size": block_size, "symmetric": symmetric,
                                     "accuracy_level": accuracy_level, "base": base, "lm_head": head_note,
-                                    "source_grid_nodes": len(grid)}
+                                    "source_grid_nodes": len(grid), "fused_projection_groups": fused}
         settings["weights"] = (f"{bits}-bit {'symmetric' if symmetric else 'asymmetric (with zero points)'}, "
                                f"one {base} scale per block of {block_size} along K; the nodes in 'kept' stay {base}")
-        if grid:
+        if grid and device == "cpu":
+            settings["weights"] += (f"; {len(grid)} weight(s) already on a 4-bit grid (a Q4_1 source) keep it "
+                                    "exactly: the source's own scale per block of 32, symmetric, plus the block "
+                                    "sums of the input times fp32 per-block offsets")
+        elif grid:
             settings["weights"] += (f"; {len(grid)} weight(s) already on a 4-bit grid (a Q4_1 source) keep it "
                                     f"exactly: the source's own scale and a {base} zero point per block")
         if accuracy_level == 4:
@@ -279,7 +314,7 @@ def quantize_file(src: Path, dst: Path, precision: str, device: str, keep_lm_hea
         else:
             settings["activations"] = f"{base}, not quantized (weight-only)"
         return Quantized("onnxruntime.quantization.matmul_nbits_quantizer.MatMulNBitsQuantizer",
-                         settings, converted, head)
+                         settings, converted, [name for name in head if name not in {*quantized_head, *offsets}])
     if precision == "fp16":
         from onnxruntime.transformers.float16 import convert_float_to_float16
 

@@ -64,3 +64,38 @@ def test_other_weights_are_left_alone() -> None:
     model = _model(grid)
     assert grid_quantize(model, {"w": grid}, exclude={"proj"}) == []  # excluded (e.g. the lm head)
     assert on_grid(grid[:100], BLOCK) is None  # K not a multiple of the block
+
+
+def test_cpu_grid_is_exact_without_zero_points() -> None:
+    """The CPU form: a symmetric MatMulNBits (no zero-point input: the kernel's fast path) plus the
+    input's block sums times per-block offsets reproduces the grid weight exactly (weight-only
+    kernel), and within int8-activation rounding at accuracy level 4."""
+    from passes.grid_int4 import grid_quantize_cpu
+
+    rng = np.random.default_rng(2)
+    weight = _q4_1(rng)
+    x = rng.standard_normal((2, 3, K)).astype(np.float32)
+
+    def model() -> onnx.ModelProto:
+        node = helper.make_node("MatMul", ["x", "w"], ["y"], name="proj")
+        graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", "s", K])],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", "s", N])],
+                                  [numpy_helper.from_array(weight, "w")])
+        return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
+
+    want = _run(model(), x)
+    exact = model()
+    assert grid_quantize_cpu(exact, exclude=set(), accuracy_level=None) == ["proj"]
+    nbits = next(n for n in exact.graph.node if n.op_type == "MatMulNBits")
+    assert len(nbits.input) == 3  # B and scales only: no zero points
+    assert sorted(n.op_type for n in exact.graph.node) == ["Add", "MatMul", "MatMulNBits", "ReduceSum", "Reshape"]
+    assert "w" not in {t.name for t in exact.graph.initializer}
+    np.testing.assert_allclose(_run(exact, x), want, rtol=0, atol=2e-5)  # fp32 rounding only
+    fast = model()
+    assert grid_quantize_cpu(fast, exclude=set(), accuracy_level=4) == ["proj"]
+    got = _run(fast, x)
+    assert np.abs(got - want).max() < 0.02 * np.abs(want).max()  # int8 activations, per block of 32
+    plain = _model(rng.standard_normal((K, N)).astype(np.float32))
+    assert grid_quantize_cpu(plain, exclude=set()) == []  # not on a grid: left for the quantizer
+    grid = model()
+    assert grid_quantize_cpu(grid, exclude={"proj"}) == []

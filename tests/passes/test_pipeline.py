@@ -108,32 +108,53 @@ def test_architecture_fusions(arch: str, optimized, artifact_cache) -> None:  # 
 
 @pytest.mark.parametrize("precision,bits,block_size", [("int8", 8, 16), ("int4", 4, 32)])
 def test_llama_quantized(precision: str, bits: int, block_size: int, optimized) -> None:  # type: ignore[no-untyped-def]
+    """The CPU defaults: q|k|v and gate|up fused (4 projections a layer), the tied lm head
+    quantized to 8 bits in blocks of 32 through its own copy; the --check tolerance holds."""
+    import onnx
+
+    from passes.precision import lm_head_nodes
+
     out, report = optimized("llama", precision)
-    assert report.ops.get("MatMulNBits", 0) == 14  # 7 projections × 2 layers; the tied lm head stays fp32
+    assert report.ops.get("MatMulNBits", 0) == 9  # (q|k|v, o, gate|up, down) × 2 layers + the lm head
     assert "MatMulInteger" not in report.ops and "DynamicQuantizeLinear" not in report.ops
     q = load_artifact(out).manifest["quantization"]
-    assert q["converted_nodes"] == 14 and q["kept"]  # the lm head is named as kept
+    assert q["converted_nodes"] == 9 and q["kept"] == []  # nothing left fp32: the head is quantized
+    assert q["settings"]["lm_head"] == "quantized, 8-bit blocks of 32 (tied: its own transposed copy)"
+    assert q["settings"]["fused_projection_groups"] == 4
     assert q["method"].endswith("MatMulNBitsQuantizer")
+    model = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    (name,) = lm_head_nodes(model)
+    head = next(n for n in model.graph.node if n.name == name)
+    assert head.op_type == "MatMulNBits"
+    assert {a.name: a.i for a in head.attribute if a.name in ("bits", "block_size")} == {"bits": 8, "block_size": 32}
+    assert sum(n.op_type == "Split" for n in model.graph.node) == 4
     assert {k: q["settings"][k] for k in ("bits", "block_size", "symmetric", "accuracy_level", "base")} == {
         "bits": bits, "block_size": block_size, "symmetric": True, "accuracy_level": 4, "base": "fp32"}
     assert "per row" in q["settings"]["activations"]  # the record says how activations are quantized
     assert report.check["ok"] and 0 < max(report.check["max_abs_diff"].values())
 
 
-def test_int4_block_128_and_quantized_head(artifact_cache, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
-    """--block-size 128 reaches every MatMulNBits; --quantize-lm-head quantizes the tied head
-    through its own copy (15 = 14 projections + the head), and the manifest says so."""
+def test_int4_block_128_and_the_head_flag(artifact_cache, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    """--block-size 128 reaches every projection's MatMulNBits (the CPU head keeps its own 8-bit
+    blocks of 32); --no-quantize-lm-head keeps the tied head fp32, and the manifest says so."""
     import onnx
 
     out = tmp_path / "q"
     assert _cli("-q", "optimize", str(artifact_cache("tiny:llama")), "-o", str(out), "--precision", "int4",
-                "--block-size", "128", "--quantize-lm-head") == 0  # (no --check: a tiny random model's logits are flat)
+                "--block-size", "128") == 0  # (no --check: a tiny random model's logits are flat)
     settings = load_artifact(out).manifest["quantization"]["settings"]
-    assert settings["block_size"] == 128 and settings["lm_head"].startswith("quantized (tied")
+    assert settings["block_size"] == 128 and settings["lm_head"].startswith("quantized, 8-bit blocks of 32 (tied")
     nodes = [n for n in onnx.load(str(out / "model.onnx"), load_external_data=False).graph.node
              if n.op_type == "MatMulNBits"]
-    assert len(nodes) == 15
-    assert {a.i for n in nodes for a in n.attribute if a.name == "block_size"} == {128}
+    assert len(nodes) == 9
+    sizes = sorted(a.i for n in nodes for a in n.attribute if a.name == "block_size")
+    assert sizes == [32] + [128] * 8
+    kept = tmp_path / "kept"
+    assert _cli("-q", "optimize", str(artifact_cache("tiny:llama")), "-o", str(kept), "--precision", "int4",
+                "--no-quantize-lm-head") == 0
+    q = load_artifact(kept).manifest["quantization"]
+    assert q["settings"]["lm_head"] == "kept in the base precision (FusedMatMul)" and len(q["kept"]) == 1
+    assert q["converted_nodes"] == 8
 
 
 def test_int8_cpu_rows_are_batch_independent(optimized) -> None:  # type: ignore[no-untyped-def]
