@@ -347,7 +347,7 @@ const U* input(Ort::KernelContext& ctx, size_t index) {
 
 template <typename U>
 U* output(Ort::UnownedValue& value) {
-  return output<U>(value);
+  return value.GetTensorMutableData<U>();
 }
 
 template <typename T>
