@@ -291,7 +291,7 @@ class _Replica:
         logging.basicConfig(level=options.log_level.upper(),
                             format=f"%(levelname)s replica {self.replica} %(name)s: %(message)s")
         threads = None
-        where = "GPU" if options.device == "cuda" else "unpinned"
+        where = "the GPU Ray gave it"
         if options.device == "cuda":
             _preload_cuda_dlls()
         else:
@@ -304,8 +304,8 @@ class _Replica:
         self.model = load_model(options, threads)
         from runtime.serve.app import create_app
 
-        self.http_app = create_app(self.model, served_model_name=options.served_model_name, api_key=options.api_key,
-                              limits=options.limits())
+        self.http_app = create_app(self.model, served_model_name=options.served_model_name,
+                                   api_key=options.api_key, limits=options.limits())
         self.state = self.http_app.state.lmforge
         self.http_app.add_middleware(_ReplicaHeader, replica=self.replica)
         labels = {"replica": self.replica, "node": ray.util.get_node_ip_address(), "pid": str(os.getpid()),
@@ -345,12 +345,13 @@ class _Replica:
         if not hasattr(self, "_stop"):  # the constructor failed: nothing to drain
             model = getattr(self, "model", None)
             if model is not None:
-                model.close(drain=False)
+                model.close()
             return
         self._stop.set()
         self.state.start_drain()
         t0 = time.perf_counter()
-        await asyncio.to_thread(self.model.close, True, self.options.drain_timeout_s)
+        # the Engine, or an Encoder's EmbeddingService (which closes its Encoder)
+        await asyncio.to_thread(self.state.engine.close, True, self.options.drain_timeout_s)
         log.info("replica %s drained in %.1f s", self.replica, time.perf_counter() - t0)
         if self._board is not None:
             try:
