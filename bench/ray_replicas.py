@@ -8,8 +8,8 @@ streaming load from this process (``lmforge.benchmark.serve_load``: aiohttp, gre
 * ``--mode replicas`` (the CPU): ``lmforge serve --replicas 1`` against ``--replicas 2``, one core
   per replica (``--cpus-per-replica 1``, pinned): what a second replica adds.
 * ``--mode vs-serve`` (a GPU): ``lmforge serve`` (the engine core and its front-end) against
-  ``lmforge serve --replicas 1`` (one Ray Serve replica, the whole GPU) on the same device: what
-  Ray Serve's proxy and router cost.
+  ``lmforge serve --replicas 1`` (one Ray Serve replica, the whole GPU) on the same device, behind
+  Serve's Python proxy and behind its HAProxy ingress (``--ray-haproxy``): what Ray Serve costs.
 
 The artifact is a folder, or with ``--shape`` a ``random:<shape>`` built as
 ``bench/gpu_serving.py`` builds it (fp16 shared-buffer on CUDA) under ``--work``.
@@ -56,15 +56,30 @@ def rows(mode: str) -> list[tuple[str, list[str]]]:
     if mode == "replicas":
         return [("Ray Serve, 1 replica × 1 core", ["--replicas", "1", "--cpus-per-replica", "1"]),
                 ("Ray Serve, 2 replicas × 1 core", ["--replicas", "2", "--cpus-per-replica", "1"])]
-    return [("lmforge serve", []), ("Ray Serve, 1 replica", ["--replicas", "1"])]
+    return [("lmforge serve", []), ("Ray Serve, 1 replica", ["--replicas", "1"]),
+            ("Ray Serve, 1 replica, HAProxy ingress", ["--replicas", "1", "--ray-haproxy"])]
+
+
+class _RayServer(ServerProcess):
+    """``lmforge serve --replicas …`` with extra environment (``--ray-env``: Ray Serve's flags)."""
+
+    def __init__(self, artifact: Path, env: dict[str, str], **kwargs: Any) -> None:
+        super().__init__(artifact, **kwargs)
+        self.extra_env = env
+
+    def _env(self) -> dict[str, str]:
+        return {**super()._env(), **self.extra_env}
 
 
 def server(artifact: Path, args: argparse.Namespace, extra: list[str]) -> ServerProcess:
-    sp = ServerProcess(artifact, device=args.device, max_batch=args.max_batch, max_queue=args.max_queue,
-                       start_timeout_s=600.0, stop_timeout_s=120.0)
-    if extra:  # Serve's proxy takes a fixed port (not 0)
-        sp.command[sp.command.index("--port") + 1] = str(_free_port())
-        sp.command += extra
+    common: dict[str, Any] = dict(device=args.device, max_batch=args.max_batch, max_queue=args.max_queue,
+                                  start_timeout_s=600.0, stop_timeout_s=120.0)
+    if not extra:
+        return ServerProcess(artifact, **common)
+    env = dict(item.split("=", 1) for item in args.ray_env)
+    sp = _RayServer(artifact, env, **common)
+    sp.command[sp.command.index("--port") + 1] = str(_free_port())  # Serve's proxy takes a fixed port (not 0)
+    sp.command += extra
     return sp
 
 
@@ -102,6 +117,8 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--max-batch", type=int, default=32)
     parser.add_argument("--max-queue", type=int, default=1024)
+    parser.add_argument("--ray-env", action="append", default=[], metavar="KEY=VALUE",
+                        help="environment of the Ray rows' servers only (e.g. RAY_SERVE_ENABLE_HA_PROXY=1)")
     parser.add_argument("--json", default=None, help="write every run and the medians here")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -144,10 +161,11 @@ def main() -> None:
         summary[name] = {"median_output_tok_s": med, "ratio": med / base if base else None}
         print(f"| {name} | {', '.join(f'{t:,.0f}' for t in tps)} | {med:,.0f} | {med / base:.2f} | {ttft:,.0f} | "
               f"{errors} |")
-    if mode == "vs-serve":  # the ratio of each round, the two rows measured minutes apart
-        ratios = [b["output_tok_s"] / a["output_tok_s"] for a, b in zip(runs[names[0]], runs[names[1]])]
-        print(f"\nRay / lmforge serve per round: {', '.join(f'{x:.2f}' for x in ratios)}")
-        summary["ratio_per_round"] = ratios  # type: ignore[assignment]
+    if mode == "vs-serve":  # the ratio of each round, the rows measured minutes apart
+        for name in names[1:]:
+            ratios = [b["output_tok_s"] / a["output_tok_s"] for a, b in zip(runs[names[0]], runs[name])]
+            print(f"\n{name} / lmforge serve per round: {', '.join(f'{x:.2f}' for x in ratios)}")
+            summary[name]["ratio_per_round"] = ratios
     if args.json:
         import importlib.metadata as md
 

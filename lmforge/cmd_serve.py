@@ -75,6 +75,10 @@ def register(subparsers: Any) -> None:
                           "replica")
     ray.add_argument("--target-ongoing-requests", type=float, default=None, metavar="T",
                      help="the autoscaler's requests in flight per replica (default: --max-batch)")
+    ray.add_argument("--ray-haproxy", action="store_true",
+                     help="Ray Serve's HAProxy ingress (its RAY_SERVE_ENABLE_HA_PROXY feature flag) in place of its "
+                          "Python proxy, for the cluster this command starts (docs/ray.md: faster; a lost replica's "
+                          "requests then get HAProxy's error, not an OpenAI body)")
     ray.add_argument("--cpus-per-replica", type=int, default=None, metavar="K",
                      help="CPU replicas: cores reserved for and pinned by each (default: this machine's usable "
                           "cores / --replicas, at least 1)")
@@ -138,8 +142,8 @@ def run(args: argparse.Namespace) -> int:
                            got=str(args.chat_default_max_tokens))
     if args.replicas is not None or args.ray is not None:
         return _run_on_ray(args)
-    for flag in ("max_replicas", "target_ongoing_requests", "cpus_per_replica"):
-        if getattr(args, flag) is not None:
+    for flag in ("max_replicas", "target_ongoing_requests", "cpus_per_replica", "ray_haproxy"):
+        if getattr(args, flag) not in (None, False):
             raise LmforgeError(f"--{flag.replace('_', '-')} without --replicas or --ray",
                                expected="--replicas N (or --ray ADDRESS) with it", fix="add --replicas N, or drop it")
     slices = _slices(args.instances, args.device, args.threads)
@@ -224,6 +228,10 @@ def _run_on_ray(args: argparse.Namespace) -> int:
     if args.max_replicas is not None and args.max_replicas < replicas:
         raise LmforgeError("invalid --max-replicas", expected=f"an integer >= --replicas ({replicas})",
                            got=str(args.max_replicas))
+    if args.ray_haproxy and args.ray is not None:
+        raise LmforgeError("--ray-haproxy with --ray", expected="--ray-haproxy for the local cluster this command "
+                           "starts", fix="start the cluster's nodes with RAY_SERVE_ENABLE_HA_PROXY=1 in `ray start`'s "
+                           "environment instead (docs/ray.md)")
     if args.target_ongoing_requests is not None and not args.target_ongoing_requests > 0:
         raise LmforgeError("invalid --target-ongoing-requests", expected="a number > 0",
                            got=str(args.target_ongoing_requests))
@@ -268,6 +276,8 @@ def _run_on_ray(args: argparse.Namespace) -> int:
               f"{cluster['cluster']}, {cluster['nodes']} node(s); OpenAI API at {url}/v1{auth}; Ctrl-C or SIGTERM "
               "drains and stops)", flush=True)
 
+    if args.ray_haproxy:
+        os.environ["RAY_SERVE_ENABLE_HA_PROXY"] = "1"  # read by Serve's controller and proxies, which inherit it
     code = serve_on_ray(options, ray_options, address=args.ray, host=args.host, port=args.port,
                         on_listen=listening)
     print("lmforge serve: stopped", file=sys.stderr)

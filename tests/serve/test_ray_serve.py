@@ -258,6 +258,8 @@ def test_missing_ray_extra_is_one_line(monkeypatch: pytest.MonkeyPatch, capsys: 
     (["--replicas", "1", "--target-ongoing-requests", "0"], "--target-ongoing-requests"),
     (["--max-replicas", "3"], "--max-replicas without --replicas"),
     (["--cpus-per-replica", "2"], "--cpus-per-replica without --replicas"),
+    (["--ray-haproxy"], "--ray-haproxy without --replicas"),
+    (["--ray", "auto", "--ray-haproxy"], "--ray-haproxy with --ray"),
 ])
 def test_bad_replica_flags_are_one_line_errors(argv: list[str], says: str, capsys: pytest.CaptureFixture[str]) -> None:
     from lmforge.cli import main
