@@ -18,8 +18,10 @@ are not on a grid are left for the ordinary quantizer. The grid is read from the
 (``source``), before an fp16 conversion rounds them.
 
 Float zero points take MLAS (the CPU kernels) off its fast path, many times slower than the fp32
-``MatMul`` (docs/benchmarks.md, "CPU: fused, shared-buffer, int8 and int4 artifacts"), so this is
-used for CUDA targets only.
+``MatMul`` (docs/benchmarks.md, "CPU: fused, shared-buffer, int8 and int4 artifacts"), so
+:func:`grid_quantize` is for CUDA targets; :func:`grid_quantize_cpu` keeps the same grid exactly
+for the CPU with no zero points at all (a symmetric ``MatMulNBits`` plus the input's block sums
+times per-block offsets).
 """
 
 from __future__ import annotations
@@ -118,20 +120,22 @@ def grid_quantize_cpu(model: onnx.ModelProto, exclude: set[str], block_size: int
     the input over block ``b``: a ``[…, K/block] × [K/block, N]`` fp32 ``MatMul``, 1/block of the
     weight's size. So every MatMul on the grid becomes::
 
-        x ── MatMulNBits(q, d) ─────────────────────────────── Add ── y
-        x ── Reshape[…, K/block, block] ── ReduceSum(−1) ── MatMul(c) ─┘
+        x ── MatMulNBits(q, d) ───────────────────────── Add ── y
+        x ── MatMul(P) ── MatMul(c) ───────────────────────┘
 
-    whose weights equal the source's (the scale ``d`` and ``c`` in fp32, ``m`` and ``d`` being
-    fp16 in the file); only the kernel's int8 activations round. The block sums of one input are
-    computed once for all the MatMuls that read it. The input must be ``[batch, seq, K]`` (a
-    decoder's hidden states). Weights that are not on a grid are left for the ordinary quantizer.
-    Returns the replaced node names.
+    with ``P [K, K/block]`` the 0/1 block indicator (the block sums as one small GEMM), whose
+    weights equal the source's (the scale ``d`` and ``c`` in fp32, ``m`` and ``d`` being fp16 in
+    the file); only the kernel's int8 activations round. The block sums of one input are computed
+    once for all the MatMuls that read it. The caller must keep the two fp32 MatMuls (named
+    ``{node}_block_sums`` and ``{node}_offsets``) out of any later quantizer. Weights that are not
+    on a grid are left for the ordinary quantizer. Returns the replaced node names.
     """
     initializers = {t.name: t for t in model.graph.initializer}
     replaced: list[str] = []
     new_nodes: list[onnx.NodeProto] = []
     drop_inits: set[str] = set()
     sums: dict[tuple[str, int], str] = {}
+    indicators: set[str] = set()
     for node in model.graph.node:
         weight_name = node.input[1] if node.op_type == "MatMul" and node.domain in ("", "ai.onnx") \
             and len(node.input) == 2 else ""
@@ -159,16 +163,13 @@ def grid_quantize_cpu(model: onnx.ModelProto, exclude: set[str], block_size: int
         x = node.input[0]
         key = (x, block_size)
         if key not in sums:
-            shape = f"{x}__blocks{block_size}_shape"
-            model.graph.initializer.append(numpy_helper.from_array(
-                np.array([0, 0, blocks, block_size], dtype=np.int64), shape))
-            axes = f"{x}__blocks{block_size}_axes"
-            model.graph.initializer.append(numpy_helper.from_array(np.array([-1], dtype=np.int64), axes))
+            indicator = f"grid4_block_sums_{k}x{blocks}"  # [K, K/block]: 1 where row k is in block b
+            if indicator not in indicators:
+                ones = np.kron(np.eye(blocks, dtype=np.float32), np.ones((block_size, 1), dtype=np.float32))
+                model.graph.initializer.append(numpy_helper.from_array(ones, indicator))
+                indicators.add(indicator)
             sums[key] = f"{x}__block_sums{block_size}"
-            new_nodes.append(helper.make_node("Reshape", [x, shape], [f"{x}__blocks{block_size}"],
-                                              name=f"{node.name}_blocks"))
-            new_nodes.append(helper.make_node("ReduceSum", [f"{x}__blocks{block_size}", axes], [sums[key]],
-                                              name=f"{node.name}_block_sums", keepdims=0))
+            new_nodes.append(helper.make_node("MatMul", [x, indicator], [sums[key]], name=f"{node.name}_block_sums"))
         attrs = {"K": k, "N": n, "bits": 4, "block_size": block_size}
         if accuracy_level is not None:
             attrs["accuracy_level"] = accuracy_level

@@ -14,8 +14,14 @@ converted, with what settings, and what was left in higher precision.
 * ``fp16``: ``convert_float_to_float16`` with graph IO kept as it was (int64 ids, fp32 KV and
   logits; the casts sit inside the graph) and normalizations / softmax kept in fp32.
 
-The lm head (the ``MatMul``/``Gemm`` producing ``logits``) stays fp32 for int8/int4 when
-``keep_lm_head`` is set: on SmolLM2 it is a third of the weights but most of the logit error.
+The lm head (the ``MatMul``/``Gemm`` producing ``logits``) stays in the base precision when
+``keep_lm_head`` is set (the CUDA default). ``optimize --device cpu`` quantizes it (a tied head
+through its own copy, :mod:`passes.lm_head`) to 8 bits in blocks of 32 at int8 *and* int4: in
+fp32 it was the largest single node of a CPU decode step, and at 8 bits the int8 artifact still
+passes the int8 policy on the 61 default prompts (docs/benchmarks.md, "CPU: decode against the
+peers"). There, projections that read the same input are fused first
+(:mod:`passes.fuse_projections`), and int4 weights already on a Q4_1 grid keep it exactly
+(:func:`passes.grid_int4.grid_quantize_cpu`).
 
 Why this int8 recipe on CPU (8-bit ``MatMulNBits``, blocks of 16, accuracy level 4: int8
 activations per row and block): of the variants measured on SmolLM2-135M — their error against
@@ -34,8 +40,12 @@ and int4 artifacts" — it is the one that passes the int8 policy at a speed-up 
 * Blocks of 16 instead of 32 halve the span of each activation (and weight) scale; that costs
   some speed and cuts the error by a quarter. On the 61 default prompts: b16 39 exact,
   22 near-ties, 0 drift; b32 34 / 27 / 0 (``docs/benchmarks.md`` has both runs).
-* Quantizing the lm head too (8-bit b16, after untying it from the embedding) raised the error
-  from 0.092 to 0.101 for a little speed; the head stays fp32.
+* Quantizing the lm head too (8-bit, after untying it from the embedding) raises the error a
+  little (0.092 to 0.101 teacher-forced at b16); it is the CPU default since the step's profile
+  showed the fp32 head as its largest node, and the artifact still passes verify's default set.
+* Blocks of 32 for the body (with the 8-bit head): the same 34 exact / 27 near-tie / 0 drift on
+  the default set as blocks of 16, but a larger logit error and 3 real batch-parity mismatches,
+  which fail verify; blocks of 16 stay.
 
 Activation quantization is a discontinuous function, so even a row-independent kernel does not
 make the *model* batch-independent: the fp32 ``GroupQueryAttention`` result of a left-padded row
@@ -270,7 +280,7 @@ def quantize_file(src: Path, dst: Path, precision: str, device: str, keep_lm_hea
         offsets: list[str] = []
         if bits == 4 and device == "cpu":
             grid = grid_quantize_cpu(model, set(head), 32, accuracy_level)
-            offsets = [f"{name}_offsets" for name in grid]  # the fp32 offset MatMuls stay fp32
+            offsets = [f"{name}_{part}" for name in grid for part in ("offsets", "block_sums")]  # stay fp32
             head = head + offsets
         else:
             grid = grid_quantize(model, source_weights, set(head), block_size, accuracy_level) if source_weights else []

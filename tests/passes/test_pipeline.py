@@ -134,6 +134,20 @@ def test_llama_quantized(precision: str, bits: int, block_size: int, optimized) 
     assert report.check["ok"] and 0 < max(report.check["max_abs_diff"].values())
 
 
+@pytest.mark.parametrize("precision", ["int8", "int4"])
+def test_cpu_quantized_defaults_pass_verify(precision: str, optimized) -> None:  # type: ignore[no-untyped-def]
+    """The CPU int8 / int4 defaults (quantized head, fused projections) pass their parity policy
+    on the smoke prompts against the PyTorch fp32 reference (tiny:llama)."""
+    from parity.prompts import smoke_prompts_path
+    from parity.verify import verify_artifact
+
+    out, _ = optimized("llama", precision)
+    result = verify_artifact(out, smoke_prompts_path(), max_new_tokens=16, progress=False)
+    assert result.precision == precision
+    assert result.verdict.passed, result.verdict.reasons
+    assert result.verdict.summary.drift == 0
+
+
 def test_int4_block_128_and_the_head_flag(artifact_cache, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
     """--block-size 128 reaches every projection's MatMulNBits (the CPU head keeps its own 8-bit
     blocks of 32); --no-quantize-lm-head keeps the tied head fp32, and the manifest says so."""
