@@ -262,7 +262,8 @@ def _run_on_ray(args: argparse.Namespace) -> int:
                            api_key=api_key, drain_timeout_s=args.drain_timeout,
                            log_level="info" if args.verbose or args.debug else "warning",
                            warm_up=not args.no_warm_up, header_timeout_s=args.header_timeout,
-                           chat_default_max_tokens=args.chat_default_max_tokens or None)
+                           chat_default_max_tokens=args.chat_default_max_tokens or None,
+                           stream_interval=args.stream_interval)
     ray_options = RayOptions(replicas=replicas, max_replicas=args.max_replicas,
                              target_ongoing_requests=args.target_ongoing_requests, cpus_per_replica=cpus)
     name = args.served_model_name or os.path.basename(os.path.normpath(args.artifact))
