@@ -41,11 +41,11 @@ and int4 artifacts" — it is the one that passes the int8 policy at a speed-up 
   some speed and cuts the error by a quarter. On the 61 default prompts: b16 39 exact,
   22 near-ties, 0 drift; b32 34 / 27 / 0 (``docs/benchmarks.md`` has both runs).
 * Quantizing the lm head too (8-bit, after untying it from the embedding) raises the error a
-  little (0.092 to 0.101 teacher-forced at b16); it is the CPU default since the step's profile
-  showed the fp32 head as its largest node, and the artifact still passes verify's default set.
-* Blocks of 32 for the body (with the 8-bit head): the same 34 exact / 27 near-tie / 0 drift on
-  the default set as blocks of 16, but a larger logit error and 3 real batch-parity mismatches,
-  which fail verify; blocks of 16 stay.
+  little; it is the CPU default since the step's profile showed the fp32 head as its largest
+  node, and the artifact still passes verify's default set (a 4-bit head does not).
+* Blocks of 32 for the body (with the 8-bit head) have a larger logit error and real
+  batch-parity mismatches, which fail verify; blocks of 16 stay. (Numbers: docs/benchmarks.md,
+  "CPU: decode against the peers".)
 
 Activation quantization is a discontinuous function, so even a row-independent kernel does not
 make the *model* batch-independent: the fp32 ``GroupQueryAttention`` result of a left-padded row
