@@ -198,8 +198,8 @@ class SlotsBackend:
         self._host: dict[int, ort.OrtValue] = {}  # value → a host tensor at a fixed address
         # A prefill's bindings of what lives at fixed addresses (KV rows, state outputs, constants)
         # per (first slot, rows, state set): made once, then only the prompt and the start state
-        # are bound per run. Binding ~60 tensors by address cost more host time than a short
-        # prompt's whole prefill on a fast GPU (docs/benchmarks.md, "GPU: time to first token").
+        # are bound per run: binding some 60 tensors by address is host time every prefill would
+        # otherwise pay before its first token (docs/serving.md, "Time to first token").
         self._prefill_bindings: collections.OrderedDict[tuple[int, int, int], Any] = collections.OrderedDict()
         self._staged: dict[int, dict[str, np.ndarray]] = {}  # slot → the rows stage() returned, not yet uploaded
         self.replays = 0
