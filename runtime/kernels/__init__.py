@@ -30,11 +30,12 @@ FUSED_SAMPLE = "FusedSample"
 def kernel_library() -> Path | None:
     """The built custom-op library for this machine's GPU, or None (then the ONNX sampler serves).
 
-    Opt-in for now: ``LMFORGE_KERNELS=1`` turns the kernels on (the first runs on the lent GPU
-    blocked inside the op's first call, docs/kernels.md, "Status"; until that is understood a
-    build alone changes nothing). ``LMFORGE_KERNELS_LIB=/path/lib.so`` names a library to use;
-    otherwise the cached build of ``lmforge kernels build`` for the first GPU's architecture,
-    when there is one. Called only for CUDA sessions (it asks ``nvidia-smi``)."""
+    Opt-in until the op has passed its GPU tests: ``LMFORGE_KERNELS=1`` turns the kernels on (the
+    first build never returned from its first call, a host-side bug since fixed but not yet run
+    on a GPU; docs/kernels.md, "Status"); a build alone changes nothing.
+    ``LMFORGE_KERNELS_LIB=/path/lib.so`` names a library to use; otherwise the cached build of
+    ``lmforge kernels build`` for the first GPU's architecture, when there is one. Called only for
+    CUDA sessions (it asks ``nvidia-smi``)."""
     setting = os.environ.get("LMFORGE_KERNELS", "").strip().lower()
     if setting not in ("1", "on", "true", "yes"):
         return None
