@@ -39,6 +39,7 @@ from onnxscript.rewriter.ort_fusions import (
 )
 from onnxscript.rewriter.rules.common import _gemm_to_matmul_add
 
+from passes.gqa_shared_lengths import share_gqa_lengths
 from passes.rule_bloom_attention import bloom_attention_rules
 from passes.rule_fast_gelu import fast_gelu_rules
 from passes.rule_gemm_matmul import gemm_matmul_rules
@@ -206,5 +207,6 @@ def final_passes() -> list[GraphPass]:
     """After fusing: inline what no fusion consumed, fold, and drop dead nodes."""
     return [
         GraphPass("inline-and-fold", "cleanup", _delta(lambda m: optimizer.optimize(m))),
+        GraphPass("gqa-shared-lengths", "cleanup", lambda m, c: share_gqa_lengths(m)),
         GraphPass("dead-nodes-2", "cleanup", _delta(_dead)),
     ]

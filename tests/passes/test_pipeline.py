@@ -128,6 +128,9 @@ def test_llama_quantized(precision: str, bits: int, block_size: int, optimized) 
     assert head.op_type == "MatMulNBits"
     assert {a.name: a.i for a in head.attribute if a.name in ("bits", "block_size")} == {"bits": 8, "block_size": 32}
     assert sum(n.op_type == "Split" for n in model.graph.node) == 4
+    gqa = [n for n in model.graph.node if n.op_type == "GroupQueryAttention"]
+    assert len(gqa) == 2 and len({n.input[5] for n in gqa}) == 1  # one seqlens_k for every layer
+    assert {"name": "gqa-shared-lengths", "count": 1} in load_artifact(out).manifest["passes"]
     assert {k: q["settings"][k] for k in ("bits", "block_size", "symmetric", "accuracy_level", "base")} == {
         "bits": bits, "block_size": block_size, "symmetric": True, "accuracy_level": 4, "base": "fp32"}
     assert "per row" in q["settings"]["activations"]  # the record says how activations are quantized
