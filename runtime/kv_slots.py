@@ -202,6 +202,9 @@ class SlotsBackend:
         # otherwise pay before its first token (docs/serving.md, "Time to first token").
         self._prefill_bindings: collections.OrderedDict[tuple[int, int, int], Any] = collections.OrderedDict()
         self._staged: dict[int, dict[str, np.ndarray]] = {}  # slot → the rows stage() returned, not yet uploaded
+        # the state a prefill of m rows starts from (prompt masks, zero counts and history), in host
+        # tensors per (name, m) that the cached bindings share and each prefill overwrites
+        self._start: dict[tuple[str, int], ort.OrtValue] = {}
         self.replays = 0
         self.prefill_runs = 0
         self.prefill_seen: set[tuple[int, int]] = set()  # (rows, length) of the one-run prefills so far
@@ -333,7 +336,8 @@ class SlotsBackend:
                 short = name[len(PREFIX):]
                 start = [np.zeros((1, self.window), np.int64) if short == "history" else rows[short]
                          for _, _, rows in group]
-                binding.bind_cpu_input(name, np.ascontiguousarray(np.concatenate(start).astype(NP_DTYPES[dtype])))
+                self._start_value(name, m).update_inplace(
+                    np.ascontiguousarray(np.concatenate(start).astype(NP_DTYPES[dtype])))
         self._bind_host(binding, plan)
         if chunked:  # chunks: batch 1 with a past, exact lengths
             prompt = group[0][1]
@@ -369,6 +373,8 @@ class SlotsBackend:
             bind(binding, present, self.kv[past], first, m, output=True)
         for name, out, _ in STATE:
             bind(binding, out, self.sets[into][name], first, m, output=True)
+            if name.startswith(PREFIX):
+                binding.bind_ortvalue_input(name, self._start_value(name, m))
         for name, value in self.consts.items():
             bind(binding, name, value, first, m, output=False)
         if cached:
@@ -376,6 +382,15 @@ class SlotsBackend:
             if len(self._prefill_bindings) > _PREFILL_BINDINGS:
                 self._prefill_bindings.popitem(last=False)
         return binding
+
+    def _start_value(self, name: str, m: int) -> ort.OrtValue:
+        """The host tensor a prefill of ``m`` rows reads state ``name`` from (made on first use)."""
+        value = self._start.get((name, m))
+        if value is None:
+            dtype = next(dtype for state, _, dtype in STATE if state == name)
+            shape = [m, *self._row_shapes()[name]]
+            value = self._start[(name, m)] = ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, NP_DTYPES[dtype]))
+        return value
 
     def _run_prefill(self, binding: Any, ids: np.ndarray, start: int, last: list[int], total: int,
                      keep_logits: bool) -> np.ndarray | None:
