@@ -45,7 +45,7 @@ from runtime.errors import LmforgeError
 from runtime.options import DEFAULTS
 from runtime.serve.server import DrainingServer, bind, url_of, uvicorn_config
 
-__all__ = ["WORKER_HEADER", "ModelOptions", "WorkerHeader", "load_model", "serve_instances"]
+__all__ = ["WORKER_HEADER", "ModelOptions", "ResponseHeader", "WorkerHeader", "load_model", "serve_instances"]
 
 log = logging.getLogger(__name__)
 
@@ -99,12 +99,12 @@ def load_model(options: ModelOptions, threads: int | None) -> Any:
     return Encoder(artifact, device=options.device, threads=threads)
 
 
-class WorkerHeader:
-    """ASGI middleware: ``x-lmforge-worker: i`` on every response."""
+class ResponseHeader:
+    """ASGI middleware: one header (``name: value``) on every HTTP response."""
 
-    def __init__(self, app: Any, index: int) -> None:
+    def __init__(self, app: Any, name: str, value: str) -> None:
         self.app = app
-        self.header = (WORKER_HEADER.encode(), str(index).encode())
+        self.header = (name.encode(), value.encode())
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -117,6 +117,13 @@ class WorkerHeader:
             await send(message)
 
         await self.app(scope, receive, send_with_header)
+
+
+class WorkerHeader(ResponseHeader):
+    """ASGI middleware: ``x-lmforge-worker: i`` on every response."""
+
+    def __init__(self, app: Any, index: int) -> None:
+        super().__init__(app, WORKER_HEADER, str(index))
 
 
 def _watch_parent(parent: int, server: DrainingServer) -> None:

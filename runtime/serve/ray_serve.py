@@ -46,7 +46,7 @@ import ray
 from ray import serve
 
 from runtime.errors import LmforgeError
-from runtime.serve.instances import ModelOptions, load_model
+from runtime.serve.instances import ModelOptions, ResponseHeader, load_model
 
 __all__ = ["APP_NAME", "DEPLOYMENT_NAME", "PROXY_CALLBACK", "PUBLISH_S", "REPLICA_HEADER", "LmforgeReplica",
            "MetricsBoard", "RayOptions", "ReplicaLost", "app_builder", "build_app", "proxy_middlewares", "serve_on_ray"]
@@ -186,26 +186,6 @@ class _DeploymentMetrics:
         yield from merged.values()
 
 
-class _ReplicaHeader:
-    """ASGI middleware: ``x-lmforge-replica: <id>`` on every response."""
-
-    def __init__(self, app: Any, replica: str) -> None:
-        self.app = app
-        self.header = (REPLICA_HEADER.encode(), replica.encode())
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-
-        async def send_with_header(message: Any) -> None:
-            if message["type"] == "http.response.start":
-                message = {**message, "headers": [*message.get("headers", []), self.header]}
-            await send(message)
-
-        await self.app(scope, receive, send_with_header)
-
-
 class ReplicaLost:
     """ASGI middleware for Serve's HTTP proxy: a request whose replica died answers with OpenAI's error
     body instead of Serve's bare ``500 Internal Server Error`` or a connection cut mid-body.
@@ -307,7 +287,7 @@ class _Replica:
         self.http_app = create_app(self.model, served_model_name=options.served_model_name,
                                    api_key=options.api_key, limits=options.limits())
         self.state = self.http_app.state.lmforge
-        self.http_app.add_middleware(_ReplicaHeader, replica=self.replica)
+        self.http_app.add_middleware(ResponseHeader, name=REPLICA_HEADER, value=self.replica)
         labels = {"replica": self.replica, "node": ray.util.get_node_ip_address(), "pid": str(os.getpid()),
                   "rank": str(rank.rank if rank is not None else "")}
         self.metrics = _DeploymentMetrics(self.state.metrics.render_registry, labels)
