@@ -24,7 +24,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["DTYPE_CODES", "GraphBuilder", "encode_model", "fragment_bytes"]
+__all__ = ["DTYPE_CODES", "GraphBuilder", "encode_model", "fragment_bytes", "read_varint"]
 
 # TensorProto.DataType
 DTYPE_CODES: dict[str, int] = {
@@ -38,6 +38,21 @@ _ATTR_FLOAT, _ATTR_INT, _ATTR_TENSOR, _ATTR_INTS = 1, 2, 4, 7
 
 # --------------------------------------------------------------------------------------------
 # Protobuf wire format
+
+
+def read_varint(buf: bytes | memoryview, pos: int) -> tuple[int, int]:
+    """The varint at ``buf[pos:]`` and the position after it (the readers of runtime.artifact and
+    runtime.kernels.graph walk serialized models with it)."""
+    value, shift = 0, 0
+    while True:
+        if pos >= len(buf):
+            raise ValueError("truncated protobuf varint")
+        byte = buf[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return value, pos
+        shift += 7
 
 
 def _varint(value: int) -> bytes:

@@ -35,6 +35,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from runtime._onnx_proto import read_varint
 from runtime.errors import ArtifactError
 
 __all__ = [
@@ -313,34 +314,20 @@ def load_artifact(path: str | os.PathLike[str], verify_hashes: bool = True) -> A
 # A minimal protobuf walk for external data locations
 
 
-def _varint(buf: bytes, pos: int) -> tuple[int, int]:
-    result = 0
-    shift = 0
-    while True:
-        if pos >= len(buf):
-            raise ValueError("truncated varint")
-        byte = buf[pos]
-        pos += 1
-        result |= (byte & 0x7F) << shift
-        if not byte & 0x80:
-            return result, pos
-        shift += 7
-
-
 def _fields(buf: bytes) -> Iterator[tuple[int, int, bytes | int]]:
     """Yield (field number, wire type, value) of one protobuf message."""
     pos = 0
     while pos < len(buf):
-        key, pos = _varint(buf, pos)
+        key, pos = read_varint(buf, pos)
         field, wire = key >> 3, key & 7
         if wire == 0:
-            value, pos = _varint(buf, pos)
+            value, pos = read_varint(buf, pos)
             yield field, wire, value
         elif wire == 1:
             yield field, wire, buf[pos : pos + 8]
             pos += 8
         elif wire == 2:
-            length, pos = _varint(buf, pos)
+            length, pos = read_varint(buf, pos)
             if pos + length > len(buf):
                 raise ValueError("truncated field")
             yield field, wire, buf[pos : pos + length]

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+from runtime._onnx_proto import read_varint
 from runtime.step_graph import PREFIX, step_fragment
 
 __all__ = ["fuse_step", "step_node_names"]
@@ -26,34 +27,21 @@ _NODE, _INITIALIZER, _VALUE_INFO = 1, 5, 13  # GraphProto fields
 _NODE_NAME, _TENSOR_NAME, _VALUE_INFO_NAME = 3, 8, 1
 
 
-def _varint(buf: bytes | memoryview, pos: int) -> tuple[int, int]:
-    value, shift = 0, 0
-    while True:
-        if pos >= len(buf):
-            raise ValueError("truncated protobuf varint")
-        byte = buf[pos]
-        pos += 1
-        value |= (byte & 0x7F) << shift
-        if not byte & 0x80:
-            return value, pos
-        shift += 7
-
-
 def _fields(buf: memoryview) -> Iterator[tuple[int, int, int, int, int]]:
     """``(field, wire type, start of the record, start of the payload, end)`` for each record."""
     pos = 0
     while pos < len(buf):
         start = pos
-        key, pos = _varint(buf, pos)
+        key, pos = read_varint(buf, pos)
         field, wire = key >> 3, key & 7
         if wire == 0:
-            _, end = _varint(buf, pos)
+            _, end = read_varint(buf, pos)
         elif wire == 1:
             end = pos + 8
         elif wire == 5:
             end = pos + 4
         elif wire == 2:
-            length, pos = _varint(buf, pos)
+            length, pos = read_varint(buf, pos)
             end = pos + length
         else:
             raise ValueError(f"unsupported protobuf wire type {wire}")
