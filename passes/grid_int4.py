@@ -58,6 +58,18 @@ def on_grid(
     return q.astype(np.uint8), np.where(step > 0, step, 1.0), low
 
 
+def _replace_nodes(model: onnx.ModelProto, nodes: list[onnx.NodeProto], drop_inits: set[str]) -> None:
+    """``model``'s nodes become ``nodes``; the initializers in ``drop_inits`` that no node reads go."""
+    still_used = {i for node in nodes for i in node.input}
+    kept_inits = [t for t in model.graph.initializer if t.name not in drop_inits or t.name in still_used]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept_inits)
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    if not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+
+
 def grid_quantize(model: onnx.ModelProto, source: dict[str, np.ndarray], exclude: set[str],
                   block_size: int = 32, accuracy_level: int | None = None) -> list[str]:
     """Replace every ``MatMul`` (not in ``exclude``) whose weight ``source[B]`` is on a 4-bit grid
@@ -97,14 +109,7 @@ def grid_quantize(model: onnx.ModelProto, source: dict[str, np.ndarray], exclude
         drop_inits.add(weight_name)
         replaced.append(node.name)
     if replaced:
-        still_used = {i for node in keep_nodes for i in node.input}
-        kept_inits = [t for t in model.graph.initializer if t.name not in drop_inits or t.name in still_used]
-        del model.graph.initializer[:]
-        model.graph.initializer.extend(kept_inits)
-        del model.graph.node[:]
-        model.graph.node.extend(keep_nodes)
-        if not any(o.domain == "com.microsoft" for o in model.opset_import):
-            model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+        _replace_nodes(model, keep_nodes, drop_inits)
         log.info("int4 on the source's grid (exact): %d MatMul node(s)", len(replaced))
     return replaced
 
@@ -182,14 +187,7 @@ def grid_quantize_cpu(model: onnx.ModelProto, exclude: set[str], block_size: int
         drop_inits.add(weight_name)
         replaced.append(node.name)
     if replaced:
-        still_used = {i for node in new_nodes for i in node.input}
-        kept_inits = [t for t in model.graph.initializer if t.name not in drop_inits or t.name in still_used]
-        del model.graph.initializer[:]
-        model.graph.initializer.extend(kept_inits)
-        del model.graph.node[:]
-        model.graph.node.extend(new_nodes)
-        if not any(o.domain == "com.microsoft" for o in model.opset_import):
-            model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+        _replace_nodes(model, new_nodes, drop_inits)
         log.info("int4 on the source's grid (exact, symmetric kernel + block-sum offsets): %d MatMul node(s)",
                  len(replaced))
     return replaced
