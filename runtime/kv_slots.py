@@ -336,8 +336,11 @@ class SlotsBackend:
                 short = name[len(PREFIX):]
                 start = [np.zeros((1, self.window), np.int64) if short == "history" else rows[short]
                          for _, _, rows in group]
-                self._start_value(name, m).update_inplace(
-                    np.ascontiguousarray(np.concatenate(start).astype(NP_DTYPES[dtype])))
+                value = self._start_value(name, m)
+                value.update_inplace(np.ascontiguousarray(np.concatenate(start).astype(NP_DTYPES[dtype])))
+                # bound after the update, every run: onnxruntime copies a host input meant for
+                # another device when it is bound, so a binding made earlier holds old values
+                binding.bind_ortvalue_input(name, value)
         self._bind_host(binding, plan)
         if chunked:  # chunks: batch 1 with a past, exact lengths
             prompt = group[0][1]
@@ -373,8 +376,6 @@ class SlotsBackend:
             bind(binding, present, self.kv[past], first, m, output=True)
         for name, out, _ in STATE:
             bind(binding, out, self.sets[into][name], first, m, output=True)
-            if name.startswith(PREFIX):
-                binding.bind_ortvalue_input(name, self._start_value(name, m))
         for name, value in self.consts.items():
             bind(binding, name, value, first, m, output=False)
         if cached:
