@@ -202,8 +202,12 @@ class SlotsBackend:
         # otherwise pay before its first token (docs/serving.md, "Time to first token").
         self._prefill_bindings: collections.OrderedDict[tuple[int, int, int], Any] = collections.OrderedDict()
         self._staged: dict[int, dict[str, np.ndarray]] = {}  # slot → the rows stage() returned, not yet uploaded
-        # the state a prefill of m rows starts from (prompt masks, zero counts and history), in host
-        # tensors per (name, m) that the cached bindings share and each prefill overwrites
+        # the state a prefill starts from: zeros for a new request (counts, step, history, and the
+        # prompt mask without a repetition penalty), bound by address from device buffers that
+        # stay zero; a prompt mask goes through host tensors per (name, m) that each such
+        # prefill overwrites (onnxruntime copies them to the device when they are bound)
+        self._zero_start = {name: device.zeros([b, *shapes[name]], dtype) for name, _, dtype in STATE
+                            if name.startswith(PREFIX)}
         self._start: dict[tuple[str, int], ort.OrtValue] = {}
         self.replays = 0
         self.prefill_runs = 0
@@ -321,9 +325,9 @@ class SlotsBackend:
     def _prefill_group(self, group: list[tuple[int, list[int], dict[str, np.ndarray]]], want_logits: bool,
                        plan: Plan) -> dict[int, tuple[int, np.ndarray | None]]:
         """One prefill run over consecutive slots (or a long prompt's chunks, alone): the step
-        state it starts from (prompt mask, zero counts and history) is bound from host memory,
-        the constants from the slots' rows, and it writes the state the first decode step
-        reads into the slots' rows of the current set."""
+        state it starts from is bound from device zeros (a prompt mask from host memory), the
+        constants from the slots' rows, and it writes the state the first decode step reads into
+        the slots' rows of the current set."""
         into = self.current
         first, m = group[0][0], len(group)
         lengths = [len(prompt) for _, prompt, _ in group]
@@ -332,15 +336,18 @@ class SlotsBackend:
         # that keeps logits, or a chunked prompt, gets a binding of its own
         binding = self._fixed_binding(first, m, into, cached=not want_logits and not chunked)
         for name, _, dtype in STATE:
-            if name.startswith(PREFIX):
-                short = name[len(PREFIX):]
-                start = [np.zeros((1, self.window), np.int64) if short == "history" else rows[short]
-                         for _, _, rows in group]
-                value = self._start_value(name, m)
-                value.update_inplace(np.ascontiguousarray(np.concatenate(start).astype(NP_DTYPES[dtype])))
-                # bound after the update, every run: onnxruntime copies a host input meant for
-                # another device when it is bound, so a binding made earlier holds old values
-                binding.bind_ortvalue_input(name, value)
+            if not name.startswith(PREFIX):
+                continue
+            short = name[len(PREFIX):]
+            start = [] if short == "history" else [rows[short] for _, _, rows in group]
+            if not any(row.any() for row in start):
+                self.device.bind_rows(binding, name, self._zero_start[name], 0, m, output=False)
+                continue
+            value = self._start_value(name, m)
+            value.update_inplace(np.ascontiguousarray(np.concatenate(start).astype(NP_DTYPES[dtype])))
+            # bound after the update, every run: onnxruntime copies a host input meant for another
+            # device when it is bound, so a binding made earlier would hold old values
+            binding.bind_ortvalue_input(name, value)
         self._bind_host(binding, plan)
         if chunked:  # chunks: batch 1 with a past, exact lengths
             prompt = group[0][1]
