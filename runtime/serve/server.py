@@ -32,13 +32,29 @@ import h11
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+try:  # uvicorn's protocol over httptools (the llhttp C parser), if httptools is installed
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+    HAVE_HTTPTOOLS = True
+except ImportError:  # the pure-Python h11 protocol serves instead
+    HAVE_HTTPTOOLS = False
+    HttpToolsProtocol = H11Protocol  # type: ignore[assignment,misc]
+
 from runtime.errors import LmforgeError
 from runtime.serve.app import ServeLimits, ServeState, create_app
 
-__all__ = ["BackgroundServer", "DrainingServer", "HeaderTimeoutH11Protocol", "bind", "header_timeout_protocol",
-           "serve", "url_of", "uvicorn_config"]
+__all__ = ["HTTP_PARSER", "BackgroundServer", "DrainingServer", "HeaderTimeoutH11Protocol", "bind",
+           "header_timeout_protocol", "serve", "url_of", "uvicorn_config"]
 
 log = logging.getLogger(__name__)
+
+HTTP_PARSER = "httptools" if HAVE_HTTPTOOLS else "h11"
+"""The HTTP/1.1 protocol the server runs: ``"httptools"`` (uvicorn's protocol over the llhttp C
+parser) when httptools is installed, else ``"h11"`` (pure Python, which costs the front-end more
+CPU per streamed chunk). Both get the same header-read timeout and header-size bound."""
+
+MAX_HEADER_BYTES = 16 * 1024
+"""How many bytes a request line and its headers may take (h11's default bound, which the h11
+protocol enforces itself; the httptools protocol checks the same here). Past it: 400, closed."""
 
 
 def bind(host: str, port: int, reuse_port: bool = False) -> socket.socket:
@@ -123,8 +139,8 @@ class HeaderTimeoutH11Protocol(H11Protocol):
     connection opening or of the previous response ending, else the connection is closed (no
     response: nothing was asked yet). The request's body and its response are not timed here.
 
-    The server runs this class whatever else is installed (uvicorn's ``auto`` would pick
-    httptools when present): one protocol, with the timeout, everywhere.
+    The server runs this class or :class:`HeaderTimeoutHttpToolsProtocol` (:data:`HTTP_PARSER`),
+    never uvicorn's own protocols, which have no such timeout.
     """
 
     header_timeout_s = 10.0
@@ -164,10 +180,88 @@ class HeaderTimeoutH11Protocol(H11Protocol):
             self.transport.close()
 
 
-def header_timeout_protocol(seconds: float) -> type[HeaderTimeoutH11Protocol]:
-    """:class:`HeaderTimeoutH11Protocol` with its timeout set to ``seconds``."""
+
+
+class HeaderTimeoutHttpToolsProtocol(HttpToolsProtocol):  # without httptools: defined, never served
+    """uvicorn's httptools protocol (the llhttp C parser) with the same header-read timeout as
+    :class:`HeaderTimeoutH11Protocol`, and a bound on the headers' size.
+
+    A request's headers must be complete within ``header_timeout_s`` of the connection opening or
+    of the previous response ending (when no next request is already in), else the connection is
+    closed without a response. h11 refuses a request whose headers pass 16 KiB; llhttp has no
+    such bound (uvicorn's httptools protocol would buffer headers for as long as they came), so
+    here a request whose line and headers are still incomplete after :data:`MAX_HEADER_BYTES`
+    gets uvicorn's 400 for an invalid request and the connection is closed.
+    """
+
+    header_timeout_s = 10.0
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        self._header_timer: asyncio.TimerHandle | None = None
+        self._reading_headers = True  # the next bytes are a request line and headers
+        self._header_bytes = 0
+        super().connection_made(transport)
+        self._arm_header_timer()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm_header_timer()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self._reading_headers:
+            self._header_bytes += len(data)
+        super().data_received(data)
+        if self._reading_headers and self._header_bytes > MAX_HEADER_BYTES and not self.transport.is_closing():
+            log.info("closing a connection whose request headers passed %d bytes", MAX_HEADER_BYTES)
+            self.send_400_response("Invalid HTTP request received.")
+
+    def on_headers_complete(self) -> None:
+        self._reading_headers = False
+        self._disarm_header_timer()
+        super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        self._reading_headers = True  # the request is read: what comes next is the next one's
+        self._header_bytes = 0
+        if self.cycle is not None and self.cycle.response_complete and not self.pipeline:
+            self._arm_header_timer()  # answered before its body was read: the next request's headers
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if not self.transport.is_closing() and self._reading_headers and not self.pipeline:
+            self._arm_header_timer()  # the next request's headers
+
+    def _arm_header_timer(self) -> None:
+        self._disarm_header_timer()
+        self._header_timer = self.loop.call_later(self.header_timeout_s, self._header_timeout)
+
+    def _disarm_header_timer(self) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+
+    def _header_timeout(self) -> None:
+        self._header_timer = None
+        if self._reading_headers and not self.transport.is_closing():
+            log.info("closing a connection whose request headers took over %.1f s", self.header_timeout_s)
+            self.transport.close()
+
+
+def header_timeout_protocol(seconds: float, parser: str | None = None) -> type[asyncio.Protocol]:
+    """The server's HTTP protocol class with its header timeout set to ``seconds``:
+    :class:`HeaderTimeoutHttpToolsProtocol` or :class:`HeaderTimeoutH11Protocol`, as ``parser``
+    (``"httptools"`` or ``"h11"``; None: :data:`HTTP_PARSER`) says."""
     if not seconds > 0:
         raise LmforgeError("invalid header timeout", expected="seconds > 0", got=repr(seconds))
+    parser = parser or HTTP_PARSER
+    if parser == "httptools":
+        if not HAVE_HTTPTOOLS:
+            raise LmforgeError("the httptools HTTP parser is not installed", fix="pip install httptools")
+        return type("HeaderTimeoutHttpToolsProtocol", (HeaderTimeoutHttpToolsProtocol,),
+                    {"header_timeout_s": float(seconds)})
+    if parser != "h11":
+        raise LmforgeError("invalid HTTP parser", expected="'httptools' or 'h11'", got=repr(parser))
     return type("HeaderTimeoutH11Protocol", (HeaderTimeoutH11Protocol,), {"header_timeout_s": float(seconds)})
 
 

@@ -13,6 +13,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from runtime.serve import ServeLimits
+from runtime.serve import server as server_module
 from tests.serve.fake_engine import openai_error as _error
 
 CHAT = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3}
@@ -148,8 +149,16 @@ def _slow_headers(url: str, pause_s: float, limit_s: float) -> float:
     raise AssertionError(f"the server still read headers after {limit_s} s")
 
 
-def test_slow_headers_are_cut_off(fake_server) -> None:  # type: ignore[no-untyped-def]
+PARSERS = ["h11", pytest.param("httptools", marks=pytest.mark.skipif(
+    not server_module.HAVE_HTTPTOOLS, reason="httptools is not installed"))]
+
+
+@pytest.mark.parametrize("parser", PARSERS)
+def test_slow_headers_are_cut_off(fake_server, monkeypatch: pytest.MonkeyPatch, parser: str) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setattr(server_module, "HTTP_PARSER", parser)
     server, _ = fake_server(limits=ServeLimits(header_timeout_s=1.0))
+    assert issubclass(server.server.config.http, server_module.HeaderTimeoutH11Protocol if parser == "h11"
+                      else server_module.HeaderTimeoutHttpToolsProtocol)
     took = _slow_headers(server.url, pause_s=0.2, limit_s=8.0)
     assert 0.9 <= took < 3.0, took
     # an idle connection that never sends a byte is cut off the same way
@@ -163,6 +172,49 @@ def test_slow_headers_are_cut_off(fake_server) -> None:  # type: ignore[no-untyp
         for _ in range(3):
             assert client.post(server.url + "/v1/completions", content=body).status_code == 200
             time.sleep(0.6)
+    # after a response on a kept connection, the next request's headers are timed again
+    with socket.create_connection((parts.hostname, parts.port), timeout=8) as sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        answer = b""
+        while not answer.endswith(b"}"):  # the whole response: status line, headers, JSON body
+            chunk = sock.recv(65536)
+            assert chunk, answer
+            answer += chunk
+        assert answer.startswith(b"HTTP/1.1 200"), answer
+        sock.sendall(b"GET /health HTTP/1.1\r\n")  # and never the rest
+        t0 = time.monotonic()
+        assert sock.recv(1024) == b"" and 0.5 <= time.monotonic() - t0 < 3.0
+
+
+@pytest.mark.parametrize("parser", PARSERS)
+def test_oversized_headers_are_a_400_and_pipelined_requests_are_answered(  # type: ignore[no-untyped-def]
+        fake_server, monkeypatch: pytest.MonkeyPatch, parser: str) -> None:
+    monkeypatch.setattr(server_module, "HTTP_PARSER", parser)
+    server, _ = fake_server(limits=ServeLimits(header_timeout_s=2.0))
+    parts = urlsplit(server.url)
+    with socket.create_connection((parts.hostname, parts.port), timeout=8) as sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")
+        try:
+            for _ in range(40):  # 40 KiB of headers that never end
+                sock.sendall(b"X-Big: " + b"a" * 1014 + b"\r\n")
+        except OSError:
+            pass  # closed while sending
+        answer = b""
+        try:
+            while chunk := sock.recv(65536):
+                answer += chunk
+        except OSError:
+            pass
+        assert answer.startswith(b"HTTP/1.1 400"), answer[:80]
+    # two requests in one write (pipelined): both answered, in order, on the kept connection
+    with socket.create_connection((parts.hostname, parts.port), timeout=8) as sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\nGET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n")
+        answer = b""
+        while answer.count(b"HTTP/1.1 200") < 2 or not answer.endswith(b"}"):
+            chunk = sock.recv(65536)
+            assert chunk, answer
+            answer += chunk
+        assert b'{"status":"ok"}' in answer and b'"object":"list"' in answer.replace(b" ", b"")
 
 
 @pytest.mark.parametrize("temperature", [0, 0.7])
