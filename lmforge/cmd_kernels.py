@@ -57,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     path = library_path(arch)
     if path.is_file():
-        print(f"kernels    {path} (CUDA sessions register it with LMFORGE_KERNELS=1; opt-in for now)")
+        print(f"kernels    {path} (CUDA sessions use it; LMFORGE_KERNELS=0 turns it off)")
     else:
         print(f"kernels    not built for {arch}: run `lmforge kernels build` (the ONNX sampler serves until then)")
     return 0

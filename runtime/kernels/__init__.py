@@ -6,8 +6,8 @@ the state update) in one kernel launch, where the ONNX sampler (:mod:`runtime.sa
 launches ~80 small kernels. ``lmforge kernels build`` compiles it for the installed GPU
 (:mod:`runtime.kernels.build`); :func:`kernel_library` finds that build when a CUDA session is
 opened, and the slots backend then swaps the step model's sampling nodes for the one fused node
-(:func:`runtime.kernels.graph.fuse_step`). Without a build, or without ``LMFORGE_KERNELS=1`` (opt-in
-for now, see :func:`kernel_library`), nothing changes: the ONNX sampler serves, as on the CPU.
+(:func:`runtime.kernels.graph.fuse_step`). Without a build, or with ``LMFORGE_KERNELS=0``, nothing
+changes: the ONNX sampler serves, as on the CPU.
 docs/kernels.md has the details and the numbers.
 """
 
@@ -30,14 +30,13 @@ FUSED_SAMPLE = "FusedSample"
 def kernel_library() -> Path | None:
     """The built custom-op library for this machine's GPU, or None (then the ONNX sampler serves).
 
-    Opt-in until the op has passed its GPU tests: ``LMFORGE_KERNELS=1`` turns the kernels on (the
-    first build never returned from its first call, a host-side bug since fixed but not yet run
-    on a GPU; docs/kernels.md, "Status"); a build alone changes nothing.
-    ``LMFORGE_KERNELS_LIB=/path/lib.so`` names a library to use; otherwise the cached build of
-    ``lmforge kernels build`` for the first GPU's architecture, when there is one. Called only for
-    CUDA sessions (it asks ``nvidia-smi``)."""
+    Used whenever it is built (``lmforge kernels build``, which ``make setup`` runs on a CUDA
+    machine); ``LMFORGE_KERNELS=0`` turns it off (the ONNX sampler then serves, as without a build).
+    ``LMFORGE_KERNELS_LIB=/path/lib.so`` names a library to use; otherwise the cached build for the
+    first GPU's architecture, when there is one. Called only for CUDA sessions (it asks
+    ``nvidia-smi``)."""
     setting = os.environ.get("LMFORGE_KERNELS", "").strip().lower()
-    if setting not in ("1", "on", "true", "yes"):
+    if setting in ("0", "off", "false", "no"):
         return None
     named = os.environ.get("LMFORGE_KERNELS_LIB", "").strip()
     if named:
