@@ -46,7 +46,8 @@ namespace {
 constexpr int kThreads = 1024;
 constexpr int kWarps = kThreads / 32;
 constexpr unsigned kFull = 0xffffffffu;
-constexpr int kMaxSharedBytes = 200 * 1024;  // the row cached in shared memory up to this size
+constexpr int kMaxSharedBytes = 200 * 1024;  // the row cached in shared memory up to this size (less
+                                              // where the GPU allows less: FusedSampleKernel)
 
 __device__ __forceinline__ float to_float(float v) { return v; }
 __device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
@@ -350,8 +351,35 @@ U* output(Ort::UnownedValue& value) {
   return value.GetTensorMutableData<U>();
 }
 
+// More than 48 KB of dynamic shared memory needs the limit raised once per kernel, and to no more
+// than the GPU's opt-in limit less the kernel's static shared memory (227 KB on sm_90, 163 KB on
+// sm_80, 99 KB on sm_89): a row that does not fit works in global memory instead. Returns the
+// bytes a launch may use (at most kMaxSharedBytes), for the current device.
+int64_t raise_shared_limit() {
+  int device = 0, optin = 0;
+  check_cuda(cudaGetDevice(&device), "current device");
+  check_cuda(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
+             "shared-memory opt-in limit");
+  cudaFuncAttributes f32{}, f16{};
+  check_cuda(cudaFuncGetAttributes(&f32, fused_sample<float>), "kernel attributes");
+  check_cuda(cudaFuncGetAttributes(&f16, fused_sample<__half>), "kernel attributes");
+  const int64_t fixed = static_cast<int64_t>(f32.sharedSizeBytes > f16.sharedSizeBytes ? f32.sharedSizeBytes
+                                                                                      : f16.sharedSizeBytes);
+  int64_t limit = static_cast<int64_t>(optin) - fixed;
+  if (limit > kMaxSharedBytes) limit = kMaxSharedBytes;
+  if (limit < 0) limit = 0;
+  check_cuda(cudaFuncSetAttribute(fused_sample<float>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                  static_cast<int>(limit)),
+             "shared-memory limit");
+  check_cuda(cudaFuncSetAttribute(fused_sample<__half>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                  static_cast<int>(limit)),
+             "shared-memory limit");
+  return limit;
+}
+
 template <typename T>
-void launch(Ort::KernelContext& ctx, int64_t batch, int64_t vocab, int64_t steps, cudaStream_t stream) {
+void launch(Ort::KernelContext& ctx, int64_t batch, int64_t vocab, int64_t steps, int64_t shared_limit,
+            cudaStream_t stream) {
   std::vector<int64_t> ids_shape{batch, 1}, row_shape{batch, vocab}, one{batch};
   auto next_ids = ctx.GetOutput(0, ids_shape);
   auto seen_out = ctx.GetOutput(1, row_shape);
@@ -359,7 +387,7 @@ void launch(Ort::KernelContext& ctx, int64_t batch, int64_t vocab, int64_t steps
   auto step_out = ctx.GetOutput(3, one);
   trace("outputs allocated, stream", stream);
   if (batch == 0) return;
-  const bool cached = vocab * static_cast<int64_t>(sizeof(float)) <= kMaxSharedBytes;
+  const bool cached = vocab * static_cast<int64_t>(sizeof(float)) <= shared_limit;
   const size_t shared = cached ? static_cast<size_t>(vocab) * sizeof(float) : 0;
   fused_sample<T><<<static_cast<unsigned>(batch), kThreads, shared, stream>>>(
       input<T>(ctx, 0), static_cast<int>(vocab), input<float>(ctx, 1),
@@ -379,15 +407,9 @@ void launch(Ort::KernelContext& ctx, int64_t batch, int64_t vocab, int64_t steps
 }
 
 struct FusedSampleKernel {
-  FusedSampleKernel() {
-    // more than 48 KB of dynamic shared memory needs the limit raised once per kernel
-    check_cuda(cudaFuncSetAttribute(fused_sample<float>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                    kMaxSharedBytes),
-               "shared-memory limit");
-    check_cuda(cudaFuncSetAttribute(fused_sample<__half>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                    kMaxSharedBytes),
-               "shared-memory limit");
-  }
+  FusedSampleKernel() : shared_limit_(raise_shared_limit()) {}
+
+  int64_t shared_limit_ = 0;  // bytes of dynamic shared memory a launch may use (the cached row)
 
   OrtStatusPtr ComputeV2(OrtKernelContext* context) {
     try {
@@ -413,10 +435,10 @@ struct FusedSampleKernel {
     auto stream = static_cast<cudaStream_t>(ctx.GetGPUComputeStream());
     switch (info.GetElementType()) {
       case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT:
-        launch<float>(ctx, shape[0], shape[1], uniform_shape[1], stream);
+        launch<float>(ctx, shape[0], shape[1], uniform_shape[1], shared_limit_, stream);
         break;
       case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16:
-        launch<__half>(ctx, shape[0], shape[1], uniform_shape[1], stream);
+        launch<__half>(ctx, shape[0], shape[1], uniform_shape[1], shared_limit_, stream);
         break;
       default:
         ORT_CXX_API_THROW("lmforge FusedSample: logits must be float16 or float32", ORT_INVALID_ARGUMENT);
