@@ -582,7 +582,8 @@ class Engine(TextHelpers):
         detok = IncrementalDetokenizer(self.tokenizer, request.prompt_ids) if self.tokenizer is not None else None
         live = _Live(request, slot, stop_ids, detok, StopStrings(p.stop), now)
         host_values([p], self.candidates)  # its plan alone: a row that cannot be planned fails here
-        rows = row_arrays(p, request.prompt_ids, sorted(stop_ids), self.vocab, self.max_context)
+        rows = row_arrays(p, request.prompt_ids, sorted(stop_ids), self.vocab, self.max_context,
+                          draws=1 if p.temperature == 0 else request.max_new_tokens)
         return live, self.backend.stage(slot, rows)
 
     def _request_error(self, request: Request, stage: str, exc: Exception) -> GenerationError:

@@ -340,7 +340,7 @@ class SlotsBackend:
                 continue
             short = name[len(PREFIX):]
             start = [] if short == "history" else [rows[short] for _, _, rows in group]
-            if not any(row.any() for row in start):
+            if not any(row.max() for row in start):  # (max: much faster than any() on floats)
                 self.device.bind_rows(binding, name, self._zero_start[name], 0, m, output=False)
                 continue
             value = self._start_value(name, m)

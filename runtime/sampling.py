@@ -218,14 +218,18 @@ def host_values(params: Sequence[SamplingParams], candidates: int) -> Plan:
 
 
 def row_arrays(params: SamplingParams, prompt: Sequence[int], stop_ids: Sequence[int], vocab: int,
-               steps: int) -> dict[str, np.ndarray]:
+               steps: int, draws: int | None = None) -> dict[str, np.ndarray]:
     """One row's sampling inputs, each with a leading axis of 1 (see :mod:`runtime.sampler_graph`).
 
     ``prompt`` seeds the ``seen`` mask (the repetition penalty counts prompt tokens, as
     transformers does; presence/frequency penalties count generated tokens only, as OpenAI
-    does); ``stop_ids`` are the ids masked before ``min_new_tokens``; ``steps`` uniforms are
-    drawn from the row's own ``numpy.random.default_rng(seed)`` stream, so a row's samples do
-    not depend on which rows share its batch.
+    does); ``stop_ids`` are the ids masked before ``min_new_tokens``; the uniforms are drawn
+    from the row's own ``numpy.random.default_rng(seed)`` stream, so a row's samples do not
+    depend on which rows share its batch. ``steps`` is the width of the uniforms' row; only its
+    first ``draws`` (default: all) are drawn, the rest stay zero and are never read
+    (``last_step`` is ``draws − 1``, and the samplers read column ``min(step, last_step)``): a
+    request of ``n`` new tokens needs ``n``, and drawing the stream's first ``n`` gives the same
+    values as drawing ``steps`` and keeping ``n``.
     """
     rows = {row.name: np.full([1, *(int(d) for d in row.dims(vocab, steps))],
                               getattr(params, row.param) if row.param else row.neutral, dtype=np.dtype(row.dtype))
@@ -234,8 +238,9 @@ def row_arrays(params: SamplingParams, prompt: Sequence[int], stop_ids: Sequence
         rows["seen"][0, np.asarray(prompt, dtype=np.int64)] = True
     if params.min_new_tokens > 0 and len(stop_ids):
         rows["stop_mask"][0, np.asarray(list(stop_ids), dtype=np.int64)] = True
-    rows["uniforms"] = np.random.default_rng(params.seed).random((1, steps), dtype=np.float32)
-    rows["last_step"][0] = steps - 1
+    drawn = steps if draws is None else max(1, min(int(draws), steps))
+    rows["uniforms"][0, :drawn] = np.random.default_rng(params.seed).random(drawn, dtype=np.float32)
+    rows["last_step"][0] = drawn - 1
     return rows
 
 

@@ -125,3 +125,17 @@ def test_values_float32_holds_are_kept() -> None:
         (name, value), = kwargs.items()
         held = row_arrays(p, [1], [], vocab=8, steps=1)[name][0]
         assert held != 0 and np.isfinite(held) and abs(held) >= FLT_TINY
+
+
+def test_row_arrays_draw_only_the_uniforms_a_request_reads() -> None:
+    """``draws`` uniforms are the first of the row's stream (the same values a full-width draw
+    starts with); the rest of the row stays zero and ``last_step`` points at the last drawn."""
+    params = SamplingParams(temperature=0.8, seed=11)
+    full = row_arrays(params, [1, 2], [0], 50, 64)
+    some = row_arrays(params, [1, 2], [0], 50, 64, draws=5)
+    assert some["uniforms"].shape == full["uniforms"].shape == (1, 64)
+    np.testing.assert_array_equal(some["uniforms"][0, :5], full["uniforms"][0, :5])
+    assert not some["uniforms"][0, 5:].any()
+    assert int(full["last_step"][0]) == 63 and int(some["last_step"][0]) == 4
+    assert int(row_arrays(params, [], [], 50, 64, draws=0)["last_step"][0]) == 0  # at least one
+    assert int(row_arrays(params, [], [], 50, 64, draws=500)["last_step"][0]) == 63  # at most the row
