@@ -207,6 +207,27 @@ def _sse(obj: Any) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False, separators=(',', ':'))}\n\n"
 
 
+_json_str: Callable[[str], str] = json.encoder.encode_basestring  # a str as JSON, as json.dumps(ensure_ascii=False)
+
+
+class _TextChunks:
+    """The SSE event of one stream's text delta, ``chunks(index, text)``: the same characters as
+    ``_sse(completion_chunk(...))`` / ``_sse(chat_chunk(..., {"content": text}))``, rendered from
+    a template made once per stream (the id, model, created and usage fields never change within
+    it), so that a chunk costs one string escape, not a dict and a JSON encoding."""
+
+    def __init__(self, chat: bool, rid: str, model: str, created: int, with_usage: bool) -> None:
+        obj = "chat.completion.chunk" if chat else "text_completion"
+        self._head = (f'data: {{"id":{_json_str(rid)},"object":"{obj}","created":{int(created)},'
+                      f'"model":{_json_str(model)},"choices":[{{"index":')
+        self._mid = ',"delta":{"content":' if chat else ',"text":'
+        self._tail = (("}" if chat else "") + ',"logprobs":null,"finish_reason":null}]'
+                      + (',"usage":null' if with_usage else "") + "}\n\n")
+
+    def __call__(self, index: int, text: str) -> str:
+        return f"{self._head}{index}{self._mid}{_json_str(text)}{self._tail}"
+
+
 async def _read_json(request: HTTPRequest, limit: int) -> Any:
     declared = request.headers.get("content-length")
     too_big = APIError(413, f"request body too large | expected at most {limit} bytes", code="request_too_large")
@@ -726,14 +747,19 @@ class _Handlers:
 
     async def _sse(self, endpoint: str, req: Any, rid: str, events: _Events,
                    first: tuple[_Choice, TokenEvent] | None, t0: float) -> AsyncIterator[str]:
+        """The stream's SSE events. What is ready at once goes out as one body chunk (one write):
+        the chat role chunks with the first text, a choice's finish chunk with its last text, the
+        usage chunk and ``[DONE]`` with them; each event is still its own ``data:`` line."""
         model, created, with_usage = self.state.model_name, int(time.time()), req.include_usage()
         chat = endpoint == "chat"
+        text_chunk = _TextChunks(chat, rid, model, created, with_usage)
         done = False
+        out: list[str] = []
         try:
             if chat:
                 for c in events.choices:
-                    yield _sse(chat_chunk(rid, model, created, c.index, {"role": "assistant", "content": ""},
-                                          with_usage=with_usage))
+                    out.append(_sse(chat_chunk(rid, model, created, c.index, {"role": "assistant", "content": ""},
+                                               with_usage=with_usage)))
             interval = self.state.limits.stream_interval
             held: dict[int, tuple[list[str], int]] = {}  # choice → text held back, its token count
             sent: set[int] = set()  # choices whose first text went out
@@ -749,23 +775,26 @@ class _Handlers:
                     held[choice.index] = (parts, tokens)  # more tokens into this chunk
                 else:
                     sent.add(choice.index)
-                    text = "".join(parts)
-                    yield _sse(chat_chunk(rid, model, created, choice.index, {"content": text},
-                                          with_usage=with_usage) if chat else
-                               completion_chunk(rid, model, created, choice.index, text, with_usage=with_usage))
+                    out.append(text_chunk(choice.index, parts[0] if len(parts) == 1 else "".join(parts)))
                 if choice.finish is not None:
                     reason = choice.finish.openai
-                    yield _sse(chat_chunk(rid, model, created, choice.index, {}, reason, with_usage=with_usage)
-                               if chat else
-                               completion_chunk(rid, model, created, choice.index, "", reason,
-                                                with_usage=with_usage))
+                    out.append(_sse(chat_chunk(rid, model, created, choice.index, {}, reason, with_usage=with_usage)
+                                    if chat else
+                                    completion_chunk(rid, model, created, choice.index, "", reason,
+                                                     with_usage=with_usage)))
+                # a single choice that finished: its events are over (the next is None at once),
+                # so its last chunks wait for the usage chunk and [DONE], to go out with them
+                if out and not (choice.finish is not None and len(events.choices) == 1):
+                    yield "".join(out) if len(out) > 1 else out[0]
+                    out.clear()
                 item = await events.next()
             if with_usage:
                 used = usage(sum(c.prompt_tokens for c in events.choices),
                              sum(c.new_tokens for c in events.choices))
-                yield _sse(chat_chunk(rid, model, created, None, used=used, with_usage=True) if chat else
-                           completion_chunk(rid, model, created, None, used=used, with_usage=True))
-            yield "data: [DONE]\n\n"
+                out.append(_sse(chat_chunk(rid, model, created, None, used=used, with_usage=True) if chat else
+                                completion_chunk(rid, model, created, None, used=used, with_usage=True)))
+            out.append("data: [DONE]\n\n")
+            yield "".join(out)
             done = True
             self._finished(endpoint, events.choices, t0)
         except Exception as exc:  # noqa: BLE001 - mid-stream: the status is sent already; an error event ends it
@@ -773,8 +802,7 @@ class _Handlers:
             done = True
             self.m.requests.labels(endpoint, "error").inc()
             error = from_generation_error(exc) if isinstance(exc, GenerationError) else _internal_error(exc)
-            yield _sse(error.body())
-            yield "data: [DONE]\n\n"
+            yield "".join(out) + _sse(error.body()) + "data: [DONE]\n\n"
         finally:
             if not done:  # the client went away (task cancelled or iterator closed)
                 events.cancel()

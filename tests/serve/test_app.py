@@ -105,6 +105,57 @@ def test_raw_sse_stream_ends_with_done(fake_server) -> None:  # type: ignore[no-
     assert all("usage" not in e for e in events[:-1])  # include_usage off: no usage key at all
 
 
+@pytest.mark.parametrize("chat", [False, True])
+@pytest.mark.parametrize("with_usage", [False, True])
+def test_text_chunk_template_is_the_chunk_json(chat: bool, with_usage: bool) -> None:
+    """A streamed text delta rendered from the per-stream template is, character for character,
+    the chunk object's JSON event."""
+    from runtime.serve.app import _sse as render
+    from runtime.serve.app import _TextChunks
+    from runtime.serve.protocol import chat_chunk, completion_chunk
+
+    rid, model, created = 'cmpl-"x\\y', "m\u00e9/\"q\"\n", 1765000000
+    chunks = _TextChunks(chat, rid, model, created, with_usage)
+    texts = ("", "a", " hello", '"quoted" \\ back', "tab\tnl\nnul\x00\x1f", "é日本🙂", "\u2028\u2029", "</script>")
+    for index in (0, 3, 15):
+        for text in texts:
+            want = render(chat_chunk(rid, model, created, index, {"content": text}, with_usage=with_usage) if chat
+                          else completion_chunk(rid, model, created, index, text, with_usage=with_usage))
+            assert chunks(index, text) == want
+
+
+@pytest.mark.parametrize("endpoint", ["completions", "chat"])
+def test_raw_stream_events_with_usage(fake_server, endpoint: str) -> None:  # type: ignore[no-untyped-def]
+    """Every event its own ``data:`` line, in order: (chat: the role), the text, the finish, the
+    usage, ``[DONE]`` — also where several go out in one write."""
+    server, engine = fake_server()
+    body: dict[str, object] = {"model": "fake-model", "max_tokens": 3, "stream": True, "temperature": 0,
+                               "stream_options": {"include_usage": True}}
+    if endpoint == "chat":
+        body["messages"] = [{"role": "user", "content": "q"}]
+    else:
+        body["prompt"] = "ab"
+    with httpx.stream("POST", f"{server.url}/v1/{'chat/' if endpoint == 'chat' else ''}completions", json=body) as r:
+        raw = r.read().decode()
+    assert raw.endswith("data: [DONE]\n\n") and "\n\n\n" not in raw
+    events = _sse(raw.split("\n"))
+    assert events[-1] == "[DONE]"
+    chunks = [e for e in events[:-1] if isinstance(e, dict)]
+    assert len(chunks) == len(events) - 1
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 3
+    assert chunks[-2]["choices"][0]["finish_reason"] == "length"
+    assert all(c["usage"] is None for c in chunks[:-1])
+    texts = chunks[1:-2] if endpoint == "chat" else chunks[:-2]
+    if endpoint == "chat":
+        assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+        got = "".join(c["choices"][0]["delta"]["content"] for c in texts)
+        want = expected_text(engine.chat_ids([{"role": "user", "content": "q"}]), 3)
+    else:
+        got = "".join(c["choices"][0]["text"] for c in texts)
+        want = expected_text(_ids("ab"), 3)
+    assert got == want and len(texts) == 3
+
+
 def test_n_choices_streamed_and_not(fake_server) -> None:  # type: ignore[no-untyped-def]
     server, engine = fake_server()
     client = _client(server)
