@@ -5,10 +5,12 @@
 # /tmp/gpu-site and the server's wheels (.whl/, carried) into /tmp/site:
 #
 #   bash bench/gpu_http.sh build      # the 1B-shape fp16 shared-buffer artifact
+#   bash bench/gpu_http.sh tests      # the CUDA tests (test_gpu.py, test_kernels.py), kernels built first
 #   bash bench/gpu_http.sh ttft       # bench/gpu_ttft.py: batch-1 TTFT in phases, against genai
 #   bash bench/gpu_http.sh serve      # lmforge bench-serve --compare-engine: greedy, then half sampled
+#   bash bench/gpu_http.sh ray        # bench/ray_replicas.py --mode vs-serve (ray staged in /tmp/ray-site)
 #
-# GENAI= (empty) skips genai in ttft; MIXES, REQUESTS, WARMUP shorten serve.
+# GENAI= (empty) skips genai in ttft; MIXES, REQUESTS, WARMUP shorten serve; ROUNDS sets ray's rounds.
 # Each step writes under $OUT (the tables docs/serving.md and docs/benchmarks.md show).
 set -uo pipefail
 export PYTHONPATH=/tmp/gpu-site:/tmp/site:$PWD HF_HUB_OFFLINE=1
@@ -28,6 +30,18 @@ print(build('$SHAPE', Path('/tmp/lmf-serve'), 'cuda'))" 2>&1 | tail -3
     python3 bench/gpu_ttft.py --artifact "$ART" --shape "$SHAPE" ${GENAI---genai} --profile --out "$OUT" 2>&1 \
       | grep -v -E "^(WARNING|INFO)" | tail -45
     ;;
+  tests)
+    export PATH="$PATH:/usr/local/cuda/bin"
+    python3 -m lmforge kernels build 2>&1 | tail -1
+    python3 -m pytest -q -p no:cacheprovider -rs --timeout=120 tests/runtime/test_gpu.py tests/runtime/test_kernels.py \
+      2>&1 | tee "$OUT/gpu_tests.log" | tail -25
+    ;;
+  ray)
+    PYTHONPATH=/tmp/gpu-site:/tmp/site:/tmp/ray-site:$PWD PATH=/tmp/ray-site/bin:$PATH \
+      python3 bench/ray_replicas.py "$ART" --device cuda --mode vs-serve --rounds "${ROUNDS:-3}" --concurrency 32 \
+      --requests "${REQUESTS:-512}" --warmup "${WARMUP:-64}" --new-tokens 128 --prompt-len 128 --max-batch 64 \
+      --json "$OUT/ray_gpu.json" 2>&1 | grep -v -E "^\(|INFO|WARNING" | tail -20
+    ;;
   serve)
     for mix in ${MIXES:-greedy:1 greedy:1,sampled:1}; do
       name=$(echo "$mix" | tr ':,' '__')
@@ -38,7 +52,7 @@ print(build('$SHAPE', Path('/tmp/lmf-serve'), 'cuda'))" 2>&1 | tail -3
     done
     ;;
   *)
-    echo "usage: bash bench/gpu_http.sh build|ttft|serve" >&2
+    echo "usage: bash bench/gpu_http.sh build|tests|ttft|serve|ray" >&2
     exit 2
     ;;
 esac
