@@ -23,7 +23,7 @@ from runtime.errors import GenerationError
 from runtime.kernels import kernel_library
 from runtime.text import error_line
 
-__all__ = ["Device", "ORT_ERRORS", "NP_DTYPES", "ort_failure"]
+__all__ = ["Device", "ORT_ERRORS", "NP_DTYPES", "loadable_kernels", "ort_failure"]
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +86,22 @@ def check_device(device: str) -> str:
     raise GenerationError("unknown device", expected="'cpu' or 'cuda'", got=repr(device))
 
 
+def loadable_kernels(path: Path | None) -> Path | None:
+    """``path`` when onnxruntime loads it as a custom-op library, else None with a warning: a
+    kernels library that does not load (built for another onnxruntime, a damaged file) leaves the
+    ONNX sampler serving rather than failing every CUDA session; the warning says how to fix it."""
+    if path is None:
+        return None
+    try:
+        ort.SessionOptions().register_custom_ops_library(str(path))
+    except ORT_ERRORS as exc:
+        log.warning("onnxruntime cannot load lmforge's kernels library %s (%s): sampling runs as ONNX nodes; "
+                    "rebuild it with `lmforge kernels build --force`, or set LMFORGE_KERNELS=0 to stop this warning",
+                    path, error_line(exc))
+        return None
+    return path
+
+
 class Device:
     """Sessions and tensors on one execution provider (``cpu`` or ``cuda``, device 0)."""
 
@@ -94,7 +110,7 @@ class Device:
         self.threads = threads
         self._cuda: dict[str, str] = {}
         # lmforge's custom CUDA ops (runtime.kernels), registered in every CUDA session when built
-        self.kernels: Path | None = kernel_library() if self.type == "cuda" else None
+        self.kernels: Path | None = loadable_kernels(kernel_library()) if self.type == "cuda" else None
         if self.type == "cuda":
             self._cuda = {"device_id": "0", **cuda_options_from_env()}
             if fp32_exact:

@@ -63,6 +63,20 @@ def test_no_library_means_the_onnx_sampler(monkeypatch: pytest.MonkeyPatch, tmp_
     assert cpu.step_model(model, V, 4) is model  # unchanged: the step model as shipped
 
 
+def test_a_library_onnxruntime_cannot_load_leaves_the_onnx_sampler(tmp_path: Path,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
+    """A kernels library that does not load (another onnxruntime's build, a damaged file) is not
+    used, with one warning that says how to fix it; sessions are not refused for it."""
+    from runtime.device import loadable_kernels
+
+    assert loadable_kernels(None) is None
+    broken = tmp_path / "liblmforge_kernels.so"
+    broken.write_bytes(b"not a shared library")
+    with caplog.at_level("WARNING", logger="runtime.device"):
+        assert loadable_kernels(broken) is None
+    assert "kernels build --force" in caplog.text and "LMFORGE_KERNELS=0" in caplog.text
+
+
 def test_kernels_build_without_gpu_or_nvcc_is_one_line_exit_2(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
                                                                capsys: pytest.CaptureFixture[str]) -> None:
     from lmforge.cli import main
