@@ -22,12 +22,14 @@ out, and the process exits 0. A core whose parent is gone drains and exits too.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 import queue
 import signal
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import zmq
@@ -58,6 +60,7 @@ class _Tracked:
     request: Request | None
     error: BaseException | None = None  # refused at submit
     done: bool = False
+    wake: Callable[[], None] | None = None  # puts this on the output thread's queue (the loop thread calls it)
 
 
 class EngineCore:
@@ -132,6 +135,7 @@ class EngineCore:
                 self._ready.put(_Tracked(frontend, rid, None, exc))
                 return
             tracked = _Tracked(frontend, rid, request)
+            tracked.wake = functools.partial(self._ready.put, tracked)  # a C call: no Python frame on the loop
             self._live[(frontend, rid)] = tracked
             self._arm(tracked)
         elif kind == CANCEL:
@@ -142,9 +146,9 @@ class EngineCore:
                     live.request.cancel()
 
     def _arm(self, tracked: _Tracked) -> None:
-        request = tracked.request
-        assert request is not None
-        if not request.notify(lambda: self._ready.put(tracked)):  # events already waiting
+        request, wake = tracked.request, tracked.wake
+        assert request is not None and wake is not None
+        if not request.notify(wake):  # events already waiting
             self._ready.put(tracked)
 
     # -- output (its own thread) ------------------------------------------------------------------
@@ -157,16 +161,16 @@ class EngineCore:
             tracked.done = True
             return [tracked.rid, [], None, 0.0, error_to_wire(tracked.error or RuntimeError("refused"))]
         events, error = tracked.request.take()
-        finished = error is not None or any(e.result is not None for e in events)
-        if not finished:
-            self._arm(tracked)  # the next event wakes the output thread (or it is queued now)
         ids: list[int] = []
         finish, queue_s = None, 0.0
         for event in events:
             ids.extend(event.token_ids)
             if event.result is not None:
                 finish, queue_s = event.result.finish_reason.value, event.result.queue_s
-        if finished:
+        finished = error is not None or finish is not None
+        if not finished:
+            self._arm(tracked)  # the next event wakes the output thread (or it is queued now)
+        else:
             tracked.done = True
             self._live.pop((tracked.frontend, tracked.rid), None)
         if not ids and not finished:
