@@ -42,8 +42,8 @@ except ImportError:  # the pure-Python h11 protocol serves instead
 from runtime.errors import LmforgeError
 from runtime.serve.app import ServeLimits, ServeState, create_app
 
-__all__ = ["HTTP_PARSER", "BackgroundServer", "DrainingServer", "HeaderTimeoutH11Protocol", "bind",
-           "header_timeout_protocol", "serve", "url_of", "uvicorn_config"]
+__all__ = ["HTTP_PARSER", "MAX_HEADER_BYTES", "BackgroundServer", "DrainingServer", "HeaderTimeoutH11Protocol",
+           "HeaderTimeoutHttpToolsProtocol", "bind", "header_timeout_protocol", "serve", "url_of", "uvicorn_config"]
 
 log = logging.getLogger(__name__)
 
