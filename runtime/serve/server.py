@@ -127,7 +127,37 @@ class DrainingServer(uvicorn.Server):
         self.should_exit = True
 
 
-class HeaderTimeoutH11Protocol(H11Protocol):
+class _HeaderTimer:
+    """The header-read timer both protocols share: armed when a connection opens and when a
+    response ends with no next request in, disarmed when a request's headers are complete; when
+    it fires while the protocol still awaits headers (:meth:`_awaiting_headers`), the connection
+    is closed without a response."""
+
+    header_timeout_s = 10.0
+    _header_timer: asyncio.TimerHandle | None
+    loop: asyncio.AbstractEventLoop
+    transport: asyncio.Transport
+
+    def _awaiting_headers(self) -> bool:
+        raise NotImplementedError
+
+    def _arm_header_timer(self) -> None:
+        self._disarm_header_timer()
+        self._header_timer = self.loop.call_later(self.header_timeout_s, self._header_timeout)
+
+    def _disarm_header_timer(self) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+
+    def _header_timeout(self) -> None:
+        self._header_timer = None
+        if self._awaiting_headers() and not self.transport.is_closing():
+            log.info("closing a connection whose request headers took over %.1f s", self.header_timeout_s)
+            self.transport.close()
+
+
+class HeaderTimeoutH11Protocol(_HeaderTimer, H11Protocol):
     """uvicorn's h11 protocol with a header-read timeout.
 
     uvicorn has none (0.30 to 0.55 at least): ``timeout_keep_alive`` closes a connection only
@@ -164,25 +194,11 @@ class HeaderTimeoutH11Protocol(H11Protocol):
         if not self.transport.is_closing() and self.conn.their_state is h11.IDLE:
             self._arm_header_timer()  # the next request's headers
 
-    def _arm_header_timer(self) -> None:
-        self._disarm_header_timer()
-        self._header_timer = self.loop.call_later(self.header_timeout_s, self._header_timeout)
-
-    def _disarm_header_timer(self) -> None:
-        if self._header_timer is not None:
-            self._header_timer.cancel()
-            self._header_timer = None
-
-    def _header_timeout(self) -> None:
-        self._header_timer = None
-        if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
-            log.info("closing a connection whose request headers took over %.1f s", self.header_timeout_s)
-            self.transport.close()
+    def _awaiting_headers(self) -> bool:
+        return bool(self.conn.their_state is h11.IDLE)
 
 
-
-
-class HeaderTimeoutHttpToolsProtocol(HttpToolsProtocol):  # without httptools: defined, never served
+class HeaderTimeoutHttpToolsProtocol(_HeaderTimer, HttpToolsProtocol):  # without httptools: defined, never served
     """uvicorn's httptools protocol (the llhttp C parser) with the same header-read timeout as
     :class:`HeaderTimeoutH11Protocol`, and a bound on the headers' size.
 
@@ -232,20 +248,8 @@ class HeaderTimeoutHttpToolsProtocol(HttpToolsProtocol):  # without httptools: d
         if not self.transport.is_closing() and self._reading_headers and not self.pipeline:
             self._arm_header_timer()  # the next request's headers
 
-    def _arm_header_timer(self) -> None:
-        self._disarm_header_timer()
-        self._header_timer = self.loop.call_later(self.header_timeout_s, self._header_timeout)
-
-    def _disarm_header_timer(self) -> None:
-        if self._header_timer is not None:
-            self._header_timer.cancel()
-            self._header_timer = None
-
-    def _header_timeout(self) -> None:
-        self._header_timer = None
-        if self._reading_headers and not self.transport.is_closing():
-            log.info("closing a connection whose request headers took over %.1f s", self.header_timeout_s)
-            self.transport.close()
+    def _awaiting_headers(self) -> bool:
+        return self._reading_headers
 
 
 def header_timeout_protocol(seconds: float, parser: str | None = None) -> type[asyncio.Protocol]:
