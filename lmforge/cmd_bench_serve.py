@@ -169,31 +169,63 @@ def _print_point(p: dict[str, Any]) -> None:
           f"e2e {_fmt(p['e2e_ms']):>17} ms  goodput {p['goodput_req_s']:.2f} req/s  errors {errors}", flush=True)
 
 
-async def _run_url(spec: str, args: argparse.Namespace, plan: _Plan, mix: Any,
-                   slo: Any) -> tuple[dict[str, Any], list[dict[str, Any]], list[Any]]:
-    """Sweep an HTTP target; its description, the points, and the prompts it was sent."""
+async def _run_url(spec: str, args: argparse.Namespace, plan: _Plan, mix: Any, slo: Any,
+                   prompts: list[Any] | None = None) -> tuple[dict[str, Any], list[dict[str, Any]], list[Any]]:
+    """Sweep an HTTP target; its description, the points, and the prompts it was sent (``prompts``,
+    or made for the vocabulary the server reports)."""
     from lmforge.benchmark.serve_load import HttpTarget
 
     target = HttpTarget(spec, model=args.model, api_key=args.api_key, timeout_s=args.timeout)
     try:
         await target.prepare()
         print(f"{target.name}:", flush=True)
-        prompts = _prompts(args.prompts, target.vocab, args)
+        if prompts is None:
+            prompts = _prompts(args.prompts, target.vocab, args)
         return {"target": target.name, "model": target.model}, await _sweep(target, prompts, plan, mix, slo), prompts
     finally:
         await target.close()
 
 
+ENGINE_BEFORE = "engine (in-process)"  # the engine's run before the server's (--compare-engine)
+ENGINE_AFTER = "engine (in-process, after)"  # and after it
+
+
+async def _engine_sweep(spec: str, args: argparse.Namespace, plan: _Plan, mix: Any, slo: Any,
+                        prompts: list[Any] | None, name: str, kind: str) -> tuple[list[dict[str, Any]], list[Any]]:
+    """The schedule against the engine loaded in this process (no HTTP), its points marked ``kind``,
+    and the prompts it sent (``prompts``, or made for the engine's vocabulary)."""
+    from lmforge.benchmark.serve_load import EngineTarget
+    from runtime import Engine
+
+    engine = Engine.load(spec, device=args.device, max_batch=args.max_batch, max_queue=args.max_queue,
+                         threads=args.threads)
+    try:
+        engine.warm_up()  # as `lmforge serve` does before it listens (CUDA graphs; a no-op otherwise)
+        local = EngineTarget(engine, name=name)
+        print(f"{local.name}:", flush=True)
+        prompts = prompts if prompts is not None else _prompts(args.prompts, local.vocab, args)
+        points = await _sweep(local, prompts, plan, mix, slo)
+    finally:
+        engine.close(drain=False)
+    return [{**p, "kind": kind} for p in points], prompts
+
+
 async def _run_target(spec: str, args: argparse.Namespace, plan: _Plan, mix: Any,
                       slo: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """One target's descriptions (how each was served) and points: a URL as it is; an artifact served
-    by ``lmforge serve`` in its own process, then (``--compare-engine``) in this one without HTTP."""
-    from lmforge.benchmark.serve_load import EngineTarget, ServerProcess
+    by ``lmforge serve`` in its own process and (``--compare-engine``) in this one without HTTP, once
+    before the server and once after it, so that the machine's drift during a round weighs on both
+    sides of the comparison (:func:`_http_over_engine` takes their mean)."""
+    from lmforge.benchmark.serve_load import ServerProcess
 
     if spec.startswith(("http://", "https://")):
         info, results, _ = await _run_url(spec, args, plan, mix, slo)
         return [{**info, "served": "already running (not started by bench-serve)", "url": spec}], results
 
+    before: list[dict[str, Any]] = []
+    prompts: list[Any] | None = None
+    if args.compare_engine:
+        before, prompts = await _engine_sweep(spec, args, plan, mix, slo, None, spec, ENGINE_BEFORE)
     server = ServerProcess(spec, device=args.device, max_batch=args.max_batch, max_queue=args.max_queue,
                            threads=args.threads, api_workers=args.api_workers, in_process=args.in_process,
                            stream_interval=args.stream_interval,
@@ -202,26 +234,19 @@ async def _run_target(spec: str, args: argparse.Namespace, plan: _Plan, mix: Any
         server.start()
         print(f"{spec}: `lmforge serve` as its own process (pid {server.pid}, max batch {args.max_batch}) "
               f"on {server.url}", flush=True)
-        info, results, prompts = await _run_url(server.url, args, plan, mix, slo)
+        info, results, prompts = await _run_url(server.url, args, plan, mix, slo, prompts)
         infos = [{**info, **server.describe()}]
     finally:
         server.stop()
     if not args.compare_engine:
         return infos, results
-
-    from runtime import Engine
-
-    engine = Engine.load(spec, device=args.device, max_batch=args.max_batch, max_queue=args.max_queue,
-                         threads=args.threads)
-    try:
-        engine.warm_up()  # as `lmforge serve` does before it listens (CUDA graphs; a no-op otherwise)
-        local = EngineTarget(engine, name=info["model"] or spec)
-        print(f"{local.name}:", flush=True)
-        infos.append({"target": local.name, "served": "in-process engine in the bench-serve process (no HTTP), "
-                      "loaded after the server process stopped"})
-        return infos, results + await _sweep(local, prompts, plan, mix, slo)
-    finally:
-        engine.close(drain=False)
+    after, _ = await _engine_sweep(spec, args, plan, mix, slo, prompts, info["model"] or spec, ENGINE_AFTER)
+    name = after[0]["target"] if after else f"{spec} (in-process engine)"
+    for p in before:
+        p["target"] = name
+    infos.append({"target": name, "served": "in-process engine in the bench-serve process (no HTTP), loaded "
+                  "before the server process started and again after it stopped"})
+    return infos, results + before + after
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
@@ -229,20 +254,37 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 
 
 def _http_over_engine(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Each HTTP point over the in-process engine's point of the same schedule (``--compare-engine``)."""
-    engine = {(p["mode"], str(p["value"])): p for p in results if p["kind"] == "engine (in-process)"}
+    """Each HTTP point over the in-process engine's points of the same schedule (``--compare-engine``):
+    the mean of the engine's runs before and after the server's."""
+    engine: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for p in results:
+        if p["kind"] in (ENGINE_BEFORE, ENGINE_AFTER):
+            engine.setdefault((p["mode"], str(p["value"])), []).append(p)
+
+    def mean(points: list[dict[str, Any]], *keys: str) -> float | None:
+        values = [_get(p, keys) for p in points]
+        return None if any(v is None for v in values) else sum(values) / len(values)  # type: ignore[arg-type]
+
     out = []
     for p in results:
         e = engine.get((p["mode"], str(p["value"]))) if p["kind"] == "http" else None
-        if e is None:
+        if not e:
             continue
         out.append({"mode": p["mode"], "value": p["value"],
-                    "output_tok_s": _ratio(p["output_tok_s"], e["output_tok_s"]),
-                    "ttft_p50": _ratio(p["ttft_ms"]["p50"], e["ttft_ms"]["p50"]),
-                    "ttft_p99": _ratio(p["ttft_ms"]["p99"], e["ttft_ms"]["p99"]),
-                    "itl_p50": _ratio(p["itl_ms"]["p50"], e["itl_ms"]["p50"]),
-                    "itl_p99": _ratio(p["itl_ms"]["p99"], e["itl_ms"]["p99"])})
+                    "output_tok_s": _ratio(p["output_tok_s"], mean(e, "output_tok_s")),
+                    "engine_output_tok_s": [q["output_tok_s"] for q in e],
+                    "ttft_p50": _ratio(p["ttft_ms"]["p50"], mean(e, "ttft_ms", "p50")),
+                    "ttft_p99": _ratio(p["ttft_ms"]["p99"], mean(e, "ttft_ms", "p99")),
+                    "itl_p50": _ratio(p["itl_ms"]["p50"], mean(e, "itl_ms", "p50")),
+                    "itl_p99": _ratio(p["itl_ms"]["p99"], mean(e, "itl_ms", "p99"))})
     return out
+
+
+def _get(point: dict[str, Any], keys: tuple[str, ...]) -> float | None:
+    value: Any = point
+    for key in keys:
+        value = value.get(key) if isinstance(value, dict) else None
+    return None if value is None else float(value)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -289,7 +331,8 @@ def run(args: argparse.Namespace) -> int:
                   "goodput counts requests within every --slo bound (itl: the request's mean gap).",
                   "tpot: per request, (e2e - ttft) / (tokens - 1); itl: per chunk.",
                   "onnxruntime-genai has no HTTP server: --compare-engine runs the same schedule in-process, a "
-                  "thread per request (the engine at its best); http_over_engine: HTTP point / engine point.",
+                  "thread per request (the engine at its best), before and after the server; http_over_engine: "
+                  "HTTP point / the mean of those two engine points.",
                   "an ARTIFACT target is served by `lmforge serve` as its own process (targets: pid, command); "
                   "the load generator shares the machine's cores with it."],
         "targets": targets,

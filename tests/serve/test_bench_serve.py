@@ -180,10 +180,16 @@ def test_bench_serve_serves_an_artifact_in_its_own_process(tiny_llama: Path, tmp
     assert "--max-batch 4" in served["command"] and served["url"].startswith("http://127.0.0.1:")
     assert not served["url"].endswith(":0") and served["target"].endswith(served["url"])
     assert "in-process" in engine["served"]
-    # the HTTP points came from the child; the engine was loaded here once, after the child had stopped
-    assert servers_at_load == [[]]
-    assert [(p["kind"], p["target"]) for p in report["results"]] == [("http", served["target"]),
-                                                                     ("engine (in-process)", engine["target"])]
+    # the HTTP points came from the child; the engine was loaded here before the child started and
+    # again after it had stopped, never beside it
+    assert servers_at_load == [[], []]
+    assert [(p["kind"], p["target"]) for p in report["results"]] == [
+        ("http", served["target"]), ("engine (in-process)", engine["target"]),
+        ("engine (in-process, after)", engine["target"])]
+    (ratio,) = report["http_over_engine"]
+    tok_s = [p["output_tok_s"] for p in report["results"]]
+    assert ratio["engine_output_tok_s"] == tok_s[1:]
+    assert ratio["output_tok_s"] == pytest.approx(tok_s[0] / ((tok_s[1] + tok_s[2]) / 2), abs=1e-3)
     for p in report["results"]:
         assert p["errors"] == {} and p["completed"] == 4 and p["output_tokens"] == 4 * 8
     assert f"pid {pid}" in capsys.readouterr().out

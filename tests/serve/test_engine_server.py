@@ -262,7 +262,7 @@ def test_bench_serve_on_an_artifact_is_bounded_and_clean(tiny_llama: Path, tmp_p
     assert time.perf_counter() - t0 < 30
     report = json.loads(out.read_text())
     kinds = {p["kind"] for p in report["results"]}
-    assert kinds == {"http", "engine (in-process)"} and len(report["results"]) == 6
+    assert kinds == {"http", "engine (in-process)", "engine (in-process, after)"} and len(report["results"]) == 9
     for p in report["results"]:
         assert p["errors"] == {} and p["completed"] >= 1 and p["output_tokens"] == 16 * p["completed"]
         assert p["ttft_ms"]["p50"] > 0 and p["itl_ms"]["p99"] >= p["itl_ms"]["p50"]
