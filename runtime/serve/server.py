@@ -141,6 +141,10 @@ class _HeaderTimer:
     def _awaiting_headers(self) -> bool:
         raise NotImplementedError
 
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm_header_timer()
+        super().connection_lost(exc)  # type: ignore[misc]  # the protocol's, after this mixin in the MRO
+
     def _arm_header_timer(self) -> None:
         self._disarm_header_timer()
         self._header_timer = self.loop.call_later(self.header_timeout_s, self._header_timeout)
@@ -173,16 +177,11 @@ class HeaderTimeoutH11Protocol(_HeaderTimer, H11Protocol):
     never uvicorn's own protocols, which have no such timeout.
     """
 
-    header_timeout_s = 10.0
-
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         self._header_timer: asyncio.TimerHandle | None = None
         super().connection_made(transport)
         self._arm_header_timer()
 
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._disarm_header_timer()
-        super().connection_lost(exc)
 
     def handle_events(self) -> None:
         super().handle_events()
@@ -210,8 +209,6 @@ class HeaderTimeoutHttpToolsProtocol(_HeaderTimer, HttpToolsProtocol):  # withou
     gets uvicorn's 400 for an invalid request and the connection is closed.
     """
 
-    header_timeout_s = 10.0
-
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         self._header_timer: asyncio.TimerHandle | None = None
         self._reading_headers = True  # the next bytes are a request line and headers
@@ -219,9 +216,6 @@ class HeaderTimeoutHttpToolsProtocol(_HeaderTimer, HttpToolsProtocol):  # withou
         super().connection_made(transport)
         self._arm_header_timer()
 
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._disarm_header_timer()
-        super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
         if self._reading_headers:
