@@ -8,10 +8,11 @@ a decode step reads the first ``n`` rows, with nothing copied.
 
 from __future__ import annotations
 
+import ctypes
 import importlib.metadata
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -102,6 +103,28 @@ def loadable_kernels(path: Path | None) -> Path | None:
     return path
 
 
+_CUDART_NAMES = ("libcudart.so.13", "libcudart.so.12", "libcudart.so")
+_H2D = 1  # cudaMemcpyHostToDevice
+
+
+def _cudart() -> Any:
+    """The CUDA runtime the CUDA provider loaded (None where none is found): ``cudaMemcpy`` of
+    part of a device buffer. onnxruntime's Python API copies whole tensors only
+    (``OrtValue.update_inplace``) and has no view of part of one; a small session copying rows by
+    address was tried and slowed the decoder's captured step (docs/benchmarks.md)."""
+    for name in _CUDART_NAMES:
+        try:
+            lib = ctypes.CDLL(name)
+        except OSError:
+            continue
+        lib.cudaMemcpy.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        lib.cudaMemcpy.restype = ctypes.c_int
+        lib.cudaStreamSynchronize.argtypes = [ctypes.c_void_p]
+        lib.cudaStreamSynchronize.restype = ctypes.c_int
+        return lib
+    return None
+
+
 class Device:
     """Sessions and tensors on one execution provider (``cpu`` or ``cuda``, device 0)."""
 
@@ -109,6 +132,7 @@ class Device:
         self.type = check_device(device)
         self.threads = threads
         self._cuda: dict[str, str] = {}
+        self._rows_copy: Any = None  # write_rows: "cpu", the CUDA runtime, False (whole copies); None: not looked up
         # lmforge's custom CUDA ops (runtime.kernels), registered in every CUDA session when built
         self.kernels: Path | None = loadable_kernels(kernel_library()) if self.type == "cuda" else None
         if self.type == "cuda":
@@ -187,6 +211,33 @@ class Device:
     def host_scalar(value: int) -> ort.OrtValue:
         """An int32 scalar in host memory (GroupQueryAttention reads total_sequence_length there)."""
         return ort.OrtValue.ortvalue_from_numpy(np.array(value, dtype=np.int32))
+
+    def write_rows(self, value: ort.OrtValue, host: np.ndarray, rows: Iterable[int]) -> None:
+        """Copy ``rows`` of ``host`` (an array of ``value``'s shape and dtype) into ``value`` in
+        place, a run of consecutive rows in one copy; the whole array when no CUDA runtime can be
+        called (``update_inplace``). On CUDA the copies are complete on return (the legacy stream
+        is synchronized), before any later onnxruntime run reads them."""
+        if self._rows_copy is None:
+            self._rows_copy = (_cudart() or False) if self.type == "cuda" else "cpu"
+        if self._rows_copy is False:
+            value.update_inplace(host)
+            return
+        width = host[0].nbytes if host.ndim else host.nbytes
+        base = value.data_ptr()
+        runs: list[list[int]] = []
+        for row in sorted(set(rows)):
+            if runs and runs[-1][1] == row:
+                runs[-1][1] = row + 1
+            else:
+                runs.append([row, row + 1])
+        for start, end in runs:
+            src, dst, size = host.ctypes.data + start * width, base + start * width, (end - start) * width
+            if self._rows_copy == "cpu":
+                ctypes.memmove(dst, src, size)
+            elif (code := self._rows_copy.cudaMemcpy(dst, src, size, _H2D)) != 0:
+                raise GenerationError("copying sampling rows to the GPU failed", got=f"cudaMemcpy error {code}")
+        if self._rows_copy != "cpu" and runs and (code := self._rows_copy.cudaStreamSynchronize(None)) != 0:
+            raise GenerationError("copying sampling rows to the GPU failed", got=f"cudaStreamSynchronize error {code}")
 
     def bind_rows(self, binding: Any, name: str, value: ort.OrtValue, start: int, n: int, output: bool) -> None:
         """Bind rows ``start:start + n`` of ``value`` (by address: nothing is copied)."""

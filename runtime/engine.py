@@ -583,7 +583,7 @@ class Engine(TextHelpers):
         live = _Live(request, slot, stop_ids, detok, StopStrings(p.stop), now)
         host_values([p], self.candidates)  # its plan alone: a row that cannot be planned fails here
         rows = row_arrays(p, request.prompt_ids, sorted(stop_ids), self.vocab, self.max_context,
-                          draws=1 if p.temperature == 0 else request.max_new_tokens)
+                          draws=0 if p.greedy else request.max_new_tokens)
         return live, self.backend.stage(slot, rows)
 
     def _request_error(self, request: Request, stage: str, exc: Exception) -> GenerationError:

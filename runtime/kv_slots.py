@@ -43,7 +43,7 @@ from runtime.device import NP_DTYPES, Device
 from runtime.errors import GenerationError
 from runtime.kv_backend import BackendOptions, Started, register_backend
 from runtime.sampler_graph import ROW_INPUTS, STEP_HOST_INPUTS
-from runtime.sampling import Plan, checked_row
+from runtime.sampling import Plan, checked_row, is_neutral
 from runtime.step_graph import CONSTANTS, FORMAT, PREFIX, STATE, step_io
 
 __all__ = ["SlotsBackend", "padded_length", "prefill_groups"]
@@ -175,15 +175,18 @@ class SlotsBackend:
         shapes = self._row_shapes()
         self.sets = tuple({name: device.zeros([b, *shapes[name]], dtype) for name, _, dtype in STATE} for _ in range(2))
         # The requests' sampling constants: only the host writes them, so a host copy of every
-        # buffer is kept and a prefill's new rows reach the device in one whole-buffer copy per
-        # constant that changed (``OrtValue.update_inplace``). Not a small onnxruntime session
-        # copying rows into the buffers by address: on CUDA, one run of such a session made every
-        # later replay of the decoder's captured step slower (docs/benchmarks.md, "GPU: batch-1
-        # greedy decode, and why the step is one CUDA graph").
+        # buffer is kept and a prefill's new rows reach the device as copies of those rows alone
+        # (Device.write_rows; a stop mask or the uniforms of a 64-row pool are megabytes). Not a
+        # small onnxruntime session copying rows into the buffers by address: on CUDA, one run of
+        # such a session made every later replay of the decoder's captured step slower
+        # (docs/benchmarks.md, "GPU: batch-1 greedy decode, and why the step is one CUDA graph").
         self._consts_host = {name: np.zeros([b, *shapes[name]], NP_DTYPES[dtype]) for name, dtype in CONSTANTS}
         # (own memory on the CPU too: a CPU OrtValue made from an array would share it)
         self.consts = {name: device.put(value.copy()) for name, value in self._consts_host.items()}
-        self._changed: set[str] = set()  # constants whose host copy changed since the last device copy
+        self._changed: dict[str, set[int]] = {}  # constant → rows whose host copy changed since the last copy
+        # per constant and slot: whether the row holds runtime.sampling.neutral_row's values, as the
+        # buffers start (all zeros; only wide rows are ever shared, the others are compared)
+        self._neutral_at = {name: [True] * b for name, _ in CONSTANTS}
         # what one request's row arrays must be (runtime.sampling.checked_row): the constants
         # and the state a prefill starts from
         self._row_layout = {name[len(PREFIX):]: (NP_DTYPES[dtype], tuple(shapes[name])) for name, dtype in CONSTANTS
@@ -304,10 +307,17 @@ class SlotsBackend:
         rows = checked_row(arrays, self._row_layout)
         for name, host in self._consts_host.items():
             short = name[len(PREFIX):]
-            value = np.array(self.capacity - 1) if short == "last_position" else rows[short][0]
+            if short == "last_position":
+                value = np.array(self.capacity - 1)
+            else:
+                shared = rows[short]
+                if self._neutral_at[name][slot] and is_neutral(shared):
+                    continue  # the slot's row holds the shared neutral row already: nothing to compare
+                self._neutral_at[name][slot] = is_neutral(shared)
+                value = shared[0]
             if not np.array_equal(host[slot], value):
                 host[slot] = value
-                self._changed.add(name)
+                self._changed.setdefault(name, set()).add(slot)
         self._staged[slot] = rows
         return rows
 
@@ -319,7 +329,7 @@ class SlotsBackend:
                 self.stage(slot, arrays)
                 self._staged.pop(slot, None)
         for name in sorted(self._changed):
-            self.consts[name].update_inplace(self._consts_host[name])
+            self.device.write_rows(self.consts[name], self._consts_host[name], self._changed[name])
         self._changed.clear()
 
     def _prefill_group(self, group: list[tuple[int, list[int], dict[str, np.ndarray]]], want_logits: bool,
@@ -340,7 +350,7 @@ class SlotsBackend:
                 continue
             short = name[len(PREFIX):]
             start = [] if short == "history" else [rows[short] for _, _, rows in group]
-            if not any(row.max() for row in start):  # (max: much faster than any() on floats)
+            if all(is_neutral(row) or not row.max() for row in start):  # (max: much faster than any() on floats)
                 self.device.bind_rows(binding, name, self._zero_start[name], 0, m, output=False)
                 continue
             value = self._start_value(name, m)

@@ -22,7 +22,7 @@ from runtime.sampler_graph import ALL_ROWS, BOUNDED_CANDIDATES, HOST_INPUTS, ROW
 
 __all__ = ["SamplingParams", "GREEDY", "INT64_MAX", "FLOAT32_TINY", "REPETITION_PENALTY_RANGE", "PARTED_ABOVE",
            "GENERATION_DEFAULTS", "Plan", "TOP_K_CANDIDATES", "checked_row", "generation_defaults", "host_values",
-           "row_arrays", "stack_rows", "Sampler"]
+           "is_neutral", "neutral_row", "row_arrays", "stack_rows", "Sampler"]
 
 log = logging.getLogger(__name__)
 
@@ -217,6 +217,32 @@ def host_values(params: Sequence[SamplingParams], candidates: int) -> Plan:
             ALL_ROWS if filtered else 0, ALL_ROWS if filtered and k > PARTED_ABOVE else 0)
 
 
+_NEUTRAL: dict[tuple[str, int, int], np.ndarray] = {}  # never evicted: few (vocab, steps) per process
+_NEUTRAL_IDS: set[int] = set()
+
+
+def neutral_row(name: str, vocab: int, steps: int) -> np.ndarray:
+    """Row ``name`` of :data:`ROW_INPUTS` (vocabulary- or steps-wide) at its neutral value, shared and
+    read-only: most requests change none of their wide rows, so :func:`row_arrays` hands out this
+    one array instead of filling a new one (a 128K vocabulary makes each ~0.1-0.5 MB), and the
+    backends recognise it by identity (:func:`is_neutral`) to skip comparing and copying it."""
+    key = (name, int(vocab), int(steps))
+    array = _NEUTRAL.get(key)
+    if array is None:
+        row = next(r for r in ROW_INPUTS if r.name == name)
+        array = np.full([1, *(int(d) for d in row.dims(vocab, steps))], row.neutral, dtype=np.dtype(row.dtype))
+        array.setflags(write=False)
+        array = _NEUTRAL.setdefault(key, array)
+        _NEUTRAL_IDS.add(id(array))
+    return array
+
+
+def is_neutral(array: object) -> bool:
+    """Whether ``array`` is one of :func:`neutral_row`'s shared rows (then its values are the
+    row's neutral ones: zeros for every wide row)."""
+    return id(array) in _NEUTRAL_IDS  # (ids are stable: the shared rows are never freed)
+
+
 def row_arrays(params: SamplingParams, prompt: Sequence[int], stop_ids: Sequence[int], vocab: int,
                steps: int, draws: int | None = None) -> dict[str, np.ndarray]:
     """One row's sampling inputs, each with a leading axis of 1 (see :mod:`runtime.sampler_graph`).
@@ -229,18 +255,24 @@ def row_arrays(params: SamplingParams, prompt: Sequence[int], stop_ids: Sequence
     first ``draws`` (default: all) are drawn, the rest stay zero and are never read
     (``last_step`` is ``draws − 1``, and the samplers read column ``min(step, last_step)``): a
     request of ``n`` new tokens needs ``n``, and drawing the stream's first ``n`` gives the same
-    values as drawing ``steps`` and keeping ``n``.
+    values as drawing ``steps`` and keeping ``n``. ``draws=0`` (a greedy row, which reads no
+    uniform) draws none. A wide row this request leaves neutral is :func:`neutral_row`'s shared,
+    read-only array.
     """
-    rows = {row.name: np.full([1, *(int(d) for d in row.dims(vocab, steps))],
-                              getattr(params, row.param) if row.param else row.neutral, dtype=np.dtype(row.dtype))
+    rows = {row.name: neutral_row(row.name, vocab, steps) if row.width else
+            np.full([1], getattr(params, row.param) if row.param else row.neutral, dtype=np.dtype(row.dtype))
             for row in ROW_INPUTS}
     if params.repetition_penalty != 1.0:
+        rows["seen"] = rows["seen"].copy()
         rows["seen"][0, np.asarray(prompt, dtype=np.int64)] = True
     if params.min_new_tokens > 0 and len(stop_ids):
+        rows["stop_mask"] = rows["stop_mask"].copy()
         rows["stop_mask"][0, np.asarray(list(stop_ids), dtype=np.int64)] = True
-    drawn = steps if draws is None else max(1, min(int(draws), steps))
-    rows["uniforms"][0, :drawn] = np.random.default_rng(params.seed).random(drawn, dtype=np.float32)
-    rows["last_step"][0] = drawn - 1
+    drawn = steps if draws is None else max(0, min(int(draws), steps))
+    if drawn:
+        rows["uniforms"] = np.zeros([1, steps], np.float32)
+        rows["uniforms"][0, :drawn] = np.random.default_rng(params.seed).random(drawn, dtype=np.float32)
+    rows["last_step"][0] = max(drawn - 1, 0)
     return rows
 
 
@@ -254,6 +286,11 @@ def checked_row(arrays: Mapping[str, np.ndarray],
     out = {}
     for name, (dtype, shape) in layout.items():
         value = arrays.get(name)
+        if isinstance(value, np.ndarray) and value.dtype == dtype and value.shape == (1, *shape) and (
+                value.dtype.kind != "f" or is_neutral(value)
+                or (math.isfinite(value.item()) if value.size == 1 else bool(np.isfinite(value).all()))):
+            out[name] = value  # already of the sampler's dtype and finite (row_arrays' arrays are)
+            continue
         if value is None or tuple(np.shape(value)) != (1, *shape):
             raise GenerationError(f"the sampling input {name!r} does not fit the sampler",
                                   expected=f"shape {[1, *shape]}", got=repr(None if value is None else np.shape(value)))

@@ -506,3 +506,38 @@ def test_a_request_that_exactly_fills_the_context_runs(pair) -> None:  # type: i
         with pytest.raises(GenerationError, match="exceeds the context"):
             engine.submit(prompt + [5], 12)
     assert tokens[0] == tokens[1]
+
+
+def test_write_rows_copies_only_the_rows_named() -> None:
+    """``Device.write_rows`` copies the named rows (runs of consecutive ones together) into the
+    tensor in place and leaves the others as they were."""
+    from runtime.device import Device
+
+    device = Device("cpu")
+    for dtype in (np.float32, np.bool_, np.int64):
+        value = device.put(np.zeros([6, 5], dtype))
+        host = (np.arange(30).reshape(6, 5) % 3).astype(dtype) + np.ones([6, 5], dtype)
+        device.write_rows(value, host, [4, 1, 2])
+        got = value.numpy()
+        np.testing.assert_array_equal(got[[1, 2, 4]], host[[1, 2, 4]])
+        assert not got[[0, 3, 5]].any()
+
+
+def test_the_device_constants_follow_every_admission(shared_path: Path) -> None:
+    """After admissions that change some rows' sampling constants (penalties, a stop mask, drawn
+    uniforms) and then put greedy requests in the same slots, every constant on the device equals
+    the backend's host copy: only changed rows are copied, and a row going back to the shared
+    neutral values is copied too."""
+    with Engine.load(shared_path, max_batch=3) as engine:
+        backend = engine.backend
+        assert isinstance(backend, SlotsBackend)
+        prompts = _prompts(3, seed=5)
+        mixes = [[SamplingParams(repetition_penalty=1.2, min_new_tokens=3, temperature=0.8, seed=s) for s in range(3)],
+                 [SamplingParams()] * 3,
+                 [SamplingParams(temperature=0.7, top_p=0.9, seed=9), SamplingParams(),
+                  SamplingParams(min_new_tokens=2)]]
+        for params in mixes:
+            engine.generate_ids(prompts, 4, params)
+            for name, value in backend.consts.items():
+                np.testing.assert_array_equal(value.numpy(), backend._consts_host[name], err_msg=name)
+            assert any(backend._consts_host[name].any() for name in backend.consts)  # a check that can fail

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from runtime import GenerationError, SamplingParams
-from runtime.sampling import row_arrays
+from runtime.sampling import is_neutral, neutral_row, row_arrays
 
 
 @pytest.mark.parametrize(
@@ -137,5 +137,26 @@ def test_row_arrays_draw_only_the_uniforms_a_request_reads() -> None:
     np.testing.assert_array_equal(some["uniforms"][0, :5], full["uniforms"][0, :5])
     assert not some["uniforms"][0, 5:].any()
     assert int(full["last_step"][0]) == 63 and int(some["last_step"][0]) == 4
-    assert int(row_arrays(params, [], [], 50, 64, draws=0)["last_step"][0]) == 0  # at least one
+    none = row_arrays(params, [], [], 50, 64, draws=0)  # a greedy row reads no uniform
+    assert int(none["last_step"][0]) == 0 and not none["uniforms"].any()
     assert int(row_arrays(params, [], [], 50, 64, draws=500)["last_step"][0]) == 63  # at most the row
+
+
+def test_row_arrays_share_the_wide_rows_a_request_leaves_neutral() -> None:
+    """A wide row (vocabulary or steps) a request does not change is one shared, read-only array
+    (what the backends skip comparing and copying); a row it changes is its own copy, and the
+    shared rows keep their neutral values whatever another request wrote."""
+    greedy = row_arrays(SamplingParams(), [1, 2], [0], 50, 64, draws=0)
+    penalized = row_arrays(SamplingParams(repetition_penalty=1.3, min_new_tokens=2, temperature=0.5, seed=1),
+                           [1, 2], [0], 50, 64, draws=4)
+    for name in ("seen", "stop_mask", "uniforms", "counts"):
+        assert is_neutral(greedy[name]) and greedy[name] is neutral_row(name, 50, 64)
+        assert not greedy[name].flags.writeable
+    assert is_neutral(penalized["counts"])
+    for name in ("seen", "stop_mask", "uniforms"):
+        assert not is_neutral(penalized[name]) and penalized[name].flags.writeable
+    assert penalized["seen"][0, [1, 2]].all() and penalized["stop_mask"][0, 0] and penalized["uniforms"][0, :4].all()
+    assert not neutral_row("seen", 50, 64).any() and not neutral_row("stop_mask", 50, 64).any()
+    assert not is_neutral(np.zeros([1, 50], bool))  # equal values are not the shared row
+    with pytest.raises(ValueError):
+        greedy["seen"][0, 3] = True
