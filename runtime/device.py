@@ -104,6 +104,9 @@ def loadable_kernels(path: Path | None) -> Path | None:
 
 
 _CUDART_NAMES = ("libcudart.so.13", "libcudart.so.12", "libcudart.so")
+CUDA_ROW_COPY = False
+"""Whether :meth:`Device.write_rows` copies rows through the CUDA runtime on CUDA (else the whole
+tensor, ``update_inplace``). Off until ``tests/runtime/test_gpu.py``'s test of it has run on a GPU."""
 _H2D = 1  # cudaMemcpyHostToDevice
 
 
@@ -218,7 +221,7 @@ class Device:
         called (``update_inplace``). On CUDA the copies are complete on return (the legacy stream
         is synchronized), before any later onnxruntime run reads them."""
         if self._rows_copy is None:
-            self._rows_copy = (_cudart() or False) if self.type == "cuda" else "cpu"
+            self._rows_copy = ((CUDA_ROW_COPY and _cudart()) or False) if self.type == "cuda" else "cpu"
         if self._rows_copy is False:
             value.update_inplace(host)
             return

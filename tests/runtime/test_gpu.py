@@ -193,19 +193,32 @@ def test_candidates_in_parts_draw_the_same_on_cuda() -> None:
             np.testing.assert_array_equal(parts.sample(logits, params, step=step, steps=6), want)
 
 
-def test_device_constants_follow_every_admission_on_cuda(engines) -> None:  # type: ignore[no-untyped-def]
-    """The sampling constants reach the GPU as copies of the changed rows alone (the CUDA
-    runtime's cudaMemcpy, not a whole-buffer copy): after admissions that change rows and put
-    greedy requests back in the same slots, every device constant equals the host copy."""
-    graph, _ = engines
+@pytest.mark.parametrize("row_copy", [False, True])
+def test_device_constants_follow_every_admission_on_cuda(fp16_cuda: Path, monkeypatch: pytest.MonkeyPatch,
+                                                         row_copy: bool) -> None:
+    """The sampling constants reach the GPU whole (``update_inplace``, the default) or as copies of
+    the changed rows alone (the CUDA runtime's cudaMemcpy, ``runtime.device.CUDA_ROW_COPY``): after
+    admissions that change rows and put greedy requests back in the same slots, every device
+    constant equals the host copy, and the tokens are the other way's."""
+    import runtime.device
+
+    monkeypatch.setattr(runtime.device, "CUDA_ROW_COPY", row_copy)
+    graph = Engine.load(fp16_cuda, device="cuda", max_batch=16)
     backend = graph.backend
     prompts = _prompts(4, seed=21)
     mixes = [[SamplingParams(repetition_penalty=1.2, min_new_tokens=3, temperature=0.8, seed=s) for s in range(4)],
              [SamplingParams()] * 4,
              [SamplingParams(temperature=0.7, top_p=0.9, seed=9), SamplingParams(), SamplingParams(min_new_tokens=2),
               SamplingParams(presence_penalty=0.5, temperature=1.0, seed=3)]]
-    for params in mixes:
-        graph.generate_ids(prompts, 6, params)
-        for name, value in backend.consts.items():
-            np.testing.assert_array_equal(value.numpy(), backend._consts_host[name], err_msg=name)
-    assert backend.device._rows_copy not in (None, False, "cpu")  # the rows went through the CUDA runtime
+    try:
+        tokens = []
+        for params in mixes:
+            tokens.append(graph.generate_ids(prompts, 6, params))
+            for name, value in backend.consts.items():
+                np.testing.assert_array_equal(value.numpy(), backend._consts_host[name], err_msg=name)
+        copier = backend.device._rows_copy
+        assert (copier not in (None, False, "cpu")) if row_copy else copier is False
+    finally:
+        graph.close()
+    with Engine.load(fp16_cuda, device="cuda", max_batch=16, cuda_graph=False, read_every=1) as plain:
+        assert [plain.generate_ids(prompts, 6, params) for params in mixes] == tokens
