@@ -111,7 +111,8 @@ _H2D = 1  # cudaMemcpyHostToDevice
 
 
 def _cudart() -> Any:
-    """The CUDA runtime the CUDA provider loaded (None where none is found): ``cudaMemcpy`` of
+    """The CUDA runtime library, by name (the one the CUDA provider loaded, where that is on the
+    search path; None where none is found): ``cudaMemcpy`` of
     part of a device buffer. onnxruntime's Python API copies whole tensors only
     (``OrtValue.update_inplace``) and has no view of part of one; a small session copying rows by
     address was tried and slowed the decoder's captured step (docs/benchmarks.md)."""

@@ -311,11 +311,11 @@ class SlotsBackend:
             if short == "last_position":
                 value = np.array(self.capacity - 1)
             else:
-                shared = rows[short]
-                if self._neutral_at[name][slot] and is_neutral(shared):
+                neutral = is_neutral(rows[short])
+                if neutral and self._neutral_at[name][slot]:
                     continue  # the slot's row holds the shared neutral row already: nothing to compare
-                self._neutral_at[name][slot] = is_neutral(shared)
-                value = shared[0]
+                self._neutral_at[name][slot] = neutral
+                value = rows[short][0]
             if not np.array_equal(host[slot], value):
                 host[slot] = value
                 self._changed.setdefault(name, set()).add(slot)
