@@ -8,8 +8,10 @@ streaming load from this process (``lmforge.benchmark.serve_load``: aiohttp, gre
 * ``--mode replicas`` (the CPU): ``lmforge serve --replicas 1`` against ``--replicas 2``, one core
   per replica (``--cpus-per-replica 1``, pinned): what a second replica adds.
 * ``--mode vs-serve`` (a GPU): ``lmforge serve`` (the engine core and its front-end) against
-  ``lmforge serve --replicas 1`` (one Ray Serve replica, the whole GPU) on the same device, behind
-  Serve's Python proxy and behind its HAProxy ingress (``--ray-haproxy``): what Ray Serve costs.
+  ``lmforge serve --replicas 1`` (one Ray Serve replica, the whole GPU, its engine in a core child
+  process) on the same device, behind Serve's Python proxy and behind its HAProxy ingress
+  (``--ray-haproxy``), and with the engine in the replica's own process (``--in-process``): what
+  Ray Serve costs.
 
 The artifact is a folder, or with ``--shape`` a ``random:<shape>`` built as
 ``bench/gpu_serving.py`` builds it (fp16 shared-buffer on CUDA) under ``--work``.
@@ -57,7 +59,8 @@ def rows(mode: str) -> list[tuple[str, list[str]]]:
         return [("Ray Serve, 1 replica × 1 core", ["--replicas", "1", "--cpus-per-replica", "1"]),
                 ("Ray Serve, 2 replicas × 1 core", ["--replicas", "2", "--cpus-per-replica", "1"])]
     return [("lmforge serve", []), ("Ray Serve, 1 replica", ["--replicas", "1"]),
-            ("Ray Serve, 1 replica, HAProxy ingress", ["--replicas", "1", "--ray-haproxy"])]
+            ("Ray Serve, 1 replica, HAProxy ingress", ["--replicas", "1", "--ray-haproxy"]),
+            ("Ray Serve, 1 replica, engine in the replica's process", ["--replicas", "1", "--in-process"])]
 
 
 class _RayServer(ServerProcess):

@@ -61,7 +61,8 @@ def register(subparsers: Any) -> None:
                              "of one engine core process (default 1)")
     parser.add_argument("--in-process", action="store_true",
                         help="run the HTTP app and the engine in this one process (no engine core process; "
-                             "encoders and --instances always do)")
+                             "encoders and --instances always do; with --replicas: the engine in each replica's "
+                             "process)")
     ray = parser.add_argument_group("replicas on Ray Serve (the ray extra; docs/ray.md)")
     ray.add_argument("--replicas", type=int, default=None, metavar="N",
                      help="serve N replicas on Ray Serve behind the one port: one per GPU with --device cuda, one "
@@ -236,12 +237,12 @@ def _run_on_ray(args: argparse.Namespace) -> int:
         raise LmforgeError("invalid --target-ongoing-requests", expected="a number > 0",
                            got=str(args.target_ongoing_requests))
     clash = [flag for flag, on in (("--instances", args.instances != 1), ("--api-workers", args.api_workers != 1),
-                                   ("--in-process", args.in_process), ("--threads", args.threads is not None))
+                                   ("--threads", args.threads is not None))
              if on]
     if clash:
         raise LmforgeError(f"--replicas / --ray with {clash[0]}",
-                           expected="Ray Serve replicas alone (each is one process with its own engine, pinned to "
-                                    "its --cpus-per-replica cores, one thread per core)",
+                           expected="Ray Serve replicas alone (each with its own engine, pinned to its "
+                                    "--cpus-per-replica cores, one thread per core)",
                            fix=f"drop {clash[0]}, or drop --replicas / --ray")
     from runtime.cpu import available_cores
 
@@ -265,7 +266,8 @@ def _run_on_ray(args: argparse.Namespace) -> int:
                            chat_default_max_tokens=args.chat_default_max_tokens or None,
                            stream_interval=args.stream_interval)
     ray_options = RayOptions(replicas=replicas, max_replicas=args.max_replicas,
-                             target_ongoing_requests=args.target_ongoing_requests, cpus_per_replica=cpus)
+                             target_ongoing_requests=args.target_ongoing_requests, cpus_per_replica=cpus,
+                             engine_process=not args.in_process)
     name = args.served_model_name or os.path.basename(os.path.normpath(args.artifact))
     auth = ", API key required" if api_key else ""
 

@@ -11,11 +11,19 @@ as ``lmforge serve``, not a second implementation.
   has loaded): on the CPU it pins itself to slice ``local_rank`` of its node's usable cores before
   loading (:func:`runtime.cpu.pin_cpus`, as ``--instances`` workers do) and gives onnxruntime one
   thread per core of that slice; on a GPU it asks Ray for the card (``num_gpus``) and Ray sets
-  ``CUDA_VISIBLE_DEVICES``. ``check_health`` is the engine's readiness; Serve's graceful shutdown
-  lets the requests in flight end, then the replica drains and closes its engine.
+  ``CUDA_VISIBLE_DEVICES``. A decoder's engine runs in an **engine core child process** of the
+  replica (:class:`runtime.serve.split.CoreProcess`, reached through
+  :class:`runtime.serve.client.CoreClient`), as ``lmforge serve`` runs it: the replica's event loop
+  (HTTP, tokenization, detokenization, SSE, and Serve's own replica machinery) and the engine's
+  scheduling loop then do not share one interpreter lock, which held one in-process replica to
+  0.7-0.9× of ``lmforge serve`` on the same GPU (docs/ray.md). ``RayOptions.engine_process=False``
+  keeps the engine in the replica's process (encoders always are). ``check_health`` is the
+  engine's readiness (a core that died fails it, and its requests in flight fail with a clear
+  error); Serve's graceful shutdown lets the requests in flight end, then the replica drains and
+  closes its engine (and stops its core).
 * Every response carries ``x-lmforge-replica: <replica id>``. ``/metrics`` answers with **every
   live replica's metrics**, each sample labelled ``replica`` (and ``lmforge_replica_info{replica,
-  node, pid, rank}``): each replica publishes its registry every :data:`PUBLISH_S` to a small named
+  node, pid, core_pid, rank}``): each replica publishes its registry every :data:`PUBLISH_S` to a small named
   actor of the application (:class:`MetricsBoard`) and reads the others' from there, so a scrape
   through the one port sees the whole deployment, at most :data:`PUBLISH_S` stale for the
   replicas other than the one answering.
@@ -72,7 +80,9 @@ class RayOptions:
     engine's queue; the rest waits in Serve's router, which picks the shorter of two replicas'
     queues). The three delays are Serve's autoscaling knobs (its defaults when None).
     ``cpus_per_replica`` cores are reserved for (and pinned by) each CPU replica;
-    ``gpus_per_replica`` cards for each ``cuda`` replica.
+    ``gpus_per_replica`` cards for each ``cuda`` replica. ``engine_process``: a decoder's engine
+    runs in a child process of its replica (the engine core ``lmforge serve`` runs), else in the
+    replica's own process.
     """
 
     replicas: int = 1
@@ -81,6 +91,7 @@ class RayOptions:
     max_ongoing_requests: int | None = None
     cpus_per_replica: int = 1
     gpus_per_replica: float = 1.0
+    engine_process: bool = True
     upscale_delay_s: float | None = None  # autoscaling: Serve's defaults unless set
     downscale_delay_s: float | None = None
     look_back_period_s: float | None = None
@@ -264,7 +275,8 @@ class _Replica:
     """One replica: the engine, its app, its metrics publisher (the deployment class without Serve's
     decorators, which :data:`LmforgeReplica` adds)."""
 
-    def __init__(self, options: ModelOptions, cpus_per_replica: int, app_name: str = APP_NAME) -> None:
+    def __init__(self, options: ModelOptions, cpus_per_replica: int, app_name: str = APP_NAME,
+                 engine_process: bool = True) -> None:
         context = serve.get_replica_context()
         self.replica = context.replica_id.unique_id
         rank = context.rank
@@ -281,7 +293,9 @@ class _Replica:
             threads = len(cpus)
             where = f"CPUs {format_cpus(cpus)}"
         self.options = options
-        self.model = load_model(options, threads)
+        self.core: Any = None  # the engine core child process, when the engine runs in one
+        self._stopping = False
+        self.model = self._load(options, threads, engine_process)
         from runtime.serve.app import create_app
 
         self.http_app = create_app(self.model, served_model_name=options.served_model_name,
@@ -289,6 +303,7 @@ class _Replica:
         self.state = self.http_app.state.lmforge
         self.http_app.add_middleware(ResponseHeader, name=REPLICA_HEADER, value=self.replica)
         labels = {"replica": self.replica, "node": ray.util.get_node_ip_address(), "pid": str(os.getpid()),
+                  "core_pid": str(self.core.pid if self.core is not None else ""),
                   "rank": str(rank.rank if rank is not None else "")}
         self.metrics = _DeploymentMetrics(self.state.metrics.render_registry, labels)
         self.state.metrics.render_registry = self.metrics
@@ -298,6 +313,39 @@ class _Replica:
         self._publisher = threading.Thread(target=self._publish_loop, name="lmforge-metrics-publish", daemon=True)
         self._publisher.start()
         log.info("replica %s (rank %s) serves %s on %s", self.replica, labels["rank"], options.artifact, where)
+
+    def _load(self, options: ModelOptions, threads: int | None, engine_process: bool) -> Any:
+        """A decoder's engine in a core child process (a :class:`CoreClient` to it), or the
+        model in this process (``engine_process`` off, or an encoder)."""
+        from runtime.artifact import load_artifact
+
+        if not (engine_process and load_artifact(options.artifact, verify_hashes=False).is_decoder):
+            return load_model(options, threads)
+        from runtime.serve.client import CoreClient
+        from runtime.serve.split import CoreProcess
+
+        core = CoreProcess(options, threads=threads)
+        core.start()  # raises LmforgeError with the core's one-line reason
+        try:
+            client = CoreClient(core.addresses, options.artifact)
+        except BaseException:
+            core.stop(10)
+            raise
+        self.core = core
+        threading.Thread(target=self._watch_core, args=(client,), name="lmforge-core-watch", daemon=True).start()
+        return client
+
+    def _watch_core(self, client: Any) -> None:
+        """The core process exited: unless this replica is stopping, its requests in flight fail
+        now, with an error that says so, and the health check fails, so Serve replaces the
+        replica (a new one starts its own core)."""
+        from multiprocessing.connection import wait as wait_sentinels
+
+        wait_sentinels([self.core.proc.sentinel])
+        if not self._stopping:
+            code = self.core.proc.exitcode
+            log.error("replica %s: its engine core (pid %s) exited with code %s", self.replica, self.core.pid, code)
+            client.core_lost(f"the engine core process exited with code {code}")
 
     def __serve_build_asgi_app__(self) -> Any:
         return self.http_app
@@ -322,16 +370,21 @@ class _Replica:
     async def __del__(self) -> None:
         """Serve's graceful shutdown (scale-down, update, delete): the requests routed here have ended
         or ``graceful_shutdown_timeout_s`` passed; refuse new ones, drain the engine, leave the board."""
+        self._stopping = True
         if not hasattr(self, "_stop"):  # the constructor failed: nothing to drain
             model = getattr(self, "model", None)
             if model is not None:
                 model.close()
+            if getattr(self, "core", None) is not None:
+                self.core.stop(10)
             return
         self._stop.set()
         self.state.start_drain()
         t0 = time.perf_counter()
-        # the Engine, or an Encoder's EmbeddingService (which closes its Encoder)
+        # the Engine or its core's client, or an Encoder's EmbeddingService (which closes its Encoder)
         await asyncio.to_thread(self.state.engine.close, True, self.options.drain_timeout_s)
+        if self.core is not None:  # the requests have ended: the core drains at once and exits
+            await asyncio.to_thread(self.core.stop, 30.0)
         log.info("replica %s drained in %.1f s", self.replica, time.perf_counter() - t0)
         if self._board is not None:
             try:
@@ -365,7 +418,7 @@ def build_app(model: ModelOptions, options: RayOptions | None = None) -> Any:
     deployment = LmforgeReplica.options(**options.deployment_options(model))
     if ray.is_initialized():  # start the metrics board while the replicas load (else the first replica does)
         _board(options.app_name)
-    return deployment.bind(model, options.cpus_per_replica, options.app_name)
+    return deployment.bind(model, options.cpus_per_replica, options.app_name, options.engine_process)
 
 
 _MODEL_FIELDS = {f.name for f in dataclasses.fields(ModelOptions)}

@@ -191,6 +191,51 @@ def test_a_killed_replica_fails_only_its_own_requests_and_comes_back(cluster: Cl
     assert seen <= cluster.replicas()
 
 
+def _core_pids(url: str) -> dict[str, int]:
+    """Each replica's engine core process id, from lmforge_replica_info on /metrics."""
+    out: dict[str, int] = {}
+    for family in text_string_to_metric_families(httpx.get(url + "/metrics", timeout=30).text):
+        for s in family.samples:
+            if s.name == "lmforge_replica_info" and s.labels.get("core_pid"):
+                out[s.labels["replica"]] = int(s.labels["core_pid"])
+    return out
+
+
+def test_a_replicas_engine_core_that_dies_fails_its_requests_and_serve_replaces_the_replica(cluster: Cluster) -> None:
+    """Each decoder replica runs its engine in a core child process: killing that process fails the
+    replica's streams in flight with an error that says so (the other replica's finish), the
+    replica's health check fails, and Serve puts a new replica in its place."""
+    before = cluster.replicas()
+    deadline = time.monotonic() + 30
+    while set(pids := _core_pids(cluster.url)) != before:  # both replicas on the metrics board
+        assert time.monotonic() < deadline, (pids, before)
+        time.sleep(0.5)
+    streams = 16
+    started = threading.Barrier(streams + 1)
+    with ThreadPoolExecutor(streams) as pool:
+        futures = [pool.submit(_stream, cluster.client, 480, started) for _ in range(streams)]
+        started.wait(timeout=60)
+        time.sleep(0.2)
+        assert not [f for f in futures if f.done()], "the streams finished before the kill: make them longer"
+        victim = sorted(before)[0]
+        os.kill(pids[victim], 9)
+        results = [f.result(timeout=120) for f in futures]
+    on: collections.Counter[str | None] = collections.Counter()
+    for replica, outcome, _ in results:
+        on[replica] += 1
+        if replica == victim:
+            assert "engine core process stopped" in outcome, outcome
+        else:
+            assert outcome == "done", outcome
+    assert set(on) == before and min(on.values()) >= 1, on
+    deadline = time.monotonic() + 120  # the health check (every 5 s) fails, Serve starts a new replica
+    while victim in cluster.replicas() or cluster.running() < 2:
+        assert time.monotonic() < deadline, "Serve did not replace the replica whose engine core died"
+        time.sleep(0.5)
+    seen = {_completion(cluster.client)[1] for _ in range(24)}
+    assert seen <= cluster.replicas() and victim not in seen
+
+
 def test_scaling_from_1_to_2_replicas_under_load_fails_no_request(cluster: Cluster, greedy: dict[int, str]) -> None:
     stop = threading.Event()
     failures: list[str] = []
@@ -251,7 +296,6 @@ def test_missing_ray_extra_is_one_line(monkeypatch: pytest.MonkeyPatch, capsys: 
     (["--replicas", "0"], "--replicas"),
     (["--replicas", "2", "--instances", "2"], "--instances"),
     (["--replicas", "2", "--api-workers", "2"], "--api-workers"),
-    (["--ray", "auto", "--in-process"], "--in-process"),
     (["--replicas", "2", "--threads", "1"], "--threads"),
     (["--replicas", "2", "--max-replicas", "1"], "--max-replicas"),
     (["--replicas", "1", "--target-ongoing-requests", "0"], "--target-ongoing-requests"),
