@@ -10,7 +10,8 @@
 #   bash bench/gpu_http.sh serve      # lmforge bench-serve --compare-engine: greedy, then half sampled
 #   bash bench/gpu_http.sh ray        # bench/ray_replicas.py --mode vs-serve (ray staged in /tmp/ray-site)
 #
-# GENAI= (empty) skips genai in ttft; MIXES, REQUESTS, WARMUP shorten serve; ROUNDS sets ray's rounds.
+# GENAI= (empty) skips genai in ttft; MIXES, REQUESTS, WARMUP shorten serve, PREFILL=N gives it a prompt-token
+# budget per step boundary (--prefill-tokens); ROUNDS sets ray's rounds.
 # Each step writes under $OUT (the tables docs/serving.md and docs/benchmarks.md show).
 set -uo pipefail
 export PYTHONPATH=/tmp/gpu-site:/tmp/site:$PWD HF_HUB_OFFLINE=1
@@ -47,7 +48,8 @@ print(build('$SHAPE', Path('/tmp/lmf-serve'), 'cuda'))" 2>&1 | tail -3
       name=$(echo "$mix" | tr ':,' '__')
       python3 -m lmforge bench-serve "$ART" --device cuda --max-batch 64 --max-queue 1024 \
         --concurrency 16,64 --requests "${REQUESTS:-256}" --warmup "${WARMUP:-64}" --new-tokens 128 --prompt-len 128 --mix "$mix" \
-        --api-workers "${API_WORKERS:-1}" --compare-engine --json "$OUT/http_$name.json" 2>&1 \
+        --api-workers "${API_WORKERS:-1}" ${PREFILL:+--prefill-tokens "$PREFILL"} --compare-engine \
+        --json "$OUT/http_$name${PREFILL:+_p$PREFILL}.json" 2>&1 \
         | grep -E "tok/s|HTTP/engine|Error|error" | tail -12
     done
     ;;

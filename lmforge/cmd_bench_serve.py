@@ -78,6 +78,9 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--max-queue", type=int, default=DEFAULTS.max_queue, metavar="N",
                         help=f"for ARTIFACT targets (default {DEFAULTS.max_queue})")
     parser.add_argument("--threads", type=int, default=None, metavar="N", help="for ARTIFACT targets")
+    parser.add_argument("--prefill-tokens", type=int, default=None, metavar="N",
+                        help="for ARTIFACT targets, the server and the engine alike: prompt tokens admitted per "
+                             "step boundary (lmforge serve --prefill-tokens; default: no budget)")
     parser.add_argument("--api-workers", type=int, default=1, metavar="N",
                         help="HTTP front-end processes of the server started for an ARTIFACT target (default 1)")
     parser.add_argument("--stream-interval", type=int, default=1, metavar="N",
@@ -198,7 +201,7 @@ async def _engine_sweep(spec: str, args: argparse.Namespace, plan: _Plan, mix: A
     from runtime import Engine
 
     engine = Engine.load(spec, device=args.device, max_batch=args.max_batch, max_queue=args.max_queue,
-                         threads=args.threads)
+                         threads=args.threads, prefill_tokens=args.prefill_tokens)
     try:
         engine.warm_up()  # as `lmforge serve` does before it listens (CUDA graphs; a no-op otherwise)
         local = EngineTarget(engine, name=name)
@@ -228,7 +231,7 @@ async def _run_target(spec: str, args: argparse.Namespace, plan: _Plan, mix: Any
         before, prompts = await _engine_sweep(spec, args, plan, mix, slo, None, spec, ENGINE_BEFORE)
     server = ServerProcess(spec, device=args.device, max_batch=args.max_batch, max_queue=args.max_queue,
                            threads=args.threads, api_workers=args.api_workers, in_process=args.in_process,
-                           stream_interval=args.stream_interval,
+                           stream_interval=args.stream_interval, prefill_tokens=args.prefill_tokens,
                            start_timeout_s=args.start_timeout)
     try:
         server.start()

@@ -437,7 +437,8 @@ class ServerProcess:
     def __init__(self, artifact: str | Path, *, device: str = "cpu", max_batch: int = DEFAULTS.max_batch,
                  max_queue: int = DEFAULTS.max_queue,
                  threads: int | None = None, api_workers: int = 1, in_process: bool = False,
-                 stream_interval: int = 1, start_timeout_s: float = 120.0, stop_timeout_s: float = 60.0) -> None:
+                 stream_interval: int = 1, prefill_tokens: int | None = None, start_timeout_s: float = 120.0,
+                 stop_timeout_s: float = 60.0) -> None:
         self.artifact = str(artifact)
         self.command = [sys.executable, "-m", "lmforge", "serve", self.artifact, "--host", "127.0.0.1",
                         "--port", "0", "--device", device, "--max-batch", str(max_batch),
@@ -450,6 +451,8 @@ class ServerProcess:
             self.command += ["--api-workers", str(api_workers)]
         if stream_interval != 1:
             self.command += ["--stream-interval", str(stream_interval)]
+        if prefill_tokens is not None:
+            self.command += ["--prefill-tokens", str(prefill_tokens)]
         self.start_timeout_s = start_timeout_s
         self.stop_timeout_s = stop_timeout_s
         self.proc: subprocess.Popen[bytes] | None = None
