@@ -11,7 +11,7 @@
 #   bash bench/gpu_http.sh ray        # bench/ray_replicas.py --mode vs-serve (ray staged in /tmp/ray-site)
 #
 # GENAI= (empty) skips genai in ttft; MIXES, REQUESTS, WARMUP shorten serve, PREFILL=N gives it a prompt-token
-# budget per step boundary (--prefill-tokens); ROUNDS sets ray's rounds.
+# budget per step boundary (--prefill-tokens); ROUNDS sets ray's rounds, RAY_ROWS its rows (0,1,2,3).
 # Each step writes under $OUT (the tables docs/serving.md and docs/benchmarks.md show).
 set -uo pipefail
 export PYTHONPATH=/tmp/gpu-site:/tmp/site:$PWD HF_HUB_OFFLINE=1
@@ -41,7 +41,7 @@ print(build('$SHAPE', Path('/tmp/lmf-serve'), 'cuda'))" 2>&1 | tail -3
     PYTHONPATH=/tmp/gpu-site:/tmp/site:/tmp/ray-site:$PWD PATH=/tmp/ray-site/bin:$PATH \
       python3 bench/ray_replicas.py "$ART" --device cuda --mode vs-serve --rounds "${ROUNDS:-3}" --concurrency 32 \
       --requests "${REQUESTS:-512}" --warmup "${WARMUP:-64}" --new-tokens 128 --prompt-len 128 --max-batch 64 \
-      --json "$OUT/ray_gpu.json" 2>&1 | grep -v -E "^\(|INFO|WARNING" | tail -20
+      ${RAY_ROWS:+--rows "$RAY_ROWS"} --json "$OUT/ray_gpu.json" 2>&1 | grep -v -E "^\(|INFO|WARNING" | tail -20
     ;;
   serve)
     for mix in ${MIXES:-greedy:1 greedy:1,sampled:1}; do

@@ -112,6 +112,8 @@ def main() -> None:
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--mode", choices=("replicas", "vs-serve"), default=None,
                         help="default: replicas on the CPU, vs-serve on CUDA")
+    parser.add_argument("--rows", default=None, metavar="I,J,…",
+                        help="only these rows of the mode (0-based, the first is the baseline; default all)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--requests", type=int, default=128)
@@ -136,10 +138,13 @@ def main() -> None:
     else:
         parser.error("pass an ARTIFACT folder or --shape")
 
-    runs: dict[str, list[dict[str, Any]]] = {name: [] for name, _ in rows(mode)}
+    table = rows(mode)
+    if args.rows:
+        table = [table[int(i)] for i in args.rows.split(",")]
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name, _ in table}
     started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
     for r in range(args.rounds):
-        order = rows(mode) if r % 2 == 0 else rows(mode)[::-1]  # alternate which row goes first
+        order = table if r % 2 == 0 else table[::-1]  # alternate which row goes first
         for name, extra in order:
             with server(artifact, args, extra) as sp:
                 point = asyncio.run(load(sp.url, args))
