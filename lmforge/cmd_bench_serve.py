@@ -80,7 +80,7 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--threads", type=int, default=None, metavar="N", help="for ARTIFACT targets")
     parser.add_argument("--prefill-tokens", type=int, default=None, metavar="N",
                         help="for ARTIFACT targets, the server and the engine alike: prompt tokens admitted per "
-                             "step boundary (lmforge serve --prefill-tokens; default: no budget)")
+                             "step boundary (lmforge serve --prefill-tokens; 0: no budget; default: the device's)")
     parser.add_argument("--api-workers", type=int, default=1, metavar="N",
                         help="HTTP front-end processes of the server started for an ARTIFACT target (default 1)")
     parser.add_argument("--stream-interval", type=int, default=1, metavar="N",

@@ -48,8 +48,9 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--max-queue", type=int, default=DEFAULTS.max_queue, metavar="N",
                         help=f"waiting requests before 429 (default {DEFAULTS.max_queue})")
     parser.add_argument("--prefill-tokens", type=int, default=None, metavar="N",
-                        help="admit at most N prompt tokens per decode step (running streams then wait for one "
-                             "budget of prefill, not for every new request; default: no budget)")
+                        help="admit at most N prompt tokens per step boundary (running streams then wait for one "
+                             "budget of prefill, not for every new request; a longer prompt is admitted alone); 0: no "
+                             "budget (default: 1024 on CUDA, none on the CPU)")
     parser.add_argument("--threads", type=int, default=None, metavar="N",
                         help="onnxruntime intra-op threads (per instance; default: one per physical core, or per "
                              "core of the instance's slice)")
@@ -127,10 +128,12 @@ def _is_loopback(host: str) -> bool:
 
 def run(args: argparse.Namespace) -> int:
     require_serve_extra("serve")
-    for flag, value in (("--max-batch", args.max_batch), ("--max-queue", args.max_queue),
-                        ("--prefill-tokens", args.prefill_tokens)):
+    for flag, value in (("--max-batch", args.max_batch), ("--max-queue", args.max_queue)):
         if value is not None and value < 1:
             raise LmforgeError(f"invalid {flag}", expected="an integer >= 1", got=str(value))
+    if args.prefill_tokens is not None and args.prefill_tokens < 0:
+        raise LmforgeError("invalid --prefill-tokens", expected="an integer >= 1, or 0 for no budget",
+                           got=str(args.prefill_tokens))
     if not 0 <= args.port < 65536:
         raise LmforgeError("invalid --port", expected="0..65535", got=str(args.port))
     if not 0 < args.header_timeout < float("inf"):

@@ -104,9 +104,10 @@ def loadable_kernels(path: Path | None) -> Path | None:
 
 
 _CUDART_NAMES = ("libcudart.so.13", "libcudart.so.12", "libcudart.so")
-CUDA_ROW_COPY = False
-"""Whether :meth:`Device.write_rows` copies rows through the CUDA runtime on CUDA (else the whole
-tensor, ``update_inplace``). Off until ``tests/runtime/test_gpu.py``'s test of it has run on a GPU."""
+CUDA_ROW_COPY = True
+"""Whether :meth:`Device.write_rows` copies the changed rows alone through the CUDA runtime on CUDA
+(``cudaMemcpy``; off: the whole tensor, ``update_inplace``). ``tests/runtime/test_gpu.py`` checks
+that both ways leave the same device constants and tokens after every admission."""
 _H2D = 1  # cudaMemcpyHostToDevice
 
 

@@ -126,7 +126,7 @@ class Engine(TextHelpers):
         self.options = options
         max_batch, max_queue, threads = options.max_batch, options.max_queue, options.threads
         max_context, kv_memory_gb, cuda_graph = options.max_context, options.kv_memory_gb, options.cuda_graph
-        read_every, candidates, prefill_tokens = options.read_every, options.candidates, options.prefill_tokens
+        read_every, candidates = options.read_every, options.candidates
         prefill_chunk = _check_int("prefill_chunk", options.prefill_chunk, 1)
         if not artifact.is_decoder or artifact.kv_mode is KvMode.NONE:
             raise GenerationError(
@@ -161,7 +161,7 @@ class Engine(TextHelpers):
             read_every = 8 if self.device == "cuda" else 1
         self.read_every = _check_int("read_every", read_every, 1)
         self.candidates = min(_check_int("candidates", candidates, 1), self.vocab)
-        self.prefill_tokens = None if prefill_tokens is None else _check_int("prefill_tokens", prefill_tokens, 1)
+        self.prefill_tokens = options.prefill_budget(self.device)  # None: no budget
         # a waiting request ends a block early when a slot is free (its TTFT: its prefill plus at
         # most one step); on CUDA the steps of a block are then synchronized one by one
         self.admit_within_block = True

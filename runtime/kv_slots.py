@@ -176,8 +176,8 @@ class SlotsBackend:
         self.sets = tuple({name: device.zeros([b, *shapes[name]], dtype) for name, _, dtype in STATE} for _ in range(2))
         # The requests' sampling constants: only the host writes them, so a host copy of every
         # buffer is kept and a prefill's new rows reach the device through Device.write_rows: the
-        # changed rows alone on the CPU (and on CUDA with runtime.device.CUDA_ROW_COPY), else each
-        # changed buffer whole (a stop mask or the uniforms of a 64-row pool are megabytes). Not a
+        # changed rows alone (on CUDA through the CUDA runtime, runtime.device.CUDA_ROW_COPY; without
+        # it each changed buffer whole: a stop mask or the uniforms of a 64-row pool are megabytes). Not a
         # small onnxruntime session copying rows into the buffers by address: on CUDA, one run of
         # such a session made every later replay of the decoder's captured step slower
         # (docs/benchmarks.md, "GPU: batch-1 greedy decode, and why the step is one CUDA graph").

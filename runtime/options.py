@@ -9,6 +9,7 @@ default changes in one line.
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from typing import Any
 
 from runtime.errors import InvalidRequestError
@@ -32,9 +33,11 @@ class EngineOptions:
     ``prefill_chunk`` bounds the tokens of one prefill run (requests admitted together prefill in
     one run, padded to one length; a longer prompt runs alone, in chunks of that size on a
     shared-buffer artifact); ``prefill_tokens`` bounds the prompt tokens admitted at one step
-    boundary (default: every waiting request a free slot takes), trading throughput for the
-    running requests' inter-token latency under bursts (docs/benchmarks.md, "GPU: the server
-    under load").
+    boundary (a longer prompt is admitted alone), so that running requests wait for one budget of
+    prefill between two decode blocks, not for every new request: ``None`` is the device's default
+    (:data:`CUDA_PREFILL_TOKENS` on CUDA, where a decode block is 8 steps and many arrivals at once
+    held every stream for all their prefills; none on the CPU), ``0`` admits every waiting request
+    a free slot takes (docs/serving.md, "HTTP against the engine at its best, on a GPU").
     """
 
     max_batch: int = 16
@@ -48,6 +51,16 @@ class EngineOptions:
     prefill_chunk: int = 1024
     prefill_tokens: int | None = None
 
+    def prefill_budget(self, device: str) -> int | None:
+        """The prompt tokens admitted per step boundary on ``device`` (None: no budget)."""
+        tokens = self.prefill_tokens
+        if tokens is None:
+            return CUDA_PREFILL_TOKENS if device == "cuda" else None
+        if isinstance(tokens, bool) or not isinstance(tokens, numbers.Integral) or tokens < 0:
+            raise InvalidRequestError("invalid prefill_tokens", expected="an integer ≥ 1, or 0 for no budget",
+                                      got=repr(tokens))
+        return int(tokens) or None
+
     def with_overrides(self, **overrides: Any) -> EngineOptions:
         """A copy with ``overrides`` (field names) replaced; an unknown name is refused."""
         names = {f.name for f in dataclasses.fields(self)}
@@ -59,3 +72,6 @@ class EngineOptions:
 
 
 DEFAULTS = EngineOptions()
+
+CUDA_PREFILL_TOKENS = 1024
+"""The prompt tokens admitted per step boundary on CUDA by default (``EngineOptions.prefill_tokens``)."""

@@ -14,9 +14,10 @@ import numpy as np
 import pytest
 
 from runtime import Engine, EngineOptions, SamplingParams
-from runtime.errors import GenerationError
+from runtime.errors import GenerationError, InvalidRequestError
 from runtime.kv_concat import ConcatBackend
 from runtime.kv_slots import SlotsBackend, padded_length, prefill_groups
+from runtime.options import CUDA_PREFILL_TOKENS
 from runtime.sampler_graph import ALL_ROWS
 from runtime.sampling import host_values
 
@@ -169,10 +170,11 @@ def test_new_requests_prefill_together_right_padded(pair, shared_path: Path) -> 
 @pytest.mark.parametrize("kind", ["concat", "slots"])
 def test_admission_can_take_a_prompt_token_budget_per_step_boundary(artifact_cache, shared_path: Path,  # type: ignore[no-untyped-def]
                                                                   kind: str) -> None:
-    """By default every waiting request a free slot takes is admitted at one boundary; with
-    ``prefill_tokens`` they are admitted that many prompt tokens at a time, with a decode step of
-    the running ones between two admissions (they wait for one budget, not for every prefill);
-    a prompt longer than the budget is admitted alone. Tokens are each request's alone."""
+    """On the CPU by default (and with ``prefill_tokens=0`` anywhere) every waiting request a free
+    slot takes is admitted at one boundary; with ``prefill_tokens`` they are admitted that many
+    prompt tokens at a time, with a decode step of the running ones between two admissions (they
+    wait for one budget, not for every prefill); a prompt longer than the budget is admitted
+    alone. Tokens are each request's alone."""
     path = artifact_cache("tiny:llama") if kind == "concat" else shared_path
     prompts = [list(range(5, 5 + n)) for n in (6, 7, 6, 20, 5, 6)]
     with Engine.load(path, max_batch=8) as engine:
@@ -192,6 +194,7 @@ def test_admission_can_take_a_prompt_token_budget_per_step_boundary(artifact_cac
         return calls
 
     assert admissions(None) == [([5, 6, 6, 6, 7, 20], 0)]
+    assert admissions(0) == [([5, 6, 6, 6, 7, 20], 0)]
     calls = admissions(14)
     assert [lengths for lengths, _ in calls] == [[6, 7], [6], [20], [5, 6]]
     steps = [step for _, step in calls]
@@ -541,3 +544,15 @@ def test_the_device_constants_follow_every_admission(shared_path: Path) -> None:
             for name, value in backend.consts.items():
                 np.testing.assert_array_equal(value.numpy(), backend._consts_host[name], err_msg=name)
             assert any(backend._consts_host[name].any() for name in backend.consts)  # a check that can fail
+
+
+def test_the_prefill_budget_defaults_to_one_on_cuda_and_none_on_the_cpu() -> None:
+    """``EngineOptions.prefill_tokens``: None is the device's default (a budget on CUDA, none on the
+    CPU), 0 is no budget anywhere, N is N; anything else is refused in one line."""
+    assert EngineOptions().prefill_budget("cuda") == CUDA_PREFILL_TOKENS > 0
+    assert EngineOptions().prefill_budget("cpu") is None
+    assert EngineOptions(prefill_tokens=0).prefill_budget("cuda") is None
+    assert EngineOptions(prefill_tokens=np.int64(512)).prefill_budget("cpu") == 512
+    for bad in (-1, True, 1.5, "8"):
+        with pytest.raises(InvalidRequestError, match="invalid prefill_tokens"):
+            EngineOptions(prefill_tokens=bad).prefill_budget("cpu")  # type: ignore[arg-type]

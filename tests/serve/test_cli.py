@@ -23,7 +23,7 @@ def test_missing_serve_extra_is_one_line(monkeypatch: pytest.MonkeyPatch, capsys
 
 @pytest.mark.parametrize("argv, flag", [
     (["serve", "x", "--max-batch", "0"], "--max-batch"),
-    (["serve", "x", "--prefill-tokens", "0"], "--prefill-tokens"),
+    (["serve", "x", "--prefill-tokens", "-1"], "--prefill-tokens"),
     (["serve", "x", "--port", "70000"], "--port"),
     (["serve", "x", "--header-timeout", "0"], "--header-timeout"),
     (["serve", "x", "--header-timeout", "nan"], "--header-timeout"),
