@@ -15,9 +15,9 @@ as ``lmforge serve``, not a second implementation.
   replica (:class:`runtime.serve.split.CoreProcess`, reached through
   :class:`runtime.serve.client.CoreClient`), as ``lmforge serve`` runs it: the replica's event loop
   (HTTP, tokenization, detokenization, SSE, and Serve's own replica machinery) and the engine's
-  scheduling loop then do not share one interpreter lock, which held one in-process replica to
-  0.7-0.9× of ``lmforge serve`` on the same GPU (docs/ray.md). ``RayOptions.engine_process=False``
-  keeps the engine in the replica's process (encoders always are). ``check_health`` is the
+  scheduling loop then do not share one interpreter lock (docs/ray.md measures both ways).
+  ``RayOptions.engine_process=False`` keeps the engine in the replica's process (encoders always
+  are). ``check_health`` is the
   engine's readiness (a core that died fails it, and its requests in flight fail with a clear
   error); Serve's graceful shutdown lets the requests in flight end, then the replica drains and
   closes its engine (and stops its core).
