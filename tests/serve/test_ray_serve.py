@@ -2,8 +2,10 @@
 CPU replicas of the tiny artifact behind one port answer the `openai` client with the engine's
 greedy text; 32 concurrent requests spread over both (response headers and the deployment's
 /metrics, labelled by replica); a replica killed mid-load fails only its own streams, each with
-an error event that says so, while the other finishes its own, and Serve brings it back; and
-scaling 1 → 2 replicas (and 2 → 1) under load fails no request."""
+an error event that says so, while the other finishes its own, and Serve brings it back; a
+replica's engine core (a child process of the replica) killed mid-load does the same; scaling
+1 → 2 replicas (and 2 → 1) under load fails no request; and a replica with its engine in its own
+process serves the same text."""
 
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -45,10 +47,11 @@ class Cluster:
         self.url = url
         self.client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=120)
 
-    def deploy(self, replicas: int, max_replicas: int | None = None) -> None:
+    def deploy(self, replicas: int, max_replicas: int | None = None, engine_process: bool = True) -> None:
         autoscale = dict(target_ongoing_requests=2.0, upscale_delay_s=0.5, downscale_delay_s=600.0,
                          look_back_period_s=1.0) if max_replicas else {}
-        serve.run(build_app(self.model, RayOptions(replicas=replicas, max_replicas=max_replicas, **autoscale)),
+        serve.run(build_app(self.model, RayOptions(replicas=replicas, max_replicas=max_replicas,
+                                                   engine_process=engine_process, **autoscale)),
                   name="lmforge")
 
     def replicas(self) -> set[str]:
@@ -158,7 +161,10 @@ def _stream(client: Any, max_tokens: int, started: threading.Barrier | None = No
     return replica, "done", n
 
 
-def test_a_killed_replica_fails_only_its_own_requests_and_comes_back(cluster: Cluster) -> None:
+def _kill_mid_load(cluster: Cluster, kill: Callable[[str], None], says: str) -> str:
+    """16 long streams over both replicas; once every one has its first token, ``kill(victim)``.
+    The victim's streams must end with an error containing ``says``, the other's complete.
+    Returns the victim."""
     before = cluster.replicas()
     assert len(before) == 2
     streams = 16
@@ -167,19 +173,26 @@ def test_a_killed_replica_fails_only_its_own_requests_and_comes_back(cluster: Cl
         futures = [pool.submit(_stream, cluster.client, 480, started) for _ in range(streams)]
         started.wait(timeout=60)  # every stream has its first token, and its replica's name
         time.sleep(0.2)
-        results_so_far = [f for f in futures if f.done()]
-        assert not results_so_far, "the streams finished before the kill: make them longer"
-        on: collections.Counter[str | None] = collections.Counter()
+        assert not [f for f in futures if f.done()], "the streams finished before the kill: make them longer"
         victim = sorted(before)[0]
-        ray.kill(ray.get_actor(f"SERVE_REPLICA::lmforge#lmforge#{victim}", namespace="serve"), no_restart=True)
+        kill(victim)
         results = [f.result(timeout=120) for f in futures]
+    on: collections.Counter[str | None] = collections.Counter()
     for replica, outcome, _ in results:
         on[replica] += 1
         if replica == victim:
-            assert "replica serving this request stopped" in outcome, outcome
+            assert says in outcome, outcome
         else:
             assert outcome == "done", outcome
     assert set(on) == before and min(on.values()) >= 1, on
+    return victim
+
+
+def test_a_killed_replica_fails_only_its_own_requests_and_comes_back(cluster: Cluster) -> None:
+    before = cluster.replicas()
+    victim = _kill_mid_load(cluster, lambda replica: ray.kill(ray.get_actor(
+        f"SERVE_REPLICA::lmforge#lmforge#{replica}", namespace="serve"), no_restart=True),
+        "replica serving this request stopped")
     survivor = (before - {victim}).pop()
     assert _completion(cluster.client)[1] in {survivor} | (cluster.replicas() - before)  # the other keeps serving
     deadline = time.monotonic() + 90
@@ -210,24 +223,7 @@ def test_a_replicas_engine_core_that_dies_fails_its_requests_and_serve_replaces_
     while set(pids := _core_pids(cluster.url)) != before:  # both replicas on the metrics board
         assert time.monotonic() < deadline, (pids, before)
         time.sleep(0.5)
-    streams = 16
-    started = threading.Barrier(streams + 1)
-    with ThreadPoolExecutor(streams) as pool:
-        futures = [pool.submit(_stream, cluster.client, 480, started) for _ in range(streams)]
-        started.wait(timeout=60)
-        time.sleep(0.2)
-        assert not [f for f in futures if f.done()], "the streams finished before the kill: make them longer"
-        victim = sorted(before)[0]
-        os.kill(pids[victim], 9)
-        results = [f.result(timeout=120) for f in futures]
-    on: collections.Counter[str | None] = collections.Counter()
-    for replica, outcome, _ in results:
-        on[replica] += 1
-        if replica == victim:
-            assert "engine core process stopped" in outcome, outcome
-        else:
-            assert outcome == "done", outcome
-    assert set(on) == before and min(on.values()) >= 1, on
+    victim = _kill_mid_load(cluster, lambda replica: os.kill(pids[replica], 9), "engine core process stopped")
     deadline = time.monotonic() + 120  # the health check (every 5 s) fails, Serve starts a new replica
     while victim in cluster.replicas() or cluster.running() < 2:
         assert time.monotonic() < deadline, "Serve did not replace the replica whose engine core died"
@@ -275,6 +271,22 @@ def test_scaling_from_1_to_2_replicas_under_load_fails_no_request(cluster: Clust
     assert not failures, failures[:3]
     assert cluster.running() == 2
     assert len(set(answered) & cluster.replicas()) == 2, answered  # the deployment's two replicas both served
+
+
+def test_a_replica_can_run_its_engine_in_its_own_process(cluster: Cluster, greedy: dict[int, str]) -> None:
+    """``engine_process=False`` (``--replicas N --in-process``): the replica serves the same greedy
+    text with no core process (its ``core_pid`` label is empty)."""
+    cluster.deploy(1, engine_process=False)
+    text, replica = _completion(cluster.client, 12)
+    assert text == greedy[12] and replica in cluster.replicas()
+    deadline = time.monotonic() + 30
+    while True:
+        info = [s.labels for family in text_string_to_metric_families(httpx.get(cluster.url + "/metrics").text)
+                for s in family.samples if s.name == "lmforge_replica_info" and s.labels["replica"] == replica]
+        if info or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert info and info[0]["core_pid"] == "" and int(info[0]["pid"]) > 0, info
 
 
 # -- the command line and the app builder (no cluster) ------------------------------------------
