@@ -21,7 +21,8 @@ onnxscript's ``ort_fusions`` has no such rule for plain ``MatMul`` siblings (its
 target attention ops). Matched: ``MatMul`` nodes of the default domain whose ``A`` is the same
 value and whose ``B`` is a 2-D fp32/fp16 initializer with the same ``K``, not in ``exclude``
 (the lm head, arithmetic such as rotary frequencies). Each group becomes one node pair; returns
-how many groups were fused.
+how many groups were fused. The shared-buffer contract keeps only the gate|up fusion (pairs);
+its q|k|v become GroupQueryAttention's packed input instead.
 """
 
 from __future__ import annotations
@@ -40,8 +41,12 @@ log = logging.getLogger(__name__)
 _FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)
 
 
-def fuse_shared_input_matmuls(model: onnx.ModelProto, exclude: set[str] | None = None) -> int:
-    """Fuse every group of ≥ 2 weight ``MatMul`` nodes that read one input; see the module docstring."""
+def fuse_shared_input_matmuls(model: onnx.ModelProto, exclude: set[str] | None = None,
+                              max_members: int | None = None) -> int:
+    """Fuse every group of ≥ 2 weight ``MatMul`` nodes that read one input; see the module docstring.
+
+    ``max_members=2`` fuses only pairs (gate|up): the shared-buffer contract packs q|k|v itself,
+    into GroupQueryAttention's packed form, after quantization."""
     exclude = exclude or set()
     graph = model.graph
     initializers = {t.name: t for t in graph.initializer}
@@ -60,7 +65,7 @@ def fuse_shared_input_matmuls(model: onnx.ModelProto, exclude: set[str] | None =
     dropped_weights: set[str] = set()
     fused = 0
     for (x, _, _), members in groups.items():
-        if len(members) < 2:
+        if len(members) < 2 or (max_members is not None and len(members) > max_members):
             continue
         nodes = [graph.node[i] for i in members]
         arrays = [numpy_helper.to_array(initializers[n.input[1]]) for n in nodes]

@@ -331,7 +331,7 @@ def optimize_artifact(
                 head = quantize_lm_head if quantize_lm_head is not None else device == "cpu"
                 quantized = quantize_file(fused, tmp / MODEL_NAME, precision, device,
                                           keep_lm_head=not head, block_size=block_size,
-                                          fuse_projections=fuse and device == "cpu" and not shared)
+                                          fuse_projections=_fused_projections(fuse, device, shared))
             sb: SharedBuffer | None = None
             io: dict[str, list[dict[str, Any]]] | None = None
             if shared:
@@ -431,6 +431,16 @@ def _reference_io(io: dict[str, list[dict[str, Any]]]) -> dict[str, list[tuple[s
     names = {"float32": "float", "float16": "float16", "int64": "int64", "int32": "int32", "bool": "bool",
              "bfloat16": "bfloat16"}
     return {side: [(t["name"], names[t["dtype"]], len(t["shape"])) for t in io[side]] for side in ("inputs", "outputs")}
+
+
+def _fused_projections(fuse: bool, device: str, shared: bool) -> str:
+    """Which projections :func:`passes.precision.quantize_file` fuses: on the CPU, where each
+    weight GEMV costs a call, q|k|v and gate|up (``concat``) or gate|up alone (``shared-buffer``
+    packs q|k|v into GroupQueryAttention itself); on CUDA none (the packed QKV of the
+    shared-buffer contract is the one that pays there)."""
+    if not fuse or device != "cpu":
+        return "none"
+    return "pairs" if shared else "all"
 
 
 def _want_shared_buffer(art: Artifact, model: ir.Model, device: str, kv_mode: str | None, fuse: bool,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import importlib.metadata
 import logging
+import mmap
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -33,6 +34,17 @@ NP_DTYPES: dict[str, Any] = {"float32": np.float32, "float16": np.float16, "int6
 ORT_ERRORS: tuple[type[BaseException], ...] = (MemoryError, RuntimeError) + tuple(
     cls for cls in vars(_ort_state).values() if isinstance(cls, type) and issubclass(cls, Exception)
 )
+
+
+def lazy_zeros(shape: Sequence[int], dtype: Any) -> np.ndarray:
+    """A zero-filled host array backed by its own anonymous mapping, in base pages (see
+    :meth:`Device.sparse_zeros`); the array keeps the mapping alive."""
+    count = int(np.prod(shape, dtype=np.int64))
+    size = max(count * np.dtype(dtype).itemsize, 1)
+    buffer = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if hasattr(mmap, "MADV_NOHUGEPAGE"):  # Linux; elsewhere the mapping is already in base pages
+        buffer.madvise(mmap.MADV_NOHUGEPAGE)
+    return np.frombuffer(buffer, dtype=dtype, count=count).reshape(list(shape))
 
 
 def ort_failure(exc: BaseException) -> GenerationError:
@@ -211,6 +223,17 @@ class Device:
 
     def zeros(self, shape: Sequence[int], dtype: str) -> ort.OrtValue:
         return self.put(np.zeros(list(shape), dtype=NP_DTYPES[dtype]))
+
+    def sparse_zeros(self, shape: Sequence[int], dtype: str) -> ort.OrtValue:
+        """Zeros for a large buffer that is written a little at a time (the KV pool: a row's
+        positions fill as its request grows). On the CPU it is an anonymous mapping in base pages,
+        so memory is taken as positions are first written, 4 KiB at a time. numpy asks the kernel
+        for transparent huge pages for arrays of 4 MiB or more; a 2 MiB page for each head of each
+        layer a prompt touches made every prefilled row of a pool cost about two thirds of its
+        whole-context KV, kept (docs/benchmarks.md, "CPU: shared-buffer memory")."""
+        if self.type != "cpu":
+            return self.zeros(shape, dtype)
+        return self.put(lazy_zeros(shape, NP_DTYPES[dtype]))
 
     @staticmethod
     def host_scalar(value: int) -> ort.OrtValue:

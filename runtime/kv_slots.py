@@ -169,7 +169,7 @@ class SlotsBackend:
 
         b, v = max_batch, self.vocab
         kv_shape = [b, io.kv_heads, self.capacity, io.head_dim]
-        self.kv = {name: device.zeros(kv_shape, io.kv_dtype) for name in self._past}
+        self.kv = {name: device.sparse_zeros(kv_shape, io.kv_dtype) for name in self._past}
         self._logits_dtype = io.logits_dtype
         self.logits = device.zeros([b, 1, v], self._logits_dtype)
         shapes = self._row_shapes()

@@ -327,6 +327,40 @@ def test_the_slots_backend_runs_one_session_and_writes_rows_without_another(shar
     assert len(opened) == 1, opened
 
 
+def _mapping_of(address: int) -> dict[str, str]:
+    """The ``/proc/self/smaps`` entry of the mapping that holds ``address`` (``start``: where it begins)."""
+    entry: dict[str, str] = {}
+    inside = False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split()[0]
+        if "-" in head and ":" not in head:
+            start, end = (int(part, 16) for part in head.split("-"))
+            inside = start <= address < end
+            if inside:
+                entry = {"start": str(start)}
+        elif inside:
+            key, _, value = line.partition(":")
+            entry[key] = value.strip()
+    return entry
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="reads Linux's /proc/self/smaps")
+def test_the_cpu_kv_pool_takes_memory_as_positions_are_written(shared_path: Path) -> None:
+    """The pool is in base pages: a request costs the pages its positions fill, not a 2 MiB
+    transparent huge page per head and layer (numpy's allocator asks for those from 4 MiB up,
+    which made each prefilled row cost about two thirds of its whole-context KV)."""
+    with Engine.load(shared_path, max_batch=4) as engine:
+        engine.generate_ids([[5, 6, 7, 8, 9]], 4)
+        buffers = engine.backend.kv
+        assert all(value.numpy().shape[0] == 4 for value in buffers.values())
+        mappings = {m["start"]: m for m in (_mapping_of(value.data_ptr()) for value in buffers.values())}
+        for mapping in mappings.values():  # (the kernel may merge neighbouring buffers into one)
+            assert "nh" in mapping["VmFlags"].split(), mapping["VmFlags"]  # MADV_NOHUGEPAGE
+        resident_kb = sum(int(m["Rss"].split()[0]) for m in mappings.values())
+        # 9 positions of one row: one 4 KiB page a head in each buffer
+        assert resident_kb <= 4 * engine.io.kv_heads * len(buffers), resident_kb
+
+
 def test_fp32_shared_buffer_refused_on_cuda_before_loading(shared_path: Path, tmp_path: Path) -> None:
     copy = tmp_path / "copy"
     shutil.copytree(shared_path, copy)
