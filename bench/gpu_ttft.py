@@ -13,6 +13,9 @@ the engine's phases by timing the backend's methods:
 * ``read``: the one host read of the first token;
 * ``deliver``: the first token's event reaching the caller.
 
+With ``--sampler`` greedy is timed again while `lmforge bench`'s memory sampler polls the device
+(its thread wakes every 10 ms), to see what the harness's own polling costs a prefill.
+
 With ``--profile`` a second engine opens the same artifact with onnxruntime's profiler on and
 sums the prefill runs' node times by operator type (CPU-side time per node: on CUDA that is
 mostly the launch), and with ``--genai`` the harness behind ``lmforge bench`` times lmforge and
@@ -117,9 +120,18 @@ def ttft_probe(art: Path, args: argparse.Namespace) -> dict[str, Any]:
     vocab = engine.vocab
     rng = np.random.default_rng(0)
     out: dict[str, Any] = {}
+    import contextlib
+
+    from lmforge.benchmark.memory import MemorySampler
+
+    cases = [(name, params, False) for name, params in SAMPLINGS.items()]
+    if args.sampler:  # as `lmforge bench` runs it: a thread polling device memory every 10 ms
+        cases.append(("greedy, memory sampler on", SAMPLINGS["greedy"], True))
     try:
-        for name, params in SAMPLINGS.items():
+        for name, params, polled in cases:
             rows: list[dict[str, float]] = []
+            polling = MemorySampler(args.device) if polled else contextlib.nullcontext()
+            polling.__enter__()
             for i in range(args.warmup + args.repeats):
                 prompt = rng.integers(100, vocab - 100, args.prompt_len).tolist()
                 sampling = SamplingParams(seed=i, min_new_tokens=args.new_tokens, **params)
@@ -138,6 +150,7 @@ def ttft_probe(art: Path, args: argparse.Namespace) -> dict[str, Any]:
                 row["bind"] = group - times.get("run", 0.0) - times.get("read", 0.0)
                 row["deliver"] = row["ttft"] - row["queue"] - row.get("stage", 0.0) - row.get("constants", 0.0) - group
                 rows.append(row)
+            polling.__exit__(None, None, None)
             out[name] = {k: round(1e3 * statistics.median(r.get(k, 0.0) for r in rows), 3)
                          for k in ("ttft", "queue", "stage", "constants", "bind", "run", "read", "deliver")}
             print(f"lmforge {name:>10}: " + "  ".join(f"{k} {v:.3f}" for k, v in out[name].items()) + "  (ms, median)",
@@ -237,6 +250,8 @@ def main() -> int:
     parser.add_argument("--device", default="cuda", help="cpu: a dry run (tiny:llama, fp32 shared-buffer)")
     parser.add_argument("--genai", action="store_true")
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--sampler", action="store_true",
+                        help="time greedy again with `lmforge bench`'s device-memory sampler polling")
     parser.add_argument("--work", default="/tmp/lmf-bench")
     parser.add_argument("--out", default=os.environ.get("OUT", "/tmp/out"))
     args = parser.parse_args()

@@ -15,14 +15,15 @@ column on its own (blocks run along ``K``), so the fused weight quantizes to exa
 the separate ones would, and each output is the same function of ``x``. Unlike the packed-QKV
 form of the shared-buffer contract (:func:`passes.shared_buffer._pack_qkv`, where
 GroupQueryAttention applies rotary itself), this keeps q, k and v as separate tensors, so it
-fits the ``concat`` contract, whose rotary runs before attention on positions from the mask.
+fits the ``concat`` contract, whose rotary runs before attention on positions from the mask; the
+shared-buffer rewrite, run after it, gives GroupQueryAttention the fused output before its
+``Split`` (:func:`passes.shared_buffer._split_qkv`).
 
 onnxscript's ``ort_fusions`` has no such rule for plain ``MatMul`` siblings (its packed-QKV rules
 target attention ops). Matched: ``MatMul`` nodes of the default domain whose ``A`` is the same
 value and whose ``B`` is a 2-D fp32/fp16 initializer with the same ``K``, not in ``exclude``
 (the lm head, arithmetic such as rotary frequencies). Each group becomes one node pair; returns
-how many groups were fused. The shared-buffer contract keeps only the gate|up fusion (pairs);
-its q|k|v become GroupQueryAttention's packed input instead.
+how many groups were fused.
 """
 
 from __future__ import annotations
@@ -41,12 +42,8 @@ log = logging.getLogger(__name__)
 _FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)
 
 
-def fuse_shared_input_matmuls(model: onnx.ModelProto, exclude: set[str] | None = None,
-                              max_members: int | None = None) -> int:
-    """Fuse every group of ≥ 2 weight ``MatMul`` nodes that read one input; see the module docstring.
-
-    ``max_members=2`` fuses only pairs (gate|up): the shared-buffer contract packs q|k|v itself,
-    into GroupQueryAttention's packed form, after quantization."""
+def fuse_shared_input_matmuls(model: onnx.ModelProto, exclude: set[str] | None = None) -> int:
+    """Fuse every group of ≥ 2 weight ``MatMul`` nodes that read one input; see the module docstring."""
     exclude = exclude or set()
     graph = model.graph
     initializers = {t.name: t for t in graph.initializer}
@@ -65,7 +62,7 @@ def fuse_shared_input_matmuls(model: onnx.ModelProto, exclude: set[str] | None =
     dropped_weights: set[str] = set()
     fused = 0
     for (x, _, _), members in groups.items():
-        if len(members) < 2 or (max_members is not None and len(members) > max_members):
+        if len(members) < 2:
             continue
         nodes = [graph.node[i] for i in members]
         arrays = [numpy_helper.to_array(initializers[n.input[1]]) for n in nodes]

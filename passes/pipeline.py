@@ -270,15 +270,17 @@ def optimize_artifact(
     """Optimize the artifact at ``src`` into a new artifact at ``out``; return the report.
 
     ``kv_mode``: ``None`` picks ``shared-buffer`` (:mod:`passes.shared_buffer`) for
-    ``device="cuda"`` when every attention fused to GroupQueryAttention, else keeps ``concat``;
+    ``device="cuda"``, and for int8 and int4 on the CPU, when every attention fused to
+    GroupQueryAttention, else keeps ``concat``;
     ``"shared-buffer"`` asks for it on any device (refused with :class:`PassError` when the
     graph cannot take it); ``"concat"`` keeps the input's contract.
 
     ``quantize_lm_head`` (int8/int4): quantize the lm head too (a tied head gets its own copy,
     :mod:`passes.lm_head`); ``None`` quantizes it on the CPU (8-bit, :data:`passes.precision.CPU_HEAD_BITS`:
     its fp32 GEMV was the largest single cost of a CPU decode step) and keeps it in the base
-    precision on CUDA. On the CPU with the ``concat`` contract, projections that share an input
-    (q/k/v, gate/up) are fused first (:mod:`passes.fuse_projections`). The measurements behind
+    precision on CUDA. On the CPU, projections that share an input (q/k/v, gate/up) are fused
+    first (:mod:`passes.fuse_projections`); with ``shared-buffer`` the fused q|k|v becomes
+    GroupQueryAttention's packed input. The measurements behind
     both: docs/benchmarks.md, "CPU: decode against the peers".
     ``block_size`` (int8/int4): the MatMulNBits block along K (16, 32, 64 or 128); ``None`` is the
     precision's default (16 for CPU int8, 32 otherwise).
@@ -331,7 +333,7 @@ def optimize_artifact(
                 head = quantize_lm_head if quantize_lm_head is not None else device == "cpu"
                 quantized = quantize_file(fused, tmp / MODEL_NAME, precision, device,
                                           keep_lm_head=not head, block_size=block_size,
-                                          fuse_projections=_fused_projections(fuse, device, shared))
+                                          fuse_projections=fuse and device == "cpu")
             sb: SharedBuffer | None = None
             io: dict[str, list[dict[str, Any]]] | None = None
             if shared:
@@ -433,14 +435,10 @@ def _reference_io(io: dict[str, list[dict[str, Any]]]) -> dict[str, list[tuple[s
     return {side: [(t["name"], names[t["dtype"]], len(t["shape"])) for t in io[side]] for side in ("inputs", "outputs")}
 
 
-def _fused_projections(fuse: bool, device: str, shared: bool) -> str:
-    """Which projections :func:`passes.precision.quantize_file` fuses: on the CPU, where each
-    weight GEMV costs a call, q|k|v and gate|up (``concat``) or gate|up alone (``shared-buffer``
-    packs q|k|v into GroupQueryAttention itself); on CUDA none (the packed QKV of the
-    shared-buffer contract is the one that pays there)."""
-    if not fuse or device != "cpu":
-        return "none"
-    return "pairs" if shared else "all"
+# The precisions that take the shared-buffer contract by default on the CPU: faster than concat at
+# int8 and int4, at batch 1 and 8, with less memory (docs/benchmarks.md, "CPU: decode against the
+# peers"). fp32 keeps concat there.
+_CPU_SHARED_BUFFER = ("int8", "int4")
 
 
 def _want_shared_buffer(art: Artifact, model: ir.Model, device: str, kv_mode: str | None, fuse: bool,
@@ -454,7 +452,7 @@ def _want_shared_buffer(art: Artifact, model: ir.Model, device: str, kv_mode: st
             raise PassError(f"kv_mode shared-buffer for an artifact with kv_mode {art.kv_mode.value}",
                             expected="a decoder artifact (kv_mode concat)", fix="leave out --kv-mode")
         return False
-    if kv_mode is None and device != "cuda":
+    if kv_mode is None and device != "cuda" and precision not in _CPU_SHARED_BUFFER:
         return False
     blockers = shared_buffer_blockers(model, int(art.architecture["layers"])) if fuse else ["--no-fuse"]
     if not blockers and device == "cuda" and precision == "fp32":

@@ -69,7 +69,7 @@ from passes.fuse_projections import fuse_shared_input_matmuls
 from passes.grid_int4 import grid_quantize, grid_quantize_cpu
 from passes.lm_head import untie_lm_head
 
-__all__ = ["Quantized", "PRECISIONS", "INT8_CPU_METHODS", "FUSE_PROJECTIONS", "INT8_CPU_BLOCK_SIZE", "CPU_HEAD_BITS",
+__all__ = ["Quantized", "PRECISIONS", "INT8_CPU_METHODS", "INT8_CPU_BLOCK_SIZE", "CPU_HEAD_BITS",
            "CPU_HEAD_BLOCK_SIZE", "quantize_file", "lm_head_nodes", "drop_duplicate_nodes"]
 
 log = logging.getLogger(__name__)
@@ -79,7 +79,6 @@ PRECISIONS = ("fp32", "fp16", "int8", "int4")
 # positions × inv_freq[1, E] product), not a layer: never quantized.
 _MIN_WEIGHT_ROWS = 16
 INT8_CPU_METHODS = ("nbits", "dynamic")
-FUSE_PROJECTIONS = ("none", "all", "pairs")  # see quantize_file
 INT8_CPU_BLOCK_SIZE = 16
 CPU_HEAD_BITS = 8
 CPU_HEAD_BLOCK_SIZE = 32
@@ -202,15 +201,14 @@ def _quantize_dynamic_int8(model: onnx.ModelProto, dst: Path, head: list[str]) -
 
 def quantize_file(src: Path, dst: Path, precision: str, device: str, keep_lm_head: bool = True,
                   block_size: int | None = None, symmetric: bool = True,
-                  int8_cpu_method: str = "nbits", fuse_projections: str = "none") -> Quantized | None:
+                  int8_cpu_method: str = "nbits", fuse_projections: bool = False) -> Quantized | None:
     """Write ``dst`` (+ ``dst.name + '.data'``) from ``src`` at ``precision``; ``None`` for fp32.
 
     ``block_size`` defaults to :data:`INT8_CPU_BLOCK_SIZE` for int8 on CPU and to 32 otherwise;
     ``int8_cpu_method="dynamic"`` builds the former ``quantize_dynamic`` int8 (for comparisons).
     ``fuse_projections`` (int8/int4): projections that read one input become one weight and a
-    ``Split`` before quantizing (:mod:`passes.fuse_projections`): ``"all"`` (q|k|v and gate|up,
-    for the ``concat`` contract), ``"pairs"`` (gate|up only, for ``shared-buffer``, which packs
-    q|k|v itself) or ``"none"``.
+    ``Split`` before quantizing (:mod:`passes.fuse_projections`; the shared-buffer rewrite then
+    hands GroupQueryAttention the q|k|v before their split, its packed input).
     A quantized lm head on the CPU is 8-bit in blocks of :data:`CPU_HEAD_BLOCK_SIZE` whatever the
     precision (:data:`CPU_HEAD_BITS`).
     """
@@ -276,10 +274,7 @@ def quantize_file(src: Path, dst: Path, precision: str, device: str, keep_lm_hea
             and (bits, block_size) != (CPU_HEAD_BITS, CPU_HEAD_BLOCK_SIZE)
         quantized_head = lm_head_nodes(model) if head_separately else []
         head = head + small + quantized_head
-        if fuse_projections not in FUSE_PROJECTIONS:
-            raise ValueError(f"fuse_projections {fuse_projections!r} is not one of {FUSE_PROJECTIONS}")
-        fused = 0 if fuse_projections == "none" else \
-            fuse_shared_input_matmuls(model, set(head), max_members=2 if fuse_projections == "pairs" else None)
+        fused = fuse_shared_input_matmuls(model, set(head)) if fuse_projections else 0
         # A 4-bit source (Q4_1 GGUF) keeps its own grid exactly (passes.grid_int4): on CUDA with
         # float zero points; on the CPU, whose fast kernel takes none, as a symmetric kernel plus
         # per-block offsets.

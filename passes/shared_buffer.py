@@ -307,6 +307,24 @@ def _concat_rows(graph: ir.Graph, values: list[ir.Value], counts: list[int], nam
     return out
 
 
+def _split_qkv(node: ir.Node) -> ir.Value | None:
+    """The packed q|k|v a GQA's three inputs were split from: they are outputs 0, 1, 2 of one
+    ``Split`` on the last axis with three outputs (the CPU's fused projection,
+    :mod:`passes.fuse_projections`, with the int4 grid's offsets added before the split)."""
+    values = list(node.inputs[:3])
+    split = values[0].producer() if values[0] is not None else None
+    if split is None or split.op_type != "Split" or split.domain != "" or len(split.outputs) != 3 \
+            or any(v is None or v.producer() is not split or v.index() != i or len(list(v.uses())) != 1
+                   for i, v in enumerate(values)):
+        return None
+    packed = split.inputs[0]
+    shapes = [v.shape for v in (packed, *values) if v is not None and v.shape is not None]
+    axis = split.attributes.get_int("axis", 0)
+    if packed is None or not (axis == -1 or (shapes and axis == shapes[0].rank() - 1)):
+        return None
+    return packed
+
+
 def _pack_qkv(graph: ir.Graph, gqa_nodes: list[ir.Node]) -> int:
     """One projection for q, k and v of each rotary-folded GroupQueryAttention (packed QKV).
 
@@ -318,7 +336,8 @@ def _pack_qkv(graph: ir.Graph, gqa_nodes: list[ir.Node]) -> int:
 
     (or the same with ``MatMulNBits``, equal ``K``/``bits``/``block_size``/``accuracy_level``), and
     rewrites it to ``GQA(MatMul(x, [Wq | Wk | Wv]) [+ [bq | bk | bv]], key=∅, value=∅)``: GQA's
-    packed-QKV form, the one onnxruntime-genai builds. Two fewer GEMM launches a layer, which at
+    packed-QKV form, the one onnxruntime-genai builds. Inputs already split from one projection
+    (:func:`_split_qkv`) are replaced by what was split. Two fewer GEMM launches a layer, which at
     batch 1 are launch-bound (a small GEMV costs a launch, not its arithmetic). MatMulNBits
     stores ``B``, ``scales`` and packed ``zero_points`` N-major, so they concatenate by rows.
     onnxscript's ``ort_fusions`` has no such rule for GQA (its packed-QKV handling is for
@@ -328,6 +347,13 @@ def _pack_qkv(graph: ir.Graph, gqa_nodes: list[ir.Node]) -> int:
     packed = 0
     for node in gqa_nodes:
         if node.attributes.get_int("do_rotary", 0) != 1 or len(node.inputs) < 3:
+            continue
+        split = _split_qkv(node)
+        if split is not None:  # already one projection: GQA reads what the Split split
+            node.replace_input_with(0, split)
+            node.replace_input_with(1, None)
+            node.replace_input_with(2, None)
+            packed += 1
             continue
         found = [_projection(node.inputs[i], node) for i in range(3)]
         if any(f is None for f in found):

@@ -83,19 +83,3 @@ def test_quantized_fused_equals_quantized_separate() -> None:
 
     for got, ref in zip(quantized(True), quantized(False)):
         np.testing.assert_allclose(got, ref, rtol=0, atol=1e-5)
-
-
-def test_pairs_only_leaves_groups_of_three() -> None:
-    """``max_members=2`` (the shared-buffer contract: gate|up) leaves q|k|v for GroupQueryAttention's
-    packed form, and fuses a pair as before."""
-    model = _model()
-    before = model.SerializeToString()
-    assert fuse_shared_input_matmuls(model, exclude={"rotary"}, max_members=2) == 0  # q, k, v: a group of 3
-    assert model.SerializeToString() == before
-    x = np.random.default_rng(3).standard_normal((2, 3, K)).astype(np.float32)
-    want = _run(model, x)
-    assert fuse_shared_input_matmuls(model, exclude={"proj_q", "rotary"}, max_members=2) == 1  # k|v, a pair
-    ops = [n.op_type for n in model.graph.node]
-    assert ops.count("MatMul") == 4 and ops.count("Split") == 1  # q, fused k|v, o, rotary
-    for got, ref in zip(_run(model, x), want):
-        np.testing.assert_allclose(got, ref, rtol=0, atol=1e-5)

@@ -108,8 +108,9 @@ def test_architecture_fusions(arch: str, optimized, artifact_cache) -> None:  # 
 
 @pytest.mark.parametrize("precision,bits,block_size", [("int8", 8, 16), ("int4", 4, 32)])
 def test_llama_quantized(precision: str, bits: int, block_size: int, optimized) -> None:  # type: ignore[no-untyped-def]
-    """The CPU defaults: q|k|v and gate|up fused (4 projections a layer), the tied lm head
-    quantized to 8 bits in blocks of 32 through its own copy; the --check tolerance holds."""
+    """The CPU defaults: the shared-buffer contract, q|k|v and gate|up fused (4 projections a
+    layer; q|k|v read packed by GroupQueryAttention), the tied lm head quantized to 8 bits in
+    blocks of 32 through its own copy; the --check tolerance holds."""
     import onnx
 
     from passes.precision import lm_head_nodes
@@ -127,7 +128,8 @@ def test_llama_quantized(precision: str, bits: int, block_size: int, optimized) 
     head = next(n for n in model.graph.node if n.name == name)
     assert head.op_type == "MatMulNBits"
     assert {a.name: a.i for a in head.attribute if a.name in ("bits", "block_size")} == {"bits": 8, "block_size": 32}
-    assert sum(n.op_type == "Split" for n in model.graph.node) == 4
+    assert load_artifact(out).manifest["kv_mode"] == "shared-buffer"
+    assert sum(n.op_type == "Split" for n in model.graph.node) == 2  # gate|up; q|k|v are GQA's packed input
     gqa = [n for n in model.graph.node if n.op_type == "GroupQueryAttention"]
     assert len(gqa) == 2 and len({n.input[5] for n in gqa}) == 1  # one seqlens_k for every layer
     assert {"name": "gqa-shared-lengths", "count": 1} in load_artifact(out).manifest["passes"]

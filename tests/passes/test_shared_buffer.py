@@ -92,6 +92,28 @@ def test_packed_qkv_matmulnbits_and_bias(artifact_cache, tmp_path: Path) -> None
         assert add.inputs[0].producer().attributes.get_int("N") == add.inputs[1].shape[0]
 
 
+@pytest.mark.parametrize("precision", ["int8", "int4"])
+def test_cpu_quantized_default_is_shared_buffer_with_the_fused_qkv_packed(precision: str, artifact_cache,  # type: ignore[no-untyped-def]
+                                                                        tmp_path: Path) -> None:
+    """On the CPU, int8 and int4 take the shared-buffer contract by default: q|k|v fused into one
+    MatMulNBits before quantizing (passes/fuse_projections.py), and GroupQueryAttention reads that
+    projection's output in place of its Split (the packed form); --check holds against concat."""
+    report = optimize_artifact(artifact_cache("tiny:llama"), tmp_path / "o", "cpu", precision, check=True,
+                               progress=False)
+    art = load_artifact(tmp_path / "o")
+    assert art.manifest["kv_mode"] == "shared-buffer" and report.check["ok"]
+    assert {"name": "packed-qkv", "count": 2} in art.manifest["passes"]
+    model = ir.load(str(art.model_path))
+    ops = [n.op_type for n in model.graph.all_nodes()]
+    assert ops.count("MatMulNBits") == 2 * 4 + 1  # a layer: q|k|v, o, gate|up, down; and the head
+    for node in (n for n in model.graph.all_nodes() if n.op_type == "GroupQueryAttention"):
+        assert node.inputs[1] is None and node.inputs[2] is None
+        # (random weights are on no 4-bit source grid, so no offsets are added after it)
+        assert node.inputs[0].producer().op_type == "MatMulNBits"
+    optimize_artifact(artifact_cache("tiny:llama"), tmp_path / "f", "cpu", "fp32", progress=False)
+    assert load_artifact(tmp_path / "f").manifest["kv_mode"] == "concat"  # fp32 keeps concat on the CPU
+
+
 def test_in_place_update(shared) -> None:  # type: ignore[no-untyped-def]
     """Bound to one buffer as past and present, a decode step writes only its row's next slot."""
     import onnxruntime as ort
