@@ -79,6 +79,7 @@ def measure(family: str, work: Path) -> dict[str, Any]:
             verified[precision] = work / f"{family}-{precision}"
             optimize_artifact(src, verified[precision], "cpu", precision, force=True, progress=False)
         row["verify"] = {p: _verify(path) for p, path in verified.items()}
+        row["int8_kv"] = load_artifact(verified["int8"]).manifest["kv_mode"]
         if report.ops.get("GroupQueryAttention", 0) == art.architecture["layers"]:
             fast = work / f"{family}-fast"
             optimize_artifact(src, fast, "cpu", "fp32", kv_mode="shared-buffer", check=True, progress=False)
@@ -110,7 +111,9 @@ def render(rows: list[dict[str, Any]], command: str) -> str:
         "equal to transformers' `generate`. Fast path: shared-buffer KV + step model (what `optimize "
         "--device cuda` builds), checked the same way on the CPU. Verify: `lmforge verify` on the six smoke "
         f"prompts, {NEW_TOKENS} new tokens, batch parity at 4, of the fp32 artifact and of the fused CPU fp16 "
-        "and int8 artifacts, each judged by its precision's policy. The same families in fp16 on CUDA: "
+        "and int8 artifacts (int8 marked † where its default KV contract is shared-buffer, the CPU default "
+        "where every attention fuses to GroupQueryAttention; else concat), each judged by its precision's "
+        "policy. The same families in fp16 on CUDA: "
         "[benchmarks](benchmarks.md#gpu-every-decoder-family-in-fp16-on-cuda-and-the-qwen3-06b-shape-against-"
         "onnxruntime-genai-h100-2026-12-06).",
         "",
@@ -124,6 +127,7 @@ def render(rows: list[dict[str, Any]], command: str) -> str:
             continue
         fused = ", ".join(f"{k}×{v}" for k, v in sorted(r["fused"].items()))
         verify = " · ".join(r["verify"][p] for p in ("fp32", "fp16", "int8"))
+        verify += " †" if r.get("int8_kv") == "shared-buffer" else ""
         lines.append(f"| {r['family']} | {r['features']} | {r['check']:.1e} | {_mark(r['greedy'])} | {fused} | "
                      f"{', '.join(r['missed']) or '—'} | {_mark(r['fast'])} | {verify} |")
     converted = sum(1 for r in rows if "error" not in r)
@@ -132,7 +136,8 @@ def render(rows: list[dict[str, Any]], command: str) -> str:
     verified = sum(1 for r in rows if "verify" in r and all(v.startswith("pass") for v in r["verify"].values()))
     lines += ["", f"{converted} of {len(rows)} convert; {greedy} give transformers' greedy ids; "
               f"{fast} run the full fast path with transformers' greedy ids; {verified} pass verify at "
-              "fp32, fp16 and int8.", ""]
+              f"fp32, fp16 and int8 ({sum(1 for r in rows if r.get('int8_kv') == 'shared-buffer')} of them with "
+              "shared-buffer int8).", ""]
     return "\n".join(lines)
 
 
