@@ -1,4 +1,4 @@
-// lmforge::FusedSample: the step model's sampling block as one CUDA kernel (one thread block a row).
+// lmforge::FusedSample: the step model's sampling block as one CUDA kernel launch.
 //
 // Inputs (the order of runtime.sampler_graph.ROW_INPUTS, after the logits):
 //   0 logits [b, V] float16 or float32
@@ -24,12 +24,23 @@
 // rewritten at the end (no allocation per call; nothing but this kernel is launched, on the
 // stream onnxruntime gives the op, so a captured CUDA graph holds it).
 //
+// Two kernels, the same semantics. fused_sample: one block of 1,024 threads a row (any GPU).
+// fused_sample_cluster (sm_90+): a row over a thread-block cluster of 8 blocks, each with a slice of
+// the row in its own shared memory; every reduction is a block reduction, then the 8 block totals
+// combined through distributed shared memory in rank order (the same bits in every block, and
+// from run to run); only the order of float sums differs from the single-block kernel. The op
+// takes the cluster kernel when the GPU's compute capability is >= 9.0 and a cluster launch of it
+// fits (decided once a kernel object, i.e. a session) and the row's slice fits in shared memory;
+// LMFORGE_KERNELS_CLUSTER=0 (read when onnxruntime creates the op's kernel) forces the single-block
+// kernel, for A/B timing and as an escape hatch.
+//
 // Built by runtime/kernels/build.py; headers of onnxruntime's C/C++ API in include/ (MIT).
 
 #define ORT_API_MANUAL_INIT
 #include "onnxruntime_cxx_api.h"
 #undef ORT_API_MANUAL_INIT
 
+#include <cooperative_groups.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
@@ -37,6 +48,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <mutex>
 #include <string>
 #include <vector>
@@ -317,6 +329,486 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
 }
 
+// -- the cluster kernel (sm_90+): a row over a cluster of kCluster thread blocks -------------------
+//
+// Block r of a row's cluster owns the contiguous slice [r * slice, min(vocab, (r + 1) * slice)) of the
+// row, slice = ceil(vocab / kCluster), cached in its own shared memory (x, then s); a block whose
+// slice is empty (vocab < kCluster * slice ... a tiny vocabulary) takes part in every reduction with
+// nothing. Each reduction is a block reduction whose total lands in the block's slot, a cluster
+// barrier, then every thread of the cluster combines the kCluster slots read through distributed
+// shared memory in rank order 0, 1, …: every thread of every block gets the same bits, and the same
+// from run to run. The slots alternate between two buffers: the next reduction writes the other
+// one, and the one after it writes this one only after a cluster barrier that every block reaches
+// after its reads of this one. No block leaves before every block is past its last remote read.
+
+constexpr int kCluster = 8;  // blocks a row (the portable maximum)
+#ifndef LMFORGE_CLUSTER_THREADS
+#define LMFORGE_CLUSTER_THREADS 512
+#endif
+constexpr int kClusterThreads = LMFORGE_CLUSTER_THREADS;
+constexpr int kClusterWarps = kClusterThreads / 32;
+static_assert(kClusterThreads % 32 == 0 && kClusterWarps <= 32, "a block of whole warps, at most 32");
+
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 900
+#define LMFORGE_CLUSTER_DEVICE 1
+#else
+#define LMFORGE_CLUSTER_DEVICE 0
+#endif
+
+#if LMFORGE_CLUSTER_DEVICE
+
+// Every reduced value travels as a float4 (an int as its bits): `Fields` of them are shuffled.
+template <int Fields>
+__device__ __forceinline__ float4 shfl_xor4(float4 v, int o) {
+  float4 r = v;
+  r.x = __shfl_xor_sync(kFull, v.x, o);
+  if (Fields > 1) r.y = __shfl_xor_sync(kFull, v.y, o);
+  if (Fields > 2) r.z = __shfl_xor_sync(kFull, v.z, o);
+  if (Fields > 3) r.w = __shfl_xor_sync(kFull, v.w, o);
+  return r;
+}
+
+struct RoundOp {  // weight, the smallest value at or above the pivot, the largest below, mass
+  static constexpr int kFields = 4;
+  __device__ float4 operator()(float4 a, float4 b) const {
+    return make_float4(a.x + b.x, fminf(a.y, b.y), fmaxf(a.z, b.z), a.w + b.w);
+  }
+};
+struct BestOp {  // the maximum value (x), first index (y, an int) on ties
+  static constexpr int kFields = 2;
+  __device__ float4 operator()(float4 a, float4 b) const {
+    const int ia = __float_as_int(a.y), ib = __float_as_int(b.y);
+    return (b.x > a.x || (b.x == a.x && ib < ia)) ? b : a;
+  }
+};
+struct PickOp {  // the smallest found index (x, an int), the largest kept index (y, an int)
+  static constexpr int kFields = 2;
+  __device__ float4 operator()(float4 a, float4 b) const {
+    return make_float4(__int_as_float(min(__float_as_int(a.x), __float_as_int(b.x))),
+                       __int_as_float(max(__float_as_int(a.y), __float_as_int(b.y))), 0.0f, 0.0f);
+  }
+};
+
+#ifndef LMFORGE_CLUSTER_PIVOTS
+#define LMFORGE_CLUSTER_PIVOTS 1
+#endif
+constexpr int kPivots = LMFORGE_CLUSTER_PIVOTS;  // pivots a search round (1: bisection)
+static_assert(kPivots >= 1 && kPivots <= 7, "1 to 7 pivots a round");
+constexpr int kMultiWords = kPivots > 1 ? 4 * kPivots : 4;
+
+struct ClusterShared {
+  float4 warps[kClusterWarps];  // the block reduction's warp totals
+  float4 slots[2];              // the block's total, read by every block of the cluster
+  float scan[kClusterWarps];    // the block scan's warp totals
+  alignas(16) float multi_warps[kClusterWarps][kMultiWords];  // the same for a search of several pivots
+  alignas(16) float multi_slots[2][kMultiWords];
+  alignas(16) float multi_result[kMultiWords];
+};
+
+// The block's total of v over its threads (fixed xor butterflies), then the cluster's: the slots of
+// ranks 0, 1, …, kCluster - 1 combined in that order. Every thread of the cluster calls it (the
+// calls are the same sequence in every block: every branch around them is on cluster-wide values).
+template <typename Op>
+__device__ float4 cluster_reduce(float4 v, float4 identity, Op op, ClusterShared& sh, int& phase) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  for (int o = 16; o > 0; o >>= 1) v = op(v, shfl_xor4<Op::kFields>(v, o));
+  if (lane == 0) sh.warps[warp] = v;  // read by warp 0 below, before the cluster barrier: the next
+                                      // reduction writes it only after that barrier
+  __syncthreads();
+  if (warp == 0) {
+    float4 w = lane < kClusterWarps ? sh.warps[lane] : identity;
+    for (int o = 16; o > 0; o >>= 1) w = op(w, shfl_xor4<Op::kFields>(w, o));
+    if (lane == 0) sh.slots[phase] = w;
+  }
+  namespace cg = cooperative_groups;
+  cg::cluster_group cluster = cg::this_cluster();
+  cluster.sync();  // every block's slot written (release / acquire at cluster scope)
+  float4 parts[kCluster];
+#pragma unroll
+  for (int q = 0; q < kCluster; ++q) parts[q] = *cluster.map_shared_rank(&sh.slots[phase], q);
+  float4 total = parts[0];
+#pragma unroll
+  for (int q = 1; q < kCluster; ++q) total = op(total, parts[q]);
+  phase ^= 1;
+  return total;
+}
+
+// The threshold search of `search` over the cluster: the same pivots, rounds and result, with the
+// elements outside the live interval [lo, hi] skipped (below lo: not at or above the pivot, and lo
+// itself, in play, bounds what they would give the largest value below it; above hi: at or above
+// every pivot to come, so their weight is carried over from the round that lowered hi). With
+// `track_mass`, *lo_mass is the mass (sum of exp(s)) at or above the returned value.
+__device__ float cluster_search(const float* s, int n, float lo, float lo_weight, float lo_mass, float target,
+                                bool mass, bool track_mass, float* lo_mass_out, ClusterShared& sh, int& phase) {
+  *lo_mass_out = lo_mass;
+  if (!(lo_weight >= target)) return lo;
+  float hi = 0.0f;                                // the row's maximum: s = 0 there
+  float above_weight = 0.0f, above_mass = 0.0f;   // of the elements above hi (none yet)
+  for (int round = 0; round < 40 && key_of(lo) < key_of(hi); ++round) {
+    const uint32_t kl = key_of(lo), kh = key_of(hi);
+    const uint32_t km = kl + (kh - kl + 1u) / 2u;  // in (kl, kh]
+    const float pivot = value_of(km);
+    float4 r = make_float4(0.0f, INFINITY, -INFINITY, 0.0f);
+    for (int j = threadIdx.x; j < n; j += kClusterThreads) {
+      const float v = s[j];
+      if (!(v >= lo) || v > hi) continue;
+      if (v >= pivot) {
+        const float e = (mass || track_mass) ? expf(v) : 0.0f;
+        r.x += mass ? e : 1.0f;
+        r.w += e;
+        r.y = fminf(r.y, v);
+      } else {
+        r.z = fmaxf(r.z, v);
+      }
+    }
+    r = cluster_reduce(r, make_float4(0.0f, INFINITY, -INFINITY, 0.0f), RoundOp{}, sh, phase);
+    const float weight = above_weight + r.x, at_or_above_mass = above_mass + r.w;
+    if (weight >= target) {
+      lo = r.y;  // an element at or above the pivot: G(lo) = weight >= target
+      *lo_mass_out = at_or_above_mass;
+    } else {
+      hi = r.z;  // the answer is below the pivot; everything above the new hi is at or above the pivot
+      above_weight = weight;
+      above_mass = at_or_above_mass;
+    }
+  }
+  return lo;
+}
+
+// A search round of P pivots: per pivot, the weight (and mass) at or above it, the smallest value at
+// or above it and the largest below it (as keys: min / max are exact in any order).
+template <int P, bool Track>
+struct Multi {
+  static constexpr int kSums = Track ? 2 * P : P;
+  static constexpr int kWords = kSums + 2 * P;
+  float sum[kSums];  // weights [0, P), then masses
+  uint32_t low[P];   // key of the smallest value at or above pivot q (key_of(inf): none)
+  uint32_t high[P];  // key of the largest value below pivot q (key_of(-inf): none)
+  __device__ void clear() {
+#pragma unroll
+    for (int i = 0; i < kSums; ++i) sum[i] = 0.0f;
+#pragma unroll
+    for (int q = 0; q < P; ++q) low[q] = 0xff800000u, high[q] = 0x007fffffu;
+  }
+  __device__ void store(float* w) const {
+#pragma unroll
+    for (int i = 0; i < kSums; ++i) w[i] = sum[i];
+#pragma unroll
+    for (int q = 0; q < P; ++q) w[kSums + q] = __uint_as_float(low[q]), w[kSums + P + q] = __uint_as_float(high[q]);
+  }
+  __device__ void load(const float* w) {
+#pragma unroll
+    for (int i = 0; i < kSums; ++i) sum[i] = w[i];
+#pragma unroll
+    for (int q = 0; q < P; ++q) low[q] = __float_as_uint(w[kSums + q]), high[q] = __float_as_uint(w[kSums + P + q]);
+  }
+  __device__ void warp_reduce() {  // the same bits in every lane
+#pragma unroll
+    for (int i = 0; i < kSums; ++i)
+      for (int o = 16; o > 0; o >>= 1) sum[i] += __shfl_xor_sync(kFull, sum[i], o);
+#pragma unroll
+    for (int q = 0; q < P; ++q) low[q] = __reduce_min_sync(kFull, low[q]), high[q] = __reduce_max_sync(kFull, high[q]);
+  }
+};
+
+// cluster_reduce for a Multi: block totals as there; warp 0 combines the cluster's slots (lane q
+// reads rank q's; sums in rank order) and hands the result to the block through shared memory.
+template <int P, bool Track>
+__device__ void multi_reduce(Multi<P, Track>& v, ClusterShared& sh, int& phase) {
+  static_assert(Multi<P, Track>::kWords <= kMultiWords, "room for the words");
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  v.warp_reduce();
+  if (lane == 0) v.store(sh.multi_warps[warp]);
+  __syncthreads();
+  namespace cg = cooperative_groups;
+  cg::cluster_group cluster = cg::this_cluster();
+  if (warp == 0) {
+    Multi<P, Track> w;
+    if (lane < kClusterWarps) w.load(sh.multi_warps[lane]); else w.clear();
+    w.warp_reduce();
+    if (lane == 0) w.store(sh.multi_slots[phase]);
+  }
+  cluster.sync();
+  if (warp == 0) {
+    Multi<P, Track> r;
+    if (lane < kCluster) r.load(cluster.map_shared_rank(&sh.multi_slots[phase][0], lane)); else r.clear();
+#pragma unroll
+    for (int i = 0; i < Multi<P, Track>::kSums; ++i) {
+      float total = __shfl_sync(kFull, r.sum[i], 0);
+#pragma unroll
+      for (int q = 1; q < kCluster; ++q) total += __shfl_sync(kFull, r.sum[i], q);
+      r.sum[i] = total;
+    }
+#pragma unroll
+    for (int q = 0; q < P; ++q) r.low[q] = __reduce_min_sync(kFull, r.low[q]), r.high[q] = __reduce_max_sync(kFull, r.high[q]);
+    if (lane == 0) r.store(sh.multi_result);
+  }
+  __syncthreads();
+  v.load(sh.multi_result);  // rewritten by the next reduction only after its own barriers
+  phase ^= 1;
+}
+
+// cluster_search with P pivots a round, splitting the keys (lo, hi] in P + 1 parts: the same
+// result, in fewer rounds.
+template <int P, bool Track>
+__device__ float cluster_search_multi(const float* s, int n, float lo, float lo_weight, float lo_mass, float target,
+                                      bool mass, float* lo_mass_out, ClusterShared& sh, int& phase) {
+  *lo_mass_out = lo_mass;
+  if (!(lo_weight >= target)) return lo;
+  float hi = 0.0f;
+  float above_weight = 0.0f, above_mass = 0.0f;
+  for (int round = 0; round < 40 && key_of(lo) < key_of(hi); ++round) {
+    const uint32_t kl = key_of(lo), span = key_of(hi) - kl;
+    float pivot[P];
+#pragma unroll
+    for (int q = 0; q < P; ++q)  // ceil(span (q + 1) / (P + 1)): in (kl, kh], ascending
+      pivot[q] = value_of(kl + static_cast<uint32_t>((static_cast<uint64_t>(span) * (q + 1) + P) / (P + 1)));
+    Multi<P, Track> acc;
+    acc.clear();
+    for (int j = threadIdx.x; j < n; j += kClusterThreads) {
+      const float v = s[j];
+      if (!(v >= lo) || v > hi) continue;
+      const uint32_t kv = key_of(v);
+      if (v >= pivot[0]) {
+        const float e = (mass || Track) ? expf(v) : 0.0f;
+        const float w = mass ? e : 1.0f;
+#pragma unroll
+        for (int q = 0; q < P; ++q) {
+          if (v >= pivot[q]) {
+            acc.sum[q] += w;
+            if (Track) acc.sum[Track ? P + q : q] += e;
+            acc.low[q] = min(acc.low[q], kv);
+          } else {
+            acc.high[q] = max(acc.high[q], kv);
+          }
+        }
+      } else {
+#pragma unroll
+        for (int q = 0; q < P; ++q) acc.high[q] = max(acc.high[q], kv);
+      }
+    }
+    multi_reduce(acc, sh, phase);
+    int passed = 0;  // pivots whose weight reaches the target (a prefix: the weights do not increase)
+#pragma unroll
+    for (int q = 0; q < P; ++q)
+      if (above_weight + acc.sum[q] >= target) passed = q + 1;
+    float new_lo = lo, new_lo_mass = *lo_mass_out;
+#pragma unroll
+    for (int q = 0; q < P; ++q) {
+      if (q + 1 == passed) {
+        new_lo = value_of(acc.low[q]);
+        new_lo_mass = above_mass + (Track ? acc.sum[Track ? P + q : q] : 0.0f);
+      }
+    }
+    float new_hi = hi, new_above_weight = above_weight, new_above_mass = above_mass;
+#pragma unroll
+    for (int q = 0; q < P; ++q) {
+      if (q == passed) {
+        new_hi = value_of(acc.high[q]);
+        new_above_weight = above_weight + acc.sum[q];
+        new_above_mass = above_mass + (Track ? acc.sum[Track ? P + q : q] : 0.0f);
+      }
+    }
+    lo = new_lo;
+    *lo_mass_out = new_lo_mass;
+    hi = new_hi;
+    above_weight = new_above_weight;
+    above_mass = new_above_mass;
+  }
+  return lo;
+}
+
+#endif  // LMFORGE_CLUSTER_DEVICE
+
+// The row's work of fused_sample over a cluster of kCluster blocks (grid: batch * kCluster blocks,
+// cluster dimension kCluster): the same semantics; sums are combined in another (fixed) order.
+template <typename T>
+__global__ void __launch_bounds__(kClusterThreads, 1)
+    fused_sample_cluster(const T* __restrict__ logits, int vocab, const float* __restrict__ temperature,
+                         const int64_t* __restrict__ top_k, const float* __restrict__ top_p,
+                         const float* __restrict__ min_p, const float* __restrict__ repetition,
+                         const float* __restrict__ presence, const float* __restrict__ frequency,
+                         const int64_t* __restrict__ min_new, const bool* __restrict__ stop_mask,
+                         const float* __restrict__ uniforms, int steps, const int64_t* __restrict__ last_step,
+                         const bool* __restrict__ seen, const float* __restrict__ counts,
+                         const int64_t* __restrict__ step, int64_t* __restrict__ next_ids,
+                         bool* __restrict__ seen_out, float* __restrict__ counts_out,
+                         int64_t* __restrict__ step_out) {
+#if LMFORGE_CLUSTER_DEVICE
+  namespace cg = cooperative_groups;
+  extern __shared__ float cache[];  // the block's slice: x, then s
+  __shared__ ClusterShared sh;
+  cg::cluster_group cluster = cg::this_cluster();
+  int phase = 0;
+
+  const int rank = static_cast<int>(cluster.block_rank());
+  const int row = blockIdx.x / kCluster;
+  const int slice = (vocab + kCluster - 1) / kCluster;
+  const int begin = min(vocab, rank * slice), n = min(vocab, begin + slice) - begin;  // n >= 0
+  const size_t base = static_cast<size_t>(row) * vocab + begin;  // the slice's first element
+  float* x = cache;
+  const T* in = logits + base;
+  const bool early = step[row] < min_new[row];
+  const float rep = repetition[row], pres = presence[row], freq = frequency[row];
+  const bool penalized = rep != 1.0f || pres != 0.0f || freq != 0.0f;
+
+  // 1. processed logits and their argmax
+  float4 best = make_float4(-INFINITY, __int_as_float(0x7fffffff), 0.0f, 0.0f);
+  for (int j = threadIdx.x; j < n; j += kClusterThreads) {
+    float v = to_float(in[j]);
+    if (early && stop_mask[base + j]) v = -INFINITY;
+    if (penalized) {
+      if (seen[base + j]) v = v > 0.0f ? __fdiv_rn(v, rep) : __fmul_rn(v, rep);
+      const float c = counts[base + j];
+      const float present = c > 0.0f ? 1.0f : 0.0f;
+      v = __fsub_rn(v, __fadd_rn(__fmul_rn(freq, c), __fmul_rn(pres, present)));
+    }
+    x[j] = v;
+    best = BestOp{}(best, make_float4(v, __int_as_float(begin + j), 0.0f, 0.0f));
+  }
+  best = cluster_reduce(best, make_float4(-INFINITY, __int_as_float(0x7fffffff), 0.0f, 0.0f), BestOp{}, sh, phase);
+  int token = __float_as_int(best.y);
+
+  const float t = temperature[row];
+  const bool greedy = !(t > 0.0f) || top_k[row] == 1;
+  if (!greedy) {
+    // 2. s = (x - max) / t; for the searches, the row's smallest s and its total mass
+    const float row_max = best.x;
+    const int64_t k = top_k[row];
+    const float p = top_p[row];
+    const bool top_k_search = k > 0 && k < vocab, top_p_search = p < 1.0f;
+    float4 stats = make_float4(0.0f, INFINITY, 0.0f, 0.0f);
+    for (int j = threadIdx.x; j < n; j += kClusterThreads) {
+      const float v = __fdiv_rn(__fsub_rn(x[j], row_max), t);
+      x[j] = v;
+      if (top_p_search) stats.x += expf(v);
+      stats.y = fminf(stats.y, v);
+    }
+    if (top_k_search || top_p_search)
+      stats = cluster_reduce(stats, make_float4(0.0f, INFINITY, -INFINITY, 0.0f), RoundOp{}, sh, phase);
+    else
+      __syncthreads();  // the block's s written (the draw below reads other threads' elements)
+    const float smallest = stats.y;
+
+    // 3. the threshold: max(top-k, top-p, min-p)
+    float thr_k = -INFINITY, mass_k = stats.x;
+    if (top_k_search) {
+      if (kPivots == 1)
+        thr_k = cluster_search(x, n, smallest, static_cast<float>(vocab), stats.x, static_cast<float>(k), false,
+                               top_p_search, &mass_k, sh, phase);
+      else if (top_p_search)
+        thr_k = cluster_search_multi<kPivots, true>(x, n, smallest, static_cast<float>(vocab), stats.x,
+                                                    static_cast<float>(k), false, &mass_k, sh, phase);
+      else
+        thr_k = cluster_search_multi<kPivots, false>(x, n, smallest, static_cast<float>(vocab), stats.x,
+                                                     static_cast<float>(k), false, &mass_k, sh, phase);
+    }
+    float thr_p = -INFINITY;
+    if (top_p_search) {
+      float mass = stats.x;  // top-p renormalizes over the top-k survivors
+      float lo = smallest;
+      if (k > 0 && thr_k > -INFINITY) {
+        mass = mass_k;  // the mass at or above thr_k, summed by the top-k search
+        lo = thr_k;
+      }
+      float unused = 0.0f;
+      if (kPivots == 1)
+        thr_p = cluster_search(x, n, lo, mass, 0.0f, __fmul_rn(p, mass), true, false, &unused, sh, phase);
+      else
+        thr_p = cluster_search_multi<kPivots, false>(x, n, lo, mass, 0.0f, __fmul_rn(p, mass), true, &unused, sh,
+                                                     phase);
+    }
+    const float mp = min_p[row];
+    const float thr_m = mp > 0.0f ? logf(mp) : -INFINITY;
+    const float thr = fmaxf(fmaxf(thr_k, thr_p), thr_m);
+
+    // 4. inverse-CDF draw over the kept mass in vocabulary order: thread t of block r owns a
+    // contiguous chunk of block r's slice; block r's offset is the kept mass of ranks < r
+    int chunk = (n + kClusterThreads - 1) / kClusterThreads;
+    chunk |= 1;
+    const int lo_j = min(n, static_cast<int>(threadIdx.x) * chunk), hi_j = min(n, lo_j + chunk);
+    float local = 0.0f;
+    int last_kept = -1;
+    for (int j = lo_j; j < hi_j; ++j) {
+      const float v = x[j];
+      if (v >= thr) {
+        const float w = expf(v);
+        local += w;
+        if (w > 0.0f) last_kept = begin + j;
+      }
+    }
+    // the block's exclusive scan (thread order) and total
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    float inclusive = local;
+    for (int o = 1; o < 32; o <<= 1) {
+      const float up = __shfl_up_sync(kFull, inclusive, o);
+      if (lane >= o) inclusive += up;
+    }
+    if (lane == 31) sh.scan[warp] = inclusive;  // the last use of sh.scan: written once a call
+    __syncthreads();
+    const float warp_total = lane < kClusterWarps ? sh.scan[lane] : 0.0f;
+    float warp_inclusive = warp_total;
+    for (int o = 1; o < 32; o <<= 1) {
+      const float up = __shfl_up_sync(kFull, warp_inclusive, o);
+      if (lane >= o) warp_inclusive += up;
+    }
+    const float before_warp = __shfl_sync(kFull, warp_inclusive - warp_total, warp);
+    const float block_total = __shfl_sync(kFull, warp_inclusive, 31);
+    const float before = before_warp + inclusive - local;
+    // the cluster's: the block totals of ranks 0, 1, … summed in that order
+    if (threadIdx.x == 0) sh.slots[phase] = make_float4(block_total, 0.0f, 0.0f, 0.0f);
+    cluster.sync();
+    float totals[kCluster];
+#pragma unroll
+    for (int q = 0; q < kCluster; ++q) totals[q] = cluster.map_shared_rank(&sh.slots[phase], q)->x;
+    phase ^= 1;
+    float offset = 0.0f, total = 0.0f;
+#pragma unroll
+    for (int q = 0; q < kCluster; ++q) {
+      if (q == rank) offset = total;
+      total = q == 0 ? totals[0] : total + totals[q];
+    }
+    const int64_t column = min(step[row], last_step[row]);
+    const float u = uniforms[static_cast<size_t>(row) * steps + column];
+    const float target = __fmul_rn(u, total);
+    int found = 0x7fffffff;
+    const float start = offset + before;
+    if (start + local > target) {
+      float c = start;
+      for (int j = lo_j; j < hi_j; ++j) {
+        const float v = x[j];
+        if (v >= thr) c += expf(v);
+        if (c > target) {
+          found = begin + j;
+          break;
+        }
+      }
+    }
+    const float4 pick = cluster_reduce(make_float4(__int_as_float(found), __int_as_float(last_kept), 0.0f, 0.0f),
+                                       make_float4(__int_as_float(0x7fffffff), __int_as_float(-1), 0.0f, 0.0f),
+                                       PickOp{}, sh, phase);
+    found = __float_as_int(pick.x);
+    if (found == 0x7fffffff) found = __float_as_int(pick.y);  // rounding: the last kept
+    if (found >= 0) token = found;
+  }
+  // every remote read of this block's slots is before this arrival; the wait at the end keeps the
+  // block (and its shared memory) alive until every block of the cluster has arrived
+  cluster.barrier_arrive();
+
+  // 5. the state the next step reads, the block's slice; rank 0 writes the row's id and step
+  for (int j = threadIdx.x; j < n; j += kClusterThreads) {
+    const bool hit = begin + j == token;
+    seen_out[base + j] = seen[base + j] || hit;
+    counts_out[base + j] = counts[base + j] + (hit ? 1.0f : 0.0f);
+  }
+  if (rank == 0 && threadIdx.x == 0) {
+    next_ids[row] = token;
+    step_out[row] = step[row] + 1;
+  }
+  cluster.barrier_wait();
+#endif  // LMFORGE_CLUSTER_DEVICE
+}
+
 // -- the onnxruntime custom op ---------------------------------------------------------------------
 
 constexpr size_t kInputs = 15;
@@ -377,9 +869,139 @@ int64_t raise_shared_limit() {
   return limit;
 }
 
+// The op's device pointers, as the kernels take them (also what selftest.cu fills in).
+template <typename T>
+struct SampleArgs {
+  const T* logits;
+  int vocab;
+  const float *temperature;
+  const int64_t* top_k;
+  const float *top_p, *min_p, *repetition, *presence, *frequency;
+  const int64_t* min_new;
+  const bool* stop_mask;
+  const float* uniforms;
+  int steps;
+  const int64_t* last_step;
+  const bool* seen;
+  const float* counts;
+  const int64_t* step;
+  int64_t* next_ids;
+  bool* seen_out;
+  float* counts_out;
+  int64_t* step_out;
+};
+
+// The single-block kernel, one block a row (the row in shared memory when it fits in shared_limit).
+template <typename T>
+cudaError_t launch_single(const SampleArgs<T>& a, int64_t batch, int64_t shared_limit, cudaStream_t stream) {
+  const bool cached = a.vocab * static_cast<int64_t>(sizeof(float)) <= shared_limit;
+  const size_t shared = cached ? static_cast<size_t>(a.vocab) * sizeof(float) : 0;
+  fused_sample<T><<<static_cast<unsigned>(batch), kThreads, shared, stream>>>(
+      a.logits, a.vocab, a.temperature, a.top_k, a.top_p, a.min_p, a.repetition, a.presence, a.frequency,
+      a.min_new, a.stop_mask, a.uniforms, a.steps, a.last_step, a.seen, a.counts, a.step, a.next_ids, a.seen_out,
+      a.counts_out, a.step_out, cached);
+  return cudaGetLastError();
+}
+
+// Dynamic shared memory of a cluster block: its slice of the row.
+int64_t cluster_bytes(int64_t vocab) {
+  return (vocab + kCluster - 1) / kCluster * static_cast<int64_t>(sizeof(float));
+}
+
+// The cluster kernel, kCluster blocks a row (only where enable_cluster said yes and
+// cluster_bytes(vocab) is within its limit).
+template <typename T>
+cudaError_t launch_cluster(const SampleArgs<T>& a, int64_t batch, cudaStream_t stream) {
+  cudaLaunchConfig_t config{};
+  config.gridDim = dim3(static_cast<unsigned>(batch * kCluster), 1, 1);
+  config.blockDim = dim3(kClusterThreads, 1, 1);
+  config.dynamicSmemBytes = static_cast<size_t>(cluster_bytes(a.vocab));
+  config.stream = stream;
+  cudaLaunchAttribute attribute[1];
+  attribute[0].id = cudaLaunchAttributeClusterDimension;
+  attribute[0].val.clusterDim.x = kCluster;
+  attribute[0].val.clusterDim.y = 1;
+  attribute[0].val.clusterDim.z = 1;
+  config.attrs = attribute;
+  config.numAttrs = 1;
+  return cudaLaunchKernelEx(&config, fused_sample_cluster<T>, a.logits, a.vocab, a.temperature, a.top_k, a.top_p,
+                            a.min_p, a.repetition, a.presence, a.frequency, a.min_new, a.stop_mask, a.uniforms,
+                            a.steps, a.last_step, a.seen, a.counts, a.step, a.next_ids, a.seen_out, a.counts_out,
+                            a.step_out);
+}
+
+// Whether the cluster kernel serves, decided once a kernel object (the op's, in each session):
+// off under LMFORGE_KERNELS_CLUSTER=0, below compute capability 9.0, for a library built for an
+// older architecture, or when no cluster of kCluster such blocks can be resident. Returns the
+// dynamic shared memory a cluster block may use (0: off, and *why says why); raises the kernels'
+// limit to it. Never throws: any failure leaves the single-block kernel.
+int64_t enable_cluster(const char** why) {
+  const char* setting = std::getenv("LMFORGE_KERNELS_CLUSTER");
+  if (setting != nullptr && (std::strcmp(setting, "0") == 0 || std::strcmp(setting, "off") == 0 ||
+                             std::strcmp(setting, "false") == 0 || std::strcmp(setting, "no") == 0)) {
+    *why = "off: LMFORGE_KERNELS_CLUSTER=0";
+    return 0;
+  }
+  int device = 0, major = 0, optin = 0;
+  cudaFuncAttributes f32{}, f16{};
+  if (cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess ||
+      cudaFuncGetAttributes(&f32, fused_sample_cluster<float>) != cudaSuccess ||
+      cudaFuncGetAttributes(&f16, fused_sample_cluster<__half>) != cudaSuccess) {
+    cudaGetLastError();
+    *why = "off: the device or kernel attributes could not be read";
+    return 0;
+  }
+  if (major < 9) {
+    *why = "off: compute capability below 9.0";
+    return 0;
+  }
+  if (f32.binaryVersion < 90 || f16.binaryVersion < 90) {
+    *why = "off: the library is built for an architecture below sm_90";
+    return 0;
+  }
+  const int64_t fixed = static_cast<int64_t>(f32.sharedSizeBytes > f16.sharedSizeBytes ? f32.sharedSizeBytes
+                                                                                      : f16.sharedSizeBytes);
+  int64_t limit = static_cast<int64_t>(optin) - fixed;
+  if (limit > kMaxSharedBytes) limit = kMaxSharedBytes;
+  if (limit < static_cast<int64_t>(sizeof(float))) {
+    *why = "off: no shared memory for a slice";
+    return 0;
+  }
+  cudaLaunchConfig_t config{};
+  config.gridDim = dim3(kCluster, 1, 1);
+  config.blockDim = dim3(kClusterThreads, 1, 1);
+  config.dynamicSmemBytes = static_cast<size_t>(limit);
+  cudaLaunchAttribute attribute[1];
+  attribute[0].id = cudaLaunchAttributeClusterDimension;
+  attribute[0].val.clusterDim.x = kCluster;
+  attribute[0].val.clusterDim.y = 1;
+  attribute[0].val.clusterDim.z = 1;
+  config.attrs = attribute;
+  config.numAttrs = 1;
+  int clusters32 = 0, clusters16 = 0;
+  if (cudaFuncSetAttribute(fused_sample_cluster<float>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                           static_cast<int>(limit)) != cudaSuccess ||
+      cudaFuncSetAttribute(fused_sample_cluster<__half>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                           static_cast<int>(limit)) != cudaSuccess ||
+      cudaOccupancyMaxActiveClusters(&clusters32, fused_sample_cluster<float>, &config) != cudaSuccess ||
+      cudaOccupancyMaxActiveClusters(&clusters16, fused_sample_cluster<__half>, &config) != cudaSuccess) {
+    cudaGetLastError();
+    *why = "off: a cluster launch cannot be configured on this device";
+    return 0;
+  }
+  if (clusters32 < 1 || clusters16 < 1) {
+    *why = "off: no cluster of this size fits on this device";
+    return 0;
+  }
+  *why = "on";
+  return limit;
+}
+
 template <typename T>
 void launch(Ort::KernelContext& ctx, int64_t batch, int64_t vocab, int64_t steps, int64_t shared_limit,
-            cudaStream_t stream) {
+            int64_t cluster_limit, cudaStream_t stream) {
   std::vector<int64_t> ids_shape{batch, 1}, row_shape{batch, vocab}, one{batch};
   auto next_ids = ctx.GetOutput(0, ids_shape);
   auto seen_out = ctx.GetOutput(1, row_shape);
@@ -387,19 +1009,18 @@ void launch(Ort::KernelContext& ctx, int64_t batch, int64_t vocab, int64_t steps
   auto step_out = ctx.GetOutput(3, one);
   trace("outputs allocated, stream", stream);
   if (batch == 0) return;
-  const bool cached = vocab * static_cast<int64_t>(sizeof(float)) <= shared_limit;
-  const size_t shared = cached ? static_cast<size_t>(vocab) * sizeof(float) : 0;
-  fused_sample<T><<<static_cast<unsigned>(batch), kThreads, shared, stream>>>(
-      input<T>(ctx, 0), static_cast<int>(vocab), input<float>(ctx, 1),
-      input<int64_t>(ctx, 2), input<float>(ctx, 3), input<float>(ctx, 4),
-      input<float>(ctx, 5), input<float>(ctx, 6), input<float>(ctx, 7),
-      input<int64_t>(ctx, 8), input<bool>(ctx, 9), input<float>(ctx, 10),
-      static_cast<int>(steps), input<int64_t>(ctx, 11), input<bool>(ctx, 12),
-      input<float>(ctx, 13), input<int64_t>(ctx, 14), output<int64_t>(next_ids),
-      output<bool>(seen_out), output<float>(counts_out),
-      output<int64_t>(step_out), cached);
-  trace("launched");
-  check_cuda(cudaGetLastError(), "kernel launch");
+  const SampleArgs<T> args{input<T>(ctx, 0), static_cast<int>(vocab), input<float>(ctx, 1),
+                           input<int64_t>(ctx, 2), input<float>(ctx, 3), input<float>(ctx, 4),
+                           input<float>(ctx, 5), input<float>(ctx, 6), input<float>(ctx, 7),
+                           input<int64_t>(ctx, 8), input<bool>(ctx, 9), input<float>(ctx, 10),
+                           static_cast<int>(steps), input<int64_t>(ctx, 11), input<bool>(ctx, 12),
+                           input<float>(ctx, 13), input<int64_t>(ctx, 14), output<int64_t>(next_ids),
+                           output<bool>(seen_out), output<float>(counts_out), output<int64_t>(step_out)};
+  const bool cluster = cluster_limit > 0 && cluster_bytes(vocab) <= cluster_limit;
+  const cudaError_t launched = cluster ? launch_cluster(args, batch, stream)
+                                       : launch_single(args, batch, shared_limit, stream);
+  trace(cluster ? "launched (cluster kernel)" : "launched (single-block kernel)");
+  check_cuda(launched, "kernel launch");
   if (tracing()) {
     check_cuda(cudaStreamSynchronize(stream), "stream synchronize (trace)");
     trace("kernel done");
@@ -407,9 +1028,17 @@ void launch(Ort::KernelContext& ctx, int64_t batch, int64_t vocab, int64_t steps
 }
 
 struct FusedSampleKernel {
-  FusedSampleKernel() : shared_limit_(raise_shared_limit()) {}
+  FusedSampleKernel() : shared_limit_(raise_shared_limit()) {
+    const char* why = "";
+    cluster_limit_ = enable_cluster(&why);
+    if (tracing()) {
+      std::fprintf(stderr, "lmforge FusedSample: cluster kernel %s\n", why);
+      std::fflush(stderr);
+    }
+  }
 
-  int64_t shared_limit_ = 0;  // bytes of dynamic shared memory a launch may use (the cached row)
+  int64_t shared_limit_ = 0;   // bytes of dynamic shared memory a launch may use (the cached row)
+  int64_t cluster_limit_ = 0;  // the same for a cluster block (its slice); 0: the cluster kernel is off
 
   OrtStatusPtr ComputeV2(OrtKernelContext* context) {
     try {
@@ -435,10 +1064,10 @@ struct FusedSampleKernel {
     auto stream = static_cast<cudaStream_t>(ctx.GetGPUComputeStream());
     switch (info.GetElementType()) {
       case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT:
-        launch<float>(ctx, shape[0], shape[1], uniform_shape[1], shared_limit_, stream);
+        launch<float>(ctx, shape[0], shape[1], uniform_shape[1], shared_limit_, cluster_limit_, stream);
         break;
       case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16:
-        launch<__half>(ctx, shape[0], shape[1], uniform_shape[1], shared_limit_, stream);
+        launch<__half>(ctx, shape[0], shape[1], uniform_shape[1], shared_limit_, cluster_limit_, stream);
         break;
       default:
         ORT_CXX_API_THROW("lmforge FusedSample: logits must be float16 or float32", ORT_INVALID_ARGUMENT);

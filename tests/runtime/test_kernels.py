@@ -7,11 +7,18 @@ outputs unchanged. On the lent GPU (``pytest -m gpu tests/runtime/test_kernels.p
 onnxruntime has no CUDA provider): the library builds, the sampler tests of ``test_sampler.py``
 pass with the fused op in place of the ONNX nodes (distributions against transformers' warpers,
 the top-p boundary, penalties, seeded determinism, greedy bit for bit), fp16 and fp32 logits, rows
-independent of each other, and the op runs inside a captured CUDA graph.
+independent of each other, and the op runs inside a captured CUDA graph. On sm_90+ (H100 / H200) all
+of that runs the cluster kernel (a row over a cluster of 8 thread blocks), the default there; the
+single-block kernel, which serves below sm_90 and under ``LMFORGE_KERNELS_CLUSTER=0``, is checked
+against it token for token.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -252,9 +259,10 @@ def test_greedy_is_bit_exact_with_the_onnx_sampler_fp16_and_fp32(library: Path, 
 @gpu
 @pytest.mark.parametrize("vocab", [49152, 128256])
 def test_large_vocabulary_draws_are_seeded_and_rows_independent(library: Path, vocab: int) -> None:
-    """Real vocabulary sizes (one cached in shared memory, one worked in global memory): the same
-    seeds draw the same tokens again, a row draws the same alone as in any batch, every id is in
-    range and kept by its row's filters."""
+    """Real vocabulary sizes (the single-block kernel caches one row in shared memory and works
+    the other in global memory; the cluster kernel caches both): the same seeds draw the same
+    tokens again, a row draws the same alone as in any batch, every id is in range and kept by
+    its row's filters."""
     rng = np.random.default_rng(1)
     params = _params_mix()
     logits = (rng.standard_normal((len(params), vocab)) * 3).astype(np.float16)
@@ -306,14 +314,12 @@ def _kept_tokens(row: np.ndarray, temperature: float, top_k: int = 0, top_p: flo
     return set(keep_ids.tolist())
 
 
-@gpu
-def test_the_op_runs_inside_a_captured_cuda_graph(library: Path) -> None:
-    """One FusedSample node, CUDA-graph capture on, inputs bound by address: replays read the
-    buffers as they are at each replay (new uniforms, new logits), and give the eager results."""
-    vocab, rows, steps = 49152, 4, 8
+def _fused_only(vocab: int, steps: int, logits_dtype: str = "float16") -> bytes:
+    """A graph of the one FusedSample node: the row inputs and ``logits`` in, ``next_ids``,
+    ``seen_out``, ``counts_out`` and ``step_out`` out."""
     g = GraphBuilder("fused_only")
     names = {row.name: g.input(row.name, row.dtype, ["batch", *row.dims(vocab, steps)]) for row in ROW_INPUTS}
-    g.input("logits", "float16", ["batch", vocab])
+    g.input("logits", logits_dtype, ["batch", vocab])
     outputs = {"next_ids": "next_ids", "seen": "seen_out", "counts": "counts_out", "step": "step_out"}
     from runtime.sampler_graph import add_fused_sampling
 
@@ -322,7 +328,15 @@ def test_the_op_runs_inside_a_captured_cuda_graph(library: Path) -> None:
     g.output("seen_out", "bool", ["batch", vocab])
     g.output("counts_out", "float32", ["batch", vocab])
     g.output("step_out", "int64", ["batch"])
-    model = g.to_bytes()
+    return g.to_bytes()
+
+
+@gpu
+def test_the_op_runs_inside_a_captured_cuda_graph(library: Path) -> None:
+    """One FusedSample node, CUDA-graph capture on, inputs bound by address: replays read the
+    buffers as they are at each replay (new uniforms, new logits), and give the eager results."""
+    vocab, rows, steps = 49152, 4, 8
+    model = _fused_only(vocab, steps)
     params = _params_mix()[:rows]
     rng = np.random.default_rng(7)
     host = stack_rows([row_arrays(p, [], [], vocab, steps) for p in params])
@@ -350,6 +364,82 @@ def test_the_op_runs_inside_a_captured_cuda_graph(library: Path) -> None:
         want = eager.run(["next_ids", "step_out"], {**host, "logits": logits, "step": step_now})
         np.testing.assert_array_equal(outs["next_ids"].numpy(), want[0])
         np.testing.assert_array_equal(outs["step_out"].numpy(), want[1])
+
+
+def _sm() -> int:
+    from runtime.kernels.build import detect_arch
+
+    arch = detect_arch() or "sm_0"
+    return int(arch[len("sm_"):].rstrip("a"))
+
+
+@gpu
+@pytest.mark.parametrize(("vocab", "logits_dtype"), [(3, "float32"), (V, "float32"), (50257, "float16"),
+                                                     (128256, "float16"), (128256, "float32")])
+def test_the_cluster_kernel_draws_the_single_block_kernel_s_tokens(library: Path, vocab: int, logits_dtype: str,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """The op's two kernels on the same rows (``LMFORGE_KERNELS_CLUSTER`` is read when onnxruntime
+    creates the op's kernel, so per session): greedy rows and every state output are the same bit
+    for bit, sampled rows draw the same tokens but where two sums in another order straddle the
+    uniform's target (none expected in 64 rows, at most 2 allowed), and the cluster kernel repeats
+    itself bit for bit. Below sm_90 both sessions run the single-block kernel."""
+    rows, steps = 64, 4
+    rng = np.random.default_rng(vocab)
+    logits = (rng.standard_normal((rows, vocab)) * 3).astype(logits_dtype)
+    mix = [*_params_mix(), SamplingParams(min_new_tokens=3), SamplingParams(temperature=0.7, top_p=0.9,
+                                                                            min_new_tokens=3, seed=6)]
+    params = [dataclasses.replace(mix[r % len(mix)], seed=100 + r) for r in range(rows)]
+    stops = [[int(np.argmax(logits[r]))] for r in range(rows)]  # masked while step < min_new_tokens
+    feeds = stack_rows([row_arrays(p, [], s, vocab, steps) for p, s in zip(params, stops)])
+    feeds["seen"] = rng.random((rows, vocab)) < 0.2
+    feeds["counts"] = rng.integers(0, 3, (rows, vocab)).astype(np.float32)
+    feeds["step"] = rng.integers(0, steps, rows).astype(np.int64)
+    feeds["logits"] = logits
+    model = _fused_only(vocab, steps, logits_dtype)
+    feeds = {name: feeds[name] for name in [row.name for row in ROW_INPUTS] + ["logits"]}  # the graph's inputs
+    runs = {}
+    for setting in ("1", "0"):
+        monkeypatch.setenv("LMFORGE_KERNELS_CLUSTER", setting)
+        session = ort.InferenceSession(model, sess_options=_options(library), providers=["CUDAExecutionProvider"])
+        runs[setting] = [session.run(None, feeds) for _ in range(2)]
+    cluster, single = runs["1"][0], runs["0"][0]
+    for a, b in zip(runs["1"][0], runs["1"][1]):
+        np.testing.assert_array_equal(a, b)  # the cluster kernel, run to run
+    ids_c, ids_s = cluster[0].ravel(), single[0].ravel()
+    greedy = np.array([p.temperature == 0 or p.top_k == 1 for p in params])
+    np.testing.assert_array_equal(ids_c[greedy], ids_s[greedy])
+    assert int(np.sum(ids_c[~greedy] != ids_s[~greedy])) <= 2
+    same = ids_c == ids_s
+    for c, s in zip(cluster[1:3], single[1:3]):  # seen_out, counts_out: the same where the token is
+        np.testing.assert_array_equal(c[same], s[same])
+    np.testing.assert_array_equal(cluster[3], single[3])
+    np.testing.assert_array_equal(cluster[3], feeds["step"] + 1)
+    for ids, (seen_out, counts_out) in ((ids_c, cluster[1:3]), (ids_s, single[1:3])):  # each its own token
+        hit = np.zeros((rows, vocab), np.bool_)
+        hit[np.arange(rows), ids] = True
+        np.testing.assert_array_equal(seen_out, feeds["seen"] | hit)
+        np.testing.assert_array_equal(counts_out, feeds["counts"] + hit)
+
+
+@gpu
+def test_the_cluster_kernel_serves_from_sm_90_unless_switched_off(library: Path) -> None:
+    """Which kernel a session's op launches, as LMFORGE_KERNELS_TRACE=1 reports it (a process of
+    its own: the trace switch is read once a process): the cluster kernel by default on sm_90+,
+    the single-block kernel under LMFORGE_KERNELS_CLUSTER=0 and below sm_90."""
+    script = ("import sys; from pathlib import Path; import numpy as np; from runtime import SamplingParams; "
+              "from tests.runtime.test_kernels import FusedSampler; "
+              "print(FusedSampler(Path(sys.argv[1])).sample(np.zeros((2, 64), np.float32), "
+              "[SamplingParams(), SamplingParams(temperature=1.0, top_p=0.9, seed=1)]))")
+    root = Path(__file__).resolve().parents[2]
+    for setting in ("", "0"):
+        env = {**os.environ, "LMFORGE_KERNELS_TRACE": "1", "LMFORGE_KERNELS_CLUSTER": setting}
+        done = subprocess.run([sys.executable, "-c", script, str(library)], env=env, cwd=root, capture_output=True,
+                              text=True, timeout=180, check=False)
+        assert done.returncode == 0, done.stderr[-2000:]
+        cluster = setting != "0" and _sm() >= 90
+        assert ("cluster kernel on" in done.stderr) == cluster, done.stderr[-2000:]
+        launched = "launched (cluster kernel)" if cluster else "launched (single-block kernel)"
+        assert launched in done.stderr, done.stderr[-2000:]
 
 
 @gpu
