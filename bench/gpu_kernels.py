@@ -36,6 +36,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
+MODES = ("onnx", "fused", "single")
 KINDS: dict[str, dict[str, Any]] = {
     "greedy": {},
     "temperature 0.7": {"temperature": 0.7},
@@ -163,7 +164,7 @@ def child(args: argparse.Namespace) -> None:
                 one_call(engine, prompts[:n], 8, kw or GREEDY)
         out["tok_s"] = {kind: {f"batch {b}": decode_rate(engine, prompts[:b], args.new_tokens, kw, args.repeats)
                                for b in BATCHES} for kind, kw in KINDS.items()}
-        if args.child == "fused":
+        if args.child != "onnx":
             out["op_us"] = op_timing(vocab)
     finally:
         engine.close(drain=False)
@@ -172,21 +173,23 @@ def child(args: argparse.Namespace) -> None:
 
 def table(results: dict[str, Any]) -> str:
     lines = ["decode tok/s (× greedy of the same sampler)"]
-    head = f"{'kind':<24}" + "".join(f"{m + ' b' + str(b):>22}" for m in ("onnx", "fused") for b in BATCHES)
+    modes = [m for m in MODES if m in results]
+    head = f"{'kind':<24}" + "".join(f"{m + ' b' + str(b):>22}" for m in modes for b in BATCHES)
     lines.append(head)
     for kind in KINDS:
         cells = []
-        for mode in ("onnx", "fused"):
+        for mode in modes:
             rates = results.get(mode, {}).get("tok_s", {})
             for b in BATCHES:
                 rate = rates.get(kind, {}).get(f"batch {b}")
                 base = rates.get("greedy", {}).get(f"batch {b}")
                 cells.append(f"{rate:,.0f} ({rate / base:.2f}×)" if rate and base else "–")
         lines.append(f"{kind:<24}" + "".join(f"{c:>22}" for c in cells))
-    op = results.get("fused", {}).get("op_us")
-    if isinstance(op, dict) and "error" not in op:
-        lines.append("fused op alone (captured graph, µs a call): "
-                     + ", ".join(f"{k} {v:.1f}" for k, v in op.items()))
+    for mode in ("fused", "single"):
+        op = results.get(mode, {}).get("op_us")
+        if isinstance(op, dict) and "error" not in op:
+            lines.append(f"{mode} op alone (captured graph, µs a call): "
+                         + ", ".join(f"{k} {v:.1f}" for k, v in op.items()))
     return "\n".join(lines)
 
 
@@ -199,7 +202,10 @@ def main() -> int:
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "/tmp/out")))
-    parser.add_argument("--child", choices=("onnx", "fused"), default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--modes", default="onnx,fused",
+                        help="samplers to time, each in its own process: onnx (the ONNX nodes), fused (the "
+                             "kernels' default: the cluster kernel on sm_90+), single (the single-block kernel)")
+    parser.add_argument("--child", choices=MODES, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--probe", action="store_true", help="only a first look at the op (watchdog on)")
     args = parser.parse_args()
     if args.probe:
@@ -218,8 +224,11 @@ def main() -> int:
         args.artifact = str(build(args.shape, args.work, "cuda"))
     results["artifact"] = args.artifact
     print(f"[{time.perf_counter() - t0:5.0f}s] artifact {args.artifact}", flush=True)
-    for mode in ("onnx", "fused"):
-        env = {**os.environ, "LMFORGE_KERNELS": "0" if mode == "onnx" else "1"}
+    for mode in args.modes.split(","):
+        if mode not in MODES:
+            parser.error(f"--modes: {mode!r} is not one of {', '.join(MODES)}")
+        env = {**os.environ, "LMFORGE_KERNELS": "0" if mode == "onnx" else "1",
+               "LMFORGE_KERNELS_CLUSTER": "0" if mode == "single" else "1"}
         command = [sys.executable, __file__, "--child", mode, "--artifact", args.artifact, "--prompt-len",
                    str(args.prompt_len), "--new-tokens", str(args.new_tokens), "--repeats", str(args.repeats)]
         done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
