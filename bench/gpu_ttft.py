@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import json
 import os
 import statistics
@@ -110,7 +111,8 @@ def instrument(engine: Any, phases: Phases) -> dict[str, float]:
 def ttft_probe(art: Path, args: argparse.Namespace) -> dict[str, Any]:
     import numpy as np
 
-    from runtime import Engine, SamplingParams
+    from lmforge.benchmark.memory import MemorySampler
+    from runtime import Engine
 
     engine = Engine.load(art, device=args.device, cuda_graph=args.device == "cuda", verify_hashes=False,
                          max_batch=args.max_batch)
@@ -120,37 +122,14 @@ def ttft_probe(art: Path, args: argparse.Namespace) -> dict[str, Any]:
     vocab = engine.vocab
     rng = np.random.default_rng(0)
     out: dict[str, Any] = {}
-    import contextlib
-
-    from lmforge.benchmark.memory import MemorySampler
-
     cases = [(name, params, False) for name, params in SAMPLINGS.items()]
     if args.sampler:  # as `lmforge bench` runs it: a thread polling device memory every 10 ms
         cases.append(("greedy, memory sampler on", SAMPLINGS["greedy"], True))
     try:
         for name, params, polled in cases:
-            rows: list[dict[str, float]] = []
             polling = MemorySampler(args.device) if polled else contextlib.nullcontext()
-            polling.__enter__()
-            for i in range(args.warmup + args.repeats):
-                prompt = rng.integers(100, vocab - 100, args.prompt_len).tolist()
-                sampling = SamplingParams(seed=i, min_new_tokens=args.new_tokens, **params)
-                phases.take()
-                t0 = time.perf_counter()
-                request = engine.submit(prompt, max_new_tokens=args.new_tokens, sampling=sampling)
-                first = None
-                for event in request:
-                    if first is None and event.token_ids:
-                        first = time.perf_counter()
-                times = phases.take()
-                if i < args.warmup or first is None:
-                    continue
-                group = times.pop("group", 0.0)
-                row = {"ttft": first - t0, "queue": marks.get("admit", t0) - t0, **times}
-                row["bind"] = group - times.get("run", 0.0) - times.get("read", 0.0)
-                row["deliver"] = row["ttft"] - row["queue"] - row.get("stage", 0.0) - row.get("constants", 0.0) - group
-                rows.append(row)
-            polling.__exit__(None, None, None)
+            with polling:
+                rows = _probe_rows(engine, phases, marks, rng, vocab, params, args)
             out[name] = {k: round(1e3 * statistics.median(r.get(k, 0.0) for r in rows), 3)
                          for k in ("ttft", "queue", "stage", "constants", "bind", "run", "read", "deliver")}
             print(f"lmforge {name:>10}: " + "  ".join(f"{k} {v:.3f}" for k, v in out[name].items()) + "  (ms, median)",
@@ -158,6 +137,33 @@ def ttft_probe(art: Path, args: argparse.Namespace) -> dict[str, Any]:
     finally:
         engine.close(drain=False)
     return out
+
+
+def _probe_rows(engine: Any, phases: Phases, marks: dict[str, float], rng: Any, vocab: int, params: dict[str, Any],
+                args: argparse.Namespace) -> list[dict[str, float]]:
+    """One request at a time with ``params``: each one's TTFT and phases (after the warm-up ones)."""
+    from runtime import SamplingParams
+
+    rows: list[dict[str, float]] = []
+    for i in range(args.warmup + args.repeats):
+        prompt = rng.integers(100, vocab - 100, args.prompt_len).tolist()
+        sampling = SamplingParams(seed=i, min_new_tokens=args.new_tokens, **params)
+        phases.take()
+        t0 = time.perf_counter()
+        request = engine.submit(prompt, max_new_tokens=args.new_tokens, sampling=sampling)
+        first = None
+        for event in request:
+            if first is None and event.token_ids:
+                first = time.perf_counter()
+        times = phases.take()
+        if i < args.warmup or first is None:
+            continue
+        group = times.pop("group", 0.0)
+        row = {"ttft": first - t0, "queue": marks.get("admit", t0) - t0, **times}
+        row["bind"] = group - times.get("run", 0.0) - times.get("read", 0.0)
+        row["deliver"] = row["ttft"] - row["queue"] - row.get("stage", 0.0) - row.get("constants", 0.0) - group
+        rows.append(row)
+    return rows
 
 
 def profile(art: Path, args: argparse.Namespace) -> dict[str, Any]:

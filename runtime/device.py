@@ -230,7 +230,7 @@ class Device:
         so memory is taken as positions are first written, 4 KiB at a time. numpy asks the kernel
         for transparent huge pages for arrays of 4 MiB or more; a 2 MiB page for each head of each
         layer a prompt touches made every prefilled row of a pool cost about two thirds of its
-        whole-context KV, kept (docs/benchmarks.md, "CPU: shared-buffer memory")."""
+        whole-context KV, kept (docs/benchmarks.md, "CPU: decode against the peers")."""
         if self.type != "cpu":
             return self.zeros(shape, dtype)
         return self.put(lazy_zeros(shape, NP_DTYPES[dtype]))
