@@ -7,8 +7,15 @@ the largest rise above the level at the start of any of its runs (activations, K
 growth). A background thread samples the level every few milliseconds:
 
 * ``cpu``: resident set size (``/proc/self/statm``, else psutil, else ``ru_maxrss``);
-* ``cuda``: device memory in use (``torch.cuda.mem_get_info`` when torch sees the GPU, else
-  ``nvidia-smi --query-gpu=memory.used``) — device-wide, so it covers ORT's arenas too.
+* ``cuda``: device memory in use, device-wide (so it covers ORT's arenas too): NVML
+  (``nvidia-ml-py``) when it is installed, else ``torch.cuda.mem_get_info`` when torch sees the
+  GPU, else ``nvidia-smi --query-gpu=memory.used``.
+
+NVML comes first because the sampler shares the process with the runner it measures: an NVML
+query asks the driver, outside any CUDA context, through ``ctypes`` (which releases the
+interpreter lock while it waits), whereas ``torch.cuda.mem_get_info`` enters the CUDA context
+that onnxruntime is launching on, and ``nvidia-smi`` forks the process every sample. Either of
+those can land inside a timed prefill and add to its time to first token.
 
 Memory a runner freed and the allocator kept (glibc, torch's caching allocator, ORT's arena) is
 still counted by the next delta's baseline, so the numbers are estimates to compare runtimes,
@@ -59,11 +66,29 @@ def _cuda_smi() -> float:
     return float(out.stdout.strip().splitlines()[0])
 
 
+class _Nvml:
+    """Device 0's used memory through NVML (``pynvml``, from ``nvidia-ml-py``)."""
+
+    def __init__(self) -> None:
+        import pynvml
+
+        pynvml.nvmlInit()
+        self._pynvml = pynvml
+        self._handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+
+    def __call__(self) -> float:
+        return float(self._pynvml.nvmlDeviceGetMemoryInfo(self._handle).used) / 2**20
+
+
 def memory_probe(device: str) -> tuple[Callable[[], float], str]:
     """A function returning the current level in MB, and the method's name for the report."""
     candidates: list[tuple[Callable[[], float], str]]
     if device == "cuda":
         candidates = []
+        try:
+            candidates.append((_Nvml(), "device used memory, NVML"))
+        except Exception as exc:  # noqa: BLE001 - no pynvml, no driver: the next probe
+            log.debug("memory probe NVML unavailable: %s", exc)
         try:
             import torch
 

@@ -162,3 +162,40 @@ def test_optimum_without_a_site_is_not_run(tmp_path: Path) -> None:
     finally:
         runner.close()
     assert "not importable" in str(info.value) or "no model folder" in str(info.value)
+
+
+def test_cuda_memory_is_read_through_nvml_first(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On CUDA the sampler asks NVML (no CUDA context, no fork) before torch or nvidia-smi."""
+    import sys
+    import types
+
+    from lmforge.benchmark.memory import memory_probe
+
+    calls: list[str] = []
+    fake = types.ModuleType("pynvml")
+    fake.nvmlInit = lambda: calls.append("init")  # type: ignore[attr-defined]
+    fake.nvmlDeviceGetHandleByIndex = lambda index: ("handle", index)  # type: ignore[attr-defined]
+    fake.nvmlDeviceGetMemoryInfo = lambda handle: types.SimpleNamespace(used=3 * 2**20, handle=handle)  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    probe, method = memory_probe("cuda")
+    assert method == "device used memory, NVML"
+    assert probe() == 3.0 and calls == ["init"]
+
+
+def test_cuda_memory_falls_back_when_nvml_fails(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+    import types
+
+    from lmforge.benchmark import memory
+
+    fake = types.ModuleType("pynvml")
+
+    def no_driver() -> None:
+        raise RuntimeError("NVML Shared Library Not Found")
+
+    fake.nvmlInit = no_driver  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    monkeypatch.setitem(sys.modules, "torch", None)  # no torch either: nvidia-smi is the last resort
+    monkeypatch.setattr(memory, "_cuda_smi", lambda: 7.0)
+    probe, method = memory.memory_probe("cuda")
+    assert method == "device used memory, nvidia-smi" and probe() == 7.0
