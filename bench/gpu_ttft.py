@@ -14,7 +14,11 @@ the engine's phases by timing the backend's methods:
 * ``deliver``: the first token's event reaching the caller.
 
 With ``--sampler`` greedy is timed again while `lmforge bench`'s memory sampler polls the device
-(its thread wakes every 10 ms), to see what the harness's own polling costs a prefill.
+(its thread wakes every 10 ms), to see what the harness's own polling costs a prefill. With
+``--lengths 2,32`` greedy is timed once per request length (``min_new_tokens`` = the length, as
+the harness asks), so a TTFT that follows the request's length shows phase by phase. Each case
+also reports ``engine_ttft``, the engine's own ``GenerationResult.ttft_s`` (what `lmforge bench`
+reports: from submission to the loop's accepting the first token, the delivery not included).
 
 With ``--profile`` a second engine opens the same artifact with onnxruntime's profiler on and
 sums the prefill runs' node times by operator type (CPU-side time per node: on CUDA that is
@@ -122,16 +126,20 @@ def ttft_probe(art: Path, args: argparse.Namespace) -> dict[str, Any]:
     vocab = engine.vocab
     rng = np.random.default_rng(0)
     out: dict[str, Any] = {}
-    cases = [(name, params, False) for name, params in SAMPLINGS.items()]
+    cases = [(name, params, False, args.new_tokens) for name, params in SAMPLINGS.items()]
     if args.sampler:  # as `lmforge bench` runs it: a thread polling device memory every 10 ms
-        cases.append(("greedy, memory sampler on", SAMPLINGS["greedy"], True))
+        method = MemorySampler(args.device).method
+        cases.append((f"greedy, memory sampler on ({method})", SAMPLINGS["greedy"], True, args.new_tokens))
+    for length in args.lengths:
+        cases.append((f"greedy, {length} new tokens", SAMPLINGS["greedy"], False, length))
     try:
-        for name, params, polled in cases:
+        for name, params, polled, length in cases:
             polling = MemorySampler(args.device) if polled else contextlib.nullcontext()
             with polling:
-                rows = _probe_rows(engine, phases, marks, rng, vocab, params, args)
+                rows = _probe_rows(engine, phases, marks, rng, vocab, params, args, length)
             out[name] = {k: round(1e3 * statistics.median(r.get(k, 0.0) for r in rows), 3)
-                         for k in ("ttft", "queue", "stage", "constants", "bind", "run", "read", "deliver")}
+                         for k in ("ttft", "engine_ttft", "queue", "stage", "constants", "bind", "run", "read",
+                                   "deliver")}
             print(f"lmforge {name:>10}: " + "  ".join(f"{k} {v:.3f}" for k, v in out[name].items()) + "  (ms, median)",
                   flush=True)
     finally:
@@ -140,26 +148,31 @@ def ttft_probe(art: Path, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _probe_rows(engine: Any, phases: Phases, marks: dict[str, float], rng: Any, vocab: int, params: dict[str, Any],
-                args: argparse.Namespace) -> list[dict[str, float]]:
-    """One request at a time with ``params``: each one's TTFT and phases (after the warm-up ones)."""
+                args: argparse.Namespace, new_tokens: int) -> list[dict[str, float]]:
+    """One request at a time with ``params`` and ``new_tokens`` (each its ``min_new_tokens`` too):
+    each one's TTFT and phases (after the warm-up ones)."""
     from runtime import SamplingParams
 
     rows: list[dict[str, float]] = []
     for i in range(args.warmup + args.repeats):
         prompt = rng.integers(100, vocab - 100, args.prompt_len).tolist()
-        sampling = SamplingParams(seed=i, min_new_tokens=args.new_tokens, **params)
+        sampling = SamplingParams(seed=i, min_new_tokens=new_tokens, **params)
         phases.take()
         t0 = time.perf_counter()
-        request = engine.submit(prompt, max_new_tokens=args.new_tokens, sampling=sampling)
+        request = engine.submit(prompt, max_new_tokens=new_tokens, sampling=sampling)
         first = None
+        engine_ttft = float("nan")
+        times: dict[str, float] = {}
         for event in request:
             if first is None and event.token_ids:
                 first = time.perf_counter()
-        times = phases.take()
+                times = phases.take()  # the prefill's phases alone, not the decode blocks' after it
+            if event.result is not None:
+                engine_ttft = event.result.ttft_s
         if i < args.warmup or first is None:
             continue
         group = times.pop("group", 0.0)
-        row = {"ttft": first - t0, "queue": marks.get("admit", t0) - t0, **times}
+        row = {"ttft": first - t0, "engine_ttft": engine_ttft, "queue": marks.get("admit", t0) - t0, **times}
         row["bind"] = group - times.get("run", 0.0) - times.get("read", 0.0)
         row["deliver"] = row["ttft"] - row["queue"] - row.get("stage", 0.0) - row.get("constants", 0.0) - group
         rows.append(row)
@@ -258,6 +271,8 @@ def main() -> int:
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--sampler", action="store_true",
                         help="time greedy again with `lmforge bench`'s device-memory sampler polling")
+    parser.add_argument("--lengths", type=lambda text: [int(v) for v in text.split(",") if v], default=[],
+                        help="greedy again at each of these request lengths (comma-separated)")
     parser.add_argument("--work", default="/tmp/lmf-bench")
     parser.add_argument("--out", default=os.environ.get("OUT", "/tmp/out"))
     args = parser.parse_args()
