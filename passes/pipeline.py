@@ -419,10 +419,13 @@ def _append_step_model(path: Path, sb: SharedBuffer, vocab: int, device: str) ->
     The nodes come from the runtime's own definition, so the graph the engine runs is byte for
     byte the one this artifact ships, hashes and verifies. On CUDA the top-k / top-p candidates
     are selected in parts of the row (:func:`runtime.sampler_graph.candidate_segments`: the same
-    values; onnxruntime's CPU ``TopK`` is faster over the whole row).
+    values; onnxruntime's CPU ``TopK`` is faster over the whole row). On the CPU a run of greedy
+    rows without penalties takes an ``If`` branch holding the ``ArgMax`` alone (``branch``: the
+    sampling's other nodes are skipped, not run on zero rows); CUDA steps are captured as graphs,
+    which hold no control flow.
     """
     segments = candidate_segments(vocab) if device == "cuda" else 1
-    path.write_bytes(step_graph.append_step(path.read_bytes(), vocab, segments=segments))
+    path.write_bytes(step_graph.append_step(path.read_bytes(), vocab, segments=segments, branch=device != "cuda"))
     step = step_graph.step_io(vocab)
     io = sb.io_json()
     return {"inputs": io["inputs"] + step["inputs"], "outputs": io["outputs"] + step["outputs"]}

@@ -8,7 +8,8 @@ itself: varints and length-delimited fields, ~80 lines for the encoder, plus a s
 :class:`GraphBuilder` on top. The bytes go straight to ``onnxruntime.InferenceSession(bytes)``.
 
 It writes only what those graphs need: standard-domain nodes with int/float/ints/tensor
-attributes, typed graph inputs and outputs with named or fixed dims, and initializers as
+attributes and graph attributes (an ``If``'s branches: a :class:`GraphBuilder` whose nodes read
+the enclosing graph's values by name), typed graph inputs and outputs with named or fixed dims, and initializers as
 ``raw_data`` (little-endian). ``tests/runtime/test_onnx_proto.py`` round-trips the output through
 ``onnx.checker.check_model(full_check=True)``.
 
@@ -21,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import struct
 from collections.abc import Sequence
+from typing import TypeAlias
 
 import numpy as np
 
@@ -33,7 +35,9 @@ DTYPE_CODES: dict[str, int] = {
 }
 
 # AttributeProto.AttributeType
-_ATTR_FLOAT, _ATTR_INT, _ATTR_TENSOR, _ATTR_INTS = 1, 2, 4, 7
+_ATTR_FLOAT, _ATTR_INT, _ATTR_TENSOR, _ATTR_GRAPH, _ATTR_INTS = 1, 2, 4, 5, 7
+# a node attribute's value: a GraphBuilder is a subgraph (an If's branch)
+AttrValue: TypeAlias = "int | float | Sequence[int] | np.ndarray | GraphBuilder"
 
 
 # --------------------------------------------------------------------------------------------
@@ -105,8 +109,10 @@ def _value_info(name: str, dtype: str, shape: Sequence[int | str]) -> bytes:
     return _str(1, name) + _bytes(2, _bytes(1, tensor_type))
 
 
-def _attribute(name: str, value: int | float | Sequence[int] | np.ndarray) -> bytes:
-    """AttributeProto: name=1, f=2, i=3, t=5, ints=8, type=20."""
+def _attribute(name: str, value: AttrValue) -> bytes:
+    """AttributeProto: name=1, f=2, i=3, t=5, g=6, ints=8, type=20."""
+    if isinstance(value, GraphBuilder):
+        return _str(1, name) + _bytes(6, _graph_body(value)) + _int(20, _ATTR_GRAPH)
     if isinstance(value, np.ndarray):
         return _str(1, name) + _bytes(5, _tensor("", value)) + _int(20, _ATTR_TENSOR)
     if isinstance(value, (bool, int, np.integer)):
@@ -125,7 +131,7 @@ class _Node:
     op_type: str
     inputs: tuple[str, ...]
     outputs: tuple[str, ...]
-    attrs: dict[str, int | float | Sequence[int] | np.ndarray]
+    attrs: dict[str, AttrValue]
     domain: str = ""
 
 
@@ -166,7 +172,7 @@ class GraphBuilder:
         self,
         op_type: str,
         inputs: Sequence[str],
-        attrs: dict[str, int | float | Sequence[int] | np.ndarray] | None = None,
+        attrs: dict[str, AttrValue] | None = None,
         outputs: Sequence[str] | None = None,
     ) -> str:
         """Add a one-output node; return its output name (``outputs``: the explicit name, for a
@@ -180,7 +186,7 @@ class GraphBuilder:
         self,
         op_type: str,
         inputs: Sequence[str],
-        attrs: dict[str, int | float | Sequence[int] | np.ndarray] | None = None,
+        attrs: dict[str, AttrValue] | None = None,
         outputs: Sequence[str] | int = 1,
         domain: str = "",
     ) -> tuple[str, ...]:

@@ -231,7 +231,8 @@ def add_fused_sampling(g: GraphBuilder, logits_last: str, names: dict[str, str],
 
 
 def add_sampling(g: GraphBuilder, logits_last: str, vocab: int, names: dict[str, str],
-                 outputs: dict[str, str] | None = None, segments: int = 1, fused: bool = False) -> dict[str, str]:
+                 outputs: dict[str, str] | None = None, segments: int = 1, fused: bool = False,
+                 branch: bool = False) -> dict[str, str]:
     """Append the sampling nodes; return the names of ``next_ids [b, 1]`` and the state outputs.
 
     ``logits_last`` is ``[b, vocab]`` (any float dtype; cast to float32 here). ``names`` maps
@@ -241,11 +242,56 @@ def add_sampling(g: GraphBuilder, logits_last: str, vocab: int, names: dict[str,
     them (an ``Identity`` in between would be one more device copy in every step). ``segments``:
     the candidates' selection in that many parts (:func:`_largest`; the same values) for rows
     ``0:parted_rows`` when ``names`` has that host input, for every row otherwise. ``fused``: the
-    whole block as one custom node instead (:func:`add_fused_sampling`).
+    whole block as one custom node instead (:func:`add_fused_sampling`). ``branch``: the penalties
+    and the draw in the ``else`` branch of an ``If`` whose ``then`` branch is the ``ArgMax``
+    alone, taken when the run has no sampled and no penalized row (``sampled_rows`` and
+    ``penalized_rows`` both 0): the same ids and state without the ~140 nodes that would run on
+    no rows, each of which costs its dispatch on the CPU (:func:`_greedy_branch`; not under CUDA
+    graphs, which capture no control flow).
     """
     if fused:
         return add_fused_sampling(g, logits_last, names, outputs)
     outputs = outputs or {}
+    x = g.op("Cast", [logits_last], {"to": _FLOAT})
+    early = g.op("Unsqueeze", [g.op("Less", [names["step"], names["min_new_tokens"]]),
+                               g.const(np.array([1], np.int64))])
+    x = g.op("Where", [g.op("And", [names["stop_mask"], early]), g.const(-np.inf, "float32"), x])
+    if branch:
+        return _greedy_branch(g, x, vocab, names, outputs, segments)
+    return _penalize_and_draw(g, x, vocab, names, outputs, segments)
+
+
+_KEYS = ("next_ids", "seen", "counts", "step")  # what the sampling writes, in this order
+
+
+def _greedy_branch(g: GraphBuilder, x: str, vocab: int, names: dict[str, str], outputs: dict[str, str],
+                   segments: int) -> dict[str, str]:
+    """``If(no row sampled or penalized)``: ``ArgMax`` with the state carried over, else
+    :func:`_penalize_and_draw` (see :func:`add_sampling`). Both branches read this graph's values
+    by name; the ``If``'s outputs are the sampling's outputs."""
+    zero = g.const(np.array([0], np.int64))
+    cond = g.op("And", [g.op("Equal", [names["sampled_rows"], zero]), g.op("Equal", [names["penalized_rows"], zero])])
+    types = {"next_ids": ("int64", ["batch", 1]), "seen": ("bool", ["batch", vocab]),
+             "counts": ("float32", ["batch", vocab]), "step": ("int64", ["batch"])}
+    greedy = GraphBuilder("greedy", prefix=g.prefix + "greedy.")
+    carried = {"next_ids": greedy.op("ArgMax", [x], {"axis": 1, "keepdims": 1, "select_last_index": 0}),
+               "seen": greedy.op("Identity", [names["seen"]]),
+               "counts": greedy.op("Identity", [names["counts"]]),
+               "step": greedy.op("Add", [names["step"], greedy.const(1, "int64")])}
+    sampled = GraphBuilder("sampled", prefix=g.prefix + "sampled.")
+    drawn = _penalize_and_draw(sampled, x, vocab, names, {}, segments)
+    for branch, values in ((greedy, carried), (sampled, drawn)):
+        for key in _KEYS:
+            branch.output(values[key], *types[key])
+    results = g.ops("If", [cond], {"then_branch": greedy, "else_branch": sampled},
+                    outputs=[outputs.get(key) or f"{g.prefix}sampling_{key}" for key in _KEYS])
+    return dict(zip(_KEYS, results, strict=True))
+
+
+def _penalize_and_draw(g: GraphBuilder, x: str, vocab: int, names: dict[str, str], outputs: dict[str, str],
+                       segments: int) -> dict[str, str]:
+    """The penalties, the greedy ids and the draw over the masked float32 logits ``x``; the new ids
+    and state (see :func:`add_sampling`)."""
     axis0, axis1 = g.const(np.array([0], np.int64)), g.const(np.array([1], np.int64))
     zero_f, one_f = g.const(0.0, "float32"), g.const(1.0, "float32")
     zero_i, one_i = g.const(0, "int64"), g.const(1, "int64")
@@ -265,10 +311,6 @@ def add_sampling(g: GraphBuilder, logits_last: str, vocab: int, names: dict[str,
         return g.op(op_type, inputs, attrs, outputs=[outputs[key]] if key in outputs else None)
 
     n = names
-    x = g.op("Cast", [logits_last], {"to": _FLOAT})
-    early = col(g.op("Less", [n["step"], n["min_new_tokens"]]))
-    x = g.op("Where", [g.op("And", [n["stop_mask"], early]), neg_inf, x])
-
     # penalties, on rows 0:penalized_rows
     pr = n["penalized_rows"]
     xp, seen, counts = head(x, pr), head(n["seen"], pr), head(n["counts"], pr)
@@ -354,7 +396,8 @@ def declare_row_inputs(g: GraphBuilder, vocab: int, prefix: str = "",
     return names
 
 
-def build_sampler_model(logits_dtype: str, vocab: int, segments: int = 1, fused: bool = False) -> bytes:
+def build_sampler_model(logits_dtype: str, vocab: int, segments: int = 1, fused: bool = False,
+                        branch: bool = False) -> bytes:
     """The standalone sampler of the concat backend, ModelProto bytes.
 
     inputs: ``logits [b, seq, vocab]`` (the last position is used), ``attention_mask [b, total]``
@@ -362,7 +405,8 @@ def build_sampler_model(logits_dtype: str, vocab: int, segments: int = 1, fused:
     ``next_ids [b, 1]``, ``next_attention_mask [b, total + 1]``, ``next_position_ids [b, 1]``
     (= row length − 1, so left padding needs no host bookkeeping), ``seen_out``, ``counts_out``,
     ``step_out``. ``fused``: the sampling as the ``lmforge.FusedSample`` node (a CUDA session
-    with the kernels library registered runs it; :mod:`runtime.kernels`).
+    with the kernels library registered runs it; :mod:`runtime.kernels`). ``branch``: a greedy run
+    without penalties takes an ``If`` branch holding the ``ArgMax`` alone (:func:`add_sampling`).
     """
     if logits_dtype not in ("float32", "float16"):
         raise ValueError(f"sampler: logits dtype {logits_dtype!r} is not float32 or float16")
@@ -373,7 +417,7 @@ def build_sampler_model(logits_dtype: str, vocab: int, segments: int = 1, fused:
     last = g.op("Gather", ["logits", g.const(-1, "int64")], {"axis": 1})
     add_sampling(g, last, vocab, names,
                  outputs={"next_ids": "next_ids", **{state: output for state, output, _ in ROW_STATE}},
-                 segments=segments, fused=fused)
+                 segments=segments, fused=fused, branch=branch)
     ones = g.op("Expand", [g.const(np.ones((1, 1), np.int64)), g.op("Shape", ["next_ids"])])
     next_mask = g.op("Concat", [mask, ones], {"axis": 1}, outputs=["next_attention_mask"])
     axis1 = g.const(np.array([1], np.int64))

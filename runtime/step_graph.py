@@ -84,7 +84,7 @@ def _outputs(vocab: int, window: int) -> list[tuple[str, str, list[int | str]]]:
             (p + "history_out", "int64", ["batch", window])]
 
 
-def _build(vocab: int, window: int, segments: int = 1, fused: bool = False) -> GraphBuilder:
+def _build(vocab: int, window: int, segments: int = 1, fused: bool = False, branch: bool = False) -> GraphBuilder:
     if window < 1:
         raise ValueError(f"window must be ≥ 1, got {window}")
     g = GraphBuilder("lmforge_step", prefix=PREFIX)
@@ -103,7 +103,7 @@ def _build(vocab: int, window: int, segments: int = 1, fused: bool = False) -> G
     # the sampling nodes write the outputs themselves (an Identity would be a device copy a step)
     written = {"next_ids": p + "next_input_ids", "seen": p + "seen_out", "counts": p + "counts_out",
                "step": p + "step_out"}
-    out = add_sampling(g, last, vocab, names, outputs=written, segments=segments, fused=fused)
+    out = add_sampling(g, last, vocab, names, outputs=written, segments=segments, fused=fused, branch=branch)
     nxt = out["next_ids"]
     pos = g.op("Min", [g.op("Add", [seqlens, g.const(1, "int64")]), g.op("Unsqueeze", [last_position, axis1])],
                outputs=[p + "next_position_ids"])
@@ -115,18 +115,22 @@ def _build(vocab: int, window: int, segments: int = 1, fused: bool = False) -> G
     return g
 
 
-def step_fragment(vocab: int, window: int = WINDOW, segments: int = 1, fused: bool = False, io: bool = True) -> bytes:
+def step_fragment(vocab: int, window: int = WINDOW, segments: int = 1, fused: bool = False, io: bool = True,
+                  branch: bool = False) -> bytes:
     """The graph fragment to append to a shared-buffer decoder (see the module docstring);
     ``segments``: the top-k / top-p candidates selected in that many parts of the row
     (:func:`runtime.sampler_graph.candidate_segments`; the same values, faster on CUDA).
     ``fused``: the sampling as one ``lmforge.FusedSample`` node (:mod:`runtime.kernels`);
-    ``io=False``: nodes and initializers only (:func:`runtime.kernels.graph.fuse_step`)."""
-    return fragment_bytes(_build(vocab, window, segments, fused), io=io)
+    ``io=False``: nodes and initializers only (:func:`runtime.kernels.graph.fuse_step`);
+    ``branch``: a run with no sampled and no penalized row takes an ``If`` branch holding the
+    ``ArgMax`` alone (:func:`runtime.sampler_graph.add_sampling`; CPU step models, since CUDA
+    graphs capture no control flow)."""
+    return fragment_bytes(_build(vocab, window, segments, fused, branch), io=io)
 
 
-def append_step(decoder: bytes, vocab: int, window: int = WINDOW, segments: int = 1) -> bytes:
-    """The decoder's ``ModelProto`` bytes with the step fragment merged in."""
-    return decoder + step_fragment(vocab, window, segments)
+def append_step(decoder: bytes, vocab: int, window: int = WINDOW, segments: int = 1, branch: bool = False) -> bytes:
+    """The decoder's ``ModelProto`` bytes with the step fragment merged in (see :func:`step_fragment`)."""
+    return decoder + step_fragment(vocab, window, segments, branch=branch)
 
 
 def step_io(vocab: int, window: int = WINDOW) -> dict[str, list[dict[str, Any]]]:
