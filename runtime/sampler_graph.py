@@ -271,8 +271,9 @@ def _greedy_branch(g: GraphBuilder, x: str, vocab: int, names: dict[str, str], o
     by name; the ``If``'s outputs are the sampling's outputs."""
     zero = g.const(np.array([0], np.int64))
     cond = g.op("And", [g.op("Equal", [names["sampled_rows"], zero]), g.op("Equal", [names["penalized_rows"], zero])])
-    types = {"next_ids": ("int64", ["batch", 1]), "seen": ("bool", ["batch", vocab]),
-             "counts": ("float32", ["batch", vocab]), "step": ("int64", ["batch"])}
+    types: dict[str, tuple[str, list[int | str]]] = {
+        "next_ids": ("int64", ["batch", 1]), "seen": ("bool", ["batch", vocab]),
+        "counts": ("float32", ["batch", vocab]), "step": ("int64", ["batch"])}
     greedy = GraphBuilder("greedy", prefix=g.prefix + "greedy.")
     carried = {"next_ids": greedy.op("ArgMax", [x], {"axis": 1, "keepdims": 1, "select_last_index": 0}),
                "seen": greedy.op("Identity", [names["seen"]]),
