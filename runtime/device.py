@@ -207,13 +207,18 @@ class Device:
 
     def step_model(self, model: bytes, vocab: int, window: int) -> bytes:
         """The slots step model to open: with its sampling nodes swapped for the fused kernel when
-        the kernels library is present (:func:`runtime.kernels.graph.fuse_step`), else as shipped."""
-        if self.kernels is None:
-            return model
-        from runtime.kernels.graph import fuse_step
+        the kernels library is present (:func:`runtime.kernels.graph.fuse_step`); on CUDA without
+        it, a step built for the CPU rebuilt without its greedy ``If``, which CUDA graphs cannot
+        capture (:func:`runtime.kernels.graph.unbranch_step`); else as shipped."""
+        from runtime.kernels.graph import fuse_step, has_branch, unbranch_step
 
-        log.info("sampling with lmforge's fused kernel (%s)", self.kernels)
-        return fuse_step(model, vocab, window)
+        if self.kernels is not None:
+            log.info("sampling with lmforge's fused kernel (%s)", self.kernels)
+            return fuse_step(model, vocab, window)
+        if self.type == "cuda" and has_branch(model):
+            log.info("a step model built for the CPU: its sampling rebuilt without the greedy branch for CUDA")
+            return unbranch_step(model, vocab, window)
+        return model
 
     def put(self, array: np.ndarray) -> ort.OrtValue:
         """A device copy of a host array."""

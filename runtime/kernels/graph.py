@@ -9,6 +9,11 @@ the step's nodes built with ``fused=True`` are appended as a fragment (protobuf'
 so the backends bind exactly what they bind today; the host inputs that only the ONNX sampler
 read (``candidates``, ``sampled_rows``, …) are still declared and bound, and read by nothing.
 
+The same swap serves a CUDA session without the kernels library that opens a step model built
+for the CPU (:func:`unbranch_step`): a CPU step holds an ``If`` (its greedy branch,
+:func:`runtime.sampler_graph.add_sampling`), which a CUDA graph cannot capture, so its step nodes
+are rebuilt as a CUDA artifact ships them.
+
 No ``onnx`` dependency: the walk reads protobuf's wire format (varint keys, length-delimited
 fields) and copies every field it does not drop byte for byte, the decoder's weights included.
 """
@@ -18,9 +23,10 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from runtime._onnx_proto import read_varint
+from runtime.sampler_graph import candidate_segments
 from runtime.step_graph import PREFIX, step_fragment
 
-__all__ = ["fuse_step", "step_node_names"]
+__all__ = ["fuse_step", "has_branch", "step_node_names", "unbranch_step"]
 
 _GRAPH = 7  # ModelProto.graph
 _NODE, _INITIALIZER, _VALUE_INFO = 1, 5, 13  # GraphProto fields
@@ -99,9 +105,25 @@ def step_node_names(model: bytes) -> list[str]:
     return names
 
 
+def has_branch(model: bytes) -> bool:
+    """Whether the step model's sampling holds the greedy ``If`` (a step built for the CPU)."""
+    return any(name.startswith(PREFIX + "If_") for name in step_node_names(model))
+
+
 def fuse_step(model: bytes, vocab: int, window: int) -> bytes:
     """``model`` (a shared-buffer decoder with its step model) with the step's nodes rebuilt around
     the fused sampling kernel. Raises ``ValueError`` when the bytes hold no step nodes."""
+    return _replace_step(model, step_fragment(vocab, window, fused=True, io=False))
+
+
+def unbranch_step(model: bytes, vocab: int, window: int) -> bytes:
+    """``model`` with the step's nodes rebuilt as a CUDA artifact ships them: the ONNX sampler
+    without the greedy ``If``, its candidates selected in parts of the row. Raises ``ValueError``
+    when the bytes hold no step nodes."""
+    return _replace_step(model, step_fragment(vocab, window, candidate_segments(vocab), io=False))
+
+
+def _replace_step(model: bytes, fragment: bytes) -> bytes:
     buf = memoryview(model)
     parts, dropped = [], 0
     for field, wire, start, payload, end in _fields(buf):
@@ -112,5 +134,5 @@ def fuse_step(model: bytes, vocab: int, window: int) -> bytes:
         else:
             parts.append(bytes(buf[start:end]))
     if not dropped:
-        raise ValueError("the model holds no step nodes to fuse")
-    return b"".join(parts) + step_fragment(vocab, window, fused=True, io=False)
+        raise ValueError("the model holds no step nodes to rebuild")
+    return b"".join(parts) + fragment

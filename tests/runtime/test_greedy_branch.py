@@ -100,3 +100,30 @@ def test_the_branch_is_one_if_whose_greedy_side_is_the_argmax() -> None:
     assert len(branches["else_branch"].node) > 100  # the penalties and the draw
     plain = onnx.load_from_string(append_step(_toy_decoder(V), V, WINDOW))
     assert len(model.graph.node) < len(plain.graph.node) / 3
+
+
+def test_a_cpu_step_opened_on_cuda_without_kernels_loses_its_branch() -> None:
+    """CUDA graphs capture no ``If``: a CUDA session without the kernels library rebuilds a
+    CPU-built step as a CUDA artifact ships it, which samples the same tokens; the CPU keeps it."""
+    import types
+
+    from runtime.device import Device
+    from runtime.kernels.graph import has_branch, unbranch_step
+
+    branched = append_step(_toy_decoder(V), V, WINDOW, branch=True)
+    assert has_branch(branched) and not has_branch(append_step(_toy_decoder(V), V, WINDOW))
+    unbranched = unbranch_step(branched, V, WINDOW)
+    assert not has_branch(unbranched)
+    cuda = types.SimpleNamespace(kernels=None, type="cuda")
+    assert Device.step_model(cuda, branched, V, WINDOW) == unbranched  # type: ignore[arg-type]
+    cpu = types.SimpleNamespace(kernels=None, type="cpu")
+    assert Device.step_model(cpu, branched, V, WINDOW) is branched  # type: ignore[arg-type]
+    plain = _step_session(False)
+    rebuilt = ort.InferenceSession(unbranched, providers=["CPUExecutionProvider"])
+    outputs = [o.name for o in plain.get_outputs()]
+    params = [SamplingParams(temperature=0.8, top_p=0.9, seed=3), SamplingParams(repetition_penalty=1.4),
+              SamplingParams()]
+    for step in range(3):
+        feeds = _feeds(params, step)
+        for name, want, got in zip(outputs, plain.run(outputs, feeds), rebuilt.run(outputs, feeds), strict=True):
+            np.testing.assert_array_equal(got, want, err_msg=f"step {step}: {name}")
