@@ -9,8 +9,8 @@ itself: varints and length-delimited fields, ~80 lines for the encoder, plus a s
 
 It writes only what those graphs need: standard-domain nodes with int/float/ints/tensor
 attributes and graph attributes (an ``If``'s branches: a :class:`GraphBuilder` whose nodes read
-the enclosing graph's values by name), typed graph inputs and outputs with named or fixed dims, and initializers as
-``raw_data`` (little-endian). ``tests/runtime/test_onnx_proto.py`` round-trips the output through
+the enclosing graph's values by name), typed graph inputs and outputs with named or fixed dims,
+and initializers as ``raw_data`` (little-endian). ``tests/runtime/test_onnx_proto.py`` round-trips the output through
 ``onnx.checker.check_model(full_check=True)``.
 
 Field numbers follow ``onnx/onnx.proto`` (proto2 syntax: repeated scalars are written unpacked,
