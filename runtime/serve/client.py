@@ -9,9 +9,16 @@ front-end's process; the core sends token ids only, a block per request per mess
 
 :meth:`CoreClient.submit` returns a :class:`RemoteRequest` to read with ``async for`` (from one
 asyncio event loop: the server's). A refusal by the engine (queue full, invalid values) arrives as
-the request's first event and raises there, with the engine's own error class. A receiver
-thread reads the core's messages and hands each one to the event loop at once
-(``call_soon_threadsafe``, once per message, not per token).
+the request's first event and raises there, with the engine's own error class.
+
+**Who reads the core's messages.** A thread reads them until the first request: it takes the
+handshake while the client is built, and the heartbeats while no event loop uses the client.
+From the first :meth:`~CoreClient.submit` on, the event loop reads them itself: the socket's file
+descriptor is one of the loop's readers, and a message's blocks are delivered in the callback
+that received it. A second Python thread would contend with the loop for the interpreter lock at
+every message and wake the loop through its self-pipe (the vLLM ``AsyncLLM`` reads its
+``EngineCore``'s output in the loop for the same reason). The thread stays as the heartbeat
+watchdog, and takes the reading back when that loop is closed (``asyncio.run`` per call).
 
 If the core goes silent for ``core_timeout_s`` (it heartbeats every
 :data:`runtime.serve.transport.HEARTBEAT_S` seconds), or its parent says it died
@@ -218,6 +225,10 @@ class CoreClient(TextHelpers):
         self._ids = itertools.count(1)
         self._requests: dict[int, RemoteRequest] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._reader: asyncio.AbstractEventLoop | None = None  # the loop that reads ``_pull`` (else the thread)
+        self._handoff: asyncio.AbstractEventLoop | None = None  # a loop the thread is to hand the reading to
+        self._handoff_lock = threading.Lock()
+        self._fd: int = int(self._pull.getsockopt(zmq.FD))
         self._epoch: int | None = None
         self._alive = False
         self._closing = False
@@ -277,6 +288,7 @@ class CoreClient(TextHelpers):
                 raise GenerationError("a CoreClient serves one asyncio event loop at a time",
                                       fix="submit from the loop that reads the requests already in flight")
             self._loop = loop
+            self._read_on(loop)
         rid = next(self._ids)
         request = RemoteRequest(self, rid, ids, int(max_new_tokens), params)
         self._requests[rid] = request
@@ -297,6 +309,15 @@ class CoreClient(TextHelpers):
             self._cancel_all()
         with self._send_lock:  # no send is under way on a socket destroyed here
             self._closed.set()
+        reader = self._reader
+        if reader is not None and not reader.is_closed():
+            if _running_loop() is reader:
+                reader.remove_reader(self._fd)
+            elif reader.is_running():  # (its reader removes itself anyway at its next wake-up)
+                try:
+                    reader.call_soon_threadsafe(reader.remove_reader, self._fd)
+                except RuntimeError:
+                    pass
         if threading.current_thread() is not self._thread:
             self._thread.join(2)
         with self._send_lock:
@@ -330,8 +351,9 @@ class CoreClient(TextHelpers):
         self._requests.pop(rid, None)
 
     def _on_loop(self, fn: Any, *args: Any) -> None:
+        """Run ``fn(*args)`` on the event loop: at once when called there (or when there is none)."""
         loop = self._loop
-        if loop is None or loop.is_closed():
+        if loop is None or loop.is_closed() or _running_loop() is loop:
             fn(*args)
             return
         try:
@@ -354,35 +376,110 @@ class CoreClient(TextHelpers):
             else:
                 request._deliver(ids, finish, queue_s, now)
 
+    # -- reading the core's messages -------------------------------------------------------------
+
+    def _handle(self, msg: list[Any], now: float) -> None:
+        """One message from the core, on whichever side reads (the thread, or the loop's reader)."""
+        self._last_seen = time.monotonic()
+        kind, epoch = msg[0], msg[1]
+        if epoch != self._epoch:
+            if self._epoch is not None:
+                log.warning("a new engine core answers (pid %s)", msg[2].get("pid") if kind == HELLO else "?")
+                self.core_lost("the engine core was restarted")
+            self._epoch = epoch
+        if kind == HELLO:
+            self.info = msg[2]
+            self._stats = msg[2]["stats"]
+            self._alive = True
+            self._hello.set()
+        elif kind == OUTPUT:
+            self._stats = msg[2]
+            self._alive = True
+            self._on_loop(self._dispatch, msg[3], now)
+
+    def _check_silence(self) -> None:
+        if self._alive and time.monotonic() - self._last_seen > self.core_timeout_s:
+            log.error("the engine core sent nothing for %.1f s: failing the requests in flight", self.core_timeout_s)
+            self.core_lost(f"no heartbeat for {self.core_timeout_s:g} s")
+
+    def _read_on(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Make ``loop`` (running, in this thread) the socket's reader. From the thread, once it
+        has stopped reading (what it read before is queued on the loop ahead of the reader's
+        start, so each request's blocks stay in order); from another loop that is not running,
+        at once; from a running one, through that loop."""
+        old = self._reader
+        if old is None or old.is_closed():
+            with self._handoff_lock:
+                self._handoff = loop
+        elif old is not loop:
+            if old.is_running():
+                old.call_soon_threadsafe(self._move_reader, old, loop)
+            else:
+                self._move_reader(old, loop)
+
+    def _move_reader(self, old: asyncio.AbstractEventLoop, new: asyncio.AbstractEventLoop) -> None:
+        if old.is_running():
+            old.remove_reader(self._fd)  # on ``old``'s own thread
+        self._reader = new
+        new.call_soon_threadsafe(self._start_reading, new)
+
+    def _start_reading(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self._closed.is_set() or self._reader is not loop:
+            return
+        loop.add_reader(self._fd, self._on_readable, loop)
+        self._on_readable(loop)  # what came before the reader: ZeroMQ signals its descriptor by edges
+
+    def _on_readable(self, loop: asyncio.AbstractEventLoop) -> None:
+        """The loop's reader: every message waiting (until ``EAGAIN``, which re-arms the descriptor)."""
+        if self._closed.is_set() or self._reader is not loop:
+            loop.remove_reader(self._fd)
+            return
+        while True:
+            try:
+                frame = self._pull.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            except zmq.ZMQError:
+                loop.remove_reader(self._fd)
+                return
+            self._handle(unpack(frame), time.perf_counter())
+
     def _receive(self) -> None:
+        """The thread: reads while no running loop does, hands the reading to the first loop
+        that submits, and watches the heartbeat."""
         poller = zmq.Poller()
         poller.register(self._pull, zmq.POLLIN)
         while not self._closed.is_set():
+            reader = self._reader
+            if reader is not None and not reader.is_closed():
+                self._closed.wait(0.1)
+                if reader.is_running():  # a loop that is not running reads nothing: no verdict
+                    self._check_silence()
+                continue
+            self._reader = None
+            with self._handoff_lock:
+                handoff, self._handoff = self._handoff, None
+            if handoff is not None and not handoff.is_closed():
+                self._reader = handoff
+                try:
+                    handoff.call_soon_threadsafe(self._start_reading, handoff)
+                except RuntimeError:  # closed meanwhile: this thread goes on reading
+                    self._reader = None
+                continue
             try:
                 if not poller.poll(100):
-                    if self._alive and time.monotonic() - self._last_seen > self.core_timeout_s:
-                        log.error("the engine core sent nothing for %.1f s: failing the requests in flight",
-                                  self.core_timeout_s)
-                        self.core_lost(f"no heartbeat for {self.core_timeout_s:g} s")
+                    self._check_silence()
                     continue
                 msg = unpack(self._pull.recv())
             except zmq.ZMQError:
                 if self._closed.is_set():
                     return
                 raise
-            self._last_seen = time.monotonic()
-            kind, epoch = msg[0], msg[1]
-            if epoch != self._epoch:
-                if self._epoch is not None:
-                    log.warning("a new engine core answers (pid %s)", msg[2].get("pid") if kind == HELLO else "?")
-                    self.core_lost("the engine core was restarted")
-                self._epoch = epoch
-            if kind == HELLO:
-                self.info = msg[2]
-                self._stats = msg[2]["stats"]
-                self._alive = True
-                self._hello.set()
-            elif kind == OUTPUT:
-                self._stats = msg[2]
-                self._alive = True
-                self._on_loop(self._dispatch, msg[3], time.perf_counter())
+            self._handle(msg, time.perf_counter())
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
