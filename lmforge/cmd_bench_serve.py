@@ -129,8 +129,12 @@ def _prompts(spec: str, vocab: int | None, args: argparse.Namespace) -> list[Any
     return serve_load.load_prompts(spec)
 
 
-async def _sweep(target: Any, prompts: list[Any], plan: _Plan, mix: Any, slo: Any) -> list[dict[str, Any]]:
+async def _sweep(target: Any, prompts: list[Any], plan: _Plan, mix: Any, slo: Any,
+                 server_pid: int | None = None) -> list[dict[str, Any]]:
+    """Warm up, then run each point of ``plan`` against ``target``; with the CPU time per token of
+    this process and (``server_pid``) of the server's processes during each point."""
     from lmforge.benchmark import serve_load
+    from lmforge.benchmark.cpu_time import CpuSampler, per_token
 
     def send_for(point: int) -> Any:
         async def send(i: int) -> serve_load.RequestRecord:
@@ -146,8 +150,10 @@ async def _sweep(target: Any, prompts: list[Any], plan: _Plan, mix: Any, slo: An
             log.warning("%s: %d of %d warm-up requests failed (%s)", target.name, len(bad), len(warm), bad[0])
     results = []
     points = [("rate", r) for r in plan.rates] + [("concurrency", c) for c in plan.concurrency]
+    cpu = CpuSampler(server_pid)
     for n, (mode, value) in enumerate(points):
         send = send_for(n)
+        cpu_before = cpu.sample()
         if mode == "rate":
             records, duration = await serve_load.run_open_loop(send, plan.requests, value, seed=plan.seed + n,
                                                                max_seconds=plan.max_seconds)
@@ -155,6 +161,7 @@ async def _sweep(target: Any, prompts: list[Any], plan: _Plan, mix: Any, slo: An
             records, duration = await serve_load.run_closed_loop(send, plan.requests, int(value),
                                                                  max_seconds=plan.max_seconds)
         summary = serve_load.summarize(records, duration, slo)
+        summary["cpu_us_per_token"] = per_token(cpu_before, cpu.sample(), summary["output_tokens"])
         shown = "inf" if mode == "rate" and math.isinf(value) else value
         results.append({"target": target.name, "kind": target.kind, "mode": mode, "value": shown, **summary})
         _print_point(results[-1])
@@ -169,11 +176,21 @@ def _print_point(p: dict[str, Any]) -> None:
     errors = ",".join(f"{k}:{v}" for k, v in sorted(p["errors"].items())) or "none"
     print(f"  {p['mode']:>11} {p['value']!s:>5}  {p['completed']:>4}/{p['requests']:<4} {p['request_throughput']:7.2f} "
           f"req/s {p['output_tok_s']:9.1f} tok/s  ttft {_fmt(p['ttft_ms']):>17} ms  itl {_fmt(p['itl_ms']):>14} ms  "
-          f"e2e {_fmt(p['e2e_ms']):>17} ms  goodput {p['goodput_req_s']:.2f} req/s  errors {errors}", flush=True)
+          f"e2e {_fmt(p['e2e_ms']):>17} ms  goodput {p['goodput_req_s']:.2f} req/s  errors {errors}{_cpu_text(p)}",
+          flush=True)
+
+
+def _cpu_text(p: dict[str, Any]) -> str:
+    cpu = p.get("cpu_us_per_token")
+    if not cpu:
+        return ""
+    server = f"server {cpu['server']:.0f} + " if "server" in cpu else ""
+    return f"  cpu/token {server}bench-serve {cpu['bench_serve']:.0f} µs"
 
 
 async def _run_url(spec: str, args: argparse.Namespace, plan: _Plan, mix: Any, slo: Any,
-                   prompts: list[Any] | None = None) -> tuple[dict[str, Any], list[dict[str, Any]], list[Any]]:
+                   prompts: list[Any] | None = None,
+                   server_pid: int | None = None) -> tuple[dict[str, Any], list[dict[str, Any]], list[Any]]:
     """Sweep an HTTP target; its description, the points, and the prompts it was sent (``prompts``,
     or made for the vocabulary the server reports)."""
     from lmforge.benchmark.serve_load import HttpTarget
@@ -184,7 +201,8 @@ async def _run_url(spec: str, args: argparse.Namespace, plan: _Plan, mix: Any, s
         print(f"{target.name}:", flush=True)
         if prompts is None:
             prompts = _prompts(args.prompts, target.vocab, args)
-        return {"target": target.name, "model": target.model}, await _sweep(target, prompts, plan, mix, slo), prompts
+        points = await _sweep(target, prompts, plan, mix, slo, server_pid)
+        return {"target": target.name, "model": target.model}, points, prompts
     finally:
         await target.close()
 
@@ -237,7 +255,7 @@ async def _run_target(spec: str, args: argparse.Namespace, plan: _Plan, mix: Any
         server.start()
         print(f"{spec}: `lmforge serve` as its own process (pid {server.pid}, max batch {args.max_batch}) "
               f"on {server.url}", flush=True)
-        info, results, prompts = await _run_url(server.url, args, plan, mix, slo, prompts)
+        info, results, prompts = await _run_url(server.url, args, plan, mix, slo, prompts, server.pid)
         infos = [{**info, **server.describe()}]
     finally:
         server.stop()
@@ -279,8 +297,16 @@ def _http_over_engine(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
                     "ttft_p50": _ratio(p["ttft_ms"]["p50"], mean(e, "ttft_ms", "p50")),
                     "ttft_p99": _ratio(p["ttft_ms"]["p99"], mean(e, "ttft_ms", "p99")),
                     "itl_p50": _ratio(p["itl_ms"]["p50"], mean(e, "itl_ms", "p50")),
-                    "itl_p99": _ratio(p["itl_ms"]["p99"], mean(e, "itl_ms", "p99"))})
+                    "itl_p99": _ratio(p["itl_ms"]["p99"], mean(e, "itl_ms", "p99")),
+                    # µs of CPU a token: the server's processes + the load generator, and the engine's process
+                    "cpu_us_per_token": _http_cpu(p),
+                    "engine_cpu_us_per_token": mean(e, "cpu_us_per_token", "bench_serve")})
     return out
+
+
+def _http_cpu(point: dict[str, Any]) -> float | None:
+    server, client = _get(point, ("cpu_us_per_token", "server")), _get(point, ("cpu_us_per_token", "bench_serve"))
+    return None if server is None or client is None else round(server + client, 1)
 
 
 def _get(point: dict[str, Any], keys: tuple[str, ...]) -> float | None:
@@ -321,7 +347,9 @@ def run(args: argparse.Namespace) -> int:
     comparison = _http_over_engine(results)
     for c in comparison:
         print(f"  HTTP/engine {c['mode']:>11} {c['value']!s:>5}  tok/s {c['output_tok_s']:.2f}×  "
-              f"ttft p50 {c['ttft_p50']}×  p99 {c['ttft_p99']}×  itl p50 {c['itl_p50']}×  p99 {c['itl_p99']}×",
+              f"ttft p50 {c['ttft_p50']}×  p99 {c['ttft_p99']}×  itl p50 {c['itl_p50']}×  p99 {c['itl_p99']}×"
+              + (f"  cpu/token {c['cpu_us_per_token']:.0f} / {c['engine_cpu_us_per_token']:.0f} µs"
+                 if c["cpu_us_per_token"] is not None and c["engine_cpu_us_per_token"] is not None else ""),
               flush=True)
     report = {
         "command": " ".join(getattr(args, "argv", ["lmforge", "bench-serve"])),

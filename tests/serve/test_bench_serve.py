@@ -192,7 +192,17 @@ def test_bench_serve_serves_an_artifact_in_its_own_process(tiny_llama: Path, tmp
     assert ratio["output_tok_s"] == pytest.approx(tok_s[0] / ((tok_s[1] + tok_s[2]) / 2), abs=1e-3)
     for p in report["results"]:
         assert p["errors"] == {} and p["completed"] == 4 and p["output_tokens"] == 4 * 8
-    assert f"pid {pid}" in capsys.readouterr().out
+    # CPU a token: the server's processes (the `lmforge serve` parent, its core and front-end) and
+    # this process for the HTTP point; this process alone (engine and callers) for the engine's
+    http_cpu = report["results"][0]["cpu_us_per_token"]
+    assert str(pid) in http_cpu["server_processes"] and len(http_cpu["server_processes"]) >= 3
+    assert http_cpu["server"] == pytest.approx(sum(http_cpu["server_processes"].values()), abs=0.2)
+    assert http_cpu["server"] > 0 and http_cpu["bench_serve"] > 0
+    for p in report["results"][1:]:
+        assert set(p["cpu_us_per_token"]) == {"bench_serve"} and p["cpu_us_per_token"]["bench_serve"] > 0
+    assert ratio["cpu_us_per_token"] == pytest.approx(http_cpu["server"] + http_cpu["bench_serve"], abs=0.2)
+    printed = capsys.readouterr().out
+    assert f"pid {pid}" in printed and "cpu/token server " in printed
     assert _gone(pid) and _serve_children() == []
 
 
@@ -239,3 +249,39 @@ def test_an_interrupted_run_stops_its_server(tiny_llama: Path, monkeypatch, caps
     monkeypatch.setattr(cmd_bench_serve, "_sweep", interrupted)
     assert main(["bench-serve", str(tiny_llama), "--concurrency", "1", "--requests", "1"]) == 130
     assert len(seen) == 1 and _gone(seen[0]) and _serve_children() == []
+
+
+@needs_proc
+def test_cpu_time_counts_a_servers_child_processes_per_token() -> None:
+    import subprocess
+
+    from lmforge.benchmark.cpu_time import CpuSampler, per_token
+
+    # a parent that starts a child spending 0.3 s of CPU and then staying alive: the child's CPU
+    # is the server's, counted under the child's pid
+    child = ("import time\nend = time.process_time() + 0.3\nwhile time.process_time() < end: pass\n"
+             "print('done', flush=True)\ntime.sleep(30)\n")
+    parent = subprocess.Popen([sys.executable, "-c", f"import subprocess, sys; subprocess.run([sys.executable, '-c', "
+                               f"{child!r}])"], stdout=subprocess.PIPE, text=True)
+    try:
+        sampler = CpuSampler(parent.pid)
+        before = sampler.sample()
+        assert before is not None and parent.pid in before.server_s
+        assert parent.stdout is not None and parent.stdout.readline() == "done\n"
+        after = sampler.sample()
+        cpu = per_token(before, after, 1000)  # 0.3 s over 1,000 tokens: about 300 µs a token
+        assert cpu is not None and set(cpu) == {"bench_serve", "server", "server_processes"}
+        children = {pid: us for pid, us in cpu["server_processes"].items() if pid != str(parent.pid)}
+        assert len(children) == 1 and 200 <= next(iter(children.values())) <= 2000, cpu
+        assert cpu["server"] == pytest.approx(sum(cpu["server_processes"].values()), abs=0.2)
+        assert per_token(before, None, 10) is None and per_token(before, after, 0) is None
+    finally:
+        for pid in _descendant_pids(parent.pid):
+            os.kill(pid, 9)
+        parent.wait()
+
+
+def _descendant_pids(root: int) -> list[int]:
+    from lmforge.benchmark.cpu_time import _descendants
+
+    return [p for p in _descendants(root) if p != root] + [root]
