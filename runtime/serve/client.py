@@ -442,7 +442,10 @@ class CoreClient(TextHelpers):
             except zmq.ZMQError:
                 loop.remove_reader(self._fd)
                 return
-            self._handle(unpack(frame), time.perf_counter())
+            try:
+                self._handle(unpack(frame), time.perf_counter())
+            except Exception:  # a bad message must not leave the rest unread: no new edge would come
+                log.exception("the front-end failed to handle a message from the engine core")
 
     def _receive(self) -> None:
         """The thread: reads while no running loop does, hands the reading to the first loop

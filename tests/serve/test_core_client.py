@@ -126,3 +126,36 @@ def test_a_silent_core_fails_the_requests_the_loop_reads_then_serves_again(
         assert asyncio.run(_generate(client, PROMPTS)) == want
     finally:
         client.close(drain=False)
+
+
+def test_a_message_that_fails_to_dispatch_does_not_stop_the_loops_reading(
+        core: tuple[CoreProcess, Path, list[tuple[int, ...]]]) -> None:
+    process, artifact, want = core
+    client = CoreClient(process.addresses, str(artifact))
+    try:
+        async def session() -> tuple[list[tuple[int, ...]], bool]:
+            await _generate(client, PROMPTS[:1])
+            loop = asyncio.get_running_loop()
+            for _ in range(100):
+                if client._reader is loop:
+                    break
+                await asyncio.sleep(0.02)
+            real, failed = client._dispatch, []
+
+            def flaky(items: list[list[object]], now: float) -> None:
+                if not failed:
+                    failed.append(items)
+                    raise RuntimeError("a message this front-end cannot handle")
+                real(items, now)  # type: ignore[arg-type]
+
+            client._dispatch = flaky  # type: ignore[method-assign]
+            lost = client.submit(PROMPTS[1], 12)  # its first block goes with the failed message
+            async for _ in lost:
+                pass
+            return await _generate(client, PROMPTS), bool(failed) and client._reader is loop
+
+        after, failed_on_the_loop = asyncio.run(session())
+        assert failed_on_the_loop
+        assert after == want  # the reading went on past the message that failed
+    finally:
+        client.close(drain=False)
