@@ -44,6 +44,17 @@ async def _generate(client: CoreClient, prompts: list[list[int]], n: int = 12) -
     return list(await asyncio.gather(*(one(p) for p in prompts)))
 
 
+async def _reading(client: CoreClient) -> asyncio.AbstractEventLoop:
+    """The running loop, once it reads the client's socket (the thread hands over within its
+    0.1 s poll)."""
+    loop = asyncio.get_running_loop()
+    for _ in range(100):
+        if client._reader is loop:
+            break
+        await asyncio.sleep(0.02)
+    return loop
+
+
 def _wait_for(predicate: object, timeout: float = 5.0) -> bool:
     end = time.monotonic() + timeout
     while time.monotonic() < end:
@@ -60,11 +71,7 @@ def test_the_loop_takes_over_the_reading_and_a_later_loop_after_it(
     try:
         async def session() -> tuple[list[tuple[int, ...]], list[tuple[int, ...]], bool]:
             first = await _generate(client, PROMPTS)  # read by the thread until it hands over
-            loop = asyncio.get_running_loop()
-            for _ in range(100):  # the thread hands over within its 0.1 s poll
-                if client._reader is loop:
-                    break
-                await asyncio.sleep(0.02)
+            loop = await _reading(client)
             second = await _generate(client, PROMPTS)  # read by this loop
             return first, second, client._reader is loop
 
@@ -102,11 +109,7 @@ def test_a_silent_core_fails_the_requests_the_loop_reads_then_serves_again(
     try:
         async def stalled() -> BaseException | None:
             await _generate(client, PROMPTS[:1])
-            loop = asyncio.get_running_loop()
-            for _ in range(100):
-                if client._reader is loop:
-                    break
-                await asyncio.sleep(0.02)
+            loop = await _reading(client)
             assert client._reader is loop
             request = client.submit(PROMPTS[0], client.max_context - len(PROMPTS[0]))
             os.kill(pid, signal.SIGSTOP)
@@ -135,11 +138,7 @@ def test_a_message_that_fails_to_dispatch_does_not_stop_the_loops_reading(
     try:
         async def session() -> tuple[list[tuple[int, ...]], bool]:
             await _generate(client, PROMPTS[:1])
-            loop = asyncio.get_running_loop()
-            for _ in range(100):
-                if client._reader is loop:
-                    break
-                await asyncio.sleep(0.02)
+            loop = await _reading(client)
             real, failed = client._dispatch, []
 
             def flaky(items: list[list[object]], now: float) -> None:

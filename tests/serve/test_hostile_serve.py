@@ -6,10 +6,7 @@ answers a normal greedy request with the same text as before, and never answered
 from __future__ import annotations
 
 import json
-import os
 import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,6 +15,8 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+
+from tests.serve.processes import serve_process
 
 RAW = "__raw__"  # a value written into the body as a bare JSON token (NaN, Infinity, 1e400)
 
@@ -44,23 +43,8 @@ def _body(base: dict, **fields: object) -> bytes:  # type: ignore[type-arg]
 
 @pytest.fixture(scope="module")
 def server(tiny_llama: Path) -> Iterator[str]:
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
-    env.pop("LMFORGE_API_KEY", None)
-    proc = subprocess.Popen([sys.executable, "-m", "lmforge", "serve", str(tiny_llama), "--port", "0",
-                             "--max-batch", "4", "--max-queue", "8", "--header-timeout", "2"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    try:
-        line = proc.stdout.readline()  # type: ignore[union-attr]
-        assert "lmforge serve:" in line, line + proc.stderr.read()  # type: ignore[union-attr]
-        yield line.split(" on ", 1)[1].split(" ", 1)[0]
-        assert proc.poll() is None, "the server died"
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    with serve_process(tiny_llama, "--max-batch", "4", "--max-queue", "8", "--header-timeout", "2") as (url, _):
+        yield url
 
 
 def _text(client: httpx.Client, url: str, path: str, base: dict, stream: bool) -> str:  # type: ignore[type-arg]

@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import subprocess
-import sys
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +16,8 @@ from pathlib import Path
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+
+from tests.serve.processes import serve_process
 
 pytest.importorskip("zmq")
 pytest.importorskip("msgpack")
@@ -33,23 +32,8 @@ PROMPTS = 50  # distinct prompts: `tokenizers` caches the words it has split (up
 
 @pytest.fixture(scope="module")
 def server(tiny_llama: Path) -> Iterator[tuple[str, int]]:
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
-    env.pop("LMFORGE_API_KEY", None)
-    proc = subprocess.Popen([sys.executable, "-m", "lmforge", "serve", str(tiny_llama), "--port", "0",
-                             "--max-batch", "8", "--max-queue", "64"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    try:
-        line = proc.stdout.readline()  # type: ignore[union-attr]
-        assert "lmforge serve:" in line, line + proc.stderr.read()  # type: ignore[union-attr]
-        yield line.split(" on ", 1)[1].split(" ", 1)[0], proc.pid
-        assert proc.poll() is None, "the server died"
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    with serve_process(tiny_llama, "--max-batch", "8", "--max-queue", "64") as served:
+        yield served
 
 
 def _rss_kib(root: int) -> dict[int, int]:
