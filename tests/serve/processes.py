@@ -1,4 +1,4 @@
-"""`lmforge serve` as its own process, for the tests that need the real thing."""
+"""`lmforge serve` as its own process, for the tests that need the real thing, and its error count."""
 
 from __future__ import annotations
 
@@ -8,6 +8,9 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
 
 
 @contextlib.contextmanager
@@ -30,3 +33,13 @@ def serve_process(artifact: Path, *flags: str) -> Iterator[tuple[str, int]]:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def server_errors(url: str) -> float:
+    """The requests the server at ``url`` counted as its own errors (500s, failed streams)."""
+    total = 0.0
+    for family in text_string_to_metric_families(httpx.get(url + "/metrics").text):
+        for sample in family.samples:
+            if sample.name == "lmforge_requests_total" and sample.labels.get("outcome") == "error":
+                total += sample.value
+    return total

@@ -14,9 +14,8 @@ from urllib.parse import urlsplit
 
 import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
-from tests.serve.processes import serve_process
+from tests.serve.processes import serve_process, server_errors
 
 RAW = "__raw__"  # a value written into the body as a bare JSON token (NaN, Infinity, 1e400)
 
@@ -64,15 +63,6 @@ def _text(client: httpx.Client, url: str, path: str, base: dict, stream: bool) -
     return "".join(out)
 
 
-def _errors(url: str) -> float:
-    total = 0.0
-    for family in text_string_to_metric_families(httpx.get(url + "/metrics").text):
-        for s in family.samples:
-            if s.name == "lmforge_requests_total" and s.labels.get("outcome") == "error":
-                total += s.value
-    return total
-
-
 def test_hostile_values_get_4xx_and_the_server_serves_on(server: str) -> None:
     t0 = time.monotonic()
     with httpx.Client(timeout=30) as client:
@@ -112,7 +102,7 @@ def test_hostile_values_get_4xx_and_the_server_serves_on(server: str) -> None:
                  for s in (False, True)}
     assert after == before
     assert httpx.head(server + "/health").status_code == 200 and httpx.get(server + "/ready").status_code == 200
-    assert _errors(server) == 0  # no 500 was answered
+    assert server_errors(server) == 0  # no 500 was answered
     assert time.monotonic() - t0 < 60
 
 

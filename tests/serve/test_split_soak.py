@@ -15,9 +15,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
-from tests.serve.processes import serve_process
+from tests.serve.processes import serve_process, server_errors
 
 pytest.importorskip("zmq")
 pytest.importorskip("msgpack")
@@ -110,15 +109,6 @@ def _greedy(url: str) -> str:
     return str(r.json()["choices"][0]["text"])
 
 
-def _server_errors(url: str) -> float:
-    total = 0.0
-    for family in text_string_to_metric_families(httpx.get(url + "/metrics").text):
-        for s in family.samples:
-            if s.name == "lmforge_requests_total" and s.labels.get("outcome") == "error":
-                total += s.value
-    return total
-
-
 @needs_proc
 def test_ten_thousand_mixed_requests_keep_answers_and_memory_flat(server: tuple[str, int]) -> None:
     url, pid = server
@@ -134,7 +124,7 @@ def test_ten_thousand_mixed_requests_keep_answers_and_memory_flat(server: tuple[
     assert {key for key in counts if key not in answers} == set(), json.dumps({str(k): v for k, v in counts.items()})
     assert {kind: counts[(kind, answer)] for kind, answer in answers} == dict(expected)
     assert _greedy(url) == before
-    assert _server_errors(url) == 0
+    assert server_errors(url) == 0
     assert len(rss_warm) >= 3 and set(rss_end) == set(rss_warm)  # the parent, the core, the front-end
     growth = {p: rss_end[p] - rss_warm[p] for p in rss_end}
     assert max(growth.values()) < GROWTH_KIB, growth
