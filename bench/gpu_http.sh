@@ -28,7 +28,7 @@ case "${1:-}" in
 print(build('$SHAPE', Path('/tmp/lmf-serve'), 'cuda'))" 2>&1 | tail -3
     ;;
   ttft)
-    python3 bench/gpu_ttft.py --artifact "$ART" --shape "$SHAPE" ${GENAI---genai} --profile --sampler --lengths 2,32 --out "$OUT" 2>&1 \
+    python3 bench/gpu_ttft.py --artifact "$ART" --shape "$SHAPE" ${GENAI---genai} --profile --sampler --lengths ${LENGTHS:-2,32,2,32} --out "$OUT" 2>&1 \
       | grep -v -E "^(WARNING|INFO)" | tail -45
     ;;
   tests)

@@ -130,8 +130,9 @@ def ttft_probe(art: Path, args: argparse.Namespace) -> dict[str, Any]:
     if args.sampler:  # as `lmforge bench` runs it: a thread polling device memory every 10 ms
         method = MemorySampler(args.device).method
         cases.append((f"greedy, memory sampler on ({method})", SAMPLINGS["greedy"], True, args.new_tokens))
-    for length in args.lengths:
-        cases.append((f"greedy, {length} new tokens", SAMPLINGS["greedy"], False, length))
+    for i, length in enumerate(args.lengths):  # a length given twice is timed twice (alternated A/B)
+        again = f" #{args.lengths[:i].count(length) + 1}" if args.lengths.count(length) > 1 else ""
+        cases.append((f"greedy, {length} new tokens{again}", SAMPLINGS["greedy"], False, length))
     try:
         for name, params, polled, length in cases:
             polling = MemorySampler(args.device) if polled else contextlib.nullcontext()

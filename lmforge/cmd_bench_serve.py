@@ -77,7 +77,11 @@ def register(subparsers: Any) -> None:
                         help=f"for ARTIFACT targets (default {DEFAULTS.max_batch})")
     parser.add_argument("--max-queue", type=int, default=DEFAULTS.max_queue, metavar="N",
                         help=f"for ARTIFACT targets (default {DEFAULTS.max_queue})")
-    parser.add_argument("--threads", type=int, default=None, metavar="N", help="for ARTIFACT targets")
+    parser.add_argument("--threads", type=int, default=None, metavar="N",
+                        help="for ARTIFACT targets: onnxruntime's intra-op threads, the server and the engine alike")
+    parser.add_argument("--server-threads", type=int, default=None, metavar="N",
+                        help="the started server's own (lmforge serve --threads; default: --threads), so that the "
+                             "server and the in-process engine can each run at their best")
     parser.add_argument("--prefill-tokens", type=int, default=None, metavar="N",
                         help="for ARTIFACT targets, the server and the engine alike: prompt tokens admitted per "
                              "step boundary (lmforge serve --prefill-tokens; 0: no budget; default: the device's)")
@@ -248,7 +252,8 @@ async def _run_target(spec: str, args: argparse.Namespace, plan: _Plan, mix: Any
     if args.compare_engine:
         before, prompts = await _engine_sweep(spec, args, plan, mix, slo, None, spec, ENGINE_BEFORE)
     server = ServerProcess(spec, device=args.device, max_batch=args.max_batch, max_queue=args.max_queue,
-                           threads=args.threads, api_workers=args.api_workers, in_process=args.in_process,
+                           threads=args.threads if args.server_threads is None else args.server_threads,
+                           api_workers=args.api_workers, in_process=args.in_process,
                            stream_interval=args.stream_interval, prefill_tokens=args.prefill_tokens,
                            start_timeout_s=args.start_timeout)
     try:
@@ -327,6 +332,9 @@ def run(args: argparse.Namespace) -> int:
                         ("--prompt-len", args.prompt_len)):
         if value < 1:
             raise GenerationError(f"invalid {flag}", expected="an integer >= 1", got=str(value))
+    for flag, maybe in (("--threads", args.threads), ("--server-threads", args.server_threads)):
+        if maybe is not None and maybe < 1:
+            raise GenerationError(f"invalid {flag}", expected="an integer >= 1", got=str(maybe))
     if args.compare_engine and all(t.startswith(("http://", "https://")) for t in args.targets):
         raise GenerationError("--compare-engine needs an ARTIFACT target", got="only URLs",
                               fix="pass the artifact folder instead of (or besides) the URL")

@@ -178,7 +178,10 @@ class HfCompileRunner(HfEagerRunner):
 
 class GenaiRunner(Runner):
     """onnxruntime-genai's ``Generator``: ``append_tokens`` (prefill) + one ``generate_next_token``
-    is the first token; each later ``generate_next_token`` is a decode step then a pick."""
+    is the first token; each later ``generate_next_token`` is a decode step then a pick. The first
+    and the last tokens are read with ``get_next_tokens`` before the clock is read, so that genai's
+    times end, as every runner's do, with the tokens on the host (on CUDA a call may return with
+    its kernels still queued)."""
 
     def __init__(self, source: SharedSource, device: str, precision: str, work: Path, cuda_graph: bool,
                  name: str) -> None:
@@ -252,9 +255,11 @@ class GenaiRunner(Runner):
         t0 = time.perf_counter()
         generator.append_tokens(np.asarray(prompt_ids, dtype=np.int32))
         generator.generate_next_token()
+        generator.get_next_tokens()  # the first tokens on the host, as every runner's TTFT is defined
         first = time.perf_counter()
         for _ in range(new_tokens - 1):
             generator.generate_next_token()
+        generator.get_next_tokens()  # the last step finished, not just launched
         end = time.perf_counter()
         got = len(generator.get_sequence(0)) - length
         if got != new_tokens:

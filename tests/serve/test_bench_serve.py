@@ -161,8 +161,11 @@ def test_bench_serve_serves_an_artifact_in_its_own_process(tiny_llama: Path, tmp
     real_load = Engine.load
     servers_at_load: list[list[int]] = []
 
+    engine_threads: list[int | None] = []
+
     def load(*args, **kwargs):  # type: ignore[no-untyped-def]
         servers_at_load.append(_serve_children())
+        engine_threads.append(kwargs.get("threads"))
         return real_load(*args, **kwargs)
 
     monkeypatch.setattr(Engine, "load", load)
@@ -170,7 +173,7 @@ def test_bench_serve_serves_an_artifact_in_its_own_process(tiny_llama: Path, tmp
     t0 = time.perf_counter()
     assert main(["bench-serve", str(tiny_llama), "--concurrency", "2", "--requests", "4", "--prompt-len", "16",
                  "--new-tokens", "8", "--warmup", "1", "--max-batch", "4", "--compare-engine",
-                 "--json", str(out)]) == 0
+                 "--threads", "2", "--server-threads", "1", "--json", str(out)]) == 0
     assert time.perf_counter() - t0 < 60
     report = json.loads(out.read_text())
     served, engine = report["targets"]
@@ -178,6 +181,9 @@ def test_bench_serve_serves_an_artifact_in_its_own_process(tiny_llama: Path, tmp
     assert served["served"] == f"separate process, pid {pid}" and pid != os.getpid()
     assert served["command"].startswith(f"{sys.executable} -m lmforge serve {tiny_llama} --host 127.0.0.1 --port 0")
     assert "--max-batch 4" in served["command"] and served["url"].startswith("http://127.0.0.1:")
+    # each side at its own thread count: the server --server-threads, the engine --threads
+    assert "--threads 1" in served["command"] and "--threads 2" not in served["command"]
+    assert engine_threads == [2, 2]
     assert not served["url"].endswith(":0") and served["target"].endswith(served["url"])
     assert "in-process" in engine["served"]
     # the HTTP points came from the child; the engine was loaded here before the child started and

@@ -34,6 +34,8 @@ def test_missing_serve_extra_is_one_line(monkeypatch: pytest.MonkeyPatch, capsys
     (["bench-serve", "http://127.0.0.1:1", "--rates", "0"], "--rates"),
     (["bench-serve", "http://127.0.0.1:1", "--concurrency", "a"], "--concurrency"),
     (["bench-serve", "http://127.0.0.1:1", "--compare-engine"], "--compare-engine"),
+    (["bench-serve", "http://127.0.0.1:1", "--server-threads", "0"], "--server-threads"),
+    (["bench-serve", "http://127.0.0.1:1", "--threads", "-1"], "--threads"),
 ])
 def test_bad_flags_are_one_line_errors(argv: list[str], flag: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(argv) == 2
