@@ -53,7 +53,8 @@ def register(subparsers: Any) -> None:
                              "budget (default: 1024 on CUDA, none on the CPU)")
     parser.add_argument("--threads", type=int, default=None, metavar="N",
                         help="onnxruntime intra-op threads (per instance; default: one per physical core, or per "
-                             "core of the instance's slice)")
+                             "core of the instance's slice). On a few cores with a model whose step is cheap, fewer "
+                             "than the cores leaves the HTTP front-ends a core (docs/serving.md)")
     parser.add_argument("--instances", type=int, default=1, metavar="N",
                         help="worker processes behind the one port, each pinned to its own equal slice of the "
                              "usable cores ($LMFORGE_CPUS, else the process's affinity); CPU only (default 1)")
