@@ -16,7 +16,10 @@ the engine's phases by timing the backend's methods:
 With ``--sampler`` greedy is timed again while `lmforge bench`'s memory sampler polls the device
 (its thread wakes every 10 ms), to see what the harness's own polling costs a prefill. With
 ``--lengths 2,32`` greedy is timed once per request length (``min_new_tokens`` = the length, as
-the harness asks), so a TTFT that follows the request's length shows phase by phase. Each case
+the harness asks), so a TTFT that follows the request's length shows phase by phase; with
+``--alternate 2,32`` the lengths alternate request by request, so each length's predecessor is the
+other one and a TTFT that follows the request's own length is told from one that follows its
+predecessor's. Each case
 also reports ``engine_ttft``, the engine's own ``GenerationResult.ttft_s`` (what `lmforge bench`
 reports: from submission to the loop's accepting the first token, the delivery not included).
 
@@ -133,29 +136,36 @@ def ttft_probe(art: Path, args: argparse.Namespace) -> dict[str, Any]:
     for i, length in enumerate(args.lengths):  # a length given twice is timed twice (alternated A/B)
         again = f" #{args.lengths[:i].count(length) + 1}" if args.lengths.count(length) > 1 else ""
         cases.append((f"greedy, {length} new tokens{again}", SAMPLINGS["greedy"], False, length))
+    if args.alternate:  # each length's predecessor is the other length: own length and predecessor's split
+        cases.append(("alternate", SAMPLINGS["greedy"], False, args.alternate))
+    keys = ("ttft", "engine_ttft", "queue", "stage", "constants", "bind", "run", "read", "deliver")
     try:
         for name, params, polled, length in cases:
             polling = MemorySampler(args.device) if polled else contextlib.nullcontext()
             with polling:
                 rows = _probe_rows(engine, phases, marks, rng, vocab, params, args, length)
-            out[name] = {k: round(1e3 * statistics.median(r.get(k, 0.0) for r in rows), 3)
-                         for k in ("ttft", "engine_ttft", "queue", "stage", "constants", "bind", "run", "read",
-                                   "deliver")}
-            print(f"lmforge {name:>10}: " + "  ".join(f"{k} {v:.3f}" for k, v in out[name].items()) + "  (ms, median)",
-                  flush=True)
+            groups = ({f"greedy, {n} new tokens, alternating {'/'.join(map(str, length))}":
+                       [r for r in rows if r["length"] == n] for n in dict.fromkeys(length)}
+                      if isinstance(length, list) else {name: rows})
+            for label, group in groups.items():
+                out[label] = {k: round(1e3 * statistics.median(r.get(k, 0.0) for r in group), 3) for k in keys}
+                print(f"lmforge {label:>10}: " + "  ".join(f"{k} {v:.3f}" for k, v in out[label].items())
+                      + "  (ms, median)", flush=True)
     finally:
         engine.close(drain=False)
     return out
 
 
 def _probe_rows(engine: Any, phases: Phases, marks: dict[str, float], rng: Any, vocab: int, params: dict[str, Any],
-                args: argparse.Namespace, new_tokens: int) -> list[dict[str, float]]:
-    """One request at a time with ``params`` and ``new_tokens`` (each its ``min_new_tokens`` too):
-    each one's TTFT and phases (after the warm-up ones)."""
+                args: argparse.Namespace, lengths: int | list[int]) -> list[dict[str, float]]:
+    """One request at a time with ``params`` and ``lengths`` new tokens (each its ``min_new_tokens``
+    too; a list is cycled, request by request): each one's TTFT and phases (after the warm-up ones)."""
     from runtime import SamplingParams
 
+    cycle = lengths if isinstance(lengths, list) else [lengths]
     rows: list[dict[str, float]] = []
-    for i in range(args.warmup + args.repeats):
+    for i in range(args.warmup + args.repeats * len(cycle)):
+        new_tokens = cycle[i % len(cycle)]
         prompt = rng.integers(100, vocab - 100, args.prompt_len).tolist()
         sampling = SamplingParams(seed=i, min_new_tokens=new_tokens, **params)
         phases.take()
@@ -173,7 +183,7 @@ def _probe_rows(engine: Any, phases: Phases, marks: dict[str, float], rng: Any, 
         if i < args.warmup or first is None:
             continue
         group = times.pop("group", 0.0)
-        row = {"ttft": first - t0, "engine_ttft": engine_ttft, "queue": marks.get("admit", t0) - t0, **times}
+        row = {"length": new_tokens, "ttft": first - t0, "engine_ttft": engine_ttft, "queue": marks.get("admit", t0) - t0, **times}
         row["bind"] = group - times.get("run", 0.0) - times.get("read", 0.0)
         row["deliver"] = row["ttft"] - row["queue"] - row.get("stage", 0.0) - row.get("constants", 0.0) - group
         rows.append(row)
@@ -274,6 +284,9 @@ def main() -> int:
                         help="time greedy again with `lmforge bench`'s device-memory sampler polling")
     parser.add_argument("--lengths", type=lambda text: [int(v) for v in text.split(",") if v], default=[],
                         help="greedy again at each of these request lengths (comma-separated)")
+    parser.add_argument("--alternate", type=lambda text: [int(v) for v in text.split(",") if v], default=[],
+                        help="greedy with request lengths cycled request by request (e.g. 2,32), reported per "
+                             "length: a TTFT that follows the request's own length, not its predecessor's")
     parser.add_argument("--work", default="/tmp/lmf-bench")
     parser.add_argument("--out", default=os.environ.get("OUT", "/tmp/out"))
     args = parser.parse_args()
