@@ -9,7 +9,8 @@ the engine's phases by timing the backend's methods:
 * ``stage``: the request's sampling rows built and staged (``Engine._prepare_row``);
 * ``constants``: the changed sampling constants copied to the device;
 * ``bind``: the prefill's IO binding (KV rows, state, constants, host inputs);
-* ``run``: ``run_with_iobinding`` of the prefill (decoder + sampling; synchronous on CUDA);
+* ``run``: ``run_with_iobinding`` of the prefill (decoder + sampling; synchronous on CUDA; for a
+  prefill through its CUDA graph, with the prompt's writes into the graph's buffers);
 * ``read``: the one host read of the first token;
 * ``deliver``: the first token's event reaching the caller.
 
@@ -19,7 +20,8 @@ With ``--sampler`` greedy is timed again while `lmforge bench`'s memory sampler 
 the harness asks), so a TTFT that follows the request's length shows phase by phase; with
 ``--alternate 2,32`` the lengths alternate request by request, so each length's predecessor is the
 other one and a TTFT that follows the request's own length is told from one that follows its
-predecessor's. Each case
+predecessor's; with ``--eager-prefill`` every case runs again with one-row prefills eager
+instead of through their CUDA graphs (``SlotsBackend.graph_prefill``), then captured again. Each case
 also reports ``engine_ttft``, the engine's own ``GenerationResult.ttft_s`` (what `lmforge bench`
 reports: from submission to the loop's accepting the first token, the delivery not included).
 
@@ -94,6 +96,7 @@ def instrument(engine: Any, phases: Phases) -> dict[str, float]:
     phases.wrap(engine, "_prepare_row", "stage")
     phases.wrap(backend, "_write_constants", "constants")
     phases.wrap(backend, "_run_prefill", "run")
+    phases.wrap(backend, "_graph_run", "run")  # a captured prefill: its prompt's two writes and the replay
     phases.wrap(backend, "_prefill_group", "group")  # bind + run + read; bind = group - run - read
     sets = backend.sets
     for state in sets:
@@ -138,13 +141,17 @@ def ttft_probe(art: Path, args: argparse.Namespace) -> dict[str, Any]:
         cases.append((f"greedy, {length} new tokens{again}", SAMPLINGS["greedy"], False, length))
     if args.alternate:  # each length's predecessor is the other length: own length and predecessor's split
         cases.append(("alternate", SAMPLINGS["greedy"], False, args.alternate))
+    if args.eager_prefill:  # the same cases again with one-row prefills eager, then captured again (A/B/A)
+        cases += [(f"{name}, eager prefill", *rest) for name, *rest in cases]
+        cases += [(f"{name}, captured again", *rest) for name, *rest in cases[:len(cases) // 2]]
     keys = ("ttft", "engine_ttft", "queue", "stage", "constants", "bind", "run", "read", "deliver")
     try:
         for name, params, polled, length in cases:
+            engine.backend.graph_prefill = args.device == "cuda" and not name.endswith("eager prefill")
             polling = MemorySampler(args.device) if polled else contextlib.nullcontext()
             with polling:
                 rows = _probe_rows(engine, phases, marks, rng, vocab, params, args, length)
-            groups = ({f"greedy, {n} new tokens, alternating {'/'.join(map(str, length))}":
+            groups = ({f"greedy, {n} new tokens, alternating {'/'.join(map(str, length))}{name[9:]}":
                        [r for r in rows if r["length"] == n] for n in dict.fromkeys(length)}
                       if isinstance(length, list) else {name: rows})
             for label, group in groups.items():
@@ -183,7 +190,8 @@ def _probe_rows(engine: Any, phases: Phases, marks: dict[str, float], rng: Any, 
         if i < args.warmup or first is None:
             continue
         group = times.pop("group", 0.0)
-        row = {"length": new_tokens, "ttft": first - t0, "engine_ttft": engine_ttft, "queue": marks.get("admit", t0) - t0, **times}
+        row = {"length": new_tokens, "ttft": first - t0, "engine_ttft": engine_ttft,
+               "queue": marks.get("admit", t0) - t0, **times}
         row["bind"] = group - times.get("run", 0.0) - times.get("read", 0.0)
         row["deliver"] = row["ttft"] - row["queue"] - row.get("stage", 0.0) - row.get("constants", 0.0) - group
         rows.append(row)
@@ -287,6 +295,9 @@ def main() -> int:
     parser.add_argument("--alternate", type=lambda text: [int(v) for v in text.split(",") if v], default=[],
                         help="greedy with request lengths cycled request by request (e.g. 2,32), reported per "
                              "length: a TTFT that follows the request's own length, not its predecessor's")
+    parser.add_argument("--eager-prefill", action="store_true",
+                        help="every case again with one-row prefills eager (no prefill CUDA graphs), then "
+                             "captured again")
     parser.add_argument("--work", default="/tmp/lmf-bench")
     parser.add_argument("--out", default=os.environ.get("OUT", "/tmp/out"))
     args = parser.parse_args()

@@ -14,6 +14,11 @@ requests' sampling constants. A request owns one row (its *slot*) from admission
   path takes a batch; the engine hands out slots in prompt-length order, so neighbours are of
   similar length). onnxruntime's GQA refuses a batch > 1 with seq > 1 when past is non-empty,
   so a prompt longer than ``prefill_chunk`` runs alone, in chunks (batch 1 with past is allowed).
+  On CUDA a one-row prefill of a new request (no logits asked, its start state all zeros, a
+  length bucket up to :data:`GRAPH_WIDTH`) is a CUDA graph too, per (slot, length bucket, state
+  set, plan) seen before, at most :data:`PREFILL_GRAPHS` of them: its prompt goes into device buffers at fixed
+  addresses and the graph replays, so its hundreds of kernels are not launched one by one from
+  the host (an eager prefill of a 16-layer model is bound by those launches at batch 1).
 * **Decode** runs the step model over rows ``0:n`` (``n`` covers the highest occupied slot; slots
   are handed out lowest first). Free rows inside ``n`` compute harmless junk in their own rows
   (the step clamps positions below ``capacity``). Each step reads set ``d`` and writes set
@@ -51,6 +56,11 @@ __all__ = ["SlotsBackend", "padded_length", "prefill_groups"]
 log = logging.getLogger(__name__)
 
 _PREFILL_BINDINGS = 256  # cached prefill bindings (rows × first slot × state set), least recently used out
+CAPTURE_PREFILL = True  # one-row prefills as CUDA graphs (see the module docstring); False: always eager
+PREFILL_GRAPHS = 16  # captured prefills kept, first come: onnxruntime cannot release a captured graph
+GRAPH_WIDTH = 256  # the longest prefill captured: its logits land in one [1, GRAPH_WIDTH, vocab] scratch
+_SIGHTINGS = 4096  # keys remembered as seen once (forgotten all at once past this)
+_PREFILL_GRAPH_IDS = 1 << 20  # onnxruntime graph ids of captured prefills start here (decode steps' are small)
 
 
 def padded_length(n: int) -> int:
@@ -105,6 +115,18 @@ class _Step:
     binding: Any
     run: ort.RunOptions | None
     run_async: ort.RunOptions | None
+
+
+@dataclasses.dataclass
+class _GraphInputs:
+    """A captured prefill's host inputs, at fixed device addresses, per length bucket ``width``."""
+
+    ids: ort.OrtValue  # [1, width] int64: the prompt, right-padded with zeros
+    positions: ort.OrtValue  # [1, width] int64: 0 … width − 1, written once
+    last: ort.OrtValue  # [1] int32: seqlens_k, the prompt's last position
+    total: ort.OrtValue  # the int32 host scalar total_sequence_length (= width)
+    host_ids: np.ndarray
+    host_last: np.ndarray
 
 
 @register_backend(KvMode.SHARED_BUFFER)
@@ -213,8 +235,15 @@ class SlotsBackend:
         self._zero_start = {name: device.zeros([b, *shapes[name]], dtype) for name, _, dtype in STATE
                             if name.startswith(PREFIX)}
         self._start: dict[tuple[str, int], ort.OrtValue] = {}
+        # captured one-row prefills: (slot, length bucket, state set, plan) → its binding and run options
+        self.graph_prefill = cuda_graph and CAPTURE_PREFILL
+        self._prefill_graphs: dict[tuple[int, int, int, Plan], _Step] = {}
+        self._graph_inputs: dict[int, _GraphInputs] = {}
+        self._prefill_sightings: dict[tuple[int, int, int, Plan], int] = {}  # keys seen once, without a graph
+        self._graph_logits: ort.OrtValue | None = None
         self.replays = 0
         self.prefill_runs = 0
+        self.graph_prefills = 0  # prefills run through a prefill graph (its first, uncaptured run included)
         self.prefill_seen: set[tuple[int, int]] = set()  # (rows, length) of the one-run prefills so far
         mib = sum(int(np.prod(kv_shape)) for _ in self._past) * np.dtype(io.kv_dtype).itemsize / 2**20
         log.info("slots backend: %d rows × %d positions, KV %.0f MiB%s", b, self.capacity, mib,
@@ -343,18 +372,22 @@ class SlotsBackend:
         first, m = group[0][0], len(group)
         lengths = [len(prompt) for _, prompt, _ in group]
         chunked = m == 1 and lengths[0] > self.prefill_chunk
+        starts = {name: [] if name == PREFIX + "history" else [rows[name[len(PREFIX):]] for _, _, rows in group]
+                  for name, _, _ in STATE if name.startswith(PREFIX)}
+        # (max: much faster than any() on floats)
+        zero = {name for name, start in starts.items() if all(is_neutral(row) or not row.max() for row in start)}
+        if m == 1 and not chunked and not want_logits and len(zero) == len(starts) and self._graph_run(group[0], plan):
+            history = self.sets[into][PREFIX + "history"].numpy()  # the one host read
+            return {first: (int(history[first, 0]), None)}
         # a cached binding leaves the logits unbound (onnxruntime computes and drops them); one
         # that keeps logits, or a chunked prompt, gets a binding of its own
         binding = self._fixed_binding(first, m, into, cached=not want_logits and not chunked)
-        for name, _, dtype in STATE:
-            if not name.startswith(PREFIX):
-                continue
-            short = name[len(PREFIX):]
-            start = [] if short == "history" else [rows[short] for _, _, rows in group]
-            if all(is_neutral(row) or not row.max() for row in start):  # (max: much faster than any() on floats)
+        for name, start in starts.items():
+            if name in zero:
                 self.device.bind_rows(binding, name, self._zero_start[name], 0, m, output=False)
                 continue
             value = self._start_value(name, m)
+            dtype = next(dtype for state, _, dtype in STATE if state == name)
             value.update_inplace(np.ascontiguousarray(np.concatenate(start).astype(NP_DTYPES[dtype])))
             # bound after the update, every run: onnxruntime copies a host input meant for another
             # device when it is bound, so a binding made earlier would hold old values
@@ -378,6 +411,71 @@ class SlotsBackend:
         history = self.sets[into][PREFIX + "history"].numpy()  # the one host read
         return {slot: (int(history[slot, 0]), None if logits is None else np.array(logits[r], dtype=np.float32))
                 for r, (slot, _, _) in enumerate(group)}
+
+    def _graph_run(self, item: tuple[int, list[int], dict[str, np.ndarray]], plan: Plan) -> bool:
+        """Prefill one new request (start state all zeros, no logits asked) through its captured
+        graph: the prompt written into the length bucket's device buffers, then one run with the
+        graph's id (onnxruntime runs a new id once uncaptured, captures it on the second run and
+        replays it from then on). False, and nothing run, where no graph serves it: CUDA graphs
+        off, a bucket longer than :data:`GRAPH_WIDTH`, a key seen for the first time, or
+        :data:`PREFILL_GRAPHS` taken by others."""
+        slot, prompt, _ = item
+        width = self.padded(len(prompt))
+        if not self.graph_prefill or width > GRAPH_WIDTH:
+            return False
+        key = (slot, width, self.current, plan)
+        step = self._prefill_graphs.get(key)
+        if step is None:
+            if len(self._prefill_graphs) >= PREFILL_GRAPHS:
+                return False
+            # a key gets a graph when it comes back: one-off shapes (the warm-up's dummies, a rare
+            # slot or length) do not take the few graphs there are
+            seen = self._prefill_sightings[key] = self._prefill_sightings.get(key, 0) + 1
+            if seen < 2:
+                if len(self._prefill_sightings) > _SIGHTINGS:
+                    self._prefill_sightings.clear()
+                return False
+            del self._prefill_sightings[key]
+            step = self._prefill_graphs[key] = self._prefill_graph(slot, width, plan)
+        inputs = self._graph_inputs[width]
+        inputs.host_ids[0, :len(prompt)] = prompt
+        inputs.host_ids[0, len(prompt):] = 0
+        inputs.host_last[0] = len(prompt) - 1
+        self.device.write_rows(inputs.ids, inputs.host_ids, [0])
+        self.device.write_rows(inputs.last, inputs.host_last, [0])
+        self.prefill_seen.add((1, width))
+        self.device.run(self.session, step.binding, step.run)
+        self.graph_prefills += 1
+        return True
+
+    def _prefill_graph(self, slot: int, width: int, plan: Plan) -> _Step:
+        """The binding and run options of a one-row prefill graph: everything it reads or writes
+        at a fixed address (the slot's KV rows and state, the constants, the zero start state,
+        the bucket's prompt buffers, a logits scratch), and a graph id of its own."""
+        binding = self._fixed_binding(slot, 1, self.current, cached=False)
+        for name, _, _ in STATE:
+            if name.startswith(PREFIX):
+                self.device.bind_rows(binding, name, self._zero_start[name], 0, 1, output=False)
+        self._bind_host(binding, plan)
+        inputs = self._graph_inputs.get(width)
+        if inputs is None:
+            host_ids, host_last = np.zeros([1, width], np.int64), np.zeros([1], np.int32)
+            inputs = self._graph_inputs[width] = _GraphInputs(
+                ids=self.device.put(host_ids), positions=self.device.put(np.arange(width, dtype=np.int64)[None]),
+                last=self.device.put(host_last), total=self.device.host_scalar(width),
+                host_ids=host_ids, host_last=host_last)
+        binding.bind_ortvalue_input("input_ids", inputs.ids)
+        binding.bind_ortvalue_input("position_ids", inputs.positions)
+        binding.bind_ortvalue_input(SEQLENS_K, inputs.last)
+        binding.bind_ortvalue_input(TOTAL_SEQUENCE_LENGTH, inputs.total)
+        if self._graph_logits is None:
+            self._graph_logits = self.device.zeros([1, GRAPH_WIDTH, self.vocab], self._logits_dtype)
+        binding.bind_output("logits", self.device.type, 0, NP_DTYPES[self._logits_dtype], [1, width, self.vocab],
+                            self._graph_logits.data_ptr())
+        run = ort.RunOptions()
+        if self.cuda_graph:
+            run.add_run_config_entry("gpu_graph_id", str(_PREFILL_GRAPH_IDS + len(self._prefill_graphs)))
+        return _Step(binding, run, None)
 
     def _fixed_binding(self, first: int, m: int, into: int, cached: bool) -> Any:
         """A prefill binding of rows ``first:first + m`` with the KV rows, the state outputs of set

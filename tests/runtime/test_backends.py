@@ -605,3 +605,51 @@ def test_the_prefill_budget_defaults_to_one_on_cuda_and_none_on_the_cpu() -> Non
     for bad in (-1, True, 1.5, "8"):
         with pytest.raises(InvalidRequestError, match="invalid prefill_tokens"):
             EngineOptions(prefill_tokens=bad).prefill_budget("cpu")  # type: ignore[arg-type]
+
+
+def test_one_row_prefills_through_fixed_buffers_match(pair, shared_path: Path,  # type: ignore[no-untyped-def]
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """The captured-prefill path (on CUDA a graph per slot, length bucket, state set and plan)
+    run on the CPU without a graph: the same fixed bindings and buffer writes, so the prompt
+    written into them, its padding cleared and its last position must give the eager tokens.
+    A request with a repetition penalty (its prompt mask is a start state) or asking logits
+    stays eager, and so do several rows prefilling together."""
+    import runtime.kv_slots as kv_slots
+
+    monkeypatch.setattr(kv_slots, "PREFILL_GRAPHS", 1000)  # every key gets one here (the bound: next test)
+    concat, _ = pair
+    prompts = _prompts(6, seed=23)
+    params = [SamplingParams(), SamplingParams(temperature=0.9, top_p=0.8, seed=4),
+              SamplingParams(repetition_penalty=1.3), SamplingParams(temperature=1.1, top_k=9, seed=5)]
+    with Engine.load(shared_path, max_batch=4) as engine:
+        backend = engine.backend
+        assert not backend.graph_prefill  # no CUDA graphs on the CPU
+        want = [[engine.generate_ids([p], 9, s)[0] for p in prompts] for s in params]
+        assert backend.graph_prefills == 0
+        backend.graph_prefill = True
+        for _ in range(3):  # a key seen first (eager), then its graph's runs (on CUDA: uncaptured, then replayed)
+            got = [[engine.generate_ids([p], 9, s)[0] for p in prompts] for s in params]
+            assert got == want
+        # one prefill a request, through the fixed buffers from a key's second sighting, but the penalized one's
+        assert backend.graph_prefills == 2 * len(prompts) * (len(params) - 1)
+        assert 0 < len(backend._prefill_graphs) <= len({len(p) for p in prompts}) * 2 * len(params)
+        before = backend.graph_prefills
+        result = engine.generate_results([prompts[0]], 4, return_logits=True)[0]
+        assert list(result.token_ids) == want[0][0][:4] and backend.graph_prefills == before
+        assert engine.generate_ids(prompts, 9) == want[0]  # several rows at once: one eager run
+        assert backend.graph_prefills == before
+    want_concat = [concat.generate_ids([p], 9)[0] for p in prompts]
+    assert want[0] == want_concat
+
+
+def test_prefill_graphs_are_bounded(shared_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import runtime.kv_slots as kv_slots
+
+    monkeypatch.setattr(kv_slots, "PREFILL_GRAPHS", 2)
+    prompts = _prompts(5, seed=31)
+    with Engine.load(shared_path, max_batch=2) as engine:
+        want = [engine.generate_ids([p], 5)[0] for p in prompts]
+        engine.backend.graph_prefill = True
+        for _ in range(3):
+            assert [engine.generate_ids([p], 5)[0] for p in prompts] == want
+        assert len(engine.backend._prefill_graphs) == 2

@@ -134,6 +134,34 @@ def test_batched_padded_prefill_matches_one_at_a_time(fp16_cuda: Path, engines) 
         np.testing.assert_allclose(a.step_logits, b.step_logits, atol=2e-2)  # type: ignore[arg-type]
 
 
+def test_one_row_prefills_replay_captured_graphs(fp16_cuda: Path, engines) -> None:  # type: ignore[no-untyped-def]
+    """A new request prefilling alone runs a CUDA graph per (slot, length bucket, state set,
+    plan) from the key's second sighting: uncaptured on the graph's first run, captured on its
+    second, replayed after. Prompts of
+    different lengths in one bucket (the prompt buffer and its padding rewritten each time),
+    greedy and seeded top-p, must give the uncaptured engine's tokens every time; a penalized
+    request (its prompt mask is a start state) and one asking logits prefill eagerly."""
+    _, plain = engines
+    rng = np.random.default_rng(41)
+    prompts = [rng.integers(3, 300, n).tolist() for n in (9, 3, 14, 16, 5, 12, 30, 2)]  # buckets 16 and 32
+    params = [SamplingParams(), SamplingParams(temperature=0.8, top_p=0.9, seed=7)]
+    want = [[plain.generate_ids([p], 12, s)[0] for p in prompts] for s in params]
+    with Engine.load(fp16_cuda, device="cuda", max_batch=4) as engine:
+        backend = engine.backend
+        assert backend.graph_prefill
+        for _ in range(4):
+            assert [[engine.generate_ids([p], 12, s)[0] for p in prompts] for s in params] == want
+        assert backend.graph_prefills >= 2 * len(prompts) * len(params)  # (a key's first sighting is eager)
+        graphs = backend.graph_prefills
+        assert {key[1] for key in backend._prefill_graphs} == {16, 32}
+        penalized = SamplingParams(repetition_penalty=1.4)
+        assert engine.generate_ids([prompts[0]], 12, penalized) == plain.generate_ids([prompts[0]], 12, penalized)
+        a = engine.generate_results([prompts[2]], 6, return_logits=True)[0]
+        b = plain.generate_results([prompts[2]], 6, return_logits=True)[0]
+        assert a.token_ids == b.token_ids
+        assert backend.graph_prefills == graphs
+
+
 def test_threads_arriving_mid_decode_match_solo(engines) -> None:  # type: ignore[no-untyped-def]
     graph, plain = engines
     prompts = _prompts(16, seed=9)
