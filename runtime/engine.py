@@ -387,6 +387,9 @@ class Engine(TextHelpers):
           run at every bucket with each mix.
         * The prefill shapes (:meth:`runtime.kv_slots.SlotsBackend.prefill_shapes`): the attention
           kernels plan per shape, and a shape's first prefill costs several times a later one.
+          With CUDA graphs a one-row prefill of each length bucket runs three times, so that an
+          idle engine's next request of that length replays a captured prefill
+          (:mod:`runtime.kv_slots`).
 
         Nothing to do on the CPU (returns 0). Call it before serving: requests submitted
         meanwhile batch with the dummies and are not lost, but wait.
@@ -411,7 +414,9 @@ class Engine(TextHelpers):
                     self.generate_results([[token]] * n, 3, [mix] * n)
         shapes = self.backend.prefill_shapes()
         for rows, length in shapes:
-            self.generate_results([[token] * length] * rows, 1)
+            # a one-row prefill three times: seen, its CUDA graph's first run, its capture
+            for _ in range(3 if rows == 1 and self.cuda_graph else 1):
+                self.generate_results([[token] * length] * rows, 1)
         seconds = time.perf_counter() - started
         log.info("warm-up: decode step captured for %d batch buckets × %d sampling mixes, %d prefill shapes "
                  "planned, in %.1f s", len(sizes), len(mixes) if sizes else 0, len(shapes), seconds)

@@ -18,7 +18,9 @@ requests' sampling constants. A request owns one row (its *slot*) from admission
   length bucket up to :data:`GRAPH_WIDTH`) is a CUDA graph too, per (slot, length bucket, state
   set, plan) seen before, at most :data:`PREFILL_GRAPHS` of them: its prompt goes into device buffers at fixed
   addresses and the graph replays, so its hundreds of kernels are not launched one by one from
-  the host (an eager prefill of a 16-layer model is bound by those launches at batch 1).
+  the host (an eager prefill of a 16-layer model is bound by those launches at batch 1). An idle
+  engine (no other row held) prefills into the first state set, so its requests meet one graph
+  per (slot, bucket, plan), and ``Engine.warm_up`` captures those of slot 0 for every bucket.
 * **Decode** runs the step model over rows ``0:n`` (``n`` covers the highest occupied slot; slots
   are handed out lowest first). Free rows inside ``n`` compute harmless junk in their own rows
   (the step clamps positions below ``capacity``). Each step reads set ``d`` and writes set
@@ -57,7 +59,7 @@ log = logging.getLogger(__name__)
 
 _PREFILL_BINDINGS = 256  # cached prefill bindings (rows × first slot × state set), least recently used out
 CAPTURE_PREFILL = True  # one-row prefills as CUDA graphs (see the module docstring); False: always eager
-PREFILL_GRAPHS = 16  # captured prefills kept, first come: onnxruntime cannot release a captured graph
+PREFILL_GRAPHS = 32  # captured prefills kept, first come: onnxruntime cannot release a captured graph
 GRAPH_WIDTH = 256  # the longest prefill captured: its logits land in one [1, GRAPH_WIDTH, vocab] scratch
 _SIGHTINGS = 4096  # keys remembered as seen once (forgotten all at once past this)
 _PREFILL_GRAPH_IDS = 1 << 20  # onnxruntime graph ids of captured prefills start here (decode steps' are small)
@@ -300,6 +302,10 @@ class SlotsBackend:
         prompt longer than ``prefill_chunk`` runs alone, in chunks.
         """
         by_slot = {slot: (slot, prompt, rows) for slot, prompt, rows in admitted}
+        if self.graph_prefill and len(self._free) + len(admitted) == self.max_batch:
+            # no other request holds a row, so either state set can take the new ones: always the
+            # first, so that an idle engine's prefills meet one graph per (slot, bucket, plan), not two
+            self.current = 0
         self._write_constants([(slot, rows) for slot, _, rows in admitted])
         groups = prefill_groups([(slot, len(prompt)) for slot, prompt, _ in admitted], self.prefill_chunk,
                                 self.padded, powers_of_two=self.device.type == "cuda")

@@ -462,11 +462,14 @@ def test_a_request_arriving_inside_a_block_is_admitted_after_one_step(shared_pat
         engine.close()
 
 
-@pytest.fixture(scope="module")
-def ahead(shared_path: Path):  # type: ignore[no-untyped-def]
-    """A slots engine that launches each block's first step ahead (the CUDA default) on the CPU."""
+@pytest.fixture(scope="module", params=[False, True], ids=["eager-prefill", "graph-prefill-path"])
+def ahead(shared_path: Path, request: pytest.FixtureRequest):  # type: ignore[no-untyped-def]
+    """A slots engine that launches each block's first step ahead (the CUDA default) on the CPU;
+    and the same with CUDA's one-row prefill path (fixed buffers; an idle engine's prefills into
+    the first state set, whatever set a step launched ahead left current), without the graphs."""
     with Engine.load(shared_path, max_batch=6, read_every=4) as engine:
         engine.launch_ahead = True
+        engine.backend.graph_prefill = request.param
         yield engine
 
 
@@ -539,6 +542,11 @@ def test_a_slot_freed_after_a_step_ahead_serves_its_next_request(pair, ahead) ->
     # a wrong count of the step ahead makes the loop read behind the device; fail, do not hang
     assert list(ahead.submit(prompts[0], 80).result(timeout=120).token_ids) == long[0]
     assert ahead.backend.replays - before == 79  # one step a token after the first, none wasted
+    graphs = ahead.backend.graph_prefills
+    for n in (80, 79, 80, 79):  # each request leaves the other state set current; the next, idle, prefills into set 0
+        assert list(ahead.submit(prompts[0], n).result(timeout=120).token_ids) == long[0][:n]
+    # (the 80-token request above was the prompt's first sighting: all four take the fixed-buffer path)
+    assert ahead.backend.graph_prefills - graphs == (4 if ahead.backend.graph_prefill else 0)
 
 
 def test_a_request_that_exactly_fills_the_context_runs(pair) -> None:  # type: ignore[no-untyped-def]
@@ -630,10 +638,14 @@ def test_one_row_prefills_through_fixed_buffers_match(pair, shared_path: Path,  
         for _ in range(3):  # a key seen first (eager), then its graph's runs (on CUDA: uncaptured, then replayed)
             got = [[engine.generate_ids([p], 9, s)[0] for p in prompts] for s in params]
             assert got == want
-        # one prefill a request, through the fixed buffers from a key's second sighting, but the penalized one's
-        assert backend.graph_prefills == 2 * len(prompts) * (len(params) - 1)
-        assert 0 < len(backend._prefill_graphs) <= len({len(p) for p in prompts}) * 2 * len(params)
+        # every request through the fixed buffers from its key's second sighting, but the penalized ones
+        assert backend.graph_prefills >= 2 * len(prompts) * (len(params) - 1)
+        # an idle engine prefills into the first state set: one key per (slot, length, plan)
+        assert {key[2] for key in backend._prefill_graphs} == {0} and {key[0] for key in backend._prefill_graphs} == {0}
+        assert len(backend._prefill_graphs) == len({len(p) for p in prompts}) * (len(params) - 1)
         before = backend.graph_prefills
+        assert [engine.generate_ids([p], 9, params[2])[0] for p in prompts] == want[2]
+        assert backend.graph_prefills == before  # the penalized request: eager
         result = engine.generate_results([prompts[0]], 4, return_logits=True)[0]
         assert list(result.token_ids) == want[0][0][:4] and backend.graph_prefills == before
         assert engine.generate_ids(prompts, 9) == want[0]  # several rows at once: one eager run

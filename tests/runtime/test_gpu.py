@@ -107,6 +107,14 @@ def test_warm_up_captures_every_bucket_and_mix(fp16_cuda: Path) -> None:
         assert set(engine.backend._steps) == captured
         planned = set(engine.backend.prefill_seen)
         assert {rows for rows, _ in planned} == {1, 2, 4, 8} and {16, 32, 64, 96, 128} <= {n for _, n in planned}
+        # a one-row prefill of every length bucket up to GRAPH_WIDTH is a graph, into the first state set
+        from runtime.kv_slots import GRAPH_WIDTH
+
+        widths = {n for rows, n in planned if rows == 1 and n <= GRAPH_WIDTH}
+        assert {(key[0], key[1], key[2]) for key in engine.backend._prefill_graphs} >= {(0, n, 0) for n in widths}
+        graphs = engine.backend.graph_prefills
+        engine.generate_results(_prompts(1, seed=3), 4)
+        assert engine.backend.graph_prefills == graphs + 1
         for n in (1, 3, 5, 8):  # new requests together: their prefill shapes were planned too
             engine.generate_results(_prompts(n, seed=40 + n), 2)
         assert engine.backend.prefill_seen == planned
