@@ -5,7 +5,7 @@
 #
 #   bash .gpu-wheels/p4/stage.sh >/dev/null && bash bench/gpu_pivots.sh      (carry .gpu-wheels/p4, .whl)
 #
-# PIVOTS (default "1 3 7"), REPEATS (default 2), SELFTEST=0 skips the selftests. Not yet run on a GPU.
+# PIVOTS (default "1 3 7"), REPEATS (default 2), SELFTEST=0 skips the selftests. Results: docs/kernels.md.
 set -u
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT" /tmp/lmf-site /tmp/site /tmp/pivots
