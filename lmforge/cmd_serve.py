@@ -53,8 +53,9 @@ def register(subparsers: Any) -> None:
                              "budget (default: 1024 on CUDA, none on the CPU)")
     parser.add_argument("--threads", type=int, default=None, metavar="N",
                         help="onnxruntime intra-op threads (per instance; default: one per physical core, or per "
-                             "core of the instance's slice). On a few cores with a model whose step is cheap, fewer "
-                             "than the cores leaves the HTTP front-ends a core (docs/serving.md)")
+                             "core of the instance's slice; the engine core of a CPU server leaves each HTTP "
+                             "front-end a core when its model's tokens are cheap enough that they would need one, "
+                             "docs/serving.md)")
     parser.add_argument("--instances", type=int, default=1, metavar="N",
                         help="worker processes behind the one port, each pinned to its own equal slice of the "
                              "usable cores ($LMFORGE_CPUS, else the process's affinity); CPU only (default 1)")
@@ -185,10 +186,11 @@ def run(args: argparse.Namespace) -> int:
     if slices is None and not args.in_process and _is_decoder(args.artifact):
         from runtime.serve.split import SplitOptions, serve_split
 
-        def listening_split(url: str, pids: list[int], core: int) -> None:
+        def listening_split(url: str, pids: list[int], core: int, threads: int | None) -> None:
             workers = f"{len(pids)} front-ends, pids {', '.join(map(str, pids))}" if len(pids) > 1 else f"pid {pids[0]}"
-            print(f"lmforge serve: {name} on {url} (OpenAI API at {url}/v1{auth}; engine core pid {core}, HTTP "
-                  f"{workers}; Ctrl-C or SIGTERM drains and stops)", flush=True)
+            compute = "" if threads is None else f", {threads} onnxruntime thread{'s' * (threads > 1)}"
+            print(f"lmforge serve: {name} on {url} (OpenAI API at {url}/v1{auth}; engine core pid {core}{compute}, "
+                  f"HTTP {workers}; Ctrl-C or SIGTERM drains and stops)", flush=True)
 
         split = SplitOptions(api_workers=args.api_workers, threads=args.threads,
                              max_core_restarts=args.max_core_restarts)

@@ -17,6 +17,10 @@ registers a waiter with the request, and the loop thread's wake-up puts the requ
 
 SIGTERM drains: the engine finishes what is in flight (``drain_timeout_s``), the last outputs go
 out, and the process exits 0. A core whose parent is gone drains and exits too.
+
+On the CPU, with no thread count asked, the core leaves its front-ends a core each when they
+would need one (:func:`reserve_for_frontends`), as vLLM's CPU backend reserves cores for its API
+server: the front-ends and the engine's onnxruntime threads otherwise compete for the same cores.
 """
 
 from __future__ import annotations
@@ -48,9 +52,60 @@ from runtime.serve.transport import (
     unpack,
 )
 
-__all__ = ["EngineCore", "run_core"]
+__all__ = ["EngineCore", "FRONTEND_CPU_S_PER_TOKEN", "RESERVE_AT", "decode_rate", "reserve_for_frontends", "run_core"]
 
 log = logging.getLogger(__name__)
+
+# CPU time an HTTP front-end spends per streamed token (detokenizing, stop strings, the SSE
+# chunk, its metrics), measured with yappi on the 2-core box: 32-41 µs (docs/serving.md).
+FRONTEND_CPU_S_PER_TOKEN = 40e-6
+# The share of a core the front-ends would need at the engine's full decode rate from which a core
+# is left to each of them: below it (a model whose tokens cost the engine much more than the
+# front-end's 40 µs) every core computes.
+RESERVE_AT = 0.1
+_PROBE_ROWS, _PROBE_PROMPT, _PROBE_TOKENS = 16, 16, 4
+
+
+def decode_rate(engine: Any, rows: int = _PROBE_ROWS, enough: float | None = None) -> float:
+    """Generated tokens per second of ``engine`` over ``rows`` requests at once (short prompts,
+    :data:`_PROBE_TOKENS` tokens each, prefill included): one call, then a second one unless the
+    first fell below ``enough`` / 2 (the first call includes one-time work, so it undercounts)."""
+    from runtime.sampling import SamplingParams
+
+    rows = max(1, min(rows, engine.max_batch))
+    vocab = max(2, int(engine.vocab) - 1)
+    prompts = [[1 + (7 * r + j) % vocab for j in range(_PROBE_PROMPT)] for r in range(rows)]
+    params = [SamplingParams(min_new_tokens=_PROBE_TOKENS)] * rows
+    rate = 0.0
+    for attempt in range(2):
+        started = time.perf_counter()
+        engine.generate_results(prompts, _PROBE_TOKENS, params)
+        rate = max(rate, rows * _PROBE_TOKENS / max(time.perf_counter() - started, 1e-9))
+        if attempt == 0 and enough is not None and rate < enough / 2:
+            break
+    return rate
+
+
+def reserve_for_frontends(engine: Any, frontends: int) -> int | None:
+    """The onnxruntime threads for an engine core on the CPU with ``frontends`` front-ends beside it,
+    or None to keep one per physical core: ``cores − frontends`` when the front-ends, at the engine's
+    decode rate with every core, would need :data:`RESERVE_AT` of a core or more
+    (:data:`FRONTEND_CPU_S_PER_TOKEN` each token). A model whose step is cheap (a tiny one, or a
+    small one on many cores) then keeps a core free for HTTP work; one whose tokens cost the engine
+    much more than the front-end keeps every core, where the thread would cost it more."""
+    from runtime.cpu import intra_op_threads
+
+    cores = intra_op_threads(None)
+    if cores - frontends < 1:
+        return None
+    need = RESERVE_AT / FRONTEND_CPU_S_PER_TOKEN  # tokens per second from which a core is reserved
+    rate = decode_rate(engine, enough=need)
+    share = rate * FRONTEND_CPU_S_PER_TOKEN
+    keep = share < RESERVE_AT
+    log.info("engine core: %d onnxruntime threads (decode at %.0f tok/s with %d: the front-ends would need %.2f "
+             "of a core; a core is left to them from %.2f; --threads N sets the count)",
+             cores if keep else cores - frontends, rate, cores, share, RESERVE_AT)
+    return None if keep else cores - frontends
 
 
 @dataclasses.dataclass(eq=False)
@@ -230,7 +285,9 @@ def _watch_parent(parent: int, core: EngineCore) -> None:
 
 
 def run_core(options: Any, addresses: Addresses, threads: int | None, events: Any, parent: int) -> None:
-    """The core process's entry (spawned): load the model, say ready on ``events``, serve until SIGTERM."""
+    """The core process's entry (spawned): load the model (on the CPU without ``threads``, then
+    maybe again with a core left to each front-end: :func:`reserve_for_frontends`), say ready on
+    ``events`` with its pid and thread count, serve until SIGTERM."""
     os.setpgrp()  # a terminal's Ctrl-C goes to the parent, which stops the front-ends first
     logging.basicConfig(level=options.log_level.upper(), format="%(levelname)s core %(name)s: %(message)s")
     from runtime.errors import LmforgeError
@@ -242,6 +299,12 @@ def run_core(options: Any, addresses: Addresses, threads: int | None, events: An
         if not hasattr(engine, "submit"):
             raise LmforgeError("the engine core serves decoder artifacts", got="an encoder artifact",
                                fix="serve an encoder with --in-process")
+        if threads is None and options.device == "cpu":
+            threads = reserve_for_frontends(engine, addresses.frontends)
+            if threads is not None:  # onnxruntime's threads are fixed per session: load it again
+                engine.close(drain=False)
+                engine = None
+                engine = load_model(options, threads)
         core = EngineCore(engine, addresses, options.drain_timeout_s)
     except Exception as exc:  # reported to the parent as one line
         log.debug("the engine core failed to start", exc_info=True)
@@ -253,5 +316,5 @@ def run_core(options: Any, addresses: Addresses, threads: int | None, events: An
     signal.signal(signal.SIGTERM, lambda *_: core.stop())
     signal.signal(signal.SIGINT, lambda *_: core.stop())
     threading.Thread(target=_watch_parent, args=(parent, core), name="lmforge-parent-watch", daemon=True).start()
-    events.put(("ready", "core", os.getpid()))
+    events.put(("ready", "core", (os.getpid(), threads)))  # threads: kept for a restarted core
     core.run()

@@ -103,6 +103,8 @@ class CoreProcess:
             if kind == "failed":
                 self.proc.join(10)
                 raise LmforgeError(f"the engine core failed to start: {info}")
+            if self.threads is None and isinstance(info, tuple):
+                self.threads = info[1]  # what the core chose: a restarted core takes it without measuring again
             return self
 
     def stop(self, timeout: float = 30.0) -> int | None:
@@ -204,10 +206,12 @@ class _Supervisor:
 
 
 def serve_split(options: Any, split: SplitOptions, *, host: str = "127.0.0.1", port: int = 8000,
-                on_listen: Callable[[str, list[int], int], None] | None = None) -> int:
+                on_listen: Callable[[str, list[int], int, int | None], None] | None = None) -> int:
     """Serve ``options.artifact`` from one core and ``split.api_workers`` front-ends; block until they stop.
 
-    ``on_listen(url, frontend_pids, core_pid)`` runs once every front-end listens. Returns 0 after a
+    ``on_listen(url, frontend_pids, core_pid, core_threads)`` runs once every front-end listens
+    (``core_threads``: the core's onnxruntime threads where it chose or was given a count, None for
+    one per physical core or on a GPU). Returns 0 after a
     signal-initiated stop, 1 when a process died past recovery; raises :class:`LmforgeError` when
     one fails to start.
     """
@@ -246,7 +250,7 @@ def serve_split(options: Any, split: SplitOptions, *, host: str = "127.0.0.1", p
         if pids is None:
             return _shutdown(sup, options, 0)
         if on_listen is not None:
-            on_listen(url, pids, core.pid or 0)
+            on_listen(url, pids, core.pid or 0, core.threads)
         return _supervise(sup, options, split)
     except BaseException:
         sup.term(sup.frontends)
