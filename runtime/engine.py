@@ -413,9 +413,10 @@ class Engine(TextHelpers):
                     mix = dataclasses.replace(params, seed=0, min_new_tokens=3)
                     self.generate_results([[token]] * n, 3, [mix] * n)
         shapes = self.backend.prefill_shapes()
+        captures = getattr(self.backend, "captures_prefill", lambda rows, length: False)
         for rows, length in shapes:
-            # a one-row prefill three times: seen, its CUDA graph's first run, its capture
-            for _ in range(3 if rows == 1 and self.cuda_graph else 1):
+            # a prefill that can be a CUDA graph three times: seen, the graph's first run, its capture
+            for _ in range(3 if captures(rows, length) else 1):
                 self.generate_results([[token] * length] * rows, 1)
         seconds = time.perf_counter() - started
         log.info("warm-up: decode step captured for %d batch buckets × %d sampling mixes, %d prefill shapes "

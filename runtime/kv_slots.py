@@ -418,6 +418,11 @@ class SlotsBackend:
         return {slot: (int(history[slot, 0]), None if logits is None else np.array(logits[r], dtype=np.float32))
                 for r, (slot, _, _) in enumerate(group)}
 
+    def captures_prefill(self, rows: int, length: int) -> bool:
+        """Whether a plain prefill of ``rows`` new requests, padded to ``length``, can run as a CUDA
+        graph (:meth:`_graph_run`; ``Engine.warm_up`` runs those three times)."""
+        return self.graph_prefill and rows == 1 and self.padded(length) <= GRAPH_WIDTH
+
     def _graph_run(self, item: tuple[int, list[int], dict[str, np.ndarray]], plan: Plan) -> bool:
         """Prefill one new request (start state all zeros, no logits asked) through its captured
         graph: the prompt written into the length bucket's device buffers, then one run with the
@@ -427,7 +432,7 @@ class SlotsBackend:
         :data:`PREFILL_GRAPHS` taken by others."""
         slot, prompt, _ = item
         width = self.padded(len(prompt))
-        if not self.graph_prefill or width > GRAPH_WIDTH:
+        if not self.captures_prefill(1, width):
             return False
         key = (slot, width, self.current, plan)
         step = self._prefill_graphs.get(key)
