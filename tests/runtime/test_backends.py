@@ -636,7 +636,8 @@ def test_one_row_prefills_through_fixed_buffers_match(pair, shared_path: Path,  
         want = [[engine.generate_ids([p], 9, s)[0] for p in prompts] for s in params]
         assert backend.graph_prefills == 0
         backend.graph_prefill = True
-        assert backend.captures_prefill(1, kv_slots.GRAPH_WIDTH) and not backend.captures_prefill(1, 1 + kv_slots.GRAPH_WIDTH)
+        width = kv_slots.GRAPH_WIDTH
+        assert backend.captures_prefill(1, width) and not backend.captures_prefill(1, width + 1)
         assert not backend.captures_prefill(2, 16)  # several rows: one eager run
         for _ in range(3):  # a key seen first (eager), then its graph's runs (on CUDA: uncaptured, then replayed)
             got = [[engine.generate_ids([p], 9, s)[0] for p in prompts] for s in params]
