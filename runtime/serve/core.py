@@ -74,7 +74,8 @@ def decode_rate(engine: Any, rows: int = _PROBE_ROWS, enough: float | None = Non
 
     rows = max(1, min(rows, engine.max_batch))
     vocab = max(2, int(engine.vocab) - 1)
-    prompts = [[1 + (7 * r + j) % vocab for j in range(_PROBE_PROMPT)] for r in range(rows)]
+    length = max(1, min(_PROBE_PROMPT, int(getattr(engine, "max_context", 1 << 30)) - _PROBE_TOKENS))
+    prompts = [[1 + (7 * r + j) % vocab for j in range(length)] for r in range(rows)]
     params = [SamplingParams(min_new_tokens=_PROBE_TOKENS)] * rows
     rate = 0.0
     for attempt in range(2):
@@ -99,7 +100,12 @@ def reserve_for_frontends(engine: Any, frontends: int) -> int | None:
     if cores - frontends < 1:
         return None
     need = RESERVE_AT / FRONTEND_CPU_S_PER_TOKEN  # tokens per second from which a core is reserved
-    rate = decode_rate(engine, enough=need)
+    try:
+        rate = decode_rate(engine, enough=need)
+    except Exception as exc:  # noqa: BLE001 - a probe that fails must not stop the server: keep every core
+        log.warning("engine core: measuring the decode rate failed (%s): keeping %d onnxruntime threads",
+                    exc, cores)
+        return None
     share = rate * FRONTEND_CPU_S_PER_TOKEN
     keep = share < RESERVE_AT
     log.info("engine core: %d onnxruntime threads (decode at %.0f tok/s with %d: the front-ends would need %.2f "

@@ -66,11 +66,23 @@ def test_decode_rate_stops_early_for_a_slow_model() -> None:
     assert fast.calls == 2  # the first call may include one-time work: measured again
 
 
+def test_a_failing_probe_keeps_every_core(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(runtime.cpu, "intra_op_threads", lambda threads: 2)
+
+    def broken(engine: Any, rows: int = 16, enough: float | None = None) -> float:
+        raise RuntimeError("no")
+
+    monkeypatch.setattr(core, "decode_rate", broken)
+    assert core.reserve_for_frontends(object(), 1) is None
+
+
 def test_decode_rate_of_a_real_engine(tiny_llama: Path) -> None:
     with Engine.load(tiny_llama, max_batch=4) as engine:
         steps = engine.steps
         assert core.decode_rate(engine) > 0
         assert engine.steps > steps  # it generated
+    with Engine.load(tiny_llama, max_batch=4, max_context=12) as short:  # shorter than the probe's prompt
+        assert core.decode_rate(short) > 0  # the prompt is cut to fit
 
 
 def test_the_core_reports_its_threads(tiny_llama: Path) -> None:
