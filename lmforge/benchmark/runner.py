@@ -102,7 +102,9 @@ class LmforgeRunner(Runner):
     """``runtime.Engine`` through its public API only (``Engine.load`` + ``generate_results``).
 
     On CUDA a ``shared-buffer`` artifact is opened with ``cuda_graph=True`` (the decode step
-    replayed as a captured graph); everything else opens plainly. EOS is masked with
+    replayed as a captured graph) and warmed up as ``lmforge serve`` does before it listens
+    (``Engine.warm_up``: every decode bucket and one-row prefill captured, so the timed runs meet
+    no capture); everything else opens plainly. EOS is masked with
     ``SamplingParams(min_new_tokens=new_tokens)`` so every row runs full length.
     """
 
@@ -120,12 +122,14 @@ class LmforgeRunner(Runner):
         manifest = json.loads((self.artifact / "manifest.json").read_text())
         graph = self.device == "cuda" and manifest.get("kv_mode") == KvMode.SHARED_BUFFER.value
         self._engine = Engine.load(self.artifact, device=self.device, cuda_graph=graph)
+        warm_up_s = self._engine.warm_up() if graph else 0.0
         kv_dtype = str(manifest.get("kv", {}).get("dtype", "float32"))
         self.kv_bytes_per_elem = 2 if kv_dtype == "float16" else 4
         self.weight_bytes = onnx_weight_bytes(self.artifact)
         self.info.update({
             "artifact": str(self.artifact), "precision": manifest.get("precision"),
             "kv_mode": manifest.get("kv_mode"), "cuda_graph": graph, "engine": type(self._engine).__name__,
+            "warm_up_s": round(warm_up_s, 2),
         })
 
     def run(self, prompt_ids: list[list[int]], new_tokens: int) -> Timing:
