@@ -428,8 +428,9 @@ class SlotsBackend:
         graph: the prompt written into the length bucket's device buffers, then one run with the
         graph's id (onnxruntime runs a new id once uncaptured, captures it on the second run and
         replays it from then on). False, and nothing run, where no graph serves it: CUDA graphs
-        off, a bucket longer than :data:`GRAPH_WIDTH`, a key seen for the first time, or
-        :data:`PREFILL_GRAPHS` taken by others."""
+        off, a bucket longer than :data:`GRAPH_WIDTH`, a key seen for the first time,
+        :data:`PREFILL_GRAPHS` taken by others, or a graph's run that failed (which turns the path
+        off for this engine)."""
         slot, prompt, _ = item
         width = self.padded(len(prompt))
         if not self.captures_prefill(1, width):
@@ -454,8 +455,15 @@ class SlotsBackend:
         inputs.host_last[0] = len(prompt) - 1
         self.device.write_rows(inputs.ids, inputs.host_ids, [0])
         self.device.write_rows(inputs.last, inputs.host_last, [0])
+        try:
+            self.device.run(self.session, step.binding, step.run)
+        except GenerationError as exc:
+            # the path is off from now on and this request prefills eagerly: its rows are written
+            # again from the start, and a failure that is not the graph's fails the eager run too
+            self.graph_prefill = False
+            log.warning("a captured prefill failed (%s): prefills run eagerly from now on", exc)
+            return False
         self.prefill_seen.add((1, width))
-        self.device.run(self.session, step.binding, step.run)
         self.graph_prefills += 1
         return True
 

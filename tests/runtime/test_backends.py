@@ -669,3 +669,29 @@ def test_prefill_graphs_are_bounded(shared_path: Path, monkeypatch: pytest.Monke
         for _ in range(3):
             assert [engine.generate_ids([p], 5)[0] for p in prompts] == want
         assert len(engine.backend._prefill_graphs) == 2
+
+
+def test_a_failing_prefill_graph_turns_the_path_off(shared_path: Path) -> None:
+    """A prefill graph's run that fails (on CUDA: a capture onnxruntime cannot make) costs its
+    request nothing: it prefills eagerly, with the eager tokens, and later requests never try a
+    graph again."""
+    from runtime.errors import GenerationError
+
+    prompts = _prompts(3, seed=37)
+    with Engine.load(shared_path, max_batch=2) as engine:
+        want = [engine.generate_ids([p], 6)[0] for p in prompts]
+        backend = engine.backend
+        backend.graph_prefill = True
+        run = backend.device.run
+        graph_runs: list[object] = []
+
+        def failing(session: object, binding: object, options: object = None) -> None:
+            if any(options is step.run for step in backend._prefill_graphs.values()):
+                graph_runs.append(options)
+                raise GenerationError("onnxruntime failed", got="a capture it cannot make")
+            run(session, binding, options)
+
+        backend.device.run = failing  # type: ignore[method-assign]
+        for _ in range(2):
+            assert [engine.generate_ids([p], 6)[0] for p in prompts] == want
+        assert len(graph_runs) == 1 and not backend.graph_prefill and backend.graph_prefills == 0
