@@ -151,7 +151,8 @@ def ttft_probe(art: Path, args: argparse.Namespace) -> dict[str, Any]:
             polling = MemorySampler(args.device) if polled else contextlib.nullcontext()
             with polling:
                 rows = _probe_rows(engine, phases, marks, rng, vocab, params, args, length)
-            groups = ({f"greedy, {n} new tokens, alternating {'/'.join(map(str, length))}{name[9:]}":
+            suffix = name.removeprefix("alternate")  # ", eager prefill" / ", captured again" or nothing
+            groups = ({f"greedy, {n} new tokens, alternating {'/'.join(map(str, length))}{suffix}":
                        [r for r in rows if r["length"] == n] for n in dict.fromkeys(length)}
                       if isinstance(length, list) else {name: rows})
             for label, group in groups.items():
