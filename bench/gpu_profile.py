@@ -1,0 +1,159 @@
+"""Where a decode step's time goes on the GPU: every CUDA kernel of a step, by kind, against the step's wall time.
+
+On one warm :class:`runtime.Engine` (CUDA graphs, ``Engine.warm_up()`` run) over a fp16
+shared-buffer artifact (``bench/gpu_serving.py``'s ``build``), for each ``--batch`` size it
+
+* times whole-batch decode (tokens after the first over the time after the first token, median of
+  ``--repeats``), so a step's wall time is known;
+* records one more generation's decode with CUPTI through ``torch.profiler`` (CUDA activity only;
+  CUPTI reports each kernel a captured CUDA graph replays as its own record), from the first token
+  on, and sums each kernel's device time per step;
+* groups the kernels by kind (GEMM/GEMV, attention, norms, element-wise, sampling, copies) and
+  prints, per step: the wall time, the kernels' summed time, the idle rest, the launch count, and
+  the weights' bytes over the wall time (bandwidth).
+
+onnxruntime's own profiler cannot see inside a captured graph; CUPTI can. torch is imported only
+after onnxruntime has loaded its CUDA libraries. Writes ``OUT/gpu_profile-<label>.json``.
+
+    export PYTHONPATH=/tmp/gpu-site:/tmp/site:$PWD HF_HUB_OFFLINE=1
+    python3 bench/gpu_profile.py --artifact /tmp/lmf-serve/llama-3.2-1b/serve-cuda --label before --out $OUT
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+KINDS = (  # first match wins: (kind, substrings of the kernel's name, lower case)
+    ("sampling", ("fused_sample",)),
+    ("silu-mul", ("silu_mul",)),
+    ("attention", ("flash", "attention", "xqa", "mmha", "rotary", "concat", "kv_cache", "unpack", "softmax")),
+    ("norm", ("layernorm", "layer_norm", "rmsnorm")),
+    ("gemm/gemv", ("gemv", "gemm", "cutlass", "xmma", "cublas", "splitk", "matmul", "sm90_")),
+    ("element-wise", ("elementwise", "unary", "binary", "sigmoid", "_mul", "impl_cast", "cast", "where", "expand")),
+    ("copy", ("memcpy", "memset", "copy")),
+)
+
+
+def kind_of(name: str) -> str:
+    low = name.lower()
+    return next((kind for kind, keys in KINDS if any(k in low for k in keys)), "other")
+
+
+def weight_bytes(art: Path) -> int:
+    return sum(p.stat().st_size for p in art.glob("*.data"))
+
+
+def profile_batch(engine: Any, prompts: list[list[int]], new_tokens: int, device: str) -> dict[str, Any]:
+    """One generation of ``prompts`` with CUPTI on from its first token: kernel time per step."""
+    # torch after onnxruntime's CUDA libraries are loaded (the engine exists)
+    from torch.profiler import ProfilerActivity, profile
+
+    from runtime import SamplingParams
+
+    params = SamplingParams(min_new_tokens=new_tokens)
+    requests = [engine.submit(p, max_new_tokens=new_tokens, sampling=params) for p in prompts]
+    prof = profile(activities=[ProfilerActivity.CUDA if device == "cuda" else ProfilerActivity.CPU])
+    started = False
+    tokens = 0
+    first = requests[0]
+    for event in first:  # the first request paces the window; the others run in the same steps
+        if not started and event.token_ids:
+            prof.start()
+            started = True
+            continue
+        tokens += len(event.token_ids)
+    for request in requests[1:]:
+        for _ in request:
+            pass
+    prof.stop()
+    kernels: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0])
+    for ev in prof.events():
+        if device == "cuda" and "CUDA" not in str(getattr(ev, "device_type", "")):
+            continue
+        us = float(ev.time_range.elapsed_us())
+        kernels[ev.name][0] += us
+        kernels[ev.name][1] += 1
+    samples = [c for n, (_, c) in kernels.items() if "fused_sample" in n.lower()]
+    steps = max(samples[0] if samples else tokens, 1)
+    return {"steps": steps, "tokens_in_window": tokens,
+            "kernels": {n: {"us_per_step": t / steps, "per_step": c / steps} for n, (t, c) in kernels.items()}}
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    import numpy as np
+
+    from gpu_serving import GREEDY, decode_rate
+    from runtime import Engine
+
+    art = Path(args.artifact)
+    engine = Engine.load(art, device=args.device, cuda_graph=args.device == "cuda", verify_hashes=False, max_batch=max(args.batch),
+                         max_context=args.prompt_len + args.new_tokens + 16)
+    out: dict[str, Any] = {"artifact": str(art), "weight_bytes": weight_bytes(art), "label": args.label}
+    try:
+        t0 = time.perf_counter()
+        engine.warm_up()
+        out["warm_up_s"] = round(time.perf_counter() - t0, 1)
+        rng = np.random.default_rng(0)
+        prompts = [rng.integers(100, engine.vocab - 100, args.prompt_len).tolist() for _ in range(max(args.batch))]
+        for b in args.batch:
+            rate = decode_rate(engine, prompts[:b], args.new_tokens, GREEDY, args.repeats)
+            step_us = 1e6 * b / rate
+            prof = profile_batch(engine, prompts[:b], args.new_tokens, args.device)
+            by_kind: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0.0])
+            for name, k in prof["kernels"].items():
+                by_kind[kind_of(name)][0] += k["us_per_step"]
+                by_kind[kind_of(name)][1] += k["per_step"]
+            busy = sum(v[0] for v in by_kind.values())
+            launches = sum(v[1] for v in by_kind.values())
+            top = sorted(prof["kernels"].items(), key=lambda kv: -kv[1]["us_per_step"])[: args.top]
+            row = {"decode_tok_s": round(rate, 1), "step_us": round(step_us, 1), "kernel_us": round(busy, 1),
+                   "idle_us": round(step_us - busy, 1), "launches": round(launches, 1),
+                   "bandwidth_gb_s": round(out["weight_bytes"] / step_us / 1e3, 1), "steps_profiled": prof["steps"],
+                   "by_kind": {k: {"us": round(v[0], 1), "launches": round(v[1], 1)}
+                               for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1][0])},
+                   "top": [{"name": n[:160], "kind": kind_of(n), "us": round(k["us_per_step"], 2),
+                            "per_step": round(k["per_step"], 2)} for n, k in top]}
+            out[f"batch {b}"] = row
+            print(f"[{args.label}] batch {b}: {rate:.0f} tok/s, step {step_us:.0f} us = kernels {busy:.0f} "
+                  f"+ idle {step_us - busy:.0f} us, {launches:.0f} launches, {row['bandwidth_gb_s']} GB/s of weights",
+                  flush=True)
+            for kind, v in row["by_kind"].items():
+                print(f"    {kind:>13}: {v['us']:8.1f} us  {v['launches']:6.1f} launches", flush=True)
+            for k in row["top"][:12]:
+                print(f"    {k['us']:8.2f} us x{k['per_step']:5.1f}  {k['kind']:>12}  {k['name'][:90]}", flush=True)
+    finally:
+        engine.close(drain=False)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--artifact", required=True)
+    parser.add_argument("--label", default="profile")
+    parser.add_argument("--batch", type=lambda t: [int(v) for v in t.split(",")], default=[1, 16])
+    parser.add_argument("--prompt-len", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--top", type=int, default=40)
+    parser.add_argument("--device", default="cuda", help="cpu: a dry run of the script (CPU activity, no kernels)")
+    parser.add_argument("--out", default=os.environ.get("OUT", "/tmp/out"))
+    args = parser.parse_args()
+    sys.path.insert(0, str(REPO / "bench"))
+    result = run(args)
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / f"gpu_profile-{args.label}.json").write_text(json.dumps(result, indent=1))
+    print(json.dumps({k: v for k, v in result.items() if not k.startswith("batch")}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
