@@ -91,13 +91,13 @@ def profile_batch(engine: Any, prompts: list[list[int]], new_tokens: int, device
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import numpy as np
-
     from gpu_serving import GREEDY, decode_rate
+
     from runtime import Engine
 
     art = Path(args.artifact)
-    engine = Engine.load(art, device=args.device, cuda_graph=args.device == "cuda", verify_hashes=False, max_batch=max(args.batch),
-                         max_context=args.prompt_len + args.new_tokens + 16)
+    engine = Engine.load(art, device=args.device, cuda_graph=args.device == "cuda", verify_hashes=False,
+                         max_batch=max(args.batch), max_context=args.prompt_len + args.new_tokens + 16)
     out: dict[str, Any] = {"artifact": str(art), "weight_bytes": weight_bytes(art), "label": args.label}
     try:
         t0 = time.perf_counter()
