@@ -15,6 +15,11 @@ shared-buffer artifact (``bench/gpu_serving.py``'s ``build``), for each ``--batc
 onnxruntime's own profiler cannot see inside a captured graph; CUPTI can. torch is imported only
 after onnxruntime has loaded its CUDA libraries. Writes ``OUT/gpu_profile-<label>.json``.
 
+``--unfused-from SRC`` first builds ``--artifact`` from the fp32 artifact ``SRC`` as the pipeline
+did before gate|up were fused on CUDA (separate gate and up GEMVs, no named SwiGLU gates): the
+baseline of ``bench/gpu_mlp.sh``. ``LMFORGE_KERNELS_SILU=0`` in the environment keeps the gates'
+ONNX nodes on a fused artifact.
+
     export PYTHONPATH=/tmp/gpu-site:/tmp/site:$PWD HF_HUB_OFFLINE=1
     python3 bench/gpu_profile.py --artifact /tmp/lmf-serve/llama-3.2-1b/serve-cuda --label before --out $OUT
 """
@@ -89,6 +94,20 @@ def profile_batch(engine: Any, prompts: list[list[int]], new_tokens: int, device
             "kernels": {n: {"us_per_step": t / steps, "per_step": c / steps} for n, (t, c) in kernels.items()}}
 
 
+def build_unfused(src: Path, out: Path) -> None:
+    """``out``: ``src`` optimized for CUDA fp16 shared-buffer without the gate|up fusion."""
+    from unittest import mock
+
+    from passes.pipeline import optimize_artifact
+
+    if (out / "manifest.json").is_file():
+        return
+    with mock.patch("passes.precision.fuse_shared_input_matmuls", return_value=0), \
+            mock.patch("passes.precision.name_silu_gates", return_value=0):
+        optimize_artifact(src, out, device="cuda", precision="fp16", kv_mode="shared-buffer", force=True,
+                          progress=False)
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import numpy as np
     from gpu_serving import GREEDY, decode_rate
@@ -96,6 +115,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from runtime import Engine
 
     art = Path(args.artifact)
+    if args.unfused_from:
+        build_unfused(Path(args.unfused_from), art)
     engine = Engine.load(art, device=args.device, cuda_graph=args.device == "cuda", verify_hashes=False,
                          max_batch=max(args.batch), max_context=args.prompt_len + args.new_tokens + 16)
     out: dict[str, Any] = {"artifact": str(art), "weight_bytes": weight_bytes(art), "label": args.label}
@@ -140,6 +161,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--artifact", required=True)
     parser.add_argument("--label", default="profile")
+    parser.add_argument("--unfused-from", default=None,
+                        help="build --artifact from this fp32 artifact, gate|up not fused")
     parser.add_argument("--batch", type=lambda t: [int(v) for v in t.split(",")], default=[1, 16])
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=256)

@@ -58,6 +58,8 @@ def run(args: argparse.Namespace) -> int:
     path = library_path(arch)
     if path.is_file():
         print(f"kernels    {path} (CUDA sessions use it; LMFORGE_KERNELS=0 turns it off)")
+        print("ops        FusedSample (sampling), SiluMul (SwiGLU gates of CUDA fp16 artifacts; "
+              "LMFORGE_KERNELS_SILU=0 keeps their ONNX nodes)")
     else:
         print(f"kernels    not built for {arch}: run `lmforge kernels build` (the ONNX sampler serves until then)")
     return 0

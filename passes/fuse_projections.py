@@ -35,7 +35,9 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-__all__ = ["fuse_shared_input_matmuls"]
+from runtime.kernels.graph import SILU_GATE_PREFIX
+
+__all__ = ["fuse_shared_input_matmuls", "name_silu_gates"]
 
 log = logging.getLogger(__name__)
 
@@ -94,3 +96,61 @@ def fuse_shared_input_matmuls(model: onnx.ModelProto, exclude: set[str] | None =
     graph.initializer.extend(kept)
     log.info("fused %d group(s) of projections that share an input into one MatMul + Split each", fused)
     return fused
+
+
+def name_silu_gates(model: onnx.ModelProto) -> int:
+    """Name each SwiGLU gate that reads a fused gate|up projection, so a runtime can find it.
+
+    Matched, after :func:`fuse_shared_input_matmuls`::
+
+        h ── Split(axis=-1, [I, I]) ── a ── Sigmoid ── s
+                                   │   a, s ── Mul ── silu
+                                   └── b, silu ── Mul ── y      (y = silu(a) · b)
+
+    where every intermediate value has no other reader. The four nodes are renamed
+    ``SILU_GATE_PREFIX + "<k>.split" / ".sigmoid" / ".silu" / ".gate"`` and nothing else changes:
+    the graph computes what it computed. With lmforge's CUDA kernels built, the runtime replaces
+    each named group by one ``lmforge.SiluMul`` node from ``h`` to ``y``
+    (:func:`runtime.kernels.graph.fuse_silu_gates`), where onnxruntime runs a GEMV, a Split, a
+    Sigmoid (fused with its Mul into ``QuickGelu`` by its own optimizer) and a Mul. Returns how many
+    gates were named.
+    """
+    graph = model.graph
+    readers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
+    for node in graph.node:
+        for name in node.input:
+            readers[name].append(node)
+    outputs = {o.name for o in graph.output}
+    initializers = {t.name: t for t in graph.initializer}
+
+    def only(value: str, op: str) -> list[onnx.NodeProto]:
+        users = readers.get(value, [])
+        return users if value not in outputs and users and all(u.op_type == op for u in users) else []
+
+    named = 0
+    for split in list(graph.node):
+        if split.op_type != "Split" or split.domain not in ("", "ai.onnx") or len(split.output) != 2 \
+                or len(split.input) != 2 or split.input[1] not in initializers:
+            continue
+        axis = next((a.i for a in split.attribute if a.name == "axis"), 0)
+        sizes = numpy_helper.to_array(initializers[split.input[1]]).tolist()
+        if axis != -1 or len(sizes) != 2 or sizes[0] != sizes[1]:
+            continue
+        a, b = split.output
+        users = readers.get(a, [])
+        sigmoids = [u for u in users if u.op_type == "Sigmoid"]
+        silus = [u for u in users if u.op_type == "Mul"]
+        if a in outputs or len(users) != 2 or len(sigmoids) != 1 or len(silus) != 1:
+            continue
+        sigmoid, silu = sigmoids[0], silus[0]
+        if sorted(silu.input) != sorted([a, sigmoid.output[0]]) or len(only(sigmoid.output[0], "Mul")) != 1:
+            continue
+        gates = only(silu.output[0], "Mul")
+        if len(gates) != 1 or sorted(gates[0].input) != sorted([silu.output[0], b]) or len(only(b, "Mul")) != 1:
+            continue
+        for node, part in ((split, "split"), (sigmoid, "sigmoid"), (silu, "silu"), (gates[0], "gate")):
+            node.name = f"{SILU_GATE_PREFIX}{named}.{part}"
+        named += 1
+    if named:
+        log.info("named %d SwiGLU gate(s) over a fused gate|up projection", named)
+    return named

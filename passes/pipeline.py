@@ -278,9 +278,10 @@ def optimize_artifact(
     ``quantize_lm_head`` (int8/int4): quantize the lm head too (a tied head gets its own copy,
     :mod:`passes.lm_head`); ``None`` quantizes it on the CPU (8-bit, :data:`passes.precision.CPU_HEAD_BITS`:
     its fp32 GEMV was the largest single cost of a CPU decode step) and keeps it in the base
-    precision on CUDA. On the CPU, projections that share an input (q/k/v, gate/up) are fused
-    first (:mod:`passes.fuse_projections`); with ``shared-buffer`` the fused q|k|v becomes
-    GroupQueryAttention's packed input. The measurements behind
+    precision on CUDA. On the CPU, and for fp16 on CUDA, projections that share an input (q/k/v,
+    gate/up) are fused first (:mod:`passes.fuse_projections`); with ``shared-buffer`` the fused
+    q|k|v becomes GroupQueryAttention's packed input, and on CUDA fp16 the SwiGLU gate over the
+    fused gate|up is named so that lmforge's kernels can run it as one node. The measurements behind
     both: docs/benchmarks.md, "CPU: decode against the peers".
     ``block_size`` (int8/int4): the MatMulNBits block along K (16, 32, 64 or 128); ``None`` is the
     precision's default (16 for CPU int8, 32 otherwise).
@@ -333,7 +334,7 @@ def optimize_artifact(
                 head = quantize_lm_head if quantize_lm_head is not None else device == "cpu"
                 quantized = quantize_file(fused, tmp / MODEL_NAME, precision, device,
                                           keep_lm_head=not head, block_size=block_size,
-                                          fuse_projections=fuse and device == "cpu")
+                                          fuse_projections=fuse and (device == "cpu" or precision == "fp16"))
             sb: SharedBuffer | None = None
             io: dict[str, list[dict[str, Any]]] | None = None
             if shared:

@@ -65,7 +65,7 @@ from typing import Any
 import onnx
 
 from passes.encoder_int8 import is_encoder_graph, quantize_encoder_int8
-from passes.fuse_projections import fuse_shared_input_matmuls
+from passes.fuse_projections import fuse_shared_input_matmuls, name_silu_gates
 from passes.grid_int4 import grid_quantize, grid_quantize_cpu
 from passes.lm_head import untie_lm_head
 
@@ -206,9 +206,11 @@ def quantize_file(src: Path, dst: Path, precision: str, device: str, keep_lm_hea
 
     ``block_size`` defaults to :data:`INT8_CPU_BLOCK_SIZE` for int8 on CPU and to 32 otherwise;
     ``int8_cpu_method="dynamic"`` builds the former ``quantize_dynamic`` int8 (for comparisons).
-    ``fuse_projections`` (int8/int4): projections that read one input become one weight and a
-    ``Split`` before quantizing (:mod:`passes.fuse_projections`; the shared-buffer rewrite then
-    hands GroupQueryAttention the q|k|v before their split, its packed input).
+    ``fuse_projections`` (int8/int4, and fp16 on CUDA): projections that read one input become one
+    weight and a ``Split`` before quantizing (:mod:`passes.fuse_projections`; the shared-buffer
+    rewrite then hands GroupQueryAttention the q|k|v before their split, its packed input); on
+    CUDA fp16 each SwiGLU gate over the fused gate|up is named for the runtime's fused kernel
+    (:func:`passes.fuse_projections.name_silu_gates`).
     A quantized lm head on the CPU is 8-bit in blocks of :data:`CPU_HEAD_BLOCK_SIZE` whatever the
     precision (:data:`CPU_HEAD_BITS`).
     """
@@ -329,13 +331,27 @@ def quantize_file(src: Path, dst: Path, precision: str, device: str, keep_lm_hea
     if precision == "fp16":
         from onnxruntime.transformers.float16 import convert_float_to_float16
 
+        fused = gates = 0
+        if fuse_projections and device == "cuda":  # gate|up as one GEMV, its SwiGLU gate named for the runtime
+            small = [n.name for n in model.graph.node if n.op_type == "MatMul" and len(n.input) > 1
+                     and _weight_rows(model, n.input[1]) < _MIN_WEIGHT_ROWS]
+            fused = fuse_shared_input_matmuls(model, set(head) | set(small))
+            gates = name_silu_gates(model)
         block = _FP16_KEEP_FP32_CUDA if device == "cuda" else _FP16_KEEP_FP32
         out = convert_float_to_float16(model, keep_io_types=True, op_block_list=block,
                                        disable_shape_infer=True)
         drop_duplicate_nodes(out)
         onnx.save(out, str(dst), save_as_external_data=True, location=dst.name + ".data")
         kept = sorted({n.op_type for n in out.graph.node if n.op_type in block})
-        return Quantized("onnxruntime.transformers.float16.convert_float_to_float16",
-                         {"keep_io_types": True, "op_block_list": block},
+        settings = {"keep_io_types": True, "op_block_list": block}
+        if fused:
+            settings |= {"fused_projection_groups": fused, "named_silu_gates": gates}
+        return Quantized("onnxruntime.transformers.float16.convert_float_to_float16", settings,
                          sum(1 for t in out.graph.initializer if t.data_type == onnx.TensorProto.FLOAT16), kept)
     raise ValueError(precision)
+
+
+def _weight_rows(model: onnx.ModelProto, name: str) -> int:
+    """Rows of a 2-D initializer ``name`` (a weight's ``K``); a large number for anything else."""
+    tensor = next((t for t in model.graph.initializer if t.name == name), None)
+    return int(tensor.dims[0]) if tensor is not None and len(tensor.dims) == 2 else 1 << 30

@@ -207,14 +207,22 @@ class Device:
 
     def step_model(self, model: bytes, vocab: int, window: int) -> bytes:
         """The slots step model to open: with its sampling nodes swapped for the fused kernel when
-        the kernels library is present (:func:`runtime.kernels.graph.fuse_step`); on CUDA without
+        the kernels library is present (:func:`runtime.kernels.graph.fuse_step`), and its named
+        SwiGLU gates for ``lmforge.SiluMul`` (:func:`runtime.kernels.graph.fuse_silu_gates`,
+        unless ``LMFORGE_KERNELS_SILU=0`` or the library predates the op); on CUDA without
         it, a step built for the CPU rebuilt without its greedy ``If``, which CUDA graphs cannot
         capture (:func:`runtime.kernels.graph.unbranch_step`); else as shipped."""
-        from runtime.kernels.graph import fuse_step, has_branch, unbranch_step
+        from runtime.kernels import SILU_MUL_VERSION, library_version, silu_gates_on
+        from runtime.kernels.graph import fuse_silu_gates, fuse_step, has_branch, unbranch_step
 
         if self.kernels is not None:
             log.info("sampling with lmforge's fused kernel (%s)", self.kernels)
-            return fuse_step(model, vocab, window)
+            model = fuse_step(model, vocab, window)
+            if silu_gates_on() and library_version(self.kernels) >= SILU_MUL_VERSION:
+                model, gates = fuse_silu_gates(model)
+                if gates:
+                    log.info("%d SwiGLU gate(s) run as lmforge.SiluMul", gates)
+            return model
         if self.type == "cuda" and has_branch(model):
             log.info("a step model built for the CPU: its sampling rebuilt without the greedy branch for CUDA")
             return unbranch_step(model, vocab, window)

@@ -36,7 +36,7 @@ __all__ = ["KernelBuildError", "Build", "LIBRARY_NAME", "SOURCES", "build_librar
 log = logging.getLogger(__name__)
 
 HERE = Path(__file__).resolve().parent
-SOURCES = ("sampling.cu",)
+SOURCES = ("sampling.cu", "silu_mul.cu")
 SELFTEST = "selftest.cu"  # the kernel alone, without onnxruntime (:func:`run_selftest`)
 INCLUDE = HERE / "include"
 LIBRARY_NAME = "liblmforge_kernels.so"

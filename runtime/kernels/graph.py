@@ -26,11 +26,19 @@ from runtime._onnx_proto import read_varint
 from runtime.sampler_graph import candidate_segments
 from runtime.step_graph import PREFIX, step_fragment
 
-__all__ = ["fuse_step", "has_branch", "step_node_names", "unbranch_step"]
+__all__ = ["SILU_GATE_PREFIX", "fuse_silu_gates", "fuse_step", "has_branch", "step_node_names", "unbranch_step"]
 
-_GRAPH = 7  # ModelProto.graph
+SILU_GATE_PREFIX = "lmforge_silu_mul."
+"""The names :func:`passes.fuse_projections.name_silu_gates` gives a SwiGLU gate's four nodes
+(``<prefix><k>.split`` / ``.sigmoid`` / ``.silu`` / ``.gate``)."""
+
+_GRAPH, _OPSET_IMPORT = 7, 8  # ModelProto fields
 _NODE, _INITIALIZER, _VALUE_INFO = 1, 5, 13  # GraphProto fields
-_NODE_NAME, _TENSOR_NAME, _VALUE_INFO_NAME = 3, 8, 1
+_NODE_INPUT, _NODE_OUTPUT, _NODE_NAME, _NODE_OP_TYPE, _NODE_DOMAIN = 1, 2, 3, 4, 7  # NodeProto fields
+_TENSOR_NAME, _VALUE_INFO_NAME = 8, 1
+_OPSET_DOMAIN, _OPSET_VERSION = 1, 2  # OperatorSetIdProto fields
+SILU_MUL = "SiluMul"
+_DOMAIN = "lmforge"  # runtime.kernels.DOMAIN (not imported: that module imports this one's callers)
 
 
 def _fields(buf: memoryview) -> Iterator[tuple[int, int, int, int, int]]:
@@ -136,3 +144,78 @@ def _replace_step(model: bytes, fragment: bytes) -> bytes:
     if not dropped:
         raise ValueError("the model holds no step nodes to rebuild")
     return b"".join(parts) + fragment
+
+
+def _strings(message: memoryview, field: int) -> list[str]:
+    return [bytes(message[payload:end]).decode("utf-8", errors="replace")
+            for number, wire, _, payload, end in _fields(message) if number == field and wire == 2]
+
+
+def _varint_field(field: int, value: int) -> bytes:
+    out, key = bytearray(), (field << 3)
+    for number in (key, value):
+        while True:
+            byte = number & 0x7F
+            number >>= 7
+            out.append(byte | (0x80 if number else 0))
+            if not number:
+                break
+    return bytes(out)
+
+
+def _node(name: str, op_type: str, domain: str, inputs: list[str], outputs: list[str]) -> bytes:
+    """A serialized NodeProto."""
+    body = b"".join(_length_delimited(_NODE_INPUT, i.encode()) for i in inputs)
+    body += b"".join(_length_delimited(_NODE_OUTPUT, o.encode()) for o in outputs)
+    body += _length_delimited(_NODE_NAME, name.encode()) + _length_delimited(_NODE_OP_TYPE, op_type.encode())
+    return body + _length_delimited(_NODE_DOMAIN, domain.encode())
+
+
+def fuse_silu_gates(model: bytes) -> tuple[bytes, int]:
+    """``model`` with each named SwiGLU gate (:data:`SILU_GATE_PREFIX`, named by
+    :func:`passes.fuse_projections.name_silu_gates`) replaced by one ``lmforge.SiluMul`` node:
+    ``y = silu(h[..., :I]) * h[..., I:]`` from the fused gate|up projection ``h`` (the group's
+    ``Split`` input) to the group's output ``y``, in the place of the group's last node. Returns
+    the bytes and how many gates were replaced (0: the bytes unchanged). The ``lmforge`` domain is
+    imported (version 1) when the model does not import it yet. A model may hold several graph
+    records (:func:`fuse_step` appends one, which protobuf merges); each is rewritten on its own."""
+    buf = memoryview(model)
+    graphs = [buf[payload:end] for field, wire, _, payload, end in _fields(buf) if field == _GRAPH and wire == 2]
+    groups: dict[str, dict[str, tuple[list[str], list[str]]]] = {}
+    for graph in graphs:
+        for field, wire, _, payload, end in _fields(graph):
+            if field != _NODE or wire != 2:
+                continue
+            node = graph[payload:end]
+            name = _name(node, _NODE_NAME)
+            if name.startswith(SILU_GATE_PREFIX):
+                group, _, part = name[len(SILU_GATE_PREFIX):].rpartition(".")
+                groups.setdefault(group, {})[part] = (_strings(node, _NODE_INPUT), _strings(node, _NODE_OUTPUT))
+    whole = {g: parts for g, parts in groups.items() if set(parts) == {"split", "sigmoid", "silu", "gate"}}
+    if not whole:
+        return model, 0
+
+    def rewrite(graph: memoryview) -> bytes:
+        kept = []
+        for field, wire, start, payload, end in _fields(graph):
+            if field == _NODE and wire == 2:
+                name = _name(graph[payload:end], _NODE_NAME)
+                group, _, part = name[len(SILU_GATE_PREFIX):].rpartition(".") \
+                    if name.startswith(SILU_GATE_PREFIX) else ("", "", "")
+                if group in whole:
+                    if part == "gate":
+                        parts = whole[group]
+                        kept.append(_length_delimited(_NODE, _node(f"{SILU_GATE_PREFIX}{group}", SILU_MUL, _DOMAIN,
+                                                                   parts["split"][0][:1], parts["gate"][1][:1])))
+                    continue
+            kept.append(bytes(graph[start:end]))
+        return b"".join(kept)
+
+    imported = any(_name(buf[payload:end], _OPSET_DOMAIN) == _DOMAIN
+                   for field, wire, _, payload, end in _fields(buf) if field == _OPSET_IMPORT and wire == 2)
+    out = [_length_delimited(_GRAPH, rewrite(buf[payload:end])) if field == _GRAPH and wire == 2
+           else bytes(buf[start:end]) for field, wire, start, payload, end in _fields(buf)]
+    if not imported:
+        out.append(_length_delimited(_OPSET_IMPORT, _length_delimited(_OPSET_DOMAIN, _DOMAIN.encode())
+                                     + _varint_field(_OPSET_VERSION, 1)))
+    return b"".join(out), len(whole)

@@ -1127,10 +1127,13 @@ std::vector<Ort::CustomOpDomain>& domains() {  // alive as long as the process (
 
 }  // namespace
 
+const OrtCustomOp* lmforge_silu_mul_op();  // silu_mul.cu
+
 extern "C" {
 
-// What build.py and the loader check: the op's interface version (bumped with its inputs/outputs).
-__attribute__((visibility("default"))) int lmforge_kernels_version() { return 1; }
+// The library's interface version, bumped when an op is added or its inputs/outputs change: 1 FusedSample,
+// 2 FusedSample and SiluMul (runtime.kernels.library_version reads it before swapping in an op).
+__attribute__((visibility("default"))) int lmforge_kernels_version() { return 2; }
 
 __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options,
                                                                                const OrtApiBase* api_base) {
@@ -1141,6 +1144,7 @@ __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL RegisterCustomOps
   try {
     Ort::CustomOpDomain domain{"lmforge"};
     domain.Add(&fused_sample_op);
+    domain.Add(lmforge_silu_mul_op());
     Ort::UnownedSessionOptions session_options(options);
     session_options.Add(domain);
     std::lock_guard<std::mutex> lock(domains_mutex);

@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import onnxruntime as ort
+import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from passes.fuse_projections import fuse_shared_input_matmuls
@@ -83,3 +84,51 @@ def test_quantized_fused_equals_quantized_separate() -> None:
 
     for got, ref in zip(quantized(True), quantized(False)):
         np.testing.assert_allclose(got, ref, rtol=0, atol=1e-5)
+
+
+def _mlp(inner: int = 8, extra_reader: bool = False, sizes: tuple[int, int] | None = None) -> onnx.ModelProto:
+    """x → MatMul(gate), MatMul(up) → silu(gate) · up, as an exported SwiGLU MLP reads."""
+    rng = np.random.default_rng(3)
+    first, second = sizes or (inner, inner)
+    nodes = [helper.make_node("MatMul", ["x", "w_gate"], ["gate"], name="gate_proj"),
+             helper.make_node("MatMul", ["x", "w_up"], ["up"], name="up_proj"),
+             helper.make_node("Sigmoid", ["gate"], ["sig"], name="sigmoid"),
+             helper.make_node("Mul", ["gate", "sig"], ["silu"], name="silu"),
+             helper.make_node("Mul", ["silu", "up"], ["y"], name="gated")]
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", "s", first])]
+    if extra_reader:  # the gate's silu is read elsewhere too: not a plain SwiGLU gate
+        nodes.append(helper.make_node("Relu", ["silu"], ["r"], name="relu"))
+        outputs.append(helper.make_tensor_value_info("r", TensorProto.FLOAT, ["b", "s", first]))
+    inits = [numpy_helper.from_array(rng.standard_normal((K, first)).astype(np.float32), "w_gate"),
+             numpy_helper.from_array(rng.standard_normal((K, second)).astype(np.float32), "w_up")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", "s", K])],
+                              outputs, inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
+
+
+def test_a_swiglu_gate_over_fused_gate_up_is_named_for_the_runtime() -> None:
+    from passes.fuse_projections import name_silu_gates
+    from runtime.kernels.graph import SILU_GATE_PREFIX
+
+    x = np.random.default_rng(4).standard_normal((2, 3, K)).astype(np.float32)
+    model = _mlp()
+    want = _run(model, x)
+    assert name_silu_gates(model) == 0  # nothing fused yet: no Split to read
+    assert fuse_shared_input_matmuls(model) == 1
+    assert name_silu_gates(model) == 1
+    named = {n.name: n.op_type for n in model.graph.node if n.name.startswith(SILU_GATE_PREFIX)}
+    assert named == {f"{SILU_GATE_PREFIX}0.split": "Split", f"{SILU_GATE_PREFIX}0.sigmoid": "Sigmoid",
+                     f"{SILU_GATE_PREFIX}0.silu": "Mul", f"{SILU_GATE_PREFIX}0.gate": "Mul"}
+    onnx.checker.check_model(model)
+    np.testing.assert_allclose(_run(model, x)[0], want[0], rtol=1e-5, atol=1e-5)  # names only: same numbers
+
+
+@pytest.mark.parametrize("case", ["extra reader", "unequal halves"])
+def test_what_is_not_a_plain_swiglu_gate_keeps_its_names(case: str) -> None:
+    from passes.fuse_projections import name_silu_gates
+
+    model = _mlp(extra_reader=True) if case == "extra reader" else _mlp(sizes=(8, 16))
+    if case == "unequal halves":  # a gate of 8 columns cannot multiply an up of 16: fix the product's shape
+        model.graph.node[-1].input[1] = "silu"
+    assert fuse_shared_input_matmuls(model) == 1
+    assert name_silu_gates(model) == 0

@@ -162,6 +162,62 @@ def test_fuse_step_swaps_the_sampling_nodes_for_one_node() -> None:
     assert ids.shape == (2, 1)
 
 
+@pytest.fixture(scope="module")
+def tiny_cuda_fp16(artifact_cache, tmp_path_factory: pytest.TempPathFactory) -> Path:  # type: ignore[no-untyped-def]
+    """tiny:llama optimized for CUDA in fp16 (built on any machine; it runs on CUDA only)."""
+    from passes.pipeline import optimize_artifact
+
+    out = tmp_path_factory.mktemp("kernels") / "llama-fp16-cuda"
+    optimize_artifact(artifact_cache("tiny:llama"), out, device="cuda", precision="fp16", progress=False)
+    return out
+
+
+def test_fuse_silu_gates_swaps_each_named_gate_for_one_node(tiny_cuda_fp16: Path) -> None:
+    """A CUDA fp16 artifact fuses gate|up into one MatMul and names its SwiGLU gates
+    (passes.fuse_projections); the runtime swaps each named group for one ``lmforge.SiluMul``
+    from the fused projection to the gate's output, the graph's inputs and outputs unchanged,
+    with the fused sampler's step or without it."""
+    onnx = pytest.importorskip("onnx")
+    import json
+
+    from runtime.kernels.graph import SILU_GATE_PREFIX, fuse_silu_gates, fuse_step
+
+    manifest = json.loads((tiny_cuda_fp16 / "manifest.json").read_text())
+    layers = manifest["architecture"]["layers"]
+    model = (tiny_cuda_fp16 / "model.onnx").read_bytes()
+    before = onnx.load_from_string(model)
+    groups = [n for n in before.graph.node if n.name.startswith(SILU_GATE_PREFIX)]
+    assert len(groups) == 4 * layers  # Split, Sigmoid, Mul, Mul a layer
+    producers = {o: n for n in before.graph.node for o in n.output}
+    for window in (None, 4):
+        source = model if window is None else fuse_step(model, manifest["architecture"]["vocab"], window)
+        fused, count = fuse_silu_gates(source)
+        assert count == layers
+        after = onnx.load_from_string(fused)
+        assert [i.name for i in after.graph.input] == [i.name for i in before.graph.input]
+        assert [o.name for o in after.graph.output] == [o.name for o in before.graph.output]
+        ops = [n for n in after.graph.node if n.op_type == "SiluMul"]
+        assert len(ops) == layers and all(n.domain == "lmforge" for n in ops)
+        assert not [n for n in after.graph.node if n.name.startswith(SILU_GATE_PREFIX) and n.op_type != "SiluMul"]
+        for op in ops:  # from the fused gate|up MatMul's output to what the down projection reads
+            k = op.name[len(SILU_GATE_PREFIX):]
+            split = next(n for n in groups if n.name == f"{SILU_GATE_PREFIX}{k}.split")
+            gate = next(n for n in groups if n.name == f"{SILU_GATE_PREFIX}{k}.gate")
+            assert list(op.input) == [split.input[0]] and producers[split.input[0]].op_type == "MatMul"
+            assert list(op.output) == [gate.output[0]]
+        assert [o.domain for o in after.opset_import].count("lmforge") == 1
+        assert fuse_silu_gates(fused) == (fused, 0)  # nothing named is left
+    assert fuse_silu_gates(b"") == (b"", 0)
+
+
+def test_library_version_of_a_file_that_is_no_library_is_0(tmp_path: Path) -> None:
+    from runtime.kernels import library_version
+
+    junk = tmp_path / "junk.so"
+    junk.write_bytes(b"not a library")
+    assert library_version(junk) == 0
+
+
 # -- the lent GPU ----------------------------------------------------------------------------------
 
 gpu = pytest.mark.gpu
@@ -444,15 +500,12 @@ def test_the_cluster_kernel_serves_from_sm_90_unless_switched_off(library: Path)
 
 @gpu
 def test_the_engine_uses_the_fused_step_and_decodes_greedy_like_the_onnx_sampler(
-        library: Path, artifact_cache, tmp_path_factory: pytest.TempPathFactory,  # type: ignore[no-untyped-def]
-        monkeypatch: pytest.MonkeyPatch) -> None:
+        library: Path, tiny_cuda_fp16: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The slots engine on CUDA (captured steps) with the library: the step model it opens holds
     the fused node, and its greedy tokens are the ONNX sampler's; seeded sampled runs repeat."""
-    from passes.pipeline import optimize_artifact
     from runtime import Engine, device
 
-    out = tmp_path_factory.mktemp("kernels") / "llama-fp16-cuda"
-    optimize_artifact(artifact_cache("tiny:llama"), out, device="cuda", precision="fp16", progress=False)
+    out = tiny_cuda_fp16
     rng = np.random.default_rng(5)
     prompts = [rng.integers(3, 300, int(k)).tolist() for k in rng.integers(2, 20, 5)]
     monkeypatch.setattr(device, "kernel_library", lambda: None)
@@ -472,3 +525,94 @@ def test_the_engine_uses_the_fused_step_and_decodes_greedy_like_the_onnx_sampler
         assert fused.generate_ids(prompts, 16, params) == first
     finally:
         fused.close()
+
+
+def _silu_mul_session(library: Path, dtype: str) -> ort.InferenceSession:
+    from onnx import TensorProto, helper
+
+    elem = TensorProto.FLOAT16 if dtype == "float16" else TensorProto.FLOAT
+    node = helper.make_node("SiluMul", ["h"], ["y"], domain="lmforge", name="gate")
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("h", elem, None)],
+                              [helper.make_tensor_value_info("y", elem, None)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("lmforge", 1)],
+                              ir_version=10)
+    return ort.InferenceSession(model.SerializeToString(), sess_options=_options(library),
+                                providers=["CUDAExecutionProvider"])
+
+
+@gpu
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+@pytest.mark.parametrize("shape", [(1, 1, 2 * 8192), (2, 3, 2 * 64), (1, 2, 2 * 5), (7, 2 * 1)])
+def test_silu_mul_is_silu_of_the_gate_times_up(library: Path, dtype: str, shape: tuple[int, ...]) -> None:
+    """``lmforge.SiluMul`` against float64 numpy, on the vector path (I a multiple of 8) and the
+    scalar one, with hostile values in the gate and up halves: ±inf, NaN, ±100, underflowing
+    values. float32: to a few float32 ulps; float16: within one float16 ulp of the exact result
+    (the kernel rounds once, from float32)."""
+    rng = np.random.default_rng(sum(shape))
+    h = (rng.standard_normal(shape) * 3).astype(dtype)
+    flat = h.reshape(-1)
+    hostile = [np.inf, -np.inf, np.nan, 100.0, -100.0, 1e-30, -1e-30, 0.0]
+    flat[: min(len(hostile), flat.size)] = np.array(hostile[: flat.size], dtype=dtype)
+    flat[-min(len(hostile), flat.size):] = np.array(hostile[: flat.size][::-1], dtype=dtype)
+    got = _silu_mul_session(library, dtype).run(None, {"h": h})[0]
+    inner = shape[-1] // 2
+    a, b = h[..., :inner].astype(np.float64), h[..., inner:].astype(np.float64)
+    with np.errstate(over="ignore", invalid="ignore"):
+        want = a / (1.0 + np.exp(-a)) * b
+    assert got.shape == (*shape[:-1], inner) and got.dtype == np.dtype(dtype)
+    assert np.array_equal(np.isnan(got), np.isnan(want.astype(dtype)))
+    finite = np.isfinite(want.astype(dtype))
+    assert np.array_equal(got[~finite & ~np.isnan(got)], want.astype(dtype)[~finite & ~np.isnan(got)])  # ±inf
+    if dtype == "float32":
+        np.testing.assert_allclose(got[finite], want[finite], rtol=4e-7, atol=1e-37)
+    else:
+        ulp = np.spacing(np.abs(want[finite]).astype(np.float16)).astype(np.float64)
+        assert np.all(np.abs(got[finite].astype(np.float64) - want[finite]) <= ulp)
+
+
+@gpu
+def test_silu_mul_refuses_an_odd_last_axis(library: Path) -> None:
+    session = _silu_mul_session(library, "float32")
+    with pytest.raises(Exception, match="even size"):
+        session.run(None, {"h": np.ones((2, 5), np.float32)})
+
+
+@gpu
+def test_the_engine_runs_swiglu_gates_as_silu_mul_with_the_onnx_nodes_logits(
+        library: Path, tiny_cuda_fp16: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The slots engine on CUDA with the library: its step model holds one ``SiluMul`` a layer
+    (none with ``LMFORGE_KERNELS_SILU=0``); every step's logits stay within fp16 rounding of the
+    ONNX nodes' (the kernel rounds once where they round three times, so not bit for bit), and a
+    greedy token differs only where the two best logits were closer than that difference."""
+    import json
+
+    from runtime import Engine, device
+
+    layers = json.loads((tiny_cuda_fp16 / "manifest.json").read_text())["architecture"]["layers"]
+    monkeypatch.setattr(device, "kernel_library", lambda: library)
+    rng = np.random.default_rng(9)
+    prompts = [rng.integers(3, 300, int(k)).tolist() for k in rng.integers(2, 20, 6)]
+    runs = {}
+    for silu in ("0", "1"):
+        monkeypatch.setenv("LMFORGE_KERNELS_SILU", silu)
+        engine = Engine.load(tiny_cuda_fp16, device="cuda", max_batch=8)
+        try:
+            backend = engine.backend
+            opened = backend.device.step_model((tiny_cuda_fp16 / "model.onnx").read_bytes(), engine.vocab,
+                                               backend.window)
+            assert opened.count(b"SiluMul") == (layers if silu == "1" else 0)
+            runs[silu] = engine.generate_results(prompts, 12, return_logits=True)
+        finally:
+            engine.close()
+    worst = 0.0
+    for plain, fused in zip(runs["0"], runs["1"]):
+        steps = min(len(plain.token_ids), len(fused.token_ids))
+        diverged = next((i for i in range(steps) if plain.token_ids[i] != fused.token_ids[i]), steps)
+        for i in range(min(diverged + 1, steps)):  # the same tokens so far: the same inputs
+            gap = float(np.max(np.abs(plain.step_logits[i] - fused.step_logits[i])))
+            worst = max(worst, gap)
+            assert gap < 0.05, (i, gap)
+        if diverged < steps:  # a near tie: the two best logits closer than the drift
+            top = np.sort(plain.step_logits[diverged])[-2:]
+            assert top[1] - top[0] <= 2 * worst, (diverged, top, worst)
+    assert worst > 0.0  # the kernel ran: fp16 rounding differs somewhere
