@@ -59,6 +59,7 @@ def fuse_shared_input_matmuls(model: onnx.ModelProto, exclude: set[str] | None =
             continue
         groups[(node.input[0], int(weight.dims[0]), weight.data_type)].append(index)
 
+    infos = {v.name: v for v in (*graph.value_info, *graph.output)}
     replace: dict[int, list[onnx.NodeProto]] = {}
     drop: set[int] = set()
     dropped_weights: set[str] = set()
@@ -77,6 +78,9 @@ def fuse_shared_input_matmuls(model: onnx.ModelProto, exclude: set[str] | None =
         split = helper.make_node("Split", [f"{tag}_out", sizes.name], [n.output[0] for n in nodes],
                                  name=f"{tag}_split", axis=-1)
         replace[members[0]] = [matmul, split]  # the first member's place: x exists there already
+        fused_info = _joined_value_info([infos.get(n.output[0]) for n in nodes], f"{tag}_out")
+        if fused_info is not None:  # the packed output's shape, for passes that read it (shared buffer)
+            graph.value_info.append(fused_info)
         drop.update(members[1:])
         dropped_weights.update(n.input[1] for n in nodes)
         fused += 1
@@ -96,6 +100,21 @@ def fuse_shared_input_matmuls(model: onnx.ModelProto, exclude: set[str] | None =
     graph.initializer.extend(kept)
     log.info("fused %d group(s) of projections that share an input into one MatMul + Split each", fused)
     return fused
+
+
+def _joined_value_info(parts: list[onnx.ValueInfoProto | None], name: str) -> onnx.ValueInfoProto | None:
+    """The value info of ``parts`` concatenated on the last axis, when each is known with the same
+    element type and leading dimensions and a fixed last one; else None."""
+    if not parts or any(p is None or not p.type.tensor_type.HasField("shape") for p in parts):
+        return None
+    dims = [list(p.type.tensor_type.shape.dim) for p in parts if p is not None]
+    types = {p.type.tensor_type.elem_type for p in parts if p is not None}
+    if len(types) != 1 or any(not d or not d[-1].HasField("dim_value") for d in dims) \
+            or any([x.SerializeToString() for x in d[:-1]] != [x.SerializeToString() for x in dims[0][:-1]]
+                   for d in dims):
+        return None
+    leading = [x.dim_value if x.HasField("dim_value") else x.dim_param for x in dims[0][:-1]]
+    return helper.make_tensor_value_info(name, types.pop(), [*leading, sum(d[-1].dim_value for d in dims)])
 
 
 def name_silu_gates(model: onnx.ModelProto) -> int:
