@@ -31,6 +31,7 @@ import collections
 import json
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -82,12 +83,16 @@ def profile_batch(engine: Any, prompts: list[list[int]], new_tokens: int, device
             pass
     prof.stop()
     kernels: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0])
-    for ev in prof.events():
-        if device == "cuda" and "CUDA" not in str(getattr(ev, "device_type", "")):
-            continue
-        us = float(ev.time_range.elapsed_us())
-        kernels[ev.name][0] += us
-        kernels[ev.name][1] += 1
+    # the trace's device records (CUPTI): kernels, copies and memsets, with their durations in µs
+    with tempfile.TemporaryDirectory() as tmp:
+        trace = Path(tmp) / "trace.json"
+        prof.export_chrome_trace(str(trace))
+        events = json.loads(trace.read_text()).get("traceEvents", [])
+    device_kinds = ("kernel", "gpu_memcpy", "gpu_memset") if device == "cuda" else ("cpu_op",)
+    for ev in events:
+        if ev.get("ph") == "X" and ev.get("cat") in device_kinds:
+            kernels[ev["name"]][0] += float(ev.get("dur", 0.0))
+            kernels[ev["name"]][1] += 1
     samples = [c for n, (_, c) in kernels.items() if "fused_sample" in n.lower()]
     steps = max(samples[0] if samples else tokens, 1)
     return {"steps": steps, "tokens_in_window": tokens,

@@ -332,7 +332,8 @@ def quantize_file(src: Path, dst: Path, precision: str, device: str, keep_lm_hea
         from onnxruntime.transformers.float16 import convert_float_to_float16
 
         fused = gates = 0
-        if fuse_projections and device == "cuda":  # gate|up as one GEMV, its SwiGLU gate named for the runtime
+        if fuse_projections and device == "cuda" and not is_encoder_graph(model):
+            # decoders: q|k|v and gate|up as one GEMV each, the SwiGLU gate named for the runtime
             small = [n.name for n in model.graph.node if n.op_type == "MatMul" and len(n.input) > 1
                      and _weight_rows(model, n.input[1]) < _MIN_WEIGHT_ROWS]
             fused = fuse_shared_input_matmuls(model, set(head) | set(small))
