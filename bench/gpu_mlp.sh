@@ -8,7 +8,8 @@
 #   before      the artifact as built without the fusion (separate gate and up GEMVs, ONNX gate nodes)
 #   fused-gemv  gate|up as one GEMV, the gate as ONNX nodes (LMFORGE_KERNELS_SILU=0)
 #   silu-mul    gate|up as one GEMV, the gate as lmforge.SiluMul (the default with kernels built)
-# Writes OUT/gpu_profile-<label>.json (bench/gpu_profile.py) and prints a table last.
+# CASES picks among them (default all three), ROUNDS names the rounds (default "1 2"), BATCH, NEW and
+# REPEATS shorten a run. Writes OUT/gpu_profile-<label>.json (bench/gpu_profile.py) and prints a table last.
 set -uo pipefail
 export PYTHONPATH=/tmp/gpu-site:/tmp/site:$PWD HF_HUB_OFFLINE=1
 OUT=${OUT:-/tmp/out}
@@ -18,9 +19,15 @@ ARGS="--batch ${BATCH:-1,16} --new-tokens ${NEW:-256} --repeats ${REPEATS:-3} --
 mkdir -p "$OUT"
 quiet() { grep -v -E "^(WARNING|INFO|USDT|STAGE|\[W)" | grep -v "^$"; }
 for round in ${ROUNDS:-1 2}; do
-  python3 bench/gpu_profile.py --artifact "$W/serve-cuda-unfused" --unfused-from "$W/fp32" --label "before-$round" $ARGS 2>&1 | quiet
-  LMFORGE_KERNELS_SILU=0 python3 bench/gpu_profile.py --artifact "$W/serve-cuda" --label "fused-gemv-$round" $ARGS 2>&1 | quiet
-  python3 bench/gpu_profile.py --artifact "$W/serve-cuda" --label "silu-mul-$round" $ARGS 2>&1 | quiet
+  for case in ${CASES:-before fused-gemv silu-mul}; do
+    case $case in
+      before) python3 bench/gpu_profile.py --artifact "$W/serve-cuda-unfused" --unfused-from "$W/fp32" \
+                --label "before-$round" $ARGS 2>&1 | quiet ;;
+      fused-gemv) LMFORGE_KERNELS_SILU=0 python3 bench/gpu_profile.py --artifact "$W/serve-cuda" \
+                    --label "fused-gemv-$round" $ARGS 2>&1 | quiet ;;
+      silu-mul) python3 bench/gpu_profile.py --artifact "$W/serve-cuda" --label "silu-mul-$round" $ARGS 2>&1 | quiet ;;
+    esac
+  done
 done
 python3 - "$OUT" <<'PY'
 import json, sys
