@@ -22,7 +22,8 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from runtime._onnx_proto import read_varint
+from runtime._onnx_proto import _bytes as _length_delimited
+from runtime._onnx_proto import _int, _str, read_varint
 from runtime.sampler_graph import candidate_segments
 from runtime.step_graph import PREFIX, step_fragment
 
@@ -86,18 +87,6 @@ def _without_step(graph: memoryview) -> tuple[bytes, int]:
     return b"".join(kept), dropped
 
 
-def _length_delimited(field: int, payload: bytes) -> bytes:
-    out, value = bytearray(), (field << 3) | 2
-    for number in (value, len(payload)):
-        while True:
-            byte = number & 0x7F
-            number >>= 7
-            out.append(byte | (0x80 if number else 0))
-            if not number:
-                break
-    return bytes(out) + payload
-
-
 def step_node_names(model: bytes) -> list[str]:
     """The names of the step nodes of a serialized model (for tests and checks)."""
     buf = memoryview(model)
@@ -151,24 +140,10 @@ def _strings(message: memoryview, field: int) -> list[str]:
             for number, wire, _, payload, end in _fields(message) if number == field and wire == 2]
 
 
-def _varint_field(field: int, value: int) -> bytes:
-    out, key = bytearray(), (field << 3)
-    for number in (key, value):
-        while True:
-            byte = number & 0x7F
-            number >>= 7
-            out.append(byte | (0x80 if number else 0))
-            if not number:
-                break
-    return bytes(out)
-
-
 def _node(name: str, op_type: str, domain: str, inputs: list[str], outputs: list[str]) -> bytes:
     """A serialized NodeProto."""
-    body = b"".join(_length_delimited(_NODE_INPUT, i.encode()) for i in inputs)
-    body += b"".join(_length_delimited(_NODE_OUTPUT, o.encode()) for o in outputs)
-    body += _length_delimited(_NODE_NAME, name.encode()) + _length_delimited(_NODE_OP_TYPE, op_type.encode())
-    return body + _length_delimited(_NODE_DOMAIN, domain.encode())
+    body = b"".join(_str(_NODE_INPUT, i) for i in inputs) + b"".join(_str(_NODE_OUTPUT, o) for o in outputs)
+    return body + _str(_NODE_NAME, name) + _str(_NODE_OP_TYPE, op_type) + _str(_NODE_DOMAIN, domain)
 
 
 def fuse_silu_gates(model: bytes) -> tuple[bytes, int]:
@@ -216,6 +191,5 @@ def fuse_silu_gates(model: bytes) -> tuple[bytes, int]:
     out = [_length_delimited(_GRAPH, rewrite(buf[payload:end])) if field == _GRAPH and wire == 2
            else bytes(buf[start:end]) for field, wire, start, payload, end in _fields(buf)]
     if not imported:
-        out.append(_length_delimited(_OPSET_IMPORT, _length_delimited(_OPSET_DOMAIN, _DOMAIN.encode())
-                                     + _varint_field(_OPSET_VERSION, 1)))
+        out.append(_length_delimited(_OPSET_IMPORT, _str(_OPSET_DOMAIN, _DOMAIN) + _int(_OPSET_VERSION, 1)))
     return b"".join(out), len(whole)
