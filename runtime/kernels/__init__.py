@@ -23,12 +23,14 @@ import logging
 import os
 from pathlib import Path
 
-__all__ = ["DOMAIN", "FUSED_SAMPLE", "SILU_MUL_VERSION", "kernel_library", "library_version", "silu_gates_on"]
+__all__ = ["DOMAIN", "FUSED_SAMPLE", "SILU_MUL", "SILU_MUL_VERSION", "kernel_library", "library_version",
+           "silu_gates_on"]
 
 log = logging.getLogger(__name__)
 
 DOMAIN = "lmforge"  # the custom ops' ONNX domain
 FUSED_SAMPLE = "FusedSample"
+SILU_MUL = "SiluMul"
 SILU_MUL_VERSION = 2  # the library version (``lmforge_kernels_version``) from which it holds SiluMul
 
 

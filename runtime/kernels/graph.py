@@ -24,6 +24,7 @@ from collections.abc import Iterator
 
 from runtime._onnx_proto import _bytes as _length_delimited
 from runtime._onnx_proto import _int, _str, read_varint
+from runtime.kernels import DOMAIN, SILU_MUL
 from runtime.sampler_graph import candidate_segments
 from runtime.step_graph import PREFIX, step_fragment
 
@@ -38,8 +39,6 @@ _NODE, _INITIALIZER, _VALUE_INFO = 1, 5, 13  # GraphProto fields
 _NODE_INPUT, _NODE_OUTPUT, _NODE_NAME, _NODE_OP_TYPE, _NODE_DOMAIN = 1, 2, 3, 4, 7  # NodeProto fields
 _TENSOR_NAME, _VALUE_INFO_NAME = 8, 1
 _OPSET_DOMAIN, _OPSET_VERSION = 1, 2  # OperatorSetIdProto fields
-SILU_MUL = "SiluMul"
-_DOMAIN = "lmforge"  # runtime.kernels.DOMAIN (not imported: that module imports this one's callers)
 
 
 def _fields(buf: memoryview) -> Iterator[tuple[int, int, int, int, int]]:
@@ -180,16 +179,16 @@ def fuse_silu_gates(model: bytes) -> tuple[bytes, int]:
                 if group in whole:
                     if part == "gate":
                         parts = whole[group]
-                        kept.append(_length_delimited(_NODE, _node(f"{SILU_GATE_PREFIX}{group}", SILU_MUL, _DOMAIN,
+                        kept.append(_length_delimited(_NODE, _node(f"{SILU_GATE_PREFIX}{group}", SILU_MUL, DOMAIN,
                                                                    parts["split"][0][:1], parts["gate"][1][:1])))
                     continue
             kept.append(bytes(graph[start:end]))
         return b"".join(kept)
 
-    imported = any(_name(buf[payload:end], _OPSET_DOMAIN) == _DOMAIN
+    imported = any(_name(buf[payload:end], _OPSET_DOMAIN) == DOMAIN
                    for field, wire, _, payload, end in _fields(buf) if field == _OPSET_IMPORT and wire == 2)
     out = [_length_delimited(_GRAPH, rewrite(buf[payload:end])) if field == _GRAPH and wire == 2
            else bytes(buf[start:end]) for field, wire, start, payload, end in _fields(buf)]
     if not imported:
-        out.append(_length_delimited(_OPSET_IMPORT, _str(_OPSET_DOMAIN, _DOMAIN) + _int(_OPSET_VERSION, 1)))
+        out.append(_length_delimited(_OPSET_IMPORT, _str(_OPSET_DOMAIN, DOMAIN) + _int(_OPSET_VERSION, 1)))
     return b"".join(out), len(whole)
