@@ -18,7 +18,7 @@ progress = logging.getLogger(PROGRESS_LOGGER)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    parser = sub.add_parser("kernels", help="build lmforge's CUDA kernels (fused sampling) for this GPU")
+    parser = sub.add_parser("kernels", help="build lmforge's CUDA kernels (fused sampling, SwiGLU gate) for this GPU")
     actions = parser.add_subparsers(dest="action", metavar="ACTION")
     actions.required = True
     build = actions.add_parser("build", help="compile the kernels for this machine's GPU into the cache")

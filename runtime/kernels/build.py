@@ -1,4 +1,4 @@
-"""Compile lmforge's CUDA kernels (``sampling.cu``) into an onnxruntime custom-op library.
+"""Compile lmforge's CUDA kernels (``SOURCES``: ``sampling.cu``, ``silu_mul.cu``) into an onnxruntime custom-op library.
 
 The library is built for one GPU architecture (the installed GPU's compute capability, or the
 ``arch`` asked for) into a cache folder named by a digest of the sources, the headers'
