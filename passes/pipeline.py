@@ -335,6 +335,11 @@ def optimize_artifact(
                 quantized = quantize_file(fused, tmp / MODEL_NAME, precision, device,
                                           keep_lm_head=not head, block_size=block_size,
                                           fuse_projections=fuse and (device == "cpu" or precision == "fp16"))
+                settings = quantized.settings if quantized is not None else {}
+                for key, name in (("fused_projection_groups", "fused-projections"),
+                                  ("named_silu_gates", "swiglu-gates-named")):
+                    if settings.get(key):  # what the precision pass fused, in the fusion report too
+                        records.append({"name": name, "count": int(settings[key]), "kind": "fusion"})
             sb: SharedBuffer | None = None
             io: dict[str, list[dict[str, Any]]] | None = None
             if shared:

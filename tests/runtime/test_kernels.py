@@ -184,6 +184,9 @@ def test_fuse_silu_gates_swaps_each_named_gate_for_one_node(tiny_cuda_fp16: Path
 
     manifest = json.loads((tiny_cuda_fp16 / "manifest.json").read_text())
     layers = manifest["architecture"]["layers"]
+    # q|k|v and gate|up of each layer fused, each gate named: in the fusion report too
+    assert {"name": "fused-projections", "count": 2 * layers} in manifest["passes"]
+    assert {"name": "swiglu-gates-named", "count": layers} in manifest["passes"]
     model = (tiny_cuda_fp16 / "model.onnx").read_bytes()
     before = onnx.load_from_string(model)
     groups = [n for n in before.graph.node if n.name.startswith(SILU_GATE_PREFIX)]
