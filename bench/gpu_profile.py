@@ -62,20 +62,20 @@ def weight_bytes(art: Path) -> int:
 _cupti_warm: list[bool] = []
 
 
-def profile_batch(engine: Any, prompts: list[list[int]], new_tokens: int, device: str) -> dict[str, Any]:
+def profile_batch(engine: Any, prompts: list[list[int]], new_tokens: int, device: str,
+                  sampling: dict[str, Any]) -> dict[str, Any]:
     """One generation of ``prompts`` with CUPTI on from its first token: kernel time per step."""
     # torch after onnxruntime's CUDA libraries are loaded (the engine exists)
+    from gpu_serving import _params
     from torch.profiler import ProfilerActivity, profile
-
-    from runtime import SamplingParams
 
     activity = ProfilerActivity.CUDA if device == "cuda" else ProfilerActivity.CPU
     if not _cupti_warm:  # a process's first CUPTI session recorded no kernel on the H100: one to throw away
         with profile(activities=[activity]):
             engine.generate_results(prompts[:1], 4)
         _cupti_warm.append(True)
-    params = SamplingParams(min_new_tokens=new_tokens)
-    requests = [engine.submit(p, max_new_tokens=new_tokens, sampling=params) for p in prompts]
+    requests = [engine.submit(p, max_new_tokens=new_tokens, sampling=_params(new_tokens, i, **sampling))
+                for i, p in enumerate(prompts)]
     prof = profile(activities=[activity])
     started = False
     tokens = 0
@@ -123,7 +123,7 @@ def build_unfused(src: Path, out: Path) -> None:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import numpy as np
-    from gpu_serving import GREEDY, decode_rate
+    from gpu_serving import GREEDY, SAMPLED, decode_rate
 
     from runtime import Engine
 
@@ -139,10 +139,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         out["warm_up_s"] = round(time.perf_counter() - t0, 1)
         rng = np.random.default_rng(0)
         prompts = [rng.integers(100, engine.vocab - 100, args.prompt_len).tolist() for _ in range(max(args.batch))]
+        sampling = GREEDY if args.sampling == "greedy" else SAMPLED[args.sampling]
+        out["sampling"] = args.sampling
         for b in args.batch:
-            rate = decode_rate(engine, prompts[:b], args.new_tokens, GREEDY, args.repeats)
+            rate = decode_rate(engine, prompts[:b], args.new_tokens, sampling, args.repeats)
             step_us = 1e6 * b / rate
-            prof = profile_batch(engine, prompts[:b], args.new_tokens, args.device)
+            prof = profile_batch(engine, prompts[:b], args.new_tokens, args.device, sampling)
             by_kind: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0.0])
             for name, k in prof["kernels"].items():
                 by_kind[kind_of(name)][0] += k["us_per_step"]
@@ -181,6 +183,9 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--top", type=int, default=40)
+    parser.add_argument("--sampling", default="greedy", choices=("greedy", "temperature 0.7",
+                        "temperature 0.7 + top-p 0.9", "top-k 50 + top-p 0.9"),
+                        help="every request's sampling (seeded per row), as bench/gpu_serving.py names them")
     parser.add_argument("--device", default="cuda", help="cpu: a dry run of the script (CPU activity, no kernels)")
     parser.add_argument("--out", default=os.environ.get("OUT", "/tmp/out"))
     args = parser.parse_args()

@@ -38,6 +38,8 @@ log = logging.getLogger(__name__)
 HERE = Path(__file__).resolve().parent
 SOURCES = ("sampling.cu", "silu_mul.cu")
 SELFTEST = "selftest.cu"  # the kernel alone, without onnxruntime (:func:`run_selftest`)
+# what the selftest links: it includes sampling.cu, whose RegisterCustomOps names the other sources' ops
+SELFTEST_SOURCES = (SELFTEST, *(name for name in SOURCES if name != "sampling.cu"))
 INCLUDE = HERE / "include"
 LIBRARY_NAME = "liblmforge_kernels.so"
 _ARCH = re.compile(r"^sm_(\d{2,3})a?$")
@@ -201,7 +203,7 @@ def run_selftest(arch: str | None = None, timeout: float = 120.0) -> tuple[int, 
     with tempfile.TemporaryDirectory() as tmp:
         exe = Path(tmp) / "lmforge_kernels_selftest"
         flags = ("-std=c++17", "-O3", "-cudart", "static")
-        done = subprocess.run(_command(nvcc, arch, exe, (SELFTEST,), flags), capture_output=True, text=True,
+        done = subprocess.run(_command(nvcc, arch, exe, SELFTEST_SOURCES, flags), capture_output=True, text=True,
                               timeout=600, check=False)
         if done.returncode != 0:
             raise KernelBuildError("nvcc failed to build the selftest", got=(done.stderr or done.stdout)[-300:])

@@ -104,6 +104,23 @@ def test_kernels_build_without_gpu_or_nvcc_is_one_line_exit_2(monkeypatch: pytes
     assert "cache" in capsys.readouterr().out
 
 
+def test_library_and_selftest_compile_for_sm_90_without_a_gpu(tmp_path: Path) -> None:
+    """Where nvcc is installed (a GPU is not needed), the op library and the selftest, which includes
+    sampling.cu and so links every op that file registers, compile and link for sm_90."""
+    from runtime.kernels import build
+
+    nvcc = build.find_nvcc()
+    if nvcc is None:
+        pytest.skip("nvcc not installed")
+    selftest_flags = ("-std=c++17", "-O3", "-cudart", "static")
+    for out, sources, flags in ((tmp_path / "lib.so", build.SOURCES, build._FLAGS),
+                                (tmp_path / "selftest", build.SELFTEST_SOURCES, selftest_flags)):
+        done = subprocess.run(build._command(nvcc, "sm_90", out, sources, flags), capture_output=True, text=True,
+                              timeout=600, check=False)
+        assert done.returncode == 0, (out.name, done.stderr[-1500:])
+        assert out.is_file()
+
+
 def test_the_cache_folder_follows_sources_and_architecture(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     from runtime.kernels import build
 
