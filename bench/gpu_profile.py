@@ -42,7 +42,8 @@ sys.path.insert(0, str(REPO))
 KINDS = (  # first match wins: (kind, substrings of the kernel's name, lower case)
     ("sampling", ("fused_sample",)),
     ("silu-mul", ("silu_mul",)),
-    ("attention", ("flash", "attention", "xqa", "mmha", "rotary", "concat", "kv_cache", "unpack", "softmax")),
+    ("attention", ("flash", "attention", "xqa", "mmha", "kernel_mha", "rotary", "concat", "kv_cache", "unpack",
+                   "softmax", "getsequencelengths")),
     ("norm", ("layernorm", "layer_norm", "rmsnorm")),
     ("gemm/gemv", ("gemv", "gemm", "cutlass", "xmma", "cublas", "splitk", "matmul", "sm90_")),
     ("element-wise", ("elementwise", "unary", "binary", "sigmoid", "_mul", "impl_cast", "cast", "where", "expand")),

@@ -441,9 +441,8 @@ __device__ float4 cluster_reduce(float4 v, float4 identity, Op op, ClusterShared
 // itself, in play, bounds what they would give the largest value below it; above hi: at or above
 // every pivot to come, so their weight is carried over from the round that lowered hi). With
 // `track_mass`, *lo_mass is the mass (sum of exp(s)) at or above the returned value.
-__device__ float cluster_search(const float* s, const float* ex, int n, float lo, float lo_weight, float lo_mass,
-                                float target, bool mass, bool track_mass, float* lo_mass_out, ClusterShared& sh,
-                                int& phase) {
+__device__ float cluster_search(const float* s, int n, float lo, float lo_weight, float lo_mass, float target,
+                                bool mass, bool track_mass, float* lo_mass_out, ClusterShared& sh, int& phase) {
   *lo_mass_out = lo_mass;
   if (!(lo_weight >= target)) return lo;
   float hi = 0.0f;                                // the row's maximum: s = 0 there
@@ -457,7 +456,7 @@ __device__ float cluster_search(const float* s, const float* ex, int n, float lo
       const float v = s[j];
       if (!(v >= lo) || v > hi) continue;
       if (v >= pivot) {
-        const float e = (mass || track_mass) ? (ex != nullptr ? ex[j] : expf(v)) : 0.0f;
+        const float e = (mass || track_mass) ? expf(v) : 0.0f;
         r.x += mass ? e : 1.0f;
         r.w += e;
         r.y = fminf(r.y, v);
@@ -555,9 +554,8 @@ __device__ void multi_reduce(Multi<P, Track>& v, ClusterShared& sh, int& phase) 
 // cluster_search with P pivots a round, splitting the keys (lo, hi] in P + 1 parts: the same
 // result, in fewer rounds.
 template <int P, bool Track>
-__device__ float cluster_search_multi(const float* s, const float* ex, int n, float lo, float lo_weight,
-                                      float lo_mass, float target, bool mass, float* lo_mass_out, ClusterShared& sh,
-                                      int& phase) {
+__device__ float cluster_search_multi(const float* s, int n, float lo, float lo_weight, float lo_mass, float target,
+                                      bool mass, float* lo_mass_out, ClusterShared& sh, int& phase) {
   *lo_mass_out = lo_mass;
   if (!(lo_weight >= target)) return lo;
   float hi = 0.0f;
@@ -575,7 +573,7 @@ __device__ float cluster_search_multi(const float* s, const float* ex, int n, fl
       if (!(v >= lo) || v > hi) continue;
       const uint32_t kv = key_of(v);
       if (v >= pivot[0]) {
-        const float e = (mass || Track) ? (ex != nullptr ? ex[j] : expf(v)) : 0.0f;
+        const float e = (mass || Track) ? expf(v) : 0.0f;
         const float w = mass ? e : 1.0f;
 #pragma unroll
         for (int q = 0; q < P; ++q) {
@@ -638,10 +636,10 @@ __global__ void __launch_bounds__(kClusterThreads, 1)
                          const bool* __restrict__ seen, const float* __restrict__ counts,
                          const int64_t* __restrict__ step, int64_t* __restrict__ next_ids,
                          bool* __restrict__ seen_out, float* __restrict__ counts_out,
-                         int64_t* __restrict__ step_out, bool exp_cached) {
+                         int64_t* __restrict__ step_out) {
 #if LMFORGE_CLUSTER_DEVICE
   namespace cg = cooperative_groups;
-  extern __shared__ float cache[];  // the block's slice: x, then s; exp(s) after it when exp_cached
+  extern __shared__ float cache[];  // the block's slice: x, then s
   __shared__ ClusterShared sh;
   cg::cluster_group cluster = cg::this_cluster();
   int phase = 0;
@@ -652,7 +650,6 @@ __global__ void __launch_bounds__(kClusterThreads, 1)
   const int begin = min(vocab, rank * slice), n = min(vocab, begin + slice) - begin;  // n >= 0
   const size_t base = static_cast<size_t>(row) * vocab + begin;  // the slice's first element
   float* x = cache;
-  float* ex = exp_cached ? cache + slice : nullptr;  // exp(s), written once, read by every pass after
   const T* in = logits + base;
   const bool early = step[row] < min_new[row];
   const float rep = repetition[row], pres = presence[row], freq = frequency[row];
@@ -687,13 +684,7 @@ __global__ void __launch_bounds__(kClusterThreads, 1)
     for (int j = threadIdx.x; j < n; j += kClusterThreads) {
       const float v = __fdiv_rn(__fsub_rn(x[j], row_max), t);
       x[j] = v;
-      if (ex != nullptr) {
-        const float e = expf(v);
-        ex[j] = e;
-        if (top_p_search) stats.x += e;
-      } else if (top_p_search) {
-        stats.x += expf(v);
-      }
+      if (top_p_search) stats.x += expf(v);
       stats.y = fminf(stats.y, v);
     }
     if (top_k_search || top_p_search)
@@ -706,13 +697,13 @@ __global__ void __launch_bounds__(kClusterThreads, 1)
     float thr_k = -INFINITY, mass_k = stats.x;
     if (top_k_search) {
       if (kPivots == 1)
-        thr_k = cluster_search(x, ex, n, smallest, static_cast<float>(vocab), stats.x, static_cast<float>(k), false,
+        thr_k = cluster_search(x, n, smallest, static_cast<float>(vocab), stats.x, static_cast<float>(k), false,
                                top_p_search, &mass_k, sh, phase);
       else if (top_p_search)
-        thr_k = cluster_search_multi<kPivots, true>(x, ex, n, smallest, static_cast<float>(vocab), stats.x,
+        thr_k = cluster_search_multi<kPivots, true>(x, n, smallest, static_cast<float>(vocab), stats.x,
                                                     static_cast<float>(k), false, &mass_k, sh, phase);
       else
-        thr_k = cluster_search_multi<kPivots, false>(x, ex, n, smallest, static_cast<float>(vocab), stats.x,
+        thr_k = cluster_search_multi<kPivots, false>(x, n, smallest, static_cast<float>(vocab), stats.x,
                                                      static_cast<float>(k), false, &mass_k, sh, phase);
     }
     float thr_p = -INFINITY;
@@ -725,9 +716,9 @@ __global__ void __launch_bounds__(kClusterThreads, 1)
       }
       float unused = 0.0f;
       if (kPivots == 1)
-        thr_p = cluster_search(x, ex, n, lo, mass, 0.0f, __fmul_rn(p, mass), true, false, &unused, sh, phase);
+        thr_p = cluster_search(x, n, lo, mass, 0.0f, __fmul_rn(p, mass), true, false, &unused, sh, phase);
       else
-        thr_p = cluster_search_multi<kPivots, false>(x, ex, n, lo, mass, 0.0f, __fmul_rn(p, mass), true, &unused, sh,
+        thr_p = cluster_search_multi<kPivots, false>(x, n, lo, mass, 0.0f, __fmul_rn(p, mass), true, &unused, sh,
                                                      phase);
     }
     const float mp = min_p[row];
@@ -744,7 +735,7 @@ __global__ void __launch_bounds__(kClusterThreads, 1)
     for (int j = lo_j; j < hi_j; ++j) {
       const float v = x[j];
       if (v >= thr) {
-        const float w = ex != nullptr ? ex[j] : expf(v);
+        const float w = expf(v);
         local += w;
         if (w > 0.0f) last_kept = begin + j;
       }
@@ -789,7 +780,7 @@ __global__ void __launch_bounds__(kClusterThreads, 1)
       float c = start;
       for (int j = lo_j; j < hi_j; ++j) {
         const float v = x[j];
-        if (v >= thr) c += ex != nullptr ? ex[j] : expf(v);
+        if (v >= thr) c += expf(v);
         if (c > target) {
           found = begin + j;
           break;
@@ -920,26 +911,14 @@ int64_t cluster_bytes(int64_t vocab) {
   return (vocab + kCluster - 1) / kCluster * static_cast<int64_t>(sizeof(float));
 }
 
-// A sampled row's exp(s) is computed once and kept beside s in the block's shared memory, so the
-// threshold search's rounds and the draw read it instead of calling expf again (the same bits), when
-// twice the slice fits in `limit` (a vocabulary up to about 400,000 on sm_90); else each pass
-// calls expf. LMFORGE_CLUSTER_EXP_CACHE=0 at build time turns it off (for A/B timing).
-#ifndef LMFORGE_CLUSTER_EXP_CACHE
-#define LMFORGE_CLUSTER_EXP_CACHE 1
-#endif
-bool cluster_exp_cached(int64_t vocab, int64_t limit) {
-  return LMFORGE_CLUSTER_EXP_CACHE != 0 && 2 * cluster_bytes(vocab) <= limit;
-}
-
 // The cluster kernel, kCluster blocks a row (only where enable_cluster said yes and
-// cluster_bytes(vocab) is within its limit, `limit`).
+// cluster_bytes(vocab) is within its limit).
 template <typename T>
-cudaError_t launch_cluster(const SampleArgs<T>& a, int64_t batch, int64_t limit, cudaStream_t stream) {
-  const bool exp_cached = cluster_exp_cached(a.vocab, limit);
+cudaError_t launch_cluster(const SampleArgs<T>& a, int64_t batch, cudaStream_t stream) {
   cudaLaunchConfig_t config{};
   config.gridDim = dim3(static_cast<unsigned>(batch * kCluster), 1, 1);
   config.blockDim = dim3(kClusterThreads, 1, 1);
-  config.dynamicSmemBytes = static_cast<size_t>(cluster_bytes(a.vocab) * (exp_cached ? 2 : 1));
+  config.dynamicSmemBytes = static_cast<size_t>(cluster_bytes(a.vocab));
   config.stream = stream;
   cudaLaunchAttribute attribute[1];
   attribute[0].id = cudaLaunchAttributeClusterDimension;
@@ -951,7 +930,7 @@ cudaError_t launch_cluster(const SampleArgs<T>& a, int64_t batch, int64_t limit,
   return cudaLaunchKernelEx(&config, fused_sample_cluster<T>, a.logits, a.vocab, a.temperature, a.top_k, a.top_p,
                             a.min_p, a.repetition, a.presence, a.frequency, a.min_new, a.stop_mask, a.uniforms,
                             a.steps, a.last_step, a.seen, a.counts, a.step, a.next_ids, a.seen_out, a.counts_out,
-                            a.step_out, exp_cached);
+                            a.step_out);
 }
 
 // Whether the cluster kernel serves, decided once a kernel object (the op's, in each session):
@@ -1041,7 +1020,7 @@ void launch(Ort::KernelContext& ctx, int64_t batch, int64_t vocab, int64_t steps
                            input<float>(ctx, 13), input<int64_t>(ctx, 14), output<int64_t>(next_ids),
                            output<bool>(seen_out), output<float>(counts_out), output<int64_t>(step_out)};
   const bool cluster = cluster_limit > 0 && cluster_bytes(vocab) <= cluster_limit;
-  const cudaError_t launched = cluster ? launch_cluster(args, batch, cluster_limit, stream)
+  const cudaError_t launched = cluster ? launch_cluster(args, batch, stream)
                                        : launch_single(args, batch, shared_limit, stream);
   trace(cluster ? "launched (cluster kernel)" : "launched (single-block kernel)");
   check_cuda(launched, "kernel launch");

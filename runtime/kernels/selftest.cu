@@ -211,7 +211,7 @@ struct Device {
   }
 
   cudaError_t launch(bool cluster, int batch) const {
-    return cluster ? launch_cluster(args(), batch, g_cluster_limit, nullptr) : launch_single(args(), batch, g_shared_limit, nullptr);
+    return cluster ? launch_cluster(args(), batch, nullptr) : launch_single(args(), batch, g_shared_limit, nullptr);
   }
 
   Outputs run(bool cluster) {
