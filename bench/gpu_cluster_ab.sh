@@ -7,8 +7,9 @@
 #   bash .gpu-wheels/p4/stage.sh >/dev/null && bash bench/gpu_cluster_ab.sh      (carry .gpu-wheels/p4, .whl)
 #
 # VARIANTS names them (default "p1 p3 p7"): pN is LMFORGE_CLUSTER_PIVOTS=N (the top-p search's pivots a
-# round), and a suffix after "-" is passed as -DLMFORGE_<SUFFIX in upper case> (e.g. p3-cluster_threads=256
-# builds LMFORGE_CLUSTER_THREADS=256); a name repeated is built once and run again (alternated rounds).
+# round), and each suffix after a "-" sets one more of sampling.cu's build switches, its value after the
+# last "_" (p3-cluster_search_0 builds LMFORGE_CLUSTER_SEARCH=0, the pivot search instead of the
+# histogram search); a name repeated is built once and run again (alternated rounds).
 # REPEATS (default 2), SELFTEST=0 skips the selftests, DECODE=0 the decode runs. Results: docs/kernels.md.
 set -u
 OUT=${OUT:-/tmp/out}
@@ -31,7 +32,8 @@ from pathlib import Path
 from runtime.kernels import build as b
 name, out = sys.argv[1], Path(sys.argv[2])
 pivots = name.split("-")[0].removeprefix("p")
-defines = [f"-DLMFORGE_CLUSTER_PIVOTS={pivots}"] + [f"-DLMFORGE_{extra.upper()}" for extra in name.split("-")[1:]]
+defines = [f"-DLMFORGE_CLUSTER_PIVOTS={pivots}"] + [
+    "-DLMFORGE_{}={}".format(*extra.upper().rsplit("_", 1)) for extra in name.split("-")[1:]]
 arch = b.detect_arch(); nvcc = b.find_nvcc()
 lib = out / "liblmforge_kernels.so"; out.mkdir(parents=True, exist_ok=True)
 done = subprocess.run(b._command(nvcc, arch, lib, flags=(*b._FLAGS, *defines)), capture_output=True, text=True)
