@@ -8,8 +8,8 @@
 #
 # VARIANTS names them (default "p1 p3 p7"): pN is LMFORGE_CLUSTER_PIVOTS=N (the top-p search's pivots a
 # round), and each suffix after a "-" sets one more of sampling.cu's build switches, its value after the
-# last "_" (p3-cluster_search_0 builds LMFORGE_CLUSTER_SEARCH=0, the pivot search instead of the
-# histogram search); a name repeated is built once and run again (alternated rounds).
+# last "_" (p3-cluster_threads_256 builds LMFORGE_CLUSTER_THREADS=256, blocks of 256 threads); a name
+# repeated is built once and run again (alternated rounds).
 # REPEATS (default 2), SELFTEST=0 skips the selftests, DECODE=0 the decode runs. Results: docs/kernels.md.
 set -u
 OUT=${OUT:-/tmp/out}

@@ -32,9 +32,7 @@
 // takes the cluster kernel when the GPU's compute capability is >= 9.0 and a cluster launch of it
 // fits (decided once a kernel object, i.e. a session) and the row's slice fits in shared memory;
 // LMFORGE_KERNELS_CLUSTER=0 (read when onnxruntime creates the op's kernel) forces the single-block
-// kernel, for A/B timing and as an escape hatch. The cluster kernel finds top-k's and top-p's
-// thresholds with a histogram search (cluster_search_hist: a few rounds of 256 bins, integer sums)
-// instead of the pivot search the single-block kernel runs.
+// kernel, for A/B timing and as an escape hatch.
 //
 // Built by runtime/kernels/build.py; headers of onnxruntime's C/C++ API in include/ (MIT).
 
@@ -398,11 +396,6 @@ struct PickOp {  // the smallest found index (x, an int), the largest kept index
 #define LMFORGE_CLUSTER_PIVOTS 3
 #endif
 constexpr int kPivots = LMFORGE_CLUSTER_PIVOTS;  // pivots a search round (1: bisection)
-// The threshold searches: 1 (the default) the histogram search (cluster_search_hist), 0 the pivot
-// search (cluster_search_multi, or cluster_search with one pivot), for A/B timing.
-#ifndef LMFORGE_CLUSTER_SEARCH
-#define LMFORGE_CLUSTER_SEARCH 1
-#endif
 static_assert(kPivots >= 1 && kPivots <= 7, "1 to 7 pivots a round");
 constexpr int kMultiWords = kPivots > 1 ? 4 * kPivots : 4;
 
@@ -448,7 +441,6 @@ __device__ float4 cluster_reduce(float4 v, float4 identity, Op op, ClusterShared
 // itself, in play, bounds what they would give the largest value below it; above hi: at or above
 // every pivot to come, so their weight is carried over from the round that lowered hi). With
 // `track_mass`, *lo_mass is the mass (sum of exp(s)) at or above the returned value.
-#if !LMFORGE_CLUSTER_SEARCH
 __device__ float cluster_search(const float* s, int n, float lo, float lo_weight, float lo_mass, float target,
                                 bool mass, bool track_mass, float* lo_mass_out, ClusterShared& sh, int& phase) {
   *lo_mass_out = lo_mass;
@@ -485,7 +477,6 @@ __device__ float cluster_search(const float* s, int n, float lo, float lo_weight
   }
   return lo;
 }
-#endif  // !LMFORGE_CLUSTER_SEARCH
 
 // A search round of P pivots: per pivot, the weight (and mass) at or above it, the smallest value at
 // or above it and the largest below it (as keys: min / max are exact in any order).
@@ -630,130 +621,6 @@ __device__ float cluster_search_multi(const float* s, int n, float lo, float lo_
   return lo;
 }
 
-
-// -- the histogram search (LMFORGE_CLUSTER_SEARCH=1, the default) ----------------------------------
-//
-// The same threshold as cluster_search_multi (the largest value v of the row, among s >= lo, whose
-// weight at or above it, G(v), reaches the target), in fewer rounds: each round bins the elements in
-// play (keys [kl, kh]) into kHistBins bins of 2^shift keys, shift the span's bit length less
-// kHistBits, and sums each bin's weight, smallest and largest key with shared-memory atomics; every
-// block then reads the kHistBins bins of every block of the cluster, scans them from the top and
-// takes the highest non-empty bin whose weight at or above reaches the target; the next round
-// works inside it, from its smallest to its largest key, and the search ends when those are equal.
-// A span shrinks by at least 2^(kHistBits - 1) a round, so a 32-bit span takes at most 5 rounds;
-// rows of real and random logits take 2 to 4, where the pivot search took 5 to 11 (flat float32
-// rows). Weights are integers so that the atomics' order cannot change a sum: a count (top-k), or
-// exp(s) in fixed point with 32 fractional bits (top-p), rounded to nearest; a top-p target is
-// ceil(p * the fixed-point mass of the elements in play), the mass counted by the first round. The
-// fixed-point sums differ from float32 sums by less than 2^-33 an element, so a token can differ
-// from the single-block kernel's only where the row's cumulative mass meets the cut within that.
-#if LMFORGE_CLUSTER_SEARCH
-constexpr int kHistBits = 8;
-constexpr int kHistBins = 1 << kHistBits;
-constexpr int kHistWarps = kHistBins / 32;
-static_assert(kHistBins <= kClusterThreads && kHistBins % 32 == 0, "a thread a bin");
-
-struct HistShared {
-  unsigned long long weight[2][kHistBins];  // two buffers: rounds alternate (see cluster_search_hist)
-  uint32_t low[2][kHistBins];               // smallest key in the bin (0xffffffff: empty)
-  uint32_t high[2][kHistBins];              // largest key in the bin
-  unsigned long long warp_total[kHistWarps];
-  struct Pick {
-    int bin;  // the warp's chosen bin as its thread index (kHistBins: none)
-    uint32_t low, high;
-    unsigned long long above;  // the weight above the bin
-  } pick[kHistWarps];
-};
-
-__device__ __forceinline__ unsigned long long fixed_mass(float e) {  // e in [0, 1]: e * 2^32, nearest
-  return __float2ull_rn(e * 4294967296.0f);
-}
-
-// `hphase` alternates the buffers over every round of every call of the kernel: a block clears the
-// buffer of round r only after round r - 1's cluster barrier, which every block reaches after its
-// reads of round r - 2 (the same buffer).
-__device__ float cluster_search_hist(const float* s, int n, float lo, bool mass, float p, long long k,
-                                     HistShared& hs, int& hphase) {
-  namespace cg = cooperative_groups;
-  cg::cluster_group cluster = cg::this_cluster();
-  const int t = threadIdx.x, lane = t & 31, warp = t >> 5;
-  uint32_t kl = key_of(lo), kh = key_of(0.0f);  // the row's maximum: s = 0 there
-  unsigned long long above = 0, target = mass ? 0ull : static_cast<unsigned long long>(k);
-  for (int round = 0; round < 8 && kl < kh; ++round) {
-    const uint32_t span = kh - kl;
-    const int shift = max(0, 32 - __clz(span) - kHistBits);
-    const int h = hphase;
-    for (int b = t; b < kHistBins; b += kClusterThreads) {
-      hs.weight[h][b] = 0ull;
-      hs.low[h][b] = 0xffffffffu;
-      hs.high[h][b] = 0u;
-    }
-    __syncthreads();
-    for (int j = t; j < n; j += kClusterThreads) {
-      const float v = s[j];
-      const uint32_t kv = key_of(v);
-      if (kv < kl || kv > kh) continue;  // out of play (a NaN's key is outside every span)
-      const int b = static_cast<int>((kv - kl) >> shift);
-      atomicAdd(&hs.weight[h][b], mass ? fixed_mass(expf(v)) : 1ull);
-      atomicMin(&hs.low[h][b], kv);
-      atomicMax(&hs.high[h][b], kv);
-    }
-    cluster.sync();  // every block's bins complete (release / acquire at cluster scope)
-    // thread t holds bin kHistBins - 1 - t summed over the cluster (integers: any order is exact)
-    const int bin = kHistBins - 1 - t;
-    unsigned long long w = 0ull;
-    uint32_t bl = 0xffffffffu, bh = 0u;
-    if (t < kHistBins) {
-#pragma unroll
-      for (int q = 0; q < kCluster; ++q) {
-        const HistShared* r = cluster.map_shared_rank(&hs, q);
-        w += r->weight[h][bin];
-        bl = min(bl, r->low[h][bin]);
-        bh = max(bh, r->high[h][bin]);
-      }
-    }
-    // the weight at or above each bin: an inclusive scan over t (bins from the top)
-    unsigned long long at_or_above = w;
-    for (int o = 1; o < 32; o <<= 1) {
-      const unsigned long long up = __shfl_up_sync(kFull, at_or_above, o);
-      if (lane >= o) at_or_above += up;
-    }
-    if (t < kHistBins && lane == 31) hs.warp_total[warp] = at_or_above;
-    __syncthreads();
-    unsigned long long before = 0ull, total = 0ull;
-#pragma unroll
-    for (int q = 0; q < kHistWarps; ++q) {
-      const unsigned long long wt = hs.warp_total[q];
-      if (q < warp) before += wt;
-      total += wt;
-    }
-    at_or_above += above + before;
-    if (mass && round == 0)  // ceil(p * mass in play): the mass is exact in double up to a vocabulary of 2^21
-      target = static_cast<unsigned long long>(ceil(static_cast<double>(p) * static_cast<double>(total)));
-    const bool ok = t < kHistBins && bl <= bh && at_or_above >= target;
-    const unsigned ballot = __ballot_sync(kFull, ok);  // the first lane: the highest such bin of the warp
-    if (t < kHistBins && lane == 0) hs.pick[warp].bin = kHistBins;
-    __syncwarp();
-    if (ok && lane == __ffs(ballot) - 1) hs.pick[warp] = {t, bl, bh, at_or_above - w};
-    __syncthreads();
-    int chosen = -1;
-#pragma unroll
-    for (int q = 0; q < kHistWarps; ++q)
-      if (chosen < 0 && hs.pick[q].bin < kHistBins) chosen = q;
-    hphase ^= 1;
-    if (chosen < 0) break;  // G(lo) short of the target (a count of fewer than k elements): lo
-    const HistShared::Pick pk = hs.pick[chosen];
-    kl = pk.low;
-    kh = pk.high;
-    above = pk.above;
-    lo = value_of(kl);
-    // hs.warp_total and hs.pick are written again only after the next cluster barrier, which
-    // every thread of this block reaches after these reads
-  }
-  return lo;
-}
-#endif  // LMFORGE_CLUSTER_SEARCH
-
 #endif  // LMFORGE_CLUSTER_DEVICE
 
 // The row's work of fused_sample over a cluster of kCluster blocks (grid: batch * kCluster blocks,
@@ -774,10 +641,6 @@ __global__ void __launch_bounds__(kClusterThreads, 1)
   namespace cg = cooperative_groups;
   extern __shared__ float cache[];  // the block's slice: x, then s
   __shared__ ClusterShared sh;
-#if LMFORGE_CLUSTER_SEARCH
-  __shared__ HistShared hs;
-  int hphase = 0;
-#endif
   cg::cluster_group cluster = cg::this_cluster();
   int phase = 0;
 
@@ -821,7 +684,7 @@ __global__ void __launch_bounds__(kClusterThreads, 1)
     for (int j = threadIdx.x; j < n; j += kClusterThreads) {
       const float v = __fdiv_rn(__fsub_rn(x[j], row_max), t);
       x[j] = v;
-      if (!LMFORGE_CLUSTER_SEARCH && top_p_search) stats.x += expf(v);  // the pivot search's mass
+      if (top_p_search) stats.x += expf(v);
       stats.y = fminf(stats.y, v);
     }
     if (top_k_search || top_p_search)
@@ -831,13 +694,7 @@ __global__ void __launch_bounds__(kClusterThreads, 1)
     const float smallest = stats.y;
 
     // 3. the threshold: max(top-k, top-p, min-p)
-    float thr_k = -INFINITY, thr_p = -INFINITY;
-#if LMFORGE_CLUSTER_SEARCH
-    if (top_k_search) thr_k = cluster_search_hist(x, n, smallest, false, 0.0f, k, hs, hphase);
-    if (top_p_search)  // top-p renormalizes over the top-k survivors (the first round counts their mass)
-      thr_p = cluster_search_hist(x, n, k > 0 && thr_k > -INFINITY ? thr_k : smallest, true, p, 0, hs, hphase);
-#else
-    float mass_k = stats.x;
+    float thr_k = -INFINITY, mass_k = stats.x;
     if (top_k_search) {
       if (kPivots == 1)
         thr_k = cluster_search(x, n, smallest, static_cast<float>(vocab), stats.x, static_cast<float>(k), false,
@@ -849,6 +706,7 @@ __global__ void __launch_bounds__(kClusterThreads, 1)
         thr_k = cluster_search_multi<kPivots, false>(x, n, smallest, static_cast<float>(vocab), stats.x,
                                                      static_cast<float>(k), false, &mass_k, sh, phase);
     }
+    float thr_p = -INFINITY;
     if (top_p_search) {
       float mass = stats.x;  // top-p renormalizes over the top-k survivors
       float lo = smallest;
@@ -863,7 +721,6 @@ __global__ void __launch_bounds__(kClusterThreads, 1)
         thr_p = cluster_search_multi<kPivots, false>(x, n, lo, mass, 0.0f, __fmul_rn(p, mass), true, &unused, sh,
                                                      phase);
     }
-#endif
     const float mp = min_p[row];
     const float thr_m = mp > 0.0f ? logf(mp) : -INFINITY;
     const float thr = fmaxf(fmaxf(thr_k, thr_p), thr_m);
