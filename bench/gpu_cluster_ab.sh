@@ -40,7 +40,7 @@ done = subprocess.run(b._command(nvcc, arch, lib, flags=(*b._FLAGS, *defines)), 
 print("library", lib, defines, done.returncode, done.stderr[-400:])
 if os.environ.get("SELFTEST", "1") != "0":  # (a quoted heredoc: the shell expands nothing here)
     done = subprocess.run(b._command(nvcc, arch, out / "selftest", b.SELFTEST_SOURCES,
-                                     ("-std=c++17", "-O3", "-cudart", "static", *defines)), capture_output=True, text=True)
+                                     (*b.SELFTEST_FLAGS, *defines)), capture_output=True, text=True)
     print("selftest build", done.returncode, done.stderr[-400:])
 PY
   fi

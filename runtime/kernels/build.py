@@ -40,6 +40,7 @@ SOURCES = ("sampling.cu", "silu_mul.cu")
 SELFTEST = "selftest.cu"  # the kernel alone, without onnxruntime (:func:`run_selftest`)
 # what the selftest links: it includes sampling.cu, whose RegisterCustomOps names the other sources' ops
 SELFTEST_SOURCES = (SELFTEST, *(name for name in SOURCES if name != "sampling.cu"))
+SELFTEST_FLAGS = ("-std=c++17", "-O3", "-cudart", "static")  # an executable, the CUDA runtime linked in
 INCLUDE = HERE / "include"
 LIBRARY_NAME = "liblmforge_kernels.so"
 _ARCH = re.compile(r"^sm_(\d{2,3})a?$")
@@ -202,9 +203,8 @@ def run_selftest(arch: str | None = None, timeout: float = 120.0) -> tuple[int, 
         raise KernelBuildError("nvcc (the CUDA compiler) not found", fix="pip install 'lmforge[kernels]'")
     with tempfile.TemporaryDirectory() as tmp:
         exe = Path(tmp) / "lmforge_kernels_selftest"
-        flags = ("-std=c++17", "-O3", "-cudart", "static")
-        done = subprocess.run(_command(nvcc, arch, exe, SELFTEST_SOURCES, flags), capture_output=True, text=True,
-                              timeout=600, check=False)
+        done = subprocess.run(_command(nvcc, arch, exe, SELFTEST_SOURCES, SELFTEST_FLAGS), capture_output=True,
+                              text=True, timeout=600, check=False)
         if done.returncode != 0:
             raise KernelBuildError("nvcc failed to build the selftest", got=(done.stderr or done.stdout)[-300:])
         wrap = os.environ.get("LMFORGE_SELFTEST_WRAP", "").split()  # e.g. "compute-sanitizer --tool synccheck"

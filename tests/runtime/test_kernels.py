@@ -112,9 +112,8 @@ def test_library_and_selftest_compile_for_sm_90_without_a_gpu(tmp_path: Path) ->
     nvcc = build.find_nvcc()
     if nvcc is None:
         pytest.skip("nvcc not installed")
-    selftest_flags = ("-std=c++17", "-O3", "-cudart", "static")
     for out, sources, flags in ((tmp_path / "lib.so", build.SOURCES, build._FLAGS),
-                                (tmp_path / "selftest", build.SELFTEST_SOURCES, selftest_flags)):
+                                (tmp_path / "selftest", build.SELFTEST_SOURCES, build.SELFTEST_FLAGS)):
         done = subprocess.run(build._command(nvcc, "sm_90", out, sources, flags), capture_output=True, text=True,
                               timeout=600, check=False)
         assert done.returncode == 0, (out.name, done.stderr[-1500:])
