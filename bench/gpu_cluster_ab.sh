@@ -6,8 +6,8 @@
 #
 #   bash .gpu-wheels/p4/stage.sh >/dev/null && bash bench/gpu_cluster_ab.sh      (carry .gpu-wheels/p4, .whl)
 #
-# VARIANTS names them (default "p1 p3 p7"): pN is LMFORGE_CLUSTER_PIVOTS=N (the top-p search's pivots a
-# round), and each suffix after a "-" sets one more of sampling.cu's build switches, its value after the
+# VARIANTS names them (default "p1 p3 p7"): pN is LMFORGE_CLUSTER_PIVOTS=N (the threshold search's pivots
+# a cluster round), and each suffix after a "-" sets one more of sampling.cu's build switches, its value after the
 # last "_" (p3-cluster_threads_256 builds LMFORGE_CLUSTER_THREADS=256, blocks of 256 threads); a name
 # repeated is built once and run again (alternated rounds).
 # REPEATS (default 2), SELFTEST=0 skips the selftests, DECODE=0 the decode runs. Results: docs/kernels.md.
@@ -48,7 +48,8 @@ PY
     timeout 120 "$dir/selftest" > "$OUT/selftest_${v}_$round.log" 2>&1
     echo "selftest $v exit $?"
     grep -E "^CHECK .*[1-9][0-9]* differ|FAIL|SELFTEST" "$OUT/selftest_${v}_$round.log" | grep -v " 0 differ" | tail -6
-    grep -A20 "^SUMMARY" "$OUT/selftest_${v}_$round.log" | head -12
+    grep -A10 "^SUMMARY us a launch, fp16" "$OUT/selftest_${v}_$round.log"
+    grep -A10 "^SUMMARY us a launch, flat" "$OUT/selftest_${v}_$round.log"
   fi
   if [ "${DECODE:-1}" != "0" ]; then
     stamp "decode $v"

@@ -13,9 +13,11 @@
 //     mass lies within 1e-4 of the row's mass of the draw's target or of top-p's cut); the count of
 //     such rows is printed;
 //   - the cluster kernel launched twice: bit-identical outputs;
-// printing a line before every launch so that a hang names its stage. Then it times each kernel on
-// each case at 1 and 16 rows, vocabularies 49,152 and 128,256 (CUDA events, the median of 100
-// launches after 10), and prints a summary table (fp16 logits).
+// and the same for flat rows (fp32 logits of spread 0.5, as a random-weight model gives: many values
+// near a top-p cut), printing a line before every launch so that a hang names its stage. Then it
+// times each kernel on each case at 1 and 16 rows, vocabularies 49,152 and 128,256 (CUDA events, the
+// median of 100 launches after 10), and flat rows at 49,152, and prints summary tables (fp16 logits;
+// flat fp32).
 
 #include "sampling.cu"
 
@@ -94,12 +96,12 @@ struct Rows {
   std::vector<int64_t> step, last_step;
 };
 
-Rows make_rows(int rows, int vocab, bool half, std::mt19937& rng) {
+Rows make_rows(int rows, int vocab, bool half, std::mt19937& rng, float spread = 3.0f) {
   Rows h;
   h.rows = rows;
   h.vocab = vocab;
   const size_t n = static_cast<size_t>(rows) * vocab;
-  std::normal_distribution<float> normal(0.0f, 3.0f);
+  std::normal_distribution<float> normal(0.0f, spread);
   std::uniform_real_distribution<float> uniform(0.0f, 1.0f);
   std::uniform_int_distribution<int> small(0, 63);
   h.logits.resize(n);
@@ -110,6 +112,8 @@ Rows make_rows(int rows, int vocab, bool half, std::mt19937& rng) {
     r0[vocab / 2] = m + 1.0f;
     r0[vocab / 3] = m + 1.0f;
     if (rows > 1) std::fill(h.logits.begin() + vocab, h.logits.begin() + 2 * vocab, -1.5f);
+    if (rows > 2)  // a huge negative logit in row 2 (-inf in fp16)
+      h.logits[2 * static_cast<size_t>(vocab) + 5] = half ? __half2float(__float2half(-1e30f)) : -1e30f;
   }
   h.stop_mask.resize(n);
   h.seen.resize(n);
@@ -479,6 +483,11 @@ int main(int argc, char** argv) {
       }
     }
   }
+  {  // flat rows: fp32 logits of spread 0.5, as a random-weight model gives (many values near the cut)
+    const Rows h = make_rows(quick ? 16 : 64, 49152, false, rng, 0.5f);
+    Device<float> d(h);
+    for (const Case& c : kCases) check(h, d, c);
+  }
 
   if (quick) {
     std::printf(g_failures ? "SELFTEST FAILED (%d)\n" : "SELFTEST PASSED (quick)\n", g_failures);
@@ -492,6 +501,8 @@ int main(int argc, char** argv) {
       half ? time_cases<__half>(h, timing[vi][half]) : time_cases<float>(h, timing[vi][half]);
     }
   }
+  Timing flat[kCaseCount][2];  // [case][rows 1, 16]: vocab 49,152, fp32 logits of spread 0.5
+  time_cases<float>(make_rows(16, 49152, false, rng, 0.5f), flat);
   std::printf("SUMMARY us a launch, fp16 logits, single-block / cluster (1 row | 16 rows):\n");
   for (int vi = 0; vi < 2; ++vi) {
     for (int ci = 0; ci < kCaseCount; ++ci) {
@@ -499,6 +510,12 @@ int main(int argc, char** argv) {
       std::printf("  vocab %6d %-27s %6.1f / %5.1f | %6.1f / %5.1f\n", timed[vi], kCases[ci].name, t[0].single,
                   t[0].cluster, t[1].single, t[1].cluster);
     }
+  }
+  std::printf("SUMMARY us a launch, flat fp32 logits (spread 0.5), single-block / cluster (1 row | 16 rows):\n");
+  for (int ci = 0; ci < kCaseCount; ++ci) {
+    const Timing* t = flat[ci];
+    std::printf("  vocab  49152 %-27s %6.1f / %5.1f | %6.1f / %5.1f\n", kCases[ci].name, t[0].single, t[0].cluster,
+                t[1].single, t[1].cluster);
   }
   std::printf(g_failures ? "SELFTEST FAILED (%d)\n" : "SELFTEST PASSED\n", g_failures);
   return g_failures ? 1 : 0;
