@@ -381,13 +381,6 @@ struct BestOp {  // the maximum value (x), first index (y, an int) on ties
     return (b.x > a.x || (b.x == a.x && ib < ia)) ? b : a;
   }
 };
-struct PickOp {  // the smallest found index (x, an int), the largest kept index (y, an int)
-  static constexpr int kFields = 2;
-  __device__ float4 operator()(float4 a, float4 b) const {
-    return make_float4(__int_as_float(min(__float_as_int(a.x), __float_as_int(b.x))),
-                       __int_as_float(max(__float_as_int(a.y), __float_as_int(b.y))), 0.0f, 0.0f);
-  }
-};
 
 // The threshold searches over the cluster. A round tries kPivots values: one pass over the elements
 // in play and one cluster reduction, whose latency is what a round costs at 16 rows. The pivots split
@@ -426,6 +419,7 @@ struct ClusterShared {
   alignas(16) float local_warps[2][kClusterWarps][kLocalWords];  // a gathered round's warp totals
   int gather_scan[kClusterWarps];  // the gather's block scan
   int gather_count;                // the block's elements in play, read by every block
+  int2 pick[kClusterWarps];        // the draw's block reduction (first index, last kept)
   float mine[kGatherSlots];        // the block's elements in play, read by every block
   float gathered[kGatherSlots];    // every block's, in rank order
 };
@@ -798,7 +792,8 @@ __global__ void __launch_bounds__(kClusterThreads, 1)
     best = BestOp{}(best, make_float4(v, __int_as_float(begin + j), 0.0f, 0.0f));
   }
   best = cluster_reduce(best, make_float4(-INFINITY, __int_as_float(0x7fffffff), 0.0f, 0.0f), BestOp{}, sh, phase);
-  int token = __float_as_int(best.y);
+  int token = __float_as_int(best.y);  // the argmax; where a sampled row draws: its token, or -1 in
+  int writer = 0;                       // every block but the writer's (the one that drew it)
 
   const float t = temperature[row];
   const bool greedy = !(t > 0.0f) || top_k[row] == 1;
@@ -894,37 +889,62 @@ __global__ void __launch_bounds__(kClusterThreads, 1)
     const int64_t column = min(step[row], last_step[row]);
     const float u = uniforms[static_cast<size_t>(row) * steps + column];
     const float target = __fmul_rn(u, total);
-    int found = 0x7fffffff;
-    const float start = offset + before;
-    if (start + local > target) {
-      float c = start;
-      for (int j = lo_j; j < hi_j; ++j) {
-        const float v = x[j];
-        if (v >= thr) c += expf(v);
-        if (c > target) {
-          found = begin + j;
-          break;
+    // The block that draws: the first rank whose cumulative mass (the sums above, the same bits in
+    // every block) passes the target; where rounding leaves none, the last rank with kept mass; none
+    // at all (nothing kept): the argmax stands. Only that block looks for the token in its slice (its
+    // first index whose cumulative mass passes the target, else its last kept), so no cluster
+    // reduction is needed: every other block's slice holds no hit.
+    int owner = -1;
+    float cumulative = 0.0f;
+#pragma unroll
+    for (int q = 0; q < kCluster; ++q) {
+      cumulative = q == 0 ? totals[0] : cumulative + totals[q];
+      if (owner < 0 && cumulative > target) owner = q;
+    }
+    if (owner < 0)
+#pragma unroll
+      for (int q = 0; q < kCluster; ++q)
+        if (totals[q] > 0.0f) owner = q;
+    if (owner >= 0) {
+      writer = owner;
+      token = -1;
+    }
+    if (owner == rank) {
+      int found = 0x7fffffff;
+      const float start = offset + before;
+      if (start + local > target) {
+        float c = start;
+        for (int j = lo_j; j < hi_j; ++j) {
+          const float v = x[j];
+          if (v >= thr) c += expf(v);
+          if (c > target) {
+            found = begin + j;
+            break;
+          }
         }
       }
+      found = __reduce_min_sync(kFull, found);  // the block's first, and its last kept
+      int kept = __reduce_max_sync(kFull, last_kept);
+      if (lane == 0) sh.pick[warp] = make_int2(found, kept);
+      __syncthreads();
+      const int2 w = lane < kClusterWarps ? sh.pick[lane] : make_int2(0x7fffffff, -1);
+      found = __reduce_min_sync(kFull, w.x);
+      kept = __reduce_max_sync(kFull, w.y);
+      token = found != 0x7fffffff ? found : kept;  // kept >= 0: the block's kept mass is > 0
     }
-    const float4 pick = cluster_reduce(make_float4(__int_as_float(found), __int_as_float(last_kept), 0.0f, 0.0f),
-                                       make_float4(__int_as_float(0x7fffffff), __int_as_float(-1), 0.0f, 0.0f),
-                                       PickOp{}, sh, phase);
-    found = __float_as_int(pick.x);
-    if (found == 0x7fffffff) found = __float_as_int(pick.y);  // rounding: the last kept
-    if (found >= 0) token = found;
   }
   // every remote read of this block's slots is before this arrival; the wait at the end keeps the
   // block (and its shared memory) alive until every block of the cluster has arrived
   cluster.barrier_arrive();
 
-  // 5. the state the next step reads, the block's slice; rank 0 writes the row's id and step
+  // 5. the state the next step reads, the block's slice (token -1: not in it); the block that knows
+  // the token writes the row's id and step
   for (int j = threadIdx.x; j < n; j += kClusterThreads) {
     const bool hit = begin + j == token;
     seen_out[base + j] = seen[base + j] || hit;
     counts_out[base + j] = counts[base + j] + (hit ? 1.0f : 0.0f);
   }
-  if (rank == 0 && threadIdx.x == 0) {
+  if (rank == writer && threadIdx.x == 0) {
     next_ids[row] = token;
     step_out[row] = step[row] + 1;
   }
