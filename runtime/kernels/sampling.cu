@@ -28,7 +28,9 @@
 // fused_sample_cluster (sm_90+): a row over a thread-block cluster of 8 blocks, each with a slice of
 // the row in its own shared memory; every reduction is a block reduction, then the 8 block totals
 // combined through distributed shared memory in rank order (the same bits in every block, and
-// from run to run); only the order of float sums differs from the single-block kernel. The op
+// from run to run); only the order of float sums differs from the single-block kernel (and the
+// searches' pivots and the draw's split of the row, which change no threshold and move a token only
+// where a uniform lands where two cumulative sums meet). The op
 // takes the cluster kernel when the GPU's compute capability is >= 9.0 and a cluster launch of it
 // fits (decided once a kernel object, i.e. a session) and the row's slice fits in shared memory;
 // LMFORGE_KERNELS_CLUSTER=0 (read when onnxruntime creates the op's kernel) forces the single-block
@@ -340,6 +342,9 @@ __global__ void __launch_bounds__(kThreads, 1)
 // from run to run. The slots alternate between two buffers: the next reduction writes the other
 // one, and the one after it writes this one only after a cluster barrier that every block reaches
 // after its reads of this one. No block leaves before every block is past its last remote read.
+// The draw needs one cluster reduction, not two: every block gets the 8 blocks' kept mass, so every
+// block knows which one holds the target; only that block looks for the token in its slice and
+// writes the row's id (the others write their slice's state with no hit).
 
 constexpr int kCluster = 8;  // blocks a row (the portable maximum)
 #ifndef LMFORGE_CLUSTER_THREADS
@@ -681,7 +686,8 @@ __device__ int gather(const float* s, int n, float lo, float hi, ClusterShared& 
       --count;
     }
   }
-  if (threadIdx.x == 0) sh.gather_count = __shfl_sync(kFull, warp_inclusive, 31);
+  const int block_count = __shfl_sync(kFull, warp_inclusive, 31);  // every lane: a full-warp shuffle
+  if (threadIdx.x == 0) sh.gather_count = block_count;
   cluster.sync();  // every block's elements and count written
   int start[kCluster + 1];
   start[0] = 0;
