@@ -28,9 +28,7 @@
 // fused_sample_cluster (sm_90+): a row over a thread-block cluster of 8 blocks, each with a slice of
 // the row in its own shared memory; every reduction is a block reduction, then the 8 block totals
 // combined through distributed shared memory in rank order (the same bits in every block, and
-// from run to run); only the order of float sums differs from the single-block kernel (and the
-// searches' pivots and the draw's split of the row, which change no threshold and move a token only
-// where a uniform lands where two cumulative sums meet). The op
+// from run to run); only the order of float sums differs from the single-block kernel. The op
 // takes the cluster kernel when the GPU's compute capability is >= 9.0 and a cluster launch of it
 // fits (decided once a kernel object, i.e. a session) and the row's slice fits in shared memory;
 // LMFORGE_KERNELS_CLUSTER=0 (read when onnxruntime creates the op's kernel) forces the single-block
@@ -342,9 +340,6 @@ __global__ void __launch_bounds__(kThreads, 1)
 // from run to run. The slots alternate between two buffers: the next reduction writes the other
 // one, and the one after it writes this one only after a cluster barrier that every block reaches
 // after its reads of this one. No block leaves before every block is past its last remote read.
-// The draw needs one cluster reduction, not two: every block gets the 8 blocks' kept mass, so every
-// block knows which one holds the target; only that block looks for the token in its slice and
-// writes the row's id (the others write their slice's state with no hit).
 
 constexpr int kCluster = 8;  // blocks a row (the portable maximum)
 #ifndef LMFORGE_CLUSTER_THREADS
@@ -386,47 +381,31 @@ struct BestOp {  // the maximum value (x), first index (y, an int) on ties
     return (b.x > a.x || (b.x == a.x && ib < ia)) ? b : a;
   }
 };
+struct PickOp {  // the smallest found index (x, an int), the largest kept index (y, an int)
+  static constexpr int kFields = 2;
+  __device__ float4 operator()(float4 a, float4 b) const {
+    return make_float4(__int_as_float(min(__float_as_int(a.x), __float_as_int(b.x))),
+                       __int_as_float(max(__float_as_int(a.y), __float_as_int(b.y))), 0.0f, 0.0f);
+  }
+};
 
-// The threshold searches over the cluster. A round tries kPivots values: one pass over the elements
-// in play and one cluster reduction, whose latency is what a round costs at 16 rows. The pivots split
-// the live interval [lo, hi] by value (fractions 1/(P+1), …, P/(P+1)) except the middle one, which
-// splits its keys (the float's bits) in half: value splits narrow a bulk of similar values fast, and
-// the key split halves the interval's key span every round whatever the values (a -1e30 among values
-// near 0), so a search ends within 33 rounds. Once the elements in play number at most kGather, they
-// are gathered into every block's shared memory (in rank order) and the search ends there, each block
-// running the same rounds over the same elements in the same order with block reductions only: the
-// same bits in every block, no cluster barrier a round.
+// Top-p's threshold search tries kPivots values a round: each round is one pass over the row and one
+// cluster reduction, so fewer rounds cut the per-round latency that dominates at 16 rows; more pivots
+// cost comparisons an element. 3 is the default (docs/kernels.md: 3 against 1 and 7 through onnxruntime).
 #ifndef LMFORGE_CLUSTER_PIVOTS
 #define LMFORGE_CLUSTER_PIVOTS 3
 #endif
-#ifndef LMFORGE_CLUSTER_LOCAL_PIVOTS
-#define LMFORGE_CLUSTER_LOCAL_PIVOTS 7
-#endif
-#ifndef LMFORGE_CLUSTER_GATHER
-#define LMFORGE_CLUSTER_GATHER 2048
-#endif
-constexpr int kPivots = LMFORGE_CLUSTER_PIVOTS;             // pivots a cluster round (1: bisection)
-constexpr int kLocalPivots = LMFORGE_CLUSTER_LOCAL_PIVOTS;  // pivots a round over the gathered elements
-constexpr int kGather = LMFORGE_CLUSTER_GATHER;             // elements gathered at most (0: never)
-static_assert(kPivots >= 1 && kPivots <= 7 && kLocalPivots >= 1 && kLocalPivots <= 7, "1 to 7 pivots a round");
-static_assert(kGather >= 0 && kGather <= 8192, "at most 8,192 elements gathered (shared memory)");
-constexpr int kMultiWords = 5 * kPivots;       // a cluster round's words: weights, masses, counts, two keys
-constexpr int kLocalWords = 4 * kLocalPivots;  // a gathered round's: weights, masses, two keys
-constexpr int kGatherSlots = kGather > 0 ? kGather : 1;
+constexpr int kPivots = LMFORGE_CLUSTER_PIVOTS;  // pivots a search round (1: bisection)
+static_assert(kPivots >= 1 && kPivots <= 7, "1 to 7 pivots a round");
+constexpr int kMultiWords = kPivots > 1 ? 4 * kPivots : 4;
 
 struct ClusterShared {
   float4 warps[kClusterWarps];  // the block reduction's warp totals
   float4 slots[2];              // the block's total, read by every block of the cluster
   float scan[kClusterWarps];    // the block scan's warp totals
-  alignas(16) float multi_warps[kClusterWarps][kMultiWords];  // the same for a search round
+  alignas(16) float multi_warps[kClusterWarps][kMultiWords];  // the same for a search of several pivots
   alignas(16) float multi_slots[2][kMultiWords];
   alignas(16) float multi_result[kMultiWords];
-  alignas(16) float local_warps[2][kClusterWarps][kLocalWords];  // a gathered round's warp totals
-  int gather_scan[kClusterWarps];  // the gather's block scan
-  int gather_count;                // the block's elements in play, read by every block
-  int2 pick[kClusterWarps];        // the draw's block reduction (first index, last kept)
-  float mine[kGatherSlots];        // the block's elements in play, read by every block
-  float gathered[kGatherSlots];    // every block's, in rank order
 };
 
 // The block's total of v over its threads (fixed xor butterflies), then the cluster's: the slots of
@@ -457,15 +436,55 @@ __device__ float4 cluster_reduce(float4 v, float4 identity, Op op, ClusterShared
   return total;
 }
 
-// A search round's sums of P pivots: per pivot the weight at or above it (and, with Track, the mass;
-// with Count, the number of elements), the smallest value at or above it and the largest below it
-// (as keys: min / max are exact in any order).
-template <int P, bool Track, bool Count>
+// The threshold search of `search` over the cluster: the same pivots, rounds and result, with the
+// elements outside the live interval [lo, hi] skipped (below lo: not at or above the pivot, and lo
+// itself, in play, bounds what they would give the largest value below it; above hi: at or above
+// every pivot to come, so their weight is carried over from the round that lowered hi). With
+// `track_mass`, *lo_mass is the mass (sum of exp(s)) at or above the returned value.
+__device__ float cluster_search(const float* s, int n, float lo, float lo_weight, float lo_mass, float target,
+                                bool mass, bool track_mass, float* lo_mass_out, ClusterShared& sh, int& phase) {
+  *lo_mass_out = lo_mass;
+  if (!(lo_weight >= target)) return lo;
+  float hi = 0.0f;                                // the row's maximum: s = 0 there
+  float above_weight = 0.0f, above_mass = 0.0f;   // of the elements above hi (none yet)
+  for (int round = 0; round < 40 && key_of(lo) < key_of(hi); ++round) {
+    const uint32_t kl = key_of(lo), kh = key_of(hi);
+    const uint32_t km = kl + (kh - kl + 1u) / 2u;  // in (kl, kh]
+    const float pivot = value_of(km);
+    float4 r = make_float4(0.0f, INFINITY, -INFINITY, 0.0f);
+    for (int j = threadIdx.x; j < n; j += kClusterThreads) {
+      const float v = s[j];
+      if (!(v >= lo) || v > hi) continue;
+      if (v >= pivot) {
+        const float e = (mass || track_mass) ? expf(v) : 0.0f;
+        r.x += mass ? e : 1.0f;
+        r.w += e;
+        r.y = fminf(r.y, v);
+      } else {
+        r.z = fmaxf(r.z, v);
+      }
+    }
+    r = cluster_reduce(r, make_float4(0.0f, INFINITY, -INFINITY, 0.0f), RoundOp{}, sh, phase);
+    const float weight = above_weight + r.x, at_or_above_mass = above_mass + r.w;
+    if (weight >= target) {
+      lo = r.y;  // an element at or above the pivot: G(lo) = weight >= target
+      *lo_mass_out = at_or_above_mass;
+    } else {
+      hi = r.z;  // the answer is below the pivot; everything above the new hi is at or above the pivot
+      above_weight = weight;
+      above_mass = at_or_above_mass;
+    }
+  }
+  return lo;
+}
+
+// A search round of P pivots: per pivot, the weight (and mass) at or above it, the smallest value at
+// or above it and the largest below it (as keys: min / max are exact in any order).
+template <int P, bool Track>
 struct Multi {
-  static constexpr int kSums = P * (1 + (Track ? 1 : 0) + (Count ? 1 : 0));
+  static constexpr int kSums = Track ? 2 * P : P;
   static constexpr int kWords = kSums + 2 * P;
-  static constexpr int kMass = P, kCount = Track ? 2 * P : P;  // where masses and counts start
-  float sum[kSums];  // weights [0, P), then masses, then counts
+  float sum[kSums];  // weights [0, P), then masses
   uint32_t low[P];   // key of the smallest value at or above pivot q (key_of(inf): none)
   uint32_t high[P];  // key of the largest value below pivot q (key_of(-inf): none)
   __device__ void clear() {
@@ -493,116 +512,13 @@ struct Multi {
 #pragma unroll
     for (int q = 0; q < P; ++q) low[q] = __reduce_min_sync(kFull, low[q]), high[q] = __reduce_max_sync(kFull, high[q]);
   }
-  // One pass over the elements of s in play (in [lo, hi]), the pivots ascending.
-  __device__ void add(const float* s, int n, float lo, float hi, const float (&pivot)[P], bool mass) {
-    for (int j = threadIdx.x; j < n; j += kClusterThreads) {
-      const float v = s[j];
-      if (!(v >= lo) || v > hi) continue;
-      const uint32_t kv = key_of(v);
-      if (v >= pivot[0]) {
-        const float e = (mass || Track) ? expf(v) : 0.0f;
-        const float w = mass ? e : 1.0f;
-#pragma unroll
-        for (int q = 0; q < P; ++q) {
-          if (v >= pivot[q]) {
-            sum[q] += w;
-            if (Track) sum[kMass + q] += e;
-            if (Count) sum[kCount + q] += 1.0f;
-            low[q] = min(low[q], kv);
-          } else {
-            high[q] = max(high[q], kv);
-          }
-        }
-      } else {
-#pragma unroll
-        for (int q = 0; q < P; ++q) high[q] = max(high[q], kv);
-      }
-    }
-  }
 };
 
-// A threshold search's state: the live interval [lo, hi] of values of the row (the answer in it), the
-// weight and mass at or above lo, the weight and mass of the elements above hi (at or above every
-// pivot to come), and an upper bound on the elements in play (in [lo, hi]).
-struct Search {
-  float lo, hi;
-  float lo_weight, lo_mass;
-  float above_weight, above_mass;
-  float in_play;
-  __device__ bool open() const { return key_of(lo) < key_of(hi); }
-};
-
-// The pivots of a round, ascending, each in (lo, hi] (lo < hi): see kPivots above. Where lo is -inf,
-// every pivot splits the keys.
-template <int P>
-__device__ void choose_pivots(const Search& st, float (&pivot)[P]) {
-  const uint32_t kl = key_of(st.lo), kh = key_of(st.hi), span = kh - kl;
-  const bool by_value = st.lo > -INFINITY;
-  uint32_t k[P];
-#pragma unroll
-  for (int q = 0; q < P; ++q) {
-    if (q == P / 2) {
-      k[q] = kl + (span - span / 2u);  // ceil(span / 2): in (kl, kh]
-    } else if (by_value) {
-      const float v = st.lo + (st.hi - st.lo) * (static_cast<float>(q + 1) / static_cast<float>(P + 1));
-      k[q] = min(max(key_of(v), kl + 1u), kh);
-    } else {
-      k[q] = kl + static_cast<uint32_t>((static_cast<uint64_t>(span) * (q + 1) + P) / (P + 1));
-    }
-  }
-#pragma unroll
-  for (int a = 1; a < P; ++a)  // insertion sort (value splits ascend; the key split may fall anywhere)
-#pragma unroll
-    for (int b = a; b > 0; --b)
-      if (k[b] < k[b - 1]) {
-        const uint32_t t = k[b];
-        k[b] = k[b - 1];
-        k[b - 1] = t;
-      }
-#pragma unroll
-  for (int q = 0; q < P; ++q) pivot[q] = value_of(k[q]);
-}
-
-// A round's reduced sums applied: the pivots whose weight reaches the target are a prefix (the weights
-// do not increase); lo moves up to the smallest value at or above the last of them, hi down to the
-// largest value below the first that fails.
-template <int P, bool Track, bool Count>
-__device__ void advance(const Multi<P, Track, Count>& acc, float target, Search& st) {
-  int passed = 0;
-#pragma unroll
-  for (int q = 0; q < P; ++q)
-    if (st.above_weight + acc.sum[q] >= target) passed = q + 1;
-  float lo = st.lo, lo_weight = st.lo_weight, lo_mass = st.lo_mass, hi = st.hi;
-  float above_weight = st.above_weight, above_mass = st.above_mass;
-  float count_lo = st.in_play, count_hi = 0.0f;  // elements in play at or above the new lo's / hi's pivot
-#pragma unroll
-  for (int q = 0; q < P; ++q) {
-    const float m = Track ? acc.sum[Multi<P, Track, Count>::kMass + q] : 0.0f;
-    const float c = Count ? acc.sum[Multi<P, Track, Count>::kCount + q] : 0.0f;
-    if (q + 1 == passed) {
-      lo = value_of(acc.low[q]);
-      lo_weight = st.above_weight + acc.sum[q];
-      lo_mass = st.above_mass + m;
-      count_lo = c;
-    }
-    if (q == passed) {
-      hi = value_of(acc.high[q]);
-      above_weight = st.above_weight + acc.sum[q];
-      above_mass = st.above_mass + m;
-      count_hi = c;
-    }
-  }
-  st.lo = lo, st.lo_weight = lo_weight, st.lo_mass = lo_mass;
-  st.hi = hi, st.above_weight = above_weight, st.above_mass = above_mass;
-  if (Count) st.in_play = count_lo - count_hi;
-}
-
-// cluster_reduce for a round's sums: block totals as there; warp 0 combines the cluster's slots (lane
-// q reads rank q's; sums in rank order) and hands the result to the block through shared memory.
-template <int P, bool Track, bool Count>
-__device__ void multi_reduce(Multi<P, Track, Count>& v, ClusterShared& sh, int& phase) {
-  using M = Multi<P, Track, Count>;
-  static_assert(M::kWords <= kMultiWords, "room for the words");
+// cluster_reduce for a Multi: block totals as there; warp 0 combines the cluster's slots (lane q
+// reads rank q's; sums in rank order) and hands the result to the block through shared memory.
+template <int P, bool Track>
+__device__ void multi_reduce(Multi<P, Track>& v, ClusterShared& sh, int& phase) {
+  static_assert(Multi<P, Track>::kWords <= kMultiWords, "room for the words");
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   v.warp_reduce();
   if (lane == 0) v.store(sh.multi_warps[warp]);
@@ -610,17 +526,17 @@ __device__ void multi_reduce(Multi<P, Track, Count>& v, ClusterShared& sh, int& 
   namespace cg = cooperative_groups;
   cg::cluster_group cluster = cg::this_cluster();
   if (warp == 0) {
-    M w;
+    Multi<P, Track> w;
     if (lane < kClusterWarps) w.load(sh.multi_warps[lane]); else w.clear();
     w.warp_reduce();
     if (lane == 0) w.store(sh.multi_slots[phase]);
   }
   cluster.sync();
   if (warp == 0) {
-    M r;
+    Multi<P, Track> r;
     if (lane < kCluster) r.load(cluster.map_shared_rank(&sh.multi_slots[phase][0], lane)); else r.clear();
 #pragma unroll
-    for (int i = 0; i < M::kSums; ++i) {
+    for (int i = 0; i < Multi<P, Track>::kSums; ++i) {
       float total = __shfl_sync(kFull, r.sum[i], 0);
 #pragma unroll
       for (int q = 1; q < kCluster; ++q) total += __shfl_sync(kFull, r.sum[i], q);
@@ -635,118 +551,74 @@ __device__ void multi_reduce(Multi<P, Track, Count>& v, ClusterShared& sh, int& 
   phase ^= 1;
 }
 
-// The block's total of a gathered round's sums (every block computes the same from the same
-// elements): warp totals, then every warp combines them (the same bits in every warp). The warp
-// totals alternate between two buffers (the round after next rewrites one only after a barrier that
-// every warp reaches after reading it).
+// cluster_search with P pivots a round, splitting the keys (lo, hi] in P + 1 parts: the same
+// result, in fewer rounds.
 template <int P, bool Track>
-__device__ void local_reduce(Multi<P, Track, false>& v, ClusterShared& sh, int& local_phase) {
-  static_assert(Multi<P, Track, false>::kWords <= kLocalWords, "room for the words");
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  v.warp_reduce();
-  if (lane == 0) v.store(sh.local_warps[local_phase][warp]);
-  __syncthreads();
-  if (lane < kClusterWarps) v.load(sh.local_warps[local_phase][lane]); else v.clear();
-  v.warp_reduce();
-  local_phase ^= 1;
-}
-
-// The elements of every block's slice in [lo, hi] (at most kGather in all: the caller's bound), in
-// rank order and in each block in (thread, stride) order, copied into every block's sh.gathered;
-// returns how many. `busy`: another block may still be reading this block's sh.mine from an earlier
-// gather (no cluster barrier since), so the block waits at one before rewriting it.
-__device__ int gather(const float* s, int n, float lo, float hi, ClusterShared& sh, bool& busy) {
-  namespace cg = cooperative_groups;
-  cg::cluster_group cluster = cg::this_cluster();
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  int count = 0;
-  for (int j = threadIdx.x; j < n; j += kClusterThreads) {
-    const float v = s[j];
-    count += (v >= lo && v <= hi) ? 1 : 0;
-  }
-  int inclusive = count;  // the block's exclusive scan of the counts (thread order)
-  for (int o = 1; o < 32; o <<= 1) {
-    const int up = __shfl_up_sync(kFull, inclusive, o);
-    if (lane >= o) inclusive += up;
-  }
-  if (lane == 31) sh.gather_scan[warp] = inclusive;
-  if (busy) cluster.sync(); else __syncthreads();
-  const int warp_total = lane < kClusterWarps ? sh.gather_scan[lane] : 0;
-  int warp_inclusive = warp_total;
-  for (int o = 1; o < 32; o <<= 1) {
-    const int up = __shfl_up_sync(kFull, warp_inclusive, o);
-    if (lane >= o) warp_inclusive += up;
-  }
-  int at = __shfl_sync(kFull, warp_inclusive - warp_total, warp) + inclusive - count;
-  for (int j = threadIdx.x; j < n && count > 0; j += kClusterThreads) {
-    const float v = s[j];
-    if (v >= lo && v <= hi) {
-      if (at < kGather) sh.mine[at] = v;  // the caller's bound keeps at < kGather; a guard only
-      ++at;
-      --count;
-    }
-  }
-  const int block_count = __shfl_sync(kFull, warp_inclusive, 31);  // every lane: a full-warp shuffle
-  if (threadIdx.x == 0) sh.gather_count = block_count;
-  cluster.sync();  // every block's elements and count written
-  int start[kCluster + 1];
-  start[0] = 0;
+__device__ float cluster_search_multi(const float* s, int n, float lo, float lo_weight, float lo_mass, float target,
+                                      bool mass, float* lo_mass_out, ClusterShared& sh, int& phase) {
+  *lo_mass_out = lo_mass;
+  if (!(lo_weight >= target)) return lo;
+  float hi = 0.0f;
+  float above_weight = 0.0f, above_mass = 0.0f;
+  for (int round = 0; round < 40 && key_of(lo) < key_of(hi); ++round) {
+    const uint32_t kl = key_of(lo), span = key_of(hi) - kl;
+    float pivot[P];
 #pragma unroll
-  for (int q = 0; q < kCluster; ++q) start[q + 1] = start[q] + *cluster.map_shared_rank(&sh.gather_count, q);
-  const int m = min(start[kCluster], kGather);
-  for (int i = threadIdx.x; i < m; i += kClusterThreads) {
-    int q = 0, first = 0;  // the rank whose elements hold i, and its first's index
-#pragma unroll
-    for (int r = 1; r < kCluster; ++r)
-      if (i >= start[r]) q = r, first = start[r];
-    sh.gathered[i] = *cluster.map_shared_rank(&sh.mine[i - first], q);
-  }
-  __syncthreads();
-  busy = true;
-  return m;
-}
-
-// The threshold search of `search` (the single-block kernel's) over the cluster: the same result,
-// the largest value of the row whose weight at or above it reaches target, in fewer rounds (the
-// pivots above; elements outside the live interval skipped: below lo they are not at or above a
-// pivot, and lo itself bounds what they would give the largest value below one; above hi they are at
-// or above every pivot to come, so their weight is carried over from the round that lowered hi). The
-// caller sets st's lo, lo_weight (G(lo)), lo_mass and in_play, and hi = 0 (the row's maximum), nothing
-// above it. Returns the value; *lo_weight_out and *lo_mass_out: its weight and mass (Track: the mass).
-// Every thread of the cluster calls it with the same arguments but s and n (its block's slice).
-template <bool Track>
-__device__ float cluster_search(const float* s, int n, Search st, float target, bool mass, float* lo_weight_out,
-                                float* lo_mass_out, ClusterShared& sh, int& phase, int& local_phase, bool& busy) {
-  int round = 0;
-  int gathered = -1;  // elements gathered (-1: none yet)
-  for (; st.lo_weight >= target && round < 40 && st.open(); ++round) {
-    if (kGather > 0 && st.in_play <= static_cast<float>(kGather)) {
-      gathered = gather(s, n, st.lo, st.hi, sh, busy);
-      break;
-    }
-    float pivot[kPivots];
-    choose_pivots(st, pivot);
-    Multi<kPivots, Track, true> acc;
+    for (int q = 0; q < P; ++q)  // ceil(span (q + 1) / (P + 1)): in (kl, kh], ascending
+      pivot[q] = value_of(kl + static_cast<uint32_t>((static_cast<uint64_t>(span) * (q + 1) + P) / (P + 1)));
+    Multi<P, Track> acc;
     acc.clear();
-    acc.add(s, n, st.lo, st.hi, pivot, mass);
-    multi_reduce(acc, sh, phase);
-    busy = false;  // past a cluster barrier: every earlier gather's reads are done
-    advance(acc, target, st);
-  }
-  if (gathered >= 0) {
-    for (; round < 40 && st.open(); ++round) {
-      float pivot[kLocalPivots];
-      choose_pivots(st, pivot);
-      Multi<kLocalPivots, Track, false> acc;
-      acc.clear();
-      acc.add(sh.gathered, gathered, st.lo, st.hi, pivot, mass);
-      local_reduce(acc, sh, local_phase);
-      advance(acc, target, st);
+    for (int j = threadIdx.x; j < n; j += kClusterThreads) {
+      const float v = s[j];
+      if (!(v >= lo) || v > hi) continue;
+      const uint32_t kv = key_of(v);
+      if (v >= pivot[0]) {
+        const float e = (mass || Track) ? expf(v) : 0.0f;
+        const float w = mass ? e : 1.0f;
+#pragma unroll
+        for (int q = 0; q < P; ++q) {
+          if (v >= pivot[q]) {
+            acc.sum[q] += w;
+            if (Track) acc.sum[Track ? P + q : q] += e;
+            acc.low[q] = min(acc.low[q], kv);
+          } else {
+            acc.high[q] = max(acc.high[q], kv);
+          }
+        }
+      } else {
+#pragma unroll
+        for (int q = 0; q < P; ++q) acc.high[q] = max(acc.high[q], kv);
+      }
     }
+    multi_reduce(acc, sh, phase);
+    int passed = 0;  // pivots whose weight reaches the target (a prefix: the weights do not increase)
+#pragma unroll
+    for (int q = 0; q < P; ++q)
+      if (above_weight + acc.sum[q] >= target) passed = q + 1;
+    float new_lo = lo, new_lo_mass = *lo_mass_out;
+#pragma unroll
+    for (int q = 0; q < P; ++q) {
+      if (q + 1 == passed) {
+        new_lo = value_of(acc.low[q]);
+        new_lo_mass = above_mass + (Track ? acc.sum[Track ? P + q : q] : 0.0f);
+      }
+    }
+    float new_hi = hi, new_above_weight = above_weight, new_above_mass = above_mass;
+#pragma unroll
+    for (int q = 0; q < P; ++q) {
+      if (q == passed) {
+        new_hi = value_of(acc.high[q]);
+        new_above_weight = above_weight + acc.sum[q];
+        new_above_mass = above_mass + (Track ? acc.sum[Track ? P + q : q] : 0.0f);
+      }
+    }
+    lo = new_lo;
+    *lo_mass_out = new_lo_mass;
+    hi = new_hi;
+    above_weight = new_above_weight;
+    above_mass = new_above_mass;
   }
-  *lo_weight_out = st.lo_weight;
-  *lo_mass_out = st.lo_mass;
-  return st.lo;
+  return lo;
 }
 
 #endif  // LMFORGE_CLUSTER_DEVICE
@@ -798,8 +670,7 @@ __global__ void __launch_bounds__(kClusterThreads, 1)
     best = BestOp{}(best, make_float4(v, __int_as_float(begin + j), 0.0f, 0.0f));
   }
   best = cluster_reduce(best, make_float4(-INFINITY, __int_as_float(0x7fffffff), 0.0f, 0.0f), BestOp{}, sh, phase);
-  int token = __float_as_int(best.y);  // the argmax; where a sampled row draws: its token, or -1 in
-  int writer = 0;                       // every block but the writer's (the one that drew it)
+  int token = __float_as_int(best.y);
 
   const float t = temperature[row];
   const bool greedy = !(t > 0.0f) || top_k[row] == 1;
@@ -823,24 +694,32 @@ __global__ void __launch_bounds__(kClusterThreads, 1)
     const float smallest = stats.y;
 
     // 3. the threshold: max(top-k, top-p, min-p)
-    int local_phase = 0;
-    bool busy = false;  // a gather's elements may still be read by another block (cluster_search)
-    float thr_k = -INFINITY, mass_k = stats.x, count_k = static_cast<float>(vocab);
-    if (top_k_search) {  // G counts; every element is at or above smallest
-      const float all = static_cast<float>(vocab);
-      const Search st{smallest, 0.0f, all, stats.x, 0.0f, 0.0f, all};
-      thr_k = top_p_search ? cluster_search<true>(x, n, st, static_cast<float>(k), false, &count_k, &mass_k, sh,
-                                                  phase, local_phase, busy)
-                           : cluster_search<false>(x, n, st, static_cast<float>(k), false, &count_k, &mass_k, sh,
-                                                   phase, local_phase, busy);
+    float thr_k = -INFINITY, mass_k = stats.x;
+    if (top_k_search) {
+      if (kPivots == 1)
+        thr_k = cluster_search(x, n, smallest, static_cast<float>(vocab), stats.x, static_cast<float>(k), false,
+                               top_p_search, &mass_k, sh, phase);
+      else if (top_p_search)
+        thr_k = cluster_search_multi<kPivots, true>(x, n, smallest, static_cast<float>(vocab), stats.x,
+                                                    static_cast<float>(k), false, &mass_k, sh, phase);
+      else
+        thr_k = cluster_search_multi<kPivots, false>(x, n, smallest, static_cast<float>(vocab), stats.x,
+                                                     static_cast<float>(k), false, &mass_k, sh, phase);
     }
     float thr_p = -INFINITY;
-    if (top_p_search) {  // G is the mass, renormalized over the top-k survivors (those at or above thr_k)
-      Search st{smallest, 0.0f, stats.x, stats.x, 0.0f, 0.0f, static_cast<float>(vocab)};
-      if (k > 0 && thr_k > -INFINITY) st = Search{thr_k, 0.0f, mass_k, mass_k, 0.0f, 0.0f, count_k};
-      float weight = 0.0f, mass = 0.0f;
-      thr_p = cluster_search<false>(x, n, st, __fmul_rn(p, st.lo_weight), true, &weight, &mass, sh, phase,
-                                    local_phase, busy);
+    if (top_p_search) {
+      float mass = stats.x;  // top-p renormalizes over the top-k survivors
+      float lo = smallest;
+      if (k > 0 && thr_k > -INFINITY) {
+        mass = mass_k;  // the mass at or above thr_k, summed by the top-k search
+        lo = thr_k;
+      }
+      float unused = 0.0f;
+      if (kPivots == 1)
+        thr_p = cluster_search(x, n, lo, mass, 0.0f, __fmul_rn(p, mass), true, false, &unused, sh, phase);
+      else
+        thr_p = cluster_search_multi<kPivots, false>(x, n, lo, mass, 0.0f, __fmul_rn(p, mass), true, &unused, sh,
+                                                     phase);
     }
     const float mp = min_p[row];
     const float thr_m = mp > 0.0f ? logf(mp) : -INFINITY;
@@ -895,62 +774,37 @@ __global__ void __launch_bounds__(kClusterThreads, 1)
     const int64_t column = min(step[row], last_step[row]);
     const float u = uniforms[static_cast<size_t>(row) * steps + column];
     const float target = __fmul_rn(u, total);
-    // The block that draws: the first rank whose cumulative mass (the sums above, the same bits in
-    // every block) passes the target; where rounding leaves none, the last rank with kept mass; none
-    // at all (nothing kept): the argmax stands. Only that block looks for the token in its slice (its
-    // first index whose cumulative mass passes the target, else its last kept), so no cluster
-    // reduction is needed: every other block's slice holds no hit.
-    int owner = -1;
-    float cumulative = 0.0f;
-#pragma unroll
-    for (int q = 0; q < kCluster; ++q) {
-      cumulative = q == 0 ? totals[0] : cumulative + totals[q];
-      if (owner < 0 && cumulative > target) owner = q;
-    }
-    if (owner < 0)
-#pragma unroll
-      for (int q = 0; q < kCluster; ++q)
-        if (totals[q] > 0.0f) owner = q;
-    if (owner >= 0) {
-      writer = owner;
-      token = -1;
-    }
-    if (owner == rank) {
-      int found = 0x7fffffff;
-      const float start = offset + before;
-      if (start + local > target) {
-        float c = start;
-        for (int j = lo_j; j < hi_j; ++j) {
-          const float v = x[j];
-          if (v >= thr) c += expf(v);
-          if (c > target) {
-            found = begin + j;
-            break;
-          }
+    int found = 0x7fffffff;
+    const float start = offset + before;
+    if (start + local > target) {
+      float c = start;
+      for (int j = lo_j; j < hi_j; ++j) {
+        const float v = x[j];
+        if (v >= thr) c += expf(v);
+        if (c > target) {
+          found = begin + j;
+          break;
         }
       }
-      found = __reduce_min_sync(kFull, found);  // the block's first, and its last kept
-      int kept = __reduce_max_sync(kFull, last_kept);
-      if (lane == 0) sh.pick[warp] = make_int2(found, kept);
-      __syncthreads();
-      const int2 w = lane < kClusterWarps ? sh.pick[lane] : make_int2(0x7fffffff, -1);
-      found = __reduce_min_sync(kFull, w.x);
-      kept = __reduce_max_sync(kFull, w.y);
-      token = found != 0x7fffffff ? found : kept;  // kept >= 0: the block's kept mass is > 0
     }
+    const float4 pick = cluster_reduce(make_float4(__int_as_float(found), __int_as_float(last_kept), 0.0f, 0.0f),
+                                       make_float4(__int_as_float(0x7fffffff), __int_as_float(-1), 0.0f, 0.0f),
+                                       PickOp{}, sh, phase);
+    found = __float_as_int(pick.x);
+    if (found == 0x7fffffff) found = __float_as_int(pick.y);  // rounding: the last kept
+    if (found >= 0) token = found;
   }
   // every remote read of this block's slots is before this arrival; the wait at the end keeps the
   // block (and its shared memory) alive until every block of the cluster has arrived
   cluster.barrier_arrive();
 
-  // 5. the state the next step reads, the block's slice (token -1: not in it); the block that knows
-  // the token writes the row's id and step
+  // 5. the state the next step reads, the block's slice; rank 0 writes the row's id and step
   for (int j = threadIdx.x; j < n; j += kClusterThreads) {
     const bool hit = begin + j == token;
     seen_out[base + j] = seen[base + j] || hit;
     counts_out[base + j] = counts[base + j] + (hit ? 1.0f : 0.0f);
   }
-  if (rank == writer && threadIdx.x == 0) {
+  if (rank == 0 && threadIdx.x == 0) {
     next_ids[row] = token;
     step_out[row] = step[row] + 1;
   }
