@@ -12,6 +12,11 @@ shared-buffer artifact (``bench/gpu_serving.py``'s ``build``), for each ``--batc
   prints, per step: the wall time, the kernels' summed time, the idle rest, the launch count, and
   the weights' bytes over the wall time (bandwidth).
 
+With ``--phases`` and a kernels library built with ``-DLMFORGE_PROFILE=1`` (``LMFORGE_KERNELS_LIB``), it
+also prints where the fused sampler's time goes inside those timed steps: a row's SM cycles per
+phase of the cluster kernel, its wall time, the SM clock they imply, and its search rounds
+(``lmforge_profile_read`` in ``runtime/kernels/sampling.cu``).
+
 onnxruntime's own profiler cannot see inside a captured graph; CUPTI can. torch is imported only
 after onnxruntime has loaded its CUDA libraries. Writes ``OUT/gpu_profile-<label>.json``.
 
@@ -108,6 +113,38 @@ def profile_batch(engine: Any, prompts: list[list[int]], new_tokens: int, device
             "kernels": {n: {"us_per_step": t / steps, "per_step": c / steps} for n, (t, c) in kernels.items()}}
 
 
+PHASES = ("rows", "sampled", "argmax", "stats", "top-k", "top-p", "draw", "state", "exit", "cycles", "ns",
+          "rounds top-k", "rounds top-p")  # sampling.cu's ProfileSlot order
+
+
+def read_phases(reset_only: bool = False) -> dict[str, float] | None:
+    """The fused sampler's profile counters since the last read, a row's mean (None: the library is
+    not a ``LMFORGE_PROFILE`` build). Reading zeroes them."""
+    import ctypes
+
+    from runtime.kernels import kernel_library
+
+    path = kernel_library()
+    if path is None:
+        return None
+    try:
+        fn = ctypes.CDLL(str(path)).lmforge_profile_read
+    except AttributeError:
+        return None
+    values = (ctypes.c_ulonglong * len(PHASES))()
+    if fn(values, len(PHASES)) != len(PHASES) or reset_only:
+        return None
+    raw = dict(zip(PHASES, (float(v) for v in values), strict=True))
+    rows, sampled = max(raw["rows"], 1.0), max(raw["sampled"], 1.0)
+    counts = ("rows", "sampled", "rounds top-k", "rounds top-p")
+    out = {k: round(v / rows, 1) for k, v in raw.items() if k not in counts}
+    out.update({"rows": raw["rows"], "sampled": raw["sampled"],
+                "rounds top-k": round(raw["rounds top-k"] / sampled, 2),
+                "rounds top-p": round(raw["rounds top-p"] / sampled, 2),
+                "mhz": round(1e3 * raw["cycles"] / raw["ns"], 0) if raw["ns"] else 0.0})
+    return out
+
+
 def build_unfused(src: Path, out: Path) -> None:
     """``out``: ``src`` optimized for CUDA fp16 shared-buffer without the gate|up fusion."""
     from unittest import mock
@@ -143,7 +180,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         sampling = GREEDY if args.sampling == "greedy" else SAMPLED[args.sampling]
         out["sampling"] = args.sampling
         for b in args.batch:
+            if args.phases:
+                read_phases(reset_only=True)
             rate = decode_rate(engine, prompts[:b], args.new_tokens, sampling, args.repeats)
+            phases = read_phases() if args.phases else None
             step_us = 1e6 * b / rate
             prof = profile_batch(engine, prompts[:b], args.new_tokens, args.device, sampling)
             by_kind: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0.0])
@@ -160,6 +200,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1][0])},
                    "top": [{"name": n[:160], "kind": kind_of(n), "us": round(k["us_per_step"], 2),
                             "per_step": round(k["per_step"], 2)} for n, k in top]}
+            if phases is not None:
+                row["phases"] = phases
+                print(f"[{args.label}] batch {b} sampler phases, a row: {phases}", flush=True)
             out[f"batch {b}"] = row
             print(f"[{args.label}] batch {b}: {rate:.0f} tok/s, step {step_us:.0f} us = kernels {busy:.0f} "
                   f"+ idle {step_us - busy:.0f} us, {launches:.0f} launches, {row['bandwidth_gb_s']} GB/s of weights",
@@ -187,6 +230,8 @@ def main() -> None:
     parser.add_argument("--sampling", default="greedy", choices=("greedy", "temperature 0.7",
                         "temperature 0.7 + top-p 0.9", "top-k 50 + top-p 0.9"),
                         help="every request's sampling (seeded per row), as bench/gpu_serving.py names them")
+    parser.add_argument("--phases", action="store_true",
+                        help="the fused sampler's per-phase cycles (a LMFORGE_PROFILE=1 build in LMFORGE_KERNELS_LIB)")
     parser.add_argument("--device", default="cuda", help="cpu: a dry run of the script (CPU activity, no kernels)")
     parser.add_argument("--out", default=os.environ.get("OUT", "/tmp/out"))
     args = parser.parse_args()

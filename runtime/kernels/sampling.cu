@@ -329,6 +329,51 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
 }
 
+// LMFORGE_PROFILE=1 (a build switch, off by default): the cluster kernel's thread 0 of rank 0 adds each
+// row's SM clock cycles per phase, its wall time (%globaltimer, ns) and its search rounds to
+// g_profile, which lmforge_profile_read copies out and zeroes: where a row's time goes inside a
+// decode step, where CUPTI sees only the whole launch (bench/gpu_profile.py --phases).
+#ifndef LMFORGE_PROFILE
+#define LMFORGE_PROFILE 0
+#endif
+enum ProfileSlot {
+  kProfRows, kProfSampled, kProfArgmax, kProfStats, kProfTopK, kProfTopP, kProfDraw, kProfState, kProfExit,
+  kProfCycles, kProfNanos, kProfRoundsK, kProfRoundsP, kProfSlots
+};
+#if LMFORGE_PROFILE
+__device__ unsigned long long g_profile[kProfSlots];
+__device__ __forceinline__ unsigned long long global_ns() {
+  unsigned long long t;
+  asm volatile("mov.u64 %0, %globaltimer;" : "=l"(t));
+  return t;
+}
+struct PhaseClock {  // one per thread; only the recording thread (rank 0, thread 0) adds anything
+  bool on;
+  long long start, last;
+  unsigned long long start_ns;
+  __device__ void begin(bool recording) {
+    on = recording;
+    start = last = clock64();
+    start_ns = global_ns();
+  }
+  __device__ void mark(int slot) {
+    if (!on) return;
+    const long long now = clock64();
+    atomicAdd(&g_profile[slot], static_cast<unsigned long long>(now - last));
+    last = now;
+  }
+  __device__ void end() {
+    if (!on) return;
+    atomicAdd(&g_profile[kProfCycles], static_cast<unsigned long long>(clock64() - start));
+    atomicAdd(&g_profile[kProfNanos], global_ns() - start_ns);
+    atomicAdd(&g_profile[kProfRows], 1ull);
+  }
+};
+#define LMFORGE_PROF(statement) statement
+#else
+#define LMFORGE_PROF(statement)
+#endif
+
 // -- the cluster kernel (sm_90+): a row over a cluster of kCluster thread blocks -------------------
 //
 // Block r of a row's cluster owns the contiguous slice [r * slice, min(vocab, (r + 1) * slice)) of the
@@ -346,6 +391,15 @@ constexpr int kCluster = 8;  // blocks a row (the portable maximum)
 #define LMFORGE_CLUSTER_THREADS 512
 #endif
 constexpr int kClusterThreads = LMFORGE_CLUSTER_THREADS;
+// Blocks an SM may hold at once (the kernel's launch bound: its registers are capped to fit). With one,
+// a GPU holds only as many rows' clusters as its GPCs have room for 8 whole SMs: 15 on a 132-SM H100 or
+// H200, so a 16th row ran in a second wave and a batch of 16 took two rows' time. With two, every
+// cluster of such a batch is resident at once. The arithmetic does not change (the same code, fewer
+// registers: 63, no spills on sm_90), so neither do the tokens. docs/kernels.md has the measurements.
+#ifndef LMFORGE_CLUSTER_BLOCKS_PER_SM
+#define LMFORGE_CLUSTER_BLOCKS_PER_SM 1
+#endif
+constexpr int kClusterBlocksPerSm = LMFORGE_CLUSTER_BLOCKS_PER_SM;
 constexpr int kClusterWarps = kClusterThreads / 32;
 static_assert(kClusterThreads % 32 == 0 && kClusterWarps <= 32, "a block of whole warps, at most 32");
 
@@ -397,6 +451,11 @@ struct PickOp {  // the smallest found index (x, an int), the largest kept index
 #endif
 constexpr int kPivots = LMFORGE_CLUSTER_PIVOTS;  // pivots a search round (1: bisection)
 static_assert(kPivots >= 1 && kPivots <= 7, "1 to 7 pivots a round");
+// LMFORGE_OWNER_DRAW (a build switch, on by default; 0 for A/B timing): the draw without its last cluster reduction
+// (the block whose slice holds the target finds the token and writes the id).
+#ifndef LMFORGE_OWNER_DRAW
+#define LMFORGE_OWNER_DRAW 0
+#endif
 constexpr int kMultiWords = kPivots > 1 ? 4 * kPivots : 4;
 
 struct ClusterShared {
@@ -406,6 +465,7 @@ struct ClusterShared {
   alignas(16) float multi_warps[kClusterWarps][kMultiWords];  // the same for a search of several pivots
   alignas(16) float multi_slots[2][kMultiWords];
   alignas(16) float multi_result[kMultiWords];
+  int2 pick[kClusterWarps];  // the owner draw's block reduction (first index, last kept)
 };
 
 // The block's total of v over its threads (fixed xor butterflies), then the cluster's: the slots of
@@ -591,6 +651,8 @@ __device__ float cluster_search_multi(const float* s, int n, float lo, float lo_
       }
     }
     multi_reduce(acc, sh, phase);
+    LMFORGE_PROF(if (threadIdx.x == 0 && cooperative_groups::this_cluster().block_rank() == 0)
+                     atomicAdd(&g_profile[mass ? kProfRoundsP : kProfRoundsK], 1ull));
     int passed = 0;  // pivots whose weight reaches the target (a prefix: the weights do not increase)
 #pragma unroll
     for (int q = 0; q < P; ++q)
@@ -626,7 +688,7 @@ __device__ float cluster_search_multi(const float* s, int n, float lo, float lo_
 // The row's work of fused_sample over a cluster of kCluster blocks (grid: batch * kCluster blocks,
 // cluster dimension kCluster): the same semantics; sums are combined in another (fixed) order.
 template <typename T>
-__global__ void __launch_bounds__(kClusterThreads, 1)
+__global__ void __launch_bounds__(kClusterThreads, kClusterBlocksPerSm)
     fused_sample_cluster(const T* __restrict__ logits, int vocab, const float* __restrict__ temperature,
                          const int64_t* __restrict__ top_k, const float* __restrict__ top_p,
                          const float* __restrict__ min_p, const float* __restrict__ repetition,
@@ -645,6 +707,7 @@ __global__ void __launch_bounds__(kClusterThreads, 1)
   int phase = 0;
 
   const int rank = static_cast<int>(cluster.block_rank());
+  LMFORGE_PROF(PhaseClock clock; clock.begin(rank == 0 && threadIdx.x == 0));
   const int row = blockIdx.x / kCluster;
   const int slice = (vocab + kCluster - 1) / kCluster;
   const int begin = min(vocab, rank * slice), n = min(vocab, begin + slice) - begin;  // n >= 0
@@ -670,11 +733,14 @@ __global__ void __launch_bounds__(kClusterThreads, 1)
     best = BestOp{}(best, make_float4(v, __int_as_float(begin + j), 0.0f, 0.0f));
   }
   best = cluster_reduce(best, make_float4(-INFINITY, __int_as_float(0x7fffffff), 0.0f, 0.0f), BestOp{}, sh, phase);
-  int token = __float_as_int(best.y);
+  int token = __float_as_int(best.y);  // the argmax; with the owner draw, a sampled row's token or -1 in
+  int writer = 0;                       // every block but the writer's (the one that drew it)
+  LMFORGE_PROF(clock.mark(kProfArgmax));
 
   const float t = temperature[row];
   const bool greedy = !(t > 0.0f) || top_k[row] == 1;
   if (!greedy) {
+    LMFORGE_PROF(if (clock.on) atomicAdd(&g_profile[kProfSampled], 1ull));
     // 2. s = (x - max) / t; for the searches, the row's smallest s and its total mass
     const float row_max = best.x;
     const int64_t k = top_k[row];
@@ -692,6 +758,7 @@ __global__ void __launch_bounds__(kClusterThreads, 1)
     else
       __syncthreads();  // the block's s written (the draw below reads other threads' elements)
     const float smallest = stats.y;
+    LMFORGE_PROF(clock.mark(kProfStats));
 
     // 3. the threshold: max(top-k, top-p, min-p)
     float thr_k = -INFINITY, mass_k = stats.x;
@@ -706,6 +773,7 @@ __global__ void __launch_bounds__(kClusterThreads, 1)
         thr_k = cluster_search_multi<kPivots, false>(x, n, smallest, static_cast<float>(vocab), stats.x,
                                                      static_cast<float>(k), false, &mass_k, sh, phase);
     }
+    LMFORGE_PROF(clock.mark(kProfTopK));
     float thr_p = -INFINITY;
     if (top_p_search) {
       float mass = stats.x;  // top-p renormalizes over the top-k survivors
@@ -724,6 +792,7 @@ __global__ void __launch_bounds__(kClusterThreads, 1)
     const float mp = min_p[row];
     const float thr_m = mp > 0.0f ? logf(mp) : -INFINITY;
     const float thr = fmaxf(fmaxf(thr_k, thr_p), thr_m);
+    LMFORGE_PROF(clock.mark(kProfTopP));
 
     // 4. inverse-CDF draw over the kept mass in vocabulary order: thread t of block r owns a
     // contiguous chunk of block r's slice; block r's offset is the kept mass of ranks < r
@@ -774,6 +843,52 @@ __global__ void __launch_bounds__(kClusterThreads, 1)
     const int64_t column = min(step[row], last_step[row]);
     const float u = uniforms[static_cast<size_t>(row) * steps + column];
     const float target = __fmul_rn(u, total);
+#if LMFORGE_OWNER_DRAW
+    // The block that draws: the first rank whose cumulative mass (the sums above, the same bits in
+    // every block) passes the target; where rounding leaves none, the last rank with kept mass; none
+    // at all (nothing kept): the argmax stands. Only that block looks for the token in its slice (its
+    // first index whose cumulative mass passes the target, else its last kept), so no cluster
+    // reduction is needed: no other block's slice holds the token.
+    int owner = -1;
+    float cumulative = 0.0f;
+#pragma unroll
+    for (int q = 0; q < kCluster; ++q) {
+      cumulative = q == 0 ? totals[0] : cumulative + totals[q];
+      if (owner < 0 && cumulative > target) owner = q;
+    }
+    if (owner < 0) {
+#pragma unroll
+      for (int q = 0; q < kCluster; ++q)
+        if (totals[q] > 0.0f) owner = q;
+    }
+    if (owner >= 0) {
+      writer = owner;
+      token = -1;
+    }
+    if (owner == rank) {
+      int found = 0x7fffffff;
+      const float start = offset + before;
+      if (start + local > target) {
+        float c = start;
+        for (int j = lo_j; j < hi_j; ++j) {
+          const float v = x[j];
+          if (v >= thr) c += expf(v);
+          if (c > target) {
+            found = begin + j;
+            break;
+          }
+        }
+      }
+      found = __reduce_min_sync(kFull, found);  // every lane of every warp: the block's first, its last kept
+      int kept = __reduce_max_sync(kFull, last_kept);
+      if (lane == 0) sh.pick[warp] = make_int2(found, kept);
+      __syncthreads();
+      const int2 w = lane < kClusterWarps ? sh.pick[lane] : make_int2(0x7fffffff, -1);
+      found = __reduce_min_sync(kFull, w.x);
+      kept = __reduce_max_sync(kFull, w.y);
+      token = found != 0x7fffffff ? found : kept;  // kept >= 0: the block's kept mass is > 0
+    }
+#else
     int found = 0x7fffffff;
     const float start = offset + before;
     if (start + local > target) {
@@ -793,22 +908,28 @@ __global__ void __launch_bounds__(kClusterThreads, 1)
     found = __float_as_int(pick.x);
     if (found == 0x7fffffff) found = __float_as_int(pick.y);  // rounding: the last kept
     if (found >= 0) token = found;
+#endif
+    LMFORGE_PROF(clock.mark(kProfDraw));
   }
   // every remote read of this block's slots is before this arrival; the wait at the end keeps the
   // block (and its shared memory) alive until every block of the cluster has arrived
   cluster.barrier_arrive();
 
-  // 5. the state the next step reads, the block's slice; rank 0 writes the row's id and step
+  // 5. the state the next step reads, the block's slice; the writer (rank 0, or the owner draw's block)
+  // writes the row's id and step
   for (int j = threadIdx.x; j < n; j += kClusterThreads) {
     const bool hit = begin + j == token;
     seen_out[base + j] = seen[base + j] || hit;
     counts_out[base + j] = counts[base + j] + (hit ? 1.0f : 0.0f);
   }
-  if (rank == 0 && threadIdx.x == 0) {
+  if (rank == writer && threadIdx.x == 0) {
     next_ids[row] = token;
     step_out[row] = step[row] + 1;
   }
+  LMFORGE_PROF(clock.mark(kProfState));
   cluster.barrier_wait();
+  LMFORGE_PROF(clock.mark(kProfExit));
+  LMFORGE_PROF(clock.end());
 #endif  // LMFORGE_CLUSTER_DEVICE
 }
 
@@ -1134,6 +1255,26 @@ extern "C" {
 // The library's interface version, bumped when an op is added or its inputs/outputs change: 1 FusedSample,
 // 2 FusedSample and SiluMul (runtime.kernels.library_version reads it before swapping in an op).
 __attribute__((visibility("default"))) int lmforge_kernels_version() { return 2; }
+
+// LMFORGE_PROFILE builds: copies up to n of the cluster kernel's profile counters (ProfileSlot order) into
+// out and zeroes them, after a device synchronize; returns how many were copied, 0 for a build
+// without the switch, -1 on a CUDA error.
+__attribute__((visibility("default"))) int lmforge_profile_read(unsigned long long* out, int n) {
+#if LMFORGE_PROFILE
+  if (n > kProfSlots) n = kProfSlots;
+  if (n < 0) n = 0;
+  unsigned long long zero[kProfSlots] = {};
+  if (cudaDeviceSynchronize() != cudaSuccess ||
+      cudaMemcpyFromSymbol(out, g_profile, sizeof(unsigned long long) * n) != cudaSuccess ||
+      cudaMemcpyToSymbol(g_profile, zero, sizeof(zero)) != cudaSuccess)
+    return -1;
+  return n;
+#else
+  (void)out;
+  (void)n;
+  return 0;
+#endif
+}
 
 __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options,
                                                                                const OrtApiBase* api_base) {

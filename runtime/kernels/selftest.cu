@@ -406,6 +406,21 @@ float time_launch(const Device<T>& d, bool cluster, int batch) {
   return ms[ms.size() / 2] * 1000.0f;
 }
 
+#if LMFORGE_PROFILE
+// A cluster timing's profile (LMFORGE_PROFILE builds): a row's mean SM cycles per phase, its wall time,
+// the clock they imply and its mean search rounds.
+void print_profile(const unsigned long long* p, const char* name, int rows, int vocab, const char* dtype) {
+  const double n = p[kProfRows] > 0 ? static_cast<double>(p[kProfRows]) : 1.0;
+  const double sampled = p[kProfSampled] > 0 ? static_cast<double>(p[kProfSampled]) : 1.0;
+  std::printf("PROFILE %-27s rows %2d vocab %6d %s: cycles a row argmax %.0f stats %.0f top-k %.0f top-p %.0f "
+              "draw %.0f state %.0f exit %.0f total %.0f; %.2f us a row at %.0f MHz; rounds top-k %.1f top-p %.1f\n",
+              name, rows, vocab, dtype, p[kProfArgmax] / n, p[kProfStats] / n, p[kProfTopK] / n, p[kProfTopP] / n,
+              p[kProfDraw] / n, p[kProfState] / n, p[kProfExit] / n, p[kProfCycles] / n, p[kProfNanos] / n / 1e3,
+              p[kProfNanos] > 0 ? 1e3 * static_cast<double>(p[kProfCycles]) / static_cast<double>(p[kProfNanos]) : 0.0,
+              p[kProfRoundsK] / sampled, p[kProfRoundsP] / sampled);
+}
+#endif
+
 struct Timing {
   float single = 0.0f, cluster = 0.0f;
 };
@@ -424,7 +439,14 @@ void time_cases(const Rows& h, Timing (*out)[2]) {
       std::fflush(stdout);
       Timing t;
       t.single = time_launch(d, false, rows);
+#if LMFORGE_PROFILE
+      unsigned long long prof[kProfSlots] = {};
+      if (clustered) lmforge_profile_read(prof, kProfSlots);  // zeroed
+#endif
       if (clustered) t.cluster = time_launch(d, true, rows);
+#if LMFORGE_PROFILE
+      if (clustered && lmforge_profile_read(prof, kProfSlots) == kProfSlots) print_profile(prof, c.name, rows, h.vocab, dtype);
+#endif
       out[ci][b] = t;
       if (clustered)
         std::printf("TIME %-27s rows %2d vocab %6d %s: single-block %7.1f us, cluster %6.1f us (%4.1fx)\n",
@@ -466,6 +488,24 @@ int main(int argc, char** argv) {
               "block); single-block kernel up to %lld bytes\n",
               why, kCluster, kClusterThreads, static_cast<long long>(g_cluster_limit),
               static_cast<long long>(g_shared_limit));
+  if (g_cluster_limit > 0) {  // how many rows' clusters the GPU holds at once (vocabulary 49,152)
+    int sms = 0, device = 0, clusters = 0;
+    cudaLaunchConfig_t config{};
+    config.gridDim = dim3(16 * kCluster, 1, 1);
+    config.blockDim = dim3(kClusterThreads, 1, 1);
+    config.dynamicSmemBytes = static_cast<size_t>(cluster_bytes(49152));
+    cudaLaunchAttribute attribute[1];
+    attribute[0].id = cudaLaunchAttributeClusterDimension;
+    attribute[0].val.clusterDim.x = kCluster;
+    attribute[0].val.clusterDim.y = 1;
+    attribute[0].val.clusterDim.z = 1;
+    config.attrs = attribute;
+    config.numAttrs = 1;
+    CHECK(cudaGetDevice(&device));
+    CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+    CHECK(cudaOccupancyMaxActiveClusters(&clusters, fused_sample_cluster<float>, &config));
+    std::printf("selftest: %d SMs; at vocabulary 49,152 the GPU holds %d clusters (rows) at once\n", sms, clusters);
+  }
   std::fflush(stdout);
 
   std::mt19937 rng(0);
