@@ -391,13 +391,15 @@ constexpr int kCluster = 8;  // blocks a row (the portable maximum)
 #define LMFORGE_CLUSTER_THREADS 512
 #endif
 constexpr int kClusterThreads = LMFORGE_CLUSTER_THREADS;
-// Blocks an SM may hold at once (the kernel's launch bound: its registers are capped to fit). With one,
-// a GPU holds only as many rows' clusters as its GPCs have room for 8 whole SMs: 15 on a 132-SM H100 or
-// H200, so a 16th row ran in a second wave and a batch of 16 took two rows' time. With two, every
-// cluster of such a batch is resident at once. The arithmetic does not change (the same code, fewer
-// registers: 63, no spills on sm_90), so neither do the tokens. docs/kernels.md has the measurements.
+// Blocks an SM may hold at once (the kernel's launch bound, which caps its registers to fit; a build
+// switch, 2 by default, 1 for A/B timing). With one, a GPU holds only as many rows' clusters as its GPCs
+// have room for 8 whole SMs: 15 on a 132-SM H200, so the 16th row of a batch ran in a second wave and
+// 16 rows took two rows' time. With two, the same GPU holds 30 and a batch of 16 runs in one wave.
+// The arithmetic does not change (the same code in fewer registers: 63, no spills on sm_90), so
+// neither do the tokens. The selftest prints how many clusters the GPU holds; docs/kernels.md has
+// the measurements.
 #ifndef LMFORGE_CLUSTER_BLOCKS_PER_SM
-#define LMFORGE_CLUSTER_BLOCKS_PER_SM 1
+#define LMFORGE_CLUSTER_BLOCKS_PER_SM 2
 #endif
 constexpr int kClusterBlocksPerSm = LMFORGE_CLUSTER_BLOCKS_PER_SM;
 constexpr int kClusterWarps = kClusterThreads / 32;
@@ -451,10 +453,10 @@ struct PickOp {  // the smallest found index (x, an int), the largest kept index
 #endif
 constexpr int kPivots = LMFORGE_CLUSTER_PIVOTS;  // pivots a search round (1: bisection)
 static_assert(kPivots >= 1 && kPivots <= 7, "1 to 7 pivots a round");
-// LMFORGE_OWNER_DRAW (a build switch, on by default; 0 for A/B timing): the draw without its last cluster reduction
-// (the block whose slice holds the target finds the token and writes the id).
+// LMFORGE_OWNER_DRAW (a build switch, on by default; 0 for A/B timing): the draw without its last
+// cluster reduction (the block whose slice holds the target finds the token and writes the id).
 #ifndef LMFORGE_OWNER_DRAW
-#define LMFORGE_OWNER_DRAW 0
+#define LMFORGE_OWNER_DRAW 1
 #endif
 constexpr int kMultiWords = kPivots > 1 ? 4 * kPivots : 4;
 

@@ -18,6 +18,8 @@
 // times each kernel on each case at 1 and 16 rows, vocabularies 49,152 and 128,256 (CUDA events, the
 // median of 100 launches after 10), and flat rows at 49,152, and prints summary tables (fp16 logits;
 // flat fp32).
+// It also prints how many rows' clusters the GPU holds at once, and, in a build with
+// -DLMFORGE_PROFILE=1, each timed cluster case's cycles per phase and search rounds (PROFILE lines).
 
 #include "sampling.cu"
 
