@@ -48,6 +48,7 @@ PY
     timeout 120 "$dir/selftest" > "$OUT/selftest_${v}_$round.log" 2>&1
     echo "selftest $v exit $?"
     grep -E "^CHECK .*[1-9][0-9]* differ|FAIL|SELFTEST" "$OUT/selftest_${v}_$round.log" | grep -v " 0 differ" | tail -6
+    grep -E "^selftest: .* clusters|^PROFILE .*rows 16" "$OUT/selftest_${v}_$round.log"  # PROFILE: a -profile_1 build
     grep -A10 "^SUMMARY us a launch, fp16" "$OUT/selftest_${v}_$round.log"
     grep -A10 "^SUMMARY us a launch, flat" "$OUT/selftest_${v}_$round.log"
   fi
