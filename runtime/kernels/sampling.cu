@@ -437,6 +437,12 @@ struct BestOp {  // the maximum value (x), first index (y, an int) on ties
     return (b.x > a.x || (b.x == a.x && ib < ia)) ? b : a;
   }
 };
+// LMFORGE_OWNER_DRAW (a build switch, on by default; 0 for A/B timing): the draw without its last
+// cluster reduction (the block whose slice holds the target finds the token and writes the id).
+#ifndef LMFORGE_OWNER_DRAW
+#define LMFORGE_OWNER_DRAW 1
+#endif
+#if !LMFORGE_OWNER_DRAW
 struct PickOp {  // the smallest found index (x, an int), the largest kept index (y, an int)
   static constexpr int kFields = 2;
   __device__ float4 operator()(float4 a, float4 b) const {
@@ -444,6 +450,20 @@ struct PickOp {  // the smallest found index (x, an int), the largest kept index
                        __int_as_float(max(__float_as_int(a.y), __float_as_int(b.y))), 0.0f, 0.0f);
   }
 };
+#endif
+
+// The draw's scan of a thread's chunk [lo_j, hi_j) of the slice: the first index (begin + j) whose
+// cumulative kept mass, from start, passes target, or 0x7fffffff.
+__device__ __forceinline__ int first_past(const float* x, int lo_j, int hi_j, float thr, float start, float target,
+                                          int begin) {
+  float c = start;
+  for (int j = lo_j; j < hi_j; ++j) {
+    const float v = x[j];
+    if (v >= thr) c += expf(v);
+    if (c > target) return begin + j;
+  }
+  return 0x7fffffff;
+}
 
 // Top-p's threshold search tries kPivots values a round: each round is one pass over the row and one
 // cluster reduction, so fewer rounds cut the per-round latency that dominates at 16 rows; more pivots
@@ -453,11 +473,6 @@ struct PickOp {  // the smallest found index (x, an int), the largest kept index
 #endif
 constexpr int kPivots = LMFORGE_CLUSTER_PIVOTS;  // pivots a search round (1: bisection)
 static_assert(kPivots >= 1 && kPivots <= 7, "1 to 7 pivots a round");
-// LMFORGE_OWNER_DRAW (a build switch, on by default; 0 for A/B timing): the draw without its last
-// cluster reduction (the block whose slice holds the target finds the token and writes the id).
-#ifndef LMFORGE_OWNER_DRAW
-#define LMFORGE_OWNER_DRAW 1
-#endif
 constexpr int kMultiWords = kPivots > 1 ? 4 * kPivots : 4;
 
 struct ClusterShared {
@@ -868,19 +883,8 @@ __global__ void __launch_bounds__(kClusterThreads, kClusterBlocksPerSm)
       token = -1;
     }
     if (owner == rank) {
-      int found = 0x7fffffff;
       const float start = offset + before;
-      if (start + local > target) {
-        float c = start;
-        for (int j = lo_j; j < hi_j; ++j) {
-          const float v = x[j];
-          if (v >= thr) c += expf(v);
-          if (c > target) {
-            found = begin + j;
-            break;
-          }
-        }
-      }
+      int found = start + local > target ? first_past(x, lo_j, hi_j, thr, start, target, begin) : 0x7fffffff;
       found = __reduce_min_sync(kFull, found);  // every lane of every warp: the block's first, its last kept
       int kept = __reduce_max_sync(kFull, last_kept);
       if (lane == 0) sh.pick[warp] = make_int2(found, kept);
@@ -891,19 +895,8 @@ __global__ void __launch_bounds__(kClusterThreads, kClusterBlocksPerSm)
       token = found != 0x7fffffff ? found : kept;  // kept >= 0: the block's kept mass is > 0
     }
 #else
-    int found = 0x7fffffff;
     const float start = offset + before;
-    if (start + local > target) {
-      float c = start;
-      for (int j = lo_j; j < hi_j; ++j) {
-        const float v = x[j];
-        if (v >= thr) c += expf(v);
-        if (c > target) {
-          found = begin + j;
-          break;
-        }
-      }
-    }
+    int found = start + local > target ? first_past(x, lo_j, hi_j, thr, start, target, begin) : 0x7fffffff;
     const float4 pick = cluster_reduce(make_float4(__int_as_float(found), __int_as_float(last_kept), 0.0f, 0.0f),
                                        make_float4(__int_as_float(0x7fffffff), __int_as_float(-1), 0.0f, 0.0f),
                                        PickOp{}, sh, phase);
@@ -1034,22 +1027,30 @@ int64_t cluster_bytes(int64_t vocab) {
   return (vocab + kCluster - 1) / kCluster * static_cast<int64_t>(sizeof(float));
 }
 
+// A launch of the cluster kernel over `rows` rows (kCluster blocks each, `shared` bytes of dynamic shared
+// memory a block) on `stream`; *attribute holds its cluster dimension and must outlive the config.
+cudaLaunchConfig_t cluster_config(unsigned rows, size_t shared, cudaStream_t stream, cudaLaunchAttribute* attribute) {
+  cudaLaunchConfig_t config{};
+  config.gridDim = dim3(rows * kCluster, 1, 1);
+  config.blockDim = dim3(kClusterThreads, 1, 1);
+  config.dynamicSmemBytes = shared;
+  config.stream = stream;
+  attribute->id = cudaLaunchAttributeClusterDimension;
+  attribute->val.clusterDim.x = kCluster;
+  attribute->val.clusterDim.y = 1;
+  attribute->val.clusterDim.z = 1;
+  config.attrs = attribute;
+  config.numAttrs = 1;
+  return config;
+}
+
 // The cluster kernel, kCluster blocks a row (only where enable_cluster said yes and
 // cluster_bytes(vocab) is within its limit).
 template <typename T>
 cudaError_t launch_cluster(const SampleArgs<T>& a, int64_t batch, cudaStream_t stream) {
-  cudaLaunchConfig_t config{};
-  config.gridDim = dim3(static_cast<unsigned>(batch * kCluster), 1, 1);
-  config.blockDim = dim3(kClusterThreads, 1, 1);
-  config.dynamicSmemBytes = static_cast<size_t>(cluster_bytes(a.vocab));
-  config.stream = stream;
-  cudaLaunchAttribute attribute[1];
-  attribute[0].id = cudaLaunchAttributeClusterDimension;
-  attribute[0].val.clusterDim.x = kCluster;
-  attribute[0].val.clusterDim.y = 1;
-  attribute[0].val.clusterDim.z = 1;
-  config.attrs = attribute;
-  config.numAttrs = 1;
+  cudaLaunchAttribute attribute;
+  const cudaLaunchConfig_t config =
+      cluster_config(static_cast<unsigned>(batch), static_cast<size_t>(cluster_bytes(a.vocab)), stream, &attribute);
   return cudaLaunchKernelEx(&config, fused_sample_cluster<T>, a.logits, a.vocab, a.temperature, a.top_k, a.top_p,
                             a.min_p, a.repetition, a.presence, a.frequency, a.min_new, a.stop_mask, a.uniforms,
                             a.steps, a.last_step, a.seen, a.counts, a.step, a.next_ids, a.seen_out, a.counts_out,
@@ -1095,17 +1096,8 @@ int64_t enable_cluster(const char** why) {
     *why = "off: no shared memory for a slice";
     return 0;
   }
-  cudaLaunchConfig_t config{};
-  config.gridDim = dim3(kCluster, 1, 1);
-  config.blockDim = dim3(kClusterThreads, 1, 1);
-  config.dynamicSmemBytes = static_cast<size_t>(limit);
-  cudaLaunchAttribute attribute[1];
-  attribute[0].id = cudaLaunchAttributeClusterDimension;
-  attribute[0].val.clusterDim.x = kCluster;
-  attribute[0].val.clusterDim.y = 1;
-  attribute[0].val.clusterDim.z = 1;
-  config.attrs = attribute;
-  config.numAttrs = 1;
+  cudaLaunchAttribute attribute;
+  const cudaLaunchConfig_t config = cluster_config(1, static_cast<size_t>(limit), nullptr, &attribute);
   int clusters32 = 0, clusters16 = 0;
   if (cudaFuncSetAttribute(fused_sample_cluster<float>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                            static_cast<int>(limit)) != cudaSuccess ||

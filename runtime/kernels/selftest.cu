@@ -492,17 +492,8 @@ int main(int argc, char** argv) {
               static_cast<long long>(g_shared_limit));
   if (g_cluster_limit > 0) {  // how many rows' clusters the GPU holds at once (vocabulary 49,152)
     int sms = 0, device = 0, clusters = 0;
-    cudaLaunchConfig_t config{};
-    config.gridDim = dim3(16 * kCluster, 1, 1);
-    config.blockDim = dim3(kClusterThreads, 1, 1);
-    config.dynamicSmemBytes = static_cast<size_t>(cluster_bytes(49152));
-    cudaLaunchAttribute attribute[1];
-    attribute[0].id = cudaLaunchAttributeClusterDimension;
-    attribute[0].val.clusterDim.x = kCluster;
-    attribute[0].val.clusterDim.y = 1;
-    attribute[0].val.clusterDim.z = 1;
-    config.attrs = attribute;
-    config.numAttrs = 1;
+    cudaLaunchAttribute attribute;
+    const cudaLaunchConfig_t config = cluster_config(16, static_cast<size_t>(cluster_bytes(49152)), nullptr, &attribute);
     CHECK(cudaGetDevice(&device));
     CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
     CHECK(cudaOccupancyMaxActiveClusters(&clusters, fused_sample_cluster<float>, &config));
