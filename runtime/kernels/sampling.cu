@@ -466,8 +466,8 @@ __device__ __forceinline__ int first_past(const float* x, int lo_j, int hi_j, fl
 }
 
 // Top-p's threshold search tries kPivots values a round: each round is one pass over the row and one
-// cluster reduction (for a flat row of a random-weight model, half its cycles), so fewer rounds shorten a row; more pivots
-// cost comparisons an element. 3 is the default (docs/kernels.md: 3 against 1 and 7 through onnxruntime).
+// cluster reduction (for a flat row of a random-weight model, half its cycles), so fewer rounds
+// shorten a row; more pivots cost comparisons an element. 3 is the default (docs/kernels.md: 3 against 1 and 7 through onnxruntime).
 #ifndef LMFORGE_CLUSTER_PIVOTS
 #define LMFORGE_CLUSTER_PIVOTS 3
 #endif

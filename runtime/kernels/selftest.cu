@@ -447,7 +447,8 @@ void time_cases(const Rows& h, Timing (*out)[2]) {
 #endif
       if (clustered) t.cluster = time_launch(d, true, rows);
 #if LMFORGE_PROFILE
-      if (clustered && lmforge_profile_read(prof, kProfSlots) == kProfSlots) print_profile(prof, c.name, rows, h.vocab, dtype);
+      if (clustered && lmforge_profile_read(prof, kProfSlots) == kProfSlots)
+        print_profile(prof, c.name, rows, h.vocab, dtype);
 #endif
       out[ci][b] = t;
       if (clustered)
@@ -493,7 +494,8 @@ int main(int argc, char** argv) {
   if (g_cluster_limit > 0) {  // how many rows' clusters the GPU holds at once (vocabulary 49,152)
     int sms = 0, device = 0, clusters = 0;
     cudaLaunchAttribute attribute;
-    const cudaLaunchConfig_t config = cluster_config(16, static_cast<size_t>(cluster_bytes(49152)), nullptr, &attribute);
+    const cudaLaunchConfig_t config =
+        cluster_config(16, static_cast<size_t>(cluster_bytes(49152)), nullptr, &attribute);
     CHECK(cudaGetDevice(&device));
     CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
     CHECK(cudaOccupancyMaxActiveClusters(&clusters, fused_sample_cluster<float>, &config));
