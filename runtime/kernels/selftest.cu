@@ -496,10 +496,13 @@ int main(int argc, char** argv) {
     cudaLaunchAttribute attribute;
     const cudaLaunchConfig_t config =
         cluster_config(16, static_cast<size_t>(cluster_bytes(49152)), nullptr, &attribute);
-    CHECK(cudaGetDevice(&device));
-    CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-    CHECK(cudaOccupancyMaxActiveClusters(&clusters, fused_sample_cluster<float>, &config));
-    std::printf("selftest: %d SMs; at vocabulary 49,152 the GPU holds %d clusters (rows) at once\n", sms, clusters);
+    if (cudaGetDevice(&device) == cudaSuccess &&
+        cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) == cudaSuccess &&
+        cudaOccupancyMaxActiveClusters(&clusters, fused_sample_cluster<float>, &config) == cudaSuccess)
+      std::printf("selftest: %d SMs; at vocabulary 49,152 the GPU holds %d clusters (rows) at once\n", sms, clusters);
+    else
+      std::printf("selftest: the GPU's cluster occupancy could not be read (%s)\n",
+                  cudaGetErrorString(cudaGetLastError()));
   }
   std::fflush(stdout);
 
