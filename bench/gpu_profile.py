@@ -14,8 +14,9 @@ shared-buffer artifact (``bench/gpu_serving.py``'s ``build``), for each ``--batc
 
 With ``--phases`` and a kernels library built with ``-DLMFORGE_PROFILE=1`` (``LMFORGE_KERNELS_LIB``), it
 also prints where the fused sampler's time goes inside those timed steps: a row's SM cycles per
-phase of the cluster kernel, its wall time, the SM clock they imply, and its search rounds
-(``lmforge_profile_read`` in ``runtime/kernels/sampling.cu``).
+phase of the cluster kernel, its wall time, the SM clock they imply, its search rounds (and how many
+were interpolated, with ``LMFORGE_PIVOT_RULE=1``) and the searches' cycles split between the passes
+over the row and the cluster reductions (``lmforge_profile_read`` in ``runtime/kernels/sampling.cu``).
 
 onnxruntime's own profiler cannot see inside a captured graph; CUPTI can. torch is imported only
 after onnxruntime has loaded its CUDA libraries. Writes ``OUT/gpu_profile-<label>.json``.
@@ -114,7 +115,8 @@ def profile_batch(engine: Any, prompts: list[list[int]], new_tokens: int, device
 
 
 PHASES = ("rows", "sampled", "argmax", "stats", "top-k", "top-p", "draw", "state", "exit", "cycles", "ns",
-          "rounds top-k", "rounds top-p")  # sampling.cu's ProfileSlot order
+          "rounds top-k", "rounds top-p", "search passes", "search reductions",
+          "rounds interpolated")  # sampling.cu's ProfileSlot order
 
 
 def read_phases(reset_only: bool = False) -> dict[str, float] | None:
@@ -136,11 +138,12 @@ def read_phases(reset_only: bool = False) -> dict[str, float] | None:
         return None
     raw = dict(zip(PHASES, (float(v) for v in values), strict=True))
     rows, sampled = max(raw["rows"], 1.0), max(raw["sampled"], 1.0)
-    counts = ("rows", "sampled", "rounds top-k", "rounds top-p")
+    counts = ("rows", "sampled", "rounds top-k", "rounds top-p", "rounds interpolated")
     out = {k: round(v / rows, 1) for k, v in raw.items() if k not in counts}
     out.update({"rows": raw["rows"], "sampled": raw["sampled"],
                 "rounds top-k": round(raw["rounds top-k"] / sampled, 2),
                 "rounds top-p": round(raw["rounds top-p"] / sampled, 2),
+                "rounds interpolated": round(raw["rounds interpolated"] / sampled, 2),
                 "mhz": round(1e3 * raw["cycles"] / raw["ns"], 0) if raw["ns"] else 0.0})
     return out
 

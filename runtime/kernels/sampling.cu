@@ -338,7 +338,9 @@ __global__ void __launch_bounds__(kThreads, 1)
 #endif
 enum ProfileSlot {
   kProfRows, kProfSampled, kProfArgmax, kProfStats, kProfTopK, kProfTopP, kProfDraw, kProfState, kProfExit,
-  kProfCycles, kProfNanos, kProfRoundsK, kProfRoundsP, kProfSlots
+  kProfCycles, kProfNanos, kProfRoundsK, kProfRoundsP,
+  kProfPass, kProfReduce, kProfInterp,  // the searches' passes and reductions (cycles), interpolated rounds
+  kProfSlots
 };
 #if LMFORGE_PROFILE
 __device__ unsigned long long g_profile[kProfSlots];
@@ -628,26 +630,120 @@ __device__ void multi_reduce(Multi<P, Track>& v, ClusterShared& sh, int& phase) 
   phase ^= 1;
 }
 
-// cluster_search with P pivots a round, splitting the keys (lo, hi] in P + 1 parts: the same
-// result, in fewer rounds.
+// LMFORGE_PIVOT_RULE (a build switch; 0, the default, until timed on a GPU; 1 to try): where a round of
+// cluster_search_multi puts its P pivots. Any pivots in (lo, hi] end on the same value, the largest
+// whose weight reaches the target, so the rule moves only the number of rounds (and, where two sums
+// meet, the order of float sums).
+//   0: the keys (lo, hi] split in P + 1 equal parts.
+//   1: the same split over the span with its empty ends cut off: below the row's smallest finite s
+//      (s = -inf for masked tokens) and between the largest s below 0 and the maximum at 0 (the keys of
+//      every tiny magnitude, which the split would otherwise spend its first round on). Once the span
+//      is within 2^23 keys (about one binade, where keys are linear in the value) and the last such
+//      round shrank it at least as much as a split would (else one split round first: a guard on the
+//      round count), the pivots go where the weight is estimated to reach the target, the bracket's
+//      ends as the model: the count linear in the value (top-k), the mass linear in exp(value) (top-p),
+//      the pivots spread +-frac of the bracket around that value, frac quartered after a round whose
+//      answer fell between the outer pivots and quadrupled (at most 1/2) after one whose did not.
+//      docs/kernels.md has the host replay's round counts.
+#ifndef LMFORGE_PIVOT_RULE
+#define LMFORGE_PIVOT_RULE 0
+#endif
+// LMFORGE_LIVE_MASK (a build switch; 0, the default, until timed on a GPU; 1 to try): each thread of a
+// search keeps a bit an element of its own (element threadIdx.x + i * kClusterThreads: bit i) that is
+// still in play and visits only those, in the same order, so a round costs the elements still in play
+// rather than the whole slice (the same sums, bit for bit). A slice of more than 32 elements a thread
+// (a vocabulary above 131,072) visits them all, as without the mask.
+#ifndef LMFORGE_LIVE_MASK
+#define LMFORGE_LIVE_MASK 0
+#endif
+
+#if LMFORGE_PIVOT_RULE
+// The pivots of rule 1 for a round over [lo, hi], ascending and in (lo, hi]; returns whether they were
+// interpolated, and the span they split in *span_out. lo_weight: G(lo); above_weight: the weight above
+// hi (< target <= lo_weight); finite_min and second: the row's smallest finite s and largest s below 0.
+template <int P>
+__device__ __forceinline__ bool rule_pivots(float lo, float hi, float lo_weight, float above_weight, float target,
+                                            bool mass, float finite_min, float second, float frac, bool interp_ok,
+                                            float (&pivot)[P], uint32_t* span_out) {
+  const uint32_t kl = key_of(lo), kh = key_of(hi);
+  uint32_t a = kl, b = kh;  // the pivots' keys are in (a, b]
+  if (finite_min > lo) a = max(kl, key_of(finite_min) - 1u);
+  if (hi == 0.0f && second < 0.0f) b = min(kh, key_of(second) + 1u);  // (second, 0) holds no element
+  if (!(a < b)) a = kl, b = kh;
+  const uint32_t span = b - a;
+  *span_out = span;
+  const bool interp = interp_ok && span <= (1u << 23) && lo_weight > above_weight;
+  if (interp) {
+    const float vlo = a > kl ? value_of(a + 1u) : lo, vhi = value_of(b);
+    const float reach = (target - above_weight) / (lo_weight - above_weight);  // in (0, 1]: from hi down
+    const float el = expf(vlo), eh = expf(vhi);
+#pragma unroll
+    for (int q = 0; q < P; ++q) {
+      const float f = fminf(fmaxf(reach + frac * static_cast<float>(P - 1 - 2 * q) / static_cast<float>(P > 1 ? P - 1 : 1),
+                                  0.0f), 1.0f);
+      float v;
+      if (mass) {
+        const float e = eh - f * (eh - el);
+        v = e > 0.0f ? logf(e) : vlo;
+      } else {
+        v = vhi - f * (vhi - vlo);
+      }
+      uint32_t k = key_of(v);  // clamped into (a, b] and (kl, kh]: any key there is a valid pivot
+      k = min(max(max(k, a + 1u), kl + 1u), min(b, kh));
+      pivot[q] = value_of(k);
+    }
+  } else {
+#pragma unroll
+    for (int q = 0; q < P; ++q) {
+      uint32_t k = a + static_cast<uint32_t>((static_cast<uint64_t>(span) * (q + 1) + P) / (P + 1));
+      k = min(max(k, kl + 1u), kh);
+      pivot[q] = value_of(k);
+    }
+  }
+  return interp;
+}
+#endif
+
+// cluster_search with P pivots a round, splitting the keys (lo, hi] in P + 1 parts (LMFORGE_PIVOT_RULE:
+// where): the same result, in fewer rounds. finite_min and second (the row's smallest finite s, its
+// largest s below 0) are read only by pivot rule 1.
 template <int P, bool Track>
 __device__ float cluster_search_multi(const float* s, int n, float lo, float lo_weight, float lo_mass, float target,
-                                      bool mass, float* lo_mass_out, ClusterShared& sh, int& phase) {
+                                      bool mass, float* lo_mass_out, ClusterShared& sh, int& phase,
+                                      float finite_min, float second) {
   *lo_mass_out = lo_mass;
   if (!(lo_weight >= target)) return lo;
   float hi = 0.0f;
   float above_weight = 0.0f, above_mass = 0.0f;
+#if LMFORGE_PIVOT_RULE
+  float frac = 0.125f;   // the interpolated pivots' spread, a fraction of the bracket
+  bool interp_ok = true;
+#endif
+#if LMFORGE_LIVE_MASK
+  const int mine = static_cast<int>(threadIdx.x) < n ? (n - 1 - static_cast<int>(threadIdx.x)) / kClusterThreads + 1 : 0;
+  const bool masked = mine <= 32;
+  uint32_t live = mine >= 32 ? ~0u : (1u << mine) - 1u;  // bit i: element threadIdx.x + i * kClusterThreads
+#endif
+  LMFORGE_PROF(const bool recording = threadIdx.x == 0 && cooperative_groups::this_cluster().block_rank() == 0);
   for (int round = 0; round < 40 && key_of(lo) < key_of(hi); ++round) {
-    const uint32_t kl = key_of(lo), span = key_of(hi) - kl;
+    LMFORGE_PROF(const long long pass_start = clock64());
     float pivot[P];
+#if LMFORGE_PIVOT_RULE
+    uint32_t span = 0;
+    const bool interpolated = rule_pivots<P>(lo, hi, lo_weight, above_weight, target, mass, finite_min, second, frac,
+                                             interp_ok, pivot, &span);
+#else
+    {
+      const uint32_t kl = key_of(lo), span = key_of(hi) - kl;
 #pragma unroll
-    for (int q = 0; q < P; ++q)  // ceil(span (q + 1) / (P + 1)): in (kl, kh], ascending
-      pivot[q] = value_of(kl + static_cast<uint32_t>((static_cast<uint64_t>(span) * (q + 1) + P) / (P + 1)));
+      for (int q = 0; q < P; ++q)  // ceil(span (q + 1) / (P + 1)): in (kl, kh], ascending
+        pivot[q] = value_of(kl + static_cast<uint32_t>((static_cast<uint64_t>(span) * (q + 1) + P) / (P + 1)));
+    }
+#endif
     Multi<P, Track> acc;
     acc.clear();
-    for (int j = threadIdx.x; j < n; j += kClusterThreads) {
-      const float v = s[j];
-      if (!(v >= lo) || v > hi) continue;
+    auto visit = [&, lo, hi](float v) -> bool {  // false: v is out of play (and stays out: lo rises, hi falls)
+      if (!(v >= lo) || v > hi) return false;
       const uint32_t kv = key_of(v);
       if (v >= pivot[0]) {
         const float e = (mass || Track) ? expf(v) : 0.0f;
@@ -666,19 +762,39 @@ __device__ float cluster_search_multi(const float* s, int n, float lo, float lo_
 #pragma unroll
         for (int q = 0; q < P; ++q) acc.high[q] = max(acc.high[q], kv);
       }
+      return true;
+    };
+#if LMFORGE_LIVE_MASK
+    if (masked) {
+      uint32_t next = 0;
+      for (uint32_t m = live; m != 0; m &= m - 1) {  // ascending bits: the elements in the same order
+        if (visit(s[static_cast<int>(threadIdx.x) + (__ffs(m) - 1) * kClusterThreads])) next |= m & (0u - m);
+      }
+      live = next;
+    } else {
+      for (int j = threadIdx.x; j < n; j += kClusterThreads) visit(s[j]);
     }
+#else
+    for (int j = threadIdx.x; j < n; j += kClusterThreads) visit(s[j]);
+#endif
+    LMFORGE_PROF(const long long reduce_start = clock64());
     multi_reduce(acc, sh, phase);
-    LMFORGE_PROF(if (threadIdx.x == 0 && cooperative_groups::this_cluster().block_rank() == 0)
-                     atomicAdd(&g_profile[mass ? kProfRoundsP : kProfRoundsK], 1ull));
+    LMFORGE_PROF(if (recording) {
+      const long long now = clock64();
+      atomicAdd(&g_profile[mass ? kProfRoundsP : kProfRoundsK], 1ull);
+      atomicAdd(&g_profile[kProfPass], static_cast<unsigned long long>(reduce_start - pass_start));
+      atomicAdd(&g_profile[kProfReduce], static_cast<unsigned long long>(now - reduce_start));
+    });
     int passed = 0;  // pivots whose weight reaches the target (a prefix: the weights do not increase)
 #pragma unroll
     for (int q = 0; q < P; ++q)
       if (above_weight + acc.sum[q] >= target) passed = q + 1;
-    float new_lo = lo, new_lo_mass = *lo_mass_out;
+    float new_lo = lo, new_lo_mass = *lo_mass_out, new_lo_weight = lo_weight;
 #pragma unroll
     for (int q = 0; q < P; ++q) {
       if (q + 1 == passed) {
         new_lo = value_of(acc.low[q]);
+        new_lo_weight = above_weight + acc.sum[q];
         new_lo_mass = above_mass + (Track ? acc.sum[Track ? P + q : q] : 0.0f);
       }
     }
@@ -692,10 +808,21 @@ __device__ float cluster_search_multi(const float* s, int n, float lo, float lo_
       }
     }
     lo = new_lo;
+    lo_weight = new_lo_weight;
     *lo_mass_out = new_lo_mass;
     hi = new_hi;
     above_weight = new_above_weight;
     above_mass = new_above_mass;
+#if LMFORGE_PIVOT_RULE
+    if (interpolated) {
+      LMFORGE_PROF(if (recording) atomicAdd(&g_profile[kProfInterp], 1ull));
+      frac = passed > 0 && passed < P ? frac * 0.25f : fminf(frac * 4.0f, 0.5f);
+      const uint32_t kl = key_of(lo), kh = key_of(hi);
+      interp_ok = static_cast<uint64_t>(kh > kl ? kh - kl : 0u) * (P + 1) <= span;  // shrank as a split would
+    } else {
+      interp_ok = true;
+    }
+#endif
   }
   return lo;
 }
@@ -763,6 +890,18 @@ __global__ void __launch_bounds__(kClusterThreads, kClusterBlocksPerSm)
     const int64_t k = top_k[row];
     const float p = top_p[row];
     const bool top_k_search = k > 0 && k < vocab, top_p_search = p < 1.0f;
+#if LMFORGE_PIVOT_RULE
+    // also, for pivot rule 1: y the smallest finite s, z the largest s below 0, w how many s are -inf
+    float4 stats = make_float4(0.0f, INFINITY, -INFINITY, 0.0f);
+    for (int j = threadIdx.x; j < n; j += kClusterThreads) {
+      const float v = __fdiv_rn(__fsub_rn(x[j], row_max), t);
+      x[j] = v;
+      if (top_p_search) stats.x += expf(v);
+      if (v > -INFINITY) stats.y = fminf(stats.y, v);
+      else if (v == -INFINITY) stats.w += 1.0f;
+      if (v < 0.0f) stats.z = fmaxf(stats.z, v);
+    }
+#else
     float4 stats = make_float4(0.0f, INFINITY, 0.0f, 0.0f);
     for (int j = threadIdx.x; j < n; j += kClusterThreads) {
       const float v = __fdiv_rn(__fsub_rn(x[j], row_max), t);
@@ -770,11 +909,18 @@ __global__ void __launch_bounds__(kClusterThreads, kClusterBlocksPerSm)
       if (top_p_search) stats.x += expf(v);
       stats.y = fminf(stats.y, v);
     }
+#endif
     if (top_k_search || top_p_search)
       stats = cluster_reduce(stats, make_float4(0.0f, INFINITY, -INFINITY, 0.0f), RoundOp{}, sh, phase);
     else
       __syncthreads();  // the block's s written (the draw below reads other threads' elements)
+#if LMFORGE_PIVOT_RULE
+    const float finite_min = stats.y, second = stats.z;
+    const float smallest = stats.w > 0.0f ? -INFINITY : stats.y;  // the row's smallest s, as below
+#else
+    const float finite_min = stats.y, second = 0.0f;  // read only by pivot rule 1
     const float smallest = stats.y;
+#endif
     LMFORGE_PROF(clock.mark(kProfStats));
 
     // 3. the threshold: max(top-k, top-p, min-p)
@@ -785,10 +931,11 @@ __global__ void __launch_bounds__(kClusterThreads, kClusterBlocksPerSm)
                                top_p_search, &mass_k, sh, phase);
       else if (top_p_search)
         thr_k = cluster_search_multi<kPivots, true>(x, n, smallest, static_cast<float>(vocab), stats.x,
-                                                    static_cast<float>(k), false, &mass_k, sh, phase);
+                                                    static_cast<float>(k), false, &mass_k, sh, phase, finite_min, second);
       else
         thr_k = cluster_search_multi<kPivots, false>(x, n, smallest, static_cast<float>(vocab), stats.x,
-                                                     static_cast<float>(k), false, &mass_k, sh, phase);
+                                                     static_cast<float>(k), false, &mass_k, sh, phase, finite_min,
+                                                     second);
     }
     LMFORGE_PROF(clock.mark(kProfTopK));
     float thr_p = -INFINITY;
@@ -804,7 +951,7 @@ __global__ void __launch_bounds__(kClusterThreads, kClusterBlocksPerSm)
         thr_p = cluster_search(x, n, lo, mass, 0.0f, __fmul_rn(p, mass), true, false, &unused, sh, phase);
       else
         thr_p = cluster_search_multi<kPivots, false>(x, n, lo, mass, 0.0f, __fmul_rn(p, mass), true, &unused, sh,
-                                                     phase);
+                                                     phase, finite_min, second);
     }
     const float mp = min_p[row];
     const float thr_m = mp > 0.0f ? logf(mp) : -INFINITY;

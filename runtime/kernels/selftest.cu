@@ -415,11 +415,13 @@ void print_profile(const unsigned long long* p, const char* name, int rows, int 
   const double n = p[kProfRows] > 0 ? static_cast<double>(p[kProfRows]) : 1.0;
   const double sampled = p[kProfSampled] > 0 ? static_cast<double>(p[kProfSampled]) : 1.0;
   std::printf("PROFILE %-27s rows %2d vocab %6d %s: cycles a row argmax %.0f stats %.0f top-k %.0f top-p %.0f "
-              "draw %.0f state %.0f exit %.0f total %.0f; %.2f us a row at %.0f MHz; rounds top-k %.1f top-p %.1f\n",
+              "draw %.0f state %.0f exit %.0f total %.0f; %.2f us a row at %.0f MHz; rounds top-k %.1f top-p %.1f "
+              "(interpolated %.1f); the searches' passes %.0f, reductions %.0f\n",
               name, rows, vocab, dtype, p[kProfArgmax] / n, p[kProfStats] / n, p[kProfTopK] / n, p[kProfTopP] / n,
               p[kProfDraw] / n, p[kProfState] / n, p[kProfExit] / n, p[kProfCycles] / n, p[kProfNanos] / n / 1e3,
               p[kProfNanos] > 0 ? 1e3 * static_cast<double>(p[kProfCycles]) / static_cast<double>(p[kProfNanos]) : 0.0,
-              p[kProfRoundsK] / sampled, p[kProfRoundsP] / sampled);
+              p[kProfRoundsK] / sampled, p[kProfRoundsP] / sampled, p[kProfInterp] / sampled, p[kProfPass] / n,
+              p[kProfReduce] / n);
 }
 #endif
 
