@@ -656,6 +656,13 @@ __device__ void multi_reduce(Multi<P, Track>& v, ClusterShared& sh, int& phase) 
 #ifndef LMFORGE_LIVE_MASK
 #define LMFORGE_LIVE_MASK 0
 #endif
+// LMFORGE_ARGMAX_STAGE (a build switch; 0, the default, until timed on a GPU; 1 to try): the first phase
+// loads the slice's logits into shared memory before processing them (below), for greedy and sampled
+// rows alike. In a decode step the logits are not in L2 (the weights stream through it between two
+// calls), and the phase's loop issues one element's loads only after the previous element's branches.
+#ifndef LMFORGE_ARGMAX_STAGE
+#define LMFORGE_ARGMAX_STAGE 0
+#endif
 
 #if LMFORGE_PIVOT_RULE
 // The pivots of rule 1 for a round over [lo, hi], ascending and in (lo, hi]; returns whether they were
@@ -864,8 +871,30 @@ __global__ void __launch_bounds__(kClusterThreads, kClusterBlocksPerSm)
 
   // 1. processed logits and their argmax
   float4 best = make_float4(-INFINITY, __int_as_float(0x7fffffff), 0.0f, 0.0f);
+#if LMFORGE_ARGMAX_STAGE
+  // The slice's logits staged in shared memory first, by loads alone, 16 a thread in flight at once (the
+  // loop below holds branches between one element's loads and the next's). Each thread reads back only
+  // its own elements: no barrier.
+  for (int first = threadIdx.x; first < n; first += 16 * kClusterThreads) {
+    T staged[16];
+#pragma unroll
+    for (int u = 0; u < 16; ++u) {  // every load first, then every store
+      const int j = first + u * kClusterThreads;
+      if (j < n) staged[u] = in[j];
+    }
+#pragma unroll
+    for (int u = 0; u < 16; ++u) {
+      const int j = first + u * kClusterThreads;
+      if (j < n) x[j] = to_float(staged[u]);
+    }
+  }
+#endif
   for (int j = threadIdx.x; j < n; j += kClusterThreads) {
+#if LMFORGE_ARGMAX_STAGE
+    float v = x[j];
+#else
     float v = to_float(in[j]);
+#endif
     if (early && stop_mask[base + j]) v = -INFINITY;
     if (penalized) {
       if (seen[base + j]) v = v > 0.0f ? __fdiv_rn(v, rep) : __fmul_rn(v, rep);
