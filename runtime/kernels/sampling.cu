@@ -663,6 +663,19 @@ __device__ void multi_reduce(Multi<P, Track>& v, ClusterShared& sh, int& phase) 
 #ifndef LMFORGE_ARGMAX_STAGE
 #define LMFORGE_ARGMAX_STAGE 0
 #endif
+// LMFORGE_TOPK_GATHER (a build switch; 0, the default, until timed on a GPU; 1 to try): once top-k's
+// threshold is known, a row with at most kGather elements at or above it (k <= kGather, and ties that
+// do not pass it) finishes without another cluster round. Every block copies every block's such
+// elements through distributed shared memory (rank order, then thread order: the same list in every
+// block), then finds top-p's threshold over them and draws from them alone, the same arithmetic in
+// every block, so each knows the token. The top-k search then sums no mass (top-p's comes from the
+// list), and top-p's search, the draw's pass over the slice and its cluster scan are gone. Each step
+// is quadratic in the list's length (every element's mass at or above it, every kept element's
+// cumulative mass in vocabulary order), so kGather stays small. A row over kGather takes the
+// cluster path (with one more cluster reduction, top-k's mass).
+#ifndef LMFORGE_TOPK_GATHER
+#define LMFORGE_TOPK_GATHER 0
+#endif
 
 #if LMFORGE_PIVOT_RULE
 // The pivots of rule 1 for a round over [lo, hi], ascending and in (lo, hi]; returns whether they were
@@ -834,6 +847,116 @@ __device__ float cluster_search_multi(const float* s, int n, float lo, float lo_
   return lo;
 }
 
+#if LMFORGE_TOPK_GATHER
+constexpr int kGather = 256;
+constexpr int kNotGathered = -2;
+struct GatherShared {
+  float v[kGather];  // this block's elements at or above top-k's threshold (read by every block)
+  int index[kGather];
+  int count;         // how many (may exceed kGather: then nothing past kGather is written)
+  float all_v[kGather], all_e[kGather];  // every block's, in rank order; all_e = exp(all_v)
+  int all_index[kGather];
+  uint32_t red[kClusterWarps];
+};
+
+// The block's maximum of v (every thread calls it and gets it), through g.red.
+__device__ __forceinline__ uint32_t block_max_u32(uint32_t v, GatherShared& g) {
+  v = __reduce_max_sync(kFull, v);
+  __syncthreads();  // the previous reduction's reads of g.red are done
+  if ((threadIdx.x & 31) == 0) g.red[threadIdx.x >> 5] = v;
+  __syncthreads();
+  return __reduce_max_sync(kFull, (threadIdx.x & 31) < kClusterWarps ? g.red[threadIdx.x & 31] : 0u);
+}
+
+// The token drawn (-1: nothing kept has mass, the argmax stands), or kNotGathered when more than kGather
+// elements are at or above thr_k; the same answer in every block of the cluster. Every thread calls it.
+__device__ int gather_finish(const float* x, int n, int begin, float thr_k, bool top_p_search, float p, float thr_m,
+                             float u, GatherShared& g) {
+  namespace cg = cooperative_groups;
+  cg::cluster_group cluster = cg::this_cluster();
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  // a. this block's elements at or above thr_k, in thread order (an exclusive scan of the counts)
+  int mine = 0;
+  for (int j = threadIdx.x; j < n; j += kClusterThreads) mine += x[j] >= thr_k ? 1 : 0;
+  int inclusive = mine;
+  for (int o = 1; o < 32; o <<= 1) {
+    const int up = __shfl_up_sync(kFull, inclusive, o);
+    if (lane >= o) inclusive += up;
+  }
+  if (lane == 31) g.red[warp] = inclusive;
+  __syncthreads();
+  const int warp_total = lane < kClusterWarps ? g.red[lane] : 0;
+  int warp_inclusive = warp_total;
+  for (int o = 1; o < 32; o <<= 1) {
+    const int up = __shfl_up_sync(kFull, warp_inclusive, o);
+    if (lane >= o) warp_inclusive += up;
+  }
+  int at = __shfl_sync(kFull, warp_inclusive - warp_total, warp) + inclusive - mine;
+  const int block_total = __shfl_sync(kFull, warp_inclusive, 31);
+  for (int j = threadIdx.x; j < n; j += kClusterThreads) {
+    if (x[j] >= thr_k) {
+      if (at < kGather) g.v[at] = x[j], g.index[at] = begin + j;
+      ++at;
+    }
+  }
+  if (threadIdx.x == 0) g.count = block_total;
+  cluster.sync();  // every block's list and count written (none is written again in this call)
+  int counts[kCluster];
+  int total = 0;
+#pragma unroll
+  for (int q = 0; q < kCluster; ++q) counts[q] = *cluster.map_shared_rank(&g.count, q), total += counts[q];
+  if (total > kGather) return kNotGathered;  // the same totals in every block: every block returns
+  // b. the cluster's list, rank by rank
+  for (int c = threadIdx.x; c < total; c += kClusterThreads) {
+    int q = 0, offset = c;  // rank q's element offset (constant indices into counts: registers)
+#pragma unroll
+    for (int r = 0; r + 1 < kCluster; ++r)
+      if (q == r && offset >= counts[r]) offset -= counts[r], q = r + 1;
+    const float v = cluster.map_shared_rank(g.v, q)[offset];
+    g.all_v[c] = v;
+    g.all_e[c] = expf(v);
+    g.all_index[c] = cluster.map_shared_rank(g.index, q)[offset];
+  }
+  __syncthreads();
+  // c. top-p over the list (renormalized over it): the largest value whose mass at or above, summed in
+  // list order, reaches p times the list's mass (the smallest, thr_k, always does: its sum is the mass)
+  float thr = fmaxf(thr_k, thr_m);
+  if (top_p_search) {
+    float mass = 0.0f;
+    for (int d = 0; d < total; ++d) mass += g.all_e[d];
+    const float target = __fmul_rn(p, mass);
+    uint32_t best = key_of(thr_k);
+    for (int c = threadIdx.x; c < total; c += kClusterThreads) {
+      const float vc = g.all_v[c];
+      float at_or_above = 0.0f;
+      for (int d = 0; d < total; ++d)
+        if (g.all_v[d] >= vc) at_or_above += g.all_e[d];
+      if (at_or_above >= target) best = max(best, key_of(vc));
+    }
+    thr = fmaxf(thr, value_of(block_max_u32(best, g)));
+  }
+  // d. the draw over the kept elements (value >= thr) in vocabulary order: the first index whose
+  // cumulative kept mass passes u times the kept mass, else the last kept with mass
+  float kept = 0.0f;
+  for (int d = 0; d < total; ++d)
+    if (g.all_v[d] >= thr) kept += g.all_e[d];
+  const float target = __fmul_rn(u, kept);
+  int found = 0x7fffffff, last = -1;
+  for (int c = threadIdx.x; c < total; c += kClusterThreads) {
+    if (!(g.all_v[c] >= thr)) continue;
+    const int ic = g.all_index[c];
+    if (g.all_e[c] > 0.0f) last = max(last, ic);
+    float cumulative = 0.0f;  // a superset's sum in the same order is never smaller: monotone in ic
+    for (int d = 0; d < total; ++d)
+      if (g.all_v[d] >= thr && g.all_index[d] <= ic) cumulative += g.all_e[d];
+    if (cumulative > target) found = min(found, ic);
+  }
+  found = static_cast<int>(0x7fffffffu - block_max_u32(0x7fffffffu - static_cast<uint32_t>(found), g));  // the min
+  last = static_cast<int>(block_max_u32(static_cast<uint32_t>(last + 1), g)) - 1;                     // -1: none
+  return found != 0x7fffffff ? found : last;
+}
+#endif  // LMFORGE_TOPK_GATHER
+
 #endif  // LMFORGE_CLUSTER_DEVICE
 
 // The row's work of fused_sample over a cluster of kCluster blocks (grid: batch * kCluster blocks,
@@ -854,6 +977,9 @@ __global__ void __launch_bounds__(kClusterThreads, kClusterBlocksPerSm)
   namespace cg = cooperative_groups;
   extern __shared__ float cache[];  // the block's slice: x, then s
   __shared__ ClusterShared sh;
+#if LMFORGE_TOPK_GATHER
+  __shared__ GatherShared gather;
+#endif
   cg::cluster_group cluster = cg::this_cluster();
   int phase = 0;
 
@@ -954,11 +1080,16 @@ __global__ void __launch_bounds__(kClusterThreads, kClusterBlocksPerSm)
 
     // 3. the threshold: max(top-k, top-p, min-p)
     float thr_k = -INFINITY, mass_k = stats.x;
+#if LMFORGE_TOPK_GATHER
+    const bool try_gather = top_k_search && kPivots > 1 && k <= kGather;
+#else
+    constexpr bool try_gather = false;
+#endif
     if (top_k_search) {
       if (kPivots == 1)
         thr_k = cluster_search(x, n, smallest, static_cast<float>(vocab), stats.x, static_cast<float>(k), false,
                                top_p_search, &mass_k, sh, phase);
-      else if (top_p_search)
+      else if (top_p_search && !try_gather)
         thr_k = cluster_search_multi<kPivots, true>(x, n, smallest, static_cast<float>(vocab), stats.x,
                                                     static_cast<float>(k), false, &mass_k, sh, phase, finite_min, second);
       else
@@ -967,6 +1098,22 @@ __global__ void __launch_bounds__(kClusterThreads, kClusterBlocksPerSm)
                                                      second);
     }
     LMFORGE_PROF(clock.mark(kProfTopK));
+#if LMFORGE_TOPK_GATHER
+    const int drawn = try_gather
+        ? gather_finish(x, n, begin, thr_k, top_p_search, p, min_p[row] > 0.0f ? logf(min_p[row]) : -INFINITY,
+                        uniforms[static_cast<size_t>(row) * steps + min(step[row], last_step[row])], gather)
+        : kNotGathered;
+    if (drawn == kNotGathered && try_gather && top_p_search) {  // top-k's mass, which its search did not sum
+      float4 r = make_float4(0.0f, INFINITY, -INFINITY, 0.0f);
+      for (int j = threadIdx.x; j < n; j += kClusterThreads)
+        if (x[j] >= thr_k) r.x += expf(x[j]);
+      mass_k = cluster_reduce(r, make_float4(0.0f, INFINITY, -INFINITY, 0.0f), RoundOp{}, sh, phase).x;
+    }
+    if (drawn != kNotGathered) {
+      if (drawn >= 0) token = drawn;  // every block has it; rank 0 writes the id
+      LMFORGE_PROF(clock.mark(kProfDraw));
+    } else {  // the cluster's top-p search and draw (not re-indented: a build switch under A/B)
+#endif
     float thr_p = -INFINITY;
     if (top_p_search) {
       float mass = stats.x;  // top-p renormalizes over the top-k survivors
@@ -1081,6 +1228,9 @@ __global__ void __launch_bounds__(kClusterThreads, kClusterBlocksPerSm)
     if (found >= 0) token = found;
 #endif
     LMFORGE_PROF(clock.mark(kProfDraw));
+#if LMFORGE_TOPK_GATHER
+    }
+#endif
   }
   // every remote read of this block's slots is before this arrival; the wait at the end keeps the
   // block (and its shared memory) alive until every block of the cluster has arrived
