@@ -467,6 +467,29 @@ __device__ __forceinline__ int first_past(const float* x, int lo_j, int hi_j, fl
   return 0x7fffffff;
 }
 
+// The exclusive prefix sum of one value a thread over the block (thread order), and the block's total
+// in *total; the warps' totals go through `warps` (kClusterWarps entries). Every thread calls it.
+template <typename V>
+__device__ __forceinline__ V block_exclusive_scan_of(V v, V* warps, V* total) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  V inclusive = v;
+  for (int o = 1; o < 32; o <<= 1) {
+    const V up = __shfl_up_sync(kFull, inclusive, o);
+    if (lane >= o) inclusive += up;
+  }
+  if (lane == 31) warps[warp] = inclusive;
+  __syncthreads();
+  const V warp_total = lane < kClusterWarps ? warps[lane] : V(0);
+  V warp_inclusive = warp_total;
+  for (int o = 1; o < 32; o <<= 1) {
+    const V up = __shfl_up_sync(kFull, warp_inclusive, o);
+    if (lane >= o) warp_inclusive += up;
+  }
+  const V before_warp = __shfl_sync(kFull, warp_inclusive - warp_total, warp);
+  *total = __shfl_sync(kFull, warp_inclusive, 31);
+  return before_warp + inclusive - v;
+}
+
 // Top-p's threshold search tries kPivots values a round: each round is one pass over the row and one
 // cluster reduction (for a flat row of a random-weight model, half its cycles), so fewer rounds
 // shorten a row; more pivots cost comparisons an element. 3 is the default (docs/kernels.md: 3 against 1 and 7 through onnxruntime).
@@ -856,6 +879,7 @@ struct GatherShared {
   int count;         // how many (may exceed kGather: then nothing past kGather is written)
   float all_v[kGather], all_e[kGather];  // every block's, in rank order; all_e = exp(all_v)
   int all_index[kGather];
+  int scan[kClusterWarps];
   uint32_t red[kClusterWarps];
 };
 
@@ -874,25 +898,11 @@ __device__ int gather_finish(const float* x, int n, int begin, float thr_k, bool
                              float u, GatherShared& g) {
   namespace cg = cooperative_groups;
   cg::cluster_group cluster = cg::this_cluster();
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   // a. this block's elements at or above thr_k, in thread order (an exclusive scan of the counts)
   int mine = 0;
   for (int j = threadIdx.x; j < n; j += kClusterThreads) mine += x[j] >= thr_k ? 1 : 0;
-  int inclusive = mine;
-  for (int o = 1; o < 32; o <<= 1) {
-    const int up = __shfl_up_sync(kFull, inclusive, o);
-    if (lane >= o) inclusive += up;
-  }
-  if (lane == 31) g.red[warp] = inclusive;
-  __syncthreads();
-  const int warp_total = lane < kClusterWarps ? g.red[lane] : 0;
-  int warp_inclusive = warp_total;
-  for (int o = 1; o < 32; o <<= 1) {
-    const int up = __shfl_up_sync(kFull, warp_inclusive, o);
-    if (lane >= o) warp_inclusive += up;
-  }
-  int at = __shfl_sync(kFull, warp_inclusive - warp_total, warp) + inclusive - mine;
-  const int block_total = __shfl_sync(kFull, warp_inclusive, 31);
+  int block_total = 0;
+  int at = block_exclusive_scan_of(mine, g.scan, &block_total);
   for (int j = threadIdx.x; j < n; j += kClusterThreads) {
     if (x[j] >= thr_k) {
       if (at < kGather) g.v[at] = x[j], g.index[at] = begin + j;
@@ -1149,24 +1159,10 @@ __global__ void __launch_bounds__(kClusterThreads, kClusterBlocksPerSm)
         if (w > 0.0f) last_kept = begin + j;
       }
     }
-    // the block's exclusive scan (thread order) and total
+    // the block's exclusive scan (thread order) and total (sh.scan: written once a call)
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    float inclusive = local;
-    for (int o = 1; o < 32; o <<= 1) {
-      const float up = __shfl_up_sync(kFull, inclusive, o);
-      if (lane >= o) inclusive += up;
-    }
-    if (lane == 31) sh.scan[warp] = inclusive;  // the last use of sh.scan: written once a call
-    __syncthreads();
-    const float warp_total = lane < kClusterWarps ? sh.scan[lane] : 0.0f;
-    float warp_inclusive = warp_total;
-    for (int o = 1; o < 32; o <<= 1) {
-      const float up = __shfl_up_sync(kFull, warp_inclusive, o);
-      if (lane >= o) warp_inclusive += up;
-    }
-    const float before_warp = __shfl_sync(kFull, warp_inclusive - warp_total, warp);
-    const float block_total = __shfl_sync(kFull, warp_inclusive, 31);
-    const float before = before_warp + inclusive - local;
+    float block_total = 0.0f;
+    const float before = block_exclusive_scan_of(local, sh.scan, &block_total);
     // the cluster's: the block totals of ranks 0, 1, … summed in that order
     if (threadIdx.x == 0) sh.slots[phase] = make_float4(block_total, 0.0f, 0.0f, 0.0f);
     cluster.sync();
