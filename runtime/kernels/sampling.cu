@@ -1160,7 +1160,6 @@ __global__ void __launch_bounds__(kClusterThreads, kClusterBlocksPerSm)
       }
     }
     // the block's exclusive scan (thread order) and total (sh.scan: written once a call)
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     float block_total = 0.0f;
     const float before = block_exclusive_scan_of(local, sh.scan, &block_total);
     // the cluster's: the block totals of ranks 0, 1, … summed in that order
@@ -1202,6 +1201,7 @@ __global__ void __launch_bounds__(kClusterThreads, kClusterBlocksPerSm)
       token = -1;
     }
     if (owner == rank) {
+      const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
       const float start = offset + before;
       int found = start + local > target ? first_past(x, lo_j, hi_j, thr, start, target, begin) : 0x7fffffff;
       found = __reduce_min_sync(kFull, found);  // every lane of every warp: the block's first, its last kept
