@@ -653,7 +653,7 @@ __device__ void multi_reduce(Multi<P, Track>& v, ClusterShared& sh, int& phase) 
   phase ^= 1;
 }
 
-// LMFORGE_PIVOT_RULE (a build switch; 0, the default, until timed on a GPU; 1 to try): where a round of
+// LMFORGE_PIVOT_RULE (a build switch; 1, the default; 0 for A/B timing): where a round of
 // cluster_search_multi puts its P pivots. Any pivots in (lo, hi] end on the same value, the largest
 // whose weight reaches the target, so the rule moves only the number of rounds (and, where two sums
 // meet, the order of float sums).
@@ -669,9 +669,9 @@ __device__ void multi_reduce(Multi<P, Track>& v, ClusterShared& sh, int& phase) 
 //      answer fell between the outer pivots and quadrupled (at most 1/2) after one whose did not.
 //      docs/kernels.md has the host replay's round counts.
 #ifndef LMFORGE_PIVOT_RULE
-#define LMFORGE_PIVOT_RULE 0
+#define LMFORGE_PIVOT_RULE 1
 #endif
-// LMFORGE_LIVE_MASK (a build switch; 0, the default, until timed on a GPU; 1 to try): each thread of a
+// LMFORGE_LIVE_MASK (a build switch; 0, the default: no gain of its own measured; 1 to try): each thread of a
 // search keeps a bit an element of its own (element threadIdx.x + i * kClusterThreads: bit i) that is
 // still in play and visits only those, in the same order, so a round costs the elements still in play
 // rather than the whole slice (the same sums, bit for bit). A slice of more than 32 elements a thread
@@ -679,25 +679,26 @@ __device__ void multi_reduce(Multi<P, Track>& v, ClusterShared& sh, int& phase) 
 #ifndef LMFORGE_LIVE_MASK
 #define LMFORGE_LIVE_MASK 0
 #endif
-// LMFORGE_ARGMAX_STAGE (a build switch; 0, the default, until timed on a GPU; 1 to try): the first phase
+// LMFORGE_ARGMAX_STAGE (a build switch; 0, the default: no gain of its own measured; 1 to try): the first phase
 // loads the slice's logits into shared memory before processing them (below), for greedy and sampled
 // rows alike. In a decode step the logits are not in L2 (the weights stream through it between two
 // calls), and the phase's loop issues one element's loads only after the previous element's branches.
 #ifndef LMFORGE_ARGMAX_STAGE
 #define LMFORGE_ARGMAX_STAGE 0
 #endif
-// LMFORGE_TOPK_GATHER (a build switch; 0, the default, until timed on a GPU; 1 to try): once top-k's
-// threshold is known, a row with at most kGather elements at or above it (k <= kGather, and ties that
-// do not pass it) finishes without another cluster round. Every block copies every block's such
+// LMFORGE_TOPK_GATHER (a build switch; 1, the default; 0 for A/B timing): once top-k's threshold is
+// known, a row that also has top-p and at most kGather elements at or above that threshold (k <=
+// kGather, and ties that do not pass it) finishes without another cluster round. Every block copies every block's such
 // elements through distributed shared memory (rank order, then thread order: the same list in every
 // block), then finds top-p's threshold over them and draws from them alone, the same arithmetic in
 // every block, so each knows the token. The top-k search then sums no mass (top-p's comes from the
 // list), and top-p's search, the draw's pass over the slice and its cluster scan are gone. Each step
 // is quadratic in the list's length (every element's mass at or above it, every kept element's
 // cumulative mass in vocabulary order), so kGather stays small. A row over kGather takes the
-// cluster path (with one more cluster reduction, top-k's mass).
+// cluster path (with one more cluster reduction, top-k's mass). A row with top-k alone keeps the
+// cluster draw: for it the list costs more than the one pass and scan it saves.
 #ifndef LMFORGE_TOPK_GATHER
-#define LMFORGE_TOPK_GATHER 0
+#define LMFORGE_TOPK_GATHER 1
 #endif
 
 #if LMFORGE_PIVOT_RULE
@@ -894,8 +895,8 @@ __device__ __forceinline__ uint32_t block_max_u32(uint32_t v, GatherShared& g) {
 
 // The token drawn (-1: nothing kept has mass, the argmax stands), or kNotGathered when more than kGather
 // elements are at or above thr_k; the same answer in every block of the cluster. Every thread calls it.
-__device__ int gather_finish(const float* x, int n, int begin, float thr_k, bool top_p_search, float p, float thr_m,
-                             float u, GatherShared& g) {
+__device__ int gather_finish(const float* x, int n, int begin, float thr_k, float p, float thr_m, float u,
+                             GatherShared& g) {
   namespace cg = cooperative_groups;
   cg::cluster_group cluster = cg::this_cluster();
   // a. this block's elements at or above thr_k, in thread order (an exclusive scan of the counts)
@@ -930,21 +931,18 @@ __device__ int gather_finish(const float* x, int n, int begin, float thr_k, bool
   __syncthreads();
   // c. top-p over the list (renormalized over it): the largest value whose mass at or above, summed in
   // list order, reaches p times the list's mass (the smallest, thr_k, always does: its sum is the mass)
-  float thr = fmaxf(thr_k, thr_m);
-  if (top_p_search) {
-    float mass = 0.0f;
-    for (int d = 0; d < total; ++d) mass += g.all_e[d];
-    const float target = __fmul_rn(p, mass);
-    uint32_t best = key_of(thr_k);
-    for (int c = threadIdx.x; c < total; c += kClusterThreads) {
-      const float vc = g.all_v[c];
-      float at_or_above = 0.0f;
-      for (int d = 0; d < total; ++d)
-        if (g.all_v[d] >= vc) at_or_above += g.all_e[d];
-      if (at_or_above >= target) best = max(best, key_of(vc));
-    }
-    thr = fmaxf(thr, value_of(block_max_u32(best, g)));
+  float mass = 0.0f;
+  for (int d = 0; d < total; ++d) mass += g.all_e[d];
+  const float top_p_target = __fmul_rn(p, mass);
+  uint32_t best = key_of(thr_k);
+  for (int c = threadIdx.x; c < total; c += kClusterThreads) {
+    const float vc = g.all_v[c];
+    float at_or_above = 0.0f;
+    for (int d = 0; d < total; ++d)
+      if (g.all_v[d] >= vc) at_or_above += g.all_e[d];
+    if (at_or_above >= top_p_target) best = max(best, key_of(vc));
   }
+  const float thr = fmaxf(fmaxf(thr_k, value_of(block_max_u32(best, g))), thr_m);
   // d. the draw over the kept elements (value >= thr) in vocabulary order: the first index whose
   // cumulative kept mass passes u times the kept mass, else the last kept with mass
   float kept = 0.0f;
@@ -1091,7 +1089,7 @@ __global__ void __launch_bounds__(kClusterThreads, kClusterBlocksPerSm)
     // 3. the threshold: max(top-k, top-p, min-p)
     float thr_k = -INFINITY, mass_k = stats.x;
 #if LMFORGE_TOPK_GATHER
-    const bool try_gather = top_k_search && kPivots > 1 && k <= kGather;
+    const bool try_gather = top_k_search && top_p_search && kPivots > 1 && k <= kGather;
 #else
     constexpr bool try_gather = false;
 #endif
@@ -1110,10 +1108,10 @@ __global__ void __launch_bounds__(kClusterThreads, kClusterBlocksPerSm)
     LMFORGE_PROF(clock.mark(kProfTopK));
 #if LMFORGE_TOPK_GATHER
     const int drawn = try_gather
-        ? gather_finish(x, n, begin, thr_k, top_p_search, p, min_p[row] > 0.0f ? logf(min_p[row]) : -INFINITY,
+        ? gather_finish(x, n, begin, thr_k, p, min_p[row] > 0.0f ? logf(min_p[row]) : -INFINITY,
                         uniforms[static_cast<size_t>(row) * steps + min(step[row], last_step[row])], gather)
         : kNotGathered;
-    if (drawn == kNotGathered && try_gather && top_p_search) {  // top-k's mass, which its search did not sum
+    if (drawn == kNotGathered && try_gather) {  // top-k's mass, which its search did not sum
       float4 r = make_float4(0.0f, INFINITY, -INFINITY, 0.0f);
       for (int j = threadIdx.x; j < n; j += kClusterThreads)
         if (x[j] >= thr_k) r.x += expf(x[j]);
