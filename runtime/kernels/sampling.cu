@@ -688,10 +688,10 @@ __device__ void multi_reduce(Multi<P, Track>& v, ClusterShared& sh, int& phase) 
 #endif
 // LMFORGE_TOPK_GATHER (a build switch; 1, the default; 0 for A/B timing): once top-k's threshold is
 // known, a row that also has top-p and at most kGather elements at or above that threshold (k <=
-// kGather, and ties that do not pass it) finishes without another cluster round. Every block copies every block's such
-// elements through distributed shared memory (rank order, then thread order: the same list in every
-// block), then finds top-p's threshold over them and draws from them alone, the same arithmetic in
-// every block, so each knows the token. The top-k search then sums no mass (top-p's comes from the
+// kGather, and ties that do not pass it) finishes without another cluster round. Every block copies
+// every block's such elements through distributed shared memory (rank order, then thread order: the
+// same list in every block), then finds top-p's threshold over them and draws from them alone, the
+// same arithmetic in every block, so each knows the token. The top-k search then sums no mass (top-p's comes from the
 // list), and top-p's search, the draw's pass over the slice and its cluster scan are gone. Each step
 // is quadratic in the list's length (every element's mass at or above it, every kept element's
 // cumulative mass in vocabulary order), so kGather stays small. A row over kGather takes the
@@ -723,8 +723,8 @@ __device__ __forceinline__ bool rule_pivots(float lo, float hi, float lo_weight,
     const float el = expf(vlo), eh = expf(vhi);
 #pragma unroll
     for (int q = 0; q < P; ++q) {
-      const float f = fminf(fmaxf(reach + frac * static_cast<float>(P - 1 - 2 * q) / static_cast<float>(P > 1 ? P - 1 : 1),
-                                  0.0f), 1.0f);
+      const float offset = frac * static_cast<float>(P - 1 - 2 * q) / static_cast<float>(P > 1 ? P - 1 : 1);
+      const float f = fminf(fmaxf(reach + offset, 0.0f), 1.0f);
       float v;
       if (mass) {
         const float e = eh - f * (eh - el);
@@ -764,7 +764,8 @@ __device__ float cluster_search_multi(const float* s, int n, float lo, float lo_
   bool interp_ok = true;
 #endif
 #if LMFORGE_LIVE_MASK
-  const int mine = static_cast<int>(threadIdx.x) < n ? (n - 1 - static_cast<int>(threadIdx.x)) / kClusterThreads + 1 : 0;
+  const int tid = static_cast<int>(threadIdx.x);
+  const int mine = tid < n ? (n - 1 - tid) / kClusterThreads + 1 : 0;  // this thread's elements
   const bool masked = mine <= 32;
   uint32_t live = mine >= 32 ? ~0u : (1u << mine) - 1u;  // bit i: element threadIdx.x + i * kClusterThreads
 #endif
@@ -1099,7 +1100,8 @@ __global__ void __launch_bounds__(kClusterThreads, kClusterBlocksPerSm)
                                top_p_search, &mass_k, sh, phase);
       else if (top_p_search && !try_gather)
         thr_k = cluster_search_multi<kPivots, true>(x, n, smallest, static_cast<float>(vocab), stats.x,
-                                                    static_cast<float>(k), false, &mass_k, sh, phase, finite_min, second);
+                                                    static_cast<float>(k), false, &mass_k, sh, phase, finite_min,
+                                                    second);
       else
         thr_k = cluster_search_multi<kPivots, false>(x, n, smallest, static_cast<float>(vocab), stats.x,
                                                      static_cast<float>(k), false, &mass_k, sh, phase, finite_min,
