@@ -1122,7 +1122,7 @@ __global__ void __launch_bounds__(kClusterThreads, kClusterBlocksPerSm)
     if (drawn != kNotGathered) {
       if (drawn >= 0) token = drawn;  // every block has it; rank 0 writes the id
       LMFORGE_PROF(clock.mark(kProfDraw));
-    } else {  // the cluster's top-p search and draw (not re-indented: a build switch under A/B)
+    } else {  // the cluster's top-p search and draw (at its old indentation: a TOPK_GATHER=0 build is it alone)
 #endif
     float thr_p = -INFINITY;
     if (top_p_search) {
