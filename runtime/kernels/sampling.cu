@@ -500,6 +500,21 @@ constexpr int kPivots = LMFORGE_CLUSTER_PIVOTS;  // pivots a search round (1: bi
 static_assert(kPivots >= 1 && kPivots <= 7, "1 to 7 pivots a round");
 constexpr int kMultiWords = kPivots > 1 ? 4 * kPivots : 4;
 
+// LMFORGE_PUSH_REDUCE (a build switch; 0, the default; 1 to try): a search round's cluster reduction
+// without a cluster barrier. Warp 0 of each block pushes the block's total into every block's shared
+// memory (st.async: a store into another block of the cluster that completes bytes on that block's
+// mbarrier), then waits on its own mbarrier until all kCluster totals have landed and sums them in rank
+// order as before: the same bits. Two buffers alternate; a block pushes into a buffer again only two
+// rounds later, after every block's push of the round between, which each block makes only after
+// reading that buffer. Every reduction but the top-k gather's and the non-owner draw's pushes; the
+// barriers are set up at the start and published by a cluster barrier phase that ends before the first.
+#ifndef LMFORGE_PUSH_REDUCE
+#define LMFORGE_PUSH_REDUCE 0
+#endif
+#if LMFORGE_PUSH_REDUCE
+constexpr int kPushVecs = (kMultiWords + 3) / 4;  // a Multi's words in whole float4s
+#endif
+
 struct ClusterShared {
   float4 warps[kClusterWarps];  // the block reduction's warp totals
   float4 slots[2];              // the block's total, read by every block of the cluster
@@ -508,13 +523,72 @@ struct ClusterShared {
   alignas(16) float multi_slots[2][kMultiWords];
   alignas(16) float multi_result[kMultiWords];
   int2 pick[kClusterWarps];  // the owner draw's block reduction (first index, last kept)
+#if LMFORGE_PUSH_REDUCE
+  alignas(16) float4 push[2][kCluster][kPushVecs];  // every rank's block total of a search round, pushed here
+  alignas(8) unsigned long long push_bar[2];         // their mbarriers (the two buffers alternate)
+  int push_uses;                                     // pushed reductions so far (warp 0 reads and writes it)
+  float4 result;                                     // a pushed cluster_reduce's total, for the block
+  float totals[kCluster];                            // the pushed draw's block totals, for the block
+#endif
 };
+
+#if LMFORGE_PUSH_REDUCE
+__device__ __forceinline__ uint32_t shared_address(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+__device__ __forceinline__ uint32_t rank_address(uint32_t address, int rank) {  // the same place in that block
+  uint32_t r;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(r) : "r"(address), "r"(rank));
+  return r;
+}
+__device__ __forceinline__ void push_init(ClusterShared& sh) {  // thread 0, before the first cluster barrier
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(shared_address(&sh.push_bar[0])) : "memory");
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(shared_address(&sh.push_bar[1])) : "memory");
+  asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+  sh.push_uses = 0;
+}
+// Warp 0: the block total (Vecs float4s in this block's shared memory) pushed to every rank, then this
+// block's buffer holding every rank's (rank q's at q * kPushVecs) once it is complete; returns the buffer.
+template <int Vecs>
+__device__ __forceinline__ const float4* push_exchange(const float4* total, ClusterShared& sh) {
+  static_assert(Vecs >= 1 && Vecs <= kPushVecs, "room in the buffer");
+  const int lane = threadIdx.x & 31;
+  const int use = sh.push_uses;
+  const int b = use & 1;
+  const uint32_t parity = static_cast<uint32_t>(use >> 1) & 1u;
+  const uint32_t bar = shared_address(&sh.push_bar[b]);
+  if (lane == 0)
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar),
+                 "r"(static_cast<uint32_t>(kCluster * Vecs * sizeof(float4))) : "memory");
+  if (lane < kCluster) {
+    const int rank = static_cast<int>(cooperative_groups::this_cluster().block_rank());
+    const uint32_t to = rank_address(shared_address(&sh.push[b][rank][0]), lane);
+    const uint32_t to_bar = rank_address(bar, lane);
+#pragma unroll
+    for (int i = 0; i < Vecs; ++i) {
+      const float4 v = total[i];
+      asm volatile("st.async.shared::cluster.mbarrier::complete_tx::bytes.v4.f32 [%0], {%1, %2, %3, %4}, [%5];"
+                   ::"r"(to + 16u * i), "f"(v.x), "f"(v.y), "f"(v.z), "f"(v.w), "r"(to_bar) : "memory");
+    }
+  }
+  asm volatile(
+      "{\n .reg .pred done;\n"
+      "PUSH_WAIT_%=:\n"
+      " mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 done, [%0], %1;\n"
+      " @!done bra PUSH_WAIT_%=;\n}" ::"r"(bar), "r"(parity) : "memory");
+  __syncwarp();
+  if (lane == 0) sh.push_uses = use + 1;
+  return &sh.push[b][0][0];
+}
+#endif
 
 // The block's total of v over its threads (fixed xor butterflies), then the cluster's: the slots of
 // ranks 0, 1, …, kCluster - 1 combined in that order. Every thread of the cluster calls it (the
 // calls are the same sequence in every block: every branch around them is on cluster-wide values).
+// push: without the cluster barrier (LMFORGE_PUSH_REDUCE builds).
 template <typename Op>
-__device__ float4 cluster_reduce(float4 v, float4 identity, Op op, ClusterShared& sh, int& phase) {
+__device__ float4 cluster_reduce(float4 v, float4 identity, Op op, ClusterShared& sh, int& phase,
+                                 bool push = false) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   for (int o = 16; o > 0; o >>= 1) v = op(v, shfl_xor4<Op::kFields>(v, o));
   if (lane == 0) sh.warps[warp] = v;  // read by warp 0 below, before the cluster barrier: the next
@@ -524,7 +598,26 @@ __device__ float4 cluster_reduce(float4 v, float4 identity, Op op, ClusterShared
     float4 w = lane < kClusterWarps ? sh.warps[lane] : identity;
     for (int o = 16; o > 0; o >>= 1) w = op(w, shfl_xor4<Op::kFields>(w, o));
     if (lane == 0) sh.slots[phase] = w;
+#if LMFORGE_PUSH_REDUCE
+    if (push) {
+      __syncwarp();
+      const float4* all = push_exchange<1>(&sh.slots[phase], sh);
+      if (lane == 0) {
+        float4 total = all[0];
+#pragma unroll
+        for (int q = 1; q < kCluster; ++q) total = op(total, all[q * kPushVecs]);
+        sh.result = total;
+      }
+    }
+#endif
   }
+#if LMFORGE_PUSH_REDUCE
+  if (push) {
+    __syncthreads();
+    phase ^= 1;
+    return sh.result;  // rewritten by the next reduction only after its first block barrier
+  }
+#endif
   namespace cg = cooperative_groups;
   cg::cluster_group cluster = cg::this_cluster();
   cluster.sync();  // every block's slot written (release / acquire at cluster scope)
@@ -616,6 +709,7 @@ struct Multi {
   }
 };
 
+
 // cluster_reduce for a Multi: block totals as there; warp 0 combines the cluster's slots (lane q
 // reads rank q's; sums in rank order) and hands the result to the block through shared memory.
 template <int P, bool Track>
@@ -625,18 +719,30 @@ __device__ void multi_reduce(Multi<P, Track>& v, ClusterShared& sh, int& phase) 
   v.warp_reduce();
   if (lane == 0) v.store(sh.multi_warps[warp]);
   __syncthreads();
-  namespace cg = cooperative_groups;
-  cg::cluster_group cluster = cg::this_cluster();
+#if LMFORGE_PUSH_REDUCE
+  if (warp == 0) {
+    Multi<P, Track> w;
+    if (lane < kClusterWarps) w.load(sh.multi_warps[lane]); else w.clear();
+    w.warp_reduce();
+    if (lane == 0) w.store(sh.multi_slots[phase]);
+    __syncwarp();
+    const float4* all = push_exchange<kPushVecs>(reinterpret_cast<const float4*>(sh.multi_slots[phase]), sh);
+    Multi<P, Track> r;
+    if (lane < kCluster) r.load(reinterpret_cast<const float*>(all + lane * kPushVecs)); else r.clear();
+#else
   if (warp == 0) {
     Multi<P, Track> w;
     if (lane < kClusterWarps) w.load(sh.multi_warps[lane]); else w.clear();
     w.warp_reduce();
     if (lane == 0) w.store(sh.multi_slots[phase]);
   }
+  namespace cg = cooperative_groups;
+  cg::cluster_group cluster = cg::this_cluster();
   cluster.sync();
   if (warp == 0) {
     Multi<P, Track> r;
     if (lane < kCluster) r.load(cluster.map_shared_rank(&sh.multi_slots[phase][0], lane)); else r.clear();
+#endif
 #pragma unroll
     for (int i = 0; i < Multi<P, Track>::kSums; ++i) {
       float total = __shfl_sync(kFull, r.sum[i], 0);
@@ -678,6 +784,13 @@ __device__ void multi_reduce(Multi<P, Track>& v, ClusterShared& sh, int& phase) 
 // (a vocabulary above 131,072) visits them all, as without the mask.
 #ifndef LMFORGE_LIVE_MASK
 #define LMFORGE_LIVE_MASK 0
+#endif
+// LMFORGE_SEARCH_BATCH (a build switch; 0, the default; 2 to 16 to try): a search round's pass loads this
+// many of a thread's elements before visiting any of them (the visits in the same order: the same
+// sums), so their shared-memory loads are in flight together rather than one after each element's
+// branches. Ignored with LMFORGE_LIVE_MASK=1.
+#ifndef LMFORGE_SEARCH_BATCH
+#define LMFORGE_SEARCH_BATCH 0
 #endif
 // LMFORGE_ARGMAX_STAGE (a build switch; 0, the default: no gain of its own measured; 1 to try): the first phase
 // loads the slice's logits into shared memory before processing them (below), for greedy and sampled
@@ -818,6 +931,17 @@ __device__ float cluster_search_multi(const float* s, int n, float lo, float lo_
       live = next;
     } else {
       for (int j = threadIdx.x; j < n; j += kClusterThreads) visit(s[j]);
+    }
+#elif LMFORGE_SEARCH_BATCH > 1
+    for (int first = threadIdx.x; first < n; first += LMFORGE_SEARCH_BATCH * kClusterThreads) {
+      float v[LMFORGE_SEARCH_BATCH];  // every load first (NaN past the slice: out of play), then the visits
+#pragma unroll
+      for (int u = 0; u < LMFORGE_SEARCH_BATCH; ++u) {
+        const int j = first + u * kClusterThreads;
+        v[u] = j < n ? s[j] : __int_as_float(0x7fffffff);
+      }
+#pragma unroll
+      for (int u = 0; u < LMFORGE_SEARCH_BATCH; ++u) visit(v[u]);
     }
 #else
     for (int j = threadIdx.x; j < n; j += kClusterThreads) visit(s[j]);
@@ -991,6 +1115,12 @@ __global__ void __launch_bounds__(kClusterThreads, kClusterBlocksPerSm)
 #endif
   cg::cluster_group cluster = cg::this_cluster();
   int phase = 0;
+#if LMFORGE_PUSH_REDUCE
+  // the barriers set up, then published to the cluster by a barrier phase whose wait is just before the
+  // argmax's reduction (the first push)
+  if (threadIdx.x == 0) push_init(sh);
+  asm volatile("barrier.cluster.arrive.relaxed;" ::: "memory");
+#endif
 
   const int rank = static_cast<int>(cluster.block_rank());
   LMFORGE_PROF(PhaseClock clock; clock.begin(rank == 0 && threadIdx.x == 0));
@@ -1040,7 +1170,13 @@ __global__ void __launch_bounds__(kClusterThreads, kClusterBlocksPerSm)
     x[j] = v;
     best = BestOp{}(best, make_float4(v, __int_as_float(begin + j), 0.0f, 0.0f));
   }
+#if LMFORGE_PUSH_REDUCE
+  asm volatile("barrier.cluster.wait.acquire;" ::: "memory");  // every block's barriers set up
+  best = cluster_reduce(best, make_float4(-INFINITY, __int_as_float(0x7fffffff), 0.0f, 0.0f), BestOp{}, sh, phase,
+                        true);
+#else
   best = cluster_reduce(best, make_float4(-INFINITY, __int_as_float(0x7fffffff), 0.0f, 0.0f), BestOp{}, sh, phase);
+#endif
   int token = __float_as_int(best.y);  // the argmax; with the owner draw, a sampled row's token or -1 in
   int writer = 0;                       // every block but the writer's (the one that drew it)
   LMFORGE_PROF(clock.mark(kProfArgmax));
@@ -1075,7 +1211,7 @@ __global__ void __launch_bounds__(kClusterThreads, kClusterBlocksPerSm)
     }
 #endif
     if (top_k_search || top_p_search)
-      stats = cluster_reduce(stats, make_float4(0.0f, INFINITY, -INFINITY, 0.0f), RoundOp{}, sh, phase);
+      stats = cluster_reduce(stats, make_float4(0.0f, INFINITY, -INFINITY, 0.0f), RoundOp{}, sh, phase, true);
     else
       __syncthreads();  // the block's s written (the draw below reads other threads' elements)
 #if LMFORGE_PIVOT_RULE
@@ -1117,7 +1253,7 @@ __global__ void __launch_bounds__(kClusterThreads, kClusterBlocksPerSm)
       float4 r = make_float4(0.0f, INFINITY, -INFINITY, 0.0f);
       for (int j = threadIdx.x; j < n; j += kClusterThreads)
         if (x[j] >= thr_k) r.x += expf(x[j]);
-      mass_k = cluster_reduce(r, make_float4(0.0f, INFINITY, -INFINITY, 0.0f), RoundOp{}, sh, phase).x;
+      mass_k = cluster_reduce(r, make_float4(0.0f, INFINITY, -INFINITY, 0.0f), RoundOp{}, sh, phase, true).x;
     }
     if (drawn != kNotGathered) {
       if (drawn >= 0) token = drawn;  // every block has it; rank 0 writes the id
@@ -1164,10 +1300,21 @@ __global__ void __launch_bounds__(kClusterThreads, kClusterBlocksPerSm)
     const float before = block_exclusive_scan_of(local, sh.scan, &block_total);
     // the cluster's: the block totals of ranks 0, 1, … summed in that order
     if (threadIdx.x == 0) sh.slots[phase] = make_float4(block_total, 0.0f, 0.0f, 0.0f);
-    cluster.sync();
     float totals[kCluster];
+#if LMFORGE_PUSH_REDUCE
+    if (threadIdx.x < 32) {
+      __syncwarp();
+      const float4* all = push_exchange<1>(&sh.slots[phase], sh);
+      if (threadIdx.x < kCluster) sh.totals[threadIdx.x] = all[threadIdx.x * kPushVecs].x;
+    }
+    __syncthreads();
+#pragma unroll
+    for (int q = 0; q < kCluster; ++q) totals[q] = sh.totals[q];
+#else
+    cluster.sync();
 #pragma unroll
     for (int q = 0; q < kCluster; ++q) totals[q] = cluster.map_shared_rank(&sh.slots[phase], q)->x;
+#endif
     phase ^= 1;
     float offset = 0.0f, total = 0.0f;
 #pragma unroll
