@@ -547,8 +547,9 @@ __device__ __forceinline__ void push_init(ClusterShared& sh) {  // thread 0, bef
   asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
   sh.push_uses = 0;
 }
-// Warp 0: the block total (Vecs float4s in this block's shared memory) pushed to every rank, then this
-// block's buffer holding every rank's (rank q's at q * kPushVecs) once it is complete; returns the buffer.
+// Warp 0: the block total (Vecs float4s in this block's shared memory) pushed to every other rank and
+// copied into this block's own buffer, then that buffer holding every rank's (rank q's at q * kPushVecs)
+// once the other ranks' have landed; returns it.
 template <int Vecs>
 __device__ __forceinline__ const float4* push_exchange(const float4* total, ClusterShared& sh) {
   static_assert(Vecs >= 1 && Vecs <= kPushVecs, "room in the buffer");
@@ -557,11 +558,14 @@ __device__ __forceinline__ const float4* push_exchange(const float4* total, Clus
   const int b = use & 1;
   const uint32_t parity = static_cast<uint32_t>(use >> 1) & 1u;
   const uint32_t bar = shared_address(&sh.push_bar[b]);
-  if (lane == 0)
+  const int rank = static_cast<int>(cooperative_groups::this_cluster().block_rank());
+  if (lane == 0)  // the other ranks' bytes; this block's own total is copied by an ordinary store
     asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar),
-                 "r"(static_cast<uint32_t>(kCluster * Vecs * sizeof(float4))) : "memory");
-  if (lane < kCluster) {
-    const int rank = static_cast<int>(cooperative_groups::this_cluster().block_rank());
+                 "r"(static_cast<uint32_t>((kCluster - 1) * Vecs * sizeof(float4))) : "memory");
+  if (lane == rank) {
+#pragma unroll
+    for (int i = 0; i < Vecs; ++i) sh.push[b][rank][i] = total[i];
+  } else if (lane < kCluster) {
     const uint32_t to = rank_address(shared_address(&sh.push[b][rank][0]), lane);
     const uint32_t to_bar = rank_address(bar, lane);
 #pragma unroll
