@@ -387,6 +387,8 @@ struct PhaseClock {  // one per thread; only the recording thread (rank 0, threa
 // from run to run. The slots alternate between two buffers: the next reduction writes the other
 // one, and the one after it writes this one only after a cluster barrier that every block reaches
 // after its reads of this one. No block leaves before every block is past its last remote read.
+// LMFORGE_PUSH_REDUCE (below, on by default) replaces the cluster barrier and the remote reads of most
+// reductions by pushes into every block's shared memory: the same totals combined in the same order.
 
 constexpr int kCluster = 8;  // blocks a row (the portable maximum)
 #ifndef LMFORGE_CLUSTER_THREADS
@@ -500,16 +502,20 @@ constexpr int kPivots = LMFORGE_CLUSTER_PIVOTS;  // pivots a search round (1: bi
 static_assert(kPivots >= 1 && kPivots <= 7, "1 to 7 pivots a round");
 constexpr int kMultiWords = kPivots > 1 ? 4 * kPivots : 4;
 
-// LMFORGE_PUSH_REDUCE (a build switch; 0, the default; 1 to try): a search round's cluster reduction
-// without a cluster barrier. Warp 0 of each block pushes the block's total into every block's shared
-// memory (st.async: a store into another block of the cluster that completes bytes on that block's
-// mbarrier), then waits on its own mbarrier until all kCluster totals have landed and sums them in rank
-// order as before: the same bits. Two buffers alternate; a block pushes into a buffer again only two
-// rounds later, after every block's push of the round between, which each block makes only after
-// reading that buffer. Every reduction but the top-k gather's and the non-owner draw's pushes; the
-// barriers are set up at the start and published by a cluster barrier phase that ends before the first.
+// LMFORGE_PUSH_REDUCE (a build switch; 1, the default; 0 for A/B timing): the cluster reductions without
+// a cluster barrier. A cluster barrier (cooperative_groups' cluster.sync()) compiles on sm_90 to a
+// GPU-scope memory fence, the barrier, and an L1 invalidation, then each block reads the others' totals
+// through distributed shared memory: two trips between SMs a reduction. Here warp 0 of each block
+// pushes the block's total into every other block's shared memory (st.async: a store into another
+// block of the cluster that completes its bytes on that block's mbarrier) and copies it into its own,
+// then waits on its own mbarrier until the other kCluster - 1 totals have landed, and combines them in
+// rank order as before: the same bits. Two buffers alternate; a block pushes into a buffer again only
+// two reductions later, after every block's push of the reduction between, which each block makes
+// only after reading that buffer. Every reduction pushes but the gathered top-k + top-p list's and the
+// non-owner draw's; the barriers are set up at the start and published by a cluster barrier phase
+// that ends before the first (the argmax's).
 #ifndef LMFORGE_PUSH_REDUCE
-#define LMFORGE_PUSH_REDUCE 0
+#define LMFORGE_PUSH_REDUCE 1
 #endif
 #if LMFORGE_PUSH_REDUCE
 constexpr int kPushVecs = (kMultiWords + 3) / 4;  // a Multi's words in whole float4s
@@ -517,7 +523,7 @@ constexpr int kPushVecs = (kMultiWords + 3) / 4;  // a Multi's words in whole fl
 
 struct ClusterShared {
   float4 warps[kClusterWarps];  // the block reduction's warp totals
-  float4 slots[2];              // the block's total, read by every block of the cluster
+  float4 slots[2];              // the block's total, read by every block of the cluster (or pushed to it)
   float scan[kClusterWarps];    // the block scan's warp totals
   alignas(16) float multi_warps[kClusterWarps][kMultiWords];  // the same for a search of several pivots
   alignas(16) float multi_slots[2][kMultiWords];
@@ -589,7 +595,7 @@ __device__ __forceinline__ const float4* push_exchange(const float4* total, Clus
 // The block's total of v over its threads (fixed xor butterflies), then the cluster's: the slots of
 // ranks 0, 1, …, kCluster - 1 combined in that order. Every thread of the cluster calls it (the
 // calls are the same sequence in every block: every branch around them is on cluster-wide values).
-// push: without the cluster barrier (LMFORGE_PUSH_REDUCE builds).
+// push (LMFORGE_PUSH_REDUCE builds): the slots pushed to every block instead, no cluster barrier.
 template <typename Op>
 __device__ float4 cluster_reduce(float4 v, float4 identity, Op op, ClusterShared& sh, int& phase,
                                  bool push = false) {
@@ -789,13 +795,6 @@ __device__ void multi_reduce(Multi<P, Track>& v, ClusterShared& sh, int& phase) 
 #ifndef LMFORGE_LIVE_MASK
 #define LMFORGE_LIVE_MASK 0
 #endif
-// LMFORGE_SEARCH_BATCH (a build switch; 0, the default; 2 to 16 to try): a search round's pass loads this
-// many of a thread's elements before visiting any of them (the visits in the same order: the same
-// sums), so their shared-memory loads are in flight together rather than one after each element's
-// branches. Ignored with LMFORGE_LIVE_MASK=1.
-#ifndef LMFORGE_SEARCH_BATCH
-#define LMFORGE_SEARCH_BATCH 0
-#endif
 // LMFORGE_ARGMAX_STAGE (a build switch; 0, the default: no gain of its own measured; 1 to try): the first phase
 // loads the slice's logits into shared memory before processing them (below), for greedy and sampled
 // rows alike. In a decode step the logits are not in L2 (the weights stream through it between two
@@ -935,17 +934,6 @@ __device__ float cluster_search_multi(const float* s, int n, float lo, float lo_
       live = next;
     } else {
       for (int j = threadIdx.x; j < n; j += kClusterThreads) visit(s[j]);
-    }
-#elif LMFORGE_SEARCH_BATCH > 1
-    for (int first = threadIdx.x; first < n; first += LMFORGE_SEARCH_BATCH * kClusterThreads) {
-      float v[LMFORGE_SEARCH_BATCH];  // every load first (NaN past the slice: out of play), then the visits
-#pragma unroll
-      for (int u = 0; u < LMFORGE_SEARCH_BATCH; ++u) {
-        const int j = first + u * kClusterThreads;
-        v[u] = j < n ? s[j] : __int_as_float(0x7fffffff);
-      }
-#pragma unroll
-      for (int u = 0; u < LMFORGE_SEARCH_BATCH; ++u) visit(v[u]);
     }
 #else
     for (int j = threadIdx.x; j < n; j += kClusterThreads) visit(s[j]);
