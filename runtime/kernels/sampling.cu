@@ -530,7 +530,7 @@ struct ClusterShared {
   alignas(16) float multi_result[kMultiWords];
   int2 pick[kClusterWarps];  // the owner draw's block reduction (first index, last kept)
 #if LMFORGE_PUSH_REDUCE
-  alignas(16) float4 push[2][kCluster][kPushVecs];  // every rank's block total of a search round, pushed here
+  alignas(16) float4 push[2][kCluster][kPushVecs];  // every rank's block total of a reduction, pushed here
   alignas(8) unsigned long long push_bar[2];         // their mbarriers (the two buffers alternate)
   int push_uses;                                     // pushed reductions so far (warp 0 reads and writes it)
   float4 result;                                     // a pushed cluster_reduce's total, for the block
@@ -718,7 +718,6 @@ struct Multi {
     for (int q = 0; q < P; ++q) low[q] = __reduce_min_sync(kFull, low[q]), high[q] = __reduce_max_sync(kFull, high[q]);
   }
 };
-
 
 // cluster_reduce for a Multi: block totals as there; warp 0 combines the cluster's slots (lane q
 // reads rank q's; sums in rank order) and hands the result to the block through shared memory.
